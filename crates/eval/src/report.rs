@@ -1,0 +1,182 @@
+//! Markdown tables in the paper's layout, paired comparisons of runs, and SVG plots.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::run::{load_run, RunMetrics};
+use crate::stats::{paired, PairedComparison};
+use crate::{Metric, Result};
+
+/// One table row per run: R@100, R@10, N@100, N@10 (the paper's order), then MRR and the count;
+/// with `intervals`, each cell carries its 95% bootstrap interval.
+pub fn markdown_table(rows: &[(String, &RunMetrics)], intervals: bool) -> String {
+    let cols = Metric::paper_columns();
+    let mut s = String::from("| method |");
+    for c in cols {
+        let _ = write!(s, " {} |", c.name());
+    }
+    s.push_str(" MRR | queries |\n|---|");
+    for _ in 0..cols.len() + 2 {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (name, m) in rows {
+        let _ = write!(s, "| {name} |");
+        for c in cols.iter().copied().chain([Metric::Mrr]) {
+            match m.metrics.get(&c.name()) {
+                Some(e) if intervals => {
+                    let _ = write!(s, " {:.3} [{:.3}, {:.3}] |", e.mean, e.lo, e.hi);
+                }
+                Some(e) => {
+                    let _ = write!(s, " {:.3} |", e.mean);
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(s, " {} |", m.n);
+    }
+    s
+}
+
+/// Per-category table: one row per category, the paper's columns, for one run.
+pub fn category_table(m: &RunMetrics) -> String {
+    let cols = Metric::paper_columns();
+    let mut s = String::from("| category | queries |");
+    for c in cols {
+        let _ = write!(s, " {} |", c.name());
+    }
+    s.push_str("\n|---|---|");
+    for _ in cols {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (cat, (n, vals)) in &m.per_category {
+        let _ = write!(s, "| {cat} | {n} |");
+        for c in cols {
+            let _ = write!(s, " {:.3} |", vals.get(&c.name()).copied().unwrap_or(0.0));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Compares two finished runs on the queries they share, for each of the paper's metrics.
+pub fn compare_runs(a: &Path, b: &Path, rounds: usize, seed: u64) -> Result<(Vec<(Metric, PairedComparison)>, String)> {
+    let (ma, oa) = load_run(a)?;
+    let (mb, ob) = load_run(b)?;
+    let mut rows = Vec::new();
+    let mut s = format!(
+        "A = {} ({}), B = {} ({})\n\n| metric | A | B | A − B [95% CI] | p | queries |\n|---|---|---|---|---|---|\n",
+        ma.spec.method, ma.spec.query_field, mb.spec.method, mb.spec.query_field
+    );
+    for metric in Metric::paper_columns().into_iter().chain([Metric::Mrr]) {
+        let va: HashMap<String, (String, f64)> = oa.iter().map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank)))).collect();
+        let vb: HashMap<String, (String, f64)> = ob.iter().map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank)))).collect();
+        let c = paired(&va, &vb, rounds, seed);
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} |",
+            metric.name(), c.mean_a, c.mean_b, c.diff.mean, c.diff.lo, c.diff.hi, c.p_value, c.n
+        );
+        rows.push((metric, c));
+    }
+    Ok((rows, s))
+}
+
+const PALETTE: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// An SVG plot of Recall@K against K (log scale, 1..=max_k), one curve per run.
+pub fn recall_curve_svg(curves: &[(String, Vec<Option<usize>>)], max_k: usize) -> String {
+    let (w, h, l, r, t, b) = (640.0, 400.0, 60.0, 20.0, 30.0, 50.0);
+    let max_k = max_k.max(2);
+    let lx = |k: f64| l + (k.ln() / (max_k as f64).ln()) * (w - l - r);
+    let ly = |y: f64| t + (1.0 - y) * (h - t - b);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="18" text-anchor="middle" font-size="14">Recall@K</text>
+"#,
+        w / 2.0
+    );
+    for i in 0..=5 {
+        let y = i as f64 / 5.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" x2="{}" y1="{2}" y2="{2}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{y:.1}</text>"##,
+            w - r,
+            ly(y),
+            l - 6.0,
+            ly(y) + 4.0
+        );
+    }
+    let mut k = 1usize;
+    while k <= max_k {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0}" x2="{0}" y1="{t}" y2="{1}" stroke="#ddd"/><text x="{0}" y="{2}" text-anchor="middle">{k}</text>"##,
+            lx(k as f64),
+            h - b,
+            h - b + 16.0
+        );
+        k *= 10;
+    }
+    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">K (log scale)</text>"#, (l + w - r) / 2.0, h - 12.0);
+    for (ci, (name, ranks)) in curves.iter().enumerate() {
+        let color = PALETTE[ci % PALETTE.len()];
+        let n = ranks.len().max(1) as f64;
+        let mut pts = String::new();
+        let mut kk = 1.0f64;
+        while kk <= max_k as f64 + 0.5 {
+            let kint = kk.round() as usize;
+            let rec = ranks.iter().filter(|r| r.is_some_and(|r| r <= kint)).count() as f64 / n;
+            let _ = write!(pts, "{:.1},{:.1} ", lx(kint as f64), ly(rec));
+            kk *= 1.25;
+        }
+        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            l + 10.0,
+            t + 10.0 + ci as f64 * 16.0,
+            l + 28.0,
+            t + 14.0 + ci as f64 * 16.0,
+            escape(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A bar chart (SVG) of one metric across runs.
+pub fn bar_chart_svg(rows: &[(String, f64)], metric: &str) -> String {
+    let (w, bar_h, l) = (640.0, 22.0, 220.0);
+    let h = 40.0 + rows.len() as f64 * (bar_h + 8.0);
+    let max = rows.iter().map(|r| r.1).fold(0.0f64, f64::max).max(1e-9);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="18" text-anchor="middle" font-size="14">{}</text>
+"#,
+        w / 2.0,
+        escape(metric)
+    );
+    for (i, (name, v)) in rows.iter().enumerate() {
+        let y = 30.0 + i as f64 * (bar_h + 8.0);
+        let bw = (w - l - 60.0) * v / max;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{l}" y="{y}" width="{bw:.1}" height="{bar_h}" fill="{}"/><text x="{}" y="{}">{v:.3}</text>"#,
+            l - 6.0,
+            y + 15.0,
+            escape(name),
+            PALETTE[i % PALETTE.len()],
+            l + bw + 4.0,
+            y + 15.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

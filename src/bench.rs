@@ -1,0 +1,143 @@
+//! `mrrec bench`: throughput and latency of the foundation, as ratios against baselines measured
+//! in the same run. Writes JSON; BENCHMARKS.md records results.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use mrrec_embed::{BertEmbedder, TextEmbedder};
+use mrrec_index::{Bm25Index, ExactIndex, HnswIndex, HnswParams, ItemIndex, SearchQuery};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::Workspace;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Embedding throughput at batch 1 and 32 on real item texts.
+pub fn embedding(ws: &Workspace, n: usize) -> Result<Value> {
+    let texts: Vec<&str> = ws.catalogue().items().iter().take(n).map(|i| i.text.as_str()).collect();
+    let e = BertEmbedder::default_model()?;
+    let t = Instant::now();
+    for chunk in texts.chunks(1).take(n.min(128)) {
+        e.embed(chunk)?;
+    }
+    let b1 = n.min(128) as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for chunk in texts.chunks(32) {
+        e.embed(chunk)?;
+    }
+    let b32 = texts.len() as f64 / t.elapsed().as_secs_f64();
+    Ok(json!({"sentences_per_s_batch1": b1, "sentences_per_s_batch32": b32,
+        "ratio_batch32_vs_candle_reference_162": b32 / 162.0, "texts": texts.len()}))
+}
+
+/// The machine's multi-threaded read bandwidth: a parallel sum over a large array, bytes/s.
+fn read_bandwidth(data: &[f32]) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: f32 = data.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        std::hint::black_box(s);
+        best = best.max(std::mem::size_of_val(data) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Synthetic vectors that look like real ones: real item embeddings plus small noise, normalised.
+fn realistic_vectors(base: &[f32], dim: usize, n: usize, seed: u64) -> Vec<f32> {
+    let rows = base.len() / dim;
+    let mut out = vec![0f32; n * dim];
+    out.par_chunks_mut(dim).enumerate().for_each(|(i, row)| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ i as u64);
+        let src = &base[(i % rows) * dim..][..dim];
+        for (o, s) in row.iter_mut().zip(src) {
+            *o = s + rng.gen_range(-0.04f32..0.04);
+        }
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= norm);
+    });
+    out
+}
+
+/// Exact search over `n` vectors and HNSW over `n_hnsw`, against exact.
+pub fn search(ws: &Workspace, n: usize, n_hnsw: usize, queries: usize) -> Result<Value> {
+    let dim = ws.embedder.dim();
+    let Some(dense) = mrrec_index::open_index(&ws.index_dir.join("exact")).ok() else {
+        anyhow::bail!("no exact index");
+    };
+    let _ = dense;
+    let base = ExactIndex::open(&ws.index_dir.join("exact"))?;
+    let vecs = realistic_vectors(base.vectors(), dim, n, 1);
+    let bw = read_bandwidth(&vecs);
+    let qs = realistic_vectors(base.vectors(), dim, queries, 2);
+    let exact = ExactIndex::new(dim, vecs)?;
+    let mut lat = Vec::new();
+    for q in qs.chunks(dim) {
+        let t = Instant::now();
+        exact.search(&SearchQuery::vector(q), 100)?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    let p50 = median(&mut lat);
+    let bytes = (n * dim * 4) as f64;
+    let exact_json = json!({"items": n, "dim": dim, "p50_ms": p50 * 1e3, "bytes_per_s": bytes / p50,
+        "read_bandwidth_bytes_per_s": bw, "ratio_of_bandwidth": bytes / p50 / bw});
+    // HNSW on the first n_hnsw vectors.
+    let sub = &exact.vectors()[..n_hnsw.min(n) * dim];
+    let ex_sub = ExactIndex::new(dim, sub.to_vec())?;
+    let t = Instant::now();
+    let h = HnswIndex::build(dim, sub, HnswParams::default())?;
+    let build_s = t.elapsed().as_secs_f64();
+    let (mut hl, mut el, mut found) = (Vec::new(), Vec::new(), 0usize);
+    for q in qs.chunks(dim) {
+        let t = Instant::now();
+        let got = h.search(&SearchQuery::vector(q), 100)?;
+        hl.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let truth = ex_sub.search(&SearchQuery::vector(q), 100)?;
+        el.push(t.elapsed().as_secs_f64());
+        let truth: std::collections::HashSet<u32> = truth.iter().map(|x| x.item).collect();
+        found += got.iter().filter(|x| truth.contains(&x.item)).count();
+    }
+    let hp50 = median(&mut hl);
+    let hnsw_json = json!({"items": n_hnsw.min(n), "build_s": build_s, "p50_ms": hp50 * 1e3,
+        "p99_ms": pct(&mut hl, 0.99) * 1e3, "recall_at_100": found as f64 / (queries * 100) as f64,
+        "exact_p50_ms_same_items": median(&mut el) * 1e3, "speedup_vs_exact": median(&mut el) / hp50});
+    Ok(json!({"exact": exact_json, "hnsw": hnsw_json}))
+}
+
+/// BM25 latency on the workspace catalogue and on a synthetic catalogue of `n` documents.
+pub fn bm25(ws: &Workspace, n: usize, queries: usize) -> Result<Value> {
+    let qs: Vec<String> = ws.dataset.queries.all().iter().take(queries).map(|q| q.query().query.clone()).collect();
+    let time = |ix: &dyn ItemIndex| -> Result<f64> {
+        let mut lat = Vec::new();
+        for q in &qs {
+            let t = Instant::now();
+            ix.search(&SearchQuery::text(q), 100)?;
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(&mut lat) * 1e3)
+    };
+    let mini = time(ws.lexical.as_ref())?;
+    // Synthetic: real item texts recombined word by word.
+    let words: Vec<&str> = ws.catalogue().items().iter().flat_map(|i| i.text.split_whitespace()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let docs: Vec<String> = (0..n)
+        .map(|_| (0..12).map(|_| words[rng.gen_range(0..words.len())]).collect::<Vec<_>>().join(" "))
+        .collect();
+    let t = Instant::now();
+    let big = Bm25Index::build(docs.iter().enumerate().map(|(i, d)| (i as u32, d.as_str())), None)?;
+    let build_s = t.elapsed().as_secs_f64();
+    let big_ms = time(&big)?;
+    Ok(json!({"mini_items": ws.catalogue().len(), "mini_p50_ms": mini,
+        "synthetic_items": n, "synthetic_build_s": build_s, "synthetic_p50_ms": big_ms}))
+}

@@ -1,0 +1,367 @@
+//! The `mrrec` command line: a thin shell over the library crates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mrrec::{DenseMethod, LexicalMethod, Workspace, WorkspaceOptions};
+use mrrec_data::{Purpose, QueryField, Split};
+use mrrec_eval::{markdown_table, Method, RunMetrics, RunSpec};
+
+#[derive(Parser)]
+#[command(name = "mrrec", version, about = "MR.Rec: a recommendation assistant with hierarchical memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List or fetch models (the embedder now; chat LLMs as they land).
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Read a data directory and report what was accepted and skipped.
+    Check(DataArgs),
+    /// Build (or reuse) the item indexes of a data directory.
+    Index(DataArgs),
+    /// Rank the catalogue for one request and print the top items.
+    Search {
+        #[command(flatten)]
+        data: DataArgs,
+        /// The request.
+        text: String,
+        /// Method: dense, bm25 or hybrid.
+        #[arg(long, default_value = "dense")]
+        method: String,
+        /// How many items to show.
+        #[arg(short, default_value_t = 10)]
+        k: usize,
+    },
+    /// Evaluate a method on the queries of a data directory.
+    Eval(EvalArgs),
+    /// Compare two finished runs on their shared queries (paired bootstrap).
+    Compare {
+        /// Run folder A.
+        a: PathBuf,
+        /// Run folder B.
+        b: PathBuf,
+        /// Bootstrap resamples.
+        #[arg(long, default_value_t = 2000)]
+        rounds: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Measure embedding, search and BM25 speed; prints JSON (see BENCHMARKS.md).
+    Bench {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Items for the exact-search benchmark.
+        #[arg(long, default_value_t = 1_000_000)]
+        exact_items: usize,
+        /// Items for the HNSW benchmark.
+        #[arg(long, default_value_t = 200_000)]
+        hnsw_items: usize,
+        /// Documents for the synthetic BM25 benchmark.
+        #[arg(long, default_value_t = 1_000_000)]
+        bm25_items: usize,
+        /// Query count.
+        #[arg(long, default_value_t = 200)]
+        queries: usize,
+        /// Which parts: embed,search,bm25.
+        #[arg(long, default_value = "embed,search,bm25")]
+        parts: String,
+    },
+    /// The main job: fetch the embedder, build the indexes, answer an example request and print
+    /// the evaluation of the query-only baselines on both query fields.
+    Demo {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Splits to evaluate (comma-separated: train, val).
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Where run folders go.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// List registered models and whether they are cached.
+    List,
+    /// Fetch models (all embedders by default), verifying sha256.
+    Fetch {
+        /// Model ids; `all` for every registered model.
+        #[arg(default_value = "all-minilm-l6-v2")]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// Data directory (Amazon Reviews 2023 meta/reviews + queries, or Amazon-C4 files).
+    #[arg(long, env = "MRREC_DATA", default_value = "../shared/data/amazon23-mini")]
+    data: PathBuf,
+    /// Query file (default: queries.csv / test.csv in the data directory).
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// Use a slice: every query target and history item plus this many other items.
+    #[arg(long)]
+    max_items: Option<usize>,
+    /// Treat any bad record as an error.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Args, Clone)]
+struct EvalArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Method: bm25, dense or hybrid.
+    #[arg(long)]
+    method: String,
+    /// Which query text methods read.
+    #[arg(long, default_value = "simple_query")]
+    query_field: String,
+    /// Splits to evaluate (comma-separated: train, val).
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Evaluate a seeded subset of this many queries.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed of the subset and the bootstrap.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Run folder (resumed when it already holds this run).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl DataArgs {
+    fn options(&self) -> WorkspaceOptions {
+        let mut o = WorkspaceOptions::new(&self.data);
+        o.queries = self.queries.clone();
+        o.max_items = self.max_items;
+        o.strict = self.strict;
+        o.progress = true;
+        o
+    }
+
+    fn open(&self) -> Result<Workspace> {
+        self.check_dir()?;
+        let ws = Workspace::open(&self.options())?;
+        for r in &ws.dataset.reports {
+            eprintln!("{r}");
+        }
+        Ok(ws)
+    }
+
+    fn check_dir(&self) -> Result<()> {
+        if !self.data.is_dir() {
+            bail!(
+                "data directory {} not found.\n\
+                 Point --data (or MRREC_DATA) at a folder holding Amazon Reviews 2023 files \
+                 (meta.jsonl[.gz], reviews.jsonl[.gz]) and a queries.csv in Amazon-C4 columns, or the \
+                 Amazon-C4 files (sampled_item_metadata_1M.jsonl, test.csv).",
+                self.data.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn parse_splits(s: &str) -> Result<Vec<Split>> {
+    s.split(',').map(|x| x.parse::<Split>().map_err(anyhow::Error::msg)).collect()
+}
+
+fn method_for(ws: &Workspace, name: &str) -> Result<Box<dyn Method>> {
+    Ok(match name {
+        "bm25" => Box::new(LexicalMethod { index: ws.lexical.clone() }),
+        "dense" => Box::new(DenseMethod { name: "dense".into(), embedder: ws.embedder.clone(), index: ws.dense.clone() }),
+        "hybrid" => Box::new(DenseMethod { name: "hybrid".into(), embedder: ws.embedder.clone(), index: Arc::new(ws.hybrid()?) }),
+        other => bail!("unknown method {other:?}; available: {}", mrrec::method_names().join(", ")),
+    })
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn eval_one(ws: &Workspace, method: &str, field: QueryField, splits: &[Split], limit: Option<usize>, seed: u64, out: &Path) -> Result<RunMetrics> {
+    let m = method_for(ws, method)?;
+    let queries = ws.dataset.queries.for_purpose(&Purpose::Evaluate(splits.to_vec())).map_err(anyhow::Error::msg)?;
+    if queries.is_empty() {
+        bail!("no queries of split(s) {splits:?} in the query file");
+    }
+    let mut provenance = std::collections::BTreeMap::new();
+    provenance.insert("git_commit".into(), git_commit());
+    provenance.insert("data_sha256".into(), ws.data_sha256.clone());
+    provenance.insert("data_dir".into(), ws_data_name(ws));
+    provenance.insert("catalogue_items".into(), ws.catalogue().len().to_string());
+    provenance.insert("embedder".into(), format!("{} sha256 {}", mrrec_embed::DEFAULT_EMBEDDER, embedder_sha()));
+    provenance.insert("prompt_version".into(), "none".into());
+    let spec = RunSpec {
+        method: method.to_string(),
+        query_field: field,
+        splits: splits.to_vec(),
+        limit,
+        seed,
+        ks: vec![10, 100, 1000],
+        bootstrap_rounds: 1000,
+        settings: m.settings(),
+        provenance,
+    };
+    let pb = ProgressBar::new(0);
+    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (ETA {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_message(format!("eval {method} on {field}"));
+    let metrics = mrrec_eval::run_eval(m.as_ref(), queries, ws.catalogue(), &spec, out, 32, &mut |d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64);
+    })?;
+    pb.finish_and_clear();
+    Ok(metrics)
+}
+
+fn ws_data_name(ws: &Workspace) -> String {
+    ws.index_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+}
+
+fn embedder_sha() -> String {
+    mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)
+        .ok()
+        .and_then(|m| m.files.first().map(|f| f.sha256[..16].to_string()))
+        .unwrap_or_default()
+}
+
+fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
+    for (i, h) in hits.iter().enumerate() {
+        if let Some(item) = ws.catalogue().get(h.item) {
+            let title = if item.title.is_empty() { &item.text } else { &item.title };
+            let short: String = title.chars().take(90).collect();
+            println!("{:>3}. {:.3}  {}  {}", i + 1, h.score, item.id, short);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MRREC_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Models { action: ModelsAction::List } => {
+            for m in mrrec_models::registry() {
+                let cached = m.files.iter().all(|f| mrrec_models::home().join("models").join(m.id).join(f.name).exists());
+                println!("{:<30} {:<9} {}  {}", m.id, format!("{:?}", m.kind), if cached { "cached " } else { "missing" }, m.description);
+            }
+        }
+        Command::Models { action: ModelsAction::Fetch { ids } } => {
+            let specs = if ids.iter().any(|i| i == "all") {
+                mrrec_models::registry()
+            } else {
+                ids.iter().map(|i| mrrec_models::find(i)).collect::<Result<Vec<_>, _>>()?
+            };
+            for spec in specs {
+                let paths = mrrec_models::fetch_model(&spec, &Default::default(), &mut |m| eprintln!("{m}"))?;
+                println!("{}: {}", spec.id, paths.dir.display());
+            }
+        }
+        Command::Check(data) => {
+            let ds = mrrec_data::Dataset::load(&data.data, data.queries.as_deref(), &mrrec_data::LoadOptions { strict: data.strict, ..Default::default() })?;
+            for r in &ds.reports {
+                println!("{r}");
+            }
+            println!(
+                "{} items, {} users with {} reviews, {} queries",
+                ds.catalogue.len(),
+                ds.histories.users(),
+                ds.histories.total(),
+                ds.queries.len()
+            );
+        }
+        Command::Index(data) => {
+            let ws = data.open()?;
+            println!("{} items indexed in {}", ws.catalogue().len(), ws.index_dir.display());
+        }
+        Command::Search { data, text, method, k } => {
+            let ws = data.open()?;
+            let m = method_for(&ws, &method)?;
+            let q = mrrec_data::Query { qid: "cli".into(), user_id: String::new(), query: text.clone(), simple_query: None, category: None, timestamp: None, split: None };
+            let ans = m.answer(&[&q], QueryField::Query, k).map_err(|e| anyhow::anyhow!(e.0))?;
+            let hits: Vec<mrrec_index::Hit> = ans[0].ranking.iter().map(|&item| mrrec_index::Hit { item, score: f32::NAN }).collect();
+            print_hits(&ws, &hits);
+        }
+        Command::Eval(a) => {
+            let ws = a.data.open()?;
+            let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
+            let splits = parse_splits(&a.split)?;
+            let m = eval_one(&ws, &a.method, field, &splits, a.limit, a.seed, &a.out)?;
+            print!("{}", markdown_table(&[(format!("{} ({})", a.method, field), &m)], true));
+            println!("\nwrote {}", a.out.display());
+        }
+        Command::Bench { data, exact_items, hnsw_items, bm25_items, queries, parts } => {
+            let ws = data.open()?;
+            let mut out = serde_json::Map::new();
+            out.insert("threads".into(), rayon::current_num_threads().into());
+            if parts.contains("embed") {
+                out.insert("embedding".into(), mrrec::bench::embedding(&ws, 1024)?);
+            }
+            if parts.contains("search") {
+                out.insert("search".into(), mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?);
+            }
+            if parts.contains("bm25") {
+                out.insert("bm25".into(), mrrec::bench::bm25(&ws, bm25_items, queries)?);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Compare { a, b, rounds, seed } => {
+            let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
+            print!("{table}");
+        }
+        Command::Demo { data, split, out } => {
+            let splits = parse_splits(&split)?;
+            data.check_dir()?;
+            eprintln!("mrrec demo: data {}", data.data.display());
+            let paths = mrrec_models::fetch_model(&mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)?, &Default::default(), &mut |m| eprintln!("{m}"))?;
+            eprintln!("embedder ready in {}", paths.dir.display());
+            let t0 = std::time::Instant::now();
+            let ws = data.open()?;
+            eprintln!("indexes ready ({} items) in {:.1}s: {}", ws.catalogue().len(), t0.elapsed().as_secs_f64(), ws.index_dir.display());
+            let example = ws
+                .dataset
+                .queries
+                .for_purpose(&Purpose::Evaluate(splits.clone()))
+                .map_err(anyhow::Error::msg)?
+                .first()
+                .map(|q| q.query().simple_query.clone().unwrap_or_else(|| q.query().query.clone()))
+                .unwrap_or_else(|| "a comfortable pillow for sleeping with a CPAP mask".into());
+            println!("Example request: {example:?}\nTop 5 (dense):");
+            print_hits(&ws, &ws.search_dense(&example, 5)?);
+            let mut rows = Vec::new();
+            for field in [QueryField::SimpleQuery, QueryField::Query] {
+                for method in mrrec::method_names() {
+                    let dir = out.join(format!("{method}-{field}"));
+                    let m = eval_one(&ws, method, field, &splits, None, 42, &dir).with_context(|| format!("evaluating {method} on {field}"))?;
+                    rows.push((format!("{method} ({field})"), m));
+                }
+            }
+            let refs: Vec<(String, &RunMetrics)> = rows.iter().map(|(n, m)| (n.clone(), m)).collect();
+            println!("\nEvaluation on split(s) {split} ({} items in the catalogue), 95% bootstrap intervals over users:\n", ws.catalogue().len());
+            print!("{}", markdown_table(&refs, true));
+            println!("\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}", out.display());
+        }
+    }
+    Ok(())
+}
