@@ -25,7 +25,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// Embedding throughput at batch 1 and 32 on real item texts.
 pub fn embedding(ws: &Workspace, n: usize) -> Result<Value> {
-    let texts: Vec<&str> = ws.catalogue().items().iter().take(n).map(|i| i.text.as_str()).collect();
+    let texts: Vec<&str> = ws
+        .catalogue()
+        .items()
+        .iter()
+        .take(n)
+        .map(|i| i.text.as_str())
+        .collect();
     let e = BertEmbedder::default_model()?;
     let t = Instant::now();
     for chunk in texts.chunks(1).take(n.min(128)) {
@@ -37,8 +43,10 @@ pub fn embedding(ws: &Workspace, n: usize) -> Result<Value> {
         e.embed(chunk)?;
     }
     let b32 = texts.len() as f64 / t.elapsed().as_secs_f64();
-    Ok(json!({"sentences_per_s_batch1": b1, "sentences_per_s_batch32": b32,
-        "ratio_batch32_vs_candle_reference_162": b32 / 162.0, "texts": texts.len()}))
+    Ok(
+        json!({"sentences_per_s_batch1": b1, "sentences_per_s_batch32": b32,
+        "ratio_batch32_vs_candle_reference_162": b32 / 162.0, "texts": texts.len()}),
+    )
 }
 
 /// The machine's multi-threaded read bandwidth: a parallel sum over a large array, bytes/s.
@@ -46,7 +54,10 @@ fn read_bandwidth(data: &[f32]) -> f64 {
     let mut best = 0.0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let s: f32 = data.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        let s: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().sum::<f32>())
+            .sum();
         std::hint::black_box(s);
         best = best.max(std::mem::size_of_val(data) as f64 / t.elapsed().as_secs_f64());
     }
@@ -117,7 +128,14 @@ pub fn search(ws: &Workspace, n: usize, n_hnsw: usize, queries: usize) -> Result
 
 /// BM25 latency on the workspace catalogue and on a synthetic catalogue of `n` documents.
 pub fn bm25(ws: &Workspace, n: usize, queries: usize) -> Result<Value> {
-    let qs: Vec<String> = ws.dataset.queries.all().iter().take(queries).map(|q| q.query().query.clone()).collect();
+    let qs: Vec<String> = ws
+        .dataset
+        .queries
+        .all()
+        .iter()
+        .take(queries)
+        .map(|q| q.query().query.clone())
+        .collect();
     let time = |ix: &dyn ItemIndex| -> Result<f64> {
         let mut lat = Vec::new();
         for q in &qs {
@@ -129,15 +147,30 @@ pub fn bm25(ws: &Workspace, n: usize, queries: usize) -> Result<Value> {
     };
     let mini = time(ws.lexical.as_ref())?;
     // Synthetic: real item texts recombined word by word.
-    let words: Vec<&str> = ws.catalogue().items().iter().flat_map(|i| i.text.split_whitespace()).collect();
+    let words: Vec<&str> = ws
+        .catalogue()
+        .items()
+        .iter()
+        .flat_map(|i| i.text.split_whitespace())
+        .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let docs: Vec<String> = (0..n)
-        .map(|_| (0..12).map(|_| words[rng.gen_range(0..words.len())]).collect::<Vec<_>>().join(" "))
+        .map(|_| {
+            (0..12)
+                .map(|_| words[rng.gen_range(0..words.len())])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
     let t = Instant::now();
-    let big = Bm25Index::build(docs.iter().enumerate().map(|(i, d)| (i as u32, d.as_str())), None)?;
+    let big = Bm25Index::build(
+        docs.iter().enumerate().map(|(i, d)| (i as u32, d.as_str())),
+        None,
+    )?;
     let build_s = t.elapsed().as_secs_f64();
     let big_ms = time(&big)?;
-    Ok(json!({"mini_items": ws.catalogue().len(), "mini_p50_ms": mini,
-        "synthetic_items": n, "synthetic_build_s": build_s, "synthetic_p50_ms": big_ms}))
+    Ok(
+        json!({"mini_items": ws.catalogue().len(), "mini_p50_ms": mini,
+        "synthetic_items": n, "synthetic_build_s": build_s, "synthetic_p50_ms": big_ms}),
+    )
 }

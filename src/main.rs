@@ -11,7 +11,11 @@ use mrrec_data::{Purpose, QueryField, Split};
 use mrrec_eval::{markdown_table, Method, RunMetrics, RunSpec};
 
 #[derive(Parser)]
-#[command(name = "mrrec", version, about = "MR.Rec: a recommendation assistant with hierarchical memory")]
+#[command(
+    name = "mrrec",
+    version,
+    about = "MR.Rec: a recommendation assistant with hierarchical memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -105,7 +109,11 @@ enum ModelsAction {
 #[derive(Args, Clone)]
 struct DataArgs {
     /// Data directory (Amazon Reviews 2023 meta/reviews + queries, or Amazon-C4 files).
-    #[arg(long, env = "MRREC_DATA", default_value = "../shared/data/amazon23-mini")]
+    #[arg(
+        long,
+        env = "MRREC_DATA",
+        default_value = "../shared/data/amazon23-mini"
+    )]
     data: PathBuf,
     /// Query file (default: queries.csv / test.csv in the data directory).
     #[arg(long)]
@@ -176,15 +184,30 @@ impl DataArgs {
 }
 
 fn parse_splits(s: &str) -> Result<Vec<Split>> {
-    s.split(',').map(|x| x.parse::<Split>().map_err(anyhow::Error::msg)).collect()
+    s.split(',')
+        .map(|x| x.parse::<Split>().map_err(anyhow::Error::msg))
+        .collect()
 }
 
 fn method_for(ws: &Workspace, name: &str) -> Result<Box<dyn Method>> {
     Ok(match name {
-        "bm25" => Box::new(LexicalMethod { index: ws.lexical.clone() }),
-        "dense" => Box::new(DenseMethod { name: "dense".into(), embedder: ws.embedder.clone(), index: ws.dense.clone() }),
-        "hybrid" => Box::new(DenseMethod { name: "hybrid".into(), embedder: ws.embedder.clone(), index: Arc::new(ws.hybrid()?) }),
-        other => bail!("unknown method {other:?}; available: {}", mrrec::method_names().join(", ")),
+        "bm25" => Box::new(LexicalMethod {
+            index: ws.lexical.clone(),
+        }),
+        "dense" => Box::new(DenseMethod {
+            name: "dense".into(),
+            embedder: ws.embedder.clone(),
+            index: ws.dense.clone(),
+        }),
+        "hybrid" => Box::new(DenseMethod {
+            name: "hybrid".into(),
+            embedder: ws.embedder.clone(),
+            index: Arc::new(ws.hybrid()?),
+        }),
+        other => bail!(
+            "unknown method {other:?}; available: {}",
+            mrrec::method_names().join(", ")
+        ),
     })
 }
 
@@ -198,9 +221,21 @@ fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn eval_one(ws: &Workspace, method: &str, field: QueryField, splits: &[Split], limit: Option<usize>, seed: u64, out: &Path) -> Result<RunMetrics> {
+fn eval_one(
+    ws: &Workspace,
+    method: &str,
+    field: QueryField,
+    splits: &[Split],
+    limit: Option<usize>,
+    seed: u64,
+    out: &Path,
+) -> Result<RunMetrics> {
     let m = method_for(ws, method)?;
-    let queries = ws.dataset.queries.for_purpose(&Purpose::Evaluate(splits.to_vec())).map_err(anyhow::Error::msg)?;
+    let queries = ws
+        .dataset
+        .queries
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
+        .map_err(anyhow::Error::msg)?;
     if queries.is_empty() {
         bail!("no queries of split(s) {splits:?} in the query file");
     }
@@ -209,7 +244,14 @@ fn eval_one(ws: &Workspace, method: &str, field: QueryField, splits: &[Split], l
     provenance.insert("data_sha256".into(), ws.data_sha256.clone());
     provenance.insert("data_dir".into(), ws_data_name(ws));
     provenance.insert("catalogue_items".into(), ws.catalogue().len().to_string());
-    provenance.insert("embedder".into(), format!("{} sha256 {}", mrrec_embed::DEFAULT_EMBEDDER, embedder_sha()));
+    provenance.insert(
+        "embedder".into(),
+        format!(
+            "{} sha256 {}",
+            mrrec_embed::DEFAULT_EMBEDDER,
+            embedder_sha()
+        ),
+    );
     provenance.insert("prompt_version".into(), "none".into());
     let spec = RunSpec {
         method: method.to_string(),
@@ -223,18 +265,32 @@ fn eval_one(ws: &Workspace, method: &str, field: QueryField, splits: &[Split], l
         provenance,
     };
     let pb = ProgressBar::new(0);
-    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (ETA {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     pb.set_message(format!("eval {method} on {field}"));
-    let metrics = mrrec_eval::run_eval(m.as_ref(), queries, ws.catalogue(), &spec, out, 32, &mut |d, t| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64);
-    })?;
+    let metrics = mrrec_eval::run_eval(
+        m.as_ref(),
+        queries,
+        ws.catalogue(),
+        &spec,
+        out,
+        32,
+        &mut |d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        },
+    )?;
     pb.finish_and_clear();
     Ok(metrics)
 }
 
 fn ws_data_name(ws: &Workspace) -> String {
-    ws.index_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    ws.index_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default()
 }
 
 fn embedder_sha() -> String {
@@ -247,7 +303,11 @@ fn embedder_sha() -> String {
 fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
     for (i, h) in hits.iter().enumerate() {
         if let Some(item) = ws.catalogue().get(h.item) {
-            let title = if item.title.is_empty() { &item.text } else { &item.title };
+            let title = if item.title.is_empty() {
+                &item.text
+            } else {
+                &item.title
+            };
             let short: String = title.chars().take(90).collect();
             println!("{:>3}. {:.3}  {}  {}", i + 1, h.score, item.id, short);
         }
@@ -256,30 +316,60 @@ fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MRREC_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MRREC_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Models { action: ModelsAction::List } => {
+        Command::Models {
+            action: ModelsAction::List,
+        } => {
             for m in mrrec_models::registry() {
-                let cached = m.files.iter().all(|f| mrrec_models::home().join("models").join(m.id).join(f.name).exists());
-                println!("{:<30} {:<9} {}  {}", m.id, format!("{:?}", m.kind), if cached { "cached " } else { "missing" }, m.description);
+                let cached = m.files.iter().all(|f| {
+                    mrrec_models::home()
+                        .join("models")
+                        .join(m.id)
+                        .join(f.name)
+                        .exists()
+                });
+                println!(
+                    "{:<30} {:<9} {}  {}",
+                    m.id,
+                    format!("{:?}", m.kind),
+                    if cached { "cached " } else { "missing" },
+                    m.description
+                );
             }
         }
-        Command::Models { action: ModelsAction::Fetch { ids } } => {
+        Command::Models {
+            action: ModelsAction::Fetch { ids },
+        } => {
             let specs = if ids.iter().any(|i| i == "all") {
                 mrrec_models::registry()
             } else {
-                ids.iter().map(|i| mrrec_models::find(i)).collect::<Result<Vec<_>, _>>()?
+                ids.iter()
+                    .map(|i| mrrec_models::find(i))
+                    .collect::<Result<Vec<_>, _>>()?
             };
             for spec in specs {
-                let paths = mrrec_models::fetch_model(&spec, &Default::default(), &mut |m| eprintln!("{m}"))?;
+                let paths = mrrec_models::fetch_model(&spec, &Default::default(), &mut |m| {
+                    eprintln!("{m}")
+                })?;
                 println!("{}: {}", spec.id, paths.dir.display());
             }
         }
         Command::Check(data) => {
-            let ds = mrrec_data::Dataset::load(&data.data, data.queries.as_deref(), &mrrec_data::LoadOptions { strict: data.strict, ..Default::default() })?;
+            let ds = mrrec_data::Dataset::load(
+                &data.data,
+                data.queries.as_deref(),
+                &mrrec_data::LoadOptions {
+                    strict: data.strict,
+                    ..Default::default()
+                },
+            )?;
             for r in &ds.reports {
                 println!("{r}");
             }
@@ -293,14 +383,40 @@ fn main() -> Result<()> {
         }
         Command::Index(data) => {
             let ws = data.open()?;
-            println!("{} items indexed in {}", ws.catalogue().len(), ws.index_dir.display());
+            println!(
+                "{} items indexed in {}",
+                ws.catalogue().len(),
+                ws.index_dir.display()
+            );
         }
-        Command::Search { data, text, method, k } => {
+        Command::Search {
+            data,
+            text,
+            method,
+            k,
+        } => {
             let ws = data.open()?;
             let m = method_for(&ws, &method)?;
-            let q = mrrec_data::Query { qid: "cli".into(), user_id: String::new(), query: text.clone(), simple_query: None, category: None, timestamp: None, split: None };
-            let ans = m.answer(&[&q], QueryField::Query, k).map_err(|e| anyhow::anyhow!(e.0))?;
-            let hits: Vec<mrrec_index::Hit> = ans[0].ranking.iter().map(|&item| mrrec_index::Hit { item, score: f32::NAN }).collect();
+            let q = mrrec_data::Query {
+                qid: "cli".into(),
+                user_id: String::new(),
+                query: text.clone(),
+                simple_query: None,
+                category: None,
+                timestamp: None,
+                split: None,
+            };
+            let ans = m
+                .answer(&[&q], QueryField::Query, k)
+                .map_err(|e| anyhow::anyhow!(e.0))?;
+            let hits: Vec<mrrec_index::Hit> = ans[0]
+                .ranking
+                .iter()
+                .map(|&item| mrrec_index::Hit {
+                    item,
+                    score: f32::NAN,
+                })
+                .collect();
             print_hits(&ws, &hits);
         }
         Command::Eval(a) => {
@@ -308,10 +424,20 @@ fn main() -> Result<()> {
             let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
             let splits = parse_splits(&a.split)?;
             let m = eval_one(&ws, &a.method, field, &splits, a.limit, a.seed, &a.out)?;
-            print!("{}", markdown_table(&[(format!("{} ({})", a.method, field), &m)], true));
+            print!(
+                "{}",
+                markdown_table(&[(format!("{} ({})", a.method, field), &m)], true)
+            );
             println!("\nwrote {}", a.out.display());
         }
-        Command::Bench { data, exact_items, hnsw_items, bm25_items, queries, parts } => {
+        Command::Bench {
+            data,
+            exact_items,
+            hnsw_items,
+            bm25_items,
+            queries,
+            parts,
+        } => {
             let ws = data.open()?;
             let mut out = serde_json::Map::new();
             out.insert("threads".into(), rayon::current_num_threads().into());
@@ -319,7 +445,10 @@ fn main() -> Result<()> {
                 out.insert("embedding".into(), mrrec::bench::embedding(&ws, 1024)?);
             }
             if parts.contains("search") {
-                out.insert("search".into(), mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?);
+                out.insert(
+                    "search".into(),
+                    mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?,
+                );
             }
             if parts.contains("bm25") {
                 out.insert("bm25".into(), mrrec::bench::bm25(&ws, bm25_items, queries)?);
@@ -334,18 +463,32 @@ fn main() -> Result<()> {
             let splits = parse_splits(&split)?;
             data.check_dir()?;
             eprintln!("mrrec demo: data {}", data.data.display());
-            let paths = mrrec_models::fetch_model(&mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)?, &Default::default(), &mut |m| eprintln!("{m}"))?;
+            let paths = mrrec_models::fetch_model(
+                &mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)?,
+                &Default::default(),
+                &mut |m| eprintln!("{m}"),
+            )?;
             eprintln!("embedder ready in {}", paths.dir.display());
             let t0 = std::time::Instant::now();
             let ws = data.open()?;
-            eprintln!("indexes ready ({} items) in {:.1}s: {}", ws.catalogue().len(), t0.elapsed().as_secs_f64(), ws.index_dir.display());
+            eprintln!(
+                "indexes ready ({} items) in {:.1}s: {}",
+                ws.catalogue().len(),
+                t0.elapsed().as_secs_f64(),
+                ws.index_dir.display()
+            );
             let example = ws
                 .dataset
                 .queries
                 .for_purpose(&Purpose::Evaluate(splits.clone()))
                 .map_err(anyhow::Error::msg)?
                 .first()
-                .map(|q| q.query().simple_query.clone().unwrap_or_else(|| q.query().query.clone()))
+                .map(|q| {
+                    q.query()
+                        .simple_query
+                        .clone()
+                        .unwrap_or_else(|| q.query().query.clone())
+                })
                 .unwrap_or_else(|| "a comfortable pillow for sleeping with a CPAP mask".into());
             println!("Example request: {example:?}\nTop 5 (dense):");
             print_hits(&ws, &ws.search_dense(&example, 5)?);
@@ -353,14 +496,19 @@ fn main() -> Result<()> {
             for field in [QueryField::SimpleQuery, QueryField::Query] {
                 for method in mrrec::method_names() {
                     let dir = out.join(format!("{method}-{field}"));
-                    let m = eval_one(&ws, method, field, &splits, None, 42, &dir).with_context(|| format!("evaluating {method} on {field}"))?;
+                    let m = eval_one(&ws, method, field, &splits, None, 42, &dir)
+                        .with_context(|| format!("evaluating {method} on {field}"))?;
                     rows.push((format!("{method} ({field})"), m));
                 }
             }
-            let refs: Vec<(String, &RunMetrics)> = rows.iter().map(|(n, m)| (n.clone(), m)).collect();
+            let refs: Vec<(String, &RunMetrics)> =
+                rows.iter().map(|(n, m)| (n.clone(), m)).collect();
             println!("\nEvaluation on split(s) {split} ({} items in the catalogue), 95% bootstrap intervals over users:\n", ws.catalogue().len());
             print!("{}", markdown_table(&refs, true));
-            println!("\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}", out.display());
+            println!(
+                "\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}",
+                out.display()
+            );
         }
     }
     Ok(())

@@ -17,7 +17,10 @@ pub fn method_names() -> &'static [&'static str] {
 fn texts<'a>(queries: &[&'a Query], field: QueryField) -> Result<Vec<&'a str>, MethodError> {
     queries
         .iter()
-        .map(|q| q.text(field).ok_or_else(|| MethodError(format!("query {} has no {field}", q.qid))))
+        .map(|q| {
+            q.text(field)
+                .ok_or_else(|| MethodError(format!("query {} has no {field}", q.qid)))
+        })
         .collect()
 }
 
@@ -31,12 +34,20 @@ impl Method for LexicalMethod {
     fn name(&self) -> &str {
         "bm25"
     }
-    fn answer(&self, queries: &[&Query], field: QueryField, k: usize) -> Result<Vec<MethodAnswer>, MethodError> {
+    fn answer(
+        &self,
+        queries: &[&Query],
+        field: QueryField,
+        k: usize,
+    ) -> Result<Vec<MethodAnswer>, MethodError> {
         texts(queries, field)?
             .par_iter()
             .map(|t| {
                 let hits = self.index.search(&SearchQuery::text(t), k)?;
-                Ok(MethodAnswer { ranking: hits.iter().map(|h| h.item).collect(), ..Default::default() })
+                Ok(MethodAnswer {
+                    ranking: hits.iter().map(|h| h.item).collect(),
+                    ..Default::default()
+                })
             })
             .collect()
     }
@@ -62,15 +73,29 @@ impl Method for DenseMethod {
     fn settings(&self) -> serde_json::Value {
         serde_json::json!({ "embedder": self.embedder.model_id(), "index": self.index.kind() })
     }
-    fn answer(&self, queries: &[&Query], field: QueryField, k: usize) -> Result<Vec<MethodAnswer>, MethodError> {
+    fn answer(
+        &self,
+        queries: &[&Query],
+        field: QueryField,
+        k: usize,
+    ) -> Result<Vec<MethodAnswer>, MethodError> {
         let texts = texts(queries, field)?;
         let vecs = self.embedder.embed(&texts)?;
         texts
             .iter()
             .zip(&vecs)
             .map(|(t, v)| {
-                let hits = self.index.search(&SearchQuery { text: t, vector: Some(v) }, k)?;
-                Ok(MethodAnswer { ranking: hits.iter().map(|h| h.item).collect(), ..Default::default() })
+                let hits = self.index.search(
+                    &SearchQuery {
+                        text: t,
+                        vector: Some(v),
+                    },
+                    k,
+                )?;
+                Ok(MethodAnswer {
+                    ranking: hits.iter().map(|h| h.item).collect(),
+                    ..Default::default()
+                })
             })
             .collect()
     }

@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mrrec_data::{Catalogue, Dataset, LoadOptions};
 use mrrec_embed::{BertEmbedder, CachedEmbedder, EmbeddingCache, TextEmbedder};
-use mrrec_index::{open_index, Bm25Index, ExactIndex, Hit, HybridIndex, HybridParams, ItemIndex, SearchQuery};
+use mrrec_index::{
+    open_index, Bm25Index, ExactIndex, Hit, HybridIndex, HybridParams, ItemIndex, SearchQuery,
+};
 use sha2::{Digest, Sha256};
 
 /// How to open a workspace.
@@ -97,7 +99,10 @@ fn catalogue_fingerprint(cat: &Catalogue, model: &str) -> String {
 impl Workspace {
     /// Loads the data, fetches the embedder if needed, and builds (or reopens) the indexes.
     pub fn open(opts: &WorkspaceOptions) -> Result<Self> {
-        let load = LoadOptions { strict: opts.strict, ..Default::default() };
+        let load = LoadOptions {
+            strict: opts.strict,
+            ..Default::default()
+        };
         let mut dataset = Dataset::load(&opts.data, opts.queries.as_deref(), &load)
             .with_context(|| format!("loading the data in {}", opts.data.display()))?;
         for r in &dataset.reports {
@@ -110,8 +115,12 @@ impl Workspace {
         paths.extend(qpath.as_deref());
         let data_sha256 = files_sha256(&paths)?;
         if let Some(extra) = opts.max_items {
-            let mut keep: HashSet<String> =
-                dataset.queries.all().iter().map(|q| q.target().to_string()).collect();
+            let mut keep: HashSet<String> = dataset
+                .queries
+                .all()
+                .iter()
+                .map(|q| q.target().to_string())
+                .collect();
             for u in dataset.histories.user_ids() {
                 for r in dataset.histories.of(u) {
                     keep.insert(r.parent_asin.clone());
@@ -119,13 +128,26 @@ impl Workspace {
             }
             dataset.catalogue = dataset.catalogue.slice(&keep, extra);
         }
-        let cache = EmbeddingCache::open(&mrrec_models::home().join("cache").join("embeddings.sqlite"))?;
+        let cache =
+            EmbeddingCache::open(&mrrec_models::home().join("cache").join("embeddings.sqlite"))?;
         let embedder = Arc::new(CachedEmbedder::new(BertEmbedder::default_model()?, cache));
         let fp = catalogue_fingerprint(&dataset.catalogue, embedder.model_id());
         let index_dir = opts.index_root.join(&fp);
-        let dense = Self::dense_index(&dataset.catalogue, &embedder, &index_dir.join("exact"), opts.progress)?;
+        let dense = Self::dense_index(
+            &dataset.catalogue,
+            &embedder,
+            &index_dir.join("exact"),
+            opts.progress,
+        )?;
         let lexical = Self::lexical_index(&dataset.catalogue, &index_dir.join("bm25"))?;
-        Ok(Workspace { dataset, embedder, index_dir, dense, lexical, data_sha256 })
+        Ok(Workspace {
+            dataset,
+            embedder,
+            index_dir,
+            dense,
+            lexical,
+            data_sha256,
+        })
     }
 
     fn dense_index(
@@ -141,10 +163,12 @@ impl Workspace {
         }
         let texts: Vec<&str> = cat.items().iter().map(|i| i.text.as_str()).collect();
         let pb = bar(progress, texts.len() as u64, "embedding items");
-        let vecs = embedder.embed_with_progress(&texts, &mut |done, _| pb.set_position(done as u64))?;
+        let vecs =
+            embedder.embed_with_progress(&texts, &mut |done, _| pb.set_position(done as u64))?;
         pb.finish_and_clear();
         let ix = ExactIndex::from_rows(embedder.dim(), &vecs)?;
-        ix.save(dir).with_context(|| format!("saving {}", dir.display()))?;
+        ix.save(dir)
+            .with_context(|| format!("saving {}", dir.display()))?;
         Ok(Arc::new(ix))
     }
 
@@ -154,7 +178,13 @@ impl Workspace {
                 return Ok(Arc::from(ix));
             }
         }
-        let ix = Bm25Index::build(cat.items().iter().enumerate().map(|(i, it)| (i as u32, it.text.as_str())), Some(dir))?;
+        let ix = Bm25Index::build(
+            cat.items()
+                .iter()
+                .enumerate()
+                .map(|(i, it)| (i as u32, it.text.as_str())),
+            Some(dir),
+        )?;
         Ok(Arc::new(ix))
     }
 
@@ -175,6 +205,12 @@ impl Workspace {
     /// Embeds `text` and returns the `k` nearest items.
     pub fn search_dense(&self, text: &str, k: usize) -> Result<Vec<Hit>> {
         let v = self.embedder.embed(&[text])?.remove(0);
-        Ok(self.dense.search(&SearchQuery { text, vector: Some(&v) }, k)?)
+        Ok(self.dense.search(
+            &SearchQuery {
+                text,
+                vector: Some(&v),
+            },
+            k,
+        )?)
     }
 }

@@ -1,6 +1,8 @@
 //! The `mrrec` binary end to end on a slice of the real data: the README's main command, eval
 //! resume, compare, and clear errors.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,7 +14,10 @@ fn mini() -> PathBuf {
 }
 
 fn mrrec(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mrrec")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -21,7 +26,10 @@ fn mrrec(args: &[&str]) -> (bool, String, String) {
 }
 
 fn parse_cell(table: &str, row: &str, col: usize) -> f64 {
-    let line = table.lines().find(|l| l.starts_with(&format!("| {row} |"))).unwrap_or_else(|| panic!("no row {row} in\n{table}"));
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&format!("| {row} |")))
+        .unwrap_or_else(|| panic!("no row {row} in\n{table}"));
     let cell = line.split('|').nth(col + 1).unwrap().trim();
     cell.split_whitespace().next().unwrap().parse().unwrap()
 }
@@ -31,8 +39,13 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
     let out = tempfile::tempdir().unwrap();
     let data = mini();
     let (ok, stdout, stderr) = mrrec(&[
-        "demo", "--data", data.to_str().unwrap(), "--max-items", "1500",
-        "--out", out.path().to_str().unwrap(),
+        "demo",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "1500",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("Example request:"), "{stdout}");
@@ -46,7 +59,10 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         }
     }
     // Dense beats BM25 on the C4-style query (as the data README's baselines show).
-    assert!(parse_cell(&stdout, "dense (query)", 3) > parse_cell(&stdout, "bm25 (query)", 3), "{stdout}");
+    assert!(
+        parse_cell(&stdout, "dense (query)", 3) > parse_cell(&stdout, "bm25 (query)", 3),
+        "{stdout}"
+    );
     // per_query.jsonl has one line per val query.
     let pq = std::fs::read_to_string(out.path().join("dense-query/per_query.jsonl")).unwrap();
     assert_eq!(pq.lines().count(), 62);
@@ -55,17 +71,26 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "compare",
         out.path().join("dense-query").to_str().unwrap(),
         out.path().join("bm25-query").to_str().unwrap(),
-        "--rounds", "300",
+        "--rounds",
+        "300",
     ]);
     assert!(ok, "{stderr}");
     assert!(table.contains("| N@100 |"), "{table}");
     // Rerunning the demo resumes every run instead of recomputing.
     let (ok, stdout2, stderr) = mrrec(&[
-        "demo", "--data", data.to_str().unwrap(), "--max-items", "1500",
-        "--out", out.path().to_str().unwrap(),
+        "demo",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "1500",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    assert_eq!(parse_cell(&stdout, "hybrid (simple_query)", 3), parse_cell(&stdout2, "hybrid (simple_query)", 3));
+    assert_eq!(
+        parse_cell(&stdout, "hybrid (simple_query)", 3),
+        parse_cell(&stdout2, "hybrid (simple_query)", 3)
+    );
 }
 
 #[test]
@@ -73,23 +98,48 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
     let data = mini();
     let out = tempfile::tempdir().unwrap();
     let (ok, _, stderr) = mrrec(&[
-        "eval", "--data", data.to_str().unwrap(), "--max-items", "200", "--method", "bm25",
-        "--split", "aspect", "--out", out.path().to_str().unwrap(),
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "200",
+        "--method",
+        "bm25",
+        "--split",
+        "aspect",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(stderr.contains("`aspect` queries cannot be evaluated"), "{stderr}");
+    assert!(
+        stderr.contains("`aspect` queries cannot be evaluated"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = mrrec(&[
-        "eval", "--data", data.to_str().unwrap(), "--max-items", "200", "--method", "magic",
-        "--out", out.path().to_str().unwrap(),
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "200",
+        "--method",
+        "magic",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(stderr.contains("unknown method \"magic\"; available: bm25, dense, hybrid"), "{stderr}");
+    assert!(
+        stderr.contains("unknown method \"magic\"; available: bm25, dense, hybrid"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn a_missing_data_directory_says_how_to_point_at_real_data() {
     let (ok, _, stderr) = mrrec(&["demo", "--data", "/nonexistent/amazon"]);
     assert!(!ok);
-    assert!(stderr.contains("data directory /nonexistent/amazon not found"), "{stderr}");
+    assert!(
+        stderr.contains("data directory /nonexistent/amazon not found"),
+        "{stderr}"
+    );
     assert!(stderr.contains("Amazon-C4"), "{stderr}");
 }

@@ -62,10 +62,20 @@ pub fn item_text(meta: &ItemMeta) -> String {
     if !features.is_empty() {
         parts.push(format!("Features: {features}"));
     }
-    if let Some(store) = meta.store.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    if let Some(store) = meta
+        .store
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         parts.push(format!("Store: {store}"));
     }
-    if let Some(cat) = meta.main_category.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    if let Some(cat) = meta
+        .main_category
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         parts.push(format!("Category: {cat}"));
     }
     match &meta.price {
@@ -174,7 +184,11 @@ impl Catalogue {
                 continue;
             }
             if cat.by_id.contains_key(&item.id) {
-                report.skip("duplicate id", n, format!("duplicate item id {:?}", item.id))?;
+                report.skip(
+                    "duplicate id",
+                    n,
+                    format!("duplicate item id {:?}", item.id),
+                )?;
                 continue;
             }
             cat.push_unchecked(item);

@@ -85,10 +85,12 @@ impl JsonlReader {
             if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            return Ok(Some(match String::from_utf8(std::mem::take(&mut self.buf)) {
-                Ok(s) => JsonlLine::Text(self.line, s),
-                Err(e) => JsonlLine::Bad(self.line, format!("not valid UTF-8: {e}")),
-            }));
+            return Ok(Some(
+                match String::from_utf8(std::mem::take(&mut self.buf)) {
+                    Ok(s) => JsonlLine::Text(self.line, s),
+                    Err(e) => JsonlLine::Bad(self.line, format!("not valid UTF-8: {e}")),
+                },
+            ));
         }
     }
 }

@@ -31,7 +31,9 @@ impl FromStr for Split {
             "train" => Ok(Split::Train),
             "val" | "valid" | "validation" => Ok(Split::Val),
             "aspect" => Ok(Split::Aspect),
-            other => Err(format!("unknown split {other:?} (expected train, val or aspect)")),
+            other => Err(format!(
+                "unknown split {other:?} (expected train, val or aspect)"
+            )),
         }
     }
 }
@@ -87,7 +89,9 @@ impl FromStr for QueryField {
         match s {
             "query" => Ok(QueryField::Query),
             "simple_query" | "simple" => Ok(QueryField::SimpleQuery),
-            other => Err(format!("unknown query field {other:?} (expected query or simple_query)")),
+            other => Err(format!(
+                "unknown query field {other:?} (expected query or simple_query)"
+            )),
         }
     }
 }
@@ -192,8 +196,16 @@ impl QuerySet {
                 reason: format!("cannot read the CSV header: {e}"),
             })?
             .clone();
-        let col: HashMap<&str, usize> = headers.iter().enumerate().map(|(i, h)| (h.trim(), i)).collect();
-        let missing: Vec<&str> = REQUIRED.iter().copied().filter(|c| !col.contains_key(c)).collect();
+        let col: HashMap<&str, usize> = headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.trim(), i))
+            .collect();
+        let missing: Vec<&str> = REQUIRED
+            .iter()
+            .copied()
+            .filter(|c| !col.contains_key(c))
+            .collect();
         if !missing.is_empty() {
             return Err(DataError::Invalid {
                 path: path.to_path_buf(),
@@ -223,7 +235,10 @@ impl QuerySet {
             report.records += 1;
             let line = record.position().map(|p| p.line()).unwrap_or(line_hint);
             let get = |name: &str| -> Option<&str> {
-                col.get(name).and_then(|&i| record.get(i)).map(str::trim).filter(|s| !s.is_empty())
+                col.get(name)
+                    .and_then(|&i| record.get(i))
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
             };
             let mut missing = Vec::new();
             for name in REQUIRED {
@@ -232,7 +247,11 @@ impl QuerySet {
                 }
             }
             if !missing.is_empty() {
-                report.skip("missing field", line, format!("empty or missing `{}`", missing.join("`, `")))?;
+                report.skip(
+                    "missing field",
+                    line,
+                    format!("empty or missing `{}`", missing.join("`, `")),
+                )?;
                 continue;
             }
             let qid = get("qid").unwrap_or_default().to_string();
@@ -243,7 +262,10 @@ impl QuerySet {
                     report.skip(
                         "invalid field",
                         line,
-                        format!("`timestamp` {:?} is not an integer", get("timestamp").unwrap_or_default()),
+                        format!(
+                            "`timestamp` {:?} is not an integer",
+                            get("timestamp").unwrap_or_default()
+                        ),
                     )?;
                     continue;
                 }
@@ -267,7 +289,10 @@ impl QuerySet {
                     report.skip(
                         "invalid field",
                         line,
-                        format!("`ori_rating` {:?} is not a number", get("ori_rating").unwrap_or_default()),
+                        format!(
+                            "`ori_rating` {:?} is not a number",
+                            get("ori_rating").unwrap_or_default()
+                        ),
                     )?;
                     continue;
                 }
@@ -306,7 +331,13 @@ impl QuerySet {
             });
             report.accepted += 1;
         }
-        Ok((QuerySet { rows, has_split_column }, report))
+        Ok((
+            QuerySet {
+                rows,
+                has_split_column,
+            },
+            report,
+        ))
     }
 
     /// Builds a set from labelled rows (tests and generated data).
@@ -318,7 +349,10 @@ impl QuerySet {
                 .map(|(query, target)| LabeledQuery {
                     query,
                     target,
-                    held_out: HeldOutReview { rating: None, text: String::new() },
+                    held_out: HeldOutReview {
+                        rating: None,
+                        text: String::new(),
+                    },
                 })
                 .collect(),
             has_split_column,
@@ -327,7 +361,10 @@ impl QuerySet {
 
     /// The rows `purpose` may use, in file order. Errors when the purpose asks for a split its
     /// rules forbid.
-    pub fn for_purpose(&self, purpose: &Purpose) -> std::result::Result<Vec<&LabeledQuery>, String> {
+    pub fn for_purpose(
+        &self,
+        purpose: &Purpose,
+    ) -> std::result::Result<Vec<&LabeledQuery>, String> {
         if let Purpose::Evaluate(splits) = purpose {
             if splits.contains(&Split::Aspect) {
                 return Err("`aspect` queries cannot be evaluated: their targets are in the users' histories (use train or val)".into());
@@ -338,7 +375,11 @@ impl QuerySet {
                 "{purpose:?} needs a `split` column in the query file; this file has none"
             ));
         }
-        Ok(self.rows.iter().filter(|r| purpose.admits(r.query.split)).collect())
+        Ok(self
+            .rows
+            .iter()
+            .filter(|r| purpose.admits(r.query.split))
+            .collect())
     }
 
     /// Every row, for data checks and statistics.

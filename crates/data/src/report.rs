@@ -109,7 +109,11 @@ impl fmt::Display for IngestReport {
             self.total_skipped()
         )?;
         if !self.skipped.is_empty() {
-            let kinds: Vec<String> = self.skipped.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            let kinds: Vec<String> = self
+                .skipped
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
             write!(f, " ({})", kinds.join(", "))?;
             for issue in &self.examples {
                 write!(f, "\n  {issue}")?;

@@ -97,7 +97,10 @@ impl Histories {
             }
             review.text = truncate_chars(review.text, MAX_REVIEW_CHARS);
             review.title = truncate_chars(review.title, MAX_REVIEW_CHARS);
-            by_user.entry(review.user_id.clone()).or_default().push(review);
+            by_user
+                .entry(review.user_id.clone())
+                .or_default()
+                .push(review);
             report.accepted += 1;
         }
         for reviews in by_user.values_mut() {

@@ -48,7 +48,8 @@ impl BertEmbedder {
             message: m,
         };
         let cfg_text = std::fs::read_to_string(config).map_err(|e| bad(config, e.to_string()))?;
-        let cfg: Config = serde_json::from_str(&cfg_text).map_err(|e| bad(config, e.to_string()))?;
+        let cfg: Config =
+            serde_json::from_str(&cfg_text).map_err(|e| bad(config, e.to_string()))?;
         let dim = cfg.hidden_size;
         let mut tok = Tokenizer::from_file(tokenizer).map_err(|e| EmbedError::Tokenizer {
             context: tokenizer.display().to_string(),
@@ -84,12 +85,22 @@ impl BertEmbedder {
     }
 
     fn embed_batch(&self, encodings: &[&tokenizers::Encoding]) -> Result<Vec<Vec<f32>>> {
-        let max_len = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
+        let max_len = encodings
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let n = encodings.len();
         let mut ids = vec![0u32; n * max_len];
         let mut mask = vec![0u32; n * max_len];
         for (row, enc) in encodings.iter().enumerate() {
-            for (j, (&id, &m)) in enc.get_ids().iter().zip(enc.get_attention_mask()).enumerate() {
+            for (j, (&id, &m)) in enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_attention_mask())
+                .enumerate()
+            {
                 ids[row * max_len + j] = id;
                 mask[row * max_len + j] = m;
             }

@@ -44,7 +44,8 @@ impl EmbeddingCache {
             })?;
         }
         let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS embeddings (
@@ -69,9 +70,11 @@ impl EmbeddingCache {
     pub fn get(&self, model: &str, text: &str) -> Result<Option<Vec<f32>>> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let k = key(model, text);
-        conn.query_row("SELECT vec FROM embeddings WHERE key = ?1", params![&k[..]], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })
+        conn.query_row(
+            "SELECT vec FROM embeddings WHERE key = ?1",
+            params![&k[..]],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
         .optional()
         .map(|o| o.map(|b| from_blob(&b)))
         .map_err(|e| self.err(e))
@@ -83,11 +86,14 @@ impl EmbeddingCache {
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         {
             let mut stmt = tx
-                .prepare_cached("INSERT OR REPLACE INTO embeddings (key, model, vec) VALUES (?1, ?2, ?3)")
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO embeddings (key, model, vec) VALUES (?1, ?2, ?3)",
+                )
                 .map_err(|e| self.err(e))?;
             for (text, v) in items {
                 let k = key(model, text);
-                stmt.execute(params![&k[..], model, to_blob(v)]).map_err(|e| self.err(e))?;
+                stmt.execute(params![&k[..], model, to_blob(v)])
+                    .map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -111,9 +117,11 @@ impl EmbeddingCache {
     /// Number of cached vectors.
     pub fn len(&self) -> Result<usize> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row("SELECT COUNT(*) FROM embeddings", [], |r| r.get::<_, i64>(0))
-            .map(|n| n as usize)
-            .map_err(|e| self.err(e))
+        conn.query_row("SELECT COUNT(*) FROM embeddings", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n as usize)
+        .map_err(|e| self.err(e))
     }
 
     /// True when nothing is cached.
@@ -133,7 +141,11 @@ pub struct CachedEmbedder<E: TextEmbedder> {
 impl<E: TextEmbedder> CachedEmbedder<E> {
     /// Wraps `inner` with `cache`.
     pub fn new(inner: E, cache: EmbeddingCache) -> Self {
-        CachedEmbedder { inner, cache, chunk: 512 }
+        CachedEmbedder {
+            inner,
+            cache,
+            chunk: 512,
+        }
     }
 
     /// The cache.
@@ -172,7 +184,11 @@ impl<E: TextEmbedder> CachedEmbedder<E> {
         for chunk in missing.chunks(self.chunk) {
             let batch: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
             let vecs = self.inner.embed(&batch)?;
-            let pairs: Vec<(&str, &[f32])> = batch.iter().copied().zip(vecs.iter().map(Vec::as_slice)).collect();
+            let pairs: Vec<(&str, &[f32])> = batch
+                .iter()
+                .copied()
+                .zip(vecs.iter().map(Vec::as_slice))
+                .collect();
             self.cache.put_many(model, &pairs)?;
             for (&i, v) in chunk.iter().zip(vecs) {
                 out[i] = Some(v);

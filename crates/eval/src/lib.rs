@@ -9,8 +9,8 @@ pub mod stats;
 pub use metrics::{ndcg_at, rank_of, recall_at, reciprocal_rank, Metric};
 pub use report::{bar_chart_svg, category_table, compare_runs, markdown_table, recall_curve_svg};
 pub use run::{
-    load_run, run_eval, select_queries, summarise, Method, MethodAnswer, MethodError, QueryOutcome, RunMetrics, RunSpec,
-    Usage,
+    load_run, run_eval, select_queries, summarise, Method, MethodAnswer, MethodError, QueryOutcome,
+    RunMetrics, RunSpec, Usage,
 };
 pub use stats::{bootstrap, paired, Estimate, PairedComparison};
 

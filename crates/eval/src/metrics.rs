@@ -43,7 +43,9 @@ pub fn ndcg_at_multi(ranks: &[usize], relevant: usize, k: usize) -> f64 {
         .filter(|&&r| r >= 1 && r <= k)
         .map(|&r| 1.0 / ((r + 1) as f64).log2())
         .sum();
-    let idcg: f64 = (1..=relevant.min(k)).map(|r| 1.0 / ((r + 1) as f64).log2()).sum();
+    let idcg: f64 = (1..=relevant.min(k))
+        .map(|r| 1.0 / ((r + 1) as f64).log2())
+        .sum();
     if idcg == 0.0 {
         0.0
     } else {
@@ -110,7 +112,12 @@ impl Metric {
 
     /// The paper's table columns: R@100, R@10, N@100, N@10.
     pub fn paper_columns() -> [Metric; 4] {
-        [Metric::Recall(100), Metric::Recall(10), Metric::Ndcg(100), Metric::Ndcg(10)]
+        [
+            Metric::Recall(100),
+            Metric::Recall(10),
+            Metric::Ndcg(100),
+            Metric::Ndcg(10),
+        ]
     }
 }
 

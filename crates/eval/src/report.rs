@@ -62,7 +62,12 @@ pub fn category_table(m: &RunMetrics) -> String {
 }
 
 /// Compares two finished runs on the queries they share, for each of the paper's metrics.
-pub fn compare_runs(a: &Path, b: &Path, rounds: usize, seed: u64) -> Result<(Vec<(Metric, PairedComparison)>, String)> {
+pub fn compare_runs(
+    a: &Path,
+    b: &Path,
+    rounds: usize,
+    seed: u64,
+) -> Result<(Vec<(Metric, PairedComparison)>, String)> {
     let (ma, oa) = load_run(a)?;
     let (mb, ob) = load_run(b)?;
     let mut rows = Vec::new();
@@ -71,23 +76,40 @@ pub fn compare_runs(a: &Path, b: &Path, rounds: usize, seed: u64) -> Result<(Vec
         ma.spec.method, ma.spec.query_field, mb.spec.method, mb.spec.query_field
     );
     for metric in Metric::paper_columns().into_iter().chain([Metric::Mrr]) {
-        let va: HashMap<String, (String, f64)> = oa.iter().map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank)))).collect();
-        let vb: HashMap<String, (String, f64)> = ob.iter().map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank)))).collect();
+        let va: HashMap<String, (String, f64)> = oa
+            .iter()
+            .map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank))))
+            .collect();
+        let vb: HashMap<String, (String, f64)> = ob
+            .iter()
+            .map(|o| (o.qid.clone(), (o.user_id.clone(), metric.of(o.rank))))
+            .collect();
         let c = paired(&va, &vb, rounds, seed);
         let _ = writeln!(
             s,
             "| {} | {:.3} | {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} |",
-            metric.name(), c.mean_a, c.mean_b, c.diff.mean, c.diff.lo, c.diff.hi, c.p_value, c.n
+            metric.name(),
+            c.mean_a,
+            c.mean_b,
+            c.diff.mean,
+            c.diff.lo,
+            c.diff.hi,
+            c.p_value,
+            c.n
         );
         rows.push((metric, c));
     }
     Ok((rows, s))
 }
 
-const PALETTE: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+const PALETTE: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// An SVG plot of Recall@K against K (log scale, 1..=max_k), one curve per run.
@@ -105,27 +127,27 @@ pub fn recall_curve_svg(curves: &[(String, Vec<Option<usize>>)], max_k: usize) -
     );
     for i in 0..=5 {
         let y = i as f64 / 5.0;
+        let (x2, yy, tx, ty) = (w - r, ly(y), l - 6.0, ly(y) + 4.0);
         let _ = writeln!(
             s,
-            r##"<line x1="{l}" x2="{}" y1="{2}" y2="{2}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{y:.1}</text>"##,
-            w - r,
-            ly(y),
-            l - 6.0,
-            ly(y) + 4.0
+            r##"<line x1="{l}" x2="{x2}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{tx}" y="{ty}" text-anchor="end">{y:.1}</text>"##
         );
     }
     let mut k = 1usize;
     while k <= max_k {
+        let (x, y2, ty) = (lx(k as f64), h - b, h - b + 16.0);
         let _ = writeln!(
             s,
-            r##"<line x1="{0}" x2="{0}" y1="{t}" y2="{1}" stroke="#ddd"/><text x="{0}" y="{2}" text-anchor="middle">{k}</text>"##,
-            lx(k as f64),
-            h - b,
-            h - b + 16.0
+            r##"<line x1="{x}" x2="{x}" y1="{t}" y2="{y2}" stroke="#ddd"/><text x="{x}" y="{ty}" text-anchor="middle">{k}</text>"##
         );
         k *= 10;
     }
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">K (log scale)</text>"#, (l + w - r) / 2.0, h - 12.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">K (log scale)</text>"#,
+        (l + w - r) / 2.0,
+        h - 12.0
+    );
     for (ci, (name, ranks)) in curves.iter().enumerate() {
         let color = PALETTE[ci % PALETTE.len()];
         let n = ranks.len().max(1) as f64;
@@ -133,11 +155,18 @@ pub fn recall_curve_svg(curves: &[(String, Vec<Option<usize>>)], max_k: usize) -
         let mut kk = 1.0f64;
         while kk <= max_k as f64 + 0.5 {
             let kint = kk.round() as usize;
-            let rec = ranks.iter().filter(|r| r.is_some_and(|r| r <= kint)).count() as f64 / n;
+            let rec = ranks
+                .iter()
+                .filter(|r| r.is_some_and(|r| r <= kint))
+                .count() as f64
+                / n;
             let _ = write!(pts, "{:.1},{:.1} ", lx(kint as f64), ly(rec));
             kk *= 1.25;
         }
-        let _ = writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>"#
+        );
         let _ = writeln!(
             s,
             r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,

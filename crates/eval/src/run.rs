@@ -178,7 +178,10 @@ fn read_outcomes(path: &Path) -> Result<Vec<QueryOutcome>> {
         }
     }
     if bad > 0 {
-        tracing::warn!("{}: dropped {bad} incomplete line(s); those queries will be redone", path.display());
+        tracing::warn!(
+            "{}: dropped {bad} incomplete line(s); those queries will be redone",
+            path.display()
+        );
     }
     Ok(out)
 }
@@ -198,7 +201,11 @@ pub fn select_queries<'a>(
     let before = queries.len();
     let mut with_text: Vec<(usize, &LabeledQuery)> = queries
         .into_iter()
-        .filter(|q| q.query().text(spec.query_field).is_some_and(|t| !t.trim().is_empty()))
+        .filter(|q| {
+            q.query()
+                .text(spec.query_field)
+                .is_some_and(|t| !t.trim().is_empty())
+        })
         .enumerate()
         .collect();
     let skipped = before - with_text.len();
@@ -228,8 +235,13 @@ pub fn run_eval(
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let run_path = out.join(RUN_FILE);
     if run_path.exists() {
-        let old: RunSpec = serde_json::from_slice(&std::fs::read(&run_path).map_err(io_err(&run_path))?)
-            .map_err(|e| EvalError::BadRun { path: run_path.clone(), message: e.to_string() })?;
+        let old: RunSpec = serde_json::from_slice(
+            &std::fs::read(&run_path).map_err(io_err(&run_path))?,
+        )
+        .map_err(|e| EvalError::BadRun {
+            path: run_path.clone(),
+            message: e.to_string(),
+        })?;
         if old.identity() != spec.identity() {
             return Err(EvalError::BadRun {
                 path: run_path,
@@ -237,7 +249,10 @@ pub fn run_eval(
             });
         }
     } else {
-        write_atomic(&run_path, &serde_json::to_vec_pretty(spec).unwrap_or_default())?;
+        write_atomic(
+            &run_path,
+            &serde_json::to_vec_pretty(spec).unwrap_or_default(),
+        )?;
     }
     let (selected, skipped) = select_queries(queries, spec);
     let pq_path = out.join(PER_QUERY);
@@ -253,35 +268,58 @@ pub fn run_eval(
         buf.push(b'\n');
     }
     write_atomic(&pq_path, &buf)?;
-    let todo: Vec<&LabeledQuery> = selected.iter().copied().filter(|q| !seen.contains(&q.query().qid)).collect();
+    let todo: Vec<&LabeledQuery> = selected
+        .iter()
+        .copied()
+        .filter(|q| !seen.contains(&q.query().qid))
+        .collect();
     let total = selected.len();
-    let mut file = std::fs::OpenOptions::new().append(true).open(&pq_path).map_err(io_err(&pq_path))?;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&pq_path)
+        .map_err(io_err(&pq_path))?;
     let depth = spec.depth();
     let mut elapsed = 0.0;
     progress(done.len(), total);
     for chunk in todo.chunks(batch.max(1)) {
         let qs: Vec<&Query> = chunk.iter().map(|q| q.query()).collect();
         let t0 = std::time::Instant::now();
-        let answers = method.answer(&qs, spec.query_field, depth).map_err(|e| EvalError::Method {
-            method: method.name().to_string(),
-            qid: qs.first().map(|q| q.qid.clone()).unwrap_or_default(),
-            message: e.0,
-        })?;
+        let answers =
+            method
+                .answer(&qs, spec.query_field, depth)
+                .map_err(|e| EvalError::Method {
+                    method: method.name().to_string(),
+                    qid: qs.first().map(|q| q.qid.clone()).unwrap_or_default(),
+                    message: e.0,
+                })?;
         elapsed += t0.elapsed().as_secs_f64();
         if answers.len() != chunk.len() {
             return Err(EvalError::Method {
                 method: method.name().to_string(),
                 qid: qs[0].qid.clone(),
-                message: format!("returned {} answers for {} queries", answers.len(), chunk.len()),
+                message: format!(
+                    "returned {} answers for {} queries",
+                    answers.len(),
+                    chunk.len()
+                ),
             });
         }
         let mut lines = Vec::new();
         for (lq, ans) in chunk.iter().zip(answers) {
             let target = catalogue.position(lq.target());
             let mut seen_items = HashSet::new();
-            let ranking: Vec<u32> = ans.ranking.into_iter().filter(|i| seen_items.insert(*i)).take(depth).collect();
+            let ranking: Vec<u32> = ans
+                .ranking
+                .into_iter()
+                .filter(|i| seen_items.insert(*i))
+                .take(depth)
+                .collect();
             let rank = target.and_then(|t| crate::rank_of(&ranking, &t));
-            let top10 = ranking.iter().take(10).filter_map(|&i| catalogue.get(i).map(|it| it.id.clone())).collect();
+            let top10 = ranking
+                .iter()
+                .take(10)
+                .filter_map(|&i| catalogue.get(i).map(|it| it.id.clone()))
+                .collect();
             let o = QueryOutcome {
                 qid: lq.query().qid.clone(),
                 user_id: lq.query().user_id.clone(),
@@ -301,7 +339,11 @@ pub fn run_eval(
         progress(done.len(), total);
     }
     // Keep file order in the outputs.
-    let order: BTreeMap<&str, usize> = selected.iter().enumerate().map(|(i, q)| (q.query().qid.as_str(), i)).collect();
+    let order: BTreeMap<&str, usize> = selected
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.query().qid.as_str(), i))
+        .collect();
     done.sort_by_key(|o| order.get(o.qid.as_str()).copied().unwrap_or(usize::MAX));
     let mut metrics = summarise(spec, &done, skipped);
     let prev_seconds = std::fs::read(out.join(METRICS))
@@ -320,12 +362,18 @@ pub fn summarise(spec: &RunSpec, outcomes: &[QueryOutcome], skipped: usize) -> R
     let mut metrics = BTreeMap::new();
     for m in Metric::standard(&spec.ks) {
         let values: Vec<f64> = outcomes.iter().map(|o| m.of(o.rank)).collect();
-        metrics.insert(m.name(), bootstrap(&values, &users, spec.bootstrap_rounds, spec.seed));
+        metrics.insert(
+            m.name(),
+            bootstrap(&values, &users, spec.bootstrap_rounds, spec.seed),
+        );
     }
     let mut per_category: BTreeMap<String, (usize, BTreeMap<String, f64>)> = BTreeMap::new();
     let mut by_cat: BTreeMap<String, Vec<&QueryOutcome>> = BTreeMap::new();
     for o in outcomes {
-        by_cat.entry(o.category.clone().unwrap_or_else(|| "(none)".into())).or_default().push(o);
+        by_cat
+            .entry(o.category.clone().unwrap_or_else(|| "(none)".into()))
+            .or_default()
+            .push(o);
     }
     for (cat, os) in by_cat {
         let mut m = BTreeMap::new();
@@ -346,24 +394,42 @@ pub fn summarise(spec: &RunSpec, outcomes: &[QueryOutcome], skipped: usize) -> R
         metrics,
         per_category,
         usage,
-        memory_tokens_per_query: if outcomes.is_empty() { 0.0 } else { usage.memory_tokens as f64 / outcomes.len() as f64 },
+        memory_tokens_per_query: if outcomes.is_empty() {
+            0.0
+        } else {
+            usage.memory_tokens as f64 / outcomes.len() as f64
+        },
         method_seconds: 0.0,
     }
 }
 
 fn write_outputs(out: &Path, m: &RunMetrics, outcomes: &[QueryOutcome]) -> Result<()> {
-    write_atomic(&out.join(METRICS), &serde_json::to_vec_pretty(m).unwrap_or_default())?;
+    write_atomic(
+        &out.join(METRICS),
+        &serde_json::to_vec_pretty(m).unwrap_or_default(),
+    )?;
     let name = format!("{} ({})", m.spec.method, m.spec.query_field);
-    write_atomic(&out.join("table.md"), markdown_table(&[(name.clone(), m)], true).as_bytes())?;
+    write_atomic(
+        &out.join("table.md"),
+        markdown_table(&[(name.clone(), m)], true).as_bytes(),
+    )?;
     let ranks: Vec<Option<usize>> = outcomes.iter().map(|o| o.rank).collect();
-    write_atomic(&out.join("recall.svg"), recall_curve_svg(&[(name, ranks)], m.spec.depth()).as_bytes())
+    write_atomic(
+        &out.join("recall.svg"),
+        recall_curve_svg(&[(name, ranks)], m.spec.depth()).as_bytes(),
+    )
 }
 
 /// A finished run read back from its folder: its metrics and per-query outcomes.
 pub fn load_run(dir: &Path) -> Result<(RunMetrics, Vec<QueryOutcome>)> {
     let mp: PathBuf = dir.join(METRICS);
-    let m: RunMetrics = serde_json::from_slice(&std::fs::read(&mp).map_err(io_err(&mp))?)
-        .map_err(|e| EvalError::BadRun { path: mp.clone(), message: e.to_string() })?;
+    let m: RunMetrics =
+        serde_json::from_slice(&std::fs::read(&mp).map_err(io_err(&mp))?).map_err(|e| {
+            EvalError::BadRun {
+                path: mp.clone(),
+                message: e.to_string(),
+            }
+        })?;
     let outcomes = read_outcomes(&dir.join(PER_QUERY))?;
     Ok((m, outcomes))
 }

@@ -58,9 +58,17 @@ fn resampled_means(values: &[f64], users: &[&str], rounds: usize, seed: u64) -> 
 
 /// Mean of `values` with a 95% interval from `rounds` user-level bootstrap resamples.
 pub fn bootstrap(values: &[f64], users: &[&str], rounds: usize, seed: u64) -> Estimate {
-    let mean = if values.is_empty() { 0.0 } else { values.iter().sum::<f64>() / values.len() as f64 };
+    let mean = if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    };
     let means = resampled_means(values, users, rounds, seed);
-    Estimate { mean, lo: percentile(&means, 0.025), hi: percentile(&means, 0.975) }
+    Estimate {
+        mean,
+        lo: percentile(&means, 0.025),
+        hi: percentile(&means, 0.975),
+    }
 }
 
 /// The paired comparison of two runs on the same queries.
@@ -113,7 +121,11 @@ pub fn paired(
         n,
         mean_a,
         mean_b,
-        diff: Estimate { mean: d, lo: percentile(&means, 0.025), hi: percentile(&means, 0.975) },
+        diff: Estimate {
+            mean: d,
+            lo: percentile(&means, 0.025),
+            hi: percentile(&means, 0.975),
+        },
         p_value,
     }
 }

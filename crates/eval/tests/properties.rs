@@ -1,5 +1,7 @@
 //! Property tests of the metrics and an end-to-end resumable run with a scripted method.
 
+#![allow(clippy::unwrap_used)]
+
 use mrrec_data::{Catalogue, Item, Query, QueryField, QuerySet, Split};
 use mrrec_eval::*;
 use proptest::prelude::*;
@@ -38,8 +40,15 @@ impl Method for Scripted {
     fn name(&self) -> &str {
         "scripted"
     }
-    fn answer(&self, queries: &[&Query], _: QueryField, k: usize) -> Result<Vec<MethodAnswer>, MethodError> {
-        let n = self.calls.fetch_add(queries.len(), std::sync::atomic::Ordering::SeqCst);
+    fn answer(
+        &self,
+        queries: &[&Query],
+        _: QueryField,
+        k: usize,
+    ) -> std::result::Result<Vec<MethodAnswer>, MethodError> {
+        let n = self
+            .calls
+            .fetch_add(queries.len(), std::sync::atomic::Ordering::SeqCst);
         if self.fail_after.is_some_and(|f| n >= f) {
             return Err(MethodError("scripted failure".into()));
         }
@@ -52,14 +61,26 @@ impl Method for Scripted {
                 ranking.push(0);
                 ranking.extend(i + 1..50);
                 ranking.truncate(k);
-                MethodAnswer { ranking, usage: Usage { memory_tokens: 10, ..Default::default() }, ..Default::default() }
+                MethodAnswer {
+                    ranking,
+                    usage: Usage {
+                        memory_tokens: 10,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }
             })
             .collect())
     }
 }
 
 fn fixture() -> (Catalogue, QuerySet) {
-    let items = (0..50).map(|i| Item { id: format!("I{i}"), title: String::new(), main_category: None, text: format!("item {i}") });
+    let items = (0..50).map(|i| Item {
+        id: format!("I{i}"),
+        title: String::new(),
+        main_category: None,
+        text: format!("item {i}"),
+    });
     let (cat, _) = Catalogue::from_items(items);
     let rows = (0..20)
         .map(|i| {
@@ -98,16 +119,38 @@ fn spec() -> RunSpec {
 fn a_run_scores_exactly_and_resumes_after_a_failure() {
     let (cat, qs) = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let queries = || qs.for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val])).unwrap();
+    let queries = || {
+        qs.for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
+            .unwrap()
+    };
     // First attempt dies after 8 queries (batches of 4).
-    let failing = Scripted { calls: 0.into(), fail_after: Some(8) };
-    let err = run_eval(&failing, queries(), &cat, &spec(), dir.path(), 4, &mut |_, _| {}).unwrap_err();
+    let failing = Scripted {
+        calls: 0.into(),
+        fail_after: Some(8),
+    };
+    let err = run_eval(
+        &failing,
+        queries(),
+        &cat,
+        &spec(),
+        dir.path(),
+        4,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("scripted failure"), "{err}");
     let lines = std::fs::read_to_string(dir.path().join("per_query.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 8);
     // Simulate a write cut mid-line, then resume: only the remaining 12 (+ the cut one) are asked.
-    std::fs::write(dir.path().join("per_query.jsonl"), format!("{lines}{{\"qid\": \"8\", \"us")).unwrap();
-    let ok = Scripted { calls: 0.into(), fail_after: None };
+    std::fs::write(
+        dir.path().join("per_query.jsonl"),
+        format!("{lines}{{\"qid\": \"8\", \"us"),
+    )
+    .unwrap();
+    let ok = Scripted {
+        calls: 0.into(),
+        fail_after: None,
+    };
     let m = run_eval(&ok, queries(), &cat, &spec(), dir.path(), 4, &mut |_, _| {}).unwrap();
     assert_eq!(ok.calls.load(std::sync::atomic::Ordering::SeqCst), 12);
     assert_eq!(m.n, 20);
@@ -121,31 +164,65 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
         assert!(dir.path().join(f).exists(), "{f}");
     }
     let table = std::fs::read_to_string(dir.path().join("table.md")).unwrap();
-    assert!(table.starts_with("| method | R@100 | R@10 | N@100 | N@10 | MRR | queries |"), "{table}");
+    assert!(
+        table.starts_with("| method | R@100 | R@10 | N@100 | N@10 | MRR | queries |"),
+        "{table}"
+    );
     // A finished run is not recomputed.
-    let again = Scripted { calls: 0.into(), fail_after: None };
-    run_eval(&again, queries(), &cat, &spec(), dir.path(), 4, &mut |_, _| {}).unwrap();
+    let again = Scripted {
+        calls: 0.into(),
+        fail_after: None,
+    };
+    run_eval(
+        &again,
+        queries(),
+        &cat,
+        &spec(),
+        dir.path(),
+        4,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(again.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
     // A different run into the same folder is refused.
     let mut other = spec();
     other.seed = 2;
-    let err = run_eval(&again, queries(), &cat, &other, dir.path(), 4, &mut |_, _| {}).unwrap_err();
+    let err = run_eval(
+        &again,
+        queries(),
+        &cat,
+        &other,
+        dir.path(),
+        4,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("holds a different run"), "{err}");
     // Comparing a run with itself: zero difference, p = 1.
     let (rows, text) = compare_runs(dir.path(), dir.path(), 200, 1).unwrap();
-    assert!(rows.iter().all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0), "{text}");
+    assert!(
+        rows.iter()
+            .all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0),
+        "{text}"
+    );
 }
 
 #[test]
 fn limit_picks_a_seeded_subset_in_file_order() {
     let (_, qs) = fixture();
-    let all = qs.for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val])).unwrap();
+    let all = qs
+        .for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
+        .unwrap();
     let mut s = spec();
     s.limit = Some(5);
     let (a, _) = select_queries(all.clone(), &s);
     let (b, _) = select_queries(all.clone(), &s);
     assert_eq!(a.len(), 5);
-    let ids = |v: &[&mrrec_data::LabeledQuery]| v.iter().map(|q| q.query().qid.parse::<u32>().unwrap()).collect::<Vec<_>>();
+    let ids = |v: &[&mrrec_data::LabeledQuery]| {
+        v.iter()
+            .map(|q| q.query().qid.parse::<u32>().unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&a), ids(&b));
     assert!(ids(&a).windows(2).all(|w| w[0] < w[1]));
     s.seed = 99;

@@ -15,14 +15,19 @@ pub const MAX_QUERY_TERMS: usize = 256;
 /// BM25 over item text (tantivy's default tokenizer: split on non-alphanumerics, lowercase).
 /// The query is a bag of words: no query syntax is interpreted, so any text is safe.
 pub struct Bm25Index {
-    index: Index,
     reader: IndexReader,
     text: Field,
     analyzer: TextAnalyzer,
     /// Per segment: doc id → catalogue position.
     positions: Vec<Vec<u32>>,
-    /// The folder the index lives in (None in memory).
+    /// The folder the index lives in.
     dir: Option<std::path::PathBuf>,
+    /// Keeps a temporary folder alive for indexes built without one.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+fn unreachable_folder() -> std::path::PathBuf {
+    std::env::temp_dir()
 }
 
 fn schema() -> (Schema, Field, Field) {
@@ -34,8 +39,12 @@ fn schema() -> (Schema, Field, Field) {
 
 impl Bm25Index {
     /// Indexes `(position, text)` pairs, in a folder when `dir` is given, else in memory.
-    pub fn build<'a>(docs: impl IntoIterator<Item = (u32, &'a str)>, dir: Option<&Path>) -> Result<Self> {
+    pub fn build<'a>(
+        docs: impl IntoIterator<Item = (u32, &'a str)>,
+        dir: Option<&Path>,
+    ) -> Result<Self> {
         let (schema, item, text) = schema();
+        let mut tmp_holder = None;
         let index = match dir {
             Some(d) => {
                 let td = d.join("tantivy");
@@ -45,7 +54,13 @@ impl Bm25Index {
                 std::fs::create_dir_all(&td).map_err(crate::io_err(&td))?;
                 Index::create_in_dir(&td, schema)?
             }
-            None => Index::create_in_ram(schema),
+            None => {
+                // A private temporary folder, so that `save` can copy plain files.
+                let tmp = tempfile::tempdir().map_err(crate::io_err(Path::new("(temp dir)")))?;
+                let idx = Index::create_in_dir(tmp.path(), schema)?;
+                tmp_holder = Some(tmp);
+                idx
+            }
         };
         {
             let mut writer = index.writer_with_num_threads(1, 200_000_000)?;
@@ -58,7 +73,14 @@ impl Bm25Index {
         if let Some(d) = dir {
             write_kind(d, "bm25")?;
         }
-        Self::from_index(index, text, dir.map(|d| d.join("tantivy")))
+        let folder = match (&tmp_holder, dir) {
+            (Some(t), _) => t.path().to_path_buf(),
+            (None, Some(d)) => d.join("tantivy"),
+            (None, None) => unreachable_folder(),
+        };
+        let mut ix = Self::from_index(index, text, Some(folder))?;
+        ix._tmp = tmp_holder;
+        Ok(ix)
     }
 
     /// Reopens an index saved by [`ItemIndex::save`] / built in a folder.
@@ -69,16 +91,28 @@ impl Bm25Index {
     }
 
     fn from_index(index: Index, text: Field, dir: Option<std::path::PathBuf>) -> Result<Self> {
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
         let analyzer = index.tokenizer_for_field(text)?;
         let searcher = reader.searcher();
         let mut positions = Vec::with_capacity(searcher.segment_readers().len());
         for seg in searcher.segment_readers() {
             let col = seg.fast_fields().u64("item")?;
-            let ids = (0..seg.max_doc()).map(|d| col.first(d).unwrap_or(0) as u32).collect();
+            let ids = (0..seg.max_doc())
+                .map(|d| col.first(d).unwrap_or(0) as u32)
+                .collect();
             positions.push(ids);
         }
-        Ok(Bm25Index { index, reader, text, analyzer, positions, dir })
+        Ok(Bm25Index {
+            reader,
+            text,
+            analyzer,
+            positions,
+            dir,
+            _tmp: None,
+        })
     }
 
     fn query_for(&self, text: &str) -> Option<Box<dyn Query>> {
@@ -93,7 +127,10 @@ impl Bm25Index {
             }
             if seen.insert(t.clone()) {
                 let term = Term::from_field_text(self.text, &t);
-                clauses.push((Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))));
+                clauses.push((
+                    Occur::Should,
+                    Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)),
+                ));
             }
         }
         if clauses.is_empty() {
@@ -143,22 +180,22 @@ impl ItemIndex for Bm25Index {
                 std::fs::remove_dir_all(&td).map_err(crate::io_err(&td))?;
             }
             std::fs::create_dir_all(&td).map_err(crate::io_err(&td))?;
-            let src = self.index.directory();
-            let corrupt = |e: &dyn std::fmt::Display| crate::IndexError::Corrupt {
-                path: td.clone(),
-                message: e.to_string(),
-            };
-            for meta in self.index.searchable_segment_metas()? {
-                for path in meta.list_files() {
-                    let Ok(slice) = src.open_read(&path) else { continue };
-                    let bytes = slice.read_bytes().map_err(|e| corrupt(&e))?;
-                    let to = td.join(&path);
-                    std::fs::write(&to, bytes.as_slice()).map_err(crate::io_err(&to))?;
+            let src = self
+                .dir
+                .as_ref()
+                .ok_or_else(|| crate::IndexError::Corrupt {
+                    path: td.clone(),
+                    message: "index has no folder to copy from".into(),
+                })?;
+            for entry in std::fs::read_dir(src).map_err(crate::io_err(src))? {
+                let entry = entry.map_err(crate::io_err(src))?;
+                let name = entry.file_name();
+                if name.to_string_lossy().ends_with(".lock") || !entry.path().is_file() {
+                    continue;
                 }
+                let to = td.join(&name);
+                std::fs::copy(entry.path(), &to).map_err(crate::io_err(&to))?;
             }
-            let meta = src.atomic_read(Path::new("meta.json")).map_err(|e| corrupt(&e))?;
-            let to = td.join("meta.json");
-            std::fs::write(&to, meta).map_err(crate::io_err(&to))?;
         }
         write_kind(dir, "bm25")
     }

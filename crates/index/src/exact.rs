@@ -26,10 +26,14 @@ const BLOCK: usize = 4096;
 impl ExactIndex {
     /// An index over row-major `vectors`, `dim` wide.
     pub fn new(dim: usize, vectors: Vec<f32>) -> Result<Self> {
-        if dim == 0 || vectors.len() % dim != 0 {
+        if dim == 0 || !vectors.len().is_multiple_of(dim) {
             return Err(IndexError::WrongVectorDimension {
                 expected: dim,
-                received: if dim == 0 { vectors.len() } else { vectors.len() % dim },
+                received: if dim == 0 {
+                    vectors.len()
+                } else {
+                    vectors.len() % dim
+                },
             });
         }
         Ok(ExactIndex { dim, vectors })
@@ -40,7 +44,10 @@ impl ExactIndex {
         let mut flat = Vec::with_capacity(rows.len() * dim);
         for r in rows {
             if r.len() != dim {
-                return Err(IndexError::WrongVectorDimension { expected: dim, received: r.len() });
+                return Err(IndexError::WrongVectorDimension {
+                    expected: dim,
+                    received: r.len(),
+                });
             }
             flat.extend_from_slice(r);
         }
@@ -67,7 +74,10 @@ impl ExactIndex {
     pub fn open(dir: &Path) -> Result<Self> {
         let mp = dir.join("exact.json");
         let meta: ExactMeta = serde_json::from_slice(&std::fs::read(&mp).map_err(io_err(&mp))?)
-            .map_err(|e| IndexError::Corrupt { path: mp.clone(), message: e.to_string() })?;
+            .map_err(|e| IndexError::Corrupt {
+                path: mp.clone(),
+                message: e.to_string(),
+            })?;
         let vp = dir.join("vectors.f32");
         let mut f = std::fs::File::open(&vp).map_err(io_err(&vp))?;
         let expected = meta.len * meta.dim * 4;
@@ -75,7 +85,10 @@ impl ExactIndex {
         if actual != expected || meta.format != "f32le" {
             return Err(IndexError::Corrupt {
                 path: vp,
-                message: format!("{actual} bytes, expected {expected} ({} × {} f32le)", meta.len, meta.dim),
+                message: format!(
+                    "{actual} bytes, expected {expected} ({} × {} f32le)",
+                    meta.len, meta.dim
+                ),
             });
         }
         let mut bytes = Vec::with_capacity(expected);
@@ -90,7 +103,10 @@ impl ExactIndex {
     /// Scores of `query` against every item, in item order.
     pub fn scores(&self, query: &[f32]) -> Result<Vec<f32>> {
         if query.len() != self.dim {
-            return Err(IndexError::WrongVectorDimension { expected: self.dim, received: query.len() });
+            return Err(IndexError::WrongVectorDimension {
+                expected: self.dim,
+                received: query.len(),
+            });
         }
         let mut scores = vec![0f32; self.len()];
         scores
@@ -106,14 +122,19 @@ pub(crate) fn top_k(scores: &[f32], k: usize) -> Vec<Hit> {
     let mut hits: Vec<Hit> = scores
         .iter()
         .enumerate()
-        .map(|(i, &s)| Hit { item: i as u32, score: if s.is_nan() { f32::NEG_INFINITY } else { s } })
+        .map(|(i, &s)| Hit {
+            item: i as u32,
+            score: if s.is_nan() { f32::NEG_INFINITY } else { s },
+        })
         .collect();
     let k = k.min(hits.len());
     if k == 0 {
         return Vec::new();
     }
     if k < hits.len() {
-        hits.select_nth_unstable_by(k - 1, |a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+        hits.select_nth_unstable_by(k - 1, |a, b| {
+            b.score.total_cmp(&a.score).then(a.item.cmp(&b.item))
+        });
         hits.truncate(k);
     }
     sort_hits(&mut hits);
@@ -148,7 +169,11 @@ impl ItemIndex for ExactIndex {
         }
         std::fs::rename(&tmp, &vp).map_err(io_err(&vp))?;
         let mp = dir.join("exact.json");
-        let meta = ExactMeta { len: self.len(), dim: self.dim, format: "f32le".into() };
+        let meta = ExactMeta {
+            len: self.len(),
+            dim: self.dim,
+            format: "f32le".into(),
+        };
         std::fs::write(&mp, serde_json::to_vec(&meta).unwrap_or_default()).map_err(io_err(&mp))
     }
 }

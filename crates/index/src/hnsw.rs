@@ -21,7 +21,12 @@ pub struct HnswParams {
 
 impl Default for HnswParams {
     fn default() -> Self {
-        HnswParams { connectivity: 16, expansion_add: 128, expansion_search: 128, half_precision: false }
+        HnswParams {
+            connectivity: 16,
+            expansion_add: 128,
+            expansion_search: 128,
+            half_precision: false,
+        }
     }
 }
 
@@ -47,7 +52,11 @@ fn options(dim: usize, p: &HnswParams) -> IndexOptions {
     IndexOptions {
         dimensions: dim,
         metric: MetricKind::IP,
-        quantization: if p.half_precision { ScalarKind::F16 } else { ScalarKind::F32 },
+        quantization: if p.half_precision {
+            ScalarKind::F16
+        } else {
+            ScalarKind::F32
+        },
         connectivity: p.connectivity,
         expansion_add: p.expansion_add,
         expansion_search: p.expansion_search,
@@ -58,8 +67,11 @@ fn options(dim: usize, p: &HnswParams) -> IndexOptions {
 impl HnswIndex {
     /// Builds a graph over row-major `vectors` (`dim` wide) on all cores.
     pub fn build(dim: usize, vectors: &[f32], params: HnswParams) -> Result<Self> {
-        if dim == 0 || vectors.len() % dim != 0 {
-            return Err(IndexError::WrongVectorDimension { expected: dim, received: vectors.len() % dim.max(1) });
+        if dim == 0 || !vectors.len().is_multiple_of(dim) {
+            return Err(IndexError::WrongVectorDimension {
+                expected: dim,
+                received: vectors.len() % dim.max(1),
+            });
         }
         let index = Index::new(&options(dim, &params)).map_err(ue)?;
         let n = vectors.len() / dim;
@@ -82,19 +94,38 @@ impl HnswIndex {
     pub fn open(dir: &Path) -> Result<Self> {
         let mp = dir.join("hnsw.json");
         let meta: HnswMeta = serde_json::from_slice(&std::fs::read(&mp).map_err(io_err(&mp))?)
-            .map_err(|e| IndexError::Corrupt { path: mp.clone(), message: e.to_string() })?;
+            .map_err(|e| IndexError::Corrupt {
+                path: mp.clone(),
+                message: e.to_string(),
+            })?;
         let gp = dir.join("graph.usearch");
-        let gps = gp.to_str().ok_or_else(|| IndexError::Corrupt { path: gp.clone(), message: "path is not UTF-8".into() })?;
+        let gps = gp.to_str().ok_or_else(|| IndexError::Corrupt {
+            path: gp.clone(),
+            message: "path is not UTF-8".into(),
+        })?;
         let index = Index::new(&options(meta.dim, &meta.params)).map_err(ue)?;
-        index.load(gps).map_err(|e| IndexError::Corrupt { path: gp.clone(), message: e.to_string() })?;
+        index.load(gps).map_err(|e| IndexError::Corrupt {
+            path: gp.clone(),
+            message: e.to_string(),
+        })?;
         if index.size() != meta.len || index.dimensions() != meta.dim {
             return Err(IndexError::Corrupt {
                 path: gp,
-                message: format!("holds {} × {}, expected {} × {}", index.size(), index.dimensions(), meta.len, meta.dim),
+                message: format!(
+                    "holds {} × {}, expected {} × {}",
+                    index.size(),
+                    index.dimensions(),
+                    meta.len,
+                    meta.dim
+                ),
             });
         }
         index.change_expansion_search(meta.params.expansion_search);
-        Ok(HnswIndex { index, params: meta.params, dim: meta.dim })
+        Ok(HnswIndex {
+            index,
+            params: meta.params,
+            dim: meta.dim,
+        })
     }
 }
 
@@ -110,22 +141,32 @@ impl ItemIndex for HnswIndex {
     fn search(&self, query: &SearchQuery<'_>, k: usize) -> Result<Vec<Hit>> {
         let v = query.vector.ok_or(IndexError::MissingVector("hnsw"))?;
         if v.len() != self.dim {
-            return Err(IndexError::WrongVectorDimension { expected: self.dim, received: v.len() });
+            return Err(IndexError::WrongVectorDimension {
+                expected: self.dim,
+                received: v.len(),
+            });
         }
         let k = k.min(self.len());
         if k == 0 {
             return Ok(Vec::new());
         }
-        // usearch reads the expansion per call; keep it at least k for a full result.
-        if self.index.expansion_search() < k {
-            self.index.change_expansion_search(k);
-        }
-        let m = self.index.search(v, k).map_err(ue)?;
+        // When k is a large share of the index a scan is as cheap and returns exactly k.
+        let m = if k * 4 >= self.len() {
+            self.index.exact_search(v, k).map_err(ue)?
+        } else {
+            if self.index.expansion_search() < k {
+                self.index.change_expansion_search(k);
+            }
+            self.index.search(v, k).map_err(ue)?
+        };
         let mut hits: Vec<Hit> = m
             .keys
             .iter()
             .zip(&m.distances)
-            .map(|(&key, &d)| Hit { item: key as u32, score: 1.0 - d })
+            .map(|(&key, &d)| Hit {
+                item: key as u32,
+                score: 1.0 - d,
+            })
             .collect();
         sort_hits(&mut hits);
         Ok(hits)
@@ -134,10 +175,17 @@ impl ItemIndex for HnswIndex {
     fn save(&self, dir: &Path) -> Result<()> {
         write_kind(dir, "hnsw")?;
         let gp = dir.join("graph.usearch");
-        let gps = gp.to_str().ok_or_else(|| IndexError::Corrupt { path: gp.clone(), message: "path is not UTF-8".into() })?;
+        let gps = gp.to_str().ok_or_else(|| IndexError::Corrupt {
+            path: gp.clone(),
+            message: "path is not UTF-8".into(),
+        })?;
         self.index.save(gps).map_err(ue)?;
         let mp = dir.join("hnsw.json");
-        let meta = HnswMeta { dim: self.dim, len: self.len(), params: self.params };
+        let meta = HnswMeta {
+            dim: self.dim,
+            len: self.len(),
+            params: self.params,
+        };
         std::fs::write(&mp, serde_json::to_vec(&meta).unwrap_or_default()).map_err(io_err(&mp))
     }
 }

@@ -23,21 +23,37 @@ pub struct HybridParams {
 
 impl Default for HybridParams {
     fn default() -> Self {
-        HybridParams { c: 60.0, depth: 1000 }
+        HybridParams {
+            c: 60.0,
+            depth: 1000,
+        }
     }
 }
 
 impl HybridIndex {
     /// Fuses `lexical` (reads the text) and `dense` (reads the vector).
-    pub fn new(lexical: Box<dyn ItemIndex>, dense: Box<dyn ItemIndex>, params: HybridParams) -> Self {
-        HybridIndex { lexical, dense, params }
+    pub fn new(
+        lexical: Box<dyn ItemIndex>,
+        dense: Box<dyn ItemIndex>,
+        params: HybridParams,
+    ) -> Self {
+        HybridIndex {
+            lexical,
+            dense,
+            params,
+        }
     }
 
     /// Reopens a hybrid index saved by [`ItemIndex::save`] (its parts live in `lexical/` and `dense/`).
     pub fn open(dir: &Path) -> Result<Self> {
         let pp = dir.join("hybrid.json");
-        let params: HybridParams = serde_json::from_slice(&std::fs::read(&pp).map_err(io_err(&pp))?)
-            .map_err(|e| crate::IndexError::Corrupt { path: pp.clone(), message: e.to_string() })?;
+        let params: HybridParams =
+            serde_json::from_slice(&std::fs::read(&pp).map_err(io_err(&pp))?).map_err(|e| {
+                crate::IndexError::Corrupt {
+                    path: pp.clone(),
+                    message: e.to_string(),
+                }
+            })?;
         Ok(HybridIndex {
             lexical: open_index(&dir.join("lexical"))?,
             dense: open_index(&dir.join("dense"))?,
@@ -67,7 +83,10 @@ impl ItemIndex for HybridIndex {
                 *fused.entry(h.item).or_insert(0.0) += 1.0 / (self.params.c + rank as f32 + 1.0);
             }
         }
-        let mut hits: Vec<Hit> = fused.into_iter().map(|(item, score)| Hit { item, score }).collect();
+        let mut hits: Vec<Hit> = fused
+            .into_iter()
+            .map(|(item, score)| Hit { item, score })
+            .collect();
         sort_hits(&mut hits);
         hits.truncate(k);
         Ok(hits)
@@ -78,6 +97,7 @@ impl ItemIndex for HybridIndex {
         self.lexical.save(&dir.join("lexical"))?;
         self.dense.save(&dir.join("dense"))?;
         let pp = dir.join("hybrid.json");
-        std::fs::write(&pp, serde_json::to_vec(&self.params).unwrap_or_default()).map_err(io_err(&pp))
+        std::fs::write(&pp, serde_json::to_vec(&self.params).unwrap_or_default())
+            .map_err(io_err(&pp))
     }
 }

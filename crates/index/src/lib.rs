@@ -75,7 +75,10 @@ impl<'a> SearchQuery<'a> {
     }
     /// A vector-only query.
     pub fn vector(vector: &'a [f32]) -> Self {
-        SearchQuery { text: "", vector: Some(vector) }
+        SearchQuery {
+            text: "",
+            vector: Some(vector),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! One conformance suite, run against every index implementation.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 
 use mrrec_index::*;
@@ -33,16 +35,34 @@ fn hnsw(_: &[String], v: &[f32], _: Option<&std::path::Path>) -> Box<dyn ItemInd
     Box::new(HnswIndex::build(DIM, v, HnswParams::default()).unwrap())
 }
 fn bm25(t: &[String], _: &[f32], dir: Option<&std::path::Path>) -> Box<dyn ItemIndex> {
-    Box::new(Bm25Index::build(t.iter().enumerate().map(|(i, s)| (i as u32, s.as_str())), dir).unwrap())
+    Box::new(
+        Bm25Index::build(
+            t.iter().enumerate().map(|(i, s)| (i as u32, s.as_str())),
+            dir,
+        )
+        .unwrap(),
+    )
 }
 fn hybrid(t: &[String], v: &[f32], _: Option<&std::path::Path>) -> Box<dyn ItemIndex> {
-    Box::new(HybridIndex::new(bm25(t, v, None), exact(t, v, None), HybridParams::default()))
+    Box::new(HybridIndex::new(
+        bm25(t, v, None),
+        exact(t, v, None),
+        HybridParams::default(),
+    ))
 }
 
-const ALL: [(&str, Builder); 4] = [("exact", exact), ("hnsw", hnsw), ("bm25", bm25), ("hybrid", hybrid)];
+const ALL: [(&str, Builder); 4] = [
+    ("exact", exact),
+    ("hnsw", hnsw),
+    ("bm25", bm25),
+    ("hybrid", hybrid),
+];
 
 fn query<'a>(texts: &'a [String], vecs: &'a [f32], i: usize) -> SearchQuery<'a> {
-    SearchQuery { text: &texts[i], vector: Some(&vecs[i * DIM..(i + 1) * DIM]) }
+    SearchQuery {
+        text: &texts[i],
+        vector: Some(&vecs[i * DIM..(i + 1) * DIM]),
+    }
 }
 
 #[test]
@@ -69,7 +89,10 @@ fn results_are_sorted_unique_and_bounded_by_k() {
             if name != "bm25" && name != "hybrid" {
                 assert_eq!(hits.len(), k.min(N), "{name} k={k}");
             }
-            assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "{name} k={k}: not sorted");
+            assert!(
+                hits.windows(2).all(|w| w[0].score >= w[1].score),
+                "{name} k={k}: not sorted"
+            );
             let unique: HashSet<u32> = hits.iter().map(|h| h.item).collect();
             assert_eq!(unique.len(), hits.len(), "{name} k={k}: duplicates");
             assert!(hits.iter().all(|h| (h.item as usize) < N));
@@ -101,7 +124,10 @@ fn bm25_built_in_a_folder_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let ix = bm25(&t, &v, Some(dir.path()));
     let back = open_index(dir.path()).unwrap();
-    assert_eq!(ix.search(&SearchQuery::text("item42"), 3).unwrap(), back.search(&SearchQuery::text("item42"), 3).unwrap());
+    assert_eq!(
+        ix.search(&SearchQuery::text("item42"), 3).unwrap(),
+        back.search(&SearchQuery::text("item42"), 3).unwrap()
+    );
 }
 
 #[test]
@@ -112,7 +138,18 @@ fn empty_indexes_answer_nothing() {
         let ix = build(&t, &v, None);
         assert_eq!(ix.len(), 0, "{name}");
         let q = vec![0.1f32; DIM];
-        assert!(ix.search(&SearchQuery { text: "anything", vector: Some(&q) }, 10).unwrap().is_empty(), "{name}");
+        assert!(
+            ix.search(
+                &SearchQuery {
+                    text: "anything",
+                    vector: Some(&q)
+                },
+                10
+            )
+            .unwrap()
+            .is_empty(),
+            "{name}"
+        );
     }
 }
 
@@ -121,9 +158,18 @@ fn dense_indexes_reject_wrong_dimensions_and_missing_vectors() {
     let (t, v) = corpus();
     for (name, build) in [("exact", exact as Builder), ("hnsw", hnsw)] {
         let ix = build(&t, &v, None);
-        let err = ix.search(&SearchQuery::vector(&[1.0, 2.0]), 3).unwrap_err().to_string();
-        assert_eq!(err, "wrong vector dimension: expected 32, received 2", "{name}");
-        let err = ix.search(&SearchQuery::text("x"), 3).unwrap_err().to_string();
+        let err = ix
+            .search(&SearchQuery::vector(&[1.0, 2.0]), 3)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err, "wrong vector dimension: expected 32, received 2",
+            "{name}"
+        );
+        let err = ix
+            .search(&SearchQuery::text("x"), 3)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs a query vector"), "{name}: {err}");
     }
 }
@@ -132,7 +178,15 @@ fn dense_indexes_reject_wrong_dimensions_and_missing_vectors() {
 fn hostile_query_text_is_only_words() {
     let (t, v) = corpus();
     let ix = bm25(&t, &v, None);
-    for q in ["title:item5 AND (", "\"unclosed", "*:* OR item7^100", "-item1 +item2", "", "   ", "😀😀"] {
+    for q in [
+        "title:item5 AND (",
+        "\"unclosed",
+        "*:* OR item7^100",
+        "-item1 +item2",
+        "",
+        "   ",
+        "😀😀",
+    ] {
         ix.search(&SearchQuery::text(q), 10).unwrap();
     }
     let huge = "item9 ".repeat(100_000);
@@ -155,7 +209,12 @@ fn hnsw_recall_against_exact_is_high() {
     let (mut found, mut total) = (0, 0);
     for qi in 0..50 {
         let q = &vecs[qi * 97 * dim % (n * dim)..][..dim];
-        let truth: HashSet<u32> = exact.search(&SearchQuery::vector(q), 100).unwrap().iter().map(|h| h.item).collect();
+        let truth: HashSet<u32> = exact
+            .search(&SearchQuery::vector(q), 100)
+            .unwrap()
+            .iter()
+            .map(|h| h.item)
+            .collect();
         let got = hnsw.search(&SearchQuery::vector(q), 100).unwrap();
         found += got.iter().filter(|h| truth.contains(&h.item)).count();
         total += 100;
@@ -171,7 +230,12 @@ fn corrupt_files_are_clear_errors() {
     exact(&t, &v, None).save(dir.path()).unwrap();
     let f = dir.path().join("vectors.f32");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 3).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
     let err = open_index(dir.path()).err().unwrap().to_string();
     assert!(err.contains("vectors.f32: corrupt index"), "{err}");
     std::fs::write(dir.path().join("index.kind"), "nonsense").unwrap();

