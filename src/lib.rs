@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod methods;
+pub mod progress;
 pub mod workspace;
 
 pub use methods::{method_names, DenseMethod, HybridMethod, LexicalMethod};

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use mrrec::{DenseMethod, LexicalMethod, Workspace, WorkspaceOptions};
 use mrrec_data::{Purpose, QueryField, Split};
 use mrrec_eval::{markdown_table, Method, RunMetrics, RunSpec};
@@ -73,11 +72,11 @@ enum Command {
         /// Documents for the synthetic BM25 benchmark.
         #[arg(long, default_value_t = 1_000_000)]
         bm25_items: usize,
-        /// Query count.
+        /// How many queries to time.
         #[arg(long, default_value_t = 200)]
-        queries: usize,
-        /// Which parts: embed,search,bm25.
-        #[arg(long, default_value = "embed,search,bm25")]
+        bench_queries: usize,
+        /// Which parts: embed,search,bm25,ingest.
+        #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
     /// The main job: fetch the embedder, build the indexes, answer an example request and print
@@ -264,12 +263,7 @@ fn eval_one(
         settings: m.settings(),
         provenance,
     };
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} (ETA {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_message(format!("eval {method} on {field}"));
+    let mut pb = mrrec::progress::Progress::new(&format!("eval {method} on {field}"), true);
     let metrics = mrrec_eval::run_eval(
         m.as_ref(),
         queries,
@@ -277,12 +271,9 @@ fn eval_one(
         &spec,
         out,
         32,
-        &mut |d, t| {
-            pb.set_length(t as u64);
-            pb.set_position(d as u64);
-        },
+        &mut |d, t| pb.set(d, t),
     )?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(metrics)
 }
 
@@ -435,7 +426,7 @@ fn main() -> Result<()> {
             exact_items,
             hnsw_items,
             bm25_items,
-            queries,
+            bench_queries: queries,
             parts,
         } => {
             let ws = data.open()?;
@@ -448,6 +439,12 @@ fn main() -> Result<()> {
                 out.insert(
                     "search".into(),
                     mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?,
+                );
+            }
+            if parts.contains("ingest") {
+                out.insert(
+                    "c4_ingest".into(),
+                    mrrec::bench::c4_ingest(&ws, exact_items)?,
                 );
             }
             if parts.contains("bm25") {
@@ -512,4 +509,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use mrrec_data::{Catalogue, Dataset, LoadOptions};
 use mrrec_embed::{BertEmbedder, CachedEmbedder, EmbeddingCache, TextEmbedder};
 use mrrec_index::{
@@ -59,19 +58,6 @@ pub struct Workspace {
     pub lexical: Arc<dyn ItemIndex>,
     /// sha256 over the input files.
     pub data_sha256: String,
-}
-
-fn bar(progress: bool, len: u64, msg: &str) -> ProgressBar {
-    if !progress {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, ETA {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_message(msg.to_string());
-    pb
 }
 
 /// sha256 over the files a dataset was read from, in order.
@@ -162,10 +148,9 @@ impl Workspace {
             }
         }
         let texts: Vec<&str> = cat.items().iter().map(|i| i.text.as_str()).collect();
-        let pb = bar(progress, texts.len() as u64, "embedding items");
-        let vecs =
-            embedder.embed_with_progress(&texts, &mut |done, _| pb.set_position(done as u64))?;
-        pb.finish_and_clear();
+        let mut pb = crate::progress::Progress::new("embedding items", progress);
+        let vecs = embedder.embed_with_progress(&texts, &mut |done, total| pb.set(done, total))?;
+        pb.finish();
         let ix = ExactIndex::from_rows(embedder.dim(), &vecs)?;
         ix.save(dir)
             .with_context(|| format!("saving {}", dir.display()))?;

@@ -3,6 +3,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+use rayon::prelude::*;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::{EmbedError, Result, TextEmbedder};
@@ -142,11 +143,19 @@ impl TextEmbedder for BertEmbedder {
         // Length-sorted batches waste little on padding.
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| encodings[i].get_ids().len());
+        // candle's CPU kernels use few threads on matrices this small: run batches side by side.
+        let chunks: Vec<&[usize]> = order.chunks(self.batch_size).collect();
+        let results: Vec<Result<Vec<Vec<f32>>>> = chunks
+            .par_iter()
+            .map(|chunk| {
+                let batch: Vec<&tokenizers::Encoding> =
+                    chunk.iter().map(|&i| &encodings[i]).collect();
+                self.embed_batch(&batch)
+            })
+            .collect();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<&tokenizers::Encoding> = chunk.iter().map(|&i| &encodings[i]).collect();
-            let vecs = self.embed_batch(&batch)?;
-            for (&i, v) in chunk.iter().zip(vecs) {
+        for (chunk, vecs) in chunks.iter().zip(results) {
+            for (&i, v) in chunk.iter().zip(vecs?) {
                 out[i] = v;
             }
         }
