@@ -1,0 +1,374 @@
+//! Any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp, OpenAI): timeouts,
+//! retries with backoff on 429/5xx, clear errors for 4xx and malformed answers, streaming.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{
+    ChatModel, ChatRequest, ChatResponse, FinishReason, LlmError, Result, Role, ToolCall, Usage,
+};
+
+/// Where and how to reach the server.
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// Base URL up to `/v1` (e.g. `http://127.0.0.1:8000/v1`).
+    pub base_url: String,
+    /// Model name the server knows.
+    pub model: String,
+    /// Bearer token, if the server needs one.
+    pub api_key: Option<String>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries after a 429, a 5xx or a transport failure.
+    pub max_retries: u32,
+    /// First backoff; doubles each retry.
+    pub backoff: Duration,
+    /// Requests in flight at once in `chat_batch`.
+    pub concurrency: usize,
+}
+
+impl OpenAiConfig {
+    /// From `MRREC_LLM_BASE_URL`, `MRREC_LLM_MODEL`, `MRREC_LLM_API_KEY` (or `OPENAI_API_KEY`).
+    pub fn from_env() -> Option<Self> {
+        let base_url = std::env::var("MRREC_LLM_BASE_URL").ok()?;
+        Some(OpenAiConfig {
+            base_url,
+            model: std::env::var("MRREC_LLM_MODEL").unwrap_or_else(|_| "default".into()),
+            api_key: std::env::var("MRREC_LLM_API_KEY")
+                .or_else(|_| std::env::var("OPENAI_API_KEY"))
+                .ok(),
+            ..OpenAiConfig::new("", "")
+        })
+    }
+
+    /// Defaults for a server and model.
+    pub fn new(base_url: &str, model: &str) -> Self {
+        OpenAiConfig {
+            base_url: base_url.to_string(),
+            model: model.to_string(),
+            api_key: None,
+            timeout: Duration::from_secs(120),
+            max_retries: 3,
+            backoff: Duration::from_millis(500),
+            concurrency: 8,
+        }
+    }
+}
+
+/// A chat model behind an OpenAI-compatible HTTP API.
+pub struct OpenAiModel {
+    cfg: OpenAiConfig,
+    client: reqwest::blocking::Client,
+    id: String,
+}
+
+impl OpenAiModel {
+    /// A client for `cfg`.
+    pub fn new(cfg: OpenAiConfig) -> Result<Self> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(Duration::from_secs(10).min(cfg.timeout))
+            .build()
+            .map_err(|e| LlmError::Transport {
+                url: cfg.base_url.clone(),
+                message: e.to_string(),
+            })?;
+        let id = format!("openai:{}@{}", cfg.model, cfg.base_url);
+        Ok(OpenAiModel { cfg, client, id })
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "{}/chat/completions",
+            self.cfg.base_url.trim_end_matches('/')
+        )
+    }
+
+    /// The request body for `req`.
+    pub fn body(&self, req: &ChatRequest, stream: bool) -> Value {
+        let mut msgs = Vec::new();
+        let mut call_no = 0usize;
+        let mut pending: Vec<String> = Vec::new();
+        for m in &req.messages {
+            match m.role {
+                Role::Assistant if !m.tool_calls.is_empty() => {
+                    let calls: Vec<Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| {
+                            call_no += 1;
+                            let id = format!("call_{call_no}");
+                            pending.push(id.clone());
+                            json!({"id": id, "type": "function", "function": {"name": c.name,
+                                "arguments": serde_json::to_string(&c.arguments).unwrap_or_default()}})
+                        })
+                        .collect();
+                    msgs.push(
+                        json!({"role": "assistant", "content": m.content, "tool_calls": calls}),
+                    );
+                }
+                Role::Tool => {
+                    let id = if pending.is_empty() {
+                        format!("call_{call_no}")
+                    } else {
+                        pending.remove(0)
+                    };
+                    msgs.push(json!({"role": "tool", "content": m.content, "tool_call_id": id}));
+                }
+                r => msgs.push(json!({"role": r, "content": m.content})),
+            }
+        }
+        let s = &req.sampling;
+        let mut body = json!({
+            "model": self.cfg.model, "messages": msgs, "temperature": s.temperature, "top_p": s.top_p,
+            "max_tokens": s.max_tokens, "seed": s.seed, "stream": stream,
+        });
+        if !s.stop.is_empty() {
+            body["stop"] = json!(s.stop);
+        }
+        if s.repetition_penalty != 1.0 {
+            body["repetition_penalty"] = json!(s.repetition_penalty);
+        }
+        if !req.tools.is_empty() {
+            body["tools"] = req.tools.iter().map(|t| t.to_openai()).collect();
+        }
+        if let Some(prefix) = &req.assistant_prefix {
+            if let Some(arr) = body["messages"].as_array_mut() {
+                arr.push(json!({"role": "assistant", "content": prefix}));
+            }
+            body["continue_final_message"] = json!(true);
+            body["add_generation_prompt"] = json!(false);
+        }
+        body
+    }
+
+    fn send(&self, body: &Value) -> Result<reqwest::blocking::Response> {
+        let url = self.url();
+        let mut attempt = 0;
+        loop {
+            let mut rb = self.client.post(&url).json(body);
+            if let Some(k) = &self.cfg.api_key {
+                rb = rb.bearer_auth(k);
+            }
+            let retryable = match rb.send() {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let text: String = resp.text().unwrap_or_default().chars().take(2000).collect();
+                    if status == 429 || status >= 500 {
+                        LlmError::Http {
+                            url: url.clone(),
+                            status,
+                            body: text,
+                        }
+                    } else {
+                        return Err(LlmError::Http {
+                            url,
+                            status,
+                            body: text,
+                        });
+                    }
+                }
+                Err(e) => LlmError::Transport {
+                    url: url.clone(),
+                    message: if e.is_timeout() {
+                        format!("timed out after {:?}", self.cfg.timeout)
+                    } else {
+                        e.to_string()
+                    },
+                },
+            };
+            if attempt >= self.cfg.max_retries {
+                return Err(match retryable {
+                    LlmError::Http { url, status, body } => LlmError::Transport {
+                        url,
+                        message: format!(
+                            "HTTP {status} after {} retries: {body}",
+                            self.cfg.max_retries
+                        ),
+                    },
+                    LlmError::Transport { url, message } => LlmError::Transport {
+                        url,
+                        message: format!("{message} (after {} retries)", self.cfg.max_retries),
+                    },
+                    other => other,
+                });
+            }
+            std::thread::sleep(self.cfg.backoff * 2u32.pow(attempt));
+            attempt += 1;
+        }
+    }
+
+    fn bad(&self, message: impl Into<String>) -> LlmError {
+        LlmError::BadResponse {
+            url: self.url(),
+            message: message.into(),
+        }
+    }
+}
+
+fn finish(v: &Value) -> FinishReason {
+    match v.as_str() {
+        Some("length") => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
+}
+
+fn calls_from(v: &Value) -> Vec<ToolCall> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    let f = c.get("function")?;
+                    let name = f.get("name")?.as_str()?.to_string();
+                    let arguments = match f.get("arguments") {
+                        Some(Value::String(s)) => {
+                            crate::parse::parse_json_lenient(s).unwrap_or(Value::String(s.clone()))
+                        }
+                        Some(o) => o.clone(),
+                        None => json!({}),
+                    };
+                    Some(ToolCall { name, arguments })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl ChatModel for OpenAiModel {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ChatResponse> {
+        let t0 = Instant::now();
+        let resp = self.send(&self.body(req, true))?;
+        let is_sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        let mut text = String::new();
+        let mut tool_calls = Vec::new();
+        let mut reason = FinishReason::Stop;
+        let mut usage = Usage::default();
+        if is_sse {
+            // Tool-call deltas arrive in pieces: index → (name, argument text).
+            let mut partial: Vec<(String, String)> = Vec::new();
+            for line in BufReader::new(resp).lines() {
+                let line = line.map_err(|e| LlmError::Transport {
+                    url: self.url(),
+                    message: e.to_string(),
+                })?;
+                let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    break;
+                }
+                let v: Value = serde_json::from_str(data)
+                    .map_err(|e| self.bad(format!("stream chunk is not JSON ({e}): {data}")))?;
+                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    usage.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                    usage.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+                }
+                let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+                    continue;
+                };
+                if let Some(piece) = choice["delta"]["content"].as_str() {
+                    on_text(piece);
+                    text.push_str(piece);
+                }
+                if let Some(tcs) = choice["delta"]["tool_calls"].as_array() {
+                    for tc in tcs {
+                        let i = tc["index"].as_u64().unwrap_or(0) as usize;
+                        while partial.len() <= i {
+                            partial.push((String::new(), String::new()));
+                        }
+                        if let Some(n) = tc["function"]["name"].as_str() {
+                            partial[i].0.push_str(n);
+                        }
+                        if let Some(a) = tc["function"]["arguments"].as_str() {
+                            partial[i].1.push_str(a);
+                        }
+                    }
+                }
+                if !choice["finish_reason"].is_null() {
+                    reason = finish(&choice["finish_reason"]);
+                }
+            }
+            for (name, args) in partial {
+                tool_calls.push(ToolCall {
+                    name,
+                    arguments: crate::parse::parse_json_lenient(&args).unwrap_or(json!({})),
+                });
+            }
+        } else {
+            let body = resp.text().map_err(|e| LlmError::Transport {
+                url: self.url(),
+                message: e.to_string(),
+            })?;
+            let v: Value = serde_json::from_str(&body).map_err(|e| {
+                self.bad(format!(
+                    "not JSON ({e}): {}",
+                    body.chars().take(200).collect::<String>()
+                ))
+            })?;
+            let choice = v
+                .get("choices")
+                .and_then(|c| c.get(0))
+                .ok_or_else(|| self.bad("no choices"))?;
+            let msg = choice
+                .get("message")
+                .ok_or_else(|| self.bad("choice without a message"))?;
+            text = msg["content"].as_str().unwrap_or("").to_string();
+            on_text(&text);
+            tool_calls = calls_from(&msg["tool_calls"]);
+            reason = finish(&choice["finish_reason"]);
+            usage.prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            usage.completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        }
+        if tool_calls.is_empty() {
+            let full = format!("{}{}", req.assistant_prefix.as_deref().unwrap_or(""), text);
+            tool_calls = crate::parse::tool_calls(&full).calls;
+        }
+        usage.seconds = t0.elapsed().as_secs_f64();
+        Ok(ChatResponse {
+            text,
+            tool_calls,
+            finish_reason: reason,
+            usage,
+        })
+    }
+
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(self.cfg.concurrency.max(1)) {
+            let results: Vec<Result<ChatResponse>> = std::thread::scope(|s| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|r| s.spawn(move || self.chat(r)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(LlmError::Transport {
+                                url: self.url(),
+                                message: "worker panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            });
+            out.extend(results);
+        }
+        out
+    }
+}
