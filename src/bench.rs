@@ -196,3 +196,49 @@ pub fn c4_ingest(ws: &Workspace, n: usize) -> Result<Value> {
     anyhow::ensure!(cat.len() == n && report.total_skipped() == 0, "{report}");
     Ok(json!({"items": n, "file_bytes": bytes, "seconds": secs, "items_per_s": n as f64 / secs}))
 }
+
+/// Local LLM speed: 1,000-token prefill and single-stream decode (tokens/s) for each model, with
+/// the llama.cpp figures measured on this machine's kind as the bar.
+pub fn llm(models: &[&str]) -> Result<Value> {
+    let reference: [(&str, f64, f64); 2] = [
+        ("qwen2.5-coder-0.5b-instruct", 25.4, 161.0),
+        ("smollm2-135m-instruct", 85.3, 399.0),
+    ];
+    let mut out = serde_json::Map::new();
+    for &id in models {
+        let m = mrrec_llm::LocalModel::from_registry(id)?;
+        let text = "The quick brown fox jumps over the lazy dog while the assistant writes notes. "
+            .repeat(80);
+        let mut ids = m.info().encode(&text)?;
+        ids.truncate(1000);
+        let greedy = |n| mrrec_llm::Sampling {
+            max_tokens: n,
+            ..Default::default()
+        };
+        m.generate(&ids[..16], &greedy(2), &mut |_| {})?; // warm-up
+        let t = Instant::now();
+        m.generate(&ids, &greedy(1), &mut |_| {})?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        let short = &ids[..32];
+        let t = Instant::now();
+        m.generate(short, &greedy(1), &mut |_| {})?;
+        let one = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let g = m.generate(short, &greedy(65), &mut |_| {})?;
+        let decode_s = (t.elapsed().as_secs_f64() - one).max(1e-9);
+        let decoded = g.ids.len().saturating_sub(1).max(1) as f64;
+        let (decode, prefill) = (decoded / decode_s, 1000.0 / prefill_s);
+        let (_, ref_dec, ref_pre) =
+            reference
+                .iter()
+                .copied()
+                .find(|r| r.0 == id)
+                .unwrap_or((id, f64::NAN, f64::NAN));
+        out.insert(id.to_string(), json!({
+            "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill,
+            "llama_cpp_decode": ref_dec, "llama_cpp_prefill": ref_pre,
+            "decode_ratio_vs_llama_cpp": decode / ref_dec, "prefill_ratio_vs_llama_cpp": prefill / ref_pre,
+        }));
+    }
+    Ok(Value::Object(out))
+}

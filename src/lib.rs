@@ -13,4 +13,4 @@ pub mod progress;
 pub mod workspace;
 
 pub use methods::{method_names, DenseMethod, HybridMethod, LexicalMethod};
-pub use workspace::{Workspace, WorkspaceOptions};
+pub use workspace::{DenseKind, Workspace, WorkspaceOptions};

@@ -59,6 +59,29 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Chat with a model from the terminal (streams tokens).
+    Chat {
+        /// Registered local model id, ignored when --base-url is given.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        model: String,
+        /// An OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of the local model.
+        #[arg(long, env = "MRREC_LLM_BASE_URL")]
+        base_url: Option<String>,
+        /// Offer the memory_retrieval_tool schema (demo of tool calling).
+        #[arg(long)]
+        tools: bool,
+        /// System prompt.
+        #[arg(long, default_value = "You are a helpful shopping assistant.")]
+        system: String,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// One message to answer; without it, read messages from standard input, one per line.
+        message: Option<String>,
+    },
     /// Measure embedding, search and BM25 speed; prints JSON (see BENCHMARKS.md).
     Bench {
         #[command(flatten)]
@@ -75,7 +98,7 @@ enum Command {
         /// How many queries to time.
         #[arg(long, default_value_t = 200)]
         bench_queries: usize,
-        /// Which parts: embed,search,bm25,ingest.
+        /// Which parts: embed,search,bm25,ingest,llm.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
@@ -123,6 +146,9 @@ struct DataArgs {
     /// Treat any bad record as an error.
     #[arg(long)]
     strict: bool,
+    /// Dense index: exact, hnsw, or auto (HNSW above 200,000 items).
+    #[arg(long, default_value = "auto")]
+    dense_index: String,
 }
 
 #[derive(Args, Clone)]
@@ -150,18 +176,19 @@ struct EvalArgs {
 }
 
 impl DataArgs {
-    fn options(&self) -> WorkspaceOptions {
+    fn options(&self) -> Result<WorkspaceOptions> {
         let mut o = WorkspaceOptions::new(&self.data);
         o.queries = self.queries.clone();
         o.max_items = self.max_items;
         o.strict = self.strict;
         o.progress = true;
-        o
+        o.dense = self.dense_index.parse().map_err(anyhow::Error::msg)?;
+        Ok(o)
     }
 
     fn open(&self) -> Result<Workspace> {
         self.check_dir()?;
-        let ws = Workspace::open(&self.options())?;
+        let ws = Workspace::open(&self.options()?)?;
         for r in &ws.dataset.reports {
             eprintln!("{r}");
         }
@@ -305,6 +332,93 @@ fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
     }
 }
 
+fn memory_tool() -> mrrec_llm::ToolSpec {
+    mrrec_llm::ToolSpec {
+        name: "memory_retrieval_tool".into(),
+        description: "Retrieve the current user's memories relevant to a query.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {
+            "query": {"type": "string", "description": "what to look up in the user's memory"},
+            "aspects": {"type": "array", "items": {"type": "string"}}}, "required": ["query"]}),
+    }
+}
+
+fn chat(
+    model: &str,
+    base_url: Option<String>,
+    tools: bool,
+    system: &str,
+    temperature: f64,
+    max_tokens: usize,
+    message: Option<String>,
+) -> Result<()> {
+    use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling};
+    use std::io::{BufRead, Write};
+    let m: Box<dyn ChatModel> = match base_url {
+        Some(url) => {
+            let mut cfg = mrrec_llm::OpenAiConfig::from_env()
+                .unwrap_or_else(|| mrrec_llm::OpenAiConfig::new(&url, model));
+            cfg.base_url = url;
+            Box::new(mrrec_llm::OpenAiModel::new(cfg)?)
+        }
+        None => {
+            eprintln!("loading {model}…");
+            Box::new(mrrec_llm::LocalModel::from_registry(model)?)
+        }
+    };
+    let mut messages = vec![Message::system(system)];
+    let mut total = mrrec_llm::Usage::default();
+    let inputs: Box<dyn Iterator<Item = String>> = match message {
+        Some(m) => Box::new(std::iter::once(m)),
+        None => Box::new(std::io::stdin().lock().lines().map_while(|l| l.ok())),
+    };
+    for line in inputs {
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(Message::user(line));
+        let req = ChatRequest {
+            messages: messages.clone(),
+            tools: if tools {
+                vec![memory_tool()]
+            } else {
+                Vec::new()
+            },
+            sampling: Sampling {
+                temperature,
+                max_tokens,
+                repetition_penalty: 1.1,
+                ..Default::default()
+            },
+            assistant_prefix: None,
+        };
+        let mut out = std::io::stdout();
+        let r = m.chat_stream(&req, &mut |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        })?;
+        println!();
+        for c in &r.tool_calls {
+            println!("[tool call] {} {}", c.name, c.arguments);
+        }
+        total.add(&r.usage);
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1}s, {:.1} tokens/s]",
+            r.usage.prompt_tokens,
+            r.usage.completion_tokens,
+            r.usage.seconds,
+            r.usage.completion_tokens as f64 / r.usage.seconds.max(1e-9)
+        );
+        let mut reply = Message::assistant(r.text.clone());
+        reply.tool_calls = r.tool_calls.clone();
+        messages.push(reply);
+    }
+    eprintln!(
+        "[total: {} tokens in, {} out, {:.1}s]",
+        total.prompt_tokens, total.completion_tokens, total.seconds
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -441,6 +555,12 @@ fn main() -> Result<()> {
                     mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?,
                 );
             }
+            if parts.contains("llm") {
+                out.insert(
+                    "llm".into(),
+                    mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
+                );
+            }
             if parts.contains("ingest") {
                 out.insert(
                     "c4_ingest".into(),
@@ -451,6 +571,25 @@ fn main() -> Result<()> {
                 out.insert("bm25".into(), mrrec::bench::bm25(&ws, bm25_items, queries)?);
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Chat {
+            model,
+            base_url,
+            tools,
+            system,
+            temperature,
+            max_tokens,
+            message,
+        } => {
+            chat(
+                &model,
+                base_url,
+                tools,
+                &system,
+                temperature,
+                max_tokens,
+                message,
+            )?;
         }
         Command::Compare { a, b, rounds, seed } => {
             let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;

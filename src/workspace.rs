@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use mrrec_data::{Catalogue, Dataset, LoadOptions};
 use mrrec_embed::{BertEmbedder, CachedEmbedder, EmbeddingCache, TextEmbedder};
 use mrrec_index::{
-    open_index, Bm25Index, ExactIndex, Hit, HybridIndex, HybridParams, ItemIndex, SearchQuery,
+    open_index, Bm25Index, ExactIndex, Hit, HnswIndex, HnswParams, HybridIndex, HybridParams,
+    ItemIndex, SearchQuery,
 };
 use sha2::{Digest, Sha256};
 
@@ -28,6 +29,34 @@ pub struct WorkspaceOptions {
     pub index_root: PathBuf,
     /// Show progress bars.
     pub progress: bool,
+    /// Which dense index ranks: exact, HNSW, or auto (HNSW above [`HNSW_ABOVE`] items).
+    pub dense: DenseKind,
+}
+
+/// The dense index a workspace ranks with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseKind {
+    /// Exact inner product over every item.
+    Exact,
+    /// HNSW graph (approximate).
+    Hnsw,
+    /// HNSW above [`HNSW_ABOVE`] items, exact below.
+    Auto,
+}
+
+/// Catalogue size from which `DenseKind::Auto` picks HNSW.
+pub const HNSW_ABOVE: usize = 200_000;
+
+impl std::str::FromStr for DenseKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" => Ok(DenseKind::Exact),
+            "hnsw" => Ok(DenseKind::Hnsw),
+            "auto" => Ok(DenseKind::Auto),
+            o => Err(format!("unknown dense index {o:?} (exact, hnsw, auto)")),
+        }
+    }
 }
 
 impl WorkspaceOptions {
@@ -40,6 +69,7 @@ impl WorkspaceOptions {
             strict: false,
             index_root: mrrec_models::home().join("indexes"),
             progress: false,
+            dense: DenseKind::Auto,
         }
     }
 }
@@ -52,8 +82,10 @@ pub struct Workspace {
     pub embedder: Arc<CachedEmbedder<BertEmbedder>>,
     /// Folder of this catalogue's indexes.
     pub index_dir: PathBuf,
-    /// Dense exact index.
+    /// The dense index (exact or HNSW).
     pub dense: Arc<dyn ItemIndex>,
+    /// Folder of the dense index in use.
+    pub dense_dir: PathBuf,
     /// BM25 index.
     pub lexical: Arc<dyn ItemIndex>,
     /// sha256 over the input files.
@@ -119,18 +151,33 @@ impl Workspace {
         let embedder = Arc::new(CachedEmbedder::new(BertEmbedder::default_model()?, cache));
         let fp = catalogue_fingerprint(&dataset.catalogue, embedder.model_id());
         let index_dir = opts.index_root.join(&fp);
-        let dense = Self::dense_index(
+        let exact = Self::dense_index(
             &dataset.catalogue,
             &embedder,
             &index_dir.join("exact"),
             opts.progress,
         )?;
+        let use_hnsw = match opts.dense {
+            DenseKind::Exact => false,
+            DenseKind::Hnsw => true,
+            DenseKind::Auto => dataset.catalogue.len() > HNSW_ABOVE,
+        };
+        let (dense, dense_dir) = if use_hnsw {
+            let dir = index_dir.join("hnsw");
+            (
+                Self::hnsw_index(&index_dir.join("exact"), &dir, exact.len())?,
+                dir,
+            )
+        } else {
+            (exact, index_dir.join("exact"))
+        };
         let lexical = Self::lexical_index(&dataset.catalogue, &index_dir.join("bm25"))?;
         Ok(Workspace {
             dataset,
             embedder,
             index_dir,
             dense,
+            dense_dir,
             lexical,
             data_sha256,
         })
@@ -157,6 +204,20 @@ impl Workspace {
         Ok(Arc::new(ix))
     }
 
+    fn hnsw_index(exact_dir: &Path, dir: &Path, len: usize) -> Result<Arc<dyn ItemIndex>> {
+        if let Ok(ix) = open_index(dir) {
+            if ix.len() == len {
+                return Ok(Arc::from(ix));
+            }
+        }
+        eprintln!("building the HNSW graph over {len} items…");
+        let exact = ExactIndex::open(exact_dir)?;
+        let ix = HnswIndex::build(exact.dim(), exact.vectors(), HnswParams::default())?;
+        ix.save(dir)
+            .with_context(|| format!("saving {}", dir.display()))?;
+        Ok(Arc::new(ix))
+    }
+
     fn lexical_index(cat: &Catalogue, dir: &Path) -> Result<Arc<dyn ItemIndex>> {
         if let Ok(ix) = open_index(dir) {
             if ix.len() == cat.len() {
@@ -177,7 +238,7 @@ impl Workspace {
     pub fn hybrid(&self) -> Result<HybridIndex> {
         Ok(HybridIndex::new(
             open_index(&self.index_dir.join("bm25"))?,
-            open_index(&self.index_dir.join("exact"))?,
+            open_index(&self.dense_dir)?,
             HybridParams::default(),
         ))
     }

@@ -143,3 +143,39 @@ fn a_missing_data_directory_says_how_to_point_at_real_data() {
     );
     assert!(stderr.contains("Amazon-C4"), "{stderr}");
 }
+
+#[test]
+fn search_ranks_an_items_own_title_first_with_every_index() {
+    let data = mini();
+    for index in ["exact", "hnsw"] {
+        for method in ["dense", "bm25", "hybrid"] {
+            let (ok, stdout, stderr) = mrrec(&[
+                "search",
+                "--data",
+                data.to_str().unwrap(),
+                "--max-items",
+                "300",
+                "--dense-index",
+                index,
+                "--method",
+                method,
+                "-k",
+                "3",
+                "Angela's Ashes [DVD]. Category: Movies & TV",
+            ]);
+            assert!(ok, "{stderr}");
+            let first = stdout.lines().next().unwrap_or_default();
+            assert!(first.contains("0792163087"), "{index}/{method}: {stdout}");
+        }
+    }
+    let (ok, _, stderr) = mrrec(&[
+        "search",
+        "--data",
+        data.to_str().unwrap(),
+        "--dense-index",
+        "fancy",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown dense index \"fancy\""), "{stderr}");
+}

@@ -3,6 +3,7 @@
 //! OpenAI-compatible server ([`OpenAiModel`]). Memory building, the assistant, the baselines and
 //! GRPO all talk to a `ChatModel`.
 
+mod cache;
 mod convert;
 mod gguf;
 mod local;
@@ -12,6 +13,7 @@ mod template;
 
 use serde::{Deserialize, Serialize};
 
+pub use cache::{CachePolicy, CachedChatModel};
 pub use convert::{ensure_q8_0, requantize_gguf};
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
 pub use local::{Generation, LocalModel};

@@ -1,0 +1,203 @@
+//! A content-addressed response cache: (model id, request) → response, in SQLite, so reruns of
+//! memory building and evaluation are free and reproducible.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::{ChatModel, ChatRequest, ChatResponse, LlmError, Result};
+
+/// When responses are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Every request (sampled ones are keyed by their seed, so replays are exact).
+    All,
+    /// Greedy requests only (temperature 0); sampled ones, such as GRPO rollouts, always run.
+    GreedyOnly,
+}
+
+/// A chat model whose answers are remembered on disk.
+pub struct CachedChatModel<M: ChatModel> {
+    inner: M,
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    policy: CachePolicy,
+}
+
+fn cache_err(path: &Path, e: rusqlite::Error) -> LlmError {
+    LlmError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl<M: ChatModel> CachedChatModel<M> {
+    /// Wraps `inner` with the cache at `path` (created if needed).
+    pub fn open(inner: M, path: &Path, policy: CachePolicy) -> Result<Self> {
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| LlmError::Io {
+                path: d.to_path_buf(),
+                source: e,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|e| cache_err(path, e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(|e| cache_err(path, e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, model TEXT NOT NULL, response TEXT NOT NULL) WITHOUT ROWID;",
+        )
+        .map_err(|e| cache_err(path, e))?;
+        Ok(CachedChatModel {
+            inner,
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            policy,
+        })
+    }
+
+    /// The cache key of a request for this model.
+    pub fn key(&self, req: &ChatRequest) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.inner.id().as_bytes());
+        h.update([0]);
+        h.update(serde_json::to_vec(req).unwrap_or_default());
+        h.finalize().into()
+    }
+
+    fn cacheable(&self, req: &ChatRequest) -> bool {
+        self.policy == CachePolicy::All || req.sampling.temperature <= 0.0
+    }
+
+    fn lookup(&self, key: &[u8; 32]) -> Result<Option<ChatResponse>> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT response FROM responses WHERE key = ?1",
+                params![&key[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| cache_err(&self.path, e))?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    fn store(&self, key: &[u8; 32], resp: &ChatResponse) -> Result<()> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "INSERT OR REPLACE INTO responses (key, model, response) VALUES (?1, ?2, ?3)",
+            params![
+                &key[..],
+                self.inner.id(),
+                serde_json::to_string(resp).unwrap_or_default()
+            ],
+        )
+        .map_err(|e| cache_err(&self.path, e))?;
+        Ok(())
+    }
+
+    /// Number of cached responses.
+    pub fn len(&self) -> Result<usize> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row("SELECT COUNT(*) FROM responses", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+            .map_err(|e| cache_err(&self.path, e))
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+impl<M: ChatModel> ChatModel for CachedChatModel<M> {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ChatResponse> {
+        if !self.cacheable(req) {
+            return self.inner.chat_stream(req, on_text);
+        }
+        let key = self.key(req);
+        if let Some(mut hit) = self.lookup(&key)? {
+            on_text(&hit.text);
+            // A replay costs nothing now; the recorded usage stays in `usage` for accounting.
+            hit.usage.seconds = 0.0;
+            return Ok(hit);
+        }
+        let resp = self.inner.chat_stream(req, on_text)?;
+        self.store(&key, &resp)?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FinishReason, Message, Sampling, Usage};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+    impl ChatModel for Counting {
+        fn id(&self) -> &str {
+            "counting"
+        }
+        fn chat_stream(&self, req: &ChatRequest, _: &mut dyn FnMut(&str)) -> Result<ChatResponse> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(ChatResponse {
+                text: format!("{} #{n}", req.messages[0].content),
+                tool_calls: vec![],
+                finish_reason: FinishReason::Stop,
+                usage: Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 2,
+                    seconds: 1.0,
+                },
+            })
+        }
+    }
+
+    #[test]
+    fn greedy_answers_are_replayed_and_sampled_ones_rerun() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = CachedChatModel::open(
+            Counting(AtomicUsize::new(0)),
+            &dir.path().join("c.sqlite"),
+            CachePolicy::GreedyOnly,
+        )
+        .unwrap();
+        let greedy = ChatRequest {
+            messages: vec![Message::user("a")],
+            ..Default::default()
+        };
+        let first = m.chat(&greedy).unwrap();
+        let again = m.chat(&greedy).unwrap();
+        assert_eq!(first.text, again.text);
+        assert_eq!(again.usage.seconds, 0.0);
+        assert_eq!(m.inner.0.load(Ordering::SeqCst), 1);
+        let sampled = ChatRequest {
+            sampling: Sampling {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            ..greedy.clone()
+        };
+        m.chat(&sampled).unwrap();
+        m.chat(&sampled).unwrap();
+        assert_eq!(m.inner.0.load(Ordering::SeqCst), 3);
+        // A different request is a different key.
+        let other = ChatRequest {
+            messages: vec![Message::user("b")],
+            ..Default::default()
+        };
+        assert_ne!(m.chat(&other).unwrap().text, first.text);
+        assert_eq!(m.len().unwrap(), 2);
+    }
+}

@@ -1,0 +1,227 @@
+//! The OpenAI-compatible backend against a scripted server on loopback: success, tool calls,
+//! streaming, retries on 5xx, no retry on 4xx, timeouts, garbage.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mrrec_llm::*;
+
+#[derive(Clone)]
+enum Reply {
+    Http(u16, &'static str, String),
+    Hang,
+}
+
+/// Serves `replies` in order (the last one repeats); returns the base URL and a request counter.
+fn serve(replies: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut s) = stream else { continue };
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let reply = replies[n.min(replies.len() - 1)].clone();
+            // Read the request head and body.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            loop {
+                let Ok(k) = s.read(&mut chunk) else { break };
+                if k == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&buf);
+                if let Some(h) = text.find("\r\n\r\n") {
+                    let len = text[..h]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= h + 4 + len {
+                        break;
+                    }
+                }
+            }
+            match reply {
+                Reply::Hang => {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                Reply::Http(status, ctype, body) => {
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes());
+                    let _ = s.write_all(body.as_bytes());
+                }
+            }
+        }
+    });
+    (format!("http://{addr}/v1"), count)
+}
+
+fn model(url: &str, timeout_ms: u64) -> OpenAiModel {
+    let mut cfg = OpenAiConfig::new(url, "test-model");
+    cfg.timeout = Duration::from_millis(timeout_ms);
+    cfg.backoff = Duration::from_millis(10);
+    cfg.max_retries = 2;
+    OpenAiModel::new(cfg).unwrap()
+}
+
+fn req() -> ChatRequest {
+    ChatRequest {
+        messages: vec![Message::user("hi")],
+        ..Default::default()
+    }
+}
+
+const OK: &str = r#"{"choices": [{"message": {"role": "assistant", "content": "Hello!", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "memory_retrieval_tool", "arguments": "{\"query\": \"fit\"}"}}]}, "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}"#;
+
+#[test]
+fn a_json_answer_with_tool_calls() {
+    let (url, n) = serve(vec![Reply::Http(200, "application/json", OK.into())]);
+    let r = model(&url, 2000).chat(&req()).unwrap();
+    assert_eq!(r.text, "Hello!");
+    assert_eq!(
+        r.tool_calls,
+        vec![ToolCall {
+            name: "memory_retrieval_tool".into(),
+            arguments: serde_json::json!({"query": "fit"})
+        }]
+    );
+    assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (12, 3));
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_streamed_answer_arrives_in_pieces() {
+    let sse = [
+        r#"data: {"choices": [{"delta": {"role": "assistant", "content": "Hel"}, "finish_reason": null}]}"#,
+        r#"data: {"choices": [{"delta": {"content": "lo"}, "finish_reason": null}]}"#,
+        r#"data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "memory_retrieval_tool", "arguments": "{\"qu"}}]}, "finish_reason": null}]}"#,
+        r#"data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "ery\": \"size\"}"}}]}, "finish_reason": "tool_calls"}]}"#,
+        r#"data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}"#,
+        "data: [DONE]",
+    ]
+    .join("\n\n");
+    let (url, _) = serve(vec![Reply::Http(200, "text/event-stream", sse)]);
+    let mut pieces = Vec::new();
+    let r = model(&url, 2000)
+        .chat_stream(&req(), &mut |t| pieces.push(t.to_string()))
+        .unwrap();
+    assert_eq!(pieces, vec!["Hel", "lo"]);
+    assert_eq!(r.text, "Hello");
+    assert_eq!(
+        r.tool_calls[0].arguments,
+        serde_json::json!({"query": "size"})
+    );
+    assert_eq!(r.usage.completion_tokens, 5);
+}
+
+#[test]
+fn server_errors_are_retried_then_succeed() {
+    let (url, n) = serve(vec![
+        Reply::Http(500, "text/plain", "boom".into()),
+        Reply::Http(429, "text/plain", "slow down".into()),
+        Reply::Http(200, "application/json", OK.into()),
+    ]);
+    assert_eq!(model(&url, 2000).chat(&req()).unwrap().text, "Hello!");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn persistent_server_errors_give_up_with_a_clear_message() {
+    let (url, n) = serve(vec![Reply::Http(503, "text/plain", "down".into())]);
+    let err = model(&url, 2000).chat(&req()).unwrap_err().to_string();
+    assert!(err.contains("HTTP 503 after 2 retries: down"), "{err}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn client_errors_are_not_retried() {
+    let (url, n) = serve(vec![Reply::Http(
+        401,
+        "application/json",
+        r#"{"error": "bad key"}"#.into(),
+    )]);
+    let err = model(&url, 2000).chat(&req()).unwrap_err().to_string();
+    assert!(err.ends_with(r#"HTTP 401: {"error": "bad key"}"#), "{err}");
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_hanging_server_times_out() {
+    let (url, _) = serve(vec![Reply::Hang]);
+    let mut cfg = OpenAiConfig::new(&url, "m");
+    cfg.timeout = Duration::from_millis(300);
+    cfg.max_retries = 0;
+    let t = std::time::Instant::now();
+    let err = OpenAiModel::new(cfg)
+        .unwrap()
+        .chat(&req())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("timed out"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn garbage_is_a_clear_error() {
+    let (url, _) = serve(vec![Reply::Http(
+        200,
+        "application/json",
+        "<html>not json</html>".into(),
+    )]);
+    let err = model(&url, 2000).chat(&req()).unwrap_err().to_string();
+    assert!(err.contains("malformed response: not JSON"), "{err}");
+    let (url, _) = serve(vec![Reply::Http(
+        200,
+        "application/json",
+        r#"{"choices": []}"#.into(),
+    )]);
+    let err = model(&url, 2000).chat(&req()).unwrap_err().to_string();
+    assert!(err.contains("malformed response: no choices"), "{err}");
+}
+
+#[test]
+fn the_request_body_carries_tools_and_the_tool_conversation() {
+    let m = model("http://127.0.0.1:9/v1", 100);
+    let mut call = Message::assistant("");
+    call.tool_calls.push(ToolCall {
+        name: "t".into(),
+        arguments: serde_json::json!({"q": 1}),
+    });
+    let r = ChatRequest {
+        messages: vec![Message::user("hi"), call, Message::tool("result")],
+        tools: vec![ToolSpec {
+            name: "t".into(),
+            description: "d".into(),
+            parameters: serde_json::json!({"type": "object"}),
+        }],
+        sampling: Sampling {
+            stop: vec!["</x>".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let b = m.body(&r, false);
+    assert_eq!(b["messages"][1]["tool_calls"][0]["id"], "call_1");
+    assert_eq!(
+        b["messages"][1]["tool_calls"][0]["function"]["arguments"],
+        "{\"q\":1}"
+    );
+    assert_eq!(b["messages"][2]["tool_call_id"], "call_1");
+    assert_eq!(b["tools"][0]["function"]["name"], "t");
+    assert_eq!(b["stop"][0], "</x>");
+}
