@@ -32,8 +32,7 @@ fn serve(replies: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-            loop {
-                let Ok(k) = s.read(&mut chunk) else { break };
+            while let Ok(k) = s.read(&mut chunk) {
                 if k == 0 {
                     break;
                 }
