@@ -82,6 +82,15 @@ enum Command {
         /// One message to answer; without it, read messages from standard input, one per line.
         message: Option<String>,
     },
+    /// Serve a local model as an OpenAI-compatible API (POST /v1/chat/completions).
+    ServeLlm {
+        /// Registered local model id.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        model: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        addr: std::net::SocketAddr,
+    },
     /// Measure embedding, search and BM25 speed; prints JSON (see BENCHMARKS.md).
     Bench {
         #[command(flatten)]
@@ -590,6 +599,11 @@ fn main() -> Result<()> {
                 max_tokens,
                 message,
             )?;
+        }
+        Command::ServeLlm { model, addr } => {
+            let m: Arc<dyn mrrec_llm::ChatModel> =
+                Arc::new(mrrec_llm::LocalModel::from_registry(&model)?);
+            mrrec_llm::serve::serve(m, addr)?;
         }
         Command::Compare { a, b, rounds, seed } => {
             let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;

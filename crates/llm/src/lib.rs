@@ -9,6 +9,7 @@ mod gguf;
 mod local;
 mod openai;
 pub mod parse;
+pub mod serve;
 mod template;
 
 use serde::{Deserialize, Serialize};

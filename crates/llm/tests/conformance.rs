@@ -1,0 +1,131 @@
+//! One conformance suite for every chat backend: the local model directly, and the same model
+//! behind `serve-llm` reached through the OpenAI-compatible client on loopback.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use mrrec_llm::*;
+
+fn backends() -> Vec<(&'static str, Arc<dyn ChatModel>)> {
+    let local: Arc<dyn ChatModel> =
+        Arc::new(LocalModel::from_registry("smollm2-135m-instruct").unwrap());
+    let url = serve::spawn_loopback(local.clone()).unwrap();
+    let remote: Arc<dyn ChatModel> =
+        Arc::new(OpenAiModel::new(OpenAiConfig::new(&url, "smollm2")).unwrap());
+    vec![("local", local), ("openai→serve-llm", remote)]
+}
+
+fn ask(text: &str, max_tokens: usize) -> ChatRequest {
+    ChatRequest {
+        messages: vec![
+            Message::system("You are a helpful shopping assistant."),
+            Message::user(text),
+        ],
+        sampling: Sampling {
+            max_tokens,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_backend_behaves_the_same() {
+    let all = backends();
+    let mut texts = Vec::new();
+    for (name, m) in &all {
+        // Greedy answers are deterministic, bounded by max_tokens, and report usage.
+        let r = m
+            .chat(&ask(
+                "Suggest a gift for a toddler who loves bath time.",
+                12,
+            ))
+            .unwrap();
+        assert!(!r.text.is_empty(), "{name}");
+        assert!(
+            r.usage.completion_tokens >= 1 && r.usage.completion_tokens <= 12,
+            "{name}: {:?}",
+            r.usage
+        );
+        assert!(r.usage.prompt_tokens > 10, "{name}");
+        assert_eq!(r.finish_reason, FinishReason::Length, "{name}");
+        assert_eq!(
+            m.chat(&ask(
+                "Suggest a gift for a toddler who loves bath time.",
+                12
+            ))
+            .unwrap()
+            .text,
+            r.text,
+            "{name}"
+        );
+        texts.push(r.text.clone());
+        // Streaming delivers the same text in pieces.
+        let mut pieces = String::new();
+        let s = m
+            .chat_stream(
+                &ask("Suggest a gift for a toddler who loves bath time.", 12),
+                &mut |t| pieces.push_str(t),
+            )
+            .unwrap();
+        assert_eq!(pieces, s.text, "{name}");
+        // Stop strings end generation and are not returned.
+        let mut req = ask("List three fruits, one per line.", 40);
+        req.sampling.stop = vec!["\n".into()];
+        let r = m.chat(&req).unwrap();
+        assert!(!r.text.contains('\n'), "{name}: {:?}", r.text);
+        // The controller-written prefix is continued, not repeated.
+        let mut req = ask("What colour is the sky?", 6);
+        req.assistant_prefix = Some("The sky is".into());
+        let r = m.chat(&req).unwrap();
+        assert!(!r.text.starts_with("The sky is"), "{name}: {:?}", r.text);
+        // Sampling with a seed is reproducible.
+        let mut req = ask("Name a colour.", 8);
+        req.sampling.temperature = 1.0;
+        req.sampling.seed = 7;
+        assert_eq!(
+            m.chat(&req).unwrap().text,
+            m.chat(&req).unwrap().text,
+            "{name}"
+        );
+    }
+    // Both backends run the same model: the same greedy answer.
+    assert_eq!(texts[0], texts[1]);
+}
+
+#[test]
+fn serve_llm_rejects_bad_requests_clearly() {
+    let local: Arc<dyn ChatModel> =
+        Arc::new(LocalModel::from_registry("smollm2-135m-instruct").unwrap());
+    let url = serve::spawn_loopback(local).unwrap();
+    let client = reqwest::blocking::Client::new();
+    let post = |body: &str| {
+        let r = client
+            .post(format!("{url}/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (s, b) = post("{not json");
+    assert_eq!(s, 400);
+    assert!(b.contains("body is not JSON"), "{b}");
+    let (s, b) = post(r#"{"messages": []}"#);
+    assert_eq!(s, 400);
+    assert!(b.contains("`messages` is empty"), "{b}");
+    let (s, b) = post(r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#);
+    assert_eq!(s, 400);
+    assert!(b.contains("messages[0].role: unsupported"), "{b}");
+    let (s, b) =
+        post(r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}"#);
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("exceeds the context window"), "{b}");
+    let big = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#,
+        "x".repeat(5 << 20)
+    );
+    let (s, _) = post(&big);
+    assert_eq!(s, 413);
+}
