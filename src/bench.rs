@@ -47,21 +47,6 @@ pub fn embedding(ws: &Workspace, n: usize) -> Result<Value> {
     )
 }
 
-/// The machine's multi-threaded read bandwidth: a parallel sum over a large array, bytes/s.
-fn read_bandwidth(data: &[f32]) -> f64 {
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let s: f32 = data
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().sum::<f32>())
-            .sum();
-        std::hint::black_box(s);
-        best = best.max(std::mem::size_of_val(data) as f64 / t.elapsed().as_secs_f64());
-    }
-    best
-}
-
 /// Synthetic vectors that look like real ones: real item embeddings plus small noise, normalised.
 fn realistic_vectors(base: &[f32], dim: usize, n: usize, seed: u64) -> Vec<f32> {
     let rows = base.len() / dim;
@@ -87,7 +72,7 @@ pub fn search(ws: &Workspace, n: usize, n_hnsw: usize, queries: usize) -> Result
     let _ = dense;
     let base = ExactIndex::open(&ws.index_dir.join("exact"))?;
     let vecs = realistic_vectors(base.vectors(), dim, n, 1);
-    let bw = read_bandwidth(&vecs);
+    let bw = mrrec_index::read_bandwidth(&vecs);
     let qs = realistic_vectors(base.vectors(), dim, queries, 2);
     let exact = ExactIndex::new(dim, vecs)?;
     let mut lat = Vec::new();
@@ -226,7 +211,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
         let t = Instant::now();
         let g = m.generate(short, &greedy(65), &mut |_| {})?;
         let decode_s = (t.elapsed().as_secs_f64() - one).max(1e-9);
-        let decoded = g.ids.len().saturating_sub(1).max(1) as f64;
+        let decoded = g.ids.len().saturating_sub(1).max(1) as f64; // the first token came with the prefill
         let (decode, prefill) = (decoded / decode_s, 1000.0 / prefill_s);
         let (_, ref_dec, ref_pre) =
             reference
@@ -235,6 +220,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
                 .find(|r| r.0 == id)
                 .unwrap_or((id, f64::NAN, f64::NAN));
         out.insert(id.to_string(), json!({
+            "decoded_tokens": decoded,
             "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill,
             "llama_cpp_decode": ref_dec, "llama_cpp_prefill": ref_pre,
             "decode_ratio_vs_llama_cpp": decode / ref_dec, "prefill_ratio_vs_llama_cpp": prefill / ref_pre,

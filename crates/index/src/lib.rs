@@ -20,7 +20,7 @@ pub use bm25::Bm25Index;
 pub use exact::ExactIndex;
 pub use hnsw::{HnswIndex, HnswParams};
 pub use hybrid::{HybridIndex, HybridParams};
-pub use simd::dot;
+pub use simd::{dot, read_bandwidth};
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]

@@ -216,6 +216,36 @@ impl LocalModel {
         })
     }
 
+    /// Log-probabilities (temperature 1) of `tokens` following `prompt`, by forced decoding through
+    /// the same incremental path as [`LocalModel::generate`] (prefill, then one token at a time).
+    pub fn score_continuation(&self, prompt: &[u32], tokens: &[u32]) -> Result<Vec<f32>> {
+        if prompt.is_empty() {
+            return Err(LlmError::Tokenizer("empty prompt".into()));
+        }
+        let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        let mut logits = weights.forward(&input, 0)?.squeeze(0)?;
+        let mut out = Vec::with_capacity(tokens.len());
+        for (i, &t) in tokens.iter().enumerate() {
+            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+            out.push(logp.get(t as usize)?.to_scalar::<f32>()?);
+            if i + 1 < tokens.len() {
+                let input = Tensor::new(&[t], &self.device)?.unsqueeze(0)?;
+                logits = weights.forward(&input, prompt.len() + i)?.squeeze(0)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The model's log-probability (temperature 1) of `next` following `prefix`, computed afresh.
+    pub fn logprob_of_next(&self, prefix: &[u32], next: u32) -> Result<f32> {
+        let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        let input = Tensor::new(prefix, &self.device)?.unsqueeze(0)?;
+        let logits = weights.forward(&input, 0)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
+    }
+
     /// Decodes ids to text (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.info
