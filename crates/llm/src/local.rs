@@ -227,7 +227,8 @@ impl LocalModel {
         let mut logits = weights.forward(&input, 0)?.squeeze(0)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (i, &t) in tokens.iter().enumerate() {
-            let logp = candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+            let logp =
+                candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
             out.push(logp.get(t as usize)?.to_scalar::<f32>()?);
             if i + 1 < tokens.len() {
                 let input = Tensor::new(&[t], &self.device)?.unsqueeze(0)?;
@@ -241,7 +242,10 @@ impl LocalModel {
     pub fn logprob_of_next(&self, prefix: &[u32], next: u32) -> Result<f32> {
         let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
         let input = Tensor::new(prefix, &self.device)?.unsqueeze(0)?;
-        let logits = weights.forward(&input, 0)?.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+        let logits = weights
+            .forward(&input, 0)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
     }

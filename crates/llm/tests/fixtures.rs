@@ -194,8 +194,16 @@ fn chat_streams_text_stops_and_reports_usage() {
 #[test]
 fn returned_logprobs_equal_a_recomputation() {
     let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
-    let prompt = m.info().encode("<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n").unwrap();
-    let s = Sampling { temperature: 1.0, max_tokens: 6, seed: 3, ..Default::default() };
+    let prompt = m
+        .info()
+        .encode("<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let s = Sampling {
+        temperature: 1.0,
+        max_tokens: 6,
+        seed: 3,
+        ..Default::default()
+    };
     let g = m.generate(&prompt, &s, &mut |_| {}).unwrap();
     assert!(!g.ids.is_empty());
     // Forced decoding along the same incremental path gives the same numbers.
@@ -210,6 +218,10 @@ fn returned_logprobs_equal_a_recomputation() {
         let lp = m.logprob_of_next(&prefix, g.ids[i]).unwrap();
         // Prefill (many tokens at once) and single-token decode take different quantised-matmul
         // paths in candle, so the two agree to about 1e-2, not bit for bit.
-        assert!((lp - g.logprobs[i]).abs() < 5e-2, "token {i}: {lp} vs {}", g.logprobs[i]);
+        assert!(
+            (lp - g.logprobs[i]).abs() < 5e-2,
+            "token {i}: {lp} vs {}",
+            g.logprobs[i]
+        );
     }
 }
