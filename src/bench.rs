@@ -228,3 +228,40 @@ pub fn llm(models: &[&str]) -> Result<Value> {
     }
     Ok(Value::Object(out))
 }
+
+/// Per-token cost of JSON-schema-constrained decoding against free decoding, same model, prompt
+/// and length (the schema's string field lets the model run the full length).
+pub fn constrained(model: &str) -> Result<Value> {
+    let m = mrrec_llm::LocalModel::from_registry(model)?;
+    let prompt = m.info().encode(
+        "<|im_start|>user\nDescribe a good pillow in detail.<|im_end|>\n<|im_start|>assistant\n",
+    )?;
+    let schema = json!({"type": "object", "properties": {"ideal_item_profile": {"type": "string"}},
+        "required": ["ideal_item_profile"]});
+    let c = mrrec_llm::Constraint::JsonSchema(schema);
+    let s = mrrec_llm::Sampling {
+        max_tokens: 48,
+        temperature: 1.0,
+        seed: 1,
+        ..Default::default()
+    };
+    m.generate_constrained(&prompt, &s, Some(&c), &mut |_| {})?; // builds the token trie once
+    let (mut free_t, mut free_n, mut con_t, mut con_n) = (0.0, 0usize, 0.0, 0usize);
+    for seed in 0..3 {
+        let s = mrrec_llm::Sampling { seed, ..s.clone() };
+        let t = Instant::now();
+        free_n += m.generate(&prompt, &s, &mut |_| {})?.ids.len();
+        free_t += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        con_n += m
+            .generate_constrained(&prompt, &s, Some(&c), &mut |_| {})?
+            .ids
+            .len();
+        con_t += t.elapsed().as_secs_f64();
+    }
+    let (free, con) = (free_t / free_n.max(1) as f64, con_t / con_n.max(1) as f64);
+    Ok(
+        json!({"model": model, "free_ms_per_token": free * 1e3, "constrained_ms_per_token": con * 1e3,
+        "overhead": con / free - 1.0, "tokens": [free_n, con_n]}),
+    )
+}

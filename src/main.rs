@@ -107,7 +107,7 @@ enum Command {
         /// How many queries to time.
         #[arg(long, default_value_t = 200)]
         bench_queries: usize,
-        /// Which parts: embed,search,bm25,ingest,llm.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
@@ -399,6 +399,7 @@ fn chat(
                 ..Default::default()
             },
             assistant_prefix: None,
+            constraint: None,
         };
         let mut out = std::io::stdout();
         let r = m.chat_stream(&req, &mut |t| {
@@ -568,6 +569,12 @@ fn main() -> Result<()> {
                 out.insert(
                     "llm".into(),
                     mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
+                );
+            }
+            if parts.contains("constrained") {
+                out.insert(
+                    "constrained".into(),
+                    mrrec::bench::constrained("qwen2.5-coder-0.5b-instruct")?,
                 );
             }
             if parts.contains("ingest") {

@@ -19,6 +19,10 @@ pub struct GgufInfo {
     pub context_length: usize,
     /// The tokenizer rebuilt from `tokenizer.ggml.*`.
     pub tokenizer: Tokenizer,
+    /// The same tokenizer as `tokenizer.json` (constrained decoding derives token bytes from it).
+    pub tokenizer_json: serde_json::Value,
+    /// Vocabulary size of the output layer (`tokenizer.ggml.tokens` length).
+    pub vocab_size: usize,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
     /// Token ids that end a turn (EOS, `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>` when present).
@@ -71,6 +75,17 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
 /// Rebuilds the file's BPE tokenizer (byte-level, as llama.cpp's "gpt2" model) from its metadata.
 /// Control and user-defined tokens are parsed as single tokens wherever they appear in text.
 pub fn tokenizer_from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Tokenizer> {
+    let spec = tokenizer_json_from_gguf(path, md)?;
+    let text = serde_json::to_string(&spec).map_err(|e| bad(path, e.to_string()))?;
+    text.parse::<Tokenizer>()
+        .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// The file's tokenizer as a `tokenizer.json` document.
+pub fn tokenizer_json_from_gguf(
+    path: &Path,
+    md: &HashMap<String, Value>,
+) -> Result<serde_json::Value> {
     let model = get_str(md, "tokenizer.ggml.model")
         .map(String::as_str)
         .unwrap_or("");
@@ -125,9 +140,7 @@ pub fn tokenizer_from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<T
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges}
     });
-    let text = serde_json::to_string(&spec).map_err(|e| bad(path, e.to_string()))?;
-    text.parse::<Tokenizer>()
-        .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))
+    Ok(spec)
 }
 
 impl GgufInfo {
@@ -145,7 +158,16 @@ impl GgufInfo {
             .ok_or_else(|| bad(path, "no general.architecture"))?;
         let context_length =
             get_u32(md, &format!("{arch}.context_length")).unwrap_or(2048) as usize;
-        let tokenizer = tokenizer_from_gguf(path, md)?;
+        let tokenizer_json = tokenizer_json_from_gguf(path, md)?;
+        let tokenizer: Tokenizer = serde_json::to_string(&tokenizer_json)
+            .map_err(|e| bad(path, e.to_string()))?
+            .parse()
+            .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let vocab_size = md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(Vec::len)
+            .unwrap_or(0);
         let token_text = |key: &str| get_u32(md, key).and_then(|id| tokenizer.id_to_token(id));
         let mut stop_ids: Vec<u32> = Vec::new();
         if let Some(id) = get_u32(md, "tokenizer.ggml.eos_token_id") {
@@ -171,6 +193,8 @@ impl GgufInfo {
             bos_token: token_text("tokenizer.ggml.bos_token_id"),
             eos_token: token_text("tokenizer.ggml.eos_token_id"),
             tokenizer,
+            tokenizer_json,
+            vocab_size,
             stop_ids,
         };
         Ok((info, content))

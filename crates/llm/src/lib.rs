@@ -4,6 +4,7 @@
 //! GRPO all talk to a `ChatModel`.
 
 mod cache;
+mod constrain;
 mod convert;
 mod gguf;
 mod local;
@@ -15,6 +16,7 @@ mod template;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{CachePolicy, CachedChatModel};
+pub use constrain::{Constraint, ConstraintCompiler};
 pub use convert::{ensure_q8_0, requantize_gguf};
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
 pub use local::{Generation, LocalModel};
@@ -64,6 +66,9 @@ pub enum LlmError {
     /// The server's answer was not a valid chat completion.
     #[error("{url}: malformed response: {message}")]
     BadResponse { url: String, message: String },
+    /// A generation constraint is malformed, admits nothing, or was violated.
+    #[error("constraint: {0}")]
+    Constraint(String),
     /// A filesystem error, with the path.
     #[error("{path}: {source}")]
     Io {
@@ -202,6 +207,9 @@ pub struct ChatRequest {
     /// Text the controller writes at the start of the assistant's turn; the model continues it.
     /// (Local backend; the OpenAI backend sends it as a final assistant message where supported.)
     pub assistant_prefix: Option<String>,
+    /// What the generated text (after the prefix) must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
 }
 
 /// Tokens and time of one call.

@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
+use crate::constrain::{apply_mask, Constraint, ConstraintCompiler};
 use crate::gguf::GgufInfo;
 use crate::template::ChatTemplate;
 use crate::{
@@ -50,6 +51,7 @@ pub struct LocalModel {
     template: Option<ChatTemplate>,
     weights: Mutex<Weights>,
     device: Device,
+    compiler: Mutex<Option<std::sync::Arc<ConstraintCompiler>>>,
 }
 
 impl LocalModel {
@@ -89,6 +91,7 @@ impl LocalModel {
             template,
             weights: Mutex::new(weights),
             device,
+            compiler: Mutex::new(None),
         })
     }
 
@@ -129,6 +132,28 @@ impl LocalModel {
         s: &Sampling,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
+        self.generate_constrained(prompt, s, None, on_text)
+    }
+
+    fn compiler(&self, n_vocab: usize) -> Result<std::sync::Arc<ConstraintCompiler>> {
+        let mut slot = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(ConstraintCompiler::new(&self.info, n_vocab)?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Generates from token ids under an optional constraint: disallowed tokens are masked before
+    /// sampling, and the returned log-probabilities are renormalised over the allowed tokens.
+    pub fn generate_constrained(
+        &self,
+        prompt: &[u32],
+        s: &Sampling,
+        constraint: Option<&Constraint>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
         if prompt.is_empty() {
             return Err(LlmError::Tokenizer("empty prompt".into()));
         }
@@ -156,13 +181,29 @@ impl LocalModel {
         let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
         let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
         let mut logits = weights.forward(&input, 0)?.squeeze(0)?;
+        let mut matcher = match constraint {
+            Some(c) => Some(self.compiler(logits.dim(0)?)?.matcher(c)?),
+            None => None,
+        };
         let mut ids: Vec<u32> = Vec::new();
         let mut logprobs = Vec::new();
         let mut emitted = 0usize;
         let mut text = String::new();
         let mut finish = FinishReason::Length;
         for step in 0..s.max_tokens {
-            let logits32 = logits.to_dtype(candle_core::DType::F32)?;
+            let mut logits32 = logits.to_dtype(candle_core::DType::F32)?;
+            if let Some(m) = matcher.as_mut() {
+                if m.is_stopped() {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                let mask = m
+                    .compute_mask()
+                    .map_err(|e| LlmError::Constraint(e.to_string()))?;
+                let mut v = logits32.to_vec1::<f32>()?;
+                apply_mask(&mut v, &mask);
+                logits32 = Tensor::new(v, &self.device)?;
+            }
             let logp = candle_nn::ops::log_softmax(&logits32, D::Minus1)?;
             let penalised = if s.repetition_penalty != 1.0 && !ids.is_empty() {
                 let start = ids.len().saturating_sub(s.repeat_last_n);
@@ -178,6 +219,10 @@ impl LocalModel {
             if self.info.stop_ids.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
+            }
+            if let Some(m) = matcher.as_mut() {
+                m.consume_token(next)
+                    .map_err(|e| LlmError::Constraint(e.to_string()))?;
             }
             logprobs.push(logp.get(next as usize)?.to_scalar::<f32>()?);
             ids.push(next);
@@ -272,7 +317,7 @@ impl ChatModel for LocalModel {
         let t0 = Instant::now();
         let prompt = self.prompt(req)?;
         let ids = self.info.encode(&prompt)?;
-        let g = self.generate(&ids, &req.sampling, on_text)?;
+        let g = self.generate_constrained(&ids, &req.sampling, req.constraint.as_ref(), on_text)?;
         let full = format!(
             "{}{}",
             req.assistant_prefix.as_deref().unwrap_or(""),

@@ -134,6 +134,16 @@ impl OpenAiModel {
         if !req.tools.is_empty() {
             body["tools"] = req.tools.iter().map(|t| t.to_openai()).collect();
         }
+        match &req.constraint {
+            Some(crate::Constraint::JsonSchema(schema)) => {
+                body["response_format"] = json!({"type": "json_schema",
+                    "json_schema": {"name": "output", "schema": schema, "strict": true}});
+                body["guided_json"] = schema.clone();
+            }
+            Some(crate::Constraint::Regex(r)) => body["guided_regex"] = json!(r),
+            Some(crate::Constraint::Lark(g)) => body["guided_grammar"] = json!(g),
+            None => {}
+        }
         if let Some(prefix) = &req.assistant_prefix {
             if let Some(arr) = body["messages"].as_array_mut() {
                 arr.push(json!({"role": "assistant", "content": prefix}));

@@ -134,12 +134,24 @@ pub fn parse_request(body: &Value) -> Result<(ChatRequest, bool), String> {
         assistant_prefix = messages.pop().map(|m| m.content);
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let constraint = if let Some(schema) = body.get("guided_json").filter(|v| !v.is_null()) {
+        Some(crate::Constraint::JsonSchema(schema.clone()))
+    } else if let Some(schema) = body.pointer("/response_format/json_schema/schema") {
+        Some(crate::Constraint::JsonSchema(schema.clone()))
+    } else if let Some(r) = body.get("guided_regex").and_then(Value::as_str) {
+        Some(crate::Constraint::Regex(r.to_string()))
+    } else {
+        body.get("guided_grammar")
+            .and_then(Value::as_str)
+            .map(|g| crate::Constraint::Lark(g.to_string()))
+    };
     Ok((
         ChatRequest {
             messages,
             tools,
             sampling,
             assistant_prefix,
+            constraint,
         },
         stream,
     ))
