@@ -265,3 +265,47 @@ pub fn constrained(model: &str) -> Result<Value> {
         "overhead": con / free - 1.0, "tokens": [free_n, con_n]}),
     )
 }
+
+/// Aggregate decode throughput with 1, 4, 8 and 16 sequences decoding together, as a ratio to
+/// single-stream decoding in the same run.
+pub fn batched(model: &str) -> Result<Value> {
+    let m = mrrec_llm::LocalModel::from_registry(model)?;
+    let base = m.info().encode("<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n")?;
+    let mut rows = serde_json::Map::new();
+    let mut single = 0.0;
+    for n in [1usize, 4, 8, 16] {
+        let prompts: Vec<Vec<u32>> = (0..n).map(|_| base.clone()).collect();
+        let s: Vec<mrrec_llm::Sampling> = (0..n)
+            .map(|i| mrrec_llm::Sampling {
+                max_tokens: 48,
+                temperature: 1.0,
+                seed: i as u64,
+                ..Default::default()
+            })
+            .collect();
+        // Prefill time is excluded: measure it alone and subtract.
+        let t = Instant::now();
+        let one: Vec<mrrec_llm::Sampling> = s
+            .iter()
+            .map(|x| mrrec_llm::Sampling {
+                max_tokens: 1,
+                ..x.clone()
+            })
+            .collect();
+        m.generate_many(&prompts, &one)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let gens = m.generate_many(&prompts, &s)?;
+        let secs = (t.elapsed().as_secs_f64() - prefill).max(1e-9);
+        let tokens: usize = gens.iter().map(|g| g.ids.len().saturating_sub(1)).sum();
+        let rate = tokens as f64 / secs;
+        if n == 1 {
+            single = rate;
+        }
+        rows.insert(
+            n.to_string(),
+            json!({"tokens_per_s": rate, "ratio_vs_single": rate / single}),
+        );
+    }
+    Ok(json!({"model": model, "sequences": rows}))
+}

@@ -107,7 +107,7 @@ enum Command {
         /// How many queries to time.
         #[arg(long, default_value_t = 200)]
         bench_queries: usize,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
@@ -341,6 +341,10 @@ fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
     }
 }
 
+fn json_pair(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    serde_json::Value::Array(vec![a, b])
+}
+
 fn memory_tool() -> mrrec_llm::ToolSpec {
     mrrec_llm::ToolSpec {
         name: "memory_retrieval_tool".into(),
@@ -569,6 +573,15 @@ fn main() -> Result<()> {
                 out.insert(
                     "llm".into(),
                     mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
+                );
+            }
+            if parts.contains("batched") {
+                out.insert(
+                    "batched".into(),
+                    json_pair(
+                        mrrec::bench::batched("smollm2-135m-instruct")?,
+                        mrrec::bench::batched("qwen2.5-coder-0.5b-instruct")?,
+                    ),
                 );
             }
             if parts.contains("constrained") {

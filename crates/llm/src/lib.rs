@@ -8,6 +8,7 @@ mod constrain;
 mod convert;
 mod gguf;
 mod local;
+pub mod model;
 mod openai;
 pub mod parse;
 pub mod serve;

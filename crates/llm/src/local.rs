@@ -1,34 +1,22 @@
-//! The local backend: a GGUF model (qwen2 or llama architecture) run by candle on the CPU, with
-//! the tokenizer and chat template read from the file.
+//! The local backend: a GGUF model (qwen2 or llama architecture) run on the CPU by our own forward
+//! pass ([`crate::model::Transformer`]) over candle's quantised kernels, with the tokenizer and
+//! chat template read from the file. Sequences have their own KV caches, so many decode together
+//! (`generate_many`) and one prompt computed once serves a group of samples (`generate_group`).
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
 use crate::constrain::{apply_mask, Constraint, ConstraintCompiler};
 use crate::gguf::GgufInfo;
+use crate::model::{KvCache, Transformer};
 use crate::template::ChatTemplate;
 use crate::{
     ChatModel, ChatRequest, ChatResponse, FinishReason, LlmError, Result, Sampling, Usage,
 };
-
-enum Weights {
-    Qwen2(quantized_qwen2::ModelWeights),
-    Llama(quantized_llama::ModelWeights),
-}
-
-impl Weights {
-    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Weights::Qwen2(m) => m.forward(x, pos),
-            Weights::Llama(m) => m.forward(x, pos),
-        }
-    }
-}
 
 /// What one generation produced, token by token.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,34 +37,45 @@ pub struct LocalModel {
     id: String,
     info: GgufInfo,
     template: Option<ChatTemplate>,
-    weights: Mutex<Weights>,
-    device: Device,
+    model: Transformer,
     compiler: Mutex<Option<std::sync::Arc<ConstraintCompiler>>>,
+}
+
+/// One sequence being generated.
+struct Seq<'a> {
+    cache: KvCache,
+    logits: Tensor,
+    sampler: LogitsProcessor,
+    matcher: Option<llguidance::Matcher>,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    text: String,
+    emitted: usize,
+    done: Option<FinishReason>,
+    on_text: Option<&'a mut dyn FnMut(&str)>,
+}
+
+fn sampler(s: &Sampling, seed: u64) -> LogitsProcessor {
+    let sampling = if s.temperature <= 0.0 {
+        CandleSampling::ArgMax
+    } else if s.top_p < 1.0 {
+        CandleSampling::TopP {
+            p: s.top_p,
+            temperature: s.temperature,
+        }
+    } else {
+        CandleSampling::All {
+            temperature: s.temperature,
+        }
+    };
+    LogitsProcessor::from_sampling(seed, sampling)
 }
 
 impl LocalModel {
     /// Loads a GGUF file.
     pub fn load(id: &str, path: &Path) -> Result<Self> {
         let (info, content) = GgufInfo::read(path)?;
-        let device = Device::Cpu;
-        let mut f = std::fs::File::open(path).map_err(|e| LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let weights = match info.arch.as_str() {
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
-                content, &mut f, &device,
-            )?),
-            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
-                content, &mut f, &device,
-            )?),
-            other => {
-                return Err(LlmError::BadModelFile {
-                    path: path.to_path_buf(),
-                    message: format!("architecture {other:?} is not supported (qwen2, llama)"),
-                })
-            }
-        };
+        let model = Transformer::load(path, content)?;
         let template = match &info.chat_template {
             Some(t) => Some(ChatTemplate::new(
                 t,
@@ -89,8 +88,7 @@ impl LocalModel {
             id: id.to_string(),
             info,
             template,
-            weights: Mutex::new(weights),
-            device,
+            model,
             compiler: Mutex::new(None),
         })
     }
@@ -109,6 +107,11 @@ impl LocalModel {
         &self.info
     }
 
+    /// The forward pass (for callers that manage KV caches themselves).
+    pub fn transformer(&self) -> &Transformer {
+        &self.model
+    }
+
     /// Renders a request into the prompt text (template + assistant prefix).
     pub fn prompt(&self, req: &ChatRequest) -> Result<String> {
         let tmpl = self
@@ -125,16 +128,6 @@ impl LocalModel {
         Ok(p)
     }
 
-    /// Generates from token ids; `on_text` receives decoded text as it grows.
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        s: &Sampling,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
-        self.generate_constrained(prompt, s, None, on_text)
-    }
-
     fn compiler(&self, n_vocab: usize) -> Result<std::sync::Arc<ConstraintCompiler>> {
         let mut slot = self.compiler.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = slot.as_ref() {
@@ -143,6 +136,166 @@ impl LocalModel {
         let c = std::sync::Arc::new(ConstraintCompiler::new(&self.info, n_vocab)?);
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    fn check_window(&self, prompt: &[u32], s: &Sampling) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(LlmError::Tokenizer("empty prompt".into()));
+        }
+        let window = self.info.context_length.min(self.model.context_length);
+        if prompt.len() + s.max_tokens > window {
+            return Err(LlmError::ContextOverflow {
+                prompt: prompt.len(),
+                max_new: s.max_tokens,
+                window,
+            });
+        }
+        Ok(())
+    }
+
+    fn new_seq<'a>(
+        &self,
+        cache: KvCache,
+        logits: Tensor,
+        s: &Sampling,
+        seed: u64,
+        constraint: Option<&Constraint>,
+        on_text: Option<&'a mut dyn FnMut(&str)>,
+    ) -> Result<Seq<'a>> {
+        let matcher = match constraint {
+            Some(c) => Some(self.compiler(logits.dim(0)?)?.matcher(c)?),
+            None => None,
+        };
+        Ok(Seq {
+            cache,
+            logits,
+            sampler: sampler(s, seed),
+            matcher,
+            ids: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            done: None,
+            on_text,
+        })
+    }
+
+    /// Picks the next token of one sequence from its logits; marks it done when it stops.
+    fn step(&self, q: &mut Seq<'_>, s: &Sampling) -> Result<()> {
+        let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
+        if let Some(m) = q.matcher.as_mut() {
+            if m.is_stopped() {
+                q.done = Some(FinishReason::Stop);
+                return Ok(());
+            }
+            let mask = m
+                .compute_mask()
+                .map_err(|e| LlmError::Constraint(e.to_string()))?;
+            let mut v = logits.to_vec1::<f32>()?;
+            apply_mask(&mut v, &mask);
+            logits = Tensor::new(v, logits.device())?;
+        }
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let penalised = if s.repetition_penalty != 1.0 && !q.ids.is_empty() {
+            let start = q.ids.len().saturating_sub(s.repeat_last_n);
+            candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                s.repetition_penalty,
+                &q.ids[start..],
+            )?
+        } else {
+            logits
+        };
+        let next = q.sampler.sample(&penalised)?;
+        if self.info.stop_ids.contains(&next) {
+            q.done = Some(FinishReason::Stop);
+            return Ok(());
+        }
+        if let Some(m) = q.matcher.as_mut() {
+            m.consume_token(next)
+                .map_err(|e| LlmError::Constraint(e.to_string()))?;
+        }
+        q.logprobs
+            .push(logp.get(next as usize)?.to_scalar::<f32>()?);
+        q.ids.push(next);
+        q.text = self.decode(&q.ids)?;
+        if let Some(cut) = s
+            .stop
+            .iter()
+            .filter_map(|st| q.text.find(st.as_str()))
+            .min()
+        {
+            q.text.truncate(cut);
+            q.done = Some(FinishReason::Stop);
+        } else if q.ids.len() >= s.max_tokens {
+            q.done = Some(FinishReason::Length);
+        }
+        // Emit only complete characters (a byte-level token may end mid-character).
+        let complete = q.done.is_some() || !q.text.ends_with('\u{FFFD}');
+        if complete && q.text.len() > q.emitted && q.text.is_char_boundary(q.emitted) {
+            if let Some(f) = q.on_text.as_mut() {
+                f(&q.text[q.emitted..]);
+            }
+            q.emitted = q.text.len();
+        }
+        Ok(())
+    }
+
+    /// Runs sequences to completion, decoding every unfinished one together each step.
+    fn run(&self, seqs: &mut [Seq<'_>], s: &Sampling) -> Result<()> {
+        if s.max_tokens == 0 {
+            for q in seqs.iter_mut() {
+                q.done = Some(FinishReason::Length);
+            }
+        }
+        loop {
+            for q in seqs.iter_mut().filter(|q| q.done.is_none()) {
+                self.step(q, s)?;
+            }
+            let active: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].done.is_none())
+                .collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            let tokens: Vec<u32> = active
+                .iter()
+                .map(|&i| *seqs[i].ids.last().unwrap_or(&0))
+                .collect();
+            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(active.len());
+            let mut rest: &mut [Seq<'_>] = seqs;
+            let mut offset = 0;
+            for &i in &active {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+                let (one, tail) = tail.split_at_mut(1);
+                caches.push(&mut one[0].cache);
+                rest = tail;
+                offset = i + 1;
+            }
+            let logits = self.model.decode_batch(&tokens, &mut caches)?;
+            for (row, &i) in active.iter().enumerate() {
+                seqs[i].logits = logits.get(row)?;
+            }
+        }
+    }
+
+    fn finish(q: Seq<'_>) -> Generation {
+        Generation {
+            ids: q.ids,
+            logprobs: q.logprobs,
+            text: q.text,
+            finish_reason: q.done.unwrap_or(FinishReason::Length),
+        }
+    }
+
+    /// Generates from token ids; `on_text` receives decoded text as it grows.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        s: &Sampling,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_constrained(prompt, s, None, on_text)
     }
 
     /// Generates from token ids under an optional constraint: disallowed tokens are masked before
@@ -154,142 +307,108 @@ impl LocalModel {
         constraint: Option<&Constraint>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        if prompt.is_empty() {
-            return Err(LlmError::Tokenizer("empty prompt".into()));
+        self.check_window(prompt, s)?;
+        let mut cache = self.model.new_cache();
+        let logits = self.model.prefill(prompt, &mut cache)?;
+        let mut seqs = vec![self.new_seq(cache, logits, s, s.seed, constraint, Some(on_text))?];
+        self.run(&mut seqs, s)?;
+        Ok(Self::finish(seqs.remove(0)))
+    }
+
+    /// Generates for many independent prompts, decoding them together (each keeps its own seed,
+    /// so results equal single-stream generation).
+    pub fn generate_many(&self, prompts: &[Vec<u32>], s: &[Sampling]) -> Result<Vec<Generation>> {
+        if prompts.len() != s.len() {
+            return Err(LlmError::Tokenizer(format!(
+                "{} prompts, {} samplings",
+                prompts.len(),
+                s.len()
+            )));
         }
-        let window = self.info.context_length;
-        if prompt.len() + s.max_tokens > window {
-            return Err(LlmError::ContextOverflow {
-                prompt: prompt.len(),
-                max_new: s.max_tokens,
-                window,
-            });
+        let Some(first) = s.first() else {
+            return Ok(Vec::new());
+        };
+        // One step function for all: they must agree on the length and stop rules.
+        let mut seqs = Vec::with_capacity(prompts.len());
+        for (p, si) in prompts.iter().zip(s) {
+            self.check_window(p, si)?;
+            let mut cache = self.model.new_cache();
+            let logits = self.model.prefill(p, &mut cache)?;
+            seqs.push(self.new_seq(cache, logits, si, si.seed, None, None)?);
         }
-        let sampling = if s.temperature <= 0.0 {
-            CandleSampling::ArgMax
-        } else if s.top_p < 1.0 {
-            CandleSampling::TopP {
-                p: s.top_p,
-                temperature: s.temperature,
-            }
+        if s.iter().all(|x| {
+            x.max_tokens == first.max_tokens
+                && x.stop == first.stop
+                && x.temperature == first.temperature
+                && x.top_p == first.top_p
+                && x.repetition_penalty == first.repetition_penalty
+        }) {
+            self.run(&mut seqs, first)?;
+            Ok(seqs.into_iter().map(Self::finish).collect())
         } else {
-            CandleSampling::All {
-                temperature: s.temperature,
+            let mut out = Vec::with_capacity(seqs.len());
+            for (q, si) in seqs.into_iter().zip(s) {
+                let mut one = vec![q];
+                self.run(&mut one, si)?;
+                out.push(Self::finish(one.remove(0)));
             }
-        };
-        let mut sampler = LogitsProcessor::from_sampling(s.seed, sampling);
-        let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let mut logits = weights.forward(&input, 0)?.squeeze(0)?;
-        let mut matcher = match constraint {
-            Some(c) => Some(self.compiler(logits.dim(0)?)?.matcher(c)?),
-            None => None,
-        };
-        let mut ids: Vec<u32> = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut emitted = 0usize;
-        let mut text = String::new();
-        let mut finish = FinishReason::Length;
-        for step in 0..s.max_tokens {
-            let mut logits32 = logits.to_dtype(candle_core::DType::F32)?;
-            if let Some(m) = matcher.as_mut() {
-                if m.is_stopped() {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                let mask = m
-                    .compute_mask()
-                    .map_err(|e| LlmError::Constraint(e.to_string()))?;
-                let mut v = logits32.to_vec1::<f32>()?;
-                apply_mask(&mut v, &mask);
-                logits32 = Tensor::new(v, &self.device)?;
-            }
-            let logp = candle_nn::ops::log_softmax(&logits32, D::Minus1)?;
-            let penalised = if s.repetition_penalty != 1.0 && !ids.is_empty() {
-                let start = ids.len().saturating_sub(s.repeat_last_n);
-                candle_transformers::utils::apply_repeat_penalty(
-                    &logits32,
-                    s.repetition_penalty,
-                    &ids[start..],
-                )?
-            } else {
-                logits32
-            };
-            let next = sampler.sample(&penalised)?;
-            if self.info.stop_ids.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(m) = matcher.as_mut() {
-                m.consume_token(next)
-                    .map_err(|e| LlmError::Constraint(e.to_string()))?;
-            }
-            logprobs.push(logp.get(next as usize)?.to_scalar::<f32>()?);
-            ids.push(next);
-            text = self.decode(&ids)?;
-            if let Some(cut) = s.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
-                text.truncate(cut);
-                finish = FinishReason::Stop;
-                if text.len() > emitted {
-                    on_text(&text[emitted..]);
-                }
-                emitted = text.len();
-                break;
-            }
-            // Emit only complete characters (a byte-level token may end mid-character).
-            if !text.ends_with('\u{FFFD}') && text.len() > emitted && text.is_char_boundary(emitted)
-            {
-                on_text(&text[emitted..]);
-                emitted = text.len();
-            }
-            if step + 1 == s.max_tokens {
-                break;
-            }
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            logits = weights
-                .forward(&input, prompt.len() + ids.len() - 1)?
-                .squeeze(0)?;
+            Ok(out)
         }
-        if text.len() > emitted && text.is_char_boundary(emitted) {
-            on_text(&text[emitted..]);
+    }
+
+    /// `g` samples of one prompt: the prompt is computed once and its KV cache forked; sample `i`
+    /// uses seed `s.seed + i`. Optionally constrained (each sample has its own matcher).
+    pub fn generate_group(
+        &self,
+        prompt: &[u32],
+        s: &Sampling,
+        g: usize,
+        constraint: Option<&Constraint>,
+    ) -> Result<Vec<Generation>> {
+        self.check_window(prompt, s)?;
+        let mut cache = self.model.new_cache();
+        let logits = self.model.prefill(prompt, &mut cache)?;
+        let mut seqs = Vec::with_capacity(g);
+        for i in 0..g {
+            seqs.push(self.new_seq(
+                cache.clone(),
+                logits.clone(),
+                s,
+                s.seed.wrapping_add(i as u64),
+                constraint,
+                None,
+            )?);
         }
-        Ok(Generation {
-            ids,
-            logprobs,
-            text,
-            finish_reason: finish,
-        })
+        self.run(&mut seqs, s)?;
+        Ok(seqs.into_iter().map(Self::finish).collect())
     }
 
     /// Log-probabilities (temperature 1) of `tokens` following `prompt`, by forced decoding through
-    /// the same incremental path as [`LocalModel::generate`] (prefill, then one token at a time).
+    /// the same path as generation (prefill, then one token at a time).
     pub fn score_continuation(&self, prompt: &[u32], tokens: &[u32]) -> Result<Vec<f32>> {
         if prompt.is_empty() {
             return Err(LlmError::Tokenizer("empty prompt".into()));
         }
-        let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let mut logits = weights.forward(&input, 0)?.squeeze(0)?;
+        let mut cache = self.model.new_cache();
+        let mut logits = self.model.prefill(prompt, &mut cache)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (i, &t) in tokens.iter().enumerate() {
             let logp =
                 candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
             out.push(logp.get(t as usize)?.to_scalar::<f32>()?);
             if i + 1 < tokens.len() {
-                let input = Tensor::new(&[t], &self.device)?.unsqueeze(0)?;
-                logits = weights.forward(&input, prompt.len() + i)?.squeeze(0)?;
+                logits = self.model.decode_batch(&[t], &mut [&mut cache])?.get(0)?;
             }
         }
         Ok(out)
     }
 
-    /// The model's log-probability (temperature 1) of `next` following `prefix`, computed afresh.
+    /// The model's log-probability (temperature 1) of `next` after a fresh prefill of `prefix`.
     pub fn logprob_of_next(&self, prefix: &[u32], next: u32) -> Result<f32> {
-        let mut weights = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        let input = Tensor::new(prefix, &self.device)?.unsqueeze(0)?;
-        let logits = weights
-            .forward(&input, 0)?
-            .squeeze(0)?
+        let mut cache = self.model.new_cache();
+        let logits = self
+            .model
+            .prefill(prefix, &mut cache)?
             .to_dtype(candle_core::DType::F32)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
@@ -301,6 +420,30 @@ impl LocalModel {
             .tokenizer
             .decode(ids, false)
             .map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    fn response(
+        &self,
+        req: &ChatRequest,
+        prompt_len: usize,
+        g: Generation,
+        t0: Instant,
+    ) -> ChatResponse {
+        let full = format!(
+            "{}{}",
+            req.assistant_prefix.as_deref().unwrap_or(""),
+            g.text
+        );
+        ChatResponse {
+            tool_calls: crate::parse::tool_calls(&full).calls,
+            text: g.text,
+            finish_reason: g.finish_reason,
+            usage: Usage {
+                prompt_tokens: prompt_len as u64,
+                completion_tokens: g.ids.len() as u64,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+        }
     }
 }
 
@@ -318,21 +461,44 @@ impl ChatModel for LocalModel {
         let prompt = self.prompt(req)?;
         let ids = self.info.encode(&prompt)?;
         let g = self.generate_constrained(&ids, &req.sampling, req.constraint.as_ref(), on_text)?;
-        let full = format!(
-            "{}{}",
-            req.assistant_prefix.as_deref().unwrap_or(""),
-            g.text
-        );
-        let tool_calls = crate::parse::tool_calls(&full).calls;
-        Ok(ChatResponse {
-            text: g.text,
-            tool_calls,
-            finish_reason: g.finish_reason,
-            usage: Usage {
-                prompt_tokens: ids.len() as u64,
-                completion_tokens: g.ids.len() as u64,
-                seconds: t0.elapsed().as_secs_f64(),
-            },
-        })
+        Ok(self.response(req, ids.len(), g, t0))
+    }
+
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        let t0 = Instant::now();
+        // Unconstrained requests decode together; constrained ones run one by one.
+        let mut out: Vec<Option<Result<ChatResponse>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if r.constraint.is_some() {
+                out[i] = Some(self.chat(r));
+                continue;
+            }
+            match self.prompt(r).and_then(|p| self.info.encode(&p)) {
+                Ok(ids) => batch.push((i, ids)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, p)| p.clone()).collect();
+        let samplings: Vec<Sampling> = batch
+            .iter()
+            .map(|(i, _)| reqs[*i].sampling.clone())
+            .collect();
+        match self.generate_many(&prompts, &samplings) {
+            Ok(gens) => {
+                for ((i, p), g) in batch.iter().zip(gens) {
+                    out[*i] = Some(Ok(self.response(&reqs[*i], p.len(), g, t0)));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (i, _) in &batch {
+                    out[*i] = Some(Err(LlmError::Tokenizer(format!("batch failed: {msg}"))));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
+            .collect()
     }
 }

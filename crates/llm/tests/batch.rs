@@ -1,0 +1,101 @@
+//! Batched decoding and forked prompts with the real tiny model.
+
+#![allow(clippy::unwrap_used)]
+
+use mrrec_llm::*;
+
+fn prompts(m: &LocalModel) -> Vec<Vec<u32>> {
+    [
+        "a toddler who loves bath time",
+        "a runner with flat feet",
+        "a coffee lover who travels",
+        "a cat that scratches sofas",
+    ]
+    .iter()
+    .map(|who| {
+        m.info()
+            .encode(&format!(
+                "<|im_start|>user\nSuggest a gift for {who}.<|im_end|>\n<|im_start|>assistant\n"
+            ))
+            .unwrap()
+    })
+    .collect()
+}
+
+#[test]
+fn batched_and_single_stream_generation_agree() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let ps = prompts(&m);
+    for temperature in [0.0, 1.0] {
+        let s: Vec<Sampling> = (0..ps.len())
+            .map(|i| Sampling {
+                max_tokens: 32,
+                temperature,
+                seed: 10 + i as u64,
+                ..Default::default()
+            })
+            .collect();
+        let batched = m.generate_many(&ps, &s).unwrap();
+        for (i, p) in ps.iter().enumerate() {
+            let single = m.generate(p, &s[i], &mut |_| {}).unwrap();
+            assert_eq!(
+                batched[i].ids, single.ids,
+                "prompt {i}, temperature {temperature}"
+            );
+            for (a, b) in batched[i].logprobs.iter().zip(&single.logprobs) {
+                assert!((a - b).abs() < 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_forked_prompt_gives_each_sample_its_own_seed() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let p = &prompts(&m)[0];
+    let s = Sampling {
+        max_tokens: 16,
+        temperature: 1.0,
+        seed: 100,
+        ..Default::default()
+    };
+    let group = m.generate_group(p, &s, 4, None).unwrap();
+    assert_eq!(group.len(), 4);
+    for (i, g) in group.iter().enumerate() {
+        let single = m
+            .generate(
+                p,
+                &Sampling {
+                    seed: 100 + i as u64,
+                    ..s.clone()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(g.ids, single.ids, "sample {i}");
+    }
+    assert!(
+        group.iter().any(|g| g.ids != group[0].ids),
+        "samples should differ"
+    );
+}
+
+#[test]
+fn chat_batch_matches_chat() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let reqs: Vec<ChatRequest> = ["Name a fruit.", "Name a colour.", "Name a river."]
+        .iter()
+        .map(|q| ChatRequest {
+            messages: vec![Message::user(*q)],
+            sampling: Sampling {
+                max_tokens: 12,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .collect();
+    let batch = m.chat_batch(&reqs);
+    for (r, b) in reqs.iter().zip(batch) {
+        assert_eq!(b.unwrap().text, m.chat(r).unwrap().text);
+    }
+}
