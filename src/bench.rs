@@ -191,6 +191,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
     ];
     let mut out = serde_json::Map::new();
     for &id in models {
+        let before = resident_bytes();
         let m = mrrec_llm::LocalModel::from_registry(id)?;
         let text = "The quick brown fox jumps over the lazy dog while the assistant writes notes. "
             .repeat(80);
@@ -220,6 +221,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
                 .find(|r| r.0 == id)
                 .unwrap_or((id, f64::NAN, f64::NAN));
         out.insert(id.to_string(), json!({
+            "resident_bytes_model_and_1k_context": resident_bytes().saturating_sub(before),
             "decoded_tokens": decoded,
             "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill,
             "llama_cpp_decode": ref_dec, "llama_cpp_prefill": ref_pre,
@@ -308,4 +310,47 @@ pub fn batched(model: &str) -> Result<Value> {
         );
     }
     Ok(json!({"model": model, "sequences": rows}))
+}
+
+/// Where batched decoding's time goes: candle's Q8_0 matmul at 1 and 16 rows for the shapes of
+/// Qwen 0.5B's projections (a matmul that reused weights across rows would cost far less than
+/// 16× at 16 rows).
+pub fn qmatmul_profile() -> Result<Value> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let mut rows = serde_json::Map::new();
+    for (name, out, inp) in [
+        ("attn_q 896→896", 896usize, 896usize),
+        ("ffn_up 896→4864", 4864, 896),
+        ("ffn_down 4864→896", 896, 4864),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu)?;
+        let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        let mut times = Vec::new();
+        for b in [1usize, 16] {
+            let x = Tensor::randn(0f32, 1.0, (b, inp), &Device::Cpu)?;
+            q.forward(&x)?;
+            let t = Instant::now();
+            for _ in 0..20 {
+                std::hint::black_box(q.forward(&x)?);
+            }
+            times.push(t.elapsed().as_secs_f64() / 20.0);
+        }
+        rows.insert(name.into(), json!({"ms_1_row": times[0] * 1e3, "ms_16_rows": times[1] * 1e3, "ratio_16_vs_1": times[1] / times[0]}));
+    }
+    Ok(Value::Object(rows))
+}
+
+/// Resident memory of this process (VmRSS, bytes).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }

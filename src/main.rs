@@ -107,7 +107,7 @@ enum Command {
         /// How many queries to time.
         #[arg(long, default_value_t = 200)]
         bench_queries: usize,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
@@ -583,6 +583,9 @@ fn main() -> Result<()> {
                         mrrec::bench::batched("qwen2.5-coder-0.5b-instruct")?,
                     ),
                 );
+            }
+            if parts.contains("profile") {
+                out.insert("qmatmul_profile".into(), mrrec::bench::qmatmul_profile()?);
             }
             if parts.contains("constrained") {
                 out.insert(

@@ -30,6 +30,145 @@ struct Layer {
     down: QMatMul,
 }
 
+/// The projections a LoRA adapter can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    /// Attention query.
+    Q,
+    /// Attention key.
+    K,
+    /// Attention value.
+    V,
+    /// Attention output.
+    O,
+    /// MLP gate.
+    Gate,
+    /// MLP up.
+    Up,
+    /// MLP down.
+    Down,
+}
+
+impl Proj {
+    /// Every projection.
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// Its name in adapter files (`blk.{layer}.{name}.lora_a`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "attn_q",
+            Proj::K => "attn_k",
+            Proj::V => "attn_v",
+            Proj::O => "attn_output",
+            Proj::Gate => "ffn_gate",
+            Proj::Up => "ffn_up",
+            Proj::Down => "ffn_down",
+        }
+    }
+}
+
+/// A LoRA adapter applied at inference beside the quantised weights, never merged into them:
+/// `y = W x + (alpha / rank) · B (A x)`, with `A: (rank, in)` and `B: (out, rank)` in f32.
+#[derive(Clone, Default)]
+pub struct LoraAdapter {
+    /// Scale numerator.
+    pub alpha: f32,
+    /// Rank.
+    pub rank: usize,
+    deltas: std::collections::HashMap<(usize, Proj), (Tensor, Tensor)>,
+}
+
+impl LoraAdapter {
+    /// An empty adapter.
+    pub fn new(rank: usize, alpha: f32) -> Self {
+        LoraAdapter {
+            alpha,
+            rank,
+            deltas: Default::default(),
+        }
+    }
+
+    /// Sets the factors of one projection of one layer.
+    pub fn insert(&mut self, layer: usize, proj: Proj, a: Tensor, b: Tensor) {
+        self.deltas.insert((layer, proj), (a, b));
+    }
+
+    /// The factors of one projection, if adapted.
+    pub fn get(&self, layer: usize, proj: Proj) -> Option<&(Tensor, Tensor)> {
+        self.deltas.get(&(layer, proj))
+    }
+
+    /// Writes the adapter as safetensors (`blk.{i}.{proj}.lora_a` / `.lora_b`, plus `lora.alpha`
+    /// and `lora.rank` scalars).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+        for ((l, p), (a, b)) in &self.deltas {
+            map.insert(format!("blk.{l}.{}.lora_a", p.name()), a.clone());
+            map.insert(format!("blk.{l}.{}.lora_b", p.name()), b.clone());
+        }
+        map.insert(
+            "lora.alpha".into(),
+            Tensor::new(&[self.alpha], &Device::Cpu)?,
+        );
+        map.insert(
+            "lora.rank".into(),
+            Tensor::new(&[self.rank as f32], &Device::Cpu)?,
+        );
+        candle_core::safetensors::save(&map, path)?;
+        Ok(())
+    }
+
+    /// Reads an adapter written by [`LoraAdapter::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let map = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let scalar = |k: &str| -> Result<f32> {
+            map.get(k)
+                .ok_or_else(|| LlmError::BadModelFile {
+                    path: path.to_path_buf(),
+                    message: format!("no {k}"),
+                })?
+                .flatten_all()?
+                .get(0)?
+                .to_scalar::<f32>()
+                .map_err(Into::into)
+        };
+        let mut ad = LoraAdapter::new(scalar("lora.rank")? as usize, scalar("lora.alpha")?);
+        for (name, a) in &map {
+            let Some(rest) = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.strip_suffix(".lora_a"))
+            else {
+                continue;
+            };
+            let Some((l, pname)) = rest.split_once('.') else {
+                continue;
+            };
+            let (Ok(l), Some(p)) = (
+                l.parse::<usize>(),
+                Proj::ALL.iter().find(|p| p.name() == pname),
+            ) else {
+                continue;
+            };
+            let b = map.get(&format!("blk.{l}.{pname}.lora_b")).ok_or_else(|| {
+                LlmError::BadModelFile {
+                    path: path.to_path_buf(),
+                    message: format!("{name} without its lora_b"),
+                }
+            })?;
+            ad.insert(l, *p, a.clone(), b.clone());
+        }
+        Ok(ad)
+    }
+}
+
 /// Model weights and shape, shared by every sequence.
 pub struct Transformer {
     embed: Embedding,
@@ -45,6 +184,11 @@ pub struct Transformer {
     device: Device,
     /// Context window.
     pub context_length: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    lora: std::sync::RwLock<Option<std::sync::Arc<LoraAdapter>>>,
 }
 
 /// One sequence's keys and values per layer, and how many positions they hold. Clone to fork.
@@ -101,6 +245,7 @@ impl Transformer {
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10_000.0);
         let head_dim = hidden / n_head;
+        let intermediate_size = u("feed_forward_length")?;
         if let Ok(rd) = u("rope.dimension_count") {
             if rd != head_dim {
                 return Err(bad(format!(
@@ -163,7 +308,49 @@ impl Transformer {
             sin: freqs.sin()?,
             device,
             context_length,
+            hidden_size: hidden,
+            intermediate_size,
+            lora: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Applies (or, with `None`, removes) a LoRA adapter for every later forward pass.
+    pub fn set_lora(&self, adapter: Option<std::sync::Arc<LoraAdapter>>) {
+        *self.lora.write().unwrap_or_else(|p| p.into_inner()) = adapter;
+    }
+
+    /// `(out, in)` of a projection.
+    pub fn proj_shape(&self, p: Proj) -> (usize, usize) {
+        let (h, kv, i) = (
+            self.hidden_size,
+            self.n_kv * self.head_dim,
+            self.intermediate_size,
+        );
+        match p {
+            Proj::Q | Proj::O => (h, h),
+            Proj::K | Proj::V => (kv, h),
+            Proj::Gate | Proj::Up => (i, h),
+            Proj::Down => (h, i),
+        }
+    }
+
+    /// Number of transformer layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `W x`, plus the adapter's low-rank update when one targets this projection.
+    fn proj(&self, li: usize, p: Proj, w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = w.forward(x)?;
+        let guard = self.lora.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref().and_then(|ad| ad.get(li, p).map(|f| (ad, f))) {
+            Some((ad, (a, b))) => {
+                let scale = (ad.alpha / ad.rank.max(1) as f32) as f64;
+                let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                y + (delta * scale)?
+            }
+            None => Ok(y),
+        }
     }
 
     /// A cache with no positions.
@@ -232,22 +419,28 @@ impl Transformer {
             .reshape((1, t, self.n_head * self.head_dim))
     }
 
-    fn qkv(&self, l: &Layer, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        li: usize,
+        l: &Layer,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let add = |y: Tensor, b: &Option<Tensor>| match b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         };
         Ok((
-            add(l.wq.forward(x)?, &l.bq)?,
-            add(l.wk.forward(x)?, &l.bk)?,
-            add(l.wv.forward(x)?, &l.bv)?,
+            add(self.proj(li, Proj::Q, &l.wq, x)?, &l.bq)?,
+            add(self.proj(li, Proj::K, &l.wk, x)?, &l.bk)?,
+            add(self.proj(li, Proj::V, &l.wv, x)?, &l.bv)?,
         ))
     }
 
-    fn mlp(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn mlp(&self, li: usize, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = l.ffn_norm.forward(x)?;
-        let g = candle_nn::ops::silu(&l.gate.forward(&h)?)?;
-        l.down.forward(&(g * l.up.forward(&h)?)?)
+        let g = candle_nn::ops::silu(&self.proj(li, Proj::Gate, &l.gate, &h)?)?;
+        let u = self.proj(li, Proj::Up, &l.up, &h)?;
+        self.proj(li, Proj::Down, &l.down, &(g * u)?)
     }
 
     fn check(&self, cache: &KvCache, new: usize) -> Result<()> {
@@ -269,12 +462,12 @@ impl Transformer {
         self.check(cache, tokens.len())?;
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
-        for (l, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (li, (l, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = l.attn_norm.forward(&x)?;
-            let (q, k, v) = self.qkv(l, &h)?;
+            let (q, k, v) = self.qkv(li, l, &h)?;
             let y = self.attend(&q, &k, &v, slot, cache.pos)?;
-            x = (l.wo.forward(&y)? + x)?;
-            x = (self.mlp(l, &x)? + x)?;
+            x = (self.proj(li, Proj::O, &l.wo, &y)? + x)?;
+            x = (self.mlp(li, l, &x)? + x)?;
         }
         cache.pos += tokens.len();
         let last = x.narrow(1, tokens.len() - 1, 1)?;
@@ -298,7 +491,7 @@ impl Transformer {
         let mut x = self.embed.forward(&ids)?; // (b, 1, hidden)
         for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
-            let (q, k, v) = self.qkv(l, &h)?;
+            let (q, k, v) = self.qkv(li, l, &h)?;
             let mut ys = Vec::with_capacity(b);
             for (s, cache) in caches.iter_mut().enumerate() {
                 let pos = cache.pos;
@@ -312,8 +505,8 @@ impl Transformer {
                 ys.push(y);
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = (l.wo.forward(&y)? + x)?;
-            x = (self.mlp(l, &x)? + x)?;
+            x = (self.proj(li, Proj::O, &l.wo, &y)? + x)?;
+            x = (self.mlp(li, l, &x)? + x)?;
         }
         for c in caches.iter_mut() {
             c.pos += 1;
