@@ -17,7 +17,7 @@ mod template;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{CachePolicy, CachedChatModel};
-pub use constrain::{Constraint, ConstraintCompiler};
+pub use constrain::{validate, Constraint, ConstraintCompiler};
 pub use convert::{ensure_q8_0, requantize_gguf};
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
 pub use local::{Generation, LocalModel};

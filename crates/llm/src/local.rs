@@ -53,6 +53,7 @@ struct Seq<'a> {
     emitted: usize,
     done: Option<FinishReason>,
     on_text: Option<&'a mut dyn FnMut(&str)>,
+    hook: Option<&'a mut dyn FnMut(&[u32], &mut [f32])>,
 }
 
 fn sampler(s: &Sampling, seed: u64) -> LogitsProcessor {
@@ -177,6 +178,7 @@ impl LocalModel {
             emitted: 0,
             done: None,
             on_text,
+            hook: None,
         })
     }
 
@@ -193,6 +195,11 @@ impl LocalModel {
                 .map_err(|e| LlmError::Constraint(e.to_string()))?;
             let mut v = logits.to_vec1::<f32>()?;
             apply_mask(&mut v, &mask);
+            logits = Tensor::new(v, logits.device())?;
+        }
+        if let Some(h) = q.hook.as_mut() {
+            let mut v = logits.to_vec1::<f32>()?;
+            h(&q.ids, &mut v);
             logits = Tensor::new(v, logits.device())?;
         }
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -311,6 +318,24 @@ impl LocalModel {
         let mut cache = self.model.new_cache();
         let logits = self.model.prefill(prompt, &mut cache)?;
         let mut seqs = vec![self.new_seq(cache, logits, s, s.seed, constraint, Some(on_text))?];
+        self.run(&mut seqs, s)?;
+        Ok(Self::finish(seqs.remove(0)))
+    }
+
+    /// Generates with a logit-mask hook: before each token, `mask(ids_so_far, logits)` may edit
+    /// the logits (set −∞ to forbid a token). Log-probabilities are taken after the hook.
+    pub fn generate_masked(
+        &self,
+        prompt: &[u32],
+        s: &Sampling,
+        mask: &mut dyn FnMut(&[u32], &mut [f32]),
+    ) -> Result<Generation> {
+        self.check_window(prompt, s)?;
+        let mut cache = self.model.new_cache();
+        let logits = self.model.prefill(prompt, &mut cache)?;
+        let mut seq = self.new_seq(cache, logits, s, s.seed, None, None)?;
+        seq.hook = Some(mask);
+        let mut seqs = vec![seq];
         self.run(&mut seqs, s)?;
         Ok(Self::finish(seqs.remove(0)))
     }

@@ -257,6 +257,45 @@ impl ChatModel for OpenAiModel {
         req: &ChatRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<ChatResponse> {
+        let Some(crate::Constraint::JsonSchema(schema)) = &req.constraint else {
+            return self.chat_once(req, on_text);
+        };
+        // Servers may ignore the schema: validate, and retry with another seed.
+        let mut last = String::new();
+        for attempt in 0..=self.cfg.max_retries {
+            let mut r = req.clone();
+            r.sampling.seed = req.sampling.seed.wrapping_add(attempt as u64);
+            let resp = self.chat_once(&r, &mut |_| {})?;
+            let parsed = crate::parse::parse_json_lenient(&resp.text)
+                .ok_or_else(|| {
+                    format!(
+                        "not JSON: {}",
+                        resp.text.chars().take(200).collect::<String>()
+                    )
+                })
+                .and_then(|v| crate::validate(schema, &v, "").map(|_| v));
+            match parsed {
+                Ok(v) => {
+                    let text = v.to_string();
+                    on_text(&text);
+                    return Ok(ChatResponse { text, ..resp });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(LlmError::Constraint(format!(
+            "the server's output violated the schema {} times; last: {last}",
+            self.cfg.max_retries + 1
+        )))
+    }
+
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        self.chat_batch_impl(reqs)
+    }
+}
+
+impl OpenAiModel {
+    fn chat_once(&self, req: &ChatRequest, on_text: &mut dyn FnMut(&str)) -> Result<ChatResponse> {
         let t0 = Instant::now();
         let resp = self.send(&self.body(req, true))?;
         let is_sse = resp
@@ -356,8 +395,10 @@ impl ChatModel for OpenAiModel {
             usage,
         })
     }
+}
 
-    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+impl OpenAiModel {
+    fn chat_batch_impl(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(self.cfg.concurrency.max(1)) {
             let results: Vec<Result<ChatResponse>> = std::thread::scope(|s| {

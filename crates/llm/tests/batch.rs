@@ -99,3 +99,30 @@ fn chat_batch_matches_chat() {
         assert_eq!(b.unwrap().text, m.chat(r).unwrap().text);
     }
 }
+
+#[test]
+fn a_logit_mask_hook_restricts_the_vocabulary() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let p = &prompts(&m)[1];
+    let allowed: Vec<u32> = m.info().encode(" yes no maybe").unwrap();
+    let s = Sampling {
+        max_tokens: 6,
+        temperature: 1.0,
+        seed: 2,
+        ..Default::default()
+    };
+    let mut calls = 0;
+    let g = m
+        .generate_masked(p, &s, &mut |_, logits| {
+            calls += 1;
+            for (i, l) in logits.iter_mut().enumerate() {
+                if !allowed.contains(&(i as u32)) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(g.ids.len(), 6);
+    assert_eq!(calls, 6);
+    assert!(g.ids.iter().all(|t| allowed.contains(t)), "{:?}", g.ids);
+}

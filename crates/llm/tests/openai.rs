@@ -224,3 +224,30 @@ fn the_request_body_carries_tools_and_the_tool_conversation() {
     assert_eq!(b["tools"][0]["function"]["name"], "t");
     assert_eq!(b["stop"][0], "</x>");
 }
+
+#[test]
+fn schema_violations_are_retried_then_reported() {
+    let answer = |content: &str| {
+        serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).to_string()
+    };
+    let schema = serde_json::json!({"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]});
+    let mut r = req();
+    r.constraint = Some(Constraint::JsonSchema(schema));
+    let (url, n) = serve(vec![
+        Reply::Http(200, "application/json", answer("Sure! Here you go")),
+        Reply::Http(200, "application/json", answer("{\"query\": \"fit\"}")),
+    ]);
+    let out = model(&url, 2000).chat(&r).unwrap();
+    assert_eq!(out.text, "{\"query\":\"fit\"}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    let (url, _) = serve(vec![Reply::Http(
+        200,
+        "application/json",
+        answer("{\"q\": 1}"),
+    )]);
+    let err = model(&url, 2000).chat(&r).unwrap_err().to_string();
+    assert!(
+        err.contains("violated the schema 3 times; last: $: missing required `query`"),
+        "{err}"
+    );
+}
