@@ -53,11 +53,11 @@ struct Seq<'a> {
     emitted: usize,
     done: Option<FinishReason>,
     on_text: Option<&'a mut dyn FnMut(&str)>,
-    hook: Option<&'a mut LogitHook>,
+    hook: Option<&'a mut LogitHook<'a>>,
 }
 
 /// Edits a sequence's logits before each token: `(ids so far, logits)`.
-pub type LogitHook = dyn FnMut(&[u32], &mut [f32]);
+pub type LogitHook<'a> = dyn FnMut(&[u32], &mut [f32]) + 'a;
 
 fn sampler(s: &Sampling, seed: u64) -> LogitsProcessor {
     let sampling = if s.temperature <= 0.0 {
