@@ -82,6 +82,11 @@ enum Command {
         /// One message to answer; without it, read messages from standard input, one per line.
         message: Option<String>,
     },
+    /// Build, inspect and erase users' local memory.
+    Memory {
+        #[command(subcommand)]
+        action: MemoryAction,
+    },
     /// Serve a local model as an OpenAI-compatible API (POST /v1/chat/completions).
     ServeLlm {
         /// Registered local model id.
@@ -134,6 +139,60 @@ enum ModelsAction {
         /// Model ids; `all` for every registered model.
         #[arg(default_value = "all-minilm-l6-v2")]
         ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemoryAction {
+    /// Build behaviour-record memory for every user with a history (idempotent, resumable).
+    Build {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Store file (default: under $MRREC_HOME/memory, one per catalogue).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Only the first N users (sorted by id).
+        #[arg(long)]
+        users: Option<usize>,
+    },
+    /// Print a user's entries.
+    Show {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// The user.
+        user: String,
+    },
+    /// The user's entries most similar to a text.
+    Retrieve {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// The user.
+        user: String,
+        /// What to look for.
+        text: String,
+        /// How many entries.
+        #[arg(short, default_value_t = 3)]
+        k: usize,
+    },
+    /// Remove every trace of a user from the store.
+    Forget {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// The user.
+        user: String,
+    },
+    /// Entries per level, users, store size.
+    Stats {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
 }
 
@@ -339,6 +398,132 @@ fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
             println!("{:>3}. {:.3}  {}  {}", i + 1, h.score, item.id, short);
         }
     }
+}
+
+const TENANT: &str = "default";
+
+fn open_store(ws: &Workspace, store: Option<PathBuf>) -> Result<mrrec_memory::SqliteStore> {
+    let path = store.unwrap_or_else(|| {
+        mrrec_models::home()
+            .join("memory")
+            .join(format!("{}.sqlite", ws_data_name(ws)))
+    });
+    Ok(mrrec_memory::SqliteStore::open(&path)?)
+}
+
+fn memory(action: MemoryAction) -> Result<()> {
+    use mrrec_embed::TextEmbedder;
+    use mrrec_memory::{Level, MemoryRead, MemoryWrite, Owner};
+    match action {
+        MemoryAction::Build { data, store, users } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let ids = ws.dataset.histories.user_ids();
+            let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
+            let t0 = std::time::Instant::now();
+            let mut per_user: Vec<Vec<mrrec_memory::MemoryEntry>> = ids
+                .iter()
+                .map(|u| mrrec_memory::record_entries(ws.dataset.histories.of(u), ws.catalogue()))
+                .collect();
+            // One embedding pass over every text: length-sorted batches, cached, resumable.
+            let texts: Vec<&str> = per_user.iter().flatten().map(|e| e.text.as_str()).collect();
+            let mut pb = mrrec::progress::Progress::new("embedding record memory", true);
+            let vecs = ws
+                .embedder
+                .embed_with_progress(&texts, &mut |d, t| pb.set(d, t))?;
+            pb.finish();
+            drop(texts);
+            let mut vecs = vecs.into_iter();
+            let mut n = 0usize;
+            for (u, entries) in ids.iter().zip(per_user.iter_mut()) {
+                for e in entries.iter_mut() {
+                    e.embedding = vecs.next().unwrap_or_default();
+                }
+                st.put(
+                    Owner {
+                        tenant: TENANT,
+                        user: u,
+                    },
+                    entries,
+                )?;
+                n += entries.len();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "{} users, {n} record entries in {:.1}s ({:.4} s/entry, no LLM tokens) → {}",
+                ids.len(),
+                secs,
+                secs / n.max(1) as f64,
+                st.path().display()
+            );
+        }
+        MemoryAction::Show { data, store, user } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let es = st.entries(Owner {
+                tenant: TENANT,
+                user: &user,
+            })?;
+            if es.is_empty() {
+                bail!(
+                    "no memory for user {user:?} (run `mrrec memory build` first, or check the id)"
+                );
+            }
+            for e in es {
+                println!(
+                    "[{}] {:<8} {:<22} {}",
+                    e.id,
+                    e.level.as_str(),
+                    e.category.as_deref().unwrap_or("-"),
+                    e.text
+                );
+            }
+        }
+        MemoryAction::Retrieve {
+            data,
+            store,
+            user,
+            text,
+            k,
+        } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let q = ws.embedder.embed(&[text.as_str()])?.remove(0);
+            let t = std::time::Instant::now();
+            let hits = st.retrieve(
+                Owner {
+                    tenant: TENANT,
+                    user: &user,
+                },
+                &q,
+                k,
+                &Level::ALL,
+            )?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if hits.is_empty() {
+                bail!("no memory for user {user:?}");
+            }
+            for h in hits {
+                println!("{:.3} [{}] {}", h.score, h.entry.id, h.entry.text);
+            }
+            eprintln!("retrieved in {ms:.2} ms");
+        }
+        MemoryAction::Forget { data, store, user } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let n = st.forget(Owner {
+                tenant: TENANT,
+                user: &user,
+            })?;
+            println!("removed {n} entries of {user}");
+        }
+        MemoryAction::Stats { data, store } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            println!("{}", serde_json::to_string_pretty(&st.stats(TENANT)?)?);
+        }
+    }
+    Ok(())
 }
 
 fn json_pair(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
@@ -623,6 +808,7 @@ fn main() -> Result<()> {
                 message,
             )?;
         }
+        Command::Memory { action } => memory(action)?,
         Command::ServeLlm { model, addr } => {
             let m: Arc<dyn mrrec_llm::ChatModel> =
                 Arc::new(mrrec_llm::LocalModel::from_registry(&model)?);

@@ -179,3 +179,81 @@ fn search_ranks_an_items_own_title_first_with_every_index() {
     assert!(!ok);
     assert!(stderr.contains("unknown dense index \"fancy\""), "{stderr}");
 }
+
+#[test]
+fn memory_build_show_retrieve_forget() {
+    let data = mini();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(
+            [
+                "--data",
+                data.to_str().unwrap(),
+                "--max-items",
+                "300",
+                "--store",
+                store.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    let run = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        mrrec(&refs)
+    };
+    let (ok, out, err) = run(args(&["memory", "build", "--users", "5"]));
+    assert!(ok, "{err}");
+    assert!(out.starts_with("5 users, "), "{out}");
+    let (ok, stats, _) = run(args(&["memory", "stats"]));
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["users"], 5);
+    let first_user = {
+        let reviews = std::fs::read_to_string(data.join("reviews.jsonl")).unwrap();
+        let mut users: Vec<String> = reviews
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["user_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        users.sort();
+        users.dedup();
+        users[0].clone()
+    };
+    let (ok, shown, err) = run(args(&["memory", "show", &first_user]));
+    assert!(ok, "{err}");
+    assert!(
+        shown
+            .lines()
+            .all(|l| l.starts_with("[r-") && l.contains(" record ")),
+        "{shown}"
+    );
+    let (ok, got, err) = run(args(&[
+        "memory",
+        "retrieve",
+        &first_user,
+        "something I liked",
+        "-k",
+        "2",
+    ]));
+    assert!(ok, "{err}");
+    assert_eq!(got.lines().count(), 2.min(shown.lines().count()));
+    // Another user's id sees nothing of the first user's.
+    let (ok, _, err) = run(args(&["memory", "retrieve", "NOBODY", "something I liked"]));
+    assert!(!ok);
+    assert!(err.contains("no memory for user \"NOBODY\""), "{err}");
+    let (ok, out, _) = run(args(&["memory", "forget", &first_user]));
+    assert!(ok);
+    assert!(
+        out.starts_with(&format!("removed {} entries", shown.lines().count())),
+        "{out}"
+    );
+    let (ok, _, err) = run(args(&["memory", "show", &first_user]));
+    assert!(!ok && err.contains("no memory for user"), "{err}");
+}
