@@ -154,6 +154,12 @@ enum MemoryAction {
         /// Only the first N users (sorted by id).
         #[arg(long)]
         users: Option<usize>,
+        /// Levels to build: records, patterns, profile (patterns and profile call the LLM).
+        #[arg(long, default_value = "records")]
+        levels: String,
+        /// Local model that writes patterns and profiles.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        model: String,
     },
     /// Print a user's entries.
     Show {
@@ -415,7 +421,13 @@ fn memory(action: MemoryAction) -> Result<()> {
     use mrrec_embed::TextEmbedder;
     use mrrec_memory::{Level, MemoryRead, MemoryWrite, Owner};
     match action {
-        MemoryAction::Build { data, store, users } => {
+        MemoryAction::Build {
+            data,
+            store,
+            users,
+            levels,
+            model,
+        } => {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let ids = ws.dataset.histories.user_ids();
@@ -434,11 +446,137 @@ fn memory(action: MemoryAction) -> Result<()> {
             pb.finish();
             drop(texts);
             let mut vecs = vecs.into_iter();
+            for e in per_user.iter_mut().flatten() {
+                e.embedding = vecs.next().unwrap_or_default();
+            }
             let mut n = 0usize;
-            for (u, entries) in ids.iter().zip(per_user.iter_mut()) {
-                for e in entries.iter_mut() {
+            let want_patterns = levels.contains("pattern");
+            let want_profile = levels.contains("profile");
+            let mut usage = mrrec_llm::Usage::default();
+            let mut llm_entries = 0usize;
+            if want_patterns || want_profile {
+                use mrrec_llm::ChatModel;
+                use mrrec_memory::summaries;
+                let cache = mrrec_models::home().join("cache").join("llm.sqlite");
+                let llm = mrrec_llm::CachedChatModel::open(
+                    mrrec_llm::LocalModel::from_registry(&model)?,
+                    &cache,
+                    mrrec_llm::CachePolicy::All,
+                )?;
+                // Patterns: one request per (user, category) with records.
+                let mut jobs: Vec<(usize, String, Vec<String>, mrrec_llm::ChatRequest)> =
+                    Vec::new();
+                for (ui, entries) in per_user.iter().enumerate() {
+                    let mut by_cat: std::collections::BTreeMap<
+                        String,
+                        Vec<&mrrec_memory::MemoryEntry>,
+                    > = Default::default();
+                    for e in entries {
+                        by_cat
+                            .entry(e.category.clone().unwrap_or_else(|| "Other".into()))
+                            .or_default()
+                            .push(e);
+                    }
+                    for (cat, es) in by_cat {
+                        let texts: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
+                        let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
+                        jobs.push((
+                            ui,
+                            cat.clone(),
+                            sources,
+                            summaries::pattern_request(&cat, &texts),
+                        ));
+                    }
+                }
+                let mut pattern_texts: Vec<Vec<(String, String, Vec<String>)>> =
+                    vec![Vec::new(); ids.len()];
+                let mut faithful = (0usize, 0usize);
+                let mut pb = mrrec::progress::Progress::new("writing preference patterns", true);
+                for (done, chunk) in jobs.chunks(8).enumerate() {
+                    let reqs: Vec<mrrec_llm::ChatRequest> =
+                        chunk.iter().map(|j| j.3.clone()).collect();
+                    for (j, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+                        let r = r?;
+                        usage.add(&r.usage);
+                        let source: String = per_user[j.0]
+                            .iter()
+                            .map(|e| e.text.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        let (ok, total) = summaries::faithfulness(&r.text, &source);
+                        faithful = (faithful.0 + ok, faithful.1 + total);
+                        pattern_texts[j.0].push((j.1.clone(), r.text, j.2.clone()));
+                    }
+                    pb.set(((done + 1) * 8).min(jobs.len()), jobs.len());
+                }
+                pb.finish();
+                let mut profile_reqs = Vec::new();
+                for (ui, pats) in pattern_texts.iter().enumerate() {
+                    if want_patterns {
+                        for (cat, text, sources) in pats {
+                            let es = summaries::pattern_entries(cat, text, sources);
+                            llm_entries += es.len();
+                            per_user[ui].extend(es);
+                        }
+                    }
+                    if want_profile && !pats.is_empty() {
+                        let pairs: Vec<(String, String)> = pats
+                            .iter()
+                            .map(|(c, t, _)| (c.clone(), t.clone()))
+                            .collect();
+                        let sources: Vec<String> = pats
+                            .iter()
+                            .map(|(c, _, _)| format!("pattern:{c}"))
+                            .collect();
+                        profile_reqs.push((ui, sources, summaries::profile_request(&pairs)));
+                    }
+                }
+                let mut pb = mrrec::progress::Progress::new("writing user profiles", true);
+                for (done, chunk) in profile_reqs.chunks(8).enumerate() {
+                    let reqs: Vec<mrrec_llm::ChatRequest> =
+                        chunk.iter().map(|j| j.2.clone()).collect();
+                    for (j, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+                        let r = r?;
+                        usage.add(&r.usage);
+                        let source: String = per_user[j.0]
+                            .iter()
+                            .map(|e| e.text.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        let (ok, total) = summaries::faithfulness(&r.text, &source);
+                        faithful = (faithful.0 + ok, faithful.1 + total);
+                        let es = summaries::profile_entries(&r.text, &j.1);
+                        llm_entries += es.len();
+                        per_user[j.0].extend(es);
+                    }
+                    pb.set(((done + 1) * 8).min(profile_reqs.len()), profile_reqs.len());
+                }
+                pb.finish();
+                println!(
+                    "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%)",
+                    faithful.0,
+                    faithful.1,
+                    100.0 * faithful.0 as f64 / faithful.1.max(1) as f64
+                );
+                // Embed the new segments.
+                let texts: Vec<&str> = per_user
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.embedding.is_empty())
+                    .map(|e| e.text.as_str())
+                    .collect();
+                let vecs = ws.embedder.embed(&texts)?;
+                drop(texts);
+                let mut vecs = vecs.into_iter();
+                for e in per_user
+                    .iter_mut()
+                    .flatten()
+                    .filter(|e| e.embedding.is_empty())
+                {
                     e.embedding = vecs.next().unwrap_or_default();
                 }
+            }
+            for (u, entries) in ids.iter().zip(per_user.iter_mut()) {
                 st.put(
                     Owner {
                         tenant: TENANT,
@@ -450,10 +588,15 @@ fn memory(action: MemoryAction) -> Result<()> {
             }
             let secs = t0.elapsed().as_secs_f64();
             println!(
-                "{} users, {n} record entries in {:.1}s ({:.4} s/entry, no LLM tokens) → {}",
+                "{} users, {n} entries ({llm_entries} written by {}) in {:.1}s; LLM: {} tokens in, {} out, {:.1}s ({:.2} s/LLM entry); prompts {} → {}",
                 ids.len(),
+                if llm_entries > 0 { model.as_str() } else { "no LLM" },
                 secs,
-                secs / n.max(1) as f64,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.seconds,
+                usage.seconds / llm_entries.max(1) as f64,
+                mrrec_memory::summaries::PROMPT_VERSION,
                 st.path().display()
             );
         }

@@ -257,3 +257,47 @@ fn memory_build_show_retrieve_forget() {
     let (ok, _, err) = run(args(&["memory", "show", &first_user]));
     assert!(!ok && err.contains("no memory for user"), "{err}");
 }
+
+#[test]
+fn memory_build_writes_patterns_and_a_profile_with_the_tiny_model() {
+    let data = mini();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let (ok, out, err) = mrrec(&[
+        "memory",
+        "build",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--store",
+        store.to_str().unwrap(),
+        "--users",
+        "1",
+        "--levels",
+        "records,patterns,profile",
+        "--model",
+        "smollm2-135m-instruct",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("faithfulness: "), "{out}");
+    assert!(out.contains("tokens in"), "{out}");
+    let (ok, stats, _) = mrrec(&[
+        "memory",
+        "stats",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    for level in ["record", "pattern", "profile"] {
+        assert!(
+            v["entries"][level].as_u64().unwrap_or(0) >= 1,
+            "{level}: {stats}"
+        );
+    }
+}

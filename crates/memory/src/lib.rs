@@ -5,6 +5,7 @@
 
 mod records;
 mod sqlite;
+pub mod summaries;
 
 use serde::{Deserialize, Serialize};
 
