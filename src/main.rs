@@ -408,6 +408,34 @@ fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
 
 const TENANT: &str = "default";
 
+/// Runs summary requests (user index, request) in batches of 8 with progress; adds their usage
+/// and the faithfulness of each answer against that user's entries; returns the texts in order.
+fn summarise_all(
+    llm: &dyn mrrec_llm::ChatModel,
+    jobs: &[(usize, mrrec_llm::ChatRequest)],
+    per_user: &[Vec<mrrec_memory::MemoryEntry>],
+    what: &str,
+    usage: &mut mrrec_llm::Usage,
+    faithful: &mut (usize, usize),
+) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut pb = mrrec::progress::Progress::new(what, true);
+    for chunk in jobs.chunks(8) {
+        let reqs: Vec<mrrec_llm::ChatRequest> = chunk.iter().map(|j| j.1.clone()).collect();
+        for ((ui, _), r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+            let r = r?;
+            usage.add(&r.usage);
+            let source: Vec<&str> = per_user[*ui].iter().map(|e| e.text.as_str()).collect();
+            let (ok, total) = mrrec_memory::summaries::faithfulness(&r.text, &source.join("\n"));
+            *faithful = (faithful.0 + ok, faithful.1 + total);
+            out.push(r.text);
+        }
+        pb.set(out.len(), jobs.len());
+    }
+    pb.finish();
+    Ok(out)
+}
+
 fn open_store(ws: &Workspace, store: Option<PathBuf>) -> Result<mrrec_memory::SqliteStore> {
     let path = store.unwrap_or_else(|| {
         mrrec_models::home()
@@ -455,7 +483,6 @@ fn memory(action: MemoryAction) -> Result<()> {
             let mut usage = mrrec_llm::Usage::default();
             let mut llm_entries = 0usize;
             if want_patterns || want_profile {
-                use mrrec_llm::ChatModel;
                 use mrrec_memory::summaries;
                 let cache = mrrec_models::home().join("cache").join("llm.sqlite");
                 let llm = mrrec_llm::CachedChatModel::open(
@@ -488,29 +515,24 @@ fn memory(action: MemoryAction) -> Result<()> {
                         ));
                     }
                 }
+                let mut faithful = (0usize, 0usize);
+                let pattern_jobs: Vec<(usize, mrrec_llm::ChatRequest)> =
+                    jobs.iter().map(|j| (j.0, j.3.clone())).collect();
+                let texts = summarise_all(
+                    &llm,
+                    &pattern_jobs,
+                    &per_user,
+                    "writing preference patterns",
+                    &mut usage,
+                    &mut faithful,
+                )?;
                 let mut pattern_texts: Vec<Vec<(String, String, Vec<String>)>> =
                     vec![Vec::new(); ids.len()];
-                let mut faithful = (0usize, 0usize);
-                let mut pb = mrrec::progress::Progress::new("writing preference patterns", true);
-                for (done, chunk) in jobs.chunks(8).enumerate() {
-                    let reqs: Vec<mrrec_llm::ChatRequest> =
-                        chunk.iter().map(|j| j.3.clone()).collect();
-                    for (j, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
-                        let r = r?;
-                        usage.add(&r.usage);
-                        let source: String = per_user[j.0]
-                            .iter()
-                            .map(|e| e.text.as_str())
-                            .collect::<Vec<_>>()
-                            .join("\n");
-                        let (ok, total) = summaries::faithfulness(&r.text, &source);
-                        faithful = (faithful.0 + ok, faithful.1 + total);
-                        pattern_texts[j.0].push((j.1.clone(), r.text, j.2.clone()));
-                    }
-                    pb.set(((done + 1) * 8).min(jobs.len()), jobs.len());
+                for (j, text) in jobs.iter().zip(texts) {
+                    pattern_texts[j.0].push((j.1.clone(), text, j.2.clone()));
                 }
-                pb.finish();
-                let mut profile_reqs = Vec::new();
+                let mut profile_jobs = Vec::new();
+                let mut profile_sources = Vec::new();
                 for (ui, pats) in pattern_texts.iter().enumerate() {
                     if want_patterns {
                         for (cat, text, sources) in pats {
@@ -524,34 +546,29 @@ fn memory(action: MemoryAction) -> Result<()> {
                             .iter()
                             .map(|(c, t, _)| (c.clone(), t.clone()))
                             .collect();
-                        let sources: Vec<String> = pats
-                            .iter()
-                            .map(|(c, _, _)| format!("pattern:{c}"))
-                            .collect();
-                        profile_reqs.push((ui, sources, summaries::profile_request(&pairs)));
+                        profile_sources.push(
+                            pats.iter()
+                                .map(|(c, _, _)| format!("pattern:{c}"))
+                                .collect::<Vec<_>>(),
+                        );
+                        profile_jobs.push((ui, summaries::profile_request(&pairs)));
                     }
                 }
-                let mut pb = mrrec::progress::Progress::new("writing user profiles", true);
-                for (done, chunk) in profile_reqs.chunks(8).enumerate() {
-                    let reqs: Vec<mrrec_llm::ChatRequest> =
-                        chunk.iter().map(|j| j.2.clone()).collect();
-                    for (j, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
-                        let r = r?;
-                        usage.add(&r.usage);
-                        let source: String = per_user[j.0]
-                            .iter()
-                            .map(|e| e.text.as_str())
-                            .collect::<Vec<_>>()
-                            .join("\n");
-                        let (ok, total) = summaries::faithfulness(&r.text, &source);
-                        faithful = (faithful.0 + ok, faithful.1 + total);
-                        let es = summaries::profile_entries(&r.text, &j.1);
-                        llm_entries += es.len();
-                        per_user[j.0].extend(es);
-                    }
-                    pb.set(((done + 1) * 8).min(profile_reqs.len()), profile_reqs.len());
+                let texts = summarise_all(
+                    &llm,
+                    &profile_jobs,
+                    &per_user,
+                    "writing user profiles",
+                    &mut usage,
+                    &mut faithful,
+                )?;
+                for (((ui, _), sources), text) in
+                    profile_jobs.iter().zip(&profile_sources).zip(texts)
+                {
+                    let es = summaries::profile_entries(&text, sources);
+                    llm_entries += es.len();
+                    per_user[*ui].extend(es);
                 }
-                pb.finish();
                 println!(
                     "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%)",
                     faithful.0,
