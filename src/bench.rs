@@ -66,10 +66,6 @@ fn realistic_vectors(base: &[f32], dim: usize, n: usize, seed: u64) -> Vec<f32> 
 /// Exact search over `n` vectors and HNSW over `n_hnsw`, against exact.
 pub fn search(ws: &Workspace, n: usize, n_hnsw: usize, queries: usize) -> Result<Value> {
     let dim = ws.embedder.dim();
-    let Some(dense) = mrrec_index::open_index(&ws.index_dir.join("exact")).ok() else {
-        anyhow::bail!("no exact index");
-    };
-    let _ = dense;
     let base = ExactIndex::open(&ws.index_dir.join("exact"))?;
     let vecs = realistic_vectors(base.vectors(), dim, n, 1);
     let bw = mrrec_index::read_bandwidth(&vecs);

@@ -12,5 +12,5 @@ pub mod methods;
 pub mod progress;
 pub mod workspace;
 
-pub use methods::{method_names, DenseMethod, HybridMethod, LexicalMethod};
+pub use methods::{method_names, DenseMethod, LexicalMethod};
 pub use workspace::{DenseKind, Workspace, WorkspaceOptions};

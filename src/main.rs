@@ -302,7 +302,7 @@ fn method_for(ws: &Workspace, name: &str) -> Result<Box<dyn Method>> {
         "hybrid" => Box::new(DenseMethod {
             name: "hybrid".into(),
             embedder: ws.embedder.clone(),
-            index: Arc::new(ws.hybrid()?),
+            index: Arc::new(ws.hybrid()),
         }),
         other => bail!(
             "unknown method {other:?}; available: {}",
@@ -392,16 +392,18 @@ fn embedder_sha() -> String {
         .unwrap_or_default()
 }
 
-fn print_hits(ws: &Workspace, hits: &[mrrec_index::Hit]) {
-    for (i, h) in hits.iter().enumerate() {
-        if let Some(item) = ws.catalogue().get(h.item) {
+/// Prints ranked items (with their score when the method gives one).
+fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
+    for (i, &(pos, score)) in ranked.iter().enumerate() {
+        if let Some(item) = ws.catalogue().get(pos) {
             let title = if item.title.is_empty() {
                 &item.text
             } else {
                 &item.title
             };
             let short: String = title.chars().take(90).collect();
-            println!("{:>3}. {:.3}  {}  {}", i + 1, h.score, item.id, short);
+            let score = score.map(|s| format!("{s:.3}  ")).unwrap_or_default();
+            println!("{:>3}. {score}{}  {}", i + 1, item.id, short);
         }
     }
 }
@@ -873,15 +875,9 @@ fn main() -> Result<()> {
             let ans = m
                 .answer(&[&q], QueryField::Query, k)
                 .map_err(|e| anyhow::anyhow!(e.0))?;
-            let hits: Vec<mrrec_index::Hit> = ans[0]
-                .ranking
-                .iter()
-                .map(|&item| mrrec_index::Hit {
-                    item,
-                    score: f32::NAN,
-                })
-                .collect();
-            print_hits(&ws, &hits);
+            let ranked: Vec<(u32, Option<f32>)> =
+                ans[0].ranking.iter().map(|&item| (item, None)).collect();
+            print_ranked(&ws, &ranked);
         }
         Command::Eval(a) => {
             let ws = a.data.open()?;
@@ -1010,7 +1006,10 @@ fn main() -> Result<()> {
                 })
                 .unwrap_or_else(|| "a comfortable pillow for sleeping with a CPAP mask".into());
             println!("Example request: {example:?}\nTop 5 (dense):");
-            print_hits(&ws, &ws.search_dense(&example, 5)?);
+            let hits = ws.search_dense(&example, 5)?;
+            let ranked: Vec<(u32, Option<f32>)> =
+                hits.iter().map(|h| (h.item, Some(h.score))).collect();
+            print_ranked(&ws, &ranked);
             let mut rows = Vec::new();
             for field in [QueryField::SimpleQuery, QueryField::Query] {
                 for method in mrrec::method_names() {

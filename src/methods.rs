@@ -53,7 +53,8 @@ impl Method for LexicalMethod {
     }
 }
 
-/// Embeds the query text and ranks items by cosine similarity (any dense or hybrid index).
+/// Embeds the query text and searches an index with text and vector: a dense index (`dense`) or
+/// the RRF fusion of BM25 and dense (`hybrid`).
 pub struct DenseMethod {
     /// Registry name.
     pub name: String,
@@ -62,9 +63,6 @@ pub struct DenseMethod {
     /// The index searched with text and vector.
     pub index: Arc<dyn ItemIndex>,
 }
-
-/// Dense + BM25 fused by reciprocal rank.
-pub type HybridMethod = DenseMethod;
 
 impl Method for DenseMethod {
     fn name(&self) -> &str {

@@ -235,12 +235,12 @@ impl Workspace {
     }
 
     /// A hybrid (RRF) index over this workspace's lexical and dense indexes.
-    pub fn hybrid(&self) -> Result<HybridIndex> {
-        Ok(HybridIndex::new(
-            open_index(&self.index_dir.join("bm25"))?,
-            open_index(&self.dense_dir)?,
+    pub fn hybrid(&self) -> HybridIndex {
+        HybridIndex::new(
+            self.lexical.clone(),
+            self.dense.clone(),
             HybridParams::default(),
-        ))
+        )
     }
 
     /// The catalogue every method ranks.

@@ -21,13 +21,9 @@ pub struct Bm25Index {
     /// Per segment: doc id → catalogue position.
     positions: Vec<Vec<u32>>,
     /// The folder the index lives in.
-    dir: Option<std::path::PathBuf>,
+    dir: std::path::PathBuf,
     /// Keeps a temporary folder alive for indexes built without one.
     _tmp: Option<tempfile::TempDir>,
-}
-
-fn unreachable_folder() -> std::path::PathBuf {
-    std::env::temp_dir()
 }
 
 fn schema() -> (Schema, Field, Field) {
@@ -44,22 +40,20 @@ impl Bm25Index {
         dir: Option<&Path>,
     ) -> Result<Self> {
         let (schema, item, text) = schema();
-        let mut tmp_holder = None;
-        let index = match dir {
+        let (index, folder, tmp_holder) = match dir {
             Some(d) => {
                 let td = d.join("tantivy");
                 if td.exists() {
                     std::fs::remove_dir_all(&td).map_err(crate::io_err(&td))?;
                 }
                 std::fs::create_dir_all(&td).map_err(crate::io_err(&td))?;
-                Index::create_in_dir(&td, schema)?
+                (Index::create_in_dir(&td, schema)?, td, None)
             }
             None => {
                 // A private temporary folder, so that `save` can copy plain files.
                 let tmp = tempfile::tempdir().map_err(crate::io_err(Path::new("(temp dir)")))?;
                 let idx = Index::create_in_dir(tmp.path(), schema)?;
-                tmp_holder = Some(tmp);
-                idx
+                (idx, tmp.path().to_path_buf(), Some(tmp))
             }
         };
         {
@@ -73,12 +67,7 @@ impl Bm25Index {
         if let Some(d) = dir {
             write_kind(d, "bm25")?;
         }
-        let folder = match (&tmp_holder, dir) {
-            (Some(t), _) => t.path().to_path_buf(),
-            (None, Some(d)) => d.join("tantivy"),
-            (None, None) => unreachable_folder(),
-        };
-        let mut ix = Self::from_index(index, text, Some(folder))?;
+        let mut ix = Self::from_index(index, text, folder)?;
         ix._tmp = tmp_holder;
         Ok(ix)
     }
@@ -87,10 +76,10 @@ impl Bm25Index {
     pub fn open(dir: &Path) -> Result<Self> {
         let index = Index::open_in_dir(dir.join("tantivy"))?;
         let text = index.schema().get_field("text")?;
-        Self::from_index(index, text, Some(dir.join("tantivy")))
+        Self::from_index(index, text, dir.join("tantivy"))
     }
 
-    fn from_index(index: Index, text: Field, dir: Option<std::path::PathBuf>) -> Result<Self> {
+    fn from_index(index: Index, text: Field, dir: std::path::PathBuf) -> Result<Self> {
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -172,21 +161,17 @@ impl ItemIndex for Bm25Index {
 
     fn save(&self, dir: &Path) -> Result<()> {
         let td = dir.join("tantivy");
-        let same = self.dir.as_ref().is_some_and(|d| {
-            d.canonicalize().ok().is_some() && d.canonicalize().ok() == td.canonicalize().ok()
-        });
+        let same = self
+            .dir
+            .canonicalize()
+            .ok()
+            .is_some_and(|d| Some(d) == td.canonicalize().ok());
         if !same {
             if td.exists() {
                 std::fs::remove_dir_all(&td).map_err(crate::io_err(&td))?;
             }
             std::fs::create_dir_all(&td).map_err(crate::io_err(&td))?;
-            let src = self
-                .dir
-                .as_ref()
-                .ok_or_else(|| crate::IndexError::Corrupt {
-                    path: td.clone(),
-                    message: "index has no folder to copy from".into(),
-                })?;
+            let src = &self.dir;
             for entry in std::fs::read_dir(src).map_err(crate::io_err(src))? {
                 let entry = entry.map_err(crate::io_err(src))?;
                 let name = entry.file_name();

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -7,8 +8,8 @@ use crate::{io_err, open_index, sort_hits, write_kind, Hit, ItemIndex, Result, S
 
 /// Reciprocal-rank fusion of a lexical and a dense index: score = Σ 1 / (c + rank).
 pub struct HybridIndex {
-    lexical: Box<dyn ItemIndex>,
-    dense: Box<dyn ItemIndex>,
+    lexical: Arc<dyn ItemIndex>,
+    dense: Arc<dyn ItemIndex>,
     params: HybridParams,
 }
 
@@ -33,8 +34,8 @@ impl Default for HybridParams {
 impl HybridIndex {
     /// Fuses `lexical` (reads the text) and `dense` (reads the vector).
     pub fn new(
-        lexical: Box<dyn ItemIndex>,
-        dense: Box<dyn ItemIndex>,
+        lexical: Arc<dyn ItemIndex>,
+        dense: Arc<dyn ItemIndex>,
         params: HybridParams,
     ) -> Self {
         HybridIndex {
@@ -55,8 +56,8 @@ impl HybridIndex {
                 }
             })?;
         Ok(HybridIndex {
-            lexical: open_index(&dir.join("lexical"))?,
-            dense: open_index(&dir.join("dense"))?,
+            lexical: Arc::from(open_index(&dir.join("lexical"))?),
+            dense: Arc::from(open_index(&dir.join("dense"))?),
             params,
         })
     }

@@ -1,29 +1,5 @@
 //! Dot products compiled for AVX2+FMA when the CPU has them, portable otherwise.
 
-#[allow(dead_code)]
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 16];
-    let chunks = n / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let mut tail = 0.0f32;
-    for i in chunks * 16..n {
-        tail += a[i] * b[i];
-    }
-    let mut s = 0.0f32;
-    for v in acc {
-        s += v;
-    }
-    s + tail
-}
-
 #[inline(always)]
 fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());

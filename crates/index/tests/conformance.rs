@@ -45,8 +45,8 @@ fn bm25(t: &[String], _: &[f32], dir: Option<&std::path::Path>) -> Box<dyn ItemI
 }
 fn hybrid(t: &[String], v: &[f32], _: Option<&std::path::Path>) -> Box<dyn ItemIndex> {
     Box::new(HybridIndex::new(
-        bm25(t, v, None),
-        exact(t, v, None),
+        bm25(t, v, None).into(),
+        exact(t, v, None).into(),
         HybridParams::default(),
     ))
 }

@@ -76,20 +76,12 @@ pub fn boxed_json(text: &str) -> Option<Value> {
 /// The first balanced `{...}` at the start of `s` (quotes respected).
 fn extract_balanced(s: &str) -> Option<&str> {
     let mut depth = 0i32;
-    let mut in_str = false;
-    let mut esc = false;
+    let mut q = Quotes::default();
     for (i, c) in s.char_indices() {
-        if in_str {
-            match (esc, c) {
-                (true, _) => esc = false,
-                (false, '\\') => esc = true,
-                (false, '"') => in_str = false,
-                _ => {}
-            }
+        if !q.outside(c) {
             continue;
         }
         match c {
-            '"' => in_str = true,
             '{' => depth += 1,
             '}' => {
                 depth -= 1;
@@ -101,6 +93,33 @@ fn extract_balanced(s: &str) -> Option<&str> {
         }
     }
     None
+}
+
+/// Tracks whether a scan over JSON text is inside a string literal.
+#[derive(Default)]
+struct Quotes {
+    in_str: bool,
+    esc: bool,
+}
+
+impl Quotes {
+    /// Feeds one character; true when it stands outside every string (quotes count as inside).
+    fn outside(&mut self, c: char) -> bool {
+        if self.in_str {
+            match (self.esc, c) {
+                (true, _) => self.esc = false,
+                (false, '\\') => self.esc = true,
+                (false, '"') => self.in_str = false,
+                _ => {}
+            }
+            return false;
+        }
+        if c == '"' {
+            self.in_str = true;
+            return false;
+        }
+        true
+    }
 }
 
 /// Parses JSON as models write it: strips code fences, finds the first object, removes trailing
@@ -135,23 +154,9 @@ pub fn parse_json_lenient(s: &str) -> Option<Value> {
 fn remove_trailing_commas(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let chars: Vec<char> = s.chars().collect();
-    let mut in_str = false;
-    let mut esc = false;
+    let mut q = Quotes::default();
     for (i, &c) in chars.iter().enumerate() {
-        if in_str {
-            out.push(c);
-            match (esc, c) {
-                (true, _) => esc = false,
-                (false, '\\') => esc = true,
-                (false, '"') => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        if c == '"' {
-            in_str = true;
-        }
-        if c == ',' {
+        if q.outside(c) && c == ',' {
             let next = chars[i + 1..].iter().find(|c| !c.is_whitespace());
             if matches!(next, Some('}') | Some(']')) {
                 continue;
@@ -196,20 +201,12 @@ fn single_to_double(s: &str) -> String {
 /// Closes an object cut off mid-way: ends an open string and closes open brackets.
 fn close_truncated(s: &str) -> String {
     let mut stack = Vec::new();
-    let mut in_str = false;
-    let mut esc = false;
+    let mut q = Quotes::default();
     for c in s.chars() {
-        if in_str {
-            match (esc, c) {
-                (true, _) => esc = false,
-                (false, '\\') => esc = true,
-                (false, '"') => in_str = false,
-                _ => {}
-            }
+        if !q.outside(c) {
             continue;
         }
         match c {
-            '"' => in_str = true,
             '{' => stack.push('}'),
             '[' => stack.push(']'),
             '}' | ']' => {
@@ -218,6 +215,7 @@ fn close_truncated(s: &str) -> String {
             _ => {}
         }
     }
+    let in_str = q.in_str;
     let mut out = s.trim_end().to_string();
     if in_str {
         out.push('"');
