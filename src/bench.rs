@@ -350,3 +350,115 @@ pub fn resident_bytes() -> u64 {
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
+
+/// Local-memory retrieval latency for one user in a store of `users` synthetic users with
+/// `per_user` entries each (384-d), against the same user's retrieval in a store holding only
+/// that user: the ratio shows whether a lookup scans other users. `location` is a SQLite file
+/// (created) or a postgres:// URL.
+pub fn memory_retrieval(
+    location: &str,
+    users: usize,
+    per_user: usize,
+    queries: usize,
+) -> Result<Value> {
+    use mrrec_memory::{Level, MemoryEntry, MemoryWrite, Owner};
+    let dim = 384;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let unit = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+        let mut v: Vec<f32> = (0..dim).map(|_| rng.gen_range(-1f32..1.0)).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    };
+    let text = "Bought \"Stainless steel kettle, 1.7 L\" (Home & Kitchen), rated 5/5. Review: Boils fast, quiet, and the lid does not drip.";
+    let entries_for = |u: usize,
+                       rng: &mut ChaCha8Rng,
+                       unit: &dyn Fn(&mut ChaCha8Rng) -> Vec<f32>|
+     -> Vec<MemoryEntry> {
+        (0..per_user)
+            .map(|i| MemoryEntry {
+                id: format!("r-{u}-{i}"),
+                level: if i % 5 == 4 {
+                    Level::Pattern
+                } else {
+                    Level::Record
+                },
+                category: Some("Home_and_Kitchen".into()),
+                text: text.to_string(),
+                provenance: vec![format!("B{u:08}{i}")],
+                embedding: unit(rng),
+            })
+            .collect()
+    };
+    let store = mrrec_memory::open_store(location)?;
+    let t = Instant::now();
+    let have = store.users("bench")?.len();
+    for u in have..users {
+        let es = entries_for(u, &mut rng, &unit);
+        let user = format!("user{u:07}");
+        store.put(
+            Owner {
+                tenant: "bench",
+                user: &user,
+            },
+            &es,
+        )?;
+        if u % 10_000 == 0 {
+            eprintln!("memory bench: {u}/{users} users written");
+        }
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    let time = |store: &dyn mrrec_memory::MemoryWrite,
+                pick: &mut dyn FnMut() -> String,
+                rng: &mut ChaCha8Rng|
+     -> Result<(f64, f64)> {
+        let mut lat = Vec::with_capacity(queries);
+        for _ in 0..queries {
+            let user = pick();
+            let q = unit(rng);
+            let t = Instant::now();
+            let r = store.retrieve(
+                Owner {
+                    tenant: "bench",
+                    user: &user,
+                },
+                &q,
+                3,
+                &Level::ALL,
+            )?;
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(
+                r.len() == 3.min(per_user),
+                "retrieval returned {} entries",
+                r.len()
+            );
+        }
+        Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99)))
+    };
+    let mut pick_rng = ChaCha8Rng::seed_from_u64(11);
+    let (p50, p99) = time(
+        &*store,
+        &mut || format!("user{:07}", pick_rng.gen_range(0..users)),
+        &mut rng,
+    )?;
+    // Baseline: the same retrieval in a store that holds one user.
+    let dir = tempfile::tempdir()?;
+    let one = mrrec_memory::SqliteStore::open(&dir.path().join("one.sqlite"))?;
+    one.put(
+        Owner {
+            tenant: "bench",
+            user: "user0000000",
+        },
+        &entries_for(0, &mut rng, &unit),
+    )?;
+    let (b50, b99) = time(&one, &mut || "user0000000".to_string(), &mut rng)?;
+    let stats = store.stats("bench")?;
+    Ok(json!({
+        "store": if location.starts_with("postgres") { "postgres" } else { "sqlite" },
+        "users": users, "entries": users * per_user, "fill_seconds": fill_s,
+        "retrieve_p50_ms": p50, "retrieve_p99_ms": p99,
+        "one_user_store_p50_ms": b50, "one_user_store_p99_ms": b99,
+        "ratio_p50_vs_one_user_store": p50 / b50,
+        "store_bytes": stats.bytes, "bytes_per_user": stats.bytes as f64 / users as f64,
+    }))
+}

@@ -7,7 +7,10 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod assistant;
+pub mod backend;
 pub mod bench;
+pub mod memory;
 pub mod methods;
 pub mod progress;
 pub mod workspace;

@@ -46,6 +46,47 @@ enum Command {
     },
     /// Evaluate a method on the queries of a data directory.
     Eval(EvalArgs),
+    /// Ask the assistant for a user: it reasons, fetches memories, writes the ideal item profile
+    /// and ranks the catalogue with it; prints the trace.
+    Recommend {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        assistant: AssistantArgs,
+        /// The user (memory is read for this user only).
+        #[arg(long)]
+        user: String,
+        /// The store section the request comes from (context only; never a filter).
+        #[arg(long)]
+        category: Option<String>,
+        /// Method: mrrec (default), an ablation, or a baseline (llm-rewrite, naive-memory,
+        /// static-memory).
+        #[arg(long, default_value = "mrrec")]
+        method: String,
+        /// Items to show.
+        #[arg(short, default_value_t = 10)]
+        k: usize,
+        /// Print the answer and trace as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The request.
+        request: String,
+    },
+    /// One Markdown report across finished runs: the paper's table with intervals, paired
+    /// significance of the best method, costs, trace health, per category, and a bar chart.
+    Report {
+        /// Run folders.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Write report.md and the charts here (default: print the Markdown).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Bootstrap resamples.
+        #[arg(long, default_value_t = 2000)]
+        rounds: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Compare two finished runs on their shared queries (paired bootstrap).
     Compare {
         /// Run folder A.
@@ -112,7 +153,13 @@ enum Command {
         /// How many queries to time.
         #[arg(long, default_value_t = 200)]
         bench_queries: usize,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile.
+        /// Synthetic users (10 entries each) for the memory-retrieval benchmark.
+        #[arg(long, default_value_t = 100_000)]
+        memory_users: usize,
+        /// Store for the memory benchmark (SQLite file or postgres:// URL).
+        #[arg(long)]
+        memory_store: Option<String>,
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
     },
@@ -142,31 +189,71 @@ enum ModelsAction {
     },
 }
 
+#[derive(Args, Clone)]
+struct LlmArgs {
+    /// Local model (registry id) that writes patterns, profiles and aspects; with --llm-url,
+    /// the server's model name.
+    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    model: String,
+    /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI) instead of a local model.
+    #[arg(long, env = "MRREC_LLM_BASE_URL")]
+    llm_url: Option<String>,
+    /// Requests per LLM batch (also the unit a killed build loses at most).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
 #[derive(Subcommand)]
 enum MemoryAction {
-    /// Build behaviour-record memory for every user with a history (idempotent, resumable).
+    /// Build memory for every user with a history: idempotent and resumable (kill it and rerun).
     Build {
         #[command(flatten)]
         data: DataArgs,
-        /// Store file (default: under $MRREC_HOME/memory, one per catalogue).
-        #[arg(long)]
-        store: Option<PathBuf>,
+        /// Store: a SQLite file (default: under $MRREC_HOME/memory, one per catalogue) or a
+        /// postgres:// URL.
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
         /// Only the first N users (sorted by id).
         #[arg(long)]
         users: Option<usize>,
-        /// Levels to build: records, patterns, profile (patterns and profile call the LLM).
+        /// Only users who have a query in these splits (comma-separated: train, val).
+        #[arg(long)]
+        for_split: Option<String>,
+        /// Levels: records, patterns, profile (LLM), global (LLM, from train/aspect queries).
         #[arg(long, default_value = "records")]
         levels: String,
-        /// Local model that writes patterns and profiles.
-        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
-        model: String,
+        #[command(flatten)]
+        llm: LlmArgs,
+        /// Only the first N train/aspect queries for global memory.
+        #[arg(long)]
+        global_queries: Option<usize>,
+        /// Hard negatives per query in global-memory step A (3–5).
+        #[arg(long, default_value_t = 4)]
+        negatives: usize,
+    },
+    /// Add new interactions of one user (JSONL, Amazon Reviews 2023 rows) and rewrite only the
+    /// affected patterns and profile.
+    Add {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
+        /// The user.
+        user: String,
+        /// JSONL file of reviews (rating, title, text, parent_asin, timestamp).
+        file: PathBuf,
+        /// Only store the records and mark the summaries stale (no LLM now).
+        #[arg(long)]
+        no_llm: bool,
+        #[command(flatten)]
+        llm: LlmArgs,
     },
     /// Print a user's entries.
     Show {
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
         /// The user.
         user: String,
     },
@@ -174,8 +261,8 @@ enum MemoryAction {
     Retrieve {
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
         /// The user.
         user: String,
         /// What to look for.
@@ -183,22 +270,38 @@ enum MemoryAction {
         /// How many entries.
         #[arg(short, default_value_t = 3)]
         k: usize,
+        /// Levels to search (comma-separated).
+        #[arg(long, default_value = "records,patterns,profile")]
+        levels: String,
     },
-    /// Remove every trace of a user from the store.
+    /// Global aspects of a category (all, or the n nearest to a text).
+    Global {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
+        /// The category (scenario), e.g. Books.
+        category: String,
+        /// Rank by similarity to this text.
+        text: Option<String>,
+        #[arg(short, default_value_t = 5)]
+        n: usize,
+    },
+    /// Remove every trace of a user: store, embedding cache, LLM response cache, global aspects.
     Forget {
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
         /// The user.
         user: String,
     },
-    /// Entries per level, users, store size.
+    /// Entries per level, users, global aspects, store size.
     Stats {
         #[command(flatten)]
         data: DataArgs,
-        #[arg(long)]
-        store: Option<PathBuf>,
+        #[arg(long, env = "MRREC_STORE")]
+        store: Option<String>,
     },
 }
 
@@ -247,6 +350,56 @@ struct EvalArgs {
     /// Run folder (resumed when it already holds this run).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    assistant: AssistantArgs,
+}
+
+#[derive(Args, Clone)]
+struct AssistantArgs {
+    #[command(flatten)]
+    llm: LlmArgs,
+    /// Loop mode: guided (the controller owns the structure), free (the paper's), or auto
+    /// (guided for local models, free for servers).
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Memory store (SQLite file or postgres:// URL; default: the catalogue's store under
+    /// $MRREC_HOME/memory).
+    #[arg(long, env = "MRREC_STORE")]
+    store: Option<String>,
+    /// Rank with BM25 + dense fusion instead of dense alone.
+    #[arg(long)]
+    hybrid_rank: bool,
+    /// Tool calls the controller opens in guided mode.
+    #[arg(long, default_value_t = 1)]
+    guided_calls: usize,
+}
+
+/// What the LLM methods borrow: the memory store and the (cached) chat model.
+struct LlmContext {
+    store: Box<dyn mrrec_memory::MemoryWrite + Send + Sync>,
+    model: mrrec_llm::CachedChatModel<Box<dyn mrrec_llm::ChatModel>>,
+    cfg: mrrec::assistant::AssistantConfig,
+}
+
+impl AssistantArgs {
+    fn context(&self, ws: &Workspace) -> Result<LlmContext> {
+        let mode = match self.mode.as_str() {
+            "auto" if self.llm.llm_url.is_some() => mrrec::assistant::Mode::Free,
+            "auto" => mrrec::assistant::Mode::Guided,
+            m => m.parse().map_err(anyhow::Error::msg)?,
+        };
+        let cfg = mrrec::assistant::AssistantConfig {
+            mode,
+            hybrid: self.hybrid_rank,
+            guided_calls: self.guided_calls,
+            ..Default::default()
+        };
+        Ok(LlmContext {
+            store: open_store(ws, self.store.clone())?,
+            model: mrrec::backend::cached_chat_model(&self.llm.model, self.llm.llm_url.as_deref())?,
+            cfg,
+        })
+    }
 }
 
 impl DataArgs {
@@ -289,7 +442,26 @@ fn parse_splits(s: &str) -> Result<Vec<Split>> {
         .collect()
 }
 
-fn method_for(ws: &Workspace, name: &str) -> Result<Box<dyn Method>> {
+fn method_for<'a>(
+    ws: &'a Workspace,
+    name: &str,
+    ctx: Option<&'a LlmContext>,
+) -> Result<Box<dyn Method + 'a>> {
+    if let Some(ctx) = ctx {
+        if let Some((kind, cfg)) = mrrec::methods::llm_method(name, &ctx.cfg) {
+            return Ok(Box::new(mrrec::methods::LlmMethod {
+                name: name.to_string(),
+                kind,
+                assistant: mrrec::assistant::Assistant {
+                    ws,
+                    store: &*ctx.store,
+                    tenant: TENANT,
+                    llm: &ctx.model,
+                    cfg,
+                },
+            }));
+        }
+    }
     Ok(match name {
         "bm25" => Box::new(LexicalMethod {
             index: ws.lexical.clone(),
@@ -305,8 +477,9 @@ fn method_for(ws: &Workspace, name: &str) -> Result<Box<dyn Method>> {
             index: Arc::new(ws.hybrid()),
         }),
         other => bail!(
-            "unknown method {other:?}; available: {}",
-            mrrec::method_names().join(", ")
+            "unknown method {other:?}; available: {}, {}",
+            mrrec::method_names().join(", "),
+            mrrec::methods::llm_method_names().join(", ")
         ),
     })
 }
@@ -323,6 +496,7 @@ fn git_commit() -> String {
 
 fn eval_one(
     ws: &Workspace,
+    ctx: Option<&LlmContext>,
     method: &str,
     field: QueryField,
     splits: &[Split],
@@ -330,7 +504,24 @@ fn eval_one(
     seed: u64,
     out: &Path,
 ) -> Result<RunMetrics> {
-    let m = method_for(ws, method)?;
+    let m = method_for(ws, method, ctx)?;
+    // LLM runs are named with their mode (a free and a guided run are different runs), and go
+    // in small batches: the unit a killed run loses.
+    let (run_name, batch, prompts) = match ctx {
+        Some(c) if mrrec::methods::llm_method(method, &c.cfg).is_some() => (
+            format!(
+                "{method}@{}",
+                serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
+            ),
+            4,
+            format!(
+                "{} / {}",
+                mrrec::assistant::ASSISTANT_PROMPT_VERSION,
+                mrrec_llm::ChatModel::id(&c.model)
+            ),
+        ),
+        _ => (method.to_string(), 32, "none".to_string()),
+    };
     let queries = ws
         .dataset
         .queries
@@ -352,9 +543,9 @@ fn eval_one(
             embedder_sha()
         ),
     );
-    provenance.insert("prompt_version".into(), "none".into());
+    provenance.insert("prompt_version".into(), prompts);
     let spec = RunSpec {
-        method: method.to_string(),
+        method: run_name.clone(),
         query_field: field,
         splits: splits.to_vec(),
         limit,
@@ -364,14 +555,14 @@ fn eval_one(
         settings: m.settings(),
         provenance,
     };
-    let mut pb = mrrec::progress::Progress::new(&format!("eval {method} on {field}"), true);
+    let mut pb = mrrec::progress::Progress::new(&format!("eval {run_name} on {field}"), true);
     let metrics = mrrec_eval::run_eval(
         m.as_ref(),
         queries,
         ws.catalogue(),
         &spec,
         out,
-        32,
+        batch,
         &mut |d, t| pb.set(d, t),
     )?;
     pb.finish();
@@ -410,213 +601,169 @@ fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 
 const TENANT: &str = "default";
 
-/// Runs summary requests (user index, request) in batches of 8 with progress; adds their usage
-/// and the faithfulness of each answer against that user's entries; returns the texts in order.
-fn summarise_all(
-    llm: &dyn mrrec_llm::ChatModel,
-    jobs: &[(usize, mrrec_llm::ChatRequest)],
-    per_user: &[Vec<mrrec_memory::MemoryEntry>],
-    what: &str,
-    usage: &mut mrrec_llm::Usage,
-    faithful: &mut (usize, usize),
-) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut pb = mrrec::progress::Progress::new(what, true);
-    for chunk in jobs.chunks(8) {
-        let reqs: Vec<mrrec_llm::ChatRequest> = chunk.iter().map(|j| j.1.clone()).collect();
-        for ((ui, _), r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
-            let r = r?;
-            usage.add(&r.usage);
-            let source: Vec<&str> = per_user[*ui].iter().map(|e| e.text.as_str()).collect();
-            let (ok, total) = mrrec_memory::summaries::faithfulness(&r.text, &source.join("\n"));
-            *faithful = (faithful.0 + ok, faithful.1 + total);
-            out.push(r.text);
-        }
-        pb.set(out.len(), jobs.len());
-    }
-    pb.finish();
-    Ok(out)
-}
-
-fn open_store(ws: &Workspace, store: Option<PathBuf>) -> Result<mrrec_memory::SqliteStore> {
-    let path = store.unwrap_or_else(|| {
+fn open_store(
+    ws: &Workspace,
+    store: Option<String>,
+) -> Result<Box<dyn mrrec_memory::MemoryWrite + Send + Sync>> {
+    let loc = store.unwrap_or_else(|| {
         mrrec_models::home()
             .join("memory")
             .join(format!("{}.sqlite", ws_data_name(ws)))
+            .display()
+            .to_string()
     });
-    Ok(mrrec_memory::SqliteStore::open(&path)?)
+    Ok(mrrec_memory::open_store(&loc)?)
+}
+
+fn parse_levels(s: &str) -> Result<Vec<mrrec_memory::Level>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            mrrec_memory::Level::parse(x)
+                .with_context(|| format!("unknown level {x:?} (records, patterns, profile)"))
+        })
+        .collect()
 }
 
 fn memory(action: MemoryAction) -> Result<()> {
+    use mrrec::memory::{BuildReport, MemoryBuilder};
     use mrrec_embed::TextEmbedder;
-    use mrrec_memory::{Level, MemoryRead, MemoryWrite, Owner};
+    use mrrec_memory::Owner;
     match action {
         MemoryAction::Build {
             data,
             store,
             users,
+            for_split,
             levels,
-            model,
+            llm,
+            global_queries,
+            negatives,
+        } => {
+            let wanted: Vec<&str> = levels.split(',').map(str::trim).collect();
+            for l in &wanted {
+                if ![
+                    "records", "record", "patterns", "pattern", "profile", "profiles", "global",
+                ]
+                .contains(l)
+                {
+                    bail!("unknown level {l:?} (records, patterns, profile, global)");
+                }
+            }
+            let has = |a: &str| wanted.iter().any(|w| w.starts_with(a));
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let needs_llm = has("pattern") || has("profile") || has("global");
+            let model = if needs_llm {
+                Some(mrrec::backend::cached_chat_model(
+                    &llm.model,
+                    llm.llm_url.as_deref(),
+                )?)
+            } else {
+                None
+            };
+            let b = MemoryBuilder {
+                ws: &ws,
+                store: &*st,
+                tenant: TENANT,
+                llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
+                batch: llm.batch,
+                progress: true,
+            };
+            let mut ids = ws.dataset.histories.user_ids();
+            if let Some(sp) = &for_split {
+                let splits = parse_splits(sp)?;
+                let askers: std::collections::HashSet<&str> = ws
+                    .dataset
+                    .queries
+                    .all()
+                    .iter()
+                    .filter(|q| q.query().split.is_some_and(|s| splits.contains(&s)))
+                    .map(|q| q.query().user_id.as_str())
+                    .collect();
+                ids.retain(|u| askers.contains(u));
+            }
+            let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
+            let t0 = std::time::Instant::now();
+            let mut report = BuildReport::default();
+            if has("record") || has("pattern") || has("profile") {
+                // Summaries read the stored records: make sure they are there.
+                b.build_records(ids, &mut report)?;
+            }
+            if has("pattern") {
+                b.build_patterns(ids, &mut report)?;
+            }
+            if has("profile") {
+                b.build_profiles(ids, &mut report)?;
+            }
+            if has("global") {
+                let qs = ws
+                    .dataset
+                    .queries
+                    .for_purpose(&mrrec_data::Purpose::GlobalMemory)
+                    .map_err(anyhow::Error::msg)?;
+                let qs = &qs[..global_queries.unwrap_or(qs.len()).min(qs.len())];
+                b.build_global_aspects(qs, negatives.clamp(1, 8), &mut report)?;
+                b.merge_global(Default::default(), &mut report)?;
+            }
+            report.seconds = t0.elapsed().as_secs_f64();
+            if report.faithful.1 > 0 {
+                println!(
+                    "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%); {} unfaithful segments dropped",
+                    report.faithful.0,
+                    report.faithful.1,
+                    100.0 * report.faithfulness(),
+                    report.unfaithful_segments_dropped
+                );
+            }
+            println!(
+                "{}; prompts {} / {}",
+                report.summary(if needs_llm { &llm.model } else { "none" }),
+                mrrec_memory::summaries::PROMPT_VERSION,
+                mrrec_memory::global::GLOBAL_PROMPT_VERSION
+            );
+        }
+        MemoryAction::Add {
+            data,
+            store,
+            user,
+            file,
+            no_llm,
+            llm,
         } => {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let ids = ws.dataset.histories.user_ids();
-            let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
-            let t0 = std::time::Instant::now();
-            let mut per_user: Vec<Vec<mrrec_memory::MemoryEntry>> = ids
-                .iter()
-                .map(|u| mrrec_memory::record_entries(ws.dataset.histories.of(u), ws.catalogue()))
-                .collect();
-            // One embedding pass over every text: length-sorted batches, cached, resumable.
-            let texts: Vec<&str> = per_user.iter().flatten().map(|e| e.text.as_str()).collect();
-            let mut pb = mrrec::progress::Progress::new("embedding record memory", true);
-            let vecs = ws
-                .embedder
-                .embed_with_progress(&texts, &mut |d, t| pb.set(d, t))?;
-            pb.finish();
-            drop(texts);
-            let mut vecs = vecs.into_iter();
-            for e in per_user.iter_mut().flatten() {
-                e.embedding = vecs.next().unwrap_or_default();
+            let reviews = mrrec::memory::read_reviews(&file, &user)?;
+            let model = if no_llm {
+                None
+            } else {
+                Some(mrrec::backend::cached_chat_model(
+                    &llm.model,
+                    llm.llm_url.as_deref(),
+                )?)
+            };
+            let b = MemoryBuilder {
+                ws: &ws,
+                store: &*st,
+                tenant: TENANT,
+                llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
+                batch: llm.batch,
+                progress: true,
+            };
+            let n = b.add_reviews(&user, &reviews)?;
+            let mut report = BuildReport::default();
+            if model.is_some() {
+                b.build_patterns(&[&user], &mut report)?;
+                b.build_profiles(&[&user], &mut report)?;
             }
-            let mut n = 0usize;
-            let want_patterns = levels.contains("pattern");
-            let want_profile = levels.contains("profile");
-            let mut usage = mrrec_llm::Usage::default();
-            let mut llm_entries = 0usize;
-            if want_patterns || want_profile {
-                use mrrec_memory::summaries;
-                let cache = mrrec_models::home().join("cache").join("llm.sqlite");
-                let llm = mrrec_llm::CachedChatModel::open(
-                    mrrec_llm::LocalModel::from_registry(&model)?,
-                    &cache,
-                    mrrec_llm::CachePolicy::All,
-                )?;
-                // Patterns: one request per (user, category) with records.
-                let mut jobs: Vec<(usize, String, Vec<String>, mrrec_llm::ChatRequest)> =
-                    Vec::new();
-                for (ui, entries) in per_user.iter().enumerate() {
-                    let mut by_cat: std::collections::BTreeMap<
-                        String,
-                        Vec<&mrrec_memory::MemoryEntry>,
-                    > = Default::default();
-                    for e in entries {
-                        by_cat
-                            .entry(e.category.clone().unwrap_or_else(|| "Other".into()))
-                            .or_default()
-                            .push(e);
-                    }
-                    for (cat, es) in by_cat {
-                        let texts: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
-                        let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
-                        jobs.push((
-                            ui,
-                            cat.clone(),
-                            sources,
-                            summaries::pattern_request(&cat, &texts),
-                        ));
-                    }
-                }
-                let mut faithful = (0usize, 0usize);
-                let pattern_jobs: Vec<(usize, mrrec_llm::ChatRequest)> =
-                    jobs.iter().map(|j| (j.0, j.3.clone())).collect();
-                let texts = summarise_all(
-                    &llm,
-                    &pattern_jobs,
-                    &per_user,
-                    "writing preference patterns",
-                    &mut usage,
-                    &mut faithful,
-                )?;
-                let mut pattern_texts: Vec<Vec<(String, String, Vec<String>)>> =
-                    vec![Vec::new(); ids.len()];
-                for (j, text) in jobs.iter().zip(texts) {
-                    pattern_texts[j.0].push((j.1.clone(), text, j.2.clone()));
-                }
-                let mut profile_jobs = Vec::new();
-                let mut profile_sources = Vec::new();
-                for (ui, pats) in pattern_texts.iter().enumerate() {
-                    if want_patterns {
-                        for (cat, text, sources) in pats {
-                            let es = summaries::pattern_entries(cat, text, sources);
-                            llm_entries += es.len();
-                            per_user[ui].extend(es);
-                        }
-                    }
-                    if want_profile && !pats.is_empty() {
-                        let pairs: Vec<(String, String)> = pats
-                            .iter()
-                            .map(|(c, t, _)| (c.clone(), t.clone()))
-                            .collect();
-                        profile_sources.push(
-                            pats.iter()
-                                .map(|(c, _, _)| format!("pattern:{c}"))
-                                .collect::<Vec<_>>(),
-                        );
-                        profile_jobs.push((ui, summaries::profile_request(&pairs)));
-                    }
-                }
-                let texts = summarise_all(
-                    &llm,
-                    &profile_jobs,
-                    &per_user,
-                    "writing user profiles",
-                    &mut usage,
-                    &mut faithful,
-                )?;
-                for (((ui, _), sources), text) in
-                    profile_jobs.iter().zip(&profile_sources).zip(texts)
-                {
-                    let es = summaries::profile_entries(&text, sources);
-                    llm_entries += es.len();
-                    per_user[*ui].extend(es);
-                }
-                println!(
-                    "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%)",
-                    faithful.0,
-                    faithful.1,
-                    100.0 * faithful.0 as f64 / faithful.1.max(1) as f64
-                );
-                // Embed the new segments.
-                let texts: Vec<&str> = per_user
-                    .iter()
-                    .flatten()
-                    .filter(|e| e.embedding.is_empty())
-                    .map(|e| e.text.as_str())
-                    .collect();
-                let vecs = ws.embedder.embed(&texts)?;
-                drop(texts);
-                let mut vecs = vecs.into_iter();
-                for e in per_user
-                    .iter_mut()
-                    .flatten()
-                    .filter(|e| e.embedding.is_empty())
-                {
-                    e.embedding = vecs.next().unwrap_or_default();
-                }
-            }
-            for (u, entries) in ids.iter().zip(per_user.iter_mut()) {
-                st.put(
-                    Owner {
-                        tenant: TENANT,
-                        user: u,
-                    },
-                    entries,
-                )?;
-                n += entries.len();
-            }
-            let secs = t0.elapsed().as_secs_f64();
             println!(
-                "{} users, {n} entries ({llm_entries} written by {}) in {:.1}s; LLM: {} tokens in, {} out, {:.1}s ({:.2} s/LLM entry); prompts {} → {}",
-                ids.len(),
-                if llm_entries > 0 { model.as_str() } else { "no LLM" },
-                secs,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.seconds,
-                usage.seconds / llm_entries.max(1) as f64,
-                mrrec_memory::summaries::PROMPT_VERSION,
-                st.path().display()
+                "{user}: {n} new records ({} already stored); {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",
+                reviews.len() - n,
+                report.patterns_written,
+                report.profiles_written,
+                report.usage.prompt_tokens,
+                report.usage.completion_tokens,
+                report.usage.seconds
             );
         }
         MemoryAction::Show { data, store, user } => {
@@ -640,6 +787,17 @@ fn memory(action: MemoryAction) -> Result<()> {
                     e.text
                 );
             }
+            let stale = st.stale(TENANT, "")?;
+            let mine: Vec<&String> = stale
+                .iter()
+                .filter(|k| {
+                    mrrec_memory::parse_pattern_key(k).is_some_and(|(u, _)| u == user)
+                        || mrrec_memory::parse_profile_key(k).is_some_and(|u| u == user)
+                })
+                .collect();
+            if !mine.is_empty() {
+                println!("stale (rewritten by the next build): {mine:?}");
+            }
         }
         MemoryAction::Retrieve {
             data,
@@ -647,7 +805,9 @@ fn memory(action: MemoryAction) -> Result<()> {
             user,
             text,
             k,
+            levels,
         } => {
+            let levels = parse_levels(&levels)?;
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let q = ws.embedder.embed(&[text.as_str()])?.remove(0);
@@ -659,7 +819,7 @@ fn memory(action: MemoryAction) -> Result<()> {
                 },
                 &q,
                 k,
-                &Level::ALL,
+                &levels,
             )?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if hits.is_empty() {
@@ -670,14 +830,70 @@ fn memory(action: MemoryAction) -> Result<()> {
             }
             eprintln!("retrieved in {ms:.2} ms");
         }
+        MemoryAction::Global {
+            data,
+            store,
+            category,
+            text,
+            n,
+        } => {
+            let ws = data.open()?;
+            let st = open_store(&ws, store)?;
+            let all = st.global_aspects(TENANT, Some(&category))?;
+            if all.is_empty() {
+                bail!("no global aspects for category {category:?} (run `mrrec memory build --levels global`)");
+            }
+            let shown: Vec<(mrrec_memory::GlobalAspect, Option<f32>)> = match text {
+                Some(t) => {
+                    let q = ws.embedder.embed(&[t.as_str()])?.remove(0);
+                    st.global(TENANT, &category, &q, n)?
+                        .into_iter()
+                        .map(|(a, s)| (a, Some(s)))
+                        .collect()
+                }
+                None => all.into_iter().map(|a| (a, None)).collect(),
+            };
+            for (a, s) in shown {
+                println!(
+                    "{}[{}] {} ({} queries)",
+                    s.map(|s| format!("{s:.3} ")).unwrap_or_default(),
+                    a.id,
+                    a.text(),
+                    a.queries.len()
+                );
+            }
+        }
         MemoryAction::Forget { data, store, user } => {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let n = st.forget(Owner {
+            let b = MemoryBuilder {
+                ws: &ws,
+                store: &*st,
                 tenant: TENANT,
-                user: &user,
-            })?;
-            println!("removed {n} entries of {user}");
+                llm: None,
+                batch: 8,
+                progress: false,
+            };
+            let queries: Vec<&str> = ws
+                .dataset
+                .queries
+                .all()
+                .iter()
+                .filter(|q| q.query().user_id == user)
+                .flat_map(|q| {
+                    std::iter::once(q.query().query.as_str())
+                        .chain(q.query().simple_query.as_deref())
+                })
+                .collect();
+            let r = b.forget(&user, &queries, Some(&mrrec::backend::llm_cache_path()))?;
+            println!(
+                "forgot {user}: {} entries, {} step-A results, {} global aspects (their categories will be merged again), {} cached embeddings, {} cached LLM exchanges",
+                r.store.entries,
+                r.store.query_aspects,
+                r.store.global_aspects,
+                r.embeddings,
+                r.llm_responses
+            );
         }
         MemoryAction::Stats { data, store } => {
             let ws = data.open()?;
@@ -685,6 +901,161 @@ fn memory(action: MemoryAction) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&st.stats(TENANT)?)?);
         }
     }
+    Ok(())
+}
+
+fn recommend(
+    data: DataArgs,
+    args: AssistantArgs,
+    user: &str,
+    category: Option<String>,
+    method: &str,
+    k: usize,
+    json: bool,
+    request: &str,
+) -> Result<()> {
+    let ws = data.open()?;
+    let ctx = args.context(&ws)?;
+    let Some((kind, cfg)) = mrrec::methods::llm_method(method, &ctx.cfg) else {
+        bail!(
+            "unknown method {method:?}; available: {}",
+            mrrec::methods::llm_method_names().join(", ")
+        );
+    };
+    let known = !ctx
+        .store
+        .entries(mrrec_memory::Owner {
+            tenant: TENANT,
+            user,
+        })?
+        .is_empty();
+    if !known && !ws.dataset.histories.contains(user) {
+        bail!("unknown user {user:?}: no memory in the store and no history in the data (build it with `mrrec memory build`)");
+    }
+    if !known {
+        eprintln!("note: user {user:?} has a history but no memory in the store yet; run `mrrec memory build` for personalised answers");
+    }
+    let assistant = mrrec::assistant::Assistant {
+        ws: &ws,
+        store: &*ctx.store,
+        tenant: TENANT,
+        llm: &ctx.model,
+        cfg,
+    };
+    let t0 = std::time::Instant::now();
+    let ans = match kind {
+        mrrec::methods::LlmKind::Assistant => {
+            assistant.answer(user, request, category.as_deref(), k)?
+        }
+        _ => {
+            let m = mrrec::methods::LlmMethod {
+                name: method.into(),
+                kind,
+                assistant,
+            };
+            let q = mrrec_data::Query {
+                qid: "cli".into(),
+                user_id: user.into(),
+                query: request.into(),
+                simple_query: None,
+                category: category.clone(),
+                timestamp: None,
+                split: None,
+            };
+            let a = m
+                .answer(&[&q], QueryField::Query, k)
+                .map_err(|e| anyhow::anyhow!(e.0))?
+                .remove(0);
+            let trace: mrrec::assistant::Trace =
+                serde_json::from_value(a.trace.unwrap_or_default()).unwrap_or_default();
+            mrrec::assistant::Answer {
+                ranked_with: trace.profile.clone().unwrap_or_else(|| request.into()),
+                items: a.ranking.iter().map(|&i| (i, f32::NAN)).collect(),
+                trace,
+            }
+        }
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    if json {
+        let items: Vec<serde_json::Value> = ans
+            .items
+            .iter()
+            .filter_map(|(i, sc)| {
+                ws.catalogue().get(*i).map(|it| {
+                    serde_json::json!({"id": it.id, "title": it.title, "score": if sc.is_finite() { Some(*sc) } else { None }})
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "user": user, "request": request, "method": method,
+                "ranked_with": ans.ranked_with, "items": items, "trace": ans.trace,
+                "seconds": wall,
+            }))?
+        );
+        return Ok(());
+    }
+    let t = &ans.trace;
+    println!(
+        "mode: {:?}",
+        t.mode.unwrap_or(mrrec::assistant::Mode::Guided)
+    );
+    if !t.global_aspects.is_empty() {
+        println!(
+            "global aspects of {}:",
+            t.category.as_deref().unwrap_or("-")
+        );
+        for (id, text) in &t.global_aspects {
+            println!("  [{id}] {text}");
+        }
+    }
+    for r in &t.reasoning {
+        println!("reasoning: {}", r.trim());
+    }
+    for (i, c) in t.tool_calls.iter().enumerate() {
+        println!(
+            "tool call {}: query {:?} aspects {:?}{}",
+            i + 1,
+            c.query,
+            c.aspects,
+            c.error
+                .as_ref()
+                .map(|e| format!(" (error: {e})"))
+                .unwrap_or_default()
+        );
+        for (id, level, score, text) in &c.results {
+            let short: String = text.chars().take(110).collect();
+            println!("    {score:.3} [{id}] {:<7} {short}", level.as_str());
+        }
+    }
+    match &t.profile {
+        Some(p) => println!("ideal item profile: {p}"),
+        None => println!("no profile parsed: ranked the request itself (fallback)"),
+    }
+    if !t.cited.is_empty() {
+        println!(
+            "memories cited: {:?} ({} of them retrieved here)",
+            t.cited, t.cited_valid
+        );
+    }
+    println!();
+    let ranked: Vec<(u32, Option<f32>)> = ans
+        .items
+        .iter()
+        .map(|&(i, s)| (i, s.is_finite().then_some(s)))
+        .collect();
+    print_ranked(&ws, &ranked);
+    eprintln!(
+        "[LLM {}: {} tokens in, {} out, {:.1}s; memory {:.1} ms, ranking {:.1} ms; {:.1}s in all]",
+        mrrec_llm::ChatModel::id(&ctx.model),
+        t.usage.prompt_tokens,
+        t.usage.completion_tokens,
+        t.usage.seconds,
+        t.memory_ms,
+        t.ranking_ms,
+        wall
+    );
     Ok(())
 }
 
@@ -862,7 +1233,7 @@ fn main() -> Result<()> {
             k,
         } => {
             let ws = data.open()?;
-            let m = method_for(&ws, &method)?;
+            let m = method_for(&ws, &method, None)?;
             let q = mrrec_data::Query {
                 qid: "cli".into(),
                 user_id: String::new(),
@@ -883,11 +1254,34 @@ fn main() -> Result<()> {
             let ws = a.data.open()?;
             let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
             let splits = parse_splits(&a.split)?;
-            let m = eval_one(&ws, &a.method, field, &splits, a.limit, a.seed, &a.out)?;
+            let ctx = if mrrec::methods::llm_method_names().contains(&a.method.as_str()) {
+                Some(a.assistant.context(&ws)?)
+            } else {
+                None
+            };
+            let m = eval_one(
+                &ws,
+                ctx.as_ref(),
+                &a.method,
+                field,
+                &splits,
+                a.limit,
+                a.seed,
+                &a.out,
+            )?;
             print!(
                 "{}",
-                markdown_table(&[(format!("{} ({})", a.method, field), &m)], true)
+                markdown_table(&[(format!("{} ({})", m.spec.method, field), &m)], true)
             );
+            if m.usage.prompt_tokens > 0 {
+                println!(
+                    "LLM: {} tokens in, {} out, {:.0}s; memory tokens per query {:.0}",
+                    m.usage.prompt_tokens,
+                    m.usage.completion_tokens,
+                    m.usage.llm_seconds,
+                    m.memory_tokens_per_query
+                );
+            }
             println!("\nwrote {}", a.out.display());
         }
         Command::Bench {
@@ -897,6 +1291,8 @@ fn main() -> Result<()> {
             bm25_items,
             bench_queries: queries,
             parts,
+            memory_users,
+            memory_store,
         } => {
             let ws = data.open()?;
             let mut out = serde_json::Map::new();
@@ -940,6 +1336,19 @@ fn main() -> Result<()> {
                     mrrec::bench::c4_ingest(&ws, exact_items)?,
                 );
             }
+            if parts.contains("memory") {
+                let loc = memory_store.clone().unwrap_or_else(|| {
+                    mrrec_models::home()
+                        .join("bench")
+                        .join("memory-1m.sqlite")
+                        .display()
+                        .to_string()
+                });
+                out.insert(
+                    "memory_retrieval".into(),
+                    mrrec::bench::memory_retrieval(&loc, memory_users, 10, queries)?,
+                );
+            }
             if parts.contains("bm25") {
                 out.insert("bm25".into(), mrrec::bench::bm25(&ws, bm25_items, queries)?);
             }
@@ -969,6 +1378,40 @@ fn main() -> Result<()> {
             let m: Arc<dyn mrrec_llm::ChatModel> =
                 Arc::new(mrrec_llm::LocalModel::from_registry(&model)?);
             mrrec_llm::serve::serve(m, addr)?;
+        }
+        Command::Recommend {
+            data,
+            assistant,
+            user,
+            category,
+            method,
+            k,
+            json,
+            request,
+        } => recommend(data, assistant, &user, category, &method, k, json, &request)?,
+        Command::Report {
+            runs,
+            out,
+            rounds,
+            seed,
+        } => {
+            let dirs: Vec<&Path> = runs.iter().map(PathBuf::as_path).collect();
+            let (md, charts) = mrrec_eval::report_runs(&dirs, rounds, seed)?;
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)?;
+                    let mut md = md;
+                    for (field, svg) in &charts {
+                        let name = format!("n100-{field}.svg");
+                        std::fs::write(dir.join(&name), svg)?;
+                        md.push_str(&format!("![N@100, {field}]({name})\n"));
+                    }
+                    std::fs::write(dir.join("report.md"), &md)?;
+                    print!("{md}");
+                    println!("\nwrote {}", dir.join("report.md").display());
+                }
+                None => print!("{md}"),
+            }
         }
         Command::Compare { a, b, rounds, seed } => {
             let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
@@ -1014,7 +1457,7 @@ fn main() -> Result<()> {
             for field in [QueryField::SimpleQuery, QueryField::Query] {
                 for method in mrrec::method_names() {
                     let dir = out.join(format!("{method}-{field}"));
-                    let m = eval_one(&ws, method, field, &splits, None, 42, &dir)
+                    let m = eval_one(&ws, None, method, field, &splits, None, 42, &dir)
                         .with_context(|| format!("evaluating {method} on {field}"))?;
                     rows.push((format!("{method} ({field})"), m));
                 }

@@ -98,3 +98,163 @@ impl Method for DenseMethod {
             .collect()
     }
 }
+
+/// What an LLM method puts in front of the model.
+#[derive(Debug, Clone)]
+pub enum LlmKind {
+    /// `llm-rewrite`: the request alone, rewritten into an ideal item profile.
+    Rewrite,
+    /// `naive-memory`: the 10 most recent interactions before the request's time.
+    NaiveMemory,
+    /// `static-memory`: the user's stored profile.
+    StaticMemory,
+    /// `mrrec` and its ablations: the full loop with these settings.
+    Assistant,
+}
+
+/// The LLM methods of `mrrec eval`: the baselines and MR.Rec with its ablations. All receive
+/// the scenario as context; none filters the catalogue by it.
+pub struct LlmMethod<'a> {
+    /// Registry name (`mrrec`, `naive-memory`, …).
+    pub name: String,
+    /// Which method.
+    pub kind: LlmKind,
+    /// The assistant (its config carries mode, levels, global memory).
+    pub assistant: crate::assistant::Assistant<'a>,
+}
+
+/// Names of the LLM methods.
+pub fn llm_method_names() -> &'static [&'static str] {
+    &[
+        "llm-rewrite",
+        "naive-memory",
+        "static-memory",
+        "mrrec",
+        "mrrec-no-global",
+        "mrrec-no-local",
+        "mrrec-records-only",
+        "mrrec-patterns-only",
+        "mrrec-profile-only",
+    ]
+}
+
+/// The kind and assistant settings of an LLM method name, from `base` settings.
+pub fn llm_method(
+    name: &str,
+    base: &crate::assistant::AssistantConfig,
+) -> Option<(LlmKind, crate::assistant::AssistantConfig)> {
+    use mrrec_memory::Level;
+    let mut c = base.clone();
+    let kind = match name {
+        "llm-rewrite" => LlmKind::Rewrite,
+        "naive-memory" => LlmKind::NaiveMemory,
+        "static-memory" => LlmKind::StaticMemory,
+        "mrrec" => LlmKind::Assistant,
+        "mrrec-no-global" => {
+            c.use_global = false;
+            LlmKind::Assistant
+        }
+        "mrrec-no-local" => {
+            c.levels.clear();
+            LlmKind::Assistant
+        }
+        "mrrec-records-only" => {
+            c.levels = vec![Level::Record];
+            LlmKind::Assistant
+        }
+        "mrrec-patterns-only" => {
+            c.levels = vec![Level::Pattern];
+            LlmKind::Assistant
+        }
+        "mrrec-profile-only" => {
+            c.levels = vec![Level::Profile];
+            LlmKind::Assistant
+        }
+        _ => return None,
+    };
+    Some((kind, c))
+}
+
+impl LlmMethod<'_> {
+    fn context(&self, q: &Query) -> Result<Option<String>, MethodError> {
+        use mrrec_memory::{Level, Owner};
+        let a = &self.assistant;
+        Ok(match self.kind {
+            LlmKind::NaiveMemory => {
+                let h = a.ws.dataset.histories.before(&q.user_id, q.timestamp);
+                let recent = &h[h.len().saturating_sub(10)..];
+                let lines: Vec<String> = recent
+                    .iter()
+                    .map(|r| format!("- {}", mrrec_memory::record_text(r, a.ws.catalogue())))
+                    .collect();
+                Some(if lines.is_empty() {
+                    "(no earlier interactions)".into()
+                } else {
+                    lines.join("\n")
+                })
+            }
+            LlmKind::StaticMemory => {
+                let es = a.store.entries(Owner {
+                    tenant: a.tenant,
+                    user: &q.user_id,
+                })?;
+                let p: Vec<&str> = es
+                    .iter()
+                    .filter(|e| e.level == Level::Profile)
+                    .map(|e| e.text.as_str())
+                    .collect();
+                Some(if p.is_empty() {
+                    "(no profile stored for this user)".into()
+                } else {
+                    p.join(" ")
+                })
+            }
+            _ => None,
+        })
+    }
+}
+
+impl Method for LlmMethod<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "llm": self.assistant.llm.id(),
+            "assistant": self.assistant.cfg,
+            "prompts": crate::assistant::ASSISTANT_PROMPT_VERSION,
+        })
+    }
+    fn answer(
+        &self,
+        queries: &[&Query],
+        field: QueryField,
+        k: usize,
+    ) -> Result<Vec<MethodAnswer>, MethodError> {
+        let texts = texts(queries, field)?;
+        let mut out = Vec::with_capacity(queries.len());
+        for (q, t) in queries.iter().zip(texts) {
+            let a = &self.assistant;
+            let cat = q.category.as_deref();
+            let ans = match self.kind {
+                LlmKind::Assistant => a.answer(&q.user_id, t, cat, k)?,
+                _ => {
+                    let ctx = self.context(q)?;
+                    a.one_shot(t, cat, ctx.as_deref(), k)?
+                }
+            };
+            let u = &ans.trace.usage;
+            out.push(MethodAnswer {
+                ranking: ans.items.iter().map(|x| x.0).collect(),
+                usage: mrrec_eval::Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    memory_tokens: ans.trace.memory_tokens,
+                    llm_seconds: u.seconds,
+                },
+                trace: Some(serde_json::to_value(&ans.trace)?),
+            });
+        }
+        Ok(out)
+    }
+}

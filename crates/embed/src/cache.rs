@@ -47,7 +47,7 @@ impl EmbeddingCache {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS embeddings (
                  key BLOB PRIMARY KEY, model TEXT NOT NULL, vec BLOB NOT NULL
              ) WITHOUT ROWID;",
@@ -110,6 +110,13 @@ impl EmbeddingCache {
                     .execute("DELETE FROM embeddings WHERE key = ?1", params![&k[..]])
                     .map_err(|e| self.err(e))?;
             }
+        }
+        if n > 0 {
+            // No freed page or WAL frame keeps the vectors.
+            conn.execute_batch(
+                "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .map_err(|e| self.err(e))?;
         }
         Ok(n)
     }

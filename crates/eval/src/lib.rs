@@ -7,7 +7,10 @@ pub mod run;
 pub mod stats;
 
 pub use metrics::{ndcg_at, rank_of, recall_at, reciprocal_rank, Metric};
-pub use report::{bar_chart_svg, category_table, compare_runs, markdown_table, recall_curve_svg};
+pub use report::{
+    bar_chart_svg, category_table, compare_runs, markdown_table, recall_curve_svg, report_runs,
+    trace_rates, TraceRates,
+};
 pub use run::{
     load_run, run_eval, select_queries, summarise, Method, MethodAnswer, MethodError, QueryOutcome,
     RunMetrics, RunSpec, Usage,

@@ -209,3 +209,225 @@ pub fn bar_chart_svg(rows: &[(String, f64)], metric: &str) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+/// Shares read off the traces of LLM methods (`None` for methods without traces).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TraceRates {
+    /// Answers whose ideal item profile parsed.
+    pub parsed: f64,
+    /// Tool calls that parsed and ran, of all tool calls.
+    pub tool_ok: f64,
+    /// Tool calls per answer.
+    pub calls_per_query: f64,
+    /// Cited memory ids that were retrieved in the same answer, of all cited.
+    pub cited_valid: f64,
+    /// Answers that fell back to the raw request.
+    pub fallback: f64,
+    /// Answers that needed a repair attempt.
+    pub repaired: f64,
+}
+
+/// The trace shares of a run's outcomes, when they carry traces.
+pub fn trace_rates(outcomes: &[crate::run::QueryOutcome]) -> Option<TraceRates> {
+    let traces: Vec<&serde_json::Value> =
+        outcomes.iter().filter_map(|o| o.trace.as_ref()).collect();
+    if traces.is_empty() {
+        return None;
+    }
+    let n = traces.len() as f64;
+    let (mut calls, mut ok, mut cited, mut valid) = (0usize, 0usize, 0usize, 0usize);
+    let (mut parsed, mut fallback, mut repaired) = (0usize, 0usize, 0usize);
+    for t in &traces {
+        if t.get("profile").is_some_and(|p| !p.is_null()) {
+            parsed += 1;
+        }
+        if t.get("fallback").and_then(serde_json::Value::as_bool) == Some(true) {
+            fallback += 1;
+        }
+        if t.get("repairs")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            > 0
+        {
+            repaired += 1;
+        }
+        if let Some(cs) = t.get("tool_calls").and_then(serde_json::Value::as_array) {
+            calls += cs.len();
+            ok += cs
+                .iter()
+                .filter(|c| c.get("ok").and_then(serde_json::Value::as_bool) == Some(true))
+                .count();
+        }
+        cited += t
+            .get("cited")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len);
+        valid += t
+            .get("cited_valid")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as usize;
+    }
+    let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Some(TraceRates {
+        parsed: parsed as f64 / n,
+        tool_ok: share(ok, calls),
+        calls_per_query: calls as f64 / n,
+        cited_valid: share(valid, cited),
+        fallback: fallback as f64 / n,
+        repaired: repaired as f64 / n,
+    })
+}
+
+/// `mrrec report`: one Markdown report over many runs, in the paper's layout. Runs are grouped
+/// by query field; within a group, rows are methods (R@100 / R@10 / N@100 / N@10 with 95%
+/// bootstrap intervals), the best method by N@100 is compared with each other one (paired user
+/// bootstrap on the shared queries), and per-category N@100 and the cost columns follow.
+/// Returns the Markdown and one SVG bar chart of N@100 per group.
+pub fn report_runs(
+    dirs: &[&Path],
+    rounds: usize,
+    seed: u64,
+) -> Result<(String, Vec<(String, String)>)> {
+    let mut runs = Vec::new();
+    for d in dirs {
+        let (m, o) = load_run(d)?;
+        runs.push((d.to_path_buf(), m, o));
+    }
+    let mut fields: Vec<String> = runs
+        .iter()
+        .map(|r| r.1.spec.query_field.to_string())
+        .collect();
+    fields.sort();
+    fields.dedup();
+    // simple_query first, as in the paper.
+    fields.sort_by_key(|f| f != "simple_query");
+    let mut md = String::new();
+    let mut charts = Vec::new();
+    for field in fields {
+        let group: Vec<&(
+            std::path::PathBuf,
+            RunMetrics,
+            Vec<crate::run::QueryOutcome>,
+        )> = runs
+            .iter()
+            .filter(|r| r.1.spec.query_field.to_string() == field)
+            .collect();
+        let _ = writeln!(md, "## Query field `{field}`\n");
+        let rows: Vec<(String, &RunMetrics)> = group
+            .iter()
+            .map(|r| (r.1.spec.method.clone(), &r.1))
+            .collect();
+        md.push_str(&markdown_table(&rows, true));
+        let n100 = |m: &RunMetrics| m.metrics.get("N@100").map_or(0.0, |e| e.mean);
+        let best = group
+            .iter()
+            .max_by(|a, b| n100(&a.1).total_cmp(&n100(&b.1)))
+            .copied();
+        if let Some(best) = best {
+            if group.len() > 1 {
+                let _ = writeln!(
+                    md,
+                    "\nBest by N@100: **{}**. Paired user bootstrap ({rounds} rounds) on shared queries:\n\n| vs | N@100 best − other [95% CI] | p | queries |\n|---|---|---|---|",
+                    best.1.spec.method
+                );
+                let vals = |o: &[crate::run::QueryOutcome]| -> HashMap<String, (String, f64)> {
+                    o.iter()
+                        .map(|x| {
+                            (
+                                x.qid.clone(),
+                                (x.user_id.clone(), Metric::Ndcg(100).of(x.rank)),
+                            )
+                        })
+                        .collect()
+                };
+                let vb = vals(&best.2);
+                for r in &group {
+                    if std::ptr::eq(*r, best) {
+                        continue;
+                    }
+                    let c = paired(&vb, &vals(&r.2), rounds, seed);
+                    let _ = writeln!(
+                        md,
+                        "| {} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} |",
+                        r.1.spec.method, c.diff.mean, c.diff.lo, c.diff.hi, c.p_value, c.n
+                    );
+                }
+            }
+        }
+        // Cost and trace columns (the paper's Table 4, and the LLM methods' health).
+        let _ = writeln!(
+            md,
+            "\n| method | memory tokens / query | LLM tokens in / query | out / query | LLM s / query | parsed | tool calls / query | tool ok | cited valid | repaired | fallback |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in &group {
+            let n = r.1.n.max(1) as f64;
+            let u = &r.1.usage;
+            let _ = write!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                r.1.spec.method,
+                r.1.memory_tokens_per_query,
+                u.prompt_tokens as f64 / n,
+                u.completion_tokens as f64 / n,
+                u.llm_seconds / n
+            );
+            match trace_rates(&r.2) {
+                Some(t) => {
+                    let _ = writeln!(
+                        md,
+                        " {:.0}% | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
+                        100.0 * t.parsed,
+                        t.calls_per_query,
+                        100.0 * t.tool_ok,
+                        100.0 * t.cited_valid,
+                        100.0 * t.repaired,
+                        100.0 * t.fallback
+                    );
+                }
+                None => md.push_str(" – | – | – | – | – | – |\n"),
+            }
+        }
+        // Per category, N@100.
+        let mut cats: Vec<&String> = group.iter().flat_map(|r| r.1.per_category.keys()).collect();
+        cats.sort();
+        cats.dedup();
+        if !cats.is_empty() {
+            md.push_str("\nN@100 per category (queries):\n\n| method |");
+            for c in &cats {
+                let n = group
+                    .iter()
+                    .filter_map(|r| r.1.per_category.get(*c).map(|x| x.0))
+                    .max()
+                    .unwrap_or(0);
+                let _ = write!(md, " {c} ({n}) |");
+            }
+            md.push_str("\n|---|");
+            for _ in &cats {
+                md.push_str("---|");
+            }
+            md.push('\n');
+            for r in &group {
+                let _ = write!(md, "| {} |", r.1.spec.method);
+                for c in &cats {
+                    match r.1.per_category.get(*c).and_then(|x| x.1.get("N@100")) {
+                        Some(v) => {
+                            let _ = write!(md, " {v:.3} |");
+                        }
+                        None => md.push_str(" – |"),
+                    }
+                }
+                md.push('\n');
+            }
+        }
+        md.push('\n');
+        let bars: Vec<(String, f64)> = group
+            .iter()
+            .map(|r| (r.1.spec.method.clone(), n100(&r.1)))
+            .collect();
+        charts.push((
+            field.clone(),
+            bar_chart_svg(&bars, &format!("N@100 ({field})")),
+        ));
+    }
+    Ok((md, charts))
+}

@@ -46,10 +46,21 @@ impl<M: ChatModel> CachedChatModel<M> {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| cache_err(path, e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
+            "PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, model TEXT NOT NULL, response TEXT NOT NULL) WITHOUT ROWID;",
         )
         .map_err(|e| cache_err(path, e))?;
+        // The request is kept beside the response so that a user's text can be found and
+        // forgotten (caches from before this column have NULL there and are matched on the
+        // response only).
+        let has_request: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('responses') WHERE name = 'request'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(|e| cache_err(path, e))?;
+        if !has_request {
+            conn.execute_batch("ALTER TABLE responses ADD COLUMN request TEXT")
+                .map_err(|e| cache_err(path, e))?;
+        }
         Ok(CachedChatModel {
             inner,
             conn: Mutex::new(conn),
@@ -84,18 +95,67 @@ impl<M: ChatModel> CachedChatModel<M> {
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
-    fn store(&self, key: &[u8; 32], resp: &ChatResponse) -> Result<()> {
+    fn store(&self, key: &[u8; 32], req: &ChatRequest, resp: &ChatResponse) -> Result<()> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute(
-            "INSERT OR REPLACE INTO responses (key, model, response) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO responses (key, model, response, request) VALUES (?1, ?2, ?3, ?4)",
             params![
                 &key[..],
                 self.inner.id(),
-                serde_json::to_string(resp).unwrap_or_default()
+                serde_json::to_string(resp).unwrap_or_default(),
+                serde_json::to_string(req).unwrap_or_default()
             ],
         )
         .map_err(|e| cache_err(&self.path, e))?;
         Ok(())
+    }
+
+    /// Deletes every cached exchange whose request or response contains one of `needles` (a
+    /// user's texts, when the user is forgotten), then rewrites the file so that no freed page
+    /// keeps them. Returns how many were deleted.
+    pub fn forget_containing(&self, needles: &[&str]) -> Result<usize> {
+        let needles: Vec<&str> = needles.iter().copied().filter(|n| n.len() >= 8).collect();
+        if needles.is_empty() {
+            return Ok(0);
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut doomed: Vec<Vec<u8>> = Vec::new();
+        {
+            let mut st = conn
+                .prepare("SELECT key, response, COALESCE(request, '') FROM responses")
+                .map_err(|e| cache_err(&self.path, e))?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(|e| cache_err(&self.path, e))?;
+            for row in rows {
+                let (key, resp, req) = row.map_err(|e| cache_err(&self.path, e))?;
+                // JSON escapes quotes and newlines: look for the escaped form as well.
+                if needles.iter().any(|n| {
+                    let esc = serde_json::to_string(n).unwrap_or_default();
+                    let esc = esc.trim_matches('"');
+                    resp.contains(n) || req.contains(n) || resp.contains(esc) || req.contains(esc)
+                }) {
+                    doomed.push(key);
+                }
+            }
+        }
+        for k in &doomed {
+            conn.execute("DELETE FROM responses WHERE key = ?1", params![k])
+                .map_err(|e| cache_err(&self.path, e))?;
+        }
+        if !doomed.is_empty() {
+            conn.execute_batch(
+                "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .map_err(|e| cache_err(&self.path, e))?;
+        }
+        Ok(doomed.len())
     }
 
     /// Number of cached responses.
@@ -133,8 +193,43 @@ impl<M: ChatModel> ChatModel for CachedChatModel<M> {
             return Ok(hit);
         }
         let resp = self.inner.chat_stream(req, on_text)?;
-        self.store(&key, &resp)?;
+        self.store(&key, req, &resp)?;
         Ok(resp)
+    }
+
+    /// Cached answers are replayed; the rest go to the inner model together (so its batched
+    /// generation is used) and are stored as they come back.
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        let mut out: Vec<Option<Result<ChatResponse>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut todo: Vec<(usize, [u8; 32])> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if !self.cacheable(r) {
+                todo.push((i, [0; 32]));
+                continue;
+            }
+            let key = self.key(r);
+            match self.lookup(&key) {
+                Ok(Some(mut hit)) => {
+                    hit.usage.seconds = 0.0;
+                    out[i] = Some(Ok(hit));
+                }
+                Ok(None) => todo.push((i, key)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let batch: Vec<ChatRequest> = todo.iter().map(|(i, _)| reqs[*i].clone()).collect();
+        for ((i, key), r) in todo.iter().zip(self.inner.chat_batch(&batch)) {
+            let r = r.and_then(|resp| {
+                if self.cacheable(&reqs[*i]) {
+                    self.store(key, &reqs[*i], &resp)?;
+                }
+                Ok(resp)
+            });
+            out[*i] = Some(r);
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(LlmError::Tokenizer("request lost in batch".into()))))
+            .collect()
     }
 }
 
@@ -199,5 +294,19 @@ mod tests {
         };
         assert_ne!(m.chat(&other).unwrap().text, first.text);
         assert_eq!(m.len().unwrap(), 2);
+        // Batches replay what is cached and run the rest once.
+        let third = ChatRequest {
+            messages: vec![Message::user("c \"quoted\"\nline")],
+            ..Default::default()
+        };
+        let before = m.inner.0.load(Ordering::SeqCst);
+        let got = m.chat_batch(&[greedy.clone(), third.clone(), other.clone()]);
+        assert_eq!(got[0].as_ref().unwrap().text, first.text);
+        assert_eq!(m.inner.0.load(Ordering::SeqCst), before + 1);
+        assert_eq!(m.len().unwrap(), 3);
+        // Forgetting by content removes exactly the exchanges holding the text.
+        assert_eq!(m.forget_containing(&["c \"quoted\"\nline"]).unwrap(), 1);
+        assert_eq!(m.len().unwrap(), 2);
+        assert_eq!(m.forget_containing(&["short"]).unwrap(), 0);
     }
 }

@@ -272,3 +272,41 @@ pub trait ChatModel: Send + Sync {
         reqs.iter().map(|r| self.chat(r)).collect()
     }
 }
+
+impl<T: ChatModel + ?Sized> ChatModel for Box<T> {
+    fn id(&self) -> &str {
+        (**self).id()
+    }
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ChatResponse> {
+        (**self).chat_stream(req, on_text)
+    }
+    fn chat(&self, req: &ChatRequest) -> Result<ChatResponse> {
+        (**self).chat(req)
+    }
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        (**self).chat_batch(reqs)
+    }
+}
+
+impl<T: ChatModel + ?Sized> ChatModel for std::sync::Arc<T> {
+    fn id(&self) -> &str {
+        (**self).id()
+    }
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ChatResponse> {
+        (**self).chat_stream(req, on_text)
+    }
+    fn chat(&self, req: &ChatRequest) -> Result<ChatResponse> {
+        (**self).chat(req)
+    }
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        (**self).chat_batch(reqs)
+    }
+}

@@ -39,7 +39,24 @@ pub struct LocalModel {
     template: Option<ChatTemplate>,
     model: Transformer,
     compiler: Mutex<Option<std::sync::Arc<ConstraintCompiler>>>,
+    prefixes: Mutex<Vec<Prefix>>,
 }
+
+/// A prompt already run through the model: its keys and values and its last logits, so that a
+/// later prompt sharing its beginning (the next turn of an agent loop, the same system prompt)
+/// only prefills what differs.
+struct Prefix {
+    ids: Vec<u32>,
+    cache: KvCache,
+    logits: Tensor,
+    lora: u64,
+    used: u64,
+}
+
+/// Prompts kept for prefix reuse.
+const PREFIXES: usize = 4;
+/// Shortest shared beginning worth reusing.
+const MIN_SHARED: usize = 32;
 
 /// One sequence being generated.
 struct Seq<'a> {
@@ -94,6 +111,7 @@ impl LocalModel {
             template,
             model,
             compiler: Mutex::new(None),
+            prefixes: Mutex::new(Vec::new()),
         })
     }
 
@@ -298,6 +316,61 @@ impl LocalModel {
         }
     }
 
+    /// Runs `prompt` through the model, reusing the keys and values of the longest remembered
+    /// prompt that shares at least [`MIN_SHARED`] leading tokens with it; remembers this one.
+    fn prefill_reusing(&self, prompt: &[u32]) -> Result<(KvCache, Tensor)> {
+        let lora = self.model.lora_generation();
+        let start = {
+            let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+            let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
+            let best = p
+                .iter_mut()
+                .filter(|x| x.lora == lora)
+                .map(|x| {
+                    let n = x.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                    (n, x)
+                })
+                .max_by_key(|(n, _)| *n);
+            match best {
+                Some((n, x)) if n == prompt.len() && n == x.ids.len() => {
+                    x.used = tick;
+                    return Ok((x.cache.clone(), x.logits.clone()));
+                }
+                Some((n, x)) if n >= MIN_SHARED => {
+                    x.used = tick;
+                    let mut c = x.cache.clone();
+                    // At least one token is prefilled, for the logits.
+                    c.truncate(n.min(prompt.len() - 1))?;
+                    Some(c)
+                }
+                _ => None,
+            }
+        };
+        let mut cache = start.unwrap_or_else(|| self.model.new_cache());
+        let logits = self.model.prefill(&prompt[cache.pos..], &mut cache)?;
+        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
+        p.retain(|x| x.ids != prompt);
+        if p.len() >= PREFIXES {
+            if let Some(i) = p
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, x)| x.used)
+                .map(|(i, _)| i)
+            {
+                p.remove(i);
+            }
+        }
+        p.push(Prefix {
+            ids: prompt.to_vec(),
+            cache: cache.clone(),
+            logits: logits.clone(),
+            lora,
+            used: tick,
+        });
+        Ok((cache, logits))
+    }
+
     /// Generates from token ids; `on_text` receives decoded text as it grows.
     pub fn generate(
         &self,
@@ -318,8 +391,7 @@ impl LocalModel {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         self.check_window(prompt, s)?;
-        let mut cache = self.model.new_cache();
-        let logits = self.model.prefill(prompt, &mut cache)?;
+        let (cache, logits) = self.prefill_reusing(prompt)?;
         let mut seqs = vec![self.new_seq(cache, logits, s, s.seed, constraint, Some(on_text))?];
         self.run(&mut seqs, s)?;
         Ok(Self::finish(seqs.remove(0)))
@@ -334,8 +406,7 @@ impl LocalModel {
         mask: &mut dyn FnMut(&[u32], &mut [f32]),
     ) -> Result<Generation> {
         self.check_window(prompt, s)?;
-        let mut cache = self.model.new_cache();
-        let logits = self.model.prefill(prompt, &mut cache)?;
+        let (cache, logits) = self.prefill_reusing(prompt)?;
         let mut seq = self.new_seq(cache, logits, s, s.seed, None, None)?;
         seq.hook = Some(mask);
         let mut seqs = vec![seq];
@@ -493,7 +564,6 @@ impl ChatModel for LocalModel {
     }
 
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
-        let t0 = Instant::now();
         // Unconstrained requests decode together; constrained ones run one by one.
         let mut out: Vec<Option<Result<ChatResponse>>> = (0..reqs.len()).map(|_| None).collect();
         let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
@@ -512,10 +582,16 @@ impl ChatModel for LocalModel {
             .iter()
             .map(|(i, _)| reqs[*i].sampling.clone())
             .collect();
+        let t0 = Instant::now();
         match self.generate_many(&prompts, &samplings) {
             Ok(gens) => {
+                // Each answer carries an equal share of the batch's wall time, so that the
+                // seconds of a batch add up to what it took.
+                let n = batch.len().max(1) as f64;
                 for ((i, p), g) in batch.iter().zip(gens) {
-                    out[*i] = Some(Ok(self.response(&reqs[*i], p.len(), g, t0)));
+                    let mut r = self.response(&reqs[*i], p.len(), g, t0);
+                    r.usage.seconds /= n;
+                    out[*i] = Some(Ok(r));
                 }
             }
             Err(e) => {

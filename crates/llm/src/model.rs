@@ -189,6 +189,7 @@ pub struct Transformer {
     /// Width of the MLP.
     pub intermediate_size: usize,
     lora: std::sync::RwLock<Option<std::sync::Arc<LoraAdapter>>>,
+    lora_generation: std::sync::atomic::AtomicU64,
 }
 
 /// One sequence's keys and values per layer, and how many positions they hold. Clone to fork.
@@ -197,6 +198,26 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Positions already in the cache.
     pub pos: usize,
+}
+
+impl KvCache {
+    /// Keeps the first `n` positions (a shared prompt prefix).
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if n >= self.pos {
+            return Ok(());
+        }
+        for l in self.layers.iter_mut() {
+            if let Some((k, v)) = l.take() {
+                *l = if n == 0 {
+                    None
+                } else {
+                    Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))
+                };
+            }
+        }
+        self.pos = n;
+        Ok(())
+    }
 }
 
 impl Transformer {
@@ -311,12 +332,15 @@ impl Transformer {
             hidden_size: hidden,
             intermediate_size,
             lora: std::sync::RwLock::new(None),
+            lora_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Applies (or, with `None`, removes) a LoRA adapter for every later forward pass.
     pub fn set_lora(&self, adapter: Option<std::sync::Arc<LoraAdapter>>) {
         *self.lora.write().unwrap_or_else(|p| p.into_inner()) = adapter;
+        self.lora_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// `(out, in)` of a projection.
@@ -351,6 +375,12 @@ impl Transformer {
             }
             None => Ok(y),
         }
+    }
+
+    /// Changes whenever the adapter changes (cached keys and values of another adapter are stale).
+    pub fn lora_generation(&self) -> u64 {
+        self.lora_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A cache with no positions.

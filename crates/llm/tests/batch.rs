@@ -126,3 +126,40 @@ fn a_logit_mask_hook_restricts_the_vocabulary() {
     assert_eq!(calls, 6);
     assert!(g.ids.iter().all(|t| allowed.contains(t)), "{:?}", g.ids);
 }
+
+/// The next turn of a conversation reuses the keys and values of the previous prompt (only the
+/// new tokens are prefilled) and generates what a fresh model generates on the whole prompt.
+#[test]
+fn a_prompt_extending_a_previous_one_reuses_its_prefix_and_agrees() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let fresh = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let first = "<|im_start|>system\nYou are a helpful shopping assistant who recommends gifts for families, with short and concrete answers.<|im_end|>\n<|im_start|>user\nSuggest a gift for a toddler who loves bath time.<|im_end|>\n<|im_start|>assistant\n";
+    let s = Sampling {
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let p1 = m.info().encode(first).unwrap();
+    assert!(p1.len() > 40);
+    let g1 = m.generate(&p1, &s, &mut |_| {}).unwrap();
+    let second = format!(
+        "{first}{}<|im_end|>\n<|im_start|>user\nAnd one for a runner with flat feet?<|im_end|>\n<|im_start|>assistant\n",
+        g1.text
+    );
+    let p2 = m.info().encode(&second).unwrap();
+    let t = std::time::Instant::now();
+    let reused = m.generate(&p2, &s, &mut |_| {}).unwrap();
+    let reused_s = t.elapsed().as_secs_f64();
+    let whole = fresh.generate(&p2, &s, &mut |_| {}).unwrap();
+    assert_eq!(
+        reused.ids, whole.ids,
+        "{:?} vs {:?}",
+        reused.text, whole.text
+    );
+    for (a, b) in reused.logprobs.iter().zip(&whole.logprobs) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    // The same prompt again starts from the remembered logits: identical output.
+    let again = m.generate(&p2, &s, &mut |_| {}).unwrap();
+    assert_eq!(again.ids, whole.ids);
+    eprintln!("second turn with reuse: {reused_s:.2}s");
+}

@@ -3,12 +3,16 @@
 //! a tenant id in every key. A retrieval names its tenant and user, and the store only ever reads
 //! that user's rows: there is no code path that scores another user's entries.
 
+pub mod global;
+mod pg;
+pub mod pgtest;
 mod records;
 mod sqlite;
 pub mod summaries;
 
 use serde::{Deserialize, Serialize};
 
+pub use pg::PgStore;
 pub use records::{record_entries, record_text, RECORD_TEXT_CHARS};
 pub use sqlite::SqliteStore;
 
@@ -55,7 +59,9 @@ impl Level {
         }
     }
 
-    fn parse(s: &str) -> Option<Level> {
+    /// Parses [`Level::as_str`] (also accepting plurals: `records`, `patterns`).
+    pub fn parse(s: &str) -> Option<Level> {
+        let s = s.trim().trim_end_matches('s');
         Level::ALL.into_iter().find(|l| l.as_str() == s)
     }
 }
@@ -95,6 +101,65 @@ pub struct Retrieved {
     pub score: f32,
 }
 
+/// One canonical aspect of a category's global memory (step B of MR.Rec's global memory): what
+/// shoppers in this scenario care about, merged across many training queries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalAspect {
+    /// Stable id within the category (cited in traces).
+    pub id: String,
+    /// The scenario (dataset category, e.g. `Kindle_Store`).
+    pub category: String,
+    /// The subcategory it applies to, or `None` for the whole category.
+    pub subcategory: Option<String>,
+    /// Short name ("battery life").
+    pub name: String,
+    /// What it means and why it matters.
+    pub description: String,
+    /// Query ids it was derived from.
+    pub queries: Vec<String>,
+    /// Users whose queries it was derived from (so that forgetting a user can remove it).
+    pub users: Vec<String>,
+    /// Unit-length embedding of `name: description`.
+    pub embedding: Vec<f32>,
+}
+
+impl GlobalAspect {
+    /// The text embedded and shown to the model.
+    pub fn text(&self) -> String {
+        match &self.subcategory {
+            Some(s) => format!("{} ({s}): {}", self.name, self.description),
+            None => format!("{}: {}", self.name, self.description),
+        }
+    }
+}
+
+/// The step-A output of one training query: the aspects an LLM read off (query, purchased item,
+/// hard negatives), as validated JSON. Kept so that step B can be rerun without the LLM and so that
+/// forgetting a user removes what their queries contributed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryAspects {
+    /// Query id.
+    pub qid: String,
+    /// The user who asked.
+    pub user: String,
+    /// Scenario.
+    pub category: String,
+    /// Validated aspect JSON (see [`global::ASPECT_SCHEMA`]).
+    pub json: String,
+}
+
+/// What `forget` removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// Local-memory entries.
+    pub entries: usize,
+    /// Step-A results of the user's queries.
+    pub query_aspects: usize,
+    /// Canonical global aspects derived (in part) from the user's queries; their categories are
+    /// marked stale (`global:{category}`) for the next `memory build` to merge again without them.
+    pub global_aspects: usize,
+}
+
 /// Counts for `mrrec memory stats`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryStats {
@@ -102,12 +167,16 @@ pub struct MemoryStats {
     pub users: usize,
     /// Entries per level.
     pub entries: std::collections::BTreeMap<String, usize>,
-    /// Store file size, bytes.
+    /// Store size, bytes.
     pub bytes: u64,
+    /// Canonical global aspects per category.
+    pub global: std::collections::BTreeMap<String, usize>,
+    /// Build-state marks waiting for a rebuild.
+    pub stale: usize,
 }
 
 /// Reading memory. Every call names its owner; implementations read only that owner's rows.
-pub trait MemoryRead {
+pub trait MemoryRead: Send + Sync {
     /// All entries of an owner, ordered by id.
     fn entries(&self, owner: Owner<'_>) -> Result<Vec<MemoryEntry>>;
     /// The `k` entries of `levels` most similar to `query` (unit-length), best first.
@@ -122,15 +191,163 @@ pub trait MemoryRead {
     fn users(&self, tenant: &str) -> Result<Vec<String>>;
     /// Entry counts and size.
     fn stats(&self, tenant: &str) -> Result<MemoryStats>;
+    /// Canonical global aspects of a category (all categories when `None`), ordered by id.
+    fn global_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<GlobalAspect>>;
+    /// The `n` global aspects of `category` most similar to `query`, best first.
+    fn global(
+        &self,
+        tenant: &str,
+        category: &str,
+        query: &[f32],
+        n: usize,
+    ) -> Result<Vec<(GlobalAspect, f32)>> {
+        let mut v: Vec<(GlobalAspect, f32)> = self
+            .global_aspects(tenant, Some(category))?
+            .into_iter()
+            .map(|a| {
+                let s = dot(&a.embedding, query);
+                (a, s)
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.id.cmp(&b.0.id)));
+        v.truncate(n);
+        Ok(v)
+    }
+    /// Step-A results of a category (all when `None`), ordered by query id.
+    fn query_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<QueryAspects>>;
+    /// Build-state marks (e.g. `pattern:{user}:{category}`, `profile:{user}`, `global:{category}`)
+    /// starting with `prefix`, sorted.
+    fn stale(&self, tenant: &str, prefix: &str) -> Result<Vec<String>>;
 }
 
 /// Writing memory.
 pub trait MemoryWrite: MemoryRead {
     /// Inserts or replaces entries of an owner (by id), atomically.
-    fn put(&self, owner: Owner<'_>, entries: &[MemoryEntry]) -> Result<()>;
-    /// Removes every trace of an owner: rows, and the bytes of freed pages and the WAL.
-    /// Returns how many entries were removed.
-    fn forget(&self, owner: Owner<'_>) -> Result<usize>;
+    fn put(&self, owner: Owner<'_>, entries: &[MemoryEntry]) -> Result<()> {
+        self.replace(owner, &[], entries, &[], &[])
+    }
+    /// In one transaction: removes the owner's entries whose ids are in `remove`, inserts or
+    /// replaces `put`, clears the build-state marks `done`, then sets the marks `mark`. A crash
+    /// leaves either the state before or the state after.
+    fn replace(
+        &self,
+        owner: Owner<'_>,
+        remove: &[String],
+        put: &[MemoryEntry],
+        done: &[String],
+        mark: &[String],
+    ) -> Result<()>;
+    /// Sets build-state marks.
+    fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()>;
+    /// Stores step-A results (replacing by query id) and marks their categories
+    /// (`global:{category}`) for merging, in one transaction.
+    fn put_query_aspects(&self, tenant: &str, rows: &[QueryAspects]) -> Result<()>;
+    /// Replaces the canonical aspects of one category and clears its `global:{category}` mark,
+    /// atomically.
+    fn put_global(&self, tenant: &str, category: &str, aspects: &[GlobalAspect]) -> Result<()>;
+    /// Removes every trace of an owner: entries, step-A results of their queries, the global
+    /// aspects derived from them, their build-state marks, and (where the backend can) the bytes
+    /// of freed pages and logs.
+    fn forget(&self, owner: Owner<'_>) -> Result<Forgotten>;
+}
+
+fn escape_key(s: &str) -> String {
+    s.replace('%', "%25").replace(':', "%3A")
+}
+
+/// Build-state mark: the preference pattern of (user, category) must be rewritten.
+pub fn pattern_key(user: &str, category: &str) -> String {
+    format!("pattern:{}:{category}", escape_key(user))
+}
+
+/// Build-state mark: the user's profile must be rewritten.
+pub fn profile_key(user: &str) -> String {
+    format!("profile:{}", escape_key(user))
+}
+
+/// Build-state mark: the category's canonical global aspects must be merged again.
+pub fn global_key(category: &str) -> String {
+    format!("global:{category}")
+}
+
+/// The (user, category) of a [`pattern_key`].
+pub fn parse_pattern_key(key: &str) -> Option<(String, String)> {
+    let rest = key.strip_prefix("pattern:")?;
+    let (u, c) = rest.split_once(':')?;
+    Some((u.replace("%3A", ":").replace("%25", "%"), c.to_string()))
+}
+
+/// The user of a [`profile_key`].
+pub fn parse_profile_key(key: &str) -> Option<String> {
+    let u = key.strip_prefix("profile:")?;
+    Some(u.replace("%3A", ":").replace("%25", "%"))
+}
+
+/// Opens a store: `postgres://…` / `postgresql://…` is PostgreSQL, anything else a SQLite file.
+pub fn open_store(location: &str) -> Result<Box<dyn MemoryWrite + Send + Sync>> {
+    if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+        Ok(Box::new(PgStore::connect(location)?))
+    } else {
+        Ok(Box::new(SqliteStore::open(std::path::Path::new(location))?))
+    }
+}
+
+/// The `k` entries of `levels` most similar to `query`, best first (ties by id).
+pub fn top_k(
+    entries: Vec<MemoryEntry>,
+    query: &[f32],
+    k: usize,
+    levels: &[Level],
+) -> Vec<Retrieved> {
+    let mut scored: Vec<Retrieved> = entries
+        .into_iter()
+        .filter(|e| levels.contains(&e.level))
+        .map(|entry| Retrieved {
+            score: dot(&entry.embedding, query),
+            entry,
+        })
+        .collect();
+    scored.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.entry.id.cmp(&b.entry.id))
+    });
+    scored.truncate(k);
+    scored
+}
+
+/// Checks that every embedding has the store's width (`expected`, or the first one's).
+pub(crate) fn check_dims(
+    expected: Option<usize>,
+    entries: &[(&str, usize)],
+) -> Result<Option<usize>> {
+    let mut want = expected;
+    for (id, n) in entries {
+        match want {
+            Some(d) if d != *n => {
+                return Err(MemoryError::Dimension {
+                    id: id.to_string(),
+                    expected: d,
+                    received: *n,
+                })
+            }
+            None => want = Some(*n),
+            _ => {}
+        }
+    }
+    Ok(want)
+}
+
+/// Little-endian f32 bytes.
+pub(crate) fn to_blob(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Inverse of [`to_blob`].
+pub(crate) fn from_blob(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Cosine similarity of unit vectors.

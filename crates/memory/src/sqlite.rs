@@ -1,14 +1,15 @@
-//! The embedded store: SQLite in WAL mode, `secure_delete` on, every row keyed by
-//! (tenant, user, id). Retrieval reads by the (tenant, user) key prefix only.
+//! The embedded store: SQLite in WAL mode, `secure_delete` on, every row keyed by tenant first.
+//! Local-memory retrieval reads by the (tenant, user) key prefix only.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
-    dot, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner, Result,
-    Retrieved,
+    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, Forgotten,
+    GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner,
+    QueryAspects, Result, Retrieved,
 };
 
 /// SQLite-backed memory store.
@@ -17,43 +18,42 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-fn to_blob(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn from_blob(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+const SCHEMA: &str = "PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON; PRAGMA synchronous=NORMAL;
+     CREATE TABLE IF NOT EXISTS entries (
+         tenant TEXT NOT NULL, user_id TEXT NOT NULL, id TEXT NOT NULL,
+         level TEXT NOT NULL, category TEXT, text TEXT NOT NULL,
+         provenance TEXT NOT NULL, embedding BLOB NOT NULL,
+         PRIMARY KEY (tenant, user_id, id)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS query_aspects (
+         tenant TEXT NOT NULL, qid TEXT NOT NULL, user_id TEXT NOT NULL, category TEXT NOT NULL,
+         json TEXT NOT NULL, PRIMARY KEY (tenant, qid)) WITHOUT ROWID;
+     CREATE INDEX IF NOT EXISTS query_aspects_user ON query_aspects (tenant, user_id);
+     CREATE TABLE IF NOT EXISTS global_aspects (
+         tenant TEXT NOT NULL, category TEXT NOT NULL, id TEXT NOT NULL, subcategory TEXT,
+         name TEXT NOT NULL, description TEXT NOT NULL, queries TEXT NOT NULL, users TEXT NOT NULL,
+         embedding BLOB NOT NULL, PRIMARY KEY (tenant, category, id)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS build_state (
+         tenant TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tenant, key)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);";
 
 impl SqliteStore {
     /// Opens (creating) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| MemoryError::Store {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        }
-        let conn = Connection::open(path).map_err(|e| MemoryError::Store {
+        let err = |e: &dyn std::fmt::Display| MemoryError::Store {
             path: path.display().to_string(),
             message: e.to_string(),
-        })?;
-        let store = SqliteStore {
+        };
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| err(&e))?;
+        }
+        let conn = Connection::open(path).map_err(|e| err(&e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(|e| err(&e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
+        Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
-        };
-        store.exec(
-            "PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON; PRAGMA synchronous=NORMAL;
-             CREATE TABLE IF NOT EXISTS entries (
-                 tenant TEXT NOT NULL, user_id TEXT NOT NULL, id TEXT NOT NULL,
-                 level TEXT NOT NULL, category TEXT, text TEXT NOT NULL,
-                 provenance TEXT NOT NULL, embedding BLOB NOT NULL,
-                 PRIMARY KEY (tenant, user_id, id)) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
-        )?;
-        Ok(store)
+        })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> MemoryError {
@@ -63,24 +63,27 @@ impl SqliteStore {
         }
     }
 
-    fn exec(&self, sql: &str) -> Result<()> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.execute_batch(sql).map_err(|e| self.err(e))
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn dim(&self, conn: &Connection) -> Result<Option<usize>> {
         let v: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'dim'", [], |r| r.get(0))
-            .map(Some)
-            .or_else(|e| {
-                if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            })
+            .optional()
             .map_err(|e| self.err(e))?;
         Ok(v.and_then(|s| s.parse().ok()))
+    }
+
+    fn set_dim(&self, conn: &Connection, have: Option<usize>, want: Option<usize>) -> Result<()> {
+        if let (None, Some(d)) = (have, want) {
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('dim', ?1)",
+                params![d.to_string()],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// The store's file.
@@ -103,13 +106,37 @@ fn row_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemoryEntry> {
     })
 }
 
-const SELECT: &str = "SELECT id, level, category, text, provenance, embedding FROM entries WHERE tenant = ?1 AND user_id = ?2";
+fn row_aspect(r: &rusqlite::Row<'_>) -> rusqlite::Result<GlobalAspect> {
+    let queries: String = r.get(5)?;
+    let users: String = r.get(6)?;
+    let emb: Vec<u8> = r.get(7)?;
+    Ok(GlobalAspect {
+        category: r.get(0)?,
+        id: r.get(1)?,
+        subcategory: r.get(2)?,
+        name: r.get(3)?,
+        description: r.get(4)?,
+        queries: serde_json::from_str(&queries).unwrap_or_default(),
+        users: serde_json::from_str(&users).unwrap_or_default(),
+        embedding: from_blob(&emb),
+    })
+}
+
+fn json(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+const ASPECT_COLS: &str =
+    "SELECT category, id, subcategory, name, description, queries, users, embedding FROM global_aspects";
 
 impl MemoryRead for SqliteStore {
     fn entries(&self, owner: Owner<'_>) -> Result<Vec<MemoryEntry>> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.lock();
         let mut stmt = conn
-            .prepare_cached(&format!("{SELECT} ORDER BY id"))
+            .prepare_cached(
+                "SELECT id, level, category, text, provenance, embedding FROM entries
+                 WHERE tenant = ?1 AND user_id = ?2 ORDER BY id",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![owner.tenant, owner.user], row_entry)
@@ -125,26 +152,11 @@ impl MemoryRead for SqliteStore {
         k: usize,
         levels: &[Level],
     ) -> Result<Vec<Retrieved>> {
-        let mut scored: Vec<Retrieved> = self
-            .entries(owner)?
-            .into_iter()
-            .filter(|e| levels.contains(&e.level))
-            .map(|entry| Retrieved {
-                score: dot(&entry.embedding, query),
-                entry,
-            })
-            .collect();
-        scored.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| a.entry.id.cmp(&b.entry.id))
-        });
-        scored.truncate(k);
-        Ok(scored)
+        Ok(top_k(self.entries(owner)?, query, k, levels))
     }
 
     fn users(&self, tenant: &str) -> Result<Vec<String>> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT DISTINCT user_id FROM entries WHERE tenant = ?1 ORDER BY user_id",
@@ -159,63 +171,125 @@ impl MemoryRead for SqliteStore {
 
     fn stats(&self, tenant: &str) -> Result<MemoryStats> {
         let users = self.users(tenant)?.len();
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn
-            .prepare_cached("SELECT level, COUNT(*) FROM entries WHERE tenant = ?1 GROUP BY level")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![tenant], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))
-            })
-            .map_err(|e| self.err(e))?;
-        let entries = rows
-            .collect::<rusqlite::Result<_>>()
+        let conn = self.lock();
+        let count = |sql: &str| -> Result<std::collections::BTreeMap<String, usize>> {
+            let mut stmt = conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![tenant], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))
+                })
+                .map_err(|e| self.err(e))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| self.err(e))
+        };
+        let entries =
+            count("SELECT level, COUNT(*) FROM entries WHERE tenant = ?1 GROUP BY level")?;
+        let global = count(
+            "SELECT category, COUNT(*) FROM global_aspects WHERE tenant = ?1 GROUP BY category",
+        )?;
+        let stale: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM build_state WHERE tenant = ?1",
+                params![tenant],
+                |r| r.get(0),
+            )
             .map_err(|e| self.err(e))?;
         let bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         Ok(MemoryStats {
             users,
             entries,
             bytes,
+            global,
+            stale: stale as usize,
         })
+    }
+
+    fn global_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<GlobalAspect>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "{ASPECT_COLS} WHERE tenant = ?1 AND (?2 IS NULL OR category = ?2) ORDER BY category, id"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![tenant, category], row_aspect)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn query_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<QueryAspects>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT qid, user_id, category, json FROM query_aspects
+                 WHERE tenant = ?1 AND (?2 IS NULL OR category = ?2) ORDER BY qid",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![tenant, category], |r| {
+                Ok(QueryAspects {
+                    qid: r.get(0)?,
+                    user: r.get(1)?,
+                    category: r.get(2)?,
+                    json: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn stale(&self, tenant: &str, prefix: &str) -> Result<Vec<String>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT key FROM build_state WHERE tenant = ?1 AND substr(key, 1, length(?2)) = ?2 ORDER BY key",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![tenant, prefix], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 }
 
 impl MemoryWrite for SqliteStore {
-    fn put(&self, owner: Owner<'_>, entries: &[MemoryEntry]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let dim = self.dim(&conn)?;
+    fn replace(
+        &self,
+        owner: Owner<'_>,
+        remove: &[String],
+        put: &[MemoryEntry],
+        done: &[String],
+        mark: &[String],
+    ) -> Result<()> {
+        let mut conn = self.lock();
+        let have = self.dim(&conn)?;
+        let dims: Vec<(&str, usize)> = put
+            .iter()
+            .map(|e| (e.id.as_str(), e.embedding.len()))
+            .collect();
+        let want = check_dims(have, &dims)?;
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let mut want = dim;
-        for e in entries {
-            match want {
-                Some(d) if d != e.embedding.len() => {
-                    return Err(MemoryError::Dimension {
-                        id: e.id.clone(),
-                        expected: d,
-                        received: e.embedding.len(),
-                    })
-                }
-                None => want = Some(e.embedding.len()),
-                _ => {}
-            }
-        }
-        if dim.is_none() {
-            if let Some(d) = want {
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('dim', ?1)",
-                    params![d.to_string()],
+        self.set_dim(&tx, have, want)?;
+        {
+            let mut del = tx
+                .prepare_cached(
+                    "DELETE FROM entries WHERE tenant = ?1 AND user_id = ?2 AND id = ?3",
                 )
                 .map_err(|e| self.err(e))?;
+            for id in remove {
+                del.execute(params![owner.tenant, owner.user, id])
+                    .map_err(|e| self.err(e))?;
             }
-        }
-        {
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO entries (tenant, user_id, id, level, category, text, provenance, embedding)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(|e| self.err(e))?;
-            for e in entries {
+            for e in put {
                 stmt.execute(params![
                     owner.tenant,
                     owner.user,
@@ -223,27 +297,167 @@ impl MemoryWrite for SqliteStore {
                     e.level.as_str(),
                     e.category,
                     e.text,
-                    serde_json::to_string(&e.provenance).unwrap_or_else(|_| "[]".into()),
+                    json(&e.provenance),
                     to_blob(&e.embedding)
                 ])
+                .map_err(|e| self.err(e))?;
+            }
+            let mut clear = tx
+                .prepare_cached("DELETE FROM build_state WHERE tenant = ?1 AND key = ?2")
+                .map_err(|e| self.err(e))?;
+            for k in done {
+                clear
+                    .execute(params![owner.tenant, k])
+                    .map_err(|e| self.err(e))?;
+            }
+            for k in mark {
+                tx.execute(
+                    "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
+                    params![owner.tenant, k],
+                )
                 .map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn forget(&self, owner: Owner<'_>) -> Result<usize> {
-        let n = {
-            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.execute(
-                "DELETE FROM entries WHERE tenant = ?1 AND user_id = ?2",
-                params![owner.tenant, owner.user],
+    fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)")
+                .map_err(|e| self.err(e))?;
+            for k in keys {
+                stmt.execute(params![tenant, k]).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn put_query_aspects(&self, tenant: &str, rows: &[QueryAspects]) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO query_aspects (tenant, qid, user_id, category, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(|e| self.err(e))?;
+            for q in rows {
+                stmt.execute(params![tenant, q.qid, q.user, q.category, q.json])
+                    .map_err(|e| self.err(e))?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
+                    params![tenant, global_key(&q.category)],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn put_global(&self, tenant: &str, category: &str, aspects: &[GlobalAspect]) -> Result<()> {
+        let mut conn = self.lock();
+        let have = self.dim(&conn)?;
+        let dims: Vec<(&str, usize)> = aspects
+            .iter()
+            .map(|a| (a.id.as_str(), a.embedding.len()))
+            .collect();
+        let want = check_dims(have, &dims)?;
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        self.set_dim(&tx, have, want)?;
+        tx.execute(
+            "DELETE FROM global_aspects WHERE tenant = ?1 AND category = ?2",
+            params![tenant, category],
+        )
+        .map_err(|e| self.err(e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO global_aspects (tenant, category, id, subcategory, name, description, queries, users, embedding)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(|e| self.err(e))?;
+            for a in aspects {
+                stmt.execute(params![
+                    tenant,
+                    category,
+                    a.id,
+                    a.subcategory,
+                    a.name,
+                    a.description,
+                    json(&a.queries),
+                    json(&a.users),
+                    to_blob(&a.embedding)
+                ])
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM build_state WHERE tenant = ?1 AND key = ?2",
+            params![tenant, global_key(category)],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn forget(&self, owner: Owner<'_>) -> Result<Forgotten> {
+        let mut out = Forgotten::default();
+        {
+            // Which categories' canonical aspects drew on this user's queries.
+            let derived: Vec<(String, String)> = self
+                .global_aspects(owner.tenant, None)?
+                .into_iter()
+                .filter(|a| a.users.iter().any(|u| u == owner.user))
+                .map(|a| (a.category, a.id))
+                .collect();
+            let mut conn = self.lock();
+            let tx = conn.transaction().map_err(|e| self.err(e))?;
+            out.entries = tx
+                .execute(
+                    "DELETE FROM entries WHERE tenant = ?1 AND user_id = ?2",
+                    params![owner.tenant, owner.user],
+                )
+                .map_err(|e| self.err(e))?;
+            out.query_aspects = tx
+                .execute(
+                    "DELETE FROM query_aspects WHERE tenant = ?1 AND user_id = ?2",
+                    params![owner.tenant, owner.user],
+                )
+                .map_err(|e| self.err(e))?;
+            for (cat, id) in &derived {
+                out.global_aspects += tx
+                    .execute(
+                        "DELETE FROM global_aspects WHERE tenant = ?1 AND category = ?2 AND id = ?3",
+                        params![owner.tenant, cat, id],
+                    )
+                    .map_err(|e| self.err(e))?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
+                    params![owner.tenant, global_key(cat)],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            // Build-state marks name the user (`pattern:{user}:…`, `profile:{user}`).
+            tx.execute(
+                "DELETE FROM build_state WHERE tenant = ?1 AND (key = ?2 OR substr(key, 1, length(?3)) = ?3)",
+                params![
+                    owner.tenant,
+                    profile_key(owner.user),
+                    pattern_key(owner.user, "")
+                ],
             )
-            .map_err(|e| self.err(e))?
-        };
+            .map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))?;
+        }
         // secure_delete zeroes the freed cells; the checkpoint empties the WAL, which still held
         // the old pages; VACUUM rewrites the file without free pages.
-        self.exec("PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
-        Ok(n)
+        self.lock()
+            .execute_batch(
+                "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(out)
     }
 }

@@ -1,0 +1,676 @@
+//! Building and maintaining memory: behaviour records, LLM-written preference patterns and
+//! profiles, cross-user global aspects, incremental updates and complete forgetting.
+//!
+//! Every step is idempotent and resumable. Records are written per user in one transaction
+//! together with the build-state marks they cause (`pattern:{user}:{category}`,
+//! `profile:{user}`); a pattern or profile is rewritten in one transaction that also clears its
+//! mark. Killing a build at any point and rerunning it therefore finishes the same store with no
+//! duplicate and nothing lost; LLM answers already paid for come back from the response cache.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use anyhow::{bail, Context, Result};
+use mrrec_data::{LabeledQuery, Review};
+use mrrec_embed::TextEmbedder;
+use mrrec_llm::{ChatModel, ChatRequest, Usage};
+use mrrec_memory::global::{self, AspectSet, MergeOptions};
+use mrrec_memory::{summaries, Level, MemoryEntry, MemoryWrite, Owner, QueryAspects};
+use serde::Serialize;
+
+use crate::progress::Progress;
+use crate::Workspace;
+
+/// What a build did, for the CLI and BENCHMARKS.md (the paper's Table 4 columns).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BuildReport {
+    /// Users whose records were looked at.
+    pub users: usize,
+    /// Record entries added (0 on a rerun).
+    pub records_added: usize,
+    /// (user, category) preference patterns written.
+    pub patterns_written: usize,
+    /// User profiles written.
+    pub profiles_written: usize,
+    /// Pattern and profile segments stored.
+    pub llm_entries: usize,
+    /// Segments dropped because a number or name in them is not in the user's records.
+    pub unfaithful_segments_dropped: usize,
+    /// Named attributes and numbers in the LLM's summaries found in the sources / checked.
+    pub faithful: (usize, usize),
+    /// Training queries whose aspects were extracted (step A).
+    pub global_queries: usize,
+    /// Step-A answers that failed validation twice (counted, skipped).
+    pub global_failures: usize,
+    /// Categories merged (step B) and the canonical aspects they hold.
+    pub global_categories: usize,
+    /// Canonical aspects written.
+    pub global_aspects: usize,
+    /// LLM calls (cached replays included) and their usage (seconds exclude replays).
+    pub llm_calls: usize,
+    /// Token and time accounting.
+    pub usage: Usage,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl BuildReport {
+    /// One line for the terminal.
+    pub fn summary(&self, model: &str) -> String {
+        format!(
+            "{} users: +{} records, {} patterns and {} profiles rewritten ({} segments, {} dropped as unfaithful), global: {} queries ({} failed), {} aspects in {} categories; LLM {model}: {} calls, {} tokens in, {} out, {:.1}s ({:.2} s/LLM entry); {:.1}s in all",
+            self.users,
+            self.records_added,
+            self.patterns_written,
+            self.profiles_written,
+            self.llm_entries,
+            self.unfaithful_segments_dropped,
+            self.global_queries,
+            self.global_failures,
+            self.global_aspects,
+            self.global_categories,
+            self.llm_calls,
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens,
+            self.usage.seconds,
+            self.usage.seconds / (self.llm_entries + self.global_aspects).max(1) as f64,
+            self.seconds
+        )
+    }
+
+    /// Share of checked claims found in the sources.
+    pub fn faithfulness(&self) -> f64 {
+        self.faithful.0 as f64 / self.faithful.1.max(1) as f64
+    }
+}
+
+/// What forgetting a user removed, everywhere.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForgetReport {
+    /// From the store.
+    pub store: mrrec_memory::Forgotten,
+    /// Vectors removed from the embedding cache.
+    pub embeddings: usize,
+    /// Exchanges removed from the LLM response cache.
+    pub llm_responses: usize,
+}
+
+/// Builds and maintains the memory of one tenant in one store.
+pub struct MemoryBuilder<'a> {
+    /// Data, embedder and item index.
+    pub ws: &'a Workspace,
+    /// The store.
+    pub store: &'a dyn MemoryWrite,
+    /// Tenant every key carries.
+    pub tenant: &'a str,
+    /// Writes patterns, profiles and aspects (not needed for records).
+    pub llm: Option<&'a dyn ChatModel>,
+    /// Requests per LLM batch (also the unit of resumption).
+    pub batch: usize,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// Fault injection for the crash-and-resume tests: with `MRREC_FAILPOINT=N`, the process aborts
+/// (no destructors, no flush: like `kill -9`) right after its N-th store write.
+fn failpoint() {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("MRREC_FAILPOINT").ok()?.parse().ok());
+    if let Some(at) = at {
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n >= *at {
+            eprintln!("MRREC_FAILPOINT: aborting after store write {n}");
+            std::process::abort();
+        }
+    }
+}
+
+fn cat_of(e: &MemoryEntry) -> String {
+    e.category.clone().unwrap_or_else(|| "Other".into())
+}
+
+impl<'a> MemoryBuilder<'a> {
+    fn owner<'u>(&'u self, user: &'u str) -> Owner<'u> {
+        Owner {
+            tenant: self.tenant,
+            user,
+        }
+    }
+
+    fn llm(&self) -> Result<&'a dyn ChatModel> {
+        self.llm
+            .context("this level needs a chat model (pass --model or --llm-url)")
+    }
+
+    fn embed(&self, texts: &[&str], what: &str) -> Result<Vec<Vec<f32>>> {
+        let mut pb = Progress::new(what, self.progress && texts.len() > 64);
+        let v = self
+            .ws
+            .embedder
+            .embed_with_progress(texts, &mut |d, t| pb.set(d, t))?;
+        pb.finish();
+        Ok(v)
+    }
+
+    /// Adds new interactions of one user: their record entries, and marks for the pattern of
+    /// each category they touch and for the profile, all in one transaction. Returns how many
+    /// records were new (reviews already stored are ignored).
+    pub fn add_reviews(&self, user: &str, reviews: &[Review]) -> Result<usize> {
+        let existing: HashSet<String> = self
+            .store
+            .entries(self.owner(user))?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        let mut fresh: Vec<MemoryEntry> =
+            mrrec_memory::record_entries(reviews, self.ws.catalogue())
+                .into_iter()
+                .filter(|e| !existing.contains(&e.id))
+                .collect();
+        let mut seen = HashSet::new();
+        fresh.retain(|e| seen.insert(e.id.clone()));
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let texts: Vec<&str> = fresh.iter().map(|e| e.text.as_str()).collect();
+        let vecs = self.embed(&texts, "embedding records")?;
+        for (e, v) in fresh.iter_mut().zip(vecs) {
+            e.embedding = v;
+        }
+        self.put_records(user, &fresh)?;
+        Ok(fresh.len())
+    }
+
+    fn put_records(&self, user: &str, fresh: &[MemoryEntry]) -> Result<()> {
+        let cats: BTreeSet<String> = fresh.iter().map(cat_of).collect();
+        let mut marks: Vec<String> = cats
+            .iter()
+            .map(|c| mrrec_memory::pattern_key(user, c))
+            .collect();
+        marks.push(mrrec_memory::profile_key(user));
+        self.store
+            .replace(self.owner(user), &[], fresh, &[], &marks)?;
+        failpoint();
+        Ok(())
+    }
+
+    /// Record memory for `users` from the dataset's histories (new records only).
+    pub fn build_records(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
+        let h = &self.ws.dataset.histories;
+        let mut per_user: Vec<Vec<MemoryEntry>> = Vec::with_capacity(users.len());
+        for u in users {
+            let existing: HashSet<String> = self
+                .store
+                .entries(self.owner(u))?
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            let mut es: Vec<MemoryEntry> =
+                mrrec_memory::record_entries(h.of(u), self.ws.catalogue())
+                    .into_iter()
+                    .filter(|e| !existing.contains(&e.id))
+                    .collect();
+            let mut seen = HashSet::new();
+            es.retain(|e| seen.insert(e.id.clone()));
+            per_user.push(es);
+        }
+        // One embedding pass over every new text: length-sorted batches, cached, resumable.
+        let texts: Vec<&str> = per_user.iter().flatten().map(|e| e.text.as_str()).collect();
+        let vecs = self.embed(&texts, "embedding record memory")?;
+        drop(texts);
+        let mut vecs = vecs.into_iter();
+        for e in per_user.iter_mut().flatten() {
+            e.embedding = vecs.next().unwrap_or_default();
+        }
+        for (u, es) in users.iter().zip(&per_user) {
+            if !es.is_empty() {
+                self.put_records(u, es)?;
+                report.records_added += es.len();
+            }
+        }
+        report.users += users.len();
+        Ok(())
+    }
+
+    /// Runs requests in batches through the LLM; `done` receives each batch's answers (in order)
+    /// so that results are stored as they arrive.
+    fn run_llm<J>(
+        &self,
+        jobs: &[J],
+        request: impl Fn(&J) -> ChatRequest,
+        what: &str,
+        report: &mut BuildReport,
+        mut done: impl FnMut(&J, String, &mut BuildReport) -> Result<()>,
+    ) -> Result<()> {
+        let llm = self.llm()?;
+        let mut pb = Progress::new(what, self.progress);
+        let mut n = 0;
+        for chunk in jobs.chunks(self.batch.max(1)) {
+            let reqs: Vec<ChatRequest> = chunk.iter().map(&request).collect();
+            for (j, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+                let r = r.with_context(|| format!("{what}: the chat model failed"))?;
+                report.usage.add(&r.usage);
+                report.llm_calls += 1;
+                done(j, r.text, report)?;
+            }
+            n += chunk.len();
+            pb.set(n, jobs.len());
+        }
+        pb.finish();
+        Ok(())
+    }
+
+    /// Segments of a summary, with the ones that state a number or a name absent from `source`
+    /// dropped (and counted); every claim is also counted for the faithfulness share.
+    fn faithful_segments(
+        &self,
+        mut entries: Vec<MemoryEntry>,
+        source: &str,
+        report: &mut BuildReport,
+    ) -> Vec<MemoryEntry> {
+        entries.retain(|e| {
+            let (ok, total) = summaries::faithfulness(&e.text, source);
+            report.faithful.0 += ok;
+            report.faithful.1 += total;
+            if ok < total {
+                report.unfaithful_segments_dropped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        entries
+    }
+
+    /// The (user, category) patterns to (re)write among `users`: those marked stale (records
+    /// are stored together with the marks they cause, so nothing is missed).
+    fn pattern_todo(&self, users: &[&str]) -> Result<Vec<(String, String)>> {
+        let wanted: HashSet<&str> = users.iter().copied().collect();
+        Ok(self
+            .store
+            .stale(self.tenant, "pattern:")?
+            .iter()
+            .filter_map(|k| mrrec_memory::parse_pattern_key(k))
+            .filter(|(u, _)| wanted.contains(u.as_str()))
+            .collect())
+    }
+
+    /// Rewrites the stale preference patterns of `users`.
+    pub fn build_patterns(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
+        let todo = self.pattern_todo(users)?;
+        // The request reads the user's current records of that category.
+        let mut jobs: Vec<(String, String, Vec<MemoryEntry>)> = Vec::new();
+        for (u, c) in todo {
+            let es: Vec<MemoryEntry> = self
+                .store
+                .entries(self.owner(&u))?
+                .into_iter()
+                .filter(|e| e.level == Level::Record && cat_of(e) == c)
+                .collect();
+            jobs.push((u, c, es));
+        }
+        self.run_llm(
+            &jobs,
+            |(_, c, es)| {
+                let texts: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
+                summaries::pattern_request(c, &texts)
+            },
+            "writing preference patterns",
+            report,
+            |(u, c, es), text, report| {
+                let source: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
+                let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
+                let segs = summaries::pattern_entries(c, &text, &sources);
+                let mut segs = self.faithful_segments(segs, &source.join("\n"), report);
+                let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
+                let vecs = self.ws.embedder.embed(&texts)?;
+                for (e, v) in segs.iter_mut().zip(vecs) {
+                    e.embedding = v;
+                }
+                let old: Vec<String> = self
+                    .store
+                    .entries(self.owner(u))?
+                    .into_iter()
+                    .filter(|e| e.level == Level::Pattern && cat_of(e) == *c)
+                    .map(|e| e.id)
+                    .collect();
+                self.store.replace(
+                    self.owner(u),
+                    &old,
+                    &segs,
+                    &[mrrec_memory::pattern_key(u, c)],
+                    &[mrrec_memory::profile_key(u)],
+                )?;
+                failpoint();
+                report.patterns_written += 1;
+                report.llm_entries += segs.len();
+                Ok(())
+            },
+        )
+    }
+
+    /// Rewrites the stale profiles of `users` from their current patterns.
+    pub fn build_profiles(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
+        let stale: HashSet<String> = self
+            .store
+            .stale(self.tenant, "profile:")?
+            .iter()
+            .filter_map(|k| mrrec_memory::parse_profile_key(k))
+            .collect();
+        // (user, (category, pattern text) pairs, source text for the faithfulness check)
+        type ProfileJob = (String, Vec<(String, String)>, String);
+        let mut jobs: Vec<ProfileJob> = Vec::new();
+        for u in users {
+            if !stale.contains(*u) {
+                continue;
+            }
+            let es = self.store.entries(self.owner(u))?;
+            let mut by_cat: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+            for e in es.iter().filter(|e| e.level == Level::Pattern) {
+                by_cat.entry(cat_of(e)).or_default().push(&e.text);
+            }
+            if by_cat.is_empty() {
+                continue;
+            }
+            let pairs: Vec<(String, String)> =
+                by_cat.into_iter().map(|(c, t)| (c, t.join(" "))).collect();
+            let source: Vec<&str> = es
+                .iter()
+                .filter(|e| e.level != Level::Profile)
+                .map(|e| e.text.as_str())
+                .collect();
+            jobs.push((u.to_string(), pairs, source.join("\n")));
+        }
+        self.run_llm(
+            &jobs,
+            |(_, pairs, _)| summaries::profile_request(pairs),
+            "writing user profiles",
+            report,
+            |(u, pairs, source), text, report| {
+                let sources: Vec<String> =
+                    pairs.iter().map(|(c, _)| format!("pattern:{c}")).collect();
+                let segs = summaries::profile_entries(&text, &sources);
+                let mut segs = self.faithful_segments(segs, source, report);
+                let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
+                let vecs = self.ws.embedder.embed(&texts)?;
+                for (e, v) in segs.iter_mut().zip(vecs) {
+                    e.embedding = v;
+                }
+                let old: Vec<String> = self
+                    .store
+                    .entries(self.owner(u))?
+                    .into_iter()
+                    .filter(|e| e.level == Level::Profile)
+                    .map(|e| e.id)
+                    .collect();
+                self.store.replace(
+                    self.owner(u),
+                    &old,
+                    &segs,
+                    &[mrrec_memory::profile_key(u)],
+                    &[],
+                )?;
+                failpoint();
+                report.profiles_written += 1;
+                report.llm_entries += segs.len();
+                Ok(())
+            },
+        )
+    }
+
+    /// Hard negatives of a query: the items the dense index ranks highest for the request that
+    /// are not the purchased item, preferring the purchased item's own `main_category`.
+    pub fn hard_negatives(&self, q: &LabeledQuery, n: usize) -> Result<Vec<u32>> {
+        let cat = self.ws.catalogue();
+        let target = cat.by_id(q.target());
+        let want = target.and_then(|t| t.main_category.clone());
+        let hits = self.ws.search_dense(&q.query().query, 100)?;
+        let mut same: Vec<u32> = Vec::new();
+        let mut other: Vec<u32> = Vec::new();
+        for h in hits {
+            let Some(it) = cat.get(h.item) else { continue };
+            if it.id == q.target() {
+                continue;
+            }
+            if want.is_some() && it.main_category == want {
+                same.push(h.item);
+            } else {
+                other.push(h.item);
+            }
+        }
+        same.extend(other);
+        same.truncate(n);
+        Ok(same)
+    }
+
+    /// Step A over `queries` (already filtered to `train`/`aspect` by the caller through
+    /// `Purpose::GlobalMemory`): queries whose aspects are stored are skipped, so a rerun resumes.
+    pub fn build_global_aspects(
+        &self,
+        queries: &[&LabeledQuery],
+        negatives: usize,
+        report: &mut BuildReport,
+    ) -> Result<()> {
+        let done: HashSet<String> = self
+            .store
+            .query_aspects(self.tenant, None)?
+            .into_iter()
+            .map(|r| r.qid)
+            .collect();
+        let cat = self.ws.catalogue();
+        let mut jobs: Vec<(&LabeledQuery, String, Vec<String>)> = Vec::new();
+        for q in queries {
+            if done.contains(&q.query().qid) {
+                continue;
+            }
+            let Some(target) = cat.by_id(q.target()) else {
+                continue;
+            };
+            let negs: Vec<String> = self
+                .hard_negatives(q, negatives)?
+                .into_iter()
+                .filter_map(|i| cat.get(i).map(|it| it.text.clone()))
+                .collect();
+            jobs.push((q, target.text.clone(), negs));
+        }
+        let category =
+            |q: &LabeledQuery| q.query().category.clone().unwrap_or_else(|| "Other".into());
+        let request = |(q, chosen, negs): &(&LabeledQuery, String, Vec<String>), attempt: u64| {
+            let negs: Vec<&str> = negs.iter().map(String::as_str).collect();
+            global::aspect_request(&category(q), &q.query().query, chosen, &negs, attempt)
+        };
+        let mut failed: Vec<usize> = Vec::new();
+        let mut rows: Vec<QueryAspects> = Vec::new();
+        let idx: Vec<usize> = (0..jobs.len()).collect();
+        let flush = |rows: &mut Vec<QueryAspects>| -> Result<()> {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            self.store.put_query_aspects(self.tenant, rows)?;
+            failpoint();
+            rows.clear();
+            Ok(())
+        };
+        let accept = |i: usize, text: &str, rows: &mut Vec<QueryAspects>| -> bool {
+            match global::parse_aspects(text) {
+                Ok(set) => {
+                    let q = jobs[i].0.query();
+                    rows.push(QueryAspects {
+                        qid: q.qid.clone(),
+                        user: q.user_id.clone(),
+                        category: category(jobs[i].0),
+                        json: serde_json::to_string(&set).unwrap_or_default(),
+                    });
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        for attempt in 0..2u64 {
+            let todo: Vec<usize> = if attempt == 0 {
+                idx.clone()
+            } else {
+                std::mem::take(&mut failed)
+            };
+            let what = if attempt == 0 {
+                "extracting global aspects"
+            } else {
+                "retrying invalid aspect answers"
+            };
+            let mut batch_rows = 0;
+            self.run_llm(
+                &todo,
+                |&i| request(&jobs[i], attempt),
+                what,
+                report,
+                |&i, text, report| {
+                    if accept(i, &text, &mut rows) {
+                        report.global_queries += 1;
+                    } else if attempt == 0 {
+                        failed.push(i);
+                    } else {
+                        report.global_failures += 1;
+                    }
+                    batch_rows += 1;
+                    if batch_rows % self.batch.max(1) == 0 {
+                        flush(&mut rows)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            flush(&mut rows)?;
+        }
+        Ok(())
+    }
+
+    /// Step B for every category marked stale: merge its step-A results into canonical aspects.
+    pub fn merge_global(&self, opts: MergeOptions, report: &mut BuildReport) -> Result<()> {
+        for key in self.store.stale(self.tenant, "global:")? {
+            let category = key.trim_start_matches("global:").to_string();
+            let rows: Vec<(QueryAspects, AspectSet)> = self
+                .store
+                .query_aspects(self.tenant, Some(&category))?
+                .into_iter()
+                .filter_map(|r| {
+                    let set: AspectSet = serde_json::from_str(&r.json).ok()?;
+                    Some((r, set))
+                })
+                .collect();
+            let aspects = global::merge(&category, &rows, opts, |texts| {
+                self.ws.embedder.embed(texts).map_err(|e| e.to_string())
+            })
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("merging the global aspects of {category}"))?;
+            self.store.put_global(self.tenant, &category, &aspects)?;
+            failpoint();
+            report.global_categories += 1;
+            report.global_aspects += aspects.len();
+        }
+        Ok(())
+    }
+
+    /// Removes every trace of `user`: the store (entries, step-A results, derived global
+    /// aspects, marks, freed pages), the embedding cache's vectors of their texts, and the LLM
+    /// response cache's exchanges that contain their texts. `queries` are the user's request
+    /// texts known to the caller (they may sit in step-A prompts).
+    pub fn forget(
+        &self,
+        user: &str,
+        queries: &[&str],
+        llm_cache: Option<&std::path::Path>,
+    ) -> Result<ForgetReport> {
+        let entries = self.store.entries(self.owner(user))?;
+        let mut texts: Vec<String> = entries.iter().map(|e| e.text.clone()).collect();
+        for r in self.store.query_aspects(self.tenant, None)? {
+            if r.user == user {
+                texts.push(r.json);
+            }
+        }
+        texts.extend(queries.iter().map(|q| q.to_string()));
+        // The reviews themselves, as they appear inside prompts.
+        let mut needles: Vec<String> = texts.clone();
+        for r in self.ws.dataset.histories.of(user) {
+            if r.text.len() >= 24 {
+                needles.push(r.text.chars().take(200).collect());
+            }
+        }
+        let store = self.store.forget(self.owner(user))?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let model = self.ws.embedder.model_id().to_string();
+        let embeddings = self.ws.embedder.cache().forget_texts(&[&model], &refs)?;
+        let mut llm_responses = 0;
+        if let Some(path) = llm_cache.filter(|p| p.exists()) {
+            let cache =
+                mrrec_llm::CachedChatModel::open(Forgetting, path, mrrec_llm::CachePolicy::All)?;
+            let refs: Vec<&str> = needles.iter().map(String::as_str).collect();
+            llm_responses = cache.forget_containing(&refs)?;
+        }
+        Ok(ForgetReport {
+            store,
+            embeddings,
+            llm_responses,
+        })
+    }
+}
+
+/// A model that is never asked: opens the response cache for maintenance only.
+struct Forgetting;
+
+impl ChatModel for Forgetting {
+    fn id(&self) -> &str {
+        "maintenance"
+    }
+    fn chat_stream(
+        &self,
+        _: &ChatRequest,
+        _: &mut dyn FnMut(&str),
+    ) -> mrrec_llm::Result<mrrec_llm::ChatResponse> {
+        Err(mrrec_llm::LlmError::Tokenizer(
+            "the maintenance handle of the response cache answers nothing".into(),
+        ))
+    }
+}
+
+/// Reads new interactions from a JSONL file of Amazon Reviews 2023 rows for `user` (rows of
+/// other users are refused, naming the line).
+pub fn read_reviews(path: &std::path::Path, user: &str) -> Result<Vec<Review>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        if let Some(o) = v.as_object_mut() {
+            match o.get("user_id").and_then(|u| u.as_str()) {
+                Some(u) if u != user => bail!(
+                    "{}:{}: the row is user {u:?}'s, not {user:?}",
+                    path.display(),
+                    i + 1
+                ),
+                _ => {
+                    o.insert("user_id".into(), user.into());
+                }
+            }
+            if o.get("parent_asin").is_none() {
+                if let Some(a) = o.get("asin").cloned() {
+                    o.insert("parent_asin".into(), a);
+                }
+            }
+        }
+        let r: Review = serde_json::from_value(v)
+            .with_context(|| format!("{}:{}: not a review", path.display(), i + 1))?;
+        if !(1.0..=5.0).contains(&r.rating) {
+            bail!(
+                "{}:{}: rating {} is not 1–5",
+                path.display(),
+                i + 1,
+                r.rating
+            );
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
