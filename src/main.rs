@@ -156,7 +156,8 @@ enum Command {
         /// Synthetic users (10 entries each) for the memory-retrieval benchmark.
         #[arg(long, default_value_t = 100_000)]
         memory_users: usize,
-        /// Store for the memory benchmark (SQLite file or postgres:// URL).
+        /// Store for the memory benchmark (SQLite file, postgres:// URL, or `pg-throwaway` for a
+        /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
         /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory.
@@ -174,6 +175,14 @@ enum Command {
         /// Where run folders go.
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
+        /// Run the assistant (guided, the default local model) on this many seeded queries of
+        /// the split, after building record memory for their users, beside dense on the same
+        /// queries (0 skips it).
+        #[arg(long, default_value_t = 40)]
+        assistant: usize,
+        /// Local model the assistant uses.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        model: String,
     },
 }
 
@@ -219,6 +228,9 @@ enum MemoryAction {
         /// Only users who have a query in these splits (comma-separated: train, val).
         #[arg(long)]
         for_split: Option<String>,
+        /// Only these users (comma-separated ids).
+        #[arg(long)]
+        only: Option<String>,
         /// Levels: records, patterns, profile (LLM), global (LLM, from train/aspect queries).
         #[arg(long, default_value = "records")]
         levels: String,
@@ -635,6 +647,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             store,
             users,
             for_split,
+            only,
             levels,
             llm,
             global_queries,
@@ -683,6 +696,11 @@ fn memory(action: MemoryAction) -> Result<()> {
                     .collect();
                 ids.retain(|u| askers.contains(u));
             }
+            if let Some(only) = &only {
+                let keep: std::collections::HashSet<&str> =
+                    only.split(',').map(str::trim).collect();
+                ids.retain(|u| keep.contains(u));
+            }
             let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
             let t0 = std::time::Instant::now();
             let mut report = BuildReport::default();
@@ -707,6 +725,16 @@ fn memory(action: MemoryAction) -> Result<()> {
                 b.merge_global(Default::default(), &mut report)?;
             }
             report.seconds = t0.elapsed().as_secs_f64();
+            st.add_cost(
+                TENANT,
+                &mrrec_memory::BuildCost {
+                    llm_entries: (report.llm_entries + report.global_aspects) as u64,
+                    tokens_in: report.usage.prompt_tokens,
+                    tokens_out: report.usage.completion_tokens,
+                    seconds: report.usage.seconds,
+                    seconds_per_entry: 0.0,
+                },
+            )?;
             if report.faithful.1 > 0 {
                 println!(
                     "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%); {} unfaithful segments dropped",
@@ -755,6 +783,16 @@ fn memory(action: MemoryAction) -> Result<()> {
             if model.is_some() {
                 b.build_patterns(&[&user], &mut report)?;
                 b.build_profiles(&[&user], &mut report)?;
+                st.add_cost(
+                    TENANT,
+                    &mrrec_memory::BuildCost {
+                        llm_entries: report.llm_entries as u64,
+                        tokens_in: report.usage.prompt_tokens,
+                        tokens_out: report.usage.completion_tokens,
+                        seconds: report.usage.seconds,
+                        seconds_per_entry: 0.0,
+                    },
+                )?;
             }
             println!(
                 "{user}: {n} new records ({} already stored); {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",
@@ -901,6 +939,102 @@ fn memory(action: MemoryAction) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&st.stats(TENANT)?)?);
         }
     }
+    Ok(())
+}
+
+/// The demo's assistant part: record memory for the users of `n` seeded queries, then `mrrec`
+/// (guided) and `dense` on those queries, with the paired comparison.
+fn demo_assistant(
+    ws: &Workspace,
+    splits: &[Split],
+    n: usize,
+    model: &str,
+    out: &Path,
+) -> Result<()> {
+    let queries = ws
+        .dataset
+        .queries
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
+        .map_err(anyhow::Error::msg)?;
+    // The same seeded subset `eval --limit n --seed 42` picks.
+    let spec = RunSpec {
+        method: String::new(),
+        query_field: QueryField::SimpleQuery,
+        splits: splits.to_vec(),
+        limit: Some(n),
+        seed: 42,
+        ks: vec![10, 100, 1000],
+        bootstrap_rounds: 1000,
+        settings: serde_json::Value::Null,
+        provenance: Default::default(),
+    };
+    let (picked, _) = mrrec_eval::run::select_queries(queries, &spec);
+    let mut users: Vec<&str> = picked.iter().map(|q| q.query().user_id.as_str()).collect();
+    users.sort();
+    users.dedup();
+    let ctx = AssistantArgs {
+        llm: LlmArgs {
+            model: model.to_string(),
+            llm_url: None,
+            batch: 8,
+        },
+        mode: "guided".into(),
+        store: None,
+        hybrid_rank: false,
+        guided_calls: 1,
+    }
+    .context(ws)?;
+    let b = mrrec::memory::MemoryBuilder {
+        ws,
+        store: &*ctx.store,
+        tenant: TENANT,
+        llm: None,
+        batch: 8,
+        progress: true,
+    };
+    let mut report = mrrec::memory::BuildReport::default();
+    b.build_records(&users, &mut report)?;
+    eprintln!(
+        "record memory for {} users (+{} records); preference patterns and profiles are used when built (`mrrec memory build --levels patterns,profile`)",
+        users.len(),
+        report.records_added
+    );
+    let mut rows = Vec::new();
+    for method in ["dense", "mrrec"] {
+        let dir = out.join(format!("{method}-assistant-{n}"));
+        let c = (method != "dense").then_some(&ctx);
+        let m = eval_one(
+            ws,
+            c,
+            method,
+            QueryField::SimpleQuery,
+            splits,
+            Some(n),
+            42,
+            &dir,
+        )
+        .with_context(|| format!("evaluating {method}"))?;
+        rows.push((dir, m));
+    }
+    let refs: Vec<(String, &RunMetrics)> = rows
+        .iter()
+        .map(|(_, m)| (format!("{} (simple_query)", m.spec.method), m))
+        .collect();
+    println!(
+        "\nThe assistant ({model}, guided) on {n} seeded queries, against dense on the same queries:\n"
+    );
+    print!("{}", markdown_table(&refs, true));
+    let (_, table) = mrrec_eval::compare_runs(&rows[1].0, &rows[0].0, 2000, 42)?;
+    print!("\n{table}");
+    let u = &rows[1].1.usage;
+    println!(
+        "LLM: {} tokens in, {} out, {:.0}s ({:.1} s/query); memory tokens per query {:.0}",
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.llm_seconds,
+        u.llm_seconds / rows[1].1.n.max(1) as f64,
+        rows[1].1.memory_tokens_per_query
+    );
     Ok(())
 }
 
@@ -1344,6 +1478,17 @@ fn main() -> Result<()> {
                         .display()
                         .to_string()
                 });
+                // `pg-throwaway`: a PostgreSQL cluster started for the benchmark and removed after.
+                let cluster;
+                let loc = if loc == "pg-throwaway" {
+                    cluster =
+                        mrrec_memory::pgtest::TestCluster::start().map_err(anyhow::Error::msg)?;
+                    cluster
+                        .fresh_database("bench")
+                        .map_err(anyhow::Error::msg)?
+                } else {
+                    loc
+                };
                 out.insert(
                     "memory_retrieval".into(),
                     mrrec::bench::memory_retrieval(&loc, memory_users, 10, queries)?,
@@ -1417,7 +1562,13 @@ fn main() -> Result<()> {
             let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
             print!("{table}");
         }
-        Command::Demo { data, split, out } => {
+        Command::Demo {
+            data,
+            split,
+            out,
+            assistant,
+            model,
+        } => {
             let splits = parse_splits(&split)?;
             data.check_dir()?;
             eprintln!("mrrec demo: data {}", data.data.display());
@@ -1466,6 +1617,9 @@ fn main() -> Result<()> {
                 rows.iter().map(|(n, m)| (n.clone(), m)).collect();
             println!("\nEvaluation on split(s) {split} ({} items in the catalogue), 95% bootstrap intervals over users:\n", ws.catalogue().len());
             print!("{}", markdown_table(&refs, true));
+            if assistant > 0 {
+                demo_assistant(&ws, &splits, assistant, &model, &out)?;
+            }
             println!(
                 "\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}",
                 out.display()

@@ -28,9 +28,23 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "1500",
         "--out",
         out.path().to_str().unwrap(),
+        "--assistant",
+        "2",
+        "--model",
+        "smollm2-135m-instruct",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("Example request:"), "{stdout}");
+    // The assistant part: mrrec beside dense on the same seeded queries, with a paired test.
+    assert!(
+        stdout.contains("The assistant (smollm2-135m-instruct, guided) on 2 seeded queries"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| mrrec@guided (simple_query) |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("A = mrrec@guided"), "{stdout}");
     for m in ["bm25", "dense", "hybrid"] {
         for f in ["simple_query", "query"] {
             let row = format!("{m} ({f})");
@@ -67,6 +81,10 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "1500",
         "--out",
         out.path().to_str().unwrap(),
+        "--assistant",
+        "2",
+        "--model",
+        "smollm2-135m-instruct",
     ]);
     assert!(ok, "{stderr}");
     assert_eq!(

@@ -40,6 +40,7 @@ pub struct LocalModel {
     model: Transformer,
     compiler: Mutex<Option<std::sync::Arc<ConstraintCompiler>>>,
     prefixes: Mutex<Vec<Prefix>>,
+    reuse_prefixes: std::sync::atomic::AtomicBool,
 }
 
 /// A prompt already run through the model: its keys and values and its last logits, so that a
@@ -112,6 +113,9 @@ impl LocalModel {
             model,
             compiler: Mutex::new(None),
             prefixes: Mutex::new(Vec::new()),
+            reuse_prefixes: std::sync::atomic::AtomicBool::new(
+                std::env::var("MRREC_PREFIX_REUSE").map_or(true, |v| v != "0"),
+            ),
         })
     }
 
@@ -319,6 +323,14 @@ impl LocalModel {
     /// Runs `prompt` through the model, reusing the keys and values of the longest remembered
     /// prompt that shares at least [`MIN_SHARED`] leading tokens with it; remembers this one.
     fn prefill_reusing(&self, prompt: &[u32]) -> Result<(KvCache, Tensor)> {
+        if !self
+            .reuse_prefixes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let mut cache = self.model.new_cache();
+            let logits = self.model.prefill(prompt, &mut cache)?;
+            return Ok((cache, logits));
+        }
         let lora = self.model.lora_generation();
         let start = {
             let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
@@ -369,6 +381,21 @@ impl LocalModel {
             used: tick,
         });
         Ok((cache, logits))
+    }
+
+    /// Turns prompt-prefix reuse on or off (on by default; `MRREC_PREFIX_REUSE=0` turns it off).
+    /// Reuse is exact for prefill, but Q8_0 decoding quantises activations, so a reused cache can
+    /// move later log-probabilities by a few hundredths and, rarely, flip a near-tied greedy
+    /// token; callers that need bit-identical replays (log-probability checks) turn it off.
+    pub fn set_prefix_reuse(&self, on: bool) {
+        self.reuse_prefixes
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            self.prefixes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
     }
 
     /// Generates from token ids; `on_text` receives decoded text as it grows.

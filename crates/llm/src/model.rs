@@ -190,6 +190,10 @@ pub struct Transformer {
     pub intermediate_size: usize,
     lora: std::sync::RwLock<Option<std::sync::Arc<LoraAdapter>>>,
     lora_generation: std::sync::atomic::AtomicU64,
+    /// Per layer, per projection (in [`Proj::ALL`] order): the transposed f32 weight that prompt
+    /// prefill multiplies with (an f32 GEMM over many rows beats candle's row-by-row quantised
+    /// kernel 2.3×); decoding keeps the quantised kernel. Off with `MRREC_DENSE_PREFILL=0`.
+    dense: Vec<Vec<Option<Tensor>>>,
 }
 
 /// One sequence's keys and values per layer, and how many positions they hold. Clone to fork.
@@ -211,7 +215,10 @@ impl KvCache {
                 *l = if n == 0 {
                     None
                 } else {
-                    Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))
+                    Some((
+                        k.narrow(2, 0, n)?.contiguous()?,
+                        v.narrow(2, 0, n)?.contiguous()?,
+                    ))
                 };
             }
         }
@@ -283,6 +290,8 @@ impl Transformer {
         };
         let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps)?;
         let mut layers = Vec::with_capacity(n_layers);
+        let dense_prefill = std::env::var("MRREC_DENSE_PREFILL").map_or(true, |v| v != "0");
+        let mut dense: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let p = format!("blk.{i}");
             let mut q = |n: &str| t(&format!("{p}.{n}"));
@@ -292,19 +301,38 @@ impl Transformer {
                     Err(_) => None,
                 })
             };
+            let mut dense_row: Vec<Option<Tensor>> = Vec::with_capacity(7);
+            let mut mk = |qt: candle_core::quantized::QTensor| -> Result<QMatMul> {
+                // A dequantised, transposed copy for prompt prefill: with many rows, an f32 GEMM
+                // beats candle's row-by-row quantised kernel.
+                dense_row.push(if dense_prefill {
+                    Some(qt.dequantize(&Device::Cpu)?.t()?.contiguous()?)
+                } else {
+                    None
+                });
+                Ok(QMatMul::from_qtensor(qt)?)
+            };
+            let wq = mk(q("attn_q.weight")?)?;
+            let wk = mk(q("attn_k.weight")?)?;
+            let wv = mk(q("attn_v.weight")?)?;
+            let wo = mk(q("attn_output.weight")?)?;
+            let gate = mk(q("ffn_gate.weight")?)?;
+            let up = mk(q("ffn_up.weight")?)?;
+            let down = mk(q("ffn_down.weight")?)?;
+            dense.push(dense_row);
             layers.push(Layer {
-                wq: QMatMul::from_qtensor(q("attn_q.weight")?)?,
-                wk: QMatMul::from_qtensor(q("attn_k.weight")?)?,
-                wv: QMatMul::from_qtensor(q("attn_v.weight")?)?,
-                wo: QMatMul::from_qtensor(q("attn_output.weight")?)?,
+                wq,
+                wk,
+                wv,
+                wo,
                 bq: bias(q("attn_q.bias"))?,
                 bk: bias(q("attn_k.bias"))?,
                 bv: bias(q("attn_v.bias"))?,
                 attn_norm: RmsNorm::from_qtensor(q("attn_norm.weight")?, eps)?,
                 ffn_norm: RmsNorm::from_qtensor(q("ffn_norm.weight")?, eps)?,
-                gate: QMatMul::from_qtensor(q("ffn_gate.weight")?)?,
-                up: QMatMul::from_qtensor(q("ffn_up.weight")?)?,
-                down: QMatMul::from_qtensor(q("ffn_down.weight")?)?,
+                gate,
+                up,
+                down,
             });
         }
         let theta: Vec<f32> = (0..head_dim)
@@ -333,6 +361,7 @@ impl Transformer {
             intermediate_size,
             lora: std::sync::RwLock::new(None),
             lora_generation: std::sync::atomic::AtomicU64::new(0),
+            dense,
         })
     }
 
@@ -364,8 +393,26 @@ impl Transformer {
     }
 
     /// `W x`, plus the adapter's low-rank update when one targets this projection.
-    fn proj(&self, li: usize, p: Proj, w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = w.forward(x)?;
+    /// `dense` selects the f32 copy (prompt prefill) over the quantised kernel (decoding), so a
+    /// given step always takes the same numeric path whatever else is batched or cached.
+    fn proj(
+        &self,
+        li: usize,
+        p: Proj,
+        w: &QMatMul,
+        x: &Tensor,
+        dense: bool,
+    ) -> candle_core::Result<Tensor> {
+        let wt = self
+            .dense
+            .get(li)
+            .and_then(|d| d.get(p as usize))
+            .and_then(Option::as_ref)
+            .filter(|_| dense);
+        let y = match wt {
+            Some(wt) => x.broadcast_matmul(wt)?,
+            None => w.forward(x)?,
+        };
         let guard = self.lora.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref().and_then(|ad| ad.get(li, p).map(|f| (ad, f))) {
             Some((ad, (a, b))) => {
@@ -454,23 +501,24 @@ impl Transformer {
         li: usize,
         l: &Layer,
         x: &Tensor,
+        dense: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let add = |y: Tensor, b: &Option<Tensor>| match b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         };
         Ok((
-            add(self.proj(li, Proj::Q, &l.wq, x)?, &l.bq)?,
-            add(self.proj(li, Proj::K, &l.wk, x)?, &l.bk)?,
-            add(self.proj(li, Proj::V, &l.wv, x)?, &l.bv)?,
+            add(self.proj(li, Proj::Q, &l.wq, x, dense)?, &l.bq)?,
+            add(self.proj(li, Proj::K, &l.wk, x, dense)?, &l.bk)?,
+            add(self.proj(li, Proj::V, &l.wv, x, dense)?, &l.bv)?,
         ))
     }
 
-    fn mlp(&self, li: usize, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn mlp(&self, li: usize, l: &Layer, x: &Tensor, dense: bool) -> candle_core::Result<Tensor> {
         let h = l.ffn_norm.forward(x)?;
-        let g = candle_nn::ops::silu(&self.proj(li, Proj::Gate, &l.gate, &h)?)?;
-        let u = self.proj(li, Proj::Up, &l.up, &h)?;
-        self.proj(li, Proj::Down, &l.down, &(g * u)?)
+        let g = candle_nn::ops::silu(&self.proj(li, Proj::Gate, &l.gate, &h, dense)?)?;
+        let u = self.proj(li, Proj::Up, &l.up, &h, dense)?;
+        self.proj(li, Proj::Down, &l.down, &(g * u)?, dense)
     }
 
     fn check(&self, cache: &KvCache, new: usize) -> Result<()> {
@@ -494,10 +542,10 @@ impl Transformer {
         let mut x = self.embed.forward(&ids)?;
         for (li, (l, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = l.attn_norm.forward(&x)?;
-            let (q, k, v) = self.qkv(li, l, &h)?;
+            let (q, k, v) = self.qkv(li, l, &h, true)?;
             let y = self.attend(&q, &k, &v, slot, cache.pos)?;
-            x = (self.proj(li, Proj::O, &l.wo, &y)? + x)?;
-            x = (self.mlp(li, l, &x)? + x)?;
+            x = (self.proj(li, Proj::O, &l.wo, &y, true)? + x)?;
+            x = (self.mlp(li, l, &x, true)? + x)?;
         }
         cache.pos += tokens.len();
         let last = x.narrow(1, tokens.len() - 1, 1)?;
@@ -521,7 +569,7 @@ impl Transformer {
         let mut x = self.embed.forward(&ids)?; // (b, 1, hidden)
         for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
-            let (q, k, v) = self.qkv(li, l, &h)?;
+            let (q, k, v) = self.qkv(li, l, &h, false)?;
             let mut ys = Vec::with_capacity(b);
             for (s, cache) in caches.iter_mut().enumerate() {
                 let pos = cache.pos;
@@ -535,8 +583,8 @@ impl Transformer {
                 ys.push(y);
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = (self.proj(li, Proj::O, &l.wo, &y)? + x)?;
-            x = (self.mlp(li, l, &x)? + x)?;
+            x = (self.proj(li, Proj::O, &l.wo, &y, false)? + x)?;
+            x = (self.mlp(li, l, &x, false)? + x)?;
         }
         for c in caches.iter_mut() {
             c.pos += 1;

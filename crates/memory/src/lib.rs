@@ -173,6 +173,34 @@ pub struct MemoryStats {
     pub global: std::collections::BTreeMap<String, usize>,
     /// Build-state marks waiting for a rebuild.
     pub stale: usize,
+    /// What writing the LLM entries cost, summed over every build (the paper's Table 4).
+    pub cost: BuildCost,
+}
+
+/// Accumulated cost of LLM-written memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildCost {
+    /// Entries written by an LLM (pattern and profile segments, canonical aspects).
+    pub llm_entries: u64,
+    /// Prompt tokens.
+    pub tokens_in: u64,
+    /// Generated tokens.
+    pub tokens_out: u64,
+    /// LLM seconds (cached replays count zero).
+    pub seconds: f64,
+    /// Seconds per LLM-written entry.
+    pub seconds_per_entry: f64,
+}
+
+impl BuildCost {
+    /// Adds another build's numbers.
+    pub fn add(&mut self, o: &BuildCost) {
+        self.llm_entries += o.llm_entries;
+        self.tokens_in += o.tokens_in;
+        self.tokens_out += o.tokens_out;
+        self.seconds += o.seconds;
+        self.seconds_per_entry = self.seconds / self.llm_entries.max(1) as f64;
+    }
 }
 
 /// Reading memory. Every call names its owner; implementations read only that owner's rows.
@@ -239,6 +267,8 @@ pub trait MemoryWrite: MemoryRead {
     ) -> Result<()>;
     /// Sets build-state marks.
     fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()>;
+    /// Adds a build's LLM cost to the tenant's running total (shown by `stats`).
+    fn add_cost(&self, tenant: &str, cost: &BuildCost) -> Result<()>;
     /// Stores step-A results (replacing by query id) and marks their categories
     /// (`global:{category}`) for merging, in one transaction.
     fn put_query_aspects(&self, tenant: &str, rows: &[QueryAspects]) -> Result<()>;

@@ -11,9 +11,9 @@ use std::sync::Mutex;
 use postgres::{Client, NoTls, Row};
 
 use crate::{
-    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, Forgotten,
-    GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner,
-    QueryAspects, Result, Retrieved,
+    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, BuildCost,
+    Forgotten, GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite,
+    Owner, QueryAspects, Result, Retrieved,
 };
 
 /// PostgreSQL-backed memory store.
@@ -208,12 +208,22 @@ impl MemoryRead for PgStore {
             )
             .map_err(|e| self.err(e))?
             .get(0);
+        let cost: Option<String> = c
+            .query_opt(
+                "SELECT value FROM meta WHERE key = $1",
+                &[&format!("cost:{tenant}")],
+            )
+            .map_err(|e| self.err(e))?
+            .map(|r| r.get(0));
         Ok(MemoryStats {
             users,
             entries,
             bytes: bytes as u64,
             global,
             stale: stale as usize,
+            cost: cost
+                .and_then(|c| serde_json::from_str(&c).ok())
+                .unwrap_or_default(),
         })
     }
 
@@ -345,6 +355,26 @@ impl MemoryWrite for PgStore {
             )
             .map_err(|e| self.err(e))?;
         }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn add_cost(&self, tenant: &str, cost: &BuildCost) -> Result<()> {
+        let mut c = self.lock();
+        let mut tx = c.transaction().map_err(|e| self.err(e))?;
+        let key = format!("cost:{tenant}");
+        let old: Option<String> = tx
+            .query_opt("SELECT value FROM meta WHERE key = $1 FOR UPDATE", &[&key])
+            .map_err(|e| self.err(e))?
+            .map(|r| r.get(0));
+        let mut total: BuildCost = old
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default();
+        total.add(cost);
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&key, &serde_json::to_string(&total).unwrap_or_default()],
+        )
+        .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
-    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, Forgotten,
-    GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner,
-    QueryAspects, Result, Retrieved,
+    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, BuildCost,
+    Forgotten, GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite,
+    Owner, QueryAspects, Result, Retrieved,
 };
 
 /// SQLite-backed memory store.
@@ -194,6 +194,14 @@ impl MemoryRead for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))?;
+        let cost: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                params![format!("cost:{tenant}")],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
         let bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         Ok(MemoryStats {
             users,
@@ -201,6 +209,9 @@ impl MemoryRead for SqliteStore {
             bytes,
             global,
             stale: stale as usize,
+            cost: cost
+                .and_then(|c| serde_json::from_str(&c).ok())
+                .unwrap_or_default(),
         })
     }
 
@@ -332,6 +343,28 @@ impl MemoryWrite for SqliteStore {
                 stmt.execute(params![tenant, k]).map_err(|e| self.err(e))?;
             }
         }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn add_cost(&self, tenant: &str, cost: &BuildCost) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let key = format!("cost:{tenant}");
+        let old: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let mut total: BuildCost = old
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default();
+        total.add(cost);
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, serde_json::to_string(&total).unwrap_or_default()],
+        )
+        .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 

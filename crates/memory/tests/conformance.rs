@@ -107,6 +107,23 @@ fn round_trip_and_retrieval_order(s: &dyn MemoryWrite) {
     assert_eq!(st.users, 1);
     assert_eq!(st.entries["record"], 5);
     assert_eq!(st.entries["pattern"], 5);
+    // Build costs accumulate per tenant.
+    let c = BuildCost {
+        llm_entries: 4,
+        tokens_in: 100,
+        tokens_out: 40,
+        seconds: 2.0,
+        seconds_per_entry: 0.5,
+    };
+    s.add_cost("t", &c).unwrap();
+    s.add_cost("t", &c).unwrap();
+    let cost = s.stats("t").unwrap().cost;
+    assert_eq!(
+        (cost.llm_entries, cost.tokens_in, cost.tokens_out),
+        (8, 200, 80)
+    );
+    assert!((cost.seconds_per_entry - 0.5).abs() < 1e-9);
+    assert_eq!(s.stats("other").unwrap().cost, BuildCost::default());
     // Unknown owners have nothing (not an error at this layer).
     assert!(s
         .entries(Owner {
