@@ -316,3 +316,103 @@ where
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_invalid_answers_are_refused_with_the_reason() {
+        let ok = r#"{"subcategory": "e-readers", "category_aspects": [{"name": "battery life", "description": "Lasts weeks per charge."}], "subcategory_aspects": []}"#;
+        let set = parse_aspects(&format!("```json\n{ok}\n``` trailing")).unwrap();
+        assert_eq!(set.category_aspects[0].name, "battery life");
+        for (bad, why) in [
+            ("no json here", "no JSON object"),
+            (
+                r#"{"subcategory": "x1", "category_aspects": []}"#,
+                "subcategory_aspects",
+            ),
+            (
+                r#"{"subcategory": "x1", "category_aspects": [], "subcategory_aspects": []}"#,
+                "category_aspects",
+            ),
+            (
+                r#"{"subcategory": "x1", "category_aspects": [{"name": "n", "description": "long enough"}], "subcategory_aspects": []}"#,
+                "name",
+            ),
+            (
+                r#"{"subcategory": "x1", "category_aspects": [{"name": "ok name", "description": "fine text", "extra": 1}], "subcategory_aspects": []}"#,
+                "extra",
+            ),
+            (
+                r#"{"subcategory": "x1", "category_aspects": [{"name": "--", "description": "fine text"}], "subcategory_aspects": []}"#,
+                "no named category aspect",
+            ),
+        ] {
+            let e = parse_aspects(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn merge_clusters_near_duplicate_names_and_keeps_provenance() {
+        let row = |qid: &str, user: &str, names: &[&str]| {
+            (
+                QueryAspects {
+                    qid: qid.into(),
+                    user: user.into(),
+                    category: "Books".into(),
+                    json: String::new(),
+                },
+                AspectSet {
+                    subcategory: "novels".into(),
+                    category_aspects: names
+                        .iter()
+                        .map(|n| Aspect {
+                            name: n.to_string(),
+                            description: format!("about {n}"),
+                        })
+                        .collect(),
+                    subcategory_aspects: vec![],
+                },
+            )
+        };
+        let rows = vec![
+            row("q1", "alice", &["Price", "Story pacing"]),
+            row("q2", "bob", &["price", "Cover art"]),
+            row("q3", "carol", &["PRICE!", "pacing of the story"]),
+        ];
+        // A toy embedder: names that share their first word are the same aspect.
+        let embed = |texts: &[&str]| -> Result<Vec<Vec<f32>>, String> {
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    let w = norm(t);
+                    let key = if w.contains("pacing") {
+                        "pacing".to_string()
+                    } else {
+                        w.split(' ').next().unwrap_or("").to_string()
+                    };
+                    let mut v = vec![0f32; 8];
+                    v[key.bytes().map(|b| b as usize).sum::<usize>() % 8] = 1.0;
+                    v
+                })
+                .collect())
+        };
+        let out = merge("Books", &rows, MergeOptions::default(), embed).unwrap();
+        let price = out.iter().find(|a| a.id == "g-price").unwrap();
+        assert_eq!(price.queries, ["q1", "q2", "q3"]);
+        assert_eq!(price.users, ["alice", "bob", "carol"]);
+        // Most supported first; every aspect embedded; ids unique.
+        assert_eq!(out[0].id, "g-price");
+        assert!(out.iter().all(|a| a.embedding.len() == 8));
+        let mut ids: Vec<&str> = out.iter().map(|a| a.id.as_str()).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), out.len());
+        // Deterministic.
+        assert_eq!(
+            merge("Books", &rows, MergeOptions::default(), embed).unwrap(),
+            out
+        );
+    }
+}
