@@ -225,6 +225,19 @@ pub struct TraceRates {
     pub fallback: f64,
     /// Answers that needed a repair attempt.
     pub repaired: f64,
+    /// LLM seconds per answer: median and 95th percentile (cached replays count zero).
+    pub llm_seconds_p50_p95: (f64, f64),
+    /// Time outside the LLM (memory retrieval + ranking), milliseconds: median and 95th percentile.
+    pub other_ms_p50_p95: (f64, f64),
+}
+
+fn p50_p95(mut v: Vec<f64>) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.95))
 }
 
 /// The trace shares of a run's outcomes, when they carry traces.
@@ -268,6 +281,17 @@ pub fn trace_rates(outcomes: &[crate::run::QueryOutcome]) -> Option<TraceRates> 
             .unwrap_or(0) as usize;
     }
     let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let num = |t: &serde_json::Value, k: &str| {
+        t.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+    };
+    let llm: Vec<f64> = traces
+        .iter()
+        .map(|t| t.get("usage").map_or(0.0, |u| num(u, "seconds")))
+        .collect();
+    let other: Vec<f64> = traces
+        .iter()
+        .map(|t| num(t, "memory_ms") + num(t, "ranking_ms"))
+        .collect();
     Some(TraceRates {
         parsed: parsed as f64 / n,
         tool_ok: share(ok, calls),
@@ -275,6 +299,8 @@ pub fn trace_rates(outcomes: &[crate::run::QueryOutcome]) -> Option<TraceRates> 
         cited_valid: share(valid, cited),
         fallback: fallback as f64 / n,
         repaired: repaired as f64 / n,
+        llm_seconds_p50_p95: p50_p95(llm),
+        other_ms_p50_p95: p50_p95(other),
     })
 }
 
@@ -357,7 +383,7 @@ pub fn report_runs(
         // Cost and trace columns (the paper's Table 4, and the LLM methods' health).
         let _ = writeln!(
             md,
-            "\n| method | memory tokens / query | LLM tokens in / query | out / query | LLM s / query | parsed | tool calls / query | tool ok | cited valid | repaired | fallback |\n|---|---|---|---|---|---|---|---|---|---|---|"
+            "\n| method | memory tokens / query | LLM tokens in / query | out / query | LLM s / query | parsed | tool calls / query | tool ok | cited valid | repaired | fallback | LLM s p50 / p95 | non-LLM ms p50 / p95 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for r in &group {
             let n = r.1.n.max(1) as f64;
@@ -375,16 +401,20 @@ pub fn report_runs(
                 Some(t) => {
                     let _ = writeln!(
                         md,
-                        " {:.0}% | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
+                        " {:.0}% | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% | {:.1} / {:.1} | {:.0} / {:.0} |",
                         100.0 * t.parsed,
                         t.calls_per_query,
                         100.0 * t.tool_ok,
                         100.0 * t.cited_valid,
                         100.0 * t.repaired,
-                        100.0 * t.fallback
+                        100.0 * t.fallback,
+                        t.llm_seconds_p50_p95.0,
+                        t.llm_seconds_p50_p95.1,
+                        t.other_ms_p50_p95.0,
+                        t.other_ms_p50_p95.1
                     );
                 }
-                None => md.push_str(" – | – | – | – | – | – |\n"),
+                None => md.push_str(" – | – | – | – | – | – | – | – |\n"),
             }
         }
         // Per category, N@100.
