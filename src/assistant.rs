@@ -410,6 +410,11 @@ impl<'a> Assistant<'a> {
                 let mut cited = cited;
                 let mut seen = std::collections::HashSet::new();
                 cited.retain(|c| seen.insert(c.clone()));
+                if self.cfg.mode == Mode::Guided {
+                    // The constraint only admits retrieved ids: anything else is an id cut off by
+                    // the length limit (the tolerant parser closed the string), not a choice.
+                    cited.retain(|c| retrieved.contains(c.as_str()));
+                }
                 trace.cited_valid = cited
                     .iter()
                     .filter(|c| retrieved.contains(c.as_str()))
