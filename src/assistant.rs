@@ -71,6 +71,10 @@ pub struct AssistantConfig {
     pub answer_tokens: usize,
     /// Rank with the hybrid index (BM25 + dense) instead of dense alone.
     pub hybrid: bool,
+    /// The tool drops entries less similar than this to the call's text (0 keeps the paper's
+    /// plain top-k).
+    #[serde(default)]
+    pub min_memory_score: f32,
 }
 
 impl Default for AssistantConfig {
@@ -86,6 +90,7 @@ impl Default for AssistantConfig {
             reasoning_tokens: 80,
             answer_tokens: 120,
             hybrid: false,
+            min_memory_score: 0.0,
         }
     }
 }
@@ -335,6 +340,7 @@ impl<'a> Assistant<'a> {
         call.ok = true;
         call.results = hits
             .into_iter()
+            .filter(|h| h.score >= self.cfg.min_memory_score)
             .map(|h| (h.entry.id, h.entry.level, h.score, h.entry.text))
             .collect();
         trace.memory_ms += t.elapsed().as_secs_f64() * 1e3;

@@ -384,6 +384,9 @@ struct AssistantArgs {
     /// Tool calls the controller opens in guided mode.
     #[arg(long, default_value_t = 1)]
     guided_calls: usize,
+    /// The memory tool drops entries less similar than this to the call (0: plain top-3).
+    #[arg(long, default_value_t = 0.0)]
+    min_memory_score: f32,
 }
 
 /// What the LLM methods borrow: the memory store and the (cached) chat model.
@@ -404,6 +407,7 @@ impl AssistantArgs {
             mode,
             hybrid: self.hybrid_rank,
             guided_calls: self.guided_calls,
+            min_memory_score: self.min_memory_score,
             ..Default::default()
         };
         Ok(LlmContext {
@@ -982,6 +986,7 @@ fn demo_assistant(
         store: None,
         hybrid_rank: false,
         guided_calls: 1,
+        min_memory_score: 0.0,
     }
     .context(ws)?;
     let b = mrrec::memory::MemoryBuilder {
