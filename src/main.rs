@@ -729,16 +729,7 @@ fn memory(action: MemoryAction) -> Result<()> {
                 b.merge_global(Default::default(), &mut report)?;
             }
             report.seconds = t0.elapsed().as_secs_f64();
-            st.add_cost(
-                TENANT,
-                &mrrec_memory::BuildCost {
-                    llm_entries: (report.llm_entries + report.global_aspects) as u64,
-                    tokens_in: report.usage.prompt_tokens,
-                    tokens_out: report.usage.completion_tokens,
-                    seconds: report.usage.seconds,
-                    seconds_per_entry: 0.0,
-                },
-            )?;
+            st.add_cost(TENANT, &report.cost())?;
             if report.faithful.1 > 0 {
                 println!(
                     "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%); {} unfaithful segments dropped",
@@ -787,16 +778,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             if model.is_some() {
                 b.build_patterns(&[&user], &mut report)?;
                 b.build_profiles(&[&user], &mut report)?;
-                st.add_cost(
-                    TENANT,
-                    &mrrec_memory::BuildCost {
-                        llm_entries: report.llm_entries as u64,
-                        tokens_in: report.usage.prompt_tokens,
-                        tokens_out: report.usage.completion_tokens,
-                        seconds: report.usage.seconds,
-                        seconds_per_entry: 0.0,
-                    },
-                )?;
+                st.add_cost(TENANT, &report.cost())?;
             }
             println!(
                 "{user}: {n} new records ({} already stored); {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",

@@ -77,6 +77,17 @@ impl BuildReport {
         )
     }
 
+    /// The LLM cost of this build, as `MemoryWrite::add_cost` accumulates it.
+    pub fn cost(&self) -> mrrec_memory::BuildCost {
+        mrrec_memory::BuildCost {
+            llm_entries: (self.llm_entries + self.global_aspects) as u64,
+            tokens_in: self.usage.prompt_tokens,
+            tokens_out: self.usage.completion_tokens,
+            seconds: self.usage.seconds,
+            seconds_per_entry: 0.0,
+        }
+    }
+
     /// Share of checked claims found in the sources.
     pub fn faithfulness(&self) -> f64 {
         self.faithful.0 as f64 / self.faithful.1.max(1) as f64
@@ -156,19 +167,7 @@ impl<'a> MemoryBuilder<'a> {
     /// each category they touch and for the profile, all in one transaction. Returns how many
     /// records were new (reviews already stored are ignored).
     pub fn add_reviews(&self, user: &str, reviews: &[Review]) -> Result<usize> {
-        let existing: HashSet<String> = self
-            .store
-            .entries(self.owner(user))?
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        let mut fresh: Vec<MemoryEntry> =
-            mrrec_memory::record_entries(reviews, self.ws.catalogue())
-                .into_iter()
-                .filter(|e| !existing.contains(&e.id))
-                .collect();
-        let mut seen = HashSet::new();
-        fresh.retain(|e| seen.insert(e.id.clone()));
+        let mut fresh = self.new_records(user, reviews)?;
         if fresh.is_empty() {
             return Ok(0);
         }
@@ -179,6 +178,20 @@ impl<'a> MemoryBuilder<'a> {
         }
         self.put_records(user, &fresh)?;
         Ok(fresh.len())
+    }
+
+    /// Record entries (not yet embedded) of the `reviews` the store does not hold yet, once each.
+    fn new_records(&self, user: &str, reviews: &[Review]) -> Result<Vec<MemoryEntry>> {
+        let mut seen: HashSet<String> = self
+            .store
+            .entries(self.owner(user))?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        Ok(mrrec_memory::record_entries(reviews, self.ws.catalogue())
+            .into_iter()
+            .filter(|e| seen.insert(e.id.clone()))
+            .collect())
     }
 
     fn put_records(&self, user: &str, fresh: &[MemoryEntry]) -> Result<()> {
@@ -199,20 +212,7 @@ impl<'a> MemoryBuilder<'a> {
         let h = &self.ws.dataset.histories;
         let mut per_user: Vec<Vec<MemoryEntry>> = Vec::with_capacity(users.len());
         for u in users {
-            let existing: HashSet<String> = self
-                .store
-                .entries(self.owner(u))?
-                .into_iter()
-                .map(|e| e.id)
-                .collect();
-            let mut es: Vec<MemoryEntry> =
-                mrrec_memory::record_entries(h.of(u), self.ws.catalogue())
-                    .into_iter()
-                    .filter(|e| !existing.contains(&e.id))
-                    .collect();
-            let mut seen = HashSet::new();
-            es.retain(|e| seen.insert(e.id.clone()));
-            per_user.push(es);
+            per_user.push(self.new_records(u, h.of(u))?);
         }
         // One embedding pass over every new text: length-sorted batches, cached, resumable.
         let texts: Vec<&str> = per_user.iter().flatten().map(|e| e.text.as_str()).collect();
@@ -282,6 +282,38 @@ impl<'a> MemoryBuilder<'a> {
         entries
     }
 
+    /// Stores the faithful `segs` of one summary (embedded) in place of the owner's entries that
+    /// `replaces` selects, clears the mark `done` and sets `mark`, in one transaction.
+    fn write_segments(
+        &self,
+        user: &str,
+        segs: Vec<MemoryEntry>,
+        source: &str,
+        replaces: impl Fn(&MemoryEntry) -> bool,
+        done: &str,
+        mark: &[String],
+        report: &mut BuildReport,
+    ) -> Result<()> {
+        let mut segs = self.faithful_segments(segs, source, report);
+        let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
+        let vecs = self.ws.embedder.embed(&texts)?;
+        for (e, v) in segs.iter_mut().zip(vecs) {
+            e.embedding = v;
+        }
+        let old: Vec<String> = self
+            .store
+            .entries(self.owner(user))?
+            .into_iter()
+            .filter(|e| replaces(e))
+            .map(|e| e.id)
+            .collect();
+        self.store
+            .replace(self.owner(user), &old, &segs, &[done.to_string()], mark)?;
+        failpoint();
+        report.llm_entries += segs.len();
+        Ok(())
+    }
+
     /// The (user, category) patterns to (re)write among `users`: those marked stale (records
     /// are stored together with the marks they cause, so nothing is missed).
     fn pattern_todo(&self, users: &[&str]) -> Result<Vec<(String, String)>> {
@@ -321,29 +353,16 @@ impl<'a> MemoryBuilder<'a> {
                 let source: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
                 let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
                 let segs = summaries::pattern_entries(c, &text, &sources);
-                let mut segs = self.faithful_segments(segs, &source.join("\n"), report);
-                let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
-                let vecs = self.ws.embedder.embed(&texts)?;
-                for (e, v) in segs.iter_mut().zip(vecs) {
-                    e.embedding = v;
-                }
-                let old: Vec<String> = self
-                    .store
-                    .entries(self.owner(u))?
-                    .into_iter()
-                    .filter(|e| e.level == Level::Pattern && cat_of(e) == *c)
-                    .map(|e| e.id)
-                    .collect();
-                self.store.replace(
-                    self.owner(u),
-                    &old,
-                    &segs,
-                    &[mrrec_memory::pattern_key(u, c)],
+                self.write_segments(
+                    u,
+                    segs,
+                    &source.join("\n"),
+                    |e| e.level == Level::Pattern && cat_of(e) == *c,
+                    &mrrec_memory::pattern_key(u, c),
                     &[mrrec_memory::profile_key(u)],
+                    report,
                 )?;
-                failpoint();
                 report.patterns_written += 1;
-                report.llm_entries += segs.len();
                 Ok(())
             },
         )
@@ -390,29 +409,16 @@ impl<'a> MemoryBuilder<'a> {
                 let sources: Vec<String> =
                     pairs.iter().map(|(c, _)| format!("pattern:{c}")).collect();
                 let segs = summaries::profile_entries(&text, &sources);
-                let mut segs = self.faithful_segments(segs, source, report);
-                let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
-                let vecs = self.ws.embedder.embed(&texts)?;
-                for (e, v) in segs.iter_mut().zip(vecs) {
-                    e.embedding = v;
-                }
-                let old: Vec<String> = self
-                    .store
-                    .entries(self.owner(u))?
-                    .into_iter()
-                    .filter(|e| e.level == Level::Profile)
-                    .map(|e| e.id)
-                    .collect();
-                self.store.replace(
-                    self.owner(u),
-                    &old,
-                    &segs,
-                    &[mrrec_memory::profile_key(u)],
+                self.write_segments(
+                    u,
+                    segs,
+                    source,
+                    |e| e.level == Level::Profile,
+                    &mrrec_memory::profile_key(u),
                     &[],
+                    report,
                 )?;
-                failpoint();
                 report.profiles_written += 1;
-                report.llm_entries += segs.len();
                 Ok(())
             },
         )

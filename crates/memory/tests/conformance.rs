@@ -483,3 +483,54 @@ fn a_bad_postgres_url_is_a_clear_error() {
     );
     assert!(!err.contains("hunter2"));
 }
+
+/// SQLite-specific: forgetting leaves none of the user's bytes in the file or its WAL.
+#[test]
+fn forget_removes_every_byte_of_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sqlite");
+    let s = SqliteStore::open(&path).unwrap();
+    let a = Owner {
+        tenant: "t",
+        user: "alice",
+    };
+    let b = Owner {
+        tenant: "t",
+        user: "bob",
+    };
+    for i in 0..200 {
+        s.put(
+            a,
+            &[entry(
+                &format!("a{i}"),
+                Level::Record,
+                &format!("ALICE-SECRET-{i} bought a red kettle"),
+                unit(i, 8),
+            )],
+        )
+        .unwrap();
+        s.put(
+            b,
+            &[entry(
+                &format!("b{i}"),
+                Level::Record,
+                &format!("BOB-NOTE-{i} bought a blue mug"),
+                unit(1000 + i, 8),
+            )],
+        )
+        .unwrap();
+    }
+    assert_eq!(s.forget(a).unwrap().entries, 200);
+    assert!(s.entries(a).unwrap().is_empty());
+    assert_eq!(s.entries(b).unwrap().len(), 200);
+    let mut bytes = std::fs::read(&path).unwrap();
+    if let Ok(w) = std::fs::read(dir.path().join("m.sqlite-wal")) {
+        bytes.extend(w);
+    }
+    let hay = String::from_utf8_lossy(&bytes);
+    assert!(
+        !hay.contains("ALICE-SECRET"),
+        "alice's text is still in the file"
+    );
+    assert!(hay.contains("BOB-NOTE"));
+}
