@@ -174,6 +174,39 @@ pub struct Assistant<'a> {
     pub llm: &'a dyn ChatModel,
     /// Settings.
     pub cfg: AssistantConfig,
+    /// Receives what happens as it happens (model text, tool calls, the profile), for
+    /// streaming; `None` when only the final answer matters.
+    pub observer: Option<&'a (dyn Fn(&Event) + Sync)>,
+}
+
+/// What the assistant is doing, as it happens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The scenario's global aspects shown to the model: (id, text).
+    Aspects {
+        /// (id, text).
+        aspects: Vec<(String, String)>,
+    },
+    /// A piece of model output.
+    Text {
+        /// The new text.
+        delta: String,
+    },
+    /// A memory tool call and what it returned.
+    ToolCall {
+        /// The call.
+        call: ToolCallTrace,
+    },
+    /// The outcome of the loop, before ranking.
+    Profile {
+        /// The ideal item profile, when one parsed.
+        profile: Option<String>,
+        /// Memory ids cited.
+        cited: Vec<String>,
+        /// The request is ranked instead.
+        fallback: bool,
+    },
 }
 
 const TOOL_DESCRIPTION: &str = "memory_retrieval_tool: retrieves the current user's memories (past purchases and reviews, per-category preference summaries, an overall profile) most relevant to a query. \
@@ -268,7 +301,7 @@ fn estimate_tokens(s: &str) -> u64 {
 }
 
 /// The profile and cited ids of a final object, if it has a non-empty profile.
-fn read_final(v: &Value) -> Option<(String, Vec<String>)> {
+pub fn read_final(v: &Value) -> Option<(String, Vec<String>)> {
     let p = v.get("ideal_item_profile")?.as_str()?.trim().to_string();
     if p.chars().filter(|c| c.is_alphanumeric()).count() < 3 {
         return None;
@@ -293,8 +326,28 @@ impl<'a> Assistant<'a> {
         }
     }
 
+    fn emit(&self, e: Event) {
+        if let Some(o) = self.observer {
+            o(&e);
+        }
+    }
+
+    fn push_call(&self, trace: &mut Trace, call: ToolCallTrace) {
+        if self.observer.is_some() {
+            self.emit(Event::ToolCall { call: call.clone() });
+        }
+        trace.tool_calls.push(call);
+    }
+
     fn chat(&self, req: &ChatRequest, trace: &mut Trace) -> Result<String> {
-        let r = self.llm.chat(req)?;
+        let r = match self.observer {
+            Some(o) => self.llm.chat_stream(req, &mut |t| {
+                o(&Event::Text {
+                    delta: t.to_string(),
+                })
+            })?,
+            None => self.llm.chat(req)?,
+        };
         trace.usage.add(&r.usage);
         trace.outputs.push(r.text.clone());
         Ok(r.text)
@@ -347,7 +400,18 @@ impl<'a> Assistant<'a> {
         Ok(call)
     }
 
-    fn tool_response(call: &ToolCallTrace) -> String {
+    /// The memory tool on its own (what `/tools/memory_retrieve` serves): `args` as a model
+    /// writes them, `{"query": ..., "aspects": [...]}`; returns the call and the tool response
+    /// text the model would read.
+    pub fn memory_tool(&self, user: &str, args: &Value) -> Result<(ToolCallTrace, String)> {
+        let mut trace = Trace::default();
+        let call = self.retrieve(user, args, &mut trace)?;
+        let text = Self::tool_response(&call);
+        Ok((call, text))
+    }
+
+    /// The text a model reads back from a tool call.
+    pub fn tool_response(call: &ToolCallTrace) -> String {
         let mut s = String::from("<tool_response>\n");
         if let Some(e) = &call.error {
             s.push_str(&format!("error: {e}\n"));
@@ -384,6 +448,11 @@ impl<'a> Assistant<'a> {
             }
         }
         trace.memory_ms += t.elapsed().as_secs_f64() * 1e3;
+        if !trace.global_aspects.is_empty() {
+            self.emit(Event::Aspects {
+                aspects: trace.global_aspects.clone(),
+            });
+        }
         Ok(())
     }
 
@@ -434,6 +503,11 @@ impl<'a> Assistant<'a> {
                 request.to_string()
             }
         };
+        self.emit(Event::Profile {
+            profile: trace.profile.clone(),
+            cited: trace.cited.clone(),
+            fallback: trace.fallback,
+        });
         let items = self.rank(&ranked_with, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
@@ -540,6 +614,11 @@ impl<'a> Assistant<'a> {
                 request.to_string()
             }
         };
+        self.emit(Event::Profile {
+            profile: trace.profile.clone(),
+            cited: trace.cited.clone(),
+            fallback: trace.fallback,
+        });
         let items = self.rank(&ranked_with, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
@@ -622,7 +701,7 @@ impl<'a> Assistant<'a> {
                     let resp = Self::tool_response(&call);
                     trace.memory_tokens += estimate_tokens(&resp);
                     responses.push(resp);
-                    trace.tool_calls.push(call);
+                    self.push_call(trace, call);
                 }
                 for e in &parsed.errors {
                     calls += 1;
@@ -631,7 +710,7 @@ impl<'a> Assistant<'a> {
                         ..Default::default()
                     };
                     responses.push(Self::tool_response(&call));
-                    trace.tool_calls.push(call);
+                    self.push_call(trace, call);
                 }
                 let mut said = text.clone();
                 if !said.contains("</tool_call>") {
@@ -745,7 +824,7 @@ impl<'a> Assistant<'a> {
                     "{resp}\nWrite the ideal item profile for the request \"{}\": one sentence, the product type and its 2 or 3 key features. Use a memory only if it is about the same kind of product.",
                     request.replace('"', "'")
                 )));
-                trace.tool_calls.push(call);
+                self.push_call(trace, call);
             }
         }
         retrieved.sort();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mrrec_llm::{CachePolicy, CachedChatModel, ChatModel};
 
 /// The response cache every CLI command shares.
@@ -11,15 +11,43 @@ pub fn llm_cache_path() -> PathBuf {
     mrrec_models::home().join("cache").join("llm.sqlite")
 }
 
-/// A local model by registry id, or the server at `base_url` (model name `model`; the key is
+/// A local model by registry id (`echo` / `echo@MS`: the instant model that writes the request
+/// back, for measuring everything but the LLM), or the server at `base_url` (model name `model`; the key is
 /// read from `OPENAI_API_KEY` / `MRREC_LLM_API_KEY` by [`mrrec_llm::OpenAiConfig::from_env`]).
+///
+/// `MRREC_LLM_TIMEOUT` (seconds per request) and `MRREC_LLM_RETRIES` tune the server client.
 pub fn chat_model(model: &str, base_url: Option<&str>) -> Result<Box<dyn ChatModel>> {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+    chat_model_with(
+        model,
+        base_url,
+        env("MRREC_LLM_TIMEOUT").map(std::time::Duration::from_secs_f64),
+        env("MRREC_LLM_RETRIES").map(|r| r as u32),
+    )
+}
+
+/// [`chat_model`] with an explicit per-request timeout and retry count for servers.
+pub fn chat_model_with(
+    model: &str,
+    base_url: Option<&str>,
+    timeout: Option<std::time::Duration>,
+    retries: Option<u32>,
+) -> Result<Box<dyn ChatModel>> {
     Ok(match base_url {
         Some(url) => {
             let mut cfg = mrrec_llm::OpenAiConfig::from_env()
                 .unwrap_or_else(|| mrrec_llm::OpenAiConfig::new(url, model));
             cfg.base_url = url.to_string();
+            if let Some(t) = timeout {
+                cfg.timeout = t;
+            }
+            if let Some(r) = retries {
+                cfg.max_retries = r;
+            }
             Box::new(mrrec_llm::OpenAiModel::new(cfg)?)
+        }
+        None if mrrec_llm::EchoModel::from_id(model).is_some() => {
+            Box::new(mrrec_llm::EchoModel::from_id(model).context("echo model id")?)
         }
         None => {
             eprintln!("loading {model}…");

@@ -13,6 +13,8 @@ pub mod bench;
 pub mod memory;
 pub mod methods;
 pub mod progress;
+pub mod rewards;
+pub mod service;
 pub mod workspace;
 
 pub use methods::{method_names, DenseMethod, LexicalMethod};

@@ -137,6 +137,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8088")]
         addr: std::net::SocketAddr,
     },
+    /// Serve the assistant over HTTP: recommend (JSON or streamed), memory, item search, the
+    /// GRPO tool and reward endpoints, metrics, OpenAPI and a web page (see ARCHITECTURE.md).
+    Serve {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        assistant: AssistantArgs,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Manage the service's API keys (stored hashed).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Measure embedding, search and BM25 speed; prints JSON (see BENCHMARKS.md).
     Bench {
         #[command(flatten)]
@@ -210,6 +225,69 @@ struct LlmArgs {
     /// Requests per LLM batch (also the unit a killed build loses at most).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Key file (default $MRREC_HOME/keys.json; created with one key for tenant `default`,
+    /// printed once, when missing).
+    #[arg(long, env = "MRREC_KEYS")]
+    keys: Option<PathBuf>,
+    /// Requests per second per key (0: unlimited).
+    #[arg(long, default_value_t = 50.0)]
+    rate_per_key: f64,
+    /// Burst per key.
+    #[arg(long, default_value_t = 100.0)]
+    burst: f64,
+    /// Answers the LLM works on at once (1 for a local model on few cores).
+    #[arg(long)]
+    llm_slots: Option<usize>,
+    /// Answers that may wait for the LLM; beyond, 503.
+    #[arg(long, default_value_t = 16)]
+    llm_queue: usize,
+    /// Embedding/ranking jobs at once.
+    #[arg(long, default_value_t = 4)]
+    cpu_slots: usize,
+    /// Embedding/ranking jobs that may wait; beyond, 503.
+    #[arg(long, default_value_t = 512)]
+    cpu_queue: usize,
+    /// Longest wait for a slot, seconds (then 503).
+    #[arg(long, default_value_t = 60.0)]
+    queue_timeout: f64,
+    /// Deadline of one answer, seconds (then 504).
+    #[arg(long, default_value_t = 180.0)]
+    answer_timeout: f64,
+    /// Per-request timeout of an --llm-url server, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    llm_timeout: f64,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 256 << 10)]
+    max_body_bytes: usize,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key for a tenant: its hash goes into the key file, the key is printed once.
+    New {
+        /// Tenant the key acts for.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// A label for people.
+        #[arg(long, default_value = "key")]
+        name: String,
+        /// Key file (default $MRREC_HOME/keys.json).
+        #[arg(long, env = "MRREC_KEYS")]
+        file: Option<PathBuf>,
+    },
+    /// List the keys of the key file (names and tenants; the keys themselves are not stored).
+    List {
+        /// Key file (default $MRREC_HOME/keys.json).
+        #[arg(long, env = "MRREC_KEYS")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -397,23 +475,26 @@ struct LlmContext {
 }
 
 impl AssistantArgs {
-    fn context(&self, ws: &Workspace) -> Result<LlmContext> {
+    fn config(&self) -> Result<mrrec::assistant::AssistantConfig> {
         let mode = match self.mode.as_str() {
             "auto" if self.llm.llm_url.is_some() => mrrec::assistant::Mode::Free,
             "auto" => mrrec::assistant::Mode::Guided,
             m => m.parse().map_err(anyhow::Error::msg)?,
         };
-        let cfg = mrrec::assistant::AssistantConfig {
+        Ok(mrrec::assistant::AssistantConfig {
             mode,
             hybrid: self.hybrid_rank,
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
             ..Default::default()
-        };
+        })
+    }
+
+    fn context(&self, ws: &Workspace) -> Result<LlmContext> {
         Ok(LlmContext {
             store: open_store(ws, self.store.clone())?,
             model: mrrec::backend::cached_chat_model(&self.llm.model, self.llm.llm_url.as_deref())?,
-            cfg,
+            cfg: self.config()?,
         })
     }
 }
@@ -474,6 +555,7 @@ fn method_for<'a>(
                     tenant: TENANT,
                     llm: &ctx.model,
                     cfg,
+                    observer: None,
                 },
             }));
         }
@@ -616,6 +698,116 @@ fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 }
 
 const TENANT: &str = "default";
+
+fn default_keys() -> PathBuf {
+    mrrec_models::home().join("keys.json")
+}
+
+fn keys(action: KeysAction) -> Result<()> {
+    match action {
+        KeysAction::New { tenant, name, file } => {
+            let path = file.unwrap_or_else(default_keys);
+            let key = mrrec::service::auth::add_key(&path, &tenant, &name)?;
+            eprintln!(
+                "added key {name:?} for tenant {tenant:?} to {} (only its hash is stored; this is the only time it is shown):",
+                path.display()
+            );
+            println!("{key}");
+        }
+        KeysAction::List { file } => {
+            let path = file.unwrap_or_else(default_keys);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a key file", path.display()))?;
+            mrrec::service::auth::KeyRing::load(&path)?;
+            for k in v["keys"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\ttenant {}\tsha256 {}…",
+                    k["name"].as_str().unwrap_or(""),
+                    k["tenant"].as_str().unwrap_or(""),
+                    &k["sha256"].as_str().unwrap_or("")
+                        [..12.min(k["sha256"].as_str().unwrap_or("").len())]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()> {
+    let keys_path = args.keys.clone().unwrap_or_else(default_keys);
+    if !keys_path.exists() {
+        let key = mrrec::service::auth::add_key(&keys_path, TENANT, "first")?;
+        eprintln!(
+            "created {} with a key for tenant {TENANT:?} (shown only now; `mrrec keys new` makes more):\n\n    {key}\n",
+            keys_path.display()
+        );
+    }
+    let keys = mrrec::service::auth::KeyRing::load(&keys_path)?;
+    if keys.is_empty() {
+        bail!(
+            "{} holds no keys: add one with `mrrec keys new`",
+            keys_path.display()
+        );
+    }
+    let ws = Arc::new(data.open()?);
+    let echo = mrrec_llm::EchoModel::from_id(&assistant.llm.model);
+    let local = assistant.llm.llm_url.is_none() && echo.is_none();
+    // The instant model is never cached (it measures the service, and would fill the cache).
+    let (llm, llm_cache): (Arc<dyn mrrec_llm::ChatModel>, _) = match echo {
+        Some(m) if assistant.llm.llm_url.is_none() => (Arc::new(m), None),
+        _ => (
+            Arc::new(mrrec_llm::CachedChatModel::open(
+                mrrec::backend::chat_model_with(
+                    &assistant.llm.model,
+                    assistant.llm.llm_url.as_deref(),
+                    Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
+                    None,
+                )?,
+                &mrrec::backend::llm_cache_path(),
+                mrrec_llm::CachePolicy::All,
+            )?),
+            Some(mrrec::backend::llm_cache_path()),
+        ),
+    };
+    let store: Arc<dyn mrrec_memory::MemoryWrite + Send + Sync> =
+        Arc::from(open_store(&ws, assistant.store.clone())?);
+    let cfg = mrrec::service::ServiceConfig {
+        max_body_bytes: args.max_body_bytes,
+        rate_per_key: args.rate_per_key,
+        burst: args.burst,
+        llm_slots: args.llm_slots.unwrap_or(if local { 1 } else { 8 }),
+        llm_queue: args.llm_queue,
+        cpu_slots: args.cpu_slots,
+        cpu_queue: args.cpu_queue,
+        queue_timeout: std::time::Duration::from_secs_f64(args.queue_timeout),
+        answer_timeout: std::time::Duration::from_secs_f64(args.answer_timeout),
+        assistant: assistant.config()?,
+        ..Default::default()
+    };
+    let svc = mrrec::service::Service::new(ws, store, llm, llm_cache, keys, cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        eprintln!(
+            "mrrec serving {} items with {} on http://{} (web page at /, API at /openapi.json; {} keys from {})",
+            svc.ws.catalogue().len(),
+            svc.llm.id(),
+            listener.local_addr()?,
+            svc.keys.len(),
+            keys_path.display()
+        );
+        mrrec::service::serve(listener, svc, mrrec::service::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    eprintln!("stopped");
+    Ok(())
+}
 
 fn open_store(
     ws: &Workspace,
@@ -1062,6 +1254,7 @@ fn recommend(
         tenant: TENANT,
         llm: &ctx.model,
         cfg,
+        observer: None,
     };
     let t0 = std::time::Instant::now();
     let ans = match kind {
@@ -1511,6 +1704,12 @@ fn main() -> Result<()> {
                 Arc::new(mrrec_llm::LocalModel::from_registry(&model)?);
             mrrec_llm::serve::serve(m, addr)?;
         }
+        Command::Serve {
+            data,
+            assistant,
+            serve: args,
+        } => serve(data, assistant, args)?,
+        Command::Keys { action } => keys(action)?,
         Command::Recommend {
             data,
             assistant,

@@ -647,36 +647,37 @@ pub fn read_reviews(path: &std::path::Path, user: &str) -> Result<Vec<Review>> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        if let Some(o) = v.as_object_mut() {
-            match o.get("user_id").and_then(|u| u.as_str()) {
-                Some(u) if u != user => bail!(
-                    "{}:{}: the row is user {u:?}'s, not {user:?}",
-                    path.display(),
-                    i + 1
-                ),
-                _ => {
-                    o.insert("user_id".into(), user.into());
-                }
-            }
-            if o.get("parent_asin").is_none() {
-                if let Some(a) = o.get("asin").cloned() {
-                    o.insert("parent_asin".into(), a);
-                }
-            }
-        }
-        let r: Review = serde_json::from_value(v)
-            .with_context(|| format!("{}:{}: not a review", path.display(), i + 1))?;
-        if !(1.0..=5.0).contains(&r.rating) {
-            bail!(
-                "{}:{}: rating {} is not 1–5",
-                path.display(),
-                i + 1,
-                r.rating
-            );
-        }
-        out.push(r);
+        let at = format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{at}: not JSON"))?;
+        out.push(review_from_json(v, user, &at)?);
     }
     Ok(out)
+}
+
+/// One Amazon Reviews 2023 row as an interaction of `user`: `user_id` may be absent (it is
+/// `user`) but not another user's; `asin` stands in for a missing `parent_asin`; the rating
+/// must be 1–5. Errors start with `at` (file:line, or a JSON path).
+pub fn review_from_json(mut v: serde_json::Value, user: &str, at: &str) -> Result<Review> {
+    let Some(o) = v.as_object_mut() else {
+        bail!("{at}: not a JSON object");
+    };
+    match o.get("user_id") {
+        Some(serde_json::Value::String(u)) if u != user => {
+            bail!("{at}: the row is user {u:?}'s, not {user:?}")
+        }
+        _ => {
+            o.insert("user_id".into(), user.into());
+        }
+    }
+    if o.get("parent_asin").is_none() {
+        if let Some(a) = o.get("asin").cloned() {
+            o.insert("parent_asin".into(), a);
+        }
+    }
+    let r: Review = serde_json::from_value(v).with_context(|| format!("{at}: not a review"))?;
+    if !(1.0..=5.0).contains(&r.rating) {
+        bail!("{at}: rating {} is not 1–5", r.rating);
+    }
+    Ok(r)
 }

@@ -139,6 +139,7 @@ fn free_mode_calls_the_tool_reads_results_and_answers() {
         tenant: "t",
         llm: &m,
         cfg: free(),
+        observer: None,
     };
     let ans = a
         .answer("alice", "a gift for my kid", Some("Toys_and_Games"), 10)
@@ -190,6 +191,7 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
         tenant: "t",
         llm: &m,
         cfg: free(),
+        observer: None,
     };
     let ans = a.answer("alice", "a gift for my kid", None, 5).unwrap();
     assert_eq!(m.requests().len(), 2);
@@ -209,6 +211,7 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
         tenant: "t",
         llm: &m,
         cfg: free(),
+        observer: None,
     };
     let ans = a.answer("alice", "a gift", None, 5).unwrap();
     assert_eq!(ans.trace.repairs, 1);
@@ -238,6 +241,7 @@ fn too_many_tool_calls_are_cut_at_the_limit() {
         tenant: "t",
         llm: &m,
         cfg: free(),
+        observer: None,
     };
     let ans = a.answer("alice", "toys", None, 3).unwrap();
     assert_eq!(ans.trace.tool_calls.len(), 4);
@@ -254,6 +258,7 @@ fn too_many_tool_calls_are_cut_at_the_limit() {
         tenant: "t",
         llm: &m,
         cfg: free(),
+        observer: None,
     };
     let ans = a.answer("alice", "toys", None, 3).unwrap();
     assert_eq!(ans.trace.tool_calls.len(), 2);
@@ -283,6 +288,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
         tenant: "t",
         llm: &m,
         cfg: AssistantConfig::default(),
+        observer: None,
     };
     let ans = a
         .answer("alice", "a gift for my kid", Some("Toys_and_Games"), 10)
@@ -339,6 +345,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
         tenant: "t",
         llm: &m,
         cfg,
+        observer: None,
     };
     let ans = a.answer("alice", "a gift", None, 3).unwrap();
     assert!(ans.trace.tool_calls.is_empty());
@@ -379,6 +386,7 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
         tenant: "default",
         llm: &llm,
         cfg: AssistantConfig::default(),
+        observer: None,
     };
     for q in queries {
         let request = q.simple_query.as_deref().unwrap_or(&q.query);

@@ -6,6 +6,7 @@
 mod cache;
 mod constrain;
 mod convert;
+mod echo;
 mod gguf;
 mod local;
 pub mod model;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use cache::{CachePolicy, CachedChatModel};
 pub use constrain::{validate, Constraint, ConstraintCompiler};
 pub use convert::{ensure_q8_0, requantize_gguf};
+pub use echo::EchoModel;
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
 pub use local::{Generation, LocalModel};
 pub use openai::{OpenAiConfig, OpenAiModel};

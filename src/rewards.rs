@@ -1,0 +1,189 @@
+//! MR.Rec's rewards, exactly as the paper defines them (one implementation for the Rust GRPO
+//! trainer and the `/reward` endpoint a Python trainer calls):
+//!
+//! r = w_format·R_format + w_rec·R_rec + w_mem·R_mem, weights 0.1 / 5 / 0.1 by default, where
+//! - R_format ∈ {0, 1}: the final `\boxed{...}` object (or, in guided mode, the constrained
+//!   final object) parses with a non-empty `ideal_item_profile` and a `useful_memory_ids` list;
+//! - R_rec = NDCG@1000 + NDCG@100 of the target item in the ranking the profile produces, and 0
+//!   when no profile can be extracted (no fallback to the request inside rewards);
+//! - R_mem ∈ {0, 1}: at least one successful memory call.
+
+use anyhow::Result;
+use mrrec_embed::TextEmbedder;
+use mrrec_eval::metrics::ndcg_at;
+use mrrec_index::SearchQuery;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Workspace;
+
+/// Depth the target is looked for (the deepest cut of R_rec).
+pub const REWARD_DEPTH: usize = 1000;
+
+/// Weights of the three components.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RewardWeights {
+    /// Weight of R_format.
+    pub format: f64,
+    /// Weight of R_rec.
+    pub rec: f64,
+    /// Weight of R_mem.
+    pub mem: f64,
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        RewardWeights {
+            format: 0.1,
+            rec: 5.0,
+            mem: 0.1,
+        }
+    }
+}
+
+/// The components of one trajectory's reward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rewards {
+    /// R_format.
+    pub format: f64,
+    /// R_rec.
+    pub rec: f64,
+    /// R_mem.
+    pub mem: f64,
+    /// The weighted sum.
+    pub total: f64,
+    /// 1-based rank of the target in the profile's ranking (None: below the depth, or no
+    /// profile).
+    pub target_rank: Option<usize>,
+    /// The profile that was ranked.
+    pub profile: Option<String>,
+}
+
+/// R_rec of a target at `rank`: NDCG@1000 + NDCG@100 with one relevant item.
+pub fn r_rec(rank: Option<usize>) -> f64 {
+    ndcg_at(rank, 1000) + ndcg_at(rank, 100)
+}
+
+/// The final object of a free-mode response: the last `\boxed{...}` that parses with a
+/// non-empty profile, as (profile, cited ids).
+pub fn final_of_response(response: &str) -> Option<(String, Vec<String>)> {
+    mrrec_llm::parse::boxed_json(response)
+        .as_ref()
+        .and_then(crate::assistant::read_final)
+}
+
+/// Successful memory calls in a free-mode transcript: tool responses that carry no error.
+pub fn successful_calls_in(transcript: &str) -> usize {
+    transcript
+        .split("<tool_response>")
+        .skip(1)
+        .filter(|r| {
+            let body = r.split("</tool_response>").next().unwrap_or("");
+            !body.trim_start().starts_with("error:")
+        })
+        .count()
+}
+
+/// Combines the components.
+pub fn combine(
+    w: &RewardWeights,
+    profile: Option<String>,
+    target_rank: Option<usize>,
+    memory_calls_ok: usize,
+) -> Rewards {
+    let format = if profile.is_some() { 1.0 } else { 0.0 };
+    let rec = if profile.is_some() {
+        r_rec(target_rank)
+    } else {
+        0.0
+    };
+    let mem = if memory_calls_ok > 0 { 1.0 } else { 0.0 };
+    Rewards {
+        format,
+        rec,
+        mem,
+        total: w.format * format + w.rec * rec + w.mem * mem,
+        target_rank: if profile.is_some() { target_rank } else { None },
+        profile,
+    }
+}
+
+/// 1-based rank of catalogue item `target` when the catalogue is ranked by `text` (dense, as
+/// the assistant ranks), within [`REWARD_DEPTH`].
+pub fn target_rank(ws: &Workspace, text: &str, target: u32) -> Result<Option<usize>> {
+    let v = ws.embedder.embed(&[text])?.remove(0);
+    let hits = ws.dense.search(
+        &SearchQuery {
+            text,
+            vector: Some(&v),
+        },
+        REWARD_DEPTH,
+    )?;
+    Ok(hits.iter().position(|h| h.item == target).map(|p| p + 1))
+}
+
+/// The reward of a trajectory whose final object is `profile` (None when none parsed).
+pub fn reward(
+    ws: &Workspace,
+    w: &RewardWeights,
+    profile: Option<String>,
+    target: u32,
+    memory_calls_ok: usize,
+) -> Result<Rewards> {
+    let rank = match &profile {
+        Some(p) => target_rank(ws, p, target)?,
+        None => None,
+    };
+    Ok(combine(w, profile, rank, memory_calls_ok))
+}
+
+/// The profile of a guided final object (the constrained JSON).
+pub fn final_of_object(v: &Value) -> Option<(String, Vec<String>)> {
+    crate::assistant::read_final(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn components_follow_the_paper() {
+        let w = RewardWeights::default();
+        // Target first: NDCG@1000 = NDCG@100 = 1.
+        let r = combine(&w, Some("a red kite".into()), Some(1), 1);
+        assert_eq!((r.format, r.rec, r.mem), (1.0, 2.0, 1.0));
+        assert!((r.total - (0.1 + 10.0 + 0.1)).abs() < 1e-12);
+        // Rank 3: 1/log2(4) twice.
+        let r = combine(&w, Some("x".into()), Some(3), 0);
+        assert!((r.rec - 1.0).abs() < 1e-12);
+        assert_eq!(r.mem, 0.0);
+        // Rank 500: only NDCG@1000 counts.
+        let r = combine(&w, Some("x".into()), Some(500), 2);
+        assert!((r.rec - 1.0 / 501f64.log2()).abs() < 1e-12);
+        // Not found, or no profile: R_rec = 0 (no fallback to the request).
+        assert_eq!(combine(&w, Some("x".into()), None, 0).rec, 0.0);
+        let r = combine(&w, None, Some(1), 1);
+        assert_eq!(
+            (r.format, r.rec, r.mem, r.target_rank),
+            (0.0, 0.0, 1.0, None)
+        );
+        assert!((r.total - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn responses_are_read_like_the_assistant_reads_them() {
+        let ok = "thinking… \\boxed{\"ideal_item_profile\": \"A soft plush bunny for toddlers\", \"useful_memory_ids\": [\"r-1\"]}";
+        let (p, ids) = final_of_response(ok).unwrap();
+        assert_eq!(p, "A soft plush bunny for toddlers");
+        assert_eq!(ids, vec!["r-1".to_string()]);
+        assert!(final_of_response("no box here").is_none());
+        assert!(final_of_response(
+            "\\boxed{\"ideal_item_profile\": \"\", \"useful_memory_ids\": []}"
+        )
+        .is_none());
+        let t = "<tool_response>\n<memory id=\"r-1\">x</memory>\n</tool_response> … <tool_response>\nerror: unknown tool\n</tool_response>";
+        assert_eq!(successful_calls_in(t), 1);
+        assert_eq!(successful_calls_in("nothing"), 0);
+    }
+}

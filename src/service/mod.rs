@@ -1,0 +1,1074 @@
+//! `mrrec serve`: the assistant as an HTTP service (axum), one app for builders and trainers.
+//!
+//! Routes (documented in `openapi.json`, served at `/openapi.json`):
+//! - `POST /v1/recommend` — `{user, request, k?, category?, method?, mode?, stream?}`; JSON answer
+//!   (items, scores, trace, timing), or with `stream: true` server-sent events as the assistant
+//!   works (`aspects`, `text`, `tool_call`, `profile`, `items`, `done`, `error`);
+//! - `GET /v1/items/search?q=…&k=…&mode=dense|hybrid|bm25`;
+//! - `GET /v1/users`, `GET /v1/users/{user}/memory`, `POST /v1/users/{user}/interactions`,
+//!   `DELETE /v1/users/{user}` — the caller's tenant only;
+//! - `POST /tools/memory_retrieve`, `POST /reward` — the memory tool and MR.Rec's rewards for
+//!   an external (GPU) GRPO trainer, the same code the Rust trainer uses;
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus), `GET /openapi.json`, `GET /`
+//!   (the web page).
+//!
+//! Every `/v1`, `/tools` and `/reward` request needs an API key (`Authorization: Bearer KEY` or
+//! `X-API-Key`); the key decides the tenant. Limits: body size (413), requests per second per
+//! key (429 with `Retry-After`), LLM work (a fixed number of slots and a bounded queue: 503 with
+//! `Retry-After` when the queue is full or a request waited too long), CPU work (the same, for
+//! embedding and ranking), and a deadline per answer (504).
+
+pub mod auth;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use mrrec_embed::TextEmbedder;
+use mrrec_index::{ItemIndex, SearchQuery};
+use mrrec_llm::ChatModel;
+use mrrec_memory::{Level, MemoryWrite, Owner};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::assistant::{Answer, Assistant, AssistantConfig, Event, Mode};
+use crate::Workspace;
+use auth::{check_id, KeyRing, Principal, RateLimiter};
+use metrics::Metrics;
+
+/// Every route, as documented (the OpenAPI test checks the two agree).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/recommend"),
+    ("get", "/v1/items/search"),
+    ("get", "/v1/users"),
+    ("get", "/v1/users/{user}/memory"),
+    ("post", "/v1/users/{user}/interactions"),
+    ("delete", "/v1/users/{user}"),
+    ("post", "/tools/memory_retrieve"),
+    ("post", "/reward"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/"),
+];
+
+/// The OpenAPI document.
+pub const OPENAPI: &str = include_str!("openapi.json");
+const PAGE: &str = include_str!("web/index.html");
+
+/// Limits and defaults.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Longest request / query text, characters.
+    pub max_text_chars: usize,
+    /// Most items per answer.
+    pub max_k: usize,
+    /// Most interactions per `POST .../interactions`.
+    pub max_interactions: usize,
+    /// Requests per second per key (0: unlimited).
+    pub rate_per_key: f64,
+    /// Burst per key.
+    pub burst: f64,
+    /// Answers the LLM works on at once.
+    pub llm_slots: usize,
+    /// Answers that may wait for a slot; beyond, 503.
+    pub llm_queue: usize,
+    /// CPU jobs (embedding, ranking) at once.
+    pub cpu_slots: usize,
+    /// CPU jobs that may wait; beyond, 503.
+    pub cpu_queue: usize,
+    /// Longest wait for a slot before a 503.
+    pub queue_timeout: Duration,
+    /// Deadline of one answer (504 after it).
+    pub answer_timeout: Duration,
+    /// The assistant's settings.
+    pub assistant: AssistantConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_body_bytes: 256 << 10,
+            max_text_chars: 2000,
+            max_k: 100,
+            max_interactions: 1000,
+            rate_per_key: 50.0,
+            burst: 100.0,
+            llm_slots: 1,
+            llm_queue: 16,
+            cpu_slots: 4,
+            cpu_queue: 512,
+            queue_timeout: Duration::from_secs(60),
+            answer_timeout: Duration::from_secs(180),
+            assistant: AssistantConfig::default(),
+        }
+    }
+}
+
+/// A JSON error: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Seconds to wait before retrying (429/503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// 400.
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    fn internal(e: anyhow::Error) -> Self {
+        if e.chain()
+            .any(|c| c.downcast_ref::<mrrec_llm::LlmError>().is_some())
+        {
+            return Self::new(
+                StatusCode::BAD_GATEWAY,
+                "llm_error",
+                format!("the language model failed: {e:#}"),
+            );
+        }
+        tracing::error!("internal error: {e:#}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{e:#}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
+}
+
+/// A fixed number of slots and a bounded queue in front of them.
+struct Gate {
+    what: &'static str,
+    slots: usize,
+    sem: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue: usize,
+    wait: Duration,
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    fn new(what: &'static str, slots: usize, queue: usize, wait: Duration) -> Self {
+        let slots = slots.max(1);
+        Gate {
+            what,
+            slots,
+            sem: Arc::new(Semaphore::new(slots)),
+            waiting: AtomicUsize::new(0),
+            queue,
+            wait,
+        }
+    }
+
+    fn busy(&self, why: String) -> ApiError {
+        ApiError {
+            retry_after: Some(self.wait.as_secs().clamp(1, 5)),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", why)
+        }
+    }
+
+    async fn enter(&self, metrics: &Metrics) -> Result<OwnedSemaphorePermit, ApiError> {
+        if let Ok(p) = self.sem.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _w = Waiting(&self.waiting);
+        if ahead >= self.queue {
+            metrics.reject("queue_full");
+            return Err(self.busy(format!(
+                "{} work is at capacity ({} running, {} waiting); retry later",
+                self.what, self.slots, self.queue
+            )));
+        }
+        match tokio::time::timeout(self.wait, self.sem.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(self.busy("the service is shutting down".into())),
+            Err(_) => {
+                metrics.reject("queue_timeout");
+                Err(self.busy(format!(
+                    "waited {:?} for a {} slot; retry later",
+                    self.wait, self.what
+                )))
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots - self.sem.available_permits()
+    }
+}
+
+/// The service's state: one workspace, one store, one chat model, the keys and the limits.
+pub struct Service {
+    /// Catalogue, embedder, indexes.
+    pub ws: Arc<Workspace>,
+    /// Memory of every tenant.
+    pub store: Arc<dyn MemoryWrite + Send + Sync>,
+    /// The chat model.
+    pub llm: Arc<dyn ChatModel>,
+    /// The LLM response cache file (cleaned on forget), if the model is cached.
+    pub llm_cache: Option<PathBuf>,
+    /// Valid keys.
+    pub keys: KeyRing,
+    /// Limits.
+    pub cfg: ServiceConfig,
+    /// Counters.
+    pub metrics: Metrics,
+    limiter: RateLimiter,
+    llm_gate: Gate,
+    cpu_gate: Gate,
+}
+
+impl Service {
+    /// The service over these parts.
+    pub fn new(
+        ws: Arc<Workspace>,
+        store: Arc<dyn MemoryWrite + Send + Sync>,
+        llm: Arc<dyn ChatModel>,
+        llm_cache: Option<PathBuf>,
+        keys: KeyRing,
+        cfg: ServiceConfig,
+    ) -> Arc<Self> {
+        Arc::new(Service {
+            limiter: RateLimiter::new(cfg.rate_per_key, cfg.burst),
+            llm_gate: Gate::new("LLM", cfg.llm_slots, cfg.llm_queue, cfg.queue_timeout),
+            cpu_gate: Gate::new("CPU", cfg.cpu_slots, cfg.cpu_queue, cfg.queue_timeout),
+            ws,
+            store,
+            llm,
+            llm_cache,
+            keys,
+            cfg,
+            metrics: Metrics::default(),
+        })
+    }
+
+    fn assistant<'a>(
+        &'a self,
+        tenant: &'a str,
+        cfg: AssistantConfig,
+        observer: Option<&'a (dyn Fn(&Event) + Sync)>,
+    ) -> Assistant<'a> {
+        Assistant {
+            ws: &self.ws,
+            store: &*self.store,
+            tenant,
+            llm: &*self.llm,
+            cfg,
+            observer,
+        }
+    }
+
+    fn builder<'a>(&'a self, tenant: &'a str, llm: bool) -> crate::memory::MemoryBuilder<'a> {
+        crate::memory::MemoryBuilder {
+            ws: &self.ws,
+            store: &*self.store,
+            tenant,
+            llm: if llm { Some(&*self.llm) } else { None },
+            batch: 4,
+            progress: false,
+        }
+    }
+
+    /// Runs CPU work (embedding, ranking, store reads) on the blocking pool behind the CPU gate.
+    async fn cpu<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Service) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self.cpu_gate.enter(&self.metrics).await?;
+        let svc = self.clone();
+        match tokio::task::spawn_blocking(move || {
+            let _p = permit;
+            f(&svc)
+        })
+        .await
+        {
+            Ok(r) => r.map_err(ApiError::internal),
+            Err(e) => Err(ApiError::internal(anyhow::anyhow!("worker failed: {e}"))),
+        }
+    }
+}
+
+/// The caller, authenticated and within its rate.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<Service>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        svc: &Arc<Service>,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .map(str::trim);
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            svc.metrics.reject("unauthorized");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "an API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+            ));
+        };
+        let Some(p) = svc.keys.check(key) else {
+            svc.metrics.reject("unauthorized");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the API key is not valid",
+            ));
+        };
+        if let Err(wait) = svc.limiter.take(&auth::hash_key(key)) {
+            svc.metrics.reject("rate_limited");
+            return Err(ApiError {
+                retry_after: Some(wait.ceil().max(1.0) as u64),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "more than {} requests per second with this key",
+                        svc.cfg.rate_per_key
+                    ),
+                )
+            });
+        }
+        Ok(Caller(p.clone()))
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        ApiError::new(
+            status,
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_request"
+            },
+            e.body_text(),
+        )
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("{what}: {e}")))
+}
+
+fn check_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.trim().is_empty() {
+        return Err(ApiError::bad(format!("`{what}` is empty")));
+    }
+    let n = s.chars().count();
+    if n > max {
+        return Err(ApiError::bad(format!(
+            "`{what}` has {n} characters; at most {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_user(user: &str) -> Result<(), ApiError> {
+    check_id("user", user).map_err(ApiError::bad)
+}
+
+/// `POST /v1/recommend` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendRequest {
+    /// The user asking.
+    pub user: String,
+    /// What they ask for.
+    pub request: String,
+    /// Items to return (default 10).
+    #[serde(default)]
+    pub k: Option<usize>,
+    /// The store section (context only; the catalogue is not filtered).
+    #[serde(default)]
+    pub category: Option<String>,
+    /// `mrrec` (default), an ablation (`mrrec-no-global`, …), or `dense` (no LLM).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// `guided` or `free` (default: the service's).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Stream events instead of one JSON answer.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// Parses and checks a recommend body.
+pub fn parse_recommend(body: &[u8], cfg: &ServiceConfig) -> Result<RecommendRequest, ApiError> {
+    let r: RecommendRequest = parse_json(body, "recommend body")?;
+    check_user(&r.user)?;
+    check_text("request", &r.request, cfg.max_text_chars)?;
+    if let Some(k) = r.k {
+        if k == 0 || k > cfg.max_k {
+            return Err(ApiError::bad(format!("`k` must be 1–{}", cfg.max_k)));
+        }
+    }
+    if let Some(c) = &r.category {
+        check_id("category", c).map_err(ApiError::bad)?;
+    }
+    if let Some(m) = &r.method {
+        if m != "dense"
+            && crate::methods::llm_method(m, &cfg.assistant)
+                .is_none_or(|(k, _)| !matches!(k, crate::methods::LlmKind::Assistant))
+        {
+            return Err(ApiError::bad(format!(
+                "unknown method {m:?}; available: dense, mrrec, mrrec-no-global, mrrec-no-local, mrrec-records-only, mrrec-patterns-only, mrrec-profile-only"
+            )));
+        }
+    }
+    Ok(r)
+}
+
+fn item_json(ws: &Workspace, rank: usize, item: u32, score: f32) -> Value {
+    let it = ws.catalogue().get(item);
+    json!({
+        "rank": rank,
+        "id": it.map(|i| i.id.as_str()),
+        "title": it.map(|i| i.title.as_str()),
+        "category": it.and_then(|i| i.main_category.as_deref()),
+        "score": if score.is_finite() { Some(score) } else { None },
+    })
+}
+
+fn items_json(ws: &Workspace, items: &[(u32, f32)]) -> Vec<Value> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, (it, s))| item_json(ws, i + 1, *it, *s))
+        .collect()
+}
+
+fn answer_json(ws: &Workspace, a: &Answer, method: &str, queue_ms: f64, total_ms: f64) -> Value {
+    json!({
+        "method": method,
+        "ranked_with": a.ranked_with,
+        "items": items_json(ws, &a.items),
+        "trace": a.trace,
+        "timing": {
+            "total_ms": total_ms,
+            "queue_ms": queue_ms,
+            "llm_ms": a.trace.usage.seconds * 1e3,
+            "memory_ms": a.trace.memory_ms,
+            "ranking_ms": a.trace.ranking_ms,
+        },
+        "usage": {
+            "prompt_tokens": a.trace.usage.prompt_tokens,
+            "completion_tokens": a.trace.usage.completion_tokens,
+        },
+    })
+}
+
+fn has_memory(svc: &Service, tenant: &str, user: &str) -> anyhow::Result<bool> {
+    Ok(!svc.store.entries(Owner { tenant, user })?.is_empty())
+}
+
+fn unknown_user(user: &str) -> ApiError {
+    ApiError::not_found(
+        "unknown_user",
+        format!("no memory for user {user:?} in this tenant (add interactions first)"),
+    )
+}
+
+fn sse(name: &str, data: &Value) -> SseEvent {
+    SseEvent::default().event(name).data(data.to_string())
+}
+
+async fn recommend(
+    State(svc): State<Arc<Service>>,
+    Caller(caller): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let req = parse_recommend(&body_bytes(body)?, &svc.cfg)?;
+    let k = req.k.unwrap_or(10);
+    let tenant = caller.tenant.clone();
+    let method = req.method.clone().unwrap_or_else(|| "mrrec".into());
+    {
+        let (tenant, user) = (tenant.clone(), req.user.clone());
+        if !svc.cpu(move |s| has_memory(s, &tenant, &user)).await? {
+            return Err(unknown_user(&req.user));
+        }
+    }
+    if method == "dense" {
+        let text = req.request.clone();
+        let hits = svc.cpu(move |s| s.ws.search_dense(&text, k)).await?;
+        let items: Vec<(u32, f32)> = hits.iter().map(|h| (h.item, h.score)).collect();
+        return Ok(Json(json!({
+            "method": "dense", "ranked_with": req.request, "items": items_json(&svc.ws, &items),
+            "timing": {"total_ms": t0.elapsed().as_secs_f64() * 1e3},
+        }))
+        .into_response());
+    }
+    let (_, mut cfg) = crate::methods::llm_method(&method, &svc.cfg.assistant)
+        .ok_or_else(|| ApiError::bad(format!("unknown method {method:?}")))?;
+    if let Some(m) = req.mode {
+        cfg.mode = m;
+    }
+    let permit = svc.llm_gate.enter(&svc.metrics).await?;
+    let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if req.stream {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SseEvent>();
+        let s = svc.clone();
+        tokio::task::spawn_blocking(move || {
+            let _p = permit;
+            let send = |e: &Event| {
+                let (name, data) = match e {
+                    Event::Aspects { aspects } => ("aspects", json!({"aspects": aspects})),
+                    Event::Text { delta } => ("text", json!({"delta": delta})),
+                    Event::ToolCall { call } => ("tool_call", json!(call)),
+                    Event::Profile { .. } => ("profile", json!(e)),
+                };
+                let _ = tx.send(sse(name, &data));
+            };
+            let a = s.assistant(&tenant, cfg, Some(&send));
+            match a.answer(&req.user, &req.request, req.category.as_deref(), k) {
+                Ok(ans) => {
+                    s.metrics.llm(&ans.trace.usage, ans.trace.fallback);
+                    let _ = tx.send(sse(
+                        "items",
+                        &json!({"items": items_json(&s.ws, &ans.items)}),
+                    ));
+                    let total = t0.elapsed().as_secs_f64() * 1e3;
+                    let _ = tx.send(sse(
+                        "done",
+                        &answer_json(&s.ws, &ans, &method, queue_ms, total),
+                    ));
+                }
+                Err(e) => {
+                    let err = ApiError::internal(e);
+                    let _ = tx.send(sse(
+                        "error",
+                        &json!({"code": err.code, "message": err.message}),
+                    ));
+                }
+            }
+        });
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>))
+        });
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let s = svc.clone();
+    let user = req.user.clone();
+    let request = req.request.clone();
+    let category = req.category.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let _p = permit;
+        s.assistant(&tenant, cfg, None)
+            .answer(&user, &request, category.as_deref(), k)
+    });
+    let ans = match tokio::time::timeout(svc.cfg.answer_timeout, work).await {
+        Err(_) => {
+            svc.metrics.reject("answer_timeout");
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no answer within {:?}", svc.cfg.answer_timeout),
+            ));
+        }
+        Ok(Err(e)) => return Err(ApiError::internal(anyhow::anyhow!("worker failed: {e}"))),
+        Ok(Ok(r)) => r.map_err(ApiError::internal)?,
+    };
+    svc.metrics.llm(&ans.trace.usage, ans.trace.fallback);
+    let total = t0.elapsed().as_secs_f64() * 1e3;
+    Ok(Json(answer_json(&svc.ws, &ans, &method, queue_ms, total)).into_response())
+}
+
+/// `GET /v1/items/search` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchParams {
+    /// The text.
+    pub q: String,
+    /// Items (default 10).
+    #[serde(default)]
+    pub k: Option<usize>,
+    /// `dense` (default), `hybrid` or `bm25`.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+async fn search(
+    State(svc): State<Arc<Service>>,
+    Caller(_): Caller,
+    params: Result<Query<SearchParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad(e.body_text()))?;
+    check_text("q", &p.q, svc.cfg.max_text_chars)?;
+    let k = p.k.unwrap_or(10);
+    if k == 0 || k > svc.cfg.max_k {
+        return Err(ApiError::bad(format!("`k` must be 1–{}", svc.cfg.max_k)));
+    }
+    let mode = p.mode.unwrap_or_else(|| "dense".into());
+    if !["dense", "hybrid", "bm25"].contains(&mode.as_str()) {
+        return Err(ApiError::bad(format!(
+            "unknown mode {mode:?} (dense, hybrid, bm25)"
+        )));
+    }
+    let q = p.q.clone();
+    let hits = svc
+        .cpu(move |s| {
+            let v = if mode == "bm25" {
+                None
+            } else {
+                Some(s.ws.embedder.embed(&[q.as_str()])?.remove(0))
+            };
+            let sq = SearchQuery {
+                text: &q,
+                vector: v.as_deref(),
+            };
+            Ok(match mode.as_str() {
+                "bm25" => s.ws.lexical.search(&sq, k)?,
+                "hybrid" => s.ws.hybrid().search(&sq, k)?,
+                _ => s.ws.dense.search(&sq, k)?,
+            })
+        })
+        .await?;
+    let items: Vec<(u32, f32)> = hits.iter().map(|h| (h.item, h.score)).collect();
+    Ok(Json(json!({"q": p.q, "items": items_json(&svc.ws, &items)})).into_response())
+}
+
+async fn users(State(svc): State<Arc<Service>>, Caller(c): Caller) -> Result<Response, ApiError> {
+    let tenant = c.tenant.clone();
+    let users = svc.cpu(move |s| Ok(s.store.users(&tenant)?)).await?;
+    Ok(Json(json!({"tenant": c.tenant, "users": users})).into_response())
+}
+
+async fn memory_show(
+    State(svc): State<Arc<Service>>,
+    Caller(c): Caller,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    check_user(&user)?;
+    let (tenant, u) = (c.tenant.clone(), user.clone());
+    let entries = svc
+        .cpu(move |s| {
+            Ok(s.store.entries(Owner {
+                tenant: &tenant,
+                user: &u,
+            })?)
+        })
+        .await?;
+    if entries.is_empty() {
+        return Err(unknown_user(&user));
+    }
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| json!({"id": e.id, "level": e.level.as_str(), "category": e.category, "text": e.text, "provenance": e.provenance}))
+        .collect();
+    Ok(Json(json!({"user": user, "entries": entries})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InteractionsBody {
+    interactions: Vec<Value>,
+    #[serde(default)]
+    rebuild: bool,
+}
+
+async fn memory_add(
+    State(svc): State<Arc<Service>>,
+    Caller(c): Caller,
+    Path(user): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_user(&user)?;
+    let b: InteractionsBody = parse_json(&body_bytes(body)?, "interactions body")?;
+    if b.interactions.is_empty() {
+        return Err(ApiError::bad("`interactions` is empty"));
+    }
+    if b.interactions.len() > svc.cfg.max_interactions {
+        return Err(ApiError::bad(format!(
+            "{} interactions; at most {} per request",
+            b.interactions.len(),
+            svc.cfg.max_interactions
+        )));
+    }
+    let mut reviews = Vec::with_capacity(b.interactions.len());
+    for (i, v) in b.interactions.into_iter().enumerate() {
+        reviews.push(
+            crate::memory::review_from_json(v, &user, &format!("interactions[{i}]"))
+                .map_err(|e| ApiError::bad(format!("{e:#}")))?,
+        );
+    }
+    let unknown: Vec<String> = reviews
+        .iter()
+        .filter(|r| svc.ws.catalogue().by_id(&r.parent_asin).is_none())
+        .map(|r| r.parent_asin.clone())
+        .collect();
+    let (tenant, u) = (c.tenant.clone(), user.clone());
+    let added = svc
+        .cpu(move |s| s.builder(&tenant, false).add_reviews(&u, &reviews))
+        .await?;
+    let mut out = json!({"user": user, "added": added, "items_not_in_catalogue": unknown});
+    if b.rebuild && added > 0 {
+        let permit = svc.llm_gate.enter(&svc.metrics).await?;
+        let s = svc.clone();
+        let (tenant, u) = (c.tenant.clone(), user.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            let _p = permit;
+            let b = s.builder(&tenant, true);
+            let mut report = crate::memory::BuildReport::default();
+            b.build_patterns(&[u.as_str()], &mut report)?;
+            b.build_profiles(&[u.as_str()], &mut report)?;
+            s.metrics.llm(&report.usage, false);
+            anyhow::Ok(report)
+        })
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("worker failed: {e}")))?
+        .map_err(ApiError::internal)?;
+        out["patterns_written"] = json!(report.patterns_written);
+        out["profiles_written"] = json!(report.profiles_written);
+    }
+    Ok(Json(out).into_response())
+}
+
+async fn memory_forget(
+    State(svc): State<Arc<Service>>,
+    Caller(c): Caller,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    check_user(&user)?;
+    let (tenant, u) = (c.tenant.clone(), user.clone());
+    let r = svc
+        .cpu(move |s| {
+            if !has_memory(s, &tenant, &u)? {
+                return Ok(None);
+            }
+            s.builder(&tenant, false)
+                .forget(&u, &[], s.llm_cache.as_deref())
+                .map(Some)
+        })
+        .await?;
+    let Some(r) = r else {
+        return Err(unknown_user(&user));
+    };
+    Ok(Json(json!({
+        "user": user,
+        "entries": r.store.entries,
+        "query_aspects": r.store.query_aspects,
+        "global_aspects": r.store.global_aspects,
+        "cached_embeddings": r.embeddings,
+        "cached_llm_responses": r.llm_responses,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolBody {
+    user: String,
+    #[serde(default)]
+    query: String,
+    #[serde(default)]
+    aspects: Vec<String>,
+    #[serde(default)]
+    k: Option<usize>,
+    #[serde(default)]
+    levels: Option<Vec<String>>,
+}
+
+async fn tool_memory(
+    State(svc): State<Arc<Service>>,
+    Caller(c): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b: ToolBody = parse_json(&body_bytes(body)?, "tool body")?;
+    check_user(&b.user)?;
+    if b.query.chars().count() > svc.cfg.max_text_chars || b.aspects.len() > 16 {
+        return Err(ApiError::bad("query or aspects too long"));
+    }
+    let mut cfg = svc.cfg.assistant.clone();
+    if let Some(k) = b.k {
+        if k == 0 || k > 50 {
+            return Err(ApiError::bad("`k` must be 1–50"));
+        }
+        cfg.k = k;
+    }
+    if let Some(ls) = &b.levels {
+        cfg.levels = ls
+            .iter()
+            .map(|l| Level::parse(l).ok_or_else(|| ApiError::bad(format!("unknown level {l:?}"))))
+            .collect::<Result<_, _>>()?;
+    }
+    let tenant = c.tenant.clone();
+    let (call, text) = svc
+        .cpu(move |s| {
+            s.assistant(&tenant, cfg, None)
+                .memory_tool(&b.user, &json!({"query": b.query, "aspects": b.aspects}))
+        })
+        .await?;
+    Ok(Json(json!({"ok": call.ok, "error": call.error,
+        "results": call.results.iter().map(|(id, l, sc, t)| json!({"id": id, "level": l.as_str(), "score": sc, "text": t})).collect::<Vec<_>>(),
+        "tool_response": text}))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewardBody {
+    target: String,
+    #[serde(default)]
+    response: Option<String>,
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    memory_calls_ok: Option<usize>,
+    #[serde(default)]
+    weights: Option<crate::rewards::RewardWeights>,
+}
+
+async fn reward(
+    State(svc): State<Arc<Service>>,
+    Caller(_): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b: RewardBody = parse_json(&body_bytes(body)?, "reward body")?;
+    let target =
+        svc.ws.catalogue().position(&b.target).ok_or_else(|| {
+            ApiError::bad(format!("target {:?} is not in the catalogue", b.target))
+        })?;
+    let limit = 64 * svc.cfg.max_text_chars;
+    let (profile, calls) = match (&b.response, &b.profile) {
+        (Some(r), None) => {
+            if r.len() > limit {
+                return Err(ApiError::bad("`response` is too long"));
+            }
+            (
+                crate::rewards::final_of_response(r).map(|(p, _)| p),
+                crate::rewards::successful_calls_in(r),
+            )
+        }
+        (None, Some(p)) => {
+            if p.len() > limit {
+                return Err(ApiError::bad("`profile` is too long"));
+            }
+            (Some(p.trim().to_string()).filter(|p| !p.is_empty()), 0)
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "give exactly one of `response` and `profile`",
+            ))
+        }
+    };
+    let calls = b.memory_calls_ok.unwrap_or(calls);
+    let w = b.weights.unwrap_or_default();
+    let r = svc
+        .cpu(move |s| crate::rewards::reward(&s.ws, &w, profile, target, calls))
+        .await?;
+    Ok(Json(json!(r)).into_response())
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(svc): State<Arc<Service>>) -> Response {
+    let s = svc.clone();
+    let probe = tokio::task::spawn_blocking(move || s.store.users("\u{0}readyz")).await;
+    match probe {
+        Ok(Ok(_)) => Json(json!({
+            "ready": true,
+            "items": svc.ws.catalogue().len(),
+            "model": svc.llm.id(),
+            "llm_in_flight": svc.llm_gate.in_flight(),
+        }))
+        .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "error": format!("memory store: {e:#}")})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
+    let gauges = [
+        (
+            "mrrec_llm_queue_depth",
+            "Answers waiting for an LLM slot.",
+            svc.llm_gate.waiting.load(Ordering::SeqCst) as f64,
+        ),
+        (
+            "mrrec_llm_in_flight",
+            "Answers the LLM is working on.",
+            svc.llm_gate.in_flight() as f64,
+        ),
+        (
+            "mrrec_cpu_queue_depth",
+            "CPU jobs waiting for a slot.",
+            svc.cpu_gate.waiting.load(Ordering::SeqCst) as f64,
+        ),
+        (
+            "mrrec_cpu_in_flight",
+            "CPU jobs running.",
+            svc.cpu_gate.in_flight() as f64,
+        ),
+    ];
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        svc.metrics.render(&gauges),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn track(
+    State(svc): State<Arc<Service>>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = matched
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let t = Instant::now();
+    let mut resp = next.run(req).await;
+    svc.metrics
+        .observe(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route (see /openapi.json)")
+}
+
+/// The app.
+pub fn router(svc: Arc<Service>) -> Router {
+    Router::new()
+        .route("/v1/recommend", post(recommend))
+        .route("/v1/items/search", get(search))
+        .route("/v1/users", get(users))
+        .route("/v1/users/{user}/memory", get(memory_show))
+        .route("/v1/users/{user}/interactions", post(memory_add))
+        .route("/v1/users/{user}", delete(memory_forget))
+        .route("/tools/memory_retrieve", post(tool_memory))
+        .route("/reward", post(reward))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .route("/", get(page))
+        .fallback(not_found)
+        .route_layer(axum::middleware::from_fn_with_state(svc.clone(), track))
+        .layer(DefaultBodyLimit::max(svc.cfg.max_body_bytes))
+        .with_state(svc)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    svc: Arc<Service>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(svc))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: no new connections; finishing requests in flight…");
+}
