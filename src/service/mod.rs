@@ -726,6 +726,15 @@ async fn memory_show(
     Ok(Json(json!({"user": user, "entries": entries})).into_response())
 }
 
+/// `POST /v1/users/{user}/interactions` body, read.
+#[derive(Debug)]
+pub struct Interactions {
+    /// The rows as reviews of the user.
+    pub reviews: Vec<mrrec_data::Review>,
+    /// Rewrite the touched summaries with the LLM.
+    pub rebuild: bool,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InteractionsBody {
@@ -734,31 +743,51 @@ struct InteractionsBody {
     rebuild: bool,
 }
 
+/// Parses and checks an interactions body for `user` (errors name `interactions[i]`).
+pub fn parse_interactions(
+    body: &[u8],
+    user: &str,
+    cfg: &ServiceConfig,
+) -> Result<Interactions, ApiError> {
+    check_user(user)?;
+    let b: InteractionsBody = parse_json(body, "interactions body")?;
+    if b.interactions.is_empty() {
+        return Err(ApiError::bad("`interactions` is empty"));
+    }
+    if b.interactions.len() > cfg.max_interactions {
+        return Err(ApiError::bad(format!(
+            "{} interactions; at most {} per request",
+            b.interactions.len(),
+            cfg.max_interactions
+        )));
+    }
+    let mut reviews = Vec::with_capacity(b.interactions.len());
+    for (i, v) in b.interactions.into_iter().enumerate() {
+        let r = crate::memory::review_from_json(v, user, &format!("interactions[{i}]"))
+            .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+        if r.text.chars().count() > 20 * cfg.max_text_chars
+            || r.title.chars().count() > cfg.max_text_chars
+        {
+            return Err(ApiError::bad(format!("interactions[{i}]: text too long")));
+        }
+        check_id(&format!("interactions[{i}].parent_asin"), &r.parent_asin)
+            .map_err(ApiError::bad)?;
+        reviews.push(r);
+    }
+    Ok(Interactions {
+        reviews,
+        rebuild: b.rebuild,
+    })
+}
+
 async fn memory_add(
     State(svc): State<Arc<Service>>,
     Caller(c): Caller,
     Path(user): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_user(&user)?;
-    let b: InteractionsBody = parse_json(&body_bytes(body)?, "interactions body")?;
-    if b.interactions.is_empty() {
-        return Err(ApiError::bad("`interactions` is empty"));
-    }
-    if b.interactions.len() > svc.cfg.max_interactions {
-        return Err(ApiError::bad(format!(
-            "{} interactions; at most {} per request",
-            b.interactions.len(),
-            svc.cfg.max_interactions
-        )));
-    }
-    let mut reviews = Vec::with_capacity(b.interactions.len());
-    for (i, v) in b.interactions.into_iter().enumerate() {
-        reviews.push(
-            crate::memory::review_from_json(v, &user, &format!("interactions[{i}]"))
-                .map_err(|e| ApiError::bad(format!("{e:#}")))?,
-        );
-    }
+    let Interactions { reviews, rebuild } =
+        parse_interactions(&body_bytes(body)?, &user, &svc.cfg)?;
     let unknown: Vec<String> = reviews
         .iter()
         .filter(|r| svc.ws.catalogue().by_id(&r.parent_asin).is_none())
@@ -769,7 +798,7 @@ async fn memory_add(
         .cpu(move |s| s.builder(&tenant, false).add_reviews(&u, &reviews))
         .await?;
     let mut out = json!({"user": user, "added": added, "items_not_in_catalogue": unknown});
-    if b.rebuild && added > 0 {
+    if rebuild && added > 0 {
         let permit = svc.llm_gate.enter(&svc.metrics).await?;
         let s = svc.clone();
         let (tenant, u) = (c.tenant.clone(), user.clone());
@@ -822,18 +851,56 @@ async fn memory_forget(
     .into_response())
 }
 
+/// `POST /tools/memory_retrieve` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ToolBody {
-    user: String,
+pub struct ToolBody {
+    /// Whose memory.
+    pub user: String,
+    /// What to look up.
     #[serde(default)]
-    query: String,
+    pub query: String,
+    /// Aspects to focus on.
     #[serde(default)]
-    aspects: Vec<String>,
+    pub aspects: Vec<String>,
+    /// Entries (default: the assistant's k).
     #[serde(default)]
-    k: Option<usize>,
+    pub k: Option<usize>,
+    /// Levels searched (default: all).
     #[serde(default)]
-    levels: Option<Vec<String>>,
+    pub levels: Option<Vec<String>>,
+}
+
+/// Parses and checks a memory-tool body into the body and the assistant settings it implies.
+pub fn parse_tool(
+    body: &[u8],
+    cfg: &ServiceConfig,
+) -> Result<(ToolBody, AssistantConfig), ApiError> {
+    let b: ToolBody = parse_json(body, "tool body")?;
+    check_user(&b.user)?;
+    if b.query.chars().count() > cfg.max_text_chars
+        || b.aspects.len() > 16
+        || b.aspects.iter().any(|a| a.chars().count() > 200)
+    {
+        return Err(ApiError::bad("query or aspects too long"));
+    }
+    if b.query.trim().is_empty() && b.aspects.iter().all(|a| a.trim().is_empty()) {
+        return Err(ApiError::bad("give a `query` or `aspects`"));
+    }
+    let mut a = cfg.assistant.clone();
+    if let Some(k) = b.k {
+        if k == 0 || k > 50 {
+            return Err(ApiError::bad("`k` must be 1–50"));
+        }
+        a.k = k;
+    }
+    if let Some(ls) = &b.levels {
+        a.levels = ls
+            .iter()
+            .map(|l| Level::parse(l).ok_or_else(|| ApiError::bad(format!("unknown level {l:?}"))))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok((b, a))
 }
 
 async fn tool_memory(
@@ -841,31 +908,22 @@ async fn tool_memory(
     Caller(c): Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let b: ToolBody = parse_json(&body_bytes(body)?, "tool body")?;
-    check_user(&b.user)?;
-    if b.query.chars().count() > svc.cfg.max_text_chars || b.aspects.len() > 16 {
-        return Err(ApiError::bad("query or aspects too long"));
-    }
-    let mut cfg = svc.cfg.assistant.clone();
-    if let Some(k) = b.k {
-        if k == 0 || k > 50 {
-            return Err(ApiError::bad("`k` must be 1–50"));
-        }
-        cfg.k = k;
-    }
-    if let Some(ls) = &b.levels {
-        cfg.levels = ls
-            .iter()
-            .map(|l| Level::parse(l).ok_or_else(|| ApiError::bad(format!("unknown level {l:?}"))))
-            .collect::<Result<_, _>>()?;
-    }
+    let (b, cfg) = parse_tool(&body_bytes(body)?, &svc.cfg)?;
     let tenant = c.tenant.clone();
-    let (call, text) = svc
+    let user = b.user.clone();
+    let found = svc
         .cpu(move |s| {
+            if !has_memory(s, &tenant, &b.user)? {
+                return Ok(None);
+            }
             s.assistant(&tenant, cfg, None)
                 .memory_tool(&b.user, &json!({"query": b.query, "aspects": b.aspects}))
+                .map(Some)
         })
         .await?;
+    let Some((call, text)) = found else {
+        return Err(unknown_user(&user));
+    };
     Ok(Json(json!({"ok": call.ok, "error": call.error,
         "results": call.results.iter().map(|(id, l, sc, t)| json!({"id": id, "level": l.as_str(), "score": sc, "text": t})).collect::<Vec<_>>(),
         "tool_response": text}))
@@ -886,17 +944,25 @@ struct RewardBody {
     weights: Option<crate::rewards::RewardWeights>,
 }
 
-async fn reward(
-    State(svc): State<Arc<Service>>,
-    Caller(_): Caller,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let b: RewardBody = parse_json(&body_bytes(body)?, "reward body")?;
-    let target =
-        svc.ws.catalogue().position(&b.target).ok_or_else(|| {
-            ApiError::bad(format!("target {:?} is not in the catalogue", b.target))
-        })?;
-    let limit = 64 * svc.cfg.max_text_chars;
+/// A reward request, read: the target id, the profile (None when none parses), successful
+/// memory calls, and the weights.
+#[derive(Debug)]
+pub struct RewardRequest {
+    /// Catalogue id of the target.
+    pub target: String,
+    /// The profile to rank.
+    pub profile: Option<String>,
+    /// Successful memory calls.
+    pub memory_calls_ok: usize,
+    /// Weights.
+    pub weights: crate::rewards::RewardWeights,
+}
+
+/// Parses and checks a reward body.
+pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, ApiError> {
+    let b: RewardBody = parse_json(body, "reward body")?;
+    check_id("target", &b.target).map_err(ApiError::bad)?;
+    let limit = 64 * cfg.max_text_chars;
     let (profile, calls) = match (&b.response, &b.profile) {
         (Some(r), None) => {
             if r.len() > limit {
@@ -919,8 +985,37 @@ async fn reward(
             ))
         }
     };
-    let calls = b.memory_calls_ok.unwrap_or(calls);
-    let w = b.weights.unwrap_or_default();
+    let weights = b.weights.unwrap_or_default();
+    if ![weights.format, weights.rec, weights.mem]
+        .iter()
+        .all(|w| w.is_finite())
+    {
+        return Err(ApiError::bad("weights must be finite"));
+    }
+    Ok(RewardRequest {
+        target: b.target,
+        profile,
+        memory_calls_ok: b.memory_calls_ok.unwrap_or(calls),
+        weights,
+    })
+}
+
+async fn reward(
+    State(svc): State<Arc<Service>>,
+    Caller(_): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let RewardRequest {
+        target,
+        profile,
+        memory_calls_ok: calls,
+        weights: w,
+    } = parse_reward(&body_bytes(body)?, &svc.cfg)?;
+    let target = svc
+        .ws
+        .catalogue()
+        .position(&target)
+        .ok_or_else(|| ApiError::bad(format!("target {target:?} is not in the catalogue")))?;
     let r = svc
         .cpu(move |s| crate::rewards::reward(&s.ws, &w, profile, target, calls))
         .await?;

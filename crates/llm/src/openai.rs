@@ -57,11 +57,44 @@ impl OpenAiConfig {
     }
 }
 
+/// Whether `e` or any error under it is a timeout (reqwest reports a body read that timed out
+/// as a decoding error wrapping the timeout).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        if x.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_timeout())
+            || x.downcast_ref::<std::io::Error>()
+                .is_some_and(|i| i.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps: look inside it first.
+        cur = match x.downcast_ref::<std::io::Error>().and_then(|i| i.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => x.source(),
+        };
+    }
+    false
+}
+
 /// A chat model behind an OpenAI-compatible HTTP API.
 pub struct OpenAiModel {
     cfg: OpenAiConfig,
-    client: reqwest::blocking::Client,
+    client: Option<reqwest::blocking::Client>,
     id: String,
+}
+
+impl Drop for OpenAiModel {
+    /// The blocking client owns a runtime, which may not be dropped inside an async context
+    /// (a server shutting down): there, it is dropped on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::spawn(move || drop(c));
+            }
+        }
+    }
 }
 
 impl OpenAiModel {
@@ -76,7 +109,11 @@ impl OpenAiModel {
                 message: e.to_string(),
             })?;
         let id = format!("openai:{}@{}", cfg.model, cfg.base_url);
-        Ok(OpenAiModel { cfg, client, id })
+        Ok(OpenAiModel {
+            cfg,
+            client: Some(client),
+            id,
+        })
     }
 
     fn url(&self) -> String {
@@ -156,9 +193,15 @@ impl OpenAiModel {
 
     fn send(&self, body: &Value) -> Result<reqwest::blocking::Response> {
         let url = self.url();
+        let Some(client) = &self.client else {
+            return Err(LlmError::Transport {
+                url,
+                message: "the client was dropped".into(),
+            });
+        };
         let mut attempt = 0;
         loop {
-            let mut rb = self.client.post(&url).json(body);
+            let mut rb = client.post(&url).json(body);
             if let Some(k) = &self.cfg.api_key {
                 rb = rb.bearer_auth(k);
             }
@@ -313,7 +356,11 @@ impl OpenAiModel {
             for line in BufReader::new(resp).lines() {
                 let line = line.map_err(|e| LlmError::Transport {
                     url: self.url(),
-                    message: e.to_string(),
+                    message: if timed_out(&e) {
+                        format!("timed out after {:?} reading the stream", self.cfg.timeout)
+                    } else {
+                        e.to_string()
+                    },
                 })?;
                 let Some(data) = line.strip_prefix("data:").map(str::trim) else {
                     continue;
@@ -361,7 +408,11 @@ impl OpenAiModel {
         } else {
             let body = resp.text().map_err(|e| LlmError::Transport {
                 url: self.url(),
-                message: e.to_string(),
+                message: if timed_out(&e) {
+                    format!("timed out after {:?} reading the answer", self.cfg.timeout)
+                } else {
+                    e.to_string()
+                },
             })?;
             let v: Value = serde_json::from_str(&body).map_err(|e| {
                 self.bad(format!(

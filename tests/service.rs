@@ -1,0 +1,880 @@
+//! The HTTP service, on loopback against the real workspace (a slice of the mini catalogue,
+//! real MiniLM embeddings, a real SQLite store) with the instant `echo` model: tenancy on every
+//! endpoint, answers JSON and streamed, limits (413/429/503), a hanging and a failing LLM
+//! backend, graceful shutdown, memory over HTTP, the OpenAPI document, and parser fuzzing.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use mrrec::service::auth::{hash_key, KeyRecord, KeyRing};
+use mrrec::service::{Service, ServiceConfig};
+use mrrec::{Workspace, WorkspaceOptions};
+use mrrec_embed::TextEmbedder;
+use mrrec_llm::{ChatModel, EchoModel};
+use mrrec_memory::{Level, MemoryEntry, MemoryWrite, Owner, SqliteStore};
+use serde_json::{json, Value};
+
+const KEY_A: &str = "key-of-acme";
+const KEY_B: &str = "key-of-globex";
+const SECRET: &str = "BOB-SECRET-7731 loves vintage typewriters";
+
+fn workspace() -> Arc<Workspace> {
+    static WS: OnceLock<Arc<Workspace>> = OnceLock::new();
+    WS.get_or_init(|| {
+        let mut o = WorkspaceOptions::new(common::mini());
+        o.max_items = Some(300);
+        Arc::new(Workspace::open(&o).unwrap())
+    })
+    .clone()
+}
+
+fn entry(ws: &Workspace, id: &str, text: &str) -> MemoryEntry {
+    MemoryEntry {
+        id: id.into(),
+        level: Level::Record,
+        category: Some("Toys & Games".into()),
+        text: text.into(),
+        provenance: vec![],
+        embedding: ws.embedder.embed(&[text]).unwrap().remove(0),
+    }
+}
+
+/// Tenant acme has alice; tenant globex has bob (with a secret) — and its own "alice".
+fn store(ws: &Workspace, dir: &std::path::Path) -> Arc<SqliteStore> {
+    let s = SqliteStore::open(&dir.join("m.sqlite")).unwrap();
+    s.put(
+        Owner {
+            tenant: "acme",
+            user: "alice",
+        },
+        &[entry(
+            ws,
+            "r-1",
+            "Bought \"Soft plush bunny\" (Toys & Games), rated 5/5. Review: my toddler loves it.",
+        )],
+    )
+    .unwrap();
+    for user in ["bob", "alice"] {
+        s.put(
+            Owner {
+                tenant: "globex",
+                user,
+            },
+            &[entry(ws, "r-9", SECRET)],
+        )
+        .unwrap();
+    }
+    Arc::new(s)
+}
+
+fn keys() -> KeyRing {
+    KeyRing::from_records(&[
+        KeyRecord {
+            name: "a".into(),
+            tenant: "acme".into(),
+            sha256: hash_key(KEY_A),
+        },
+        KeyRecord {
+            name: "b".into(),
+            tenant: "globex".into(),
+            sha256: hash_key(KEY_B),
+        },
+    ])
+    .unwrap()
+}
+
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+    svc: Arc<Service>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_with(llm: Arc<dyn ChatModel>, cfg: ServiceConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = tokio::task::spawn_blocking(workspace).await.unwrap();
+    let st = {
+        let ws = ws.clone();
+        let p = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || store(&ws, &p))
+            .await
+            .unwrap()
+    };
+    let svc = Service::new(ws, st, llm, None, keys(), cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(mrrec::service::serve(listener, svc.clone(), async {
+        let _ = rx.await;
+    }));
+    Server {
+        base,
+        stop: Some(tx),
+        done,
+        svc,
+        _dir: dir,
+    }
+}
+
+async fn start() -> Server {
+    start_with(
+        Arc::new(EchoModel::from_id("echo").unwrap()),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn call(
+    c: &reqwest::Client,
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let mut r = match method {
+        "GET" => c.get(url),
+        "POST" => c.post(url),
+        "DELETE" => c.delete(url),
+        _ => unreachable!(),
+    };
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+fn reviewed_items(n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(common::mini().join("reviews.jsonl")).unwrap();
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        let a = v["parent_asin"].as_str().unwrap().to_string();
+        if !out.contains(&a) {
+            out.push(a);
+        }
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoint_lets_a_tenant_reach_another_tenants_users() {
+    let s = start().await;
+    let c = client();
+    let b = &s.base;
+    let item = reviewed_items(1).remove(0);
+    let row = json!({"interactions": [{"parent_asin": item, "rating": 4, "title": "ok", "text": "fine", "timestamp": 1}]});
+    // Every protected route, as acme, naming globex's user bob.
+    let attempts: Vec<(&str, String, Option<Value>)> = vec![
+        (
+            "POST",
+            format!("{b}/v1/recommend"),
+            Some(json!({"user": "bob", "request": "a typewriter"})),
+        ),
+        (
+            "POST",
+            format!("{b}/v1/recommend"),
+            Some(json!({"user": "bob", "request": "a typewriter", "stream": true})),
+        ),
+        (
+            "POST",
+            format!("{b}/v1/recommend"),
+            Some(json!({"user": "bob", "request": "a typewriter", "method": "dense"})),
+        ),
+        ("GET", format!("{b}/v1/users/bob/memory"), None),
+        ("DELETE", format!("{b}/v1/users/bob"), None),
+        (
+            "POST",
+            format!("{b}/tools/memory_retrieve"),
+            Some(json!({"user": "bob", "query": "typewriter"})),
+        ),
+        ("GET", format!("{b}/v1/users"), None),
+        ("GET", format!("{b}/v1/items/search?q=typewriter"), None),
+        (
+            "POST",
+            format!("{b}/reward"),
+            Some(json!({"target": item, "profile": "a typewriter"})),
+        ),
+        // acme's alice: acme's memory only (globex also has an "alice" holding the secret).
+        (
+            "POST",
+            format!("{b}/v1/recommend"),
+            Some(json!({"user": "alice", "request": "vintage typewriter", "stream": true})),
+        ),
+        ("GET", format!("{b}/v1/users/alice/memory"), None),
+        (
+            "POST",
+            format!("{b}/tools/memory_retrieve"),
+            Some(json!({"user": "alice", "query": "vintage typewriters"})),
+        ),
+    ];
+    for (m, url, body) in &attempts {
+        let (status, text) = call(&c, m, url, Some(KEY_A), body.clone()).await;
+        assert!(!text.contains("BOB-SECRET"), "{m} {url} leaked: {text}");
+        if url.contains("/bob") || body.as_ref().is_some_and(|b| b["user"] == "bob") {
+            assert_eq!(status, 404, "{m} {url}: {text}");
+            assert!(text.contains("unknown_user"), "{text}");
+        } else {
+            assert_eq!(status, 200, "{m} {url}: {text}");
+        }
+        // Without a key, or with a wrong one: 401 and nothing else.
+        for key in [None, Some("mrk_not-a-key")] {
+            let (status, text) = call(&c, m, url, key, body.clone()).await;
+            assert_eq!(status, 401, "{m} {url} with {key:?}: {text}");
+            assert!(!text.contains("BOB-SECRET"));
+        }
+    }
+    let (_, users) = call(&c, "GET", &format!("{b}/v1/users"), Some(KEY_A), None).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&users).unwrap()["users"],
+        json!(["alice"])
+    );
+    // Adding "bob" as acme creates acme's bob; globex's bob is untouched.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &format!("{b}/v1/users/bob/interactions"),
+        Some(KEY_A),
+        Some(row),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (_, mem) = call(
+        &c,
+        "GET",
+        &format!("{b}/v1/users/bob/memory"),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert!(!mem.contains("BOB-SECRET"), "{mem}");
+    let (status, _) = call(
+        &c,
+        "DELETE",
+        &format!("{b}/v1/users/bob"),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let globex_bob = s
+        .svc
+        .store
+        .entries(Owner {
+            tenant: "globex",
+            user: "bob",
+        })
+        .unwrap();
+    assert_eq!(globex_bob.len(), 1);
+    assert_eq!(globex_bob[0].text, SECRET);
+    // globex sees its own.
+    let (status, mem) = call(
+        &c,
+        "GET",
+        &format!("{b}/v1/users/bob/memory"),
+        Some(KEY_B),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(mem.contains("BOB-SECRET"));
+}
+
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for l in block.lines() {
+                if let Some(n) = l.strip_prefix("event:") {
+                    name = Some(n.trim().to_string());
+                } else if let Some(d) = l.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            Some((name?, serde_json::from_str(&data).ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_come_as_json_or_as_a_stream_of_the_same_work() {
+    let s = start().await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    for mode in ["guided", "free"] {
+        let body = json!({"user": "alice", "request": "a soft plush bunny", "k": 5, "category": "Toys & Games", "mode": mode});
+        let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body.clone())).await;
+        assert_eq!(status, 200, "{text}");
+        let a: Value = serde_json::from_str(&text).unwrap();
+        let items = a["items"].as_array().unwrap();
+        assert_eq!(items.len(), 5);
+        assert_eq!(items[0]["rank"], 1);
+        assert!(items[0]["id"].is_string() && items[0]["title"].is_string());
+        assert_eq!(a["trace"]["mode"], mode);
+        assert_eq!(
+            a["trace"]["tool_calls"][0]["results"][0][0], "r-1",
+            "{mode}: {text}"
+        );
+        assert_eq!(
+            a["trace"]["profile"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('.'),
+            "a soft plush bunny"
+        );
+        assert!(a["timing"]["total_ms"].as_f64().unwrap() > 0.0);
+        assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+        // Streamed: the model's text, the tool call, the profile, the items, then the answer.
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let resp = c
+            .post(&url)
+            .bearer_auth(KEY_A)
+            .json(&sb)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let ev = sse_events(&resp.text().await.unwrap());
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        let first = |n: &str| names.iter().position(|x| *x == n).unwrap();
+        assert!(first("text") < first("tool_call"), "{names:?}");
+        assert!(first("tool_call") < first("profile") && first("profile") < first("items"));
+        assert_eq!(names.last(), Some(&"done"));
+        let done = &ev.last().unwrap().1;
+        assert_eq!(done["items"], a["items"], "{mode}");
+        let streamed: String = ev
+            .iter()
+            .filter(|(n, _)| n == "text")
+            .map(|(_, d)| d["delta"].as_str().unwrap())
+            .collect();
+        let outputs: String = a["trace"]["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        assert_eq!(streamed, outputs);
+    }
+    // The no-LLM method answers too.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"user": "alice", "request": "plush bunny", "method": "dense"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    // Items search, three modes.
+    for mode in ["dense", "hybrid", "bm25"] {
+        let (status, text) = call(
+            &c,
+            "GET",
+            &format!("{}/v1/items/search?q=plush%20bunny&k=3&mode={mode}", s.base),
+            Some(KEY_A),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap()["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+    // Metrics saw it all.
+    let (_, m) = call(&c, "GET", &format!("{}/metrics", s.base), None, None).await;
+    assert!(
+        m.contains("mrrec_http_requests_total{route=\"/v1/recommend\",status=\"200\"} 5"),
+        "{m}"
+    );
+    assert!(m.contains("mrrec_answers_total 4"));
+    assert!(m.contains("mrrec_llm_in_flight 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_nothing_else() {
+    let s = start().await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"user": "alice"}), "missing field `request`"),
+        (
+            json!({"user": "alice", "request": "x", "colour": 1}),
+            "unknown field `colour`",
+        ),
+        (
+            json!({"user": "alice", "request": "   "}),
+            "`request` is empty",
+        ),
+        (
+            json!({"user": "alice", "request": "x".repeat(5000)}),
+            "at most 2000",
+        ),
+        (
+            json!({"user": "alice", "request": "x", "k": 0}),
+            "`k` must be",
+        ),
+        (
+            json!({"user": "alice", "request": "x", "k": 100000}),
+            "`k` must be",
+        ),
+        (json!({"user": "", "request": "x"}), "user is empty"),
+        (
+            json!({"user": "a\u{0}b", "request": "x"}),
+            "control characters",
+        ),
+        (
+            json!({"user": "alice", "request": "x", "method": "magic"}),
+            "unknown method",
+        ),
+        (
+            json!({"user": "alice", "request": "x", "mode": "chaos"}),
+            "unknown variant",
+        ),
+        (json!(["not", "an", "object"]), "recommend body"),
+    ];
+    for (body, want) in cases {
+        let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(want),
+            "{body}: {text}"
+        );
+    }
+    // Not JSON at all: the parser's position is named.
+    let r = c
+        .post(&url)
+        .bearer_auth(KEY_A)
+        .body("{\"user\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("line 1 column"));
+    // Too large: 413 as JSON.
+    let big = json!({"user": "alice", "request": "y".repeat(300 << 10)});
+    let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(big)).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("too_large"));
+    // Interactions: the bad row is named.
+    let item = reviewed_items(1).remove(0);
+    let (status, text) = call(&c, "POST", &format!("{}/v1/users/alice/interactions", s.base), Some(KEY_A),
+        Some(json!({"interactions": [{"parent_asin": item, "rating": 5, "timestamp": 1}, {"parent_asin": item, "rating": 9, "timestamp": 2}]}))).await;
+    assert_eq!(status, 400);
+    assert!(
+        text.contains("interactions[1]") && text.contains("rating 9"),
+        "{text}"
+    );
+    let (status, text) = call(&c, "POST", &format!("{}/v1/users/alice/interactions", s.base), Some(KEY_A),
+        Some(json!({"interactions": [{"user_id": "mallory", "parent_asin": item, "rating": 5, "timestamp": 1}]}))).await;
+    assert_eq!(status, 400);
+    assert!(text.contains("mallory"), "{text}");
+    // Nothing of the refused batches landed.
+    let n = s
+        .svc
+        .store
+        .entries(Owner {
+            tenant: "acme",
+            user: "alice",
+        })
+        .unwrap()
+        .len();
+    assert_eq!(n, 1);
+    // Unknown route, unknown reward target.
+    let (status, _) = call(
+        &c,
+        "GET",
+        &format!("{}/v2/nothing", s.base),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, text) = call(
+        &c,
+        "POST",
+        &format!("{}/reward", s.base),
+        Some(KEY_A),
+        Some(json!({"target": "NOPE", "profile": "x"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(text.contains("NOPE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_over_http_adds_once_shows_and_forgets() {
+    let s = start().await;
+    let c = client();
+    let items = reviewed_items(3);
+    let rows: Vec<Value> = items
+        .iter()
+        .enumerate()
+        .map(|(i, a)| json!({"parent_asin": a, "rating": 5, "title": "great", "text": format!("carol's review number {i}"), "timestamp": 1000 + i}))
+        .collect();
+    let url = format!("{}/v1/users/carol/interactions", s.base);
+    let (status, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"interactions": rows})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["added"], 3);
+    let (_, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"interactions": rows})),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["added"],
+        0,
+        "{text}"
+    );
+    let (status, text) = call(
+        &c,
+        "GET",
+        &format!("{}/v1/users/carol/memory", s.base),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let m: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(m["entries"].as_array().unwrap().len(), 3);
+    // The memory tool finds them; the reward scores a profile.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &format!("{}/tools/memory_retrieve", s.base),
+        Some(KEY_A),
+        Some(json!({"user": "carol", "query": "review number 2", "k": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let t: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(t["results"].as_array().unwrap().len(), 2);
+    assert!(t["tool_response"]
+        .as_str()
+        .unwrap()
+        .starts_with("<tool_response>"));
+    let title = s.svc.ws.catalogue().by_id(&items[0]).unwrap().title.clone();
+    let (status, text) = call(&c, "POST", &format!("{}/reward", s.base), Some(KEY_A),
+        Some(json!({"target": items[0], "response": format!("<tool_response>\n<memory id=\"r\">x</memory>\n</tool_response> \\boxed{{\"ideal_item_profile\": {}, \"useful_memory_ids\": []}}", json!(title))}))).await;
+    assert_eq!(status, 200, "{text}");
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (r["format"].as_f64(), r["mem"].as_f64()),
+        (Some(1.0), Some(1.0)),
+        "{text}"
+    );
+    assert!(
+        r["rec"].as_f64().unwrap() > 0.5,
+        "the item's own title ranks it high: {text}"
+    );
+    let (status, text) = call(
+        &c,
+        "DELETE",
+        &format!("{}/v1/users/carol", s.base),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["entries"], 3);
+    let (status, _) = call(
+        &c,
+        "GET",
+        &format!("{}/v1/users/carol/memory", s.base),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_capacity_the_answer_is_a_clean_429_or_503() {
+    // Rate: 5 per second, burst 5, for one key; the other key is not affected.
+    let s = start_with(
+        Arc::new(EchoModel::from_id("echo").unwrap()),
+        ServiceConfig {
+            rate_per_key: 5.0,
+            burst: 5.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/v1/items/search?q=kite", s.base);
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let r = c.get(&url).bearer_auth(KEY_A).send().await.unwrap();
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+        }
+        codes.push(r.status().as_u16());
+    }
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 5, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 3, "{codes:?}");
+    let (status, _) = call(&c, "GET", &url, Some(KEY_B), None).await;
+    assert_eq!(status, 200);
+
+    // LLM: one slot, one waiting place, 300 ms per model call: of 6 at once, the extra are 503.
+    let s = start_with(
+        Arc::new(EchoModel::from_id("echo@300").unwrap()),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 1,
+            llm_queue: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = format!("{}/v1/recommend", s.base);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(&url)
+                .bearer_auth(KEY_A)
+                .json(&json!({"user": "alice", "request": "a plush bunny"}))
+                .send()
+                .await
+                .unwrap();
+            let retry = r.headers().contains_key("retry-after");
+            (r.status().as_u16(), retry, r.text().await.unwrap())
+        }));
+    }
+    let mut ok = 0;
+    let mut busy = 0;
+    for t in tasks {
+        let (status, retry, text) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                busy += 1;
+                assert!(retry && text.contains("overloaded"), "{text}");
+            }
+            o => panic!("unexpected {o}: {text}"),
+        }
+    }
+    assert_eq!(ok, 2, "one running and one queued are served");
+    assert_eq!(busy, 4);
+    let (_, m) = call(&c, "GET", &format!("{}/metrics", s.base), None, None).await;
+    assert!(
+        m.contains("mrrec_rejected_total{reason=\"queue_full\"} 4"),
+        "{m}"
+    );
+}
+
+/// An OpenAI-compatible server that answers every chat request with HTTP 500.
+async fn failing_server() -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|| async {
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "model crashed",
+            )
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_or_failing_llm_gives_clear_errors_and_frees_its_slot() {
+    // Hanging: a server whose model takes 60 s; the client gives up after 1 s.
+    let hanging =
+        mrrec_llm::serve::spawn_loopback(Arc::new(EchoModel::from_id("echo@60000").unwrap()))
+            .unwrap();
+    let failing = failing_server().await;
+    for (url, want) in [(hanging, "timed out"), (failing, "500")] {
+        let mut cfg = mrrec_llm::OpenAiConfig::new(&url, "m");
+        cfg.timeout = Duration::from_secs(1);
+        cfg.max_retries = 1;
+        cfg.backoff = Duration::from_millis(50);
+        // The blocking client owns a runtime: built outside the async context, as `serve` does.
+        let llm: Arc<dyn ChatModel> = Arc::new(
+            tokio::task::spawn_blocking(move || mrrec_llm::OpenAiModel::new(cfg).unwrap())
+                .await
+                .unwrap(),
+        );
+        let s = start_with(
+            llm,
+            ServiceConfig {
+                rate_per_key: 0.0,
+                llm_slots: 1,
+                ..Default::default()
+            },
+        )
+        .await;
+        let c = client();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let (status, text) = call(
+                &c,
+                "POST",
+                &format!("{}/v1/recommend", s.base),
+                Some(KEY_A),
+                Some(json!({"user": "alice", "request": "a plush bunny"})),
+            )
+            .await;
+            assert_eq!(status, 502, "{text}");
+            assert!(text.contains("llm_error") && text.contains(want), "{text}");
+            assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        }
+        // The slot is free again (a stuck worker would hold it): the no-LLM paths and the
+        // readiness probe still answer, and nothing is in flight.
+        let (status, _) = call(&c, "GET", &format!("{}/readyz", s.base), None, None).await;
+        assert_eq!(status, 200);
+        let (_, m) = call(&c, "GET", &format!("{}/metrics", s.base), None, None).await;
+        assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+        assert!(m.contains("mrrec_http_requests_total{route=\"/v1/recommend\",status=\"502\"} 3"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_and_refuses_new_ones() {
+    let mut s = start_with(
+        Arc::new(EchoModel::from_id("echo@400").unwrap()),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    let mut flying = Vec::new();
+    for stream in [false, true] {
+        let (c, url) = (c.clone(), url.clone());
+        flying.push(tokio::spawn(async move {
+            let r = c
+                .post(&url)
+                .bearer_auth(KEY_A)
+                .json(&json!({"user": "alice", "request": "a plush bunny", "stream": stream}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.stop.take().unwrap().send(()).unwrap();
+    for f in flying {
+        let (status, text) = f.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("a plush bunny") && text.contains("items"),
+            "{text}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), &mut s.done)
+        .await
+        .expect("the server stops once its requests are done")
+        .unwrap()
+        .unwrap();
+    assert!(c.get(format!("{}/healthz", s.base)).send().await.is_err());
+}
+
+#[test]
+fn the_openapi_document_lists_every_route() {
+    let doc: Value = serde_json::from_str(mrrec::service::OPENAPI).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in mrrec::service::ROUTES {
+        assert!(
+            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    assert_eq!(
+        paths
+            .values()
+            .map(|p| p.as_object().unwrap().len())
+            .sum::<usize>(),
+        mrrec::service::ROUTES.len()
+    );
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<Vec<u8>>().prop_map(|b| String::from_utf8_lossy(&b).to_string()),
+            "[{}\\[\\]\":,a-z0-9 \\\\u]{0,80}",
+            (any::<String>(), any::<String>(), any::<i64>(), any::<bool>()).prop_map(|(u, r, k, s)| {
+                json!({"user": u, "request": r, "k": k, "stream": s, "category": r}).to_string()
+            }),
+            (any::<String>(), any::<f64>(), any::<i64>()).prop_map(|(a, r, t)| {
+                json!({"interactions": [{"parent_asin": a, "rating": r, "timestamp": t, "text": a}], "rebuild": false}).to_string()
+            }),
+            (any::<String>(), any::<String>()).prop_map(|(t, p)| {
+                json!({"target": t, "response": p, "weights": {"format": 1, "rec": 1, "mem": 1}}).to_string()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// The request parsers never panic, and whatever they accept respects the limits.
+        #[test]
+        fn parsers_never_panic(body in json_like(), user in any::<String>()) {
+            let cfg = ServiceConfig::default();
+            if let Ok(r) = mrrec::service::parse_recommend(body.as_bytes(), &cfg) {
+                prop_assert!(!r.request.trim().is_empty() && r.request.chars().count() <= cfg.max_text_chars);
+                prop_assert!(r.k.is_none_or(|k| (1..=cfg.max_k).contains(&k)));
+                prop_assert!(!r.user.is_empty() && !r.user.chars().any(char::is_control));
+            }
+            if let Ok(i) = mrrec::service::parse_interactions(body.as_bytes(), &user, &cfg) {
+                prop_assert!(i.reviews.iter().all(|r| r.user_id == user && (1.0..=5.0).contains(&r.rating)));
+            }
+            let _ = mrrec::service::parse_tool(body.as_bytes(), &cfg);
+            if let Ok(r) = mrrec::service::parse_reward(body.as_bytes(), &cfg) {
+                prop_assert!(r.weights.rec.is_finite());
+            }
+        }
+    }
+}
