@@ -462,3 +462,223 @@ pub fn memory_retrieval(
         "store_bytes": stats.bytes, "bytes_per_user": stats.bytes as f64 / users as f64,
     }))
 }
+
+/// The service under load on loopback, with the instant `echo` model (so the service is
+/// measured, not the LLM): a real store holding the record memory of `users` dataset users,
+/// the real catalogue, MiniLM with a warm embedding cache. Closed loop (capacity) and open loop
+/// at `rate` requests/s (latency at that load) for `/v1/items/search` and `/v1/recommend`, then
+/// overload: the LLM queue and a per-key rate limit, which must answer only 200/503 and 200/429.
+/// Client and server share the machine's cores.
+pub fn service(
+    ws: std::sync::Arc<Workspace>,
+    users: usize,
+    rate: f64,
+    seconds: f64,
+) -> Result<Value> {
+    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
+    use crate::service::load::{run, LoadOptions, LoadReport, MakeRequest};
+    use crate::service::{Service, ServiceConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(mrrec_memory::SqliteStore::open(
+        &dir.path().join("m.sqlite"),
+    )?);
+    let all: Vec<&str> = ws
+        .dataset
+        .histories
+        .user_ids()
+        .into_iter()
+        .take(users)
+        .collect();
+    let users: Vec<String> = all.iter().map(|u| u.to_string()).collect();
+    {
+        let b = crate::memory::MemoryBuilder {
+            ws: &ws,
+            store: &*store,
+            tenant: "bench",
+            llm: None,
+            batch: 8,
+            progress: true,
+        };
+        let mut report = crate::memory::BuildReport::default();
+        b.build_records(&all, &mut report)?;
+    }
+    let texts: Vec<String> = ws
+        .dataset
+        .queries
+        .all()
+        .iter()
+        .take(200)
+        .map(|q| q.query().query.clone())
+        .collect();
+    const KEY: &str = "bench-key";
+    const KEY2: &str = "bench-key-limited";
+    let keys = || {
+        KeyRing::from_records(&[
+            KeyRecord {
+                name: "b".into(),
+                tenant: "bench".into(),
+                sha256: hash_key(KEY),
+            },
+            KeyRecord {
+                name: "l".into(),
+                tenant: "bench".into(),
+                sha256: hash_key(KEY2),
+            },
+        ])
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let texts = Arc::new(texts);
+    let users = Arc::new(users);
+    let search: MakeRequest = {
+        let texts = texts.clone();
+        Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
+            c.get(format!("{base}/v1/items/search"))
+                .query(&[("q", texts[i % texts.len()].as_str()), ("k", "10")])
+                .bearer_auth(KEY)
+        })
+    };
+    let recommend = |key: &'static str| -> MakeRequest {
+        let (texts, users) = (texts.clone(), users.clone());
+        Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
+            c.post(format!("{base}/v1/recommend"))
+                .bearer_auth(key)
+                .json(&json!({
+                    "user": users[i % users.len()], "request": texts[i % texts.len()], "k": 10
+                }))
+        })
+    };
+    let json_of = |r: &LoadReport| serde_json::to_value(r).unwrap_or(Value::Null);
+    let out = rt.block_on(async {
+        let start = |cfg: ServiceConfig| {
+            let svc = Service::new(
+                ws.clone(),
+                store.clone(),
+                Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo")),
+                None,
+                keys().expect("keys"),
+                cfg,
+            );
+            async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let base = format!("http://{}", l.local_addr()?);
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                tokio::spawn(crate::service::serve(l, svc, async {
+                    let _ = rx.await;
+                }));
+                anyhow::Ok((base, tx))
+            }
+        };
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let base_cfg = ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 8,
+            llm_queue: 256,
+            cpu_slots: 4,
+            cpu_queue: 1024,
+            ..Default::default()
+        };
+        let (base, stop) = start(base_cfg.clone()).await?;
+        let (s, r) = (search.clone(), recommend(KEY));
+        // Warm the embedding cache with every text (cold MiniLM is ~10 ms a text).
+        let n = texts.len();
+        let warm = LoadOptions {
+            concurrency: 4,
+            rate: None,
+            duration: Duration::from_secs(600),
+            max_requests: n,
+        };
+        run(client.clone(), &base, s.clone(), &warm).await;
+        run(client.clone(), &base, r.clone(), &warm).await;
+        let secs = Duration::from_secs_f64(seconds);
+        let closed = LoadOptions {
+            concurrency: 32,
+            rate: None,
+            duration: secs,
+            max_requests: usize::MAX,
+        };
+        let open = LoadOptions {
+            concurrency: 512,
+            rate: Some(rate),
+            duration: secs,
+            max_requests: usize::MAX,
+        };
+        let mut res = serde_json::Map::new();
+        eprintln!("service: closed loop, search…");
+        res.insert(
+            "search_closed_c32".into(),
+            json_of(&run(client.clone(), &base, s.clone(), &closed).await),
+        );
+        eprintln!("service: closed loop, recommend…");
+        let cap = run(client.clone(), &base, r.clone(), &closed).await;
+        res.insert("recommend_closed_c32".into(), json_of(&cap));
+        // Open loop: a sweep up to `rate` (latency at a given load, no coordinated omission).
+        for r_s in [100.0, 250.0, rate] {
+            let open = LoadOptions {
+                rate: Some(r_s),
+                ..open.clone()
+            };
+            eprintln!("service: open loop at {r_s}/s…");
+            res.insert(
+                format!("search_open_{r_s}"),
+                json_of(&run(client.clone(), &base, s.clone(), &open).await),
+            );
+            res.insert(
+                format!("recommend_open_{r_s}"),
+                json_of(&run(client.clone(), &base, r.clone(), &open).await),
+            );
+        }
+        let _ = stop.send(());
+        // Overload 1: the LLM gate (2 slots, 8 waiting, 250 ms at most in the queue) at twice
+        // the measured capacity.
+        let (base, stop) = start(ServiceConfig {
+            llm_slots: 2,
+            llm_queue: 8,
+            queue_timeout: Duration::from_millis(250),
+            ..base_cfg.clone()
+        })
+        .await?;
+        let over = LoadOptions {
+            concurrency: 512,
+            rate: Some((cap.rps * 2.0).max(50.0)),
+            duration: secs,
+            max_requests: usize::MAX,
+        };
+        eprintln!("service: overload, LLM queue…");
+        res.insert(
+            "recommend_overload_llm_queue".into(),
+            json_of(&run(client.clone(), &base, recommend(KEY), &over).await),
+        );
+        let _ = stop.send(());
+        // Overload 2: 100 requests/s per key, sent at 300/s.
+        let (base, stop) = start(ServiceConfig {
+            rate_per_key: 100.0,
+            burst: 100.0,
+            ..base_cfg
+        })
+        .await?;
+        let over = LoadOptions {
+            concurrency: 512,
+            rate: Some(300.0),
+            duration: secs,
+            max_requests: usize::MAX,
+        };
+        eprintln!("service: overload, rate limit…");
+        res.insert(
+            "search_overload_rate_limit".into(),
+            json_of(&run(client.clone(), &base, search.clone(), &over).await),
+        );
+        let _ = stop.send(());
+        anyhow::Ok(Value::Object(res))
+    })?;
+    Ok(
+        json!({"users": users.len(), "items": ws.catalogue().len(), "texts": texts.len(), "rate": rate, "seconds": seconds, "results": out}),
+    )
+}

@@ -175,9 +175,15 @@ enum Command {
         /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
+        /// Open-loop rate of the service benchmark, requests/s.
+        #[arg(long, default_value_t = 500.0)]
+        service_rate: f64,
+        /// Seconds per service-benchmark scenario.
+        #[arg(long, default_value_t = 10.0)]
+        service_seconds: f64,
     },
     /// The main job: fetch the embedder, build the indexes, answer an example request and print
     /// the evaluation of the query-only baselines on both query fields.
@@ -1607,10 +1613,18 @@ fn main() -> Result<()> {
             parts,
             memory_users,
             memory_store,
+            service_rate,
+            service_seconds,
         } => {
-            let ws = data.open()?;
+            let ws = Arc::new(data.open()?);
             let mut out = serde_json::Map::new();
             out.insert("threads".into(), rayon::current_num_threads().into());
+            if parts.contains("service") {
+                out.insert(
+                    "service".into(),
+                    mrrec::bench::service(ws.clone(), 50, service_rate, service_seconds)?,
+                );
+            }
             if parts.contains("embed") {
                 out.insert("embedding".into(), mrrec::bench::embedding(&ws, 1024)?);
             }

@@ -878,3 +878,44 @@ mod fuzz {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_load_on_loopback_answers_every_request() {
+    use mrrec::service::load::{run, LoadOptions, MakeRequest};
+    let s = start_with(
+        Arc::new(EchoModel::from_id("echo").unwrap()),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 8,
+            llm_queue: 256,
+            ..Default::default()
+        },
+    )
+    .await;
+    let texts = ["a plush bunny", "a red kite", "wooden blocks", "a board game for two"];
+    let search: MakeRequest = Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
+        c.get(format!("{base}/v1/items/search"))
+            .query(&[("q", texts[i % texts.len()])])
+            .bearer_auth(KEY_A)
+    });
+    let recommend: MakeRequest = Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
+        c.post(format!("{base}/v1/recommend"))
+            .bearer_auth(KEY_A)
+            .json(&json!({"user": "alice", "request": texts[i % texts.len()]}))
+    });
+    for (name, make) in [("search", search), ("recommend", recommend)] {
+        for rate in [None, Some(200.0)] {
+            let opts = LoadOptions {
+                concurrency: 16,
+                rate,
+                duration: Duration::from_secs(20),
+                max_requests: 300,
+            };
+            let r = run(client(), &s.base, make.clone(), &opts).await;
+            assert_eq!(r.requests, 300, "{name}: {r:?}");
+            assert_eq!(r.count(200), 300, "{name} {rate:?}: {r:?}");
+            assert_eq!(r.transport_errors, 0);
+            assert!(r.server_p50_ms > 0.0 && r.p99_ms >= r.p50_ms);
+        }
+    }
+}

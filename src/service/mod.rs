@@ -19,6 +19,7 @@
 //! embedding and ranking), and a deadline per answer (504).
 
 pub mod auth;
+pub mod load;
 pub mod metrics;
 
 use std::convert::Infallible;
@@ -1099,8 +1100,11 @@ async fn track(
         .unwrap_or_else(|| "unmatched".into());
     let t = Instant::now();
     let mut resp = next.run(req).await;
-    svc.metrics
-        .observe(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    let secs = t.elapsed().as_secs_f64();
+    svc.metrics.observe(&route, resp.status().as_u16(), secs);
+    if let Ok(v) = HeaderValue::from_str(&format!("total;dur={:.3}", secs * 1e3)) {
+        resp.headers_mut().insert("server-timing", v);
+    }
     resp.headers_mut().insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
