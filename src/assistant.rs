@@ -188,6 +188,11 @@ pub enum Event {
         /// (id, text).
         aspects: Vec<(String, String)>,
     },
+    /// A new model call starts (its text follows as `Text` events).
+    Call {
+        /// 0-based index of the call in this answer.
+        index: usize,
+    },
     /// A piece of model output.
     Text {
         /// The new text.
@@ -340,6 +345,11 @@ impl<'a> Assistant<'a> {
     }
 
     fn chat(&self, req: &ChatRequest, trace: &mut Trace) -> Result<String> {
+        if self.observer.is_some() {
+            self.emit(Event::Call {
+                index: trace.outputs.len(),
+            });
+        }
         let r = match self.observer {
             Some(o) => self.llm.chat_stream(req, &mut |t| {
                 o(&Event::Text {

@@ -9,53 +9,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::{key_file, serve as start};
+
 use serde_json::{json, Value};
-
-fn key_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
-    let path = dir.join("keys.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-        .args(["keys", "new", "--tenant", "shop", "--name", "crash-test", "--file"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(key.starts_with("mrk_"));
-    (path, key)
-}
-
-/// Starts the server; returns it and its base URL (read from its log line).
-fn start(dir: &std::path::Path, keys: &std::path::Path, failpoint: Option<usize>) -> (Child, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
-    c.args(["serve", "--model", "echo", "--max-items", "300", "--addr", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(common::mini())
-        .arg("--store")
-        .arg(dir.join("memory.sqlite"))
-        .arg("--keys")
-        .arg(keys)
-        .args(["--rate-per-key", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(n) = failpoint {
-        c.env("MRREC_FAILPOINT", n.to_string());
-    }
-    let mut child = c.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let l = lines.next().expect("server exited before listening").unwrap();
-        if let Some(rest) = l.split("on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (child, base)
-}
 
 fn rows() -> Vec<Value> {
     let text = std::fs::read_to_string(common::mini().join("reviews.jsonl")).unwrap();

@@ -3,7 +3,7 @@
 //! Routes (documented in `openapi.json`, served at `/openapi.json`):
 //! - `POST /v1/recommend` — `{user, request, k?, category?, method?, mode?, stream?}`; JSON answer
 //!   (items, scores, trace, timing), or with `stream: true` server-sent events as the assistant
-//!   works (`aspects`, `text`, `tool_call`, `profile`, `items`, `done`, `error`);
+//!   works (`aspects`, `call`, `text`, `tool_call`, `profile`, `items`, `done`, `error`);
 //! - `GET /v1/items/search?q=…&k=…&mode=dense|hybrid|bm25`;
 //! - `GET /v1/users`, `GET /v1/users/{user}/memory`, `POST /v1/users/{user}/interactions`,
 //!   `DELETE /v1/users/{user}` — the caller's tenant only;
@@ -580,6 +580,7 @@ async fn recommend(
             let send = |e: &Event| {
                 let (name, data) = match e {
                     Event::Aspects { aspects } => ("aspects", json!({"aspects": aspects})),
+                    Event::Call { index } => ("call", json!({"index": index})),
                     Event::Text { delta } => ("text", json!({"delta": delta})),
                     Event::ToolCall { call } => ("tool_call", json!(call)),
                     Event::Profile { .. } => ("profile", json!(e)),
