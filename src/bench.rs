@@ -529,6 +529,35 @@ pub fn service(
             },
         ])
     };
+    // Baseline in the same run: the same work called directly (no HTTP, no auth, one thread),
+    // after one warming pass; the service's closed-loop throughput is reported against it.
+    let echo = mrrec_llm::EchoModel::from_id("echo").expect("echo");
+    let direct = {
+        let a = crate::assistant::Assistant {
+            ws: &ws,
+            store: &*store,
+            tenant: "bench",
+            llm: &echo,
+            cfg: crate::assistant::AssistantConfig::default(),
+            observer: None,
+        };
+        for (i, t) in texts.iter().enumerate() {
+            ws.search_dense(t, 10)?;
+            a.answer(&users[i % users.len()], t, None, 10)?;
+        }
+        let n = 2000;
+        let t0 = Instant::now();
+        for i in 0..n {
+            ws.search_dense(&texts[i % texts.len()], 10)?;
+        }
+        let search_ops = n as f64 / t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        for i in 0..n {
+            a.answer(&users[i % users.len()], &texts[i % texts.len()], None, 10)?;
+        }
+        let answer_ops = n as f64 / t0.elapsed().as_secs_f64();
+        (search_ops, answer_ops)
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -676,6 +705,14 @@ pub fn service(
             json_of(&run(client.clone(), &base, search.clone(), &over).await),
         );
         let _ = stop.send(());
+        let rps = |k: &str| res.get(k).and_then(|v| v["rps"].as_f64()).unwrap_or(0.0);
+        let ratios = json!({
+            "direct_search_per_s_one_thread": direct.0,
+            "direct_answer_per_s_one_thread": direct.1,
+            "search_service_vs_direct": rps("search_closed_c32") / direct.0,
+            "recommend_service_vs_direct": rps("recommend_closed_c32") / direct.1,
+        });
+        res.insert("baseline".into(), ratios);
         anyhow::Ok(Value::Object(res))
     })?;
     Ok(
