@@ -793,6 +793,9 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         ..Default::default()
     };
     let svc = mrrec::service::Service::new(ws, store, llm, llm_cache, keys, cfg);
+    // Clients that own a runtime (PostgreSQL, the OpenAI client) must not be dropped inside one:
+    // the last reference to the service is released here, after the runtime has stopped.
+    let keep = svc.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -811,6 +814,8 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         mrrec::service::serve(listener, svc, mrrec::service::shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
+    drop(rt);
+    drop(keep);
     eprintln!("stopped");
     Ok(())
 }

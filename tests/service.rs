@@ -892,7 +892,12 @@ async fn a_bounded_load_on_loopback_answers_every_request() {
         },
     )
     .await;
-    let texts = ["a plush bunny", "a red kite", "wooden blocks", "a board game for two"];
+    let texts = [
+        "a plush bunny",
+        "a red kite",
+        "wooden blocks",
+        "a board game for two",
+    ];
     let search: MakeRequest = Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
         c.get(format!("{base}/v1/items/search"))
             .query(&[("q", texts[i % texts.len()])])

@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{key_file, serve as start};
@@ -33,7 +34,11 @@ fn rows() -> Vec<Value> {
 }
 
 fn id_of(row: &Value) -> String {
-    format!("r-{}-{}", row["parent_asin"].as_str().unwrap(), row["timestamp"])
+    format!(
+        "r-{}-{}",
+        row["parent_asin"].as_str().unwrap(),
+        row["timestamp"]
+    )
 }
 
 fn stored(base: &str, key: &str) -> Vec<String> {
@@ -68,7 +73,13 @@ fn post(c: &reqwest::blocking::Client, base: &str, key: &str, rows: &[Value]) ->
     r.json::<Value>().ok()?["added"].as_u64()
 }
 
-fn check_after_restart(dir: &std::path::Path, keys: &std::path::Path, key: &str, sent: &[Value], acked: &HashSet<String>) {
+fn check_after_restart(
+    dir: &std::path::Path,
+    keys: &std::path::Path,
+    key: &str,
+    sent: &[Value],
+    acked: &HashSet<String>,
+) {
     let (mut server, base) = start(dir, keys, None);
     let ids = stored(&base, key);
     let unique: HashSet<&String> = ids.iter().collect();
@@ -147,6 +158,88 @@ fn kill_9_under_concurrent_writes_loses_and_duplicates_nothing() {
     let _ = server.wait();
     let acked = acked.into_inner().unwrap();
     let sent = sent.into_inner().unwrap();
-    assert!(acked.len() < all.len(), "the kill landed while writes were going on");
+    assert!(
+        acked.len() < all.len(),
+        "the kill landed while writes were going on"
+    );
     check_after_restart(dir.path(), &keys, &key, &sent, &acked);
+}
+
+/// With a PostgreSQL store, the store's own server crashes under the service's writers: answers
+/// during the outage are 503 `store_unavailable` with Retry-After (no hang), the service
+/// reconnects by itself once PostgreSQL is back, nothing acknowledged is lost or doubled, and
+/// the service still shuts down cleanly on SIGTERM.
+#[test]
+fn the_postgres_server_crashing_mid_write_costs_only_the_outage() {
+    if std::env::var("MRREC_SKIP_PG").is_ok_and(|v| v == "1") {
+        eprintln!("MRREC_SKIP_PG=1: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, key) = key_file(dir.path());
+    let cluster = mrrec_memory::pgtest::TestCluster::start().unwrap();
+    let url = cluster.fresh_database("service_crash").unwrap();
+    let (mut server, base) = common::serve_store(&url, &keys, None);
+    let all = rows();
+    let c = reqwest::blocking::Client::new();
+    let mut acked = HashSet::new();
+    let mut sent = Vec::new();
+    let mut outage = Vec::new();
+    for (i, row) in all.iter().enumerate() {
+        if i == 20 {
+            cluster.crash();
+        }
+        if i == 30 {
+            cluster.start_again().unwrap();
+        }
+        sent.push(row.clone());
+        let t = std::time::Instant::now();
+        let r = c
+            .post(format!("{base}/v1/users/crash-user/interactions"))
+            .bearer_auth(&key)
+            .json(&json!({"interactions": [row]}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(15), "no hang");
+        let status = r.status().as_u16();
+        let retry = r.headers().contains_key("retry-after");
+        let body = r.text().unwrap();
+        match status {
+            200 => {
+                acked.insert(id_of(row));
+            }
+            503 => {
+                assert!(retry && body.contains("store_unavailable"), "{body}");
+                outage.push(i);
+            }
+            o => panic!("unexpected {o}: {body}"),
+        }
+    }
+    assert!(
+        !outage.is_empty() && outage.iter().all(|&i| (20..31).contains(&i)),
+        "{outage:?}"
+    );
+    assert!(
+        acked.len() >= all.len() - 11,
+        "{} acknowledged",
+        acked.len()
+    );
+    let ids = stored(&base, &key);
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+    for a in &acked {
+        assert!(unique.contains(a), "{a} lost");
+    }
+    let added = post(&c, &base, &key, &sent).unwrap();
+    assert_eq!(added as usize, sent.len() - ids.len());
+    // SIGTERM: a clean exit (the PostgreSQL client is dropped outside the server's runtime).
+    let pid = server.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = server.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
 }

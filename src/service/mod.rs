@@ -162,6 +162,22 @@ impl ApiError {
                 format!("the language model failed: {e:#}"),
             );
         }
+        if e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<mrrec_memory::MemoryError>(),
+                Some(mrrec_memory::MemoryError::Store { .. })
+            )
+        }) {
+            tracing::warn!("memory store: {e:#}");
+            return ApiError {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("the memory store failed: {e:#}"),
+                )
+            };
+        }
         tracing::error!("internal error: {e:#}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

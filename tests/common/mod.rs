@@ -48,11 +48,23 @@ pub fn users() -> Vec<String> {
 pub fn key_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     let path = dir.join("keys.json");
     let out = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-        .args(["keys", "new", "--tenant", "shop", "--name", "crash-test", "--file"])
+        .args([
+            "keys",
+            "new",
+            "--tenant",
+            "shop",
+            "--name",
+            "crash-test",
+            "--file",
+        ])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(key.starts_with("mrk_"));
     (path, key)
@@ -60,25 +72,53 @@ pub fn key_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
 
 /// Starts `mrrec serve` with the echo model on a 300-item slice, the store in `dir` and the
 /// key file `keys`; returns it and its base URL (read from its log line).
-pub fn serve(dir: &std::path::Path, keys: &std::path::Path, failpoint: Option<usize>) -> (Child, String) {
+pub fn serve(
+    dir: &std::path::Path,
+    keys: &std::path::Path,
+    failpoint: Option<usize>,
+) -> (Child, String) {
+    serve_store(
+        &dir.join("memory.sqlite").display().to_string(),
+        keys,
+        failpoint,
+    )
+}
+
+/// [`serve`] on any store location (a SQLite file or a `postgres://` URL).
+pub fn serve_store(
+    store: &str,
+    keys: &std::path::Path,
+    failpoint: Option<usize>,
+) -> (Child, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
-    c.args(["serve", "--model", "echo", "--max-items", "300", "--addr", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(mini())
-        .arg("--store")
-        .arg(dir.join("memory.sqlite"))
-        .arg("--keys")
-        .arg(keys)
-        .args(["--rate-per-key", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    c.args([
+        "serve",
+        "--model",
+        "echo",
+        "--max-items",
+        "300",
+        "--addr",
+        "127.0.0.1:0",
+    ])
+    .arg("--data")
+    .arg(mini())
+    .arg("--store")
+    .arg(store)
+    .arg("--keys")
+    .arg(keys)
+    .args(["--rate-per-key", "0"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if let Some(n) = failpoint {
         c.env("MRREC_FAILPOINT", n.to_string());
     }
     let mut child = c.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = loop {
-        let l = lines.next().expect("server exited before listening").unwrap();
+        let l = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
         if let Some(rest) = l.split("on http://").nth(1) {
             break format!("http://{}", rest.split_whitespace().next().unwrap());
         }
@@ -87,4 +127,3 @@ pub fn serve(dir: &std::path::Path, keys: &std::path::Path, failpoint: Option<us
     std::thread::spawn(move || for _ in lines.by_ref() {});
     (child, base)
 }
-

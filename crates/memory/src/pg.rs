@@ -18,7 +18,10 @@ use crate::{
 
 /// PostgreSQL-backed memory store.
 pub struct PgStore {
+    /// For messages (password redacted).
     url: String,
+    /// For reconnecting.
+    connect_url: String,
     client: Mutex<Client>,
 }
 
@@ -119,6 +122,7 @@ impl PgStore {
             })?;
         Ok(PgStore {
             url: redact(url),
+            connect_url: url.to_string(),
             client: Mutex::new(client),
         })
     }
@@ -130,8 +134,21 @@ impl PgStore {
         }
     }
 
+    /// The connection; one that was lost (the server restarted, the network dropped) is replaced
+    /// by a new one first, so a store outlives its server's restarts. (The call that noticed the
+    /// loss got an error; nothing is retried behind the caller's back.)
     fn lock(&self) -> std::sync::MutexGuard<'_, Client> {
-        self.client.lock().unwrap_or_else(|p| p.into_inner())
+        let mut g = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_closed() {
+            match Client::connect(&self.connect_url, NoTls) {
+                Ok(c) => {
+                    tracing::info!("reconnected to {}", self.url);
+                    *g = c;
+                }
+                Err(e) => tracing::warn!("reconnecting to {}: {}", self.url, describe(&e)),
+            }
+        }
+        g
     }
 
     fn dim(&self, c: &mut Client) -> Result<Option<usize>> {

@@ -97,26 +97,7 @@ impl TestCluster {
                 "--no-sync",
             ],
         )?;
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
-            c.port,
-            c.dir.display()
-        );
-        c.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-o",
-                &opts,
-                "-l",
-                &c.dir.join("log").to_string_lossy(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        )?;
+        c.start_again()?;
         Ok(c)
     }
 
@@ -174,6 +155,39 @@ impl TestCluster {
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Starts the (stopped) cluster again on the same port and data.
+    pub fn start_again(&self) -> Result<(), String> {
+        let c = self;
+        let data = self.data_dir();
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
+            c.port,
+            c.dir.display()
+        );
+        c.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &opts,
+                "-l",
+                &c.dir.join("log").to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Stops the server the way a crash would (`pg_ctl stop -m immediate`: no checkpoint, every
+    /// backend killed; committed transactions survive through the WAL).
+    pub fn crash(&self) {
+        self.stop();
     }
 
     fn stop(&self) {
