@@ -553,6 +553,30 @@ impl Transformer {
         Ok(logits.flatten_all()?)
     }
 
+    /// Logits at every position of `tokens` (t, vocab) through the dense f32 path only (also the
+    /// output layer, dequantised): the reference a differentiable re-implementation is checked
+    /// against. Slow (dequantises the output matrix); for tests.
+    pub fn logits_dense(&self, tokens: &[u32]) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        self.check(&cache, tokens.len())?;
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.forward(&ids)?;
+        for (li, (l, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = l.attn_norm.forward(&x)?;
+            let (q, k, v) = self.qkv(li, l, &h, true)?;
+            let y = self.attend(&q, &k, &v, slot, 0)?;
+            x = (self.proj(li, Proj::O, &l.wo, &y, true)? + x)?;
+            x = (self.mlp(li, l, &x, true)? + x)?;
+        }
+        let w = match &self.output {
+            QMatMul::QTensor(q) => q.dequantize(&self.device)?,
+            QMatMul::Tensor(t) => t.clone(),
+            QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        };
+        let h = self.norm.forward(&x)?.squeeze(0)?;
+        Ok(h.matmul(&w.t()?)?)
+    }
+
     /// Advances several sequences by one token each; returns their logits (batch, vocab).
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let b = tokens.len();

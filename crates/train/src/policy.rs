@@ -1,0 +1,587 @@
+//! The differentiable policy: a qwen2 / llama transformer on dense weights (dequantised from the
+//! GGUF the inference model runs, or random for tests) with LoRA factors as the only trainable
+//! parameters. candle's fused kernels (RMS norm, softmax, rotary embeddings) have no backward
+//! pass, so this forward is written with differentiable primitives; it is checked against the
+//! inference model's dense path (`Transformer::logits_dense`).
+//!
+//! Memory: layers below the first adapted one run without building a graph (their weights are
+//! constants and nothing below them is trainable); log-probabilities are computed in chunks of
+//! rows and only at the positions asked for — a 0.5B model's full logits for one 1k-token
+//! sequence are already 600 MB.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor, Var, D};
+use mrrec_llm::model::{LoraAdapter, Proj};
+use rand::{Rng, SeedableRng};
+
+use crate::{Result, TrainError};
+
+/// Shape of a transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Residual width.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// RMS-norm epsilon.
+    pub eps: f64,
+    /// Rotary base.
+    pub rope_theta: f32,
+    /// qwen2 (rotate halves) or llama (rotate interleaved pairs, as GGUF stores llama).
+    pub neox: bool,
+    /// Longest sequence.
+    pub context: usize,
+    /// q/k/v projections carry biases (qwen2).
+    pub qkv_bias: bool,
+}
+
+impl Shape {
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    fn proj_shape(&self, p: Proj) -> (usize, usize) {
+        let kv = self.kv_heads * self.head_dim();
+        match p {
+            Proj::Q | Proj::O => (self.hidden, self.hidden),
+            Proj::K | Proj::V => (kv, self.hidden),
+            Proj::Gate | Proj::Up => (self.intermediate, self.hidden),
+            Proj::Down => (self.hidden, self.intermediate),
+        }
+    }
+}
+
+/// Which LoRA factors exist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub rank: usize,
+    /// Scale numerator (the update is `alpha / rank · B A x`).
+    pub alpha: f32,
+    /// Projections adapted.
+    pub targets: Vec<Proj>,
+    /// Adapt the top this-many layers (the rest run frozen, without a graph).
+    pub layers: usize,
+    /// Seed of the initialisation of `A` (`B` starts at zero, so the adapter starts as a no-op).
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec![Proj::Q, Proj::V],
+            layers: 4,
+            seed: 0,
+        }
+    }
+}
+
+struct Layer {
+    /// (projection) → weight transposed, (in, out).
+    w: BTreeMap<Proj, Tensor>,
+    bias: BTreeMap<Proj, Tensor>,
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+}
+
+/// The policy (see the module docs).
+pub struct Policy {
+    /// Its shape.
+    pub shape: Shape,
+    /// Its LoRA settings.
+    pub lora_cfg: LoraConfig,
+    dtype: DType,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// Output matrix transposed, (hidden, vocab).
+    output_t: Tensor,
+    lora: BTreeMap<(usize, Proj), (Var, Var)>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+fn bad(path: &Path, m: impl Into<String>) -> TrainError {
+    TrainError::Model(format!("{}: {}", path.display(), m.into()))
+}
+
+impl Policy {
+    /// Loads the weights of a GGUF file (qwen2 or llama), dequantised to f32.
+    pub fn from_gguf(path: &Path, lora: LoraConfig) -> Result<Self> {
+        let device = Device::Cpu;
+        let mut f = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+        let ct = gguf_file::Content::read(&mut f).map_err(|e| bad(path, e.to_string()))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "qwen2" && arch != "llama" {
+            return Err(bad(path, format!("architecture {arch:?} (qwen2, llama)")));
+        }
+        let u = |k: &str| -> Result<usize> {
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(path, format!("no {arch}.{k}")))
+        };
+        let fl = |k: &str, d: f32| {
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(d)
+        };
+        let mut t = |name: &str| -> Result<Tensor> {
+            Ok(ct
+                .tensor(&mut f, name, &device)
+                .map_err(|e| bad(path, format!("{name}: {e}")))?
+                .dequantize(&device)?)
+        };
+        let embed = t("token_embd.weight")?;
+        let vocab = embed.dim(0)?;
+        let mut shape = Shape {
+            vocab,
+            hidden: u("embedding_length")?,
+            intermediate: u("feed_forward_length")?,
+            layers: u("block_count")?,
+            heads: u("attention.head_count")?,
+            kv_heads: u("attention.head_count_kv")?,
+            eps: fl("attention.layer_norm_rms_epsilon", 1e-6) as f64,
+            rope_theta: fl("rope.freq_base", 10_000.0),
+            neox: arch == "qwen2",
+            context: u("context_length").unwrap_or(4096),
+            qkv_bias: false,
+        };
+        let output = match t("output.weight") {
+            Ok(w) => w,
+            Err(_) => embed.clone(),
+        };
+        let norm = t("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(shape.layers);
+        for i in 0..shape.layers {
+            let mut w = BTreeMap::new();
+            let mut bias = BTreeMap::new();
+            for p in Proj::ALL {
+                w.insert(
+                    p,
+                    t(&format!("blk.{i}.{}.weight", p.name()))?
+                        .t()?
+                        .contiguous()?,
+                );
+            }
+            for p in [Proj::Q, Proj::K, Proj::V] {
+                if let Ok(b) = t(&format!("blk.{i}.{}.bias", p.name())) {
+                    bias.insert(p, b);
+                    shape.qkv_bias = true;
+                }
+            }
+            layers.push(Layer {
+                w,
+                bias,
+                attn_norm: t(&format!("blk.{i}.attn_norm.weight"))?,
+                ffn_norm: t(&format!("blk.{i}.ffn_norm.weight"))?,
+            });
+        }
+        let output_t = output.t()?.contiguous()?;
+        Self::assemble(shape, lora, DType::F32, embed, layers, norm, output_t)
+    }
+
+    /// A randomly initialised model (for tests of learning and gradients), in `dtype`.
+    pub fn random(shape: Shape, lora: LoraConfig, dtype: DType, seed: u64) -> Result<Self> {
+        let device = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut mat = |r: usize, c: usize, scale: f64| -> Result<Tensor> {
+            let v: Vec<f64> = (0..r * c).map(|_| rng.gen_range(-scale..scale)).collect();
+            Ok(Tensor::from_vec(v, (r, c), &device)?.to_dtype(dtype)?)
+        };
+        let h = shape.hidden;
+        let embed = mat(shape.vocab, h, 1.0)?;
+        let mut layers = Vec::new();
+        for _ in 0..shape.layers {
+            let mut w = BTreeMap::new();
+            for p in Proj::ALL {
+                let (out, inp) = shape.proj_shape(p);
+                w.insert(p, mat(inp, out, (1.0 / inp as f64).sqrt())?);
+            }
+            let mut bias = BTreeMap::new();
+            if shape.qkv_bias {
+                for p in [Proj::Q, Proj::K, Proj::V] {
+                    let (out, _) = shape.proj_shape(p);
+                    bias.insert(p, mat(1, out, 0.1)?.squeeze(0)?);
+                }
+            }
+            layers.push(Layer {
+                w,
+                bias,
+                attn_norm: (mat(1, h, 0.1)?.squeeze(0)? + 1.0)?,
+                ffn_norm: (mat(1, h, 0.1)?.squeeze(0)? + 1.0)?,
+            });
+        }
+        let norm = Tensor::ones(h, dtype, &device)?;
+        // Logits of order 1–10, as a trained model has (a 1/sqrt(h) scale would cap them near 2).
+        let output_t = mat(h, shape.vocab, 1.0)?;
+        Self::assemble(shape, lora, dtype, embed, layers, norm, output_t)
+    }
+
+    fn assemble(
+        shape: Shape,
+        lora_cfg: LoraConfig,
+        dtype: DType,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        output_t: Tensor,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        if shape.heads == 0
+            || shape.kv_heads == 0
+            || !shape.hidden.is_multiple_of(shape.heads)
+            || !shape.heads.is_multiple_of(shape.kv_heads)
+        {
+            return Err(TrainError::Model(format!("inconsistent heads: {shape:?}")));
+        }
+        let hd = shape.head_dim();
+        let theta: Vec<f32> = (0..hd)
+            .step_by(2)
+            .map(|i| 1.0 / shape.rope_theta.powf(i as f32 / hd as f32))
+            .collect();
+        let n = shape.context.min(8192);
+        let theta = Tensor::new(theta.as_slice(), &device)?.reshape((1, hd / 2))?;
+        let idx = Tensor::arange(0, n as u32, &device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = idx.matmul(&theta)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lora_cfg.seed);
+        let mut lora = BTreeMap::new();
+        let first = shape.layers.saturating_sub(lora_cfg.layers);
+        for li in first..shape.layers {
+            for &p in &lora_cfg.targets {
+                let (out, inp) = shape.proj_shape(p);
+                let bound = (1.0 / inp as f64).sqrt();
+                let a: Vec<f64> = (0..lora_cfg.rank * inp)
+                    .map(|_| rng.gen_range(-bound..bound))
+                    .collect();
+                let a = Tensor::from_vec(a, (lora_cfg.rank, inp), &device)?.to_dtype(dtype)?;
+                let b = Tensor::zeros((out, lora_cfg.rank), dtype, &device)?;
+                lora.insert((li, p), (Var::from_tensor(&a)?, Var::from_tensor(&b)?));
+            }
+        }
+        Ok(Policy {
+            shape,
+            lora_cfg,
+            dtype,
+            embed,
+            layers,
+            norm,
+            output_t,
+            lora,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            device,
+        })
+    }
+
+    /// The trainable parameters, in a fixed order: (name, var).
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for ((l, p), (a, b)) in &self.lora {
+            out.push((format!("blk.{l}.{}.lora_a", p.name()), a.clone()));
+            out.push((format!("blk.{l}.{}.lora_b", p.name()), b.clone()));
+        }
+        out
+    }
+
+    /// The first adapted layer (layers below it run without a graph).
+    pub fn first_adapted(&self) -> usize {
+        self.lora
+            .keys()
+            .map(|(l, _)| *l)
+            .min()
+            .unwrap_or(self.shape.layers)
+    }
+
+    /// The adapter as the inference model applies it.
+    pub fn adapter(&self) -> Result<LoraAdapter> {
+        let mut ad = LoraAdapter::new(self.lora_cfg.rank, self.lora_cfg.alpha);
+        for ((l, p), (a, b)) in &self.lora {
+            ad.insert(
+                *l,
+                *p,
+                a.as_tensor().to_dtype(DType::F32)?,
+                b.as_tensor().to_dtype(DType::F32)?,
+            );
+        }
+        Ok(ad)
+    }
+
+    /// Sets the factors from an adapter (shapes must match; missing factors are left alone).
+    pub fn load_adapter(&self, ad: &LoraAdapter) -> Result<()> {
+        for ((l, p), (a, b)) in &self.lora {
+            if let Some((na, nb)) = ad.get(*l, *p) {
+                if na.dims() != a.dims() || nb.dims() != b.dims() {
+                    return Err(TrainError::Model(format!(
+                        "adapter blk.{l}.{}: shapes {:?}/{:?}, the policy has {:?}/{:?}",
+                        p.name(),
+                        na.dims(),
+                        nb.dims(),
+                        a.dims(),
+                        b.dims()
+                    )));
+                }
+                a.set(&na.to_dtype(self.dtype)?)?;
+                b.set(&nb.to_dtype(self.dtype)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rms(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + self.shape.eps)?.sqrt()?)?
+            .broadcast_mul(w)
+    }
+
+    fn proj(
+        &self,
+        li: usize,
+        p: Proj,
+        l: &Layer,
+        x: &Tensor,
+        lora: bool,
+    ) -> candle_core::Result<Tensor> {
+        let mut y = x.matmul(&l.w[&p])?;
+        if let Some(b) = l.bias.get(&p) {
+            y = y.broadcast_add(b)?;
+        }
+        if lora {
+            if let Some((a, b)) = self.lora.get(&(li, p)) {
+                let scale = (self.lora_cfg.alpha / self.lora_cfg.rank.max(1) as f32) as f64;
+                let d = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+                y = (y + (d * scale)?)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Rotary embedding of `x` (n, t, hd) at positions 0..t.
+    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, t, hd) = x.dims3()?;
+        let cos = self.cos.narrow(0, 0, t)?.unsqueeze(0)?;
+        let sin = self.sin.narrow(0, 0, t)?.unsqueeze(0)?;
+        if self.shape.neox {
+            let x1 = x.narrow(2, 0, hd / 2)?;
+            let x2 = x.narrow(2, hd / 2, hd / 2)?;
+            let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Tensor::cat(&[a, b], 2)
+        } else {
+            let x = x.reshape((n, t, hd / 2, 2))?;
+            let e = x.narrow(3, 0, 1)?.squeeze(3)?;
+            let o = x.narrow(3, 1, 1)?.squeeze(3)?;
+            let a = (e.broadcast_mul(&cos)? - o.broadcast_mul(&sin)?)?;
+            let b = (e.broadcast_mul(&sin)? + o.broadcast_mul(&cos)?)?;
+            Tensor::stack(&[a, b], 3)?.reshape((n, t, hd))
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (t, _) = q.dims2()?;
+        let (nh, nkv, hd) = (self.shape.heads, self.shape.kv_heads, self.shape.head_dim());
+        let q = self.rope(&q.reshape((t, nh, hd))?.transpose(0, 1)?.contiguous()?)?;
+        let k = self.rope(&k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?)?;
+        let v = v.reshape((t, nkv, hd))?.transpose(0, 1)?;
+        let rep = nh / nkv;
+        let expand = |x: Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                return x.contiguous();
+            }
+            x.unsqueeze(1)?
+                .broadcast_as((nkv, rep, t, hd))?
+                .contiguous()?
+                .reshape((nh, t, hd))
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = att.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        att.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))
+    }
+
+    fn mask(&self, t: usize) -> candle_core::Result<Tensor> {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// Final hidden states (t, hidden) of `tokens`; `lora` applies the adapter (off: the
+    /// reference policy). Layers below the first adapted one run detached.
+    pub fn hidden(&self, tokens: &[u32], lora: bool) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 || t > self.cos.dim(0)? {
+            return Err(TrainError::Model(format!(
+                "sequence of {t} tokens (1–{})",
+                self.cos.dim(0)?
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&x| x as usize >= self.shape.vocab) {
+            return Err(TrainError::Model(format!(
+                "token {bad} outside the vocabulary of {}",
+                self.shape.vocab
+            )));
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mask = self.mask(t)?;
+        let first = if lora {
+            self.first_adapted()
+        } else {
+            self.shape.layers
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            if li == first {
+                // Nothing below is trainable: cut the graph here.
+                x = x.detach();
+            }
+            let h = self.rms(&x, &l.attn_norm)?;
+            let on = lora && li >= first;
+            let q = self.proj(li, Proj::Q, l, &h, on)?;
+            let k = self.proj(li, Proj::K, l, &h, on)?;
+            let v = self.proj(li, Proj::V, l, &h, on)?;
+            let y = self.attention(&q, &k, &v, &mask)?;
+            x = (self.proj(li, Proj::O, l, &y, on)? + x)?;
+            let h = self.rms(&x, &l.ffn_norm)?;
+            let g = self.proj(li, Proj::Gate, l, &h, on)?.silu()?;
+            let u = self.proj(li, Proj::Up, l, &h, on)?;
+            x = (self.proj(li, Proj::Down, l, &(g * u)?, on)? + x)?;
+        }
+        Ok(self.rms(&x, &self.norm)?)
+    }
+
+    /// Logits at every position (t, vocab). For tests and small models: the full matrix.
+    pub fn logits(&self, tokens: &[u32], lora: bool) -> Result<Tensor> {
+        Ok(self.hidden(tokens, lora)?.matmul(&self.output_t)?)
+    }
+
+    /// Log-probabilities of `tokens[p]` given `tokens[..p]` for every `p` in `from..len`
+    /// (shape `(len - from,)`), differentiable with respect to the adapter. `allowed[i]`, when
+    /// given, renormalises position `from + i` over those token ids (constrained decoding), the
+    /// same way the sampler did. Logits are computed `chunk` rows at a time.
+    pub fn token_logprobs(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        allowed: &[Option<Vec<u32>>],
+        lora: bool,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        if from == 0 || from >= tokens.len() {
+            return Err(TrainError::Model(format!(
+                "scored positions start at {from} of {} tokens (1..len)",
+                tokens.len()
+            )));
+        }
+        let h = self.hidden(tokens, lora)?;
+        let n = tokens.len() - from;
+        let chunk = chunk.max(1);
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let m = chunk.min(n - i);
+            // Row r of the chunk predicts tokens[from + i + r] from the hidden state before it.
+            let rows = h.narrow(0, from + i - 1, m)?;
+            let logits = rows.matmul(&self.output_t)?; // (m, vocab)
+            let targets: Vec<u32> = tokens[from + i..from + i + m].to_vec();
+            let tgt = Tensor::new(targets.as_slice(), &self.device)?.unsqueeze(1)?;
+            let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
+            let constrained = (0..m).any(|r| allowed.get(i + r).is_some_and(Option::is_some));
+            let z = if constrained {
+                let mut mask = vec![0f32; m * self.shape.vocab];
+                for r in 0..m {
+                    if let Some(Some(ids)) = allowed.get(i + r) {
+                        let row = &mut mask[r * self.shape.vocab..(r + 1) * self.shape.vocab];
+                        row.iter_mut().for_each(|x| *x = -1e9);
+                        for &id in ids {
+                            if let Some(x) = row.get_mut(id as usize) {
+                                *x = 0.0;
+                            }
+                        }
+                    }
+                }
+                let mask = Tensor::from_vec(mask, (m, self.shape.vocab), &self.device)?
+                    .to_dtype(self.dtype)?;
+                logsumexp(&(logits + mask)?)?
+            } else {
+                logsumexp(&logits)?
+            };
+            parts.push((picked - z)?);
+            i += m;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Samples `max_new` tokens after `prompt` at `temperature` (naive: the whole sequence is
+    /// recomputed per token; for small models in tests), returning the new tokens and their
+    /// log-probabilities under the sampling distribution at temperature 1.
+    pub fn sample(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        temperature: f64,
+        rng: &mut impl Rng,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let mut toks = prompt.to_vec();
+        let mut lps = Vec::new();
+        for _ in 0..max_new {
+            let h = self.hidden(&toks, true)?;
+            let last = h.narrow(0, toks.len() - 1, 1)?.matmul(&self.output_t)?;
+            let logits: Vec<f64> = last.squeeze(0)?.to_dtype(DType::F64)?.to_vec1()?;
+            let t = temperature.max(1e-6);
+            let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|l| ((l - mx) / t).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut r = rng.gen::<f64>() * total;
+            let mut pick = w.len() - 1;
+            for (i, x) in w.iter().enumerate() {
+                if r < *x {
+                    pick = i;
+                    break;
+                }
+                r -= x;
+            }
+            let lse = mx + logits.iter().map(|l| (l - mx).exp()).sum::<f64>().ln();
+            lps.push((logits[pick] - lse) as f32);
+            toks.push(pick as u32);
+        }
+        Ok((toks[prompt.len()..].to_vec(), lps))
+    }
+}
+
+/// Row-wise log-sum-exp of (m, n) → (m,), differentiable.
+pub fn logsumexp(x: &Tensor) -> candle_core::Result<Tensor> {
+    let mx = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&mx)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    (s + mx)?.squeeze(D::Minus1)
+}

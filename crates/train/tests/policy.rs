@@ -1,0 +1,462 @@
+//! The differentiable policy against the inference model (logits, with and without an
+//! adapter), gradients against finite differences, chunked and constrained log-probabilities,
+//! the GRPO objective (advantages, masks), a real learning test on a toy verifiable task, and
+//! checkpoint → resume.
+
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{DType, Tensor, Var};
+use mrrec_llm::model::Proj;
+use mrrec_train::{
+    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, Policy, Shape,
+    TokenBatch,
+};
+use rand::SeedableRng;
+
+fn tiny_shape() -> Shape {
+    Shape {
+        vocab: 12,
+        hidden: 16,
+        intermediate: 24,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        eps: 1e-6,
+        rope_theta: 10_000.0,
+        neox: true,
+        context: 64,
+        qkv_bias: true,
+    }
+}
+
+fn all_lora(rank: usize, seed: u64) -> LoraConfig {
+    LoraConfig {
+        rank,
+        alpha: rank as f32 * 2.0,
+        targets: Proj::ALL.to_vec(),
+        layers: 2,
+        seed,
+    }
+}
+
+/// Gives every B factor small random values (B starts at zero, which would hide A's gradient).
+fn perturb_b(p: &Policy, seed: u64, scale: f64) {
+    use rand::Rng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for (name, v) in p.params() {
+        if name.ends_with("lora_b") {
+            let dims = v.as_tensor().dims().to_vec();
+            let n: usize = dims.iter().product();
+            let vals: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+            let t = Tensor::from_vec(vals, dims, &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(v.as_tensor().dtype())
+                .unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn logits_match_the_inference_model_with_and_without_an_adapter() {
+    let m = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let tokens: Vec<u32> = m
+        .info()
+        .tokenizer
+        .encode(
+            "A user asks for a soft plush toy for a toddler; the ideal item is",
+            false,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert!(tokens.len() > 8);
+    let p = Policy::from_gguf(
+        &m.info().path,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Proj::ALL.to_vec(),
+            layers: 3,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    let reference = m.transformer().logits_dense(&tokens).unwrap();
+    let ours = p.logits(&tokens, true).unwrap();
+    assert_eq!(ours.dims(), reference.dims());
+    let d = max_abs_diff(&ours, &reference);
+    assert!(d < 1e-3, "max |Δlogit| = {d}");
+    // The same adapter in both: the inference model applies what the trainer learned.
+    perturb_b(&p, 7, 0.05);
+    m.transformer()
+        .set_lora(Some(std::sync::Arc::new(p.adapter().unwrap())));
+    let reference = m.transformer().logits_dense(&tokens).unwrap();
+    let ours = p.logits(&tokens, true).unwrap();
+    let d = max_abs_diff(&ours, &reference);
+    assert!(d < 1e-3, "with the adapter: max |Δlogit| = {d}");
+    let off = p.logits(&tokens, false).unwrap();
+    assert!(
+        max_abs_diff(&ours, &off) > 1e-2,
+        "the adapter changes the logits"
+    );
+    m.transformer().set_lora(None);
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for neox in [true, false] {
+        let shape = Shape {
+            neox,
+            ..tiny_shape()
+        };
+        let p = Policy::random(shape, all_lora(2, 3), DType::F64, 11).unwrap();
+        perturb_b(&p, 5, 0.3);
+        let tokens = [1u32, 5, 2, 9, 3, 3, 7];
+        let allowed = vec![None, Some(vec![2u32, 9, 4]), None, None, None, None];
+        let loss = |p: &Policy| -> Tensor {
+            p.token_logprobs(&tokens, 1, &allowed, true, 2)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let l = loss(&p);
+        let grads = l.backward().unwrap();
+        let mut checked = 0;
+        for (name, v) in p.params() {
+            let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let g: Vec<f64> = g.to_vec1().unwrap();
+            let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            for idx in [0usize, base.len() / 2, base.len() - 1] {
+                let eps = 1e-6;
+                let mut plus = base.clone();
+                plus[idx] += eps;
+                v.set(
+                    &Tensor::from_vec(plus, v.as_tensor().dims(), &candle_core::Device::Cpu)
+                        .unwrap(),
+                )
+                .unwrap();
+                let lp: f64 = loss(&p).to_scalar().unwrap();
+                let mut minus = base.clone();
+                minus[idx] -= eps;
+                v.set(
+                    &Tensor::from_vec(minus, v.as_tensor().dims(), &candle_core::Device::Cpu)
+                        .unwrap(),
+                )
+                .unwrap();
+                let lm: f64 = loss(&p).to_scalar().unwrap();
+                v.set(
+                    &Tensor::from_vec(
+                        base.clone(),
+                        v.as_tensor().dims(),
+                        &candle_core::Device::Cpu,
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
+                let fd = (lp - lm) / (2.0 * eps);
+                let err = (fd - g[idx]).abs() / (1e-6 + fd.abs().max(g[idx].abs()));
+                assert!(
+                    err < 1e-4,
+                    "{name}[{idx}] (neox {neox}): autograd {} vs finite difference {fd}",
+                    g[idx]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 28 * 3);
+    }
+}
+
+#[test]
+fn chunked_and_constrained_logprobs_are_the_log_softmax() {
+    let p = Policy::random(tiny_shape(), all_lora(2, 1), DType::F64, 2).unwrap();
+    perturb_b(&p, 3, 0.2);
+    let tokens = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    let full = p.logits(&tokens, true).unwrap();
+    let ls = candle_nn::ops::log_softmax(&full, 1).unwrap();
+    let want: Vec<f64> = (2..tokens.len())
+        .map(|i| {
+            ls.get(i - 1)
+                .unwrap()
+                .get(tokens[i] as usize)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        })
+        .collect();
+    for chunk in [1, 3, 100] {
+        let got: Vec<f64> = p
+            .token_logprobs(&tokens, 2, &[], true, chunk)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-10, "chunk {chunk}: {g} vs {w}");
+        }
+    }
+    // Constrained at the second scored position (target token 1): renormalised over {1, 9}.
+    let allowed = vec![None, Some(vec![9u32, 1])];
+    let got: Vec<f64> = p
+        .token_logprobs(&tokens, 2, &allowed, true, 4)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let row = full.get(2).unwrap();
+    let (a, b): (f64, f64) = (
+        row.get(1).unwrap().to_scalar().unwrap(),
+        row.get(9).unwrap().to_scalar().unwrap(),
+    );
+    let mx = a.max(b);
+    let want_c = a - (mx + ((a - mx).exp() + (b - mx).exp()).ln());
+    assert!((got[1] - want_c).abs() < 1e-10, "{} vs {want_c}", got[1]);
+    assert!((got[0] - want[0]).abs() < 1e-10);
+    // Bad input is an error, not a panic.
+    assert!(p.token_logprobs(&tokens, 0, &[], true, 4).is_err());
+    assert!(p.token_logprobs(&[1, 99], 1, &[], true, 4).is_err());
+}
+
+#[test]
+fn advantages_are_group_normalised_and_flat_groups_carry_nothing() {
+    let a = group_advantages(&[1.0, 2.0, 3.0]).unwrap();
+    assert!((a[0] + 1.0).abs() < 1e-12 && a[1].abs() < 1e-12 && (a[2] - 1.0).abs() < 1e-12);
+    assert!((a.iter().sum::<f64>()).abs() < 1e-12);
+    assert!(group_advantages(&[0.5, 0.5, 0.5, 0.5]).is_none());
+    assert!(group_advantages(&[1.0]).is_none());
+    let a = group_advantages(&[0.0, 10.1, 0.0, 0.0, 0.0]).unwrap();
+    assert!(a[1] > 1.5 && a[0] < 0.0);
+}
+
+#[test]
+fn masked_tokens_get_exactly_no_gradient() {
+    let lp = Var::from_tensor(
+        &Tensor::new(
+            &[-1.0f64, -2.0, -0.5, -3.0, -1.5],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let old = vec![-1.1f32, -2.0, -0.4, -3.1, -1.5];
+    let reference = Some(vec![-1.0f32, -1.9, -0.6, -3.0, -1.4]);
+    let params = GrpoParams {
+        clip: 0.2,
+        kl: 0.01,
+    };
+    let grad = |mask: Vec<f32>| -> Vec<f64> {
+        let b = TokenBatch {
+            old: old.clone(),
+            reference: reference.clone(),
+            mask,
+            advantage: 0.7,
+        };
+        let (loss, _) = grpo_loss(&[lp.as_tensor().clone()], &[b], &params).unwrap();
+        loss.backward()
+            .unwrap()
+            .get(lp.as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let masked = grad(vec![1.0, 0.0, 1.0, 0.0, 1.0]);
+    let full = grad(vec![1.0; 5]);
+    for i in [1, 3] {
+        assert_eq!(masked[i], 0.0, "controller/tool token {i}");
+        assert_ne!(full[i], 0.0);
+    }
+    for i in [0, 2, 4] {
+        assert_ne!(masked[i], 0.0);
+        // Token-mean: the same per-token term, divided by 3 policy tokens instead of 5.
+        assert!((masked[i] * 3.0 - full[i] * 5.0).abs() < 1e-9, "{i}");
+    }
+    // The clipped surrogate: a ratio beyond 1 + ε with a positive advantage has no gradient
+    // from the surrogate (token 2: exp(-0.5 + 0.4) ≈ 0.90 is inside; make one outside).
+    let lp2 =
+        Var::from_tensor(&Tensor::new(&[0.0f64], &candle_core::Device::Cpu).unwrap()).unwrap();
+    let b = TokenBatch {
+        old: vec![-1.0],
+        reference: None,
+        mask: vec![1.0],
+        advantage: 1.0,
+    };
+    let (loss, n) = grpo_loss(
+        &[lp2.as_tensor().clone()],
+        &[b],
+        &GrpoParams { clip: 0.2, kl: 0.0 },
+    )
+    .unwrap();
+    assert_eq!(n, 1);
+    let g: Vec<f64> = loss
+        .backward()
+        .unwrap()
+        .get(lp2.as_tensor())
+        .map(|t| t.to_vec1().unwrap())
+        .unwrap_or(vec![0.0]);
+    assert_eq!(g[0], 0.0, "clipped");
+    assert!((loss.to_scalar::<f64>().unwrap() + 1.2).abs() < 1e-9);
+}
+
+/// A toy verifiable task: after the prompt, write the `target` token as often as possible.
+/// Reward = its share among 6 sampled tokens. GRPO on LoRA factors of a random tiny model must
+/// raise it.
+fn toy_step(p: &Policy, opt: &mut AdamW, rng: &mut rand_chacha::ChaCha8Rng, prompt: &[u32]) -> f64 {
+    toy_step_for(p, opt, rng, prompt, 5)
+}
+
+fn toy_step_for(
+    p: &Policy,
+    opt: &mut AdamW,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    prompt: &[u32],
+    target: u32,
+) -> f64 {
+    let g = 8;
+    let mut seqs = Vec::new();
+    let mut rewards = Vec::new();
+    for _ in 0..g {
+        let (new, lps) = p.sample(prompt, 6, 1.0, rng).unwrap();
+        rewards.push(new.iter().filter(|&&t| t == target).count() as f64 / 6.0);
+        seqs.push((new, lps));
+    }
+    let mean = rewards.iter().sum::<f64>() / g as f64;
+    let Some(adv) = group_advantages(&rewards) else {
+        return mean;
+    };
+    let mut news = Vec::new();
+    let mut batch = Vec::new();
+    for ((new, old), a) in seqs.iter().zip(&adv) {
+        let mut toks = prompt.to_vec();
+        toks.extend(new);
+        news.push(p.token_logprobs(&toks, prompt.len(), &[], true, 8).unwrap());
+        batch.push(TokenBatch {
+            old: old.clone(),
+            reference: None,
+            mask: vec![1.0; new.len()],
+            advantage: *a as f32,
+        });
+    }
+    let (loss, _) = grpo_loss(&news, &batch, &GrpoParams { clip: 0.2, kl: 0.0 }).unwrap();
+    let grads = opt.grads(&loss, None).unwrap();
+    opt.step(&grads).unwrap();
+    mean
+}
+
+#[test]
+fn grpo_learns_a_toy_verifiable_task() {
+    let p = Policy::random(tiny_shape(), all_lora(4, 9), DType::F32, 21).unwrap();
+    let mut opt = AdamW::new(
+        p.params(),
+        AdamWParams {
+            lr: 0.1,
+            max_grad_norm: 1.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let prompt = [1u32, 2, 3];
+    // The target: the token the untrained model finds least likely after the prompt.
+    let first_logits: Vec<f32> = p
+        .logits(&prompt, true)
+        .unwrap()
+        .get(2)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let target = (0..first_logits.len())
+        .min_by(|&a, &b| first_logits[a].total_cmp(&first_logits[b]))
+        .unwrap() as u32;
+    let rewards: Vec<f64> = (0..40)
+        .map(|_| toy_step_for(&p, &mut opt, &mut rng, &prompt, target))
+        .collect();
+    let first: f64 = rewards[..8].iter().sum::<f64>() / 8.0;
+    let last: f64 = rewards[32..].iter().sum::<f64>() / 8.0;
+    eprintln!(
+        "toy reward {first:.3} → {last:.3} (first steps {:?})",
+        &rewards[..3]
+    );
+    assert!(
+        rewards[0] < 0.3,
+        "the untrained model rarely writes the target: {rewards:?}"
+    );
+    assert!(
+        last > first + 0.25 && last > 0.8,
+        "reward {first:.3} → {last:.3}: {rewards:?}"
+    );
+}
+
+#[test]
+fn a_resumed_run_takes_the_same_next_step() {
+    let dir = tempfile_dir();
+    let run = |steps: usize, resume_at: Option<usize>| -> Vec<f32> {
+        let p = Policy::random(tiny_shape(), all_lora(2, 9), DType::F32, 21).unwrap();
+        let mut opt = AdamW::new(
+            p.params(),
+            AdamWParams {
+                lr: 1e-2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for s in 0..steps {
+            if resume_at == Some(s) {
+                // Save, then continue in a fresh policy and optimiser restored from disk.
+                p.adapter()
+                    .unwrap()
+                    .save(&dir.join("adapter.safetensors"))
+                    .unwrap();
+                opt.save(&dir.join("optim.safetensors")).unwrap();
+                let q = Policy::random(tiny_shape(), all_lora(2, 99), DType::F32, 21).unwrap();
+                q.load_adapter(
+                    &mrrec_llm::model::LoraAdapter::load(&dir.join("adapter.safetensors")).unwrap(),
+                )
+                .unwrap();
+                let mut o2 = AdamW::new(q.params(), opt.params).unwrap();
+                o2.load(&dir.join("optim.safetensors")).unwrap();
+                assert_eq!(o2.step, s as u64);
+                for _ in s..steps {
+                    toy_step(&q, &mut o2, &mut rng, &[1, 2, 3]);
+                }
+                return flat(&q);
+            }
+            toy_step(&p, &mut opt, &mut rng, &[1, 2, 3]);
+        }
+        flat(&p)
+    };
+    let straight = run(6, None);
+    let resumed = run(6, Some(3));
+    assert_eq!(straight, resumed);
+}
+
+fn flat(p: &Policy) -> Vec<f32> {
+    p.params()
+        .iter()
+        .flat_map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mrrec-train-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
