@@ -14,6 +14,7 @@ pub mod memory;
 pub mod methods;
 pub mod progress;
 pub mod rewards;
+pub mod rollout;
 pub mod service;
 pub mod workspace;
 

@@ -104,6 +104,43 @@ impl ConstraintCompiler {
     }
 }
 
+/// A set of token ids (a bitset over the vocabulary): which tokens a constraint allowed at one
+/// step, kept so that training renormalises exactly as sampling did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSet {
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl TokenSet {
+    /// The tokens `0..n` for which `f` holds.
+    pub fn from_fn(n: usize, f: impl Fn(u32) -> bool) -> Self {
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        for i in 0..n {
+            if f(i as u32) {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        TokenSet { bits, len: n }
+    }
+
+    /// Whether `id` is in the set.
+    pub fn contains(&self, id: u32) -> bool {
+        let i = id as usize;
+        i < self.len && self.bits[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Vocabulary size the set ranges over.
+    pub fn universe(&self) -> usize {
+        self.len
+    }
+
+    /// How many tokens are in the set.
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
 /// Sets every disallowed logit to −∞ (tokens beyond the mask's length are disallowed too).
 pub(crate) fn apply_mask(logits: &mut [f32], mask: &toktrie::SimpleVob) {
     for (i, l) in logits.iter_mut().enumerate() {

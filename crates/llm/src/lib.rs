@@ -18,11 +18,11 @@ mod template;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{CachePolicy, CachedChatModel};
-pub use constrain::{validate, Constraint, ConstraintCompiler};
+pub use constrain::{validate, Constraint, ConstraintCompiler, TokenSet};
 pub use convert::{ensure_q8_0, requantize_gguf};
 pub use echo::EchoModel;
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
-pub use local::{Generation, LocalModel};
+pub use local::{Generation, LocalModel, Segment};
 pub use openai::{OpenAiConfig, OpenAiModel};
 pub use template::ChatTemplate;
 

@@ -30,6 +30,22 @@ pub struct Generation {
     pub text: String,
     /// Why it stopped.
     pub finish_reason: FinishReason,
+    /// Per sampled token: the tokens the constraint allowed (`None` when unconstrained).
+    pub masks: Vec<Option<crate::TokenSet>>,
+}
+
+/// One model call of an agent loop, as training needs it: the exact prompt ids, the sampled ids
+/// (the only tokens the policy wrote), their log-probabilities and the constraint masks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    /// Prompt token ids (controller text and tool responses included: never trained on).
+    pub prompt: Vec<u32>,
+    /// Sampled ids.
+    pub ids: Vec<u32>,
+    /// Their log-probabilities when sampled (temperature 1, renormalised under a constraint).
+    pub logprobs: Vec<f32>,
+    /// Per sampled id, the allowed set under a constraint.
+    pub masks: Vec<Option<crate::TokenSet>>,
 }
 
 /// A local GGUF chat model.
@@ -67,6 +83,7 @@ struct Seq<'a> {
     matcher: Option<llguidance::Matcher>,
     ids: Vec<u32>,
     logprobs: Vec<f32>,
+    masks: Vec<Option<crate::TokenSet>>,
     text: String,
     emitted: usize,
     done: Option<FinishReason>,
@@ -199,6 +216,7 @@ impl LocalModel {
             matcher,
             ids: Vec::new(),
             logprobs: Vec::new(),
+            masks: Vec::new(),
             text: String::new(),
             emitted: 0,
             done: None,
@@ -210,6 +228,7 @@ impl LocalModel {
     /// Picks the next token of one sequence from its logits; marks it done when it stops.
     fn step(&self, q: &mut Seq<'_>, s: &Sampling) -> Result<()> {
         let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
+        let mut allowed = None;
         if let Some(m) = q.matcher.as_mut() {
             if m.is_stopped() {
                 q.done = Some(FinishReason::Stop);
@@ -220,6 +239,9 @@ impl LocalModel {
                 .map_err(|e| LlmError::Constraint(e.to_string()))?;
             let mut v = logits.to_vec1::<f32>()?;
             apply_mask(&mut v, &mask);
+            allowed = Some(crate::TokenSet::from_fn(v.len(), |i| {
+                v[i as usize] != f32::NEG_INFINITY
+            }));
             logits = Tensor::new(v, logits.device())?;
         }
         if let Some(h) = q.hook.as_mut() {
@@ -249,6 +271,7 @@ impl LocalModel {
         }
         q.logprobs
             .push(logp.get(next as usize)?.to_scalar::<f32>()?);
+        q.masks.push(allowed);
         q.ids.push(next);
         q.text = self.decode(&q.ids)?;
         if let Some(cut) = s
@@ -317,6 +340,7 @@ impl LocalModel {
             logprobs: q.logprobs,
             text: q.text,
             finish_reason: q.done.unwrap_or(FinishReason::Length),
+            masks: q.masks,
         }
     }
 
@@ -540,6 +564,25 @@ impl LocalModel {
         Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
     }
 
+    /// Answers `req` and returns, beside the answer, the call as a training [`Segment`].
+    pub fn chat_segment(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(ChatResponse, Segment)> {
+        let t0 = Instant::now();
+        let prompt = self.prompt(req)?;
+        let ids = self.info.encode(&prompt)?;
+        let g = self.generate_constrained(&ids, &req.sampling, req.constraint.as_ref(), on_text)?;
+        let seg = Segment {
+            prompt: ids.clone(),
+            ids: g.ids.clone(),
+            logprobs: g.logprobs.clone(),
+            masks: g.masks.clone(),
+        };
+        Ok((self.response(req, ids.len(), g, t0), seg))
+    }
+
     /// Decodes ids to text (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.info
@@ -583,11 +626,7 @@ impl ChatModel for LocalModel {
         req: &ChatRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<ChatResponse> {
-        let t0 = Instant::now();
-        let prompt = self.prompt(req)?;
-        let ids = self.info.encode(&prompt)?;
-        let g = self.generate_constrained(&ids, &req.sampling, req.constraint.as_ref(), on_text)?;
-        Ok(self.response(req, ids.len(), g, t0))
+        Ok(self.chat_segment(req, on_text)?.0)
     }
 
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {

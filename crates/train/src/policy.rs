@@ -493,7 +493,7 @@ impl Policy {
         &self,
         tokens: &[u32],
         from: usize,
-        allowed: &[Option<Vec<u32>>],
+        allowed: &[Option<mrrec_llm::TokenSet>],
         lora: bool,
         chunk: usize,
     ) -> Result<Tensor> {
@@ -520,12 +520,11 @@ impl Policy {
             let z = if constrained {
                 let mut mask = vec![0f32; m * self.shape.vocab];
                 for r in 0..m {
-                    if let Some(Some(ids)) = allowed.get(i + r) {
+                    if let Some(Some(set)) = allowed.get(i + r) {
                         let row = &mut mask[r * self.shape.vocab..(r + 1) * self.shape.vocab];
-                        row.iter_mut().for_each(|x| *x = -1e9);
-                        for &id in ids {
-                            if let Some(x) = row.get_mut(id as usize) {
-                                *x = 0.0;
+                        for (id, x) in row.iter_mut().enumerate() {
+                            if !set.contains(id as u32) {
+                                *x = -1e9;
                             }
                         }
                     }

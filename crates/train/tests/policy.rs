@@ -57,6 +57,10 @@ fn perturb_b(p: &Policy, seed: u64, scale: f64) {
     }
 }
 
+fn set(ids: &[u32]) -> mrrec_llm::TokenSet {
+    mrrec_llm::TokenSet::from_fn(12, |i| ids.contains(&i))
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -126,7 +130,7 @@ fn gradients_match_finite_differences() {
         let p = Policy::random(shape, all_lora(2, 3), DType::F64, 11).unwrap();
         perturb_b(&p, 5, 0.3);
         let tokens = [1u32, 5, 2, 9, 3, 3, 7];
-        let allowed = vec![None, Some(vec![2u32, 9, 4]), None, None, None, None];
+        let allowed = vec![None, Some(set(&[2, 9, 4])), None, None, None, None];
         let loss = |p: &Policy| -> Tensor {
             p.token_logprobs(&tokens, 1, &allowed, true, 2)
                 .unwrap()
@@ -209,7 +213,7 @@ fn chunked_and_constrained_logprobs_are_the_log_softmax() {
         }
     }
     // Constrained at the second scored position (target token 1): renormalised over {1, 9}.
-    let allowed = vec![None, Some(vec![9u32, 1])];
+    let allowed = vec![None, Some(set(&[9, 1]))];
     let got: Vec<f64> = p
         .token_logprobs(&tokens, 2, &allowed, true, 4)
         .unwrap()

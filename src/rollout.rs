@@ -1,0 +1,187 @@
+//! GRPO rollouts: the real assistant loop (guided or free) with the real memory tool, sampled at
+//! a rollout temperature, every model call recorded as a [`Segment`] (exact prompt ids, sampled
+//! ids, their log-probabilities, constraint masks) so that the loss never re-tokenises text, and
+//! each trajectory scored with MR.Rec's rewards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::Result;
+use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, LocalModel, Segment};
+use mrrec_memory::MemoryRead;
+use serde::Serialize;
+
+use crate::assistant::{Answer, Assistant, AssistantConfig};
+use crate::rewards::{RewardWeights, Rewards};
+use crate::Workspace;
+
+/// A local model that samples every call at `temperature` with its own seed and records it.
+pub struct Recording<'a> {
+    local: &'a LocalModel,
+    temperature: f64,
+    seed: u64,
+    calls: AtomicU64,
+    segments: Mutex<Vec<Segment>>,
+}
+
+impl<'a> Recording<'a> {
+    /// Records calls to `local`; call `i` samples with seed `seed + i`.
+    pub fn new(local: &'a LocalModel, temperature: f64, seed: u64) -> Self {
+        Recording {
+            local,
+            temperature,
+            seed,
+            calls: AtomicU64::new(0),
+            segments: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The calls recorded so far, in order (and forgets them).
+    pub fn take(&self) -> Vec<Segment> {
+        std::mem::take(&mut *self.segments.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl ChatModel for Recording<'_> {
+    fn id(&self) -> &str {
+        self.local.id()
+    }
+
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> mrrec_llm::Result<ChatResponse> {
+        let i = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut r = req.clone();
+        r.sampling.temperature = self.temperature;
+        r.sampling.top_p = 1.0;
+        r.sampling.seed = self.seed.wrapping_add(i);
+        // The recorded log-probabilities are those of the distribution sampled from: no
+        // repetition penalty in rollouts.
+        r.sampling.repetition_penalty = 1.0;
+        let (resp, seg) = self.local.chat_segment(&r, on_text)?;
+        self.segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(seg);
+        Ok(resp)
+    }
+}
+
+/// One trajectory.
+#[derive(Debug, Clone)]
+pub struct Trajectory {
+    /// The model calls.
+    pub segments: Vec<Segment>,
+    /// The answer (trace included).
+    pub answer: Answer,
+    /// Its reward.
+    pub rewards: Rewards,
+}
+
+/// Summary of a group for logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupLog {
+    /// Query id.
+    pub qid: String,
+    /// Rewards of the trajectories.
+    pub totals: Vec<f64>,
+    /// Mean R_format, R_rec, R_mem.
+    pub format: f64,
+    /// Mean R_rec.
+    pub rec: f64,
+    /// Mean R_mem.
+    pub mem: f64,
+    /// Policy tokens sampled.
+    pub tokens: usize,
+}
+
+/// What a rollout needs.
+pub struct Rollouts<'a> {
+    /// Catalogue and indexes.
+    pub ws: &'a Workspace,
+    /// Memory.
+    pub store: &'a dyn MemoryRead,
+    /// Tenant of the users.
+    pub tenant: &'a str,
+    /// The policy's inference model (with the current adapter applied).
+    pub local: &'a LocalModel,
+    /// The assistant's settings (mode, levels, lengths).
+    pub cfg: AssistantConfig,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Reward weights.
+    pub weights: RewardWeights,
+}
+
+impl Rollouts<'_> {
+    /// `g` trajectories of one query (`user`, `request`, `category`) whose purchased item is the
+    /// catalogue position `target`; trajectory `j` samples with seeds from `seed + 1000·j`. The
+    /// first call's prompt is the same for the whole group, so the model's prefix cache computes
+    /// it once.
+    pub fn group(
+        &self,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        target: u32,
+        g: usize,
+        seed: u64,
+    ) -> Result<Vec<Trajectory>> {
+        let mut out = Vec::with_capacity(g);
+        for j in 0..g {
+            let rec = Recording::new(
+                self.local,
+                self.temperature,
+                seed.wrapping_add(1000 * j as u64),
+            );
+            let a = Assistant {
+                ws: self.ws,
+                store: self.store,
+                tenant: self.tenant,
+                llm: &rec,
+                cfg: self.cfg.clone(),
+                observer: None,
+            };
+            let answer = a.answer(user, request, category, 10)?;
+            // No fallback inside rewards: a trajectory without a parsed profile gets R_rec = 0.
+            let profile = if answer.trace.fallback {
+                None
+            } else {
+                answer.trace.profile.clone()
+            };
+            let calls_ok = answer
+                .trace
+                .tool_calls
+                .iter()
+                .filter(|c| c.ok && c.error.is_none())
+                .count();
+            let rewards =
+                crate::rewards::reward(self.ws, &self.weights, profile, target, calls_ok)?;
+            out.push(Trajectory {
+                segments: rec.take(),
+                answer,
+                rewards,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The log line of a group.
+pub fn group_log(qid: &str, group: &[Trajectory]) -> GroupLog {
+    let n = group.len().max(1) as f64;
+    GroupLog {
+        qid: qid.to_string(),
+        totals: group.iter().map(|t| t.rewards.total).collect(),
+        format: group.iter().map(|t| t.rewards.format).sum::<f64>() / n,
+        rec: group.iter().map(|t| t.rewards.rec).sum::<f64>() / n,
+        mem: group.iter().map(|t| t.rewards.mem).sum::<f64>() / n,
+        tokens: group
+            .iter()
+            .flat_map(|t| &t.segments)
+            .map(|s| s.ids.len())
+            .sum(),
+    }
+}
