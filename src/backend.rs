@@ -56,6 +56,45 @@ pub fn chat_model_with(
     })
 }
 
+/// A registered local model with a LoRA adapter (trained by `mrrec train`) applied beside its
+/// quantised weights, never merged; the adapter's content hash joins the model id, so cached
+/// answers of the base model are not replayed for it.
+pub fn local_with_adapter(
+    model: &str,
+    adapter: Option<&std::path::Path>,
+) -> Result<mrrec_llm::LocalModel> {
+    eprintln!("loading {model}…");
+    let mut m = mrrec_llm::LocalModel::from_registry(model)?;
+    if let Some(path) = adapter {
+        let ad = mrrec_llm::model::LoraAdapter::load(path)
+            .with_context(|| format!("reading the adapter {}", path.display()))?;
+        m.transformer().set_lora(Some(std::sync::Arc::new(ad)));
+        let hash = crate::workspace::files_sha256(&[path])?;
+        m.set_id(format!("{model}+lora-{}", &hash[..12]));
+    }
+    Ok(m)
+}
+
+/// [`chat_model`] with an adapter, behind the shared response cache (a server takes no adapter).
+pub fn cached_chat_model_with_adapter(
+    model: &str,
+    base_url: Option<&str>,
+    adapter: Option<&std::path::Path>,
+) -> Result<CachedChatModel<Box<dyn ChatModel>>> {
+    let inner: Box<dyn ChatModel> = match (adapter, base_url) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--adapter applies to a local model; a server (--llm-url) serves its own weights"
+        ),
+        (Some(a), None) => Box::new(local_with_adapter(model, Some(a))?),
+        (None, _) => chat_model(model, base_url)?,
+    };
+    Ok(CachedChatModel::open(
+        inner,
+        &llm_cache_path(),
+        CachePolicy::All,
+    )?)
+}
+
 /// [`chat_model`] behind the shared response cache (greedy and seeded requests replay).
 pub fn cached_chat_model(
     model: &str,

@@ -16,6 +16,7 @@ pub mod progress;
 pub mod rewards;
 pub mod rollout;
 pub mod service;
+pub mod train;
 pub mod workspace;
 
 pub use methods::{method_names, DenseMethod, LexicalMethod};

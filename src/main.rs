@@ -147,6 +147,16 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Train the assistant's policy with GRPO on `train` queries (LoRA on a local model);
+    /// resumable: rerun the same command after an interruption.
+    Train {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        assistant: AssistantArgs,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
     /// Manage the service's API keys (stored hashed).
     Keys {
         #[command(subcommand)]
@@ -272,6 +282,61 @@ struct ServeArgs {
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 256 << 10)]
     max_body_bytes: usize,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Run folder: train.json, log.jsonl, checkpoint/, adapter.safetensors, best-adapter.safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Trajectories per query (G).
+    #[arg(long, default_value_t = 5)]
+    group: usize,
+    /// Queries per optimiser step.
+    #[arg(long, default_value_t = 2)]
+    queries_per_step: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Use a seeded subset of this many training queries.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Rollout temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Clip range ε.
+    #[arg(long, default_value_t = 0.2)]
+    clip: f64,
+    /// KL coefficient to the reference policy (0: none).
+    #[arg(long, default_value_t = 0.001)]
+    kl: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// Adapt the top this-many layers.
+    #[arg(long, default_value_t = 4)]
+    lora_layers: usize,
+    /// Projections adapted (q,k,v,o,gate,up,down).
+    #[arg(long, default_value = "q,v")]
+    lora_targets: String,
+    /// Validate and keep the best adapter every this many steps.
+    #[arg(long, default_value_t = 10)]
+    val_every: usize,
+    /// Validation queries (seeded subset of `val`).
+    #[arg(long, default_value_t = 20)]
+    val_queries: usize,
+    /// Stop after this many validations without improvement (0: never).
+    #[arg(long, default_value_t = 1)]
+    patience: usize,
+    /// Seed of the query order and the sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -471,6 +536,9 @@ struct AssistantArgs {
     /// The memory tool drops entries less similar than this to the call (0: plain top-3).
     #[arg(long, default_value_t = 0.0)]
     min_memory_score: f32,
+    /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 /// What the LLM methods borrow: the memory store and the (cached) chat model.
@@ -499,7 +567,11 @@ impl AssistantArgs {
     fn context(&self, ws: &Workspace) -> Result<LlmContext> {
         Ok(LlmContext {
             store: open_store(ws, self.store.clone())?,
-            model: mrrec::backend::cached_chat_model(&self.llm.model, self.llm.llm_url.as_deref())?,
+            model: mrrec::backend::cached_chat_model_with_adapter(
+                &self.llm.model,
+                self.llm.llm_url.as_deref(),
+                self.adapter.as_deref(),
+            )?,
             cfg: self.config()?,
         })
     }
@@ -705,6 +777,127 @@ fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 
 const TENANT: &str = "default";
 
+fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Result<()> {
+    use mrrec_llm::model::Proj;
+    if assistant.llm.llm_url.is_some() {
+        bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
+    }
+    let targets = args
+        .lora_targets
+        .split(',')
+        .map(|t| match t.trim() {
+            "q" => Ok(Proj::Q),
+            "k" => Ok(Proj::K),
+            "v" => Ok(Proj::V),
+            "o" => Ok(Proj::O),
+            "gate" => Ok(Proj::Gate),
+            "up" => Ok(Proj::Up),
+            "down" => Ok(Proj::Down),
+            o => Err(anyhow::anyhow!(
+                "unknown LoRA target {o:?} (q,k,v,o,gate,up,down)"
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ws = data.open()?;
+    let cfg = assistant.config()?;
+    let store = open_store(&ws, assistant.store.clone())?;
+    let local = mrrec::backend::local_with_adapter(&assistant.llm.model, None)?;
+    let lora = mrrec_train::LoraConfig {
+        rank: args.lora_rank,
+        alpha: args.lora_alpha,
+        targets,
+        layers: args.lora_layers,
+        seed: args.seed,
+    };
+    let policy = mrrec_train::Policy::from_gguf(&local.info().path, lora)?;
+    let pick = |split: mrrec_data::Split,
+                n: Option<usize>|
+     -> Result<Vec<&mrrec_data::LabeledQuery>> {
+        let all = ws
+            .dataset
+            .queries
+            .for_purpose(&mrrec_data::Purpose::Evaluate(vec![split]))
+            .map_err(anyhow::Error::msg)?;
+        // A seeded subset, in file order.
+        let mut idx: Vec<usize> = (0..all.len()).collect();
+        if let Some(n) = n.filter(|&n| n < all.len()) {
+            use rand::seq::SliceRandom;
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed);
+            idx.shuffle(&mut rng);
+            idx.truncate(n);
+            idx.sort();
+        }
+        Ok(idx.into_iter().map(|i| all[i]).collect())
+    };
+    let train_q = pick(mrrec_data::Split::Train, args.train_limit)?;
+    let val_q = pick(mrrec_data::Split::Val, Some(args.val_queries))?;
+    // Record memory (no LLM) for every user the run touches; summaries come from `memory build`.
+    let mut users: Vec<&str> = train_q
+        .iter()
+        .chain(&val_q)
+        .map(|q| q.query().user_id.as_str())
+        .collect();
+    users.sort();
+    users.dedup();
+    let b = mrrec::memory::MemoryBuilder {
+        ws: &ws,
+        store: &*store,
+        tenant: TENANT,
+        llm: None,
+        batch: 8,
+        progress: true,
+    };
+    let mut report = mrrec::memory::BuildReport::default();
+    b.build_records(&users, &mut report)?;
+    eprintln!(
+        "{} training queries, {} validation queries, {} users (+{} records)",
+        train_q.len(),
+        val_q.len(),
+        users.len(),
+        report.records_added
+    );
+    let t = mrrec::train::Trainer {
+        ws: &ws,
+        store: &*store,
+        tenant: TENANT,
+        local: &local,
+        policy: &policy,
+        cfg,
+        train: mrrec::train::TrainConfig {
+            group: args.group,
+            queries_per_step: args.queries_per_step,
+            steps: args.steps,
+            temperature: args.temperature,
+            grpo: mrrec_train::GrpoParams {
+                clip: args.clip,
+                kl: args.kl,
+            },
+            adamw: mrrec_train::AdamWParams {
+                lr: args.lr,
+                ..Default::default()
+            },
+            val_every: args.val_every,
+            val_queries: args.val_queries,
+            patience: args.patience,
+            seed: args.seed,
+            ..Default::default()
+        },
+        out: args.out.clone(),
+        progress: true,
+    };
+    let st = t.run(&train_q, &val_q)?;
+    println!(
+        "{} steps; validation N@100 {} → best {}{}; adapter in {}",
+        st.step,
+        st.baseline.map_or("-".into(), |v| format!("{v:.4}")),
+        st.best
+            .map_or("-".into(), |(v, s)| format!("{v:.4} (step {s})")),
+        if st.stopped { " (stopped early)" } else { "" },
+        args.out.display()
+    );
+    Ok(())
+}
+
 fn default_keys() -> PathBuf {
     mrrec_models::home().join("keys.json")
 }
@@ -765,12 +958,18 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         Some(m) if assistant.llm.llm_url.is_none() => (Arc::new(m), None),
         _ => (
             Arc::new(mrrec_llm::CachedChatModel::open(
-                mrrec::backend::chat_model_with(
-                    &assistant.llm.model,
-                    assistant.llm.llm_url.as_deref(),
-                    Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
-                    None,
-                )?,
+                match &assistant.adapter {
+                    Some(a) if assistant.llm.llm_url.is_none() => Box::new(
+                        mrrec::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
+                    ),
+                    Some(_) => bail!("--adapter applies to a local model, not --llm-url"),
+                    None => mrrec::backend::chat_model_with(
+                        &assistant.llm.model,
+                        assistant.llm.llm_url.as_deref(),
+                        Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
+                        None,
+                    )?,
+                },
                 &mrrec::backend::llm_cache_path(),
                 mrrec_llm::CachePolicy::All,
             )?),
@@ -1172,6 +1371,7 @@ fn demo_assistant(
         hybrid_rank: false,
         guided_calls: 1,
         min_memory_score: 0.0,
+        adapter: None,
     }
     .context(ws)?;
     let b = mrrec::memory::MemoryBuilder {
@@ -1729,6 +1929,11 @@ fn main() -> Result<()> {
             serve: args,
         } => serve(data, assistant, args)?,
         Command::Keys { action } => keys(action)?,
+        Command::Train {
+            data,
+            assistant,
+            train,
+        } => train_cmd(data, assistant, train)?,
         Command::Recommend {
             data,
             assistant,

@@ -145,6 +145,12 @@ impl LocalModel {
         Self::load(id, &q8)
     }
 
+    /// Renames the model (its id keys the response cache: a model with an adapter must not
+    /// replay the base model's answers).
+    pub fn set_id(&mut self, id: impl Into<String>) {
+        self.id = id.into();
+    }
+
     /// The GGUF facts (tokenizer, template, stop tokens).
     pub fn info(&self) -> &GgufInfo {
         &self.info

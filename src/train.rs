@@ -1,0 +1,482 @@
+//! `mrrec train`: GRPO on the assistant's own trajectories (issue 6).
+//!
+//! Each step takes the next `queries_per_step` training queries (seeded order, `train` split
+//! only — never `aspect`, whose targets sit in the users' memory), runs `group` rollouts of the
+//! real assistant loop per query with the current adapter, scores them with MR.Rec's rewards,
+//! normalises advantages per group, recomputes old (and reference) log-probabilities with the
+//! training model, and takes one AdamW step on the GRPO loss accumulated over the groups.
+//! Every step appends a JSON line to `log.jsonl`; every `val_every` steps N@100 on a seeded `val`
+//! subset is measured (greedy, guided) and the adapter and optimiser state are checkpointed, so a
+//! killed run resumes where it stopped; early stopping after `patience` validations without
+//! improvement.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use mrrec_data::LabeledQuery;
+use mrrec_llm::LocalModel;
+use mrrec_memory::MemoryRead;
+use mrrec_train::{
+    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, Policy, TokenBatch,
+};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::assistant::{Assistant, AssistantConfig};
+use crate::rewards::RewardWeights;
+use crate::rollout::{group_log, Rollouts};
+use crate::Workspace;
+
+/// Settings of a run (saved in `train.json`; a resumed run must match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Trajectories per query.
+    pub group: usize,
+    /// Queries per optimiser step.
+    pub queries_per_step: usize,
+    /// Steps in all.
+    pub steps: usize,
+    /// Rollout temperature.
+    pub temperature: f64,
+    /// The objective.
+    pub grpo: GrpoParams,
+    /// The optimiser.
+    pub adamw: AdamWParams,
+    /// Reward weights.
+    pub weights: RewardWeights,
+    /// Validate (and checkpoint) every this many steps.
+    pub val_every: usize,
+    /// Validation queries (seeded subset of `val`).
+    pub val_queries: usize,
+    /// Stop after this many validations without a better N@100 (0: never).
+    pub patience: usize,
+    /// Seed of the query order and the sampling.
+    pub seed: u64,
+    /// Rows per chunk of the log-softmax.
+    pub logprob_chunk: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            group: 5,
+            queries_per_step: 2,
+            steps: 50,
+            temperature: 1.0,
+            grpo: GrpoParams::default(),
+            adamw: AdamWParams {
+                lr: 1e-4,
+                ..Default::default()
+            },
+            weights: RewardWeights::default(),
+            val_every: 10,
+            val_queries: 20,
+            patience: 1,
+            seed: 42,
+            logprob_chunk: 64,
+        }
+    }
+}
+
+/// Where a run stands (saved with each checkpoint).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps done.
+    pub step: usize,
+    /// Best validation N@100 so far, and its step.
+    pub best: Option<(f64, usize)>,
+    /// Validations since the best.
+    pub since_best: usize,
+    /// Validation N@100 before any training.
+    pub baseline: Option<f64>,
+    /// Stopped early.
+    pub stopped: bool,
+}
+
+/// One step's log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    /// Step number (1-based).
+    pub step: usize,
+    /// Mean total reward, and its components.
+    pub reward: f64,
+    /// Mean R_format.
+    pub r_format: f64,
+    /// Mean R_rec.
+    pub r_rec: f64,
+    /// Mean R_mem.
+    pub r_mem: f64,
+    /// Groups whose rewards were all equal (no signal).
+    pub flat_groups: usize,
+    /// Groups in the step.
+    pub groups: usize,
+    /// The loss (None when every group was flat).
+    pub loss: Option<f64>,
+    /// Gradient norm before clipping.
+    pub grad_norm: Option<f64>,
+    /// Policy tokens in the loss.
+    pub tokens: usize,
+    /// Seconds: rollouts, forward, backward, optimiser.
+    pub seconds: [f64; 4],
+    /// Peak resident memory so far, bytes.
+    pub peak_rss: u64,
+    /// Validation N@100 when measured at this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_ndcg100: Option<f64>,
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// A training run over one workspace, store and model.
+pub struct Trainer<'a> {
+    /// Data.
+    pub ws: &'a Workspace,
+    /// Memory.
+    pub store: &'a dyn MemoryRead,
+    /// Tenant of the users.
+    pub tenant: &'a str,
+    /// The inference model (rollouts, validation); the adapter is applied to it after each step.
+    pub local: &'a LocalModel,
+    /// The differentiable policy.
+    pub policy: &'a Policy,
+    /// The assistant's settings.
+    pub cfg: AssistantConfig,
+    /// The run's settings.
+    pub train: TrainConfig,
+    /// Run folder.
+    pub out: PathBuf,
+    /// Print progress.
+    pub progress: bool,
+}
+
+impl Trainer<'_> {
+    fn apply_adapter(&self) -> Result<()> {
+        self.local
+            .transformer()
+            .set_lora(Some(Arc::new(self.policy.adapter()?)));
+        Ok(())
+    }
+
+    /// N@100 of greedy guided answers on `queries` with the current adapter.
+    pub fn validate(&self, queries: &[&LabeledQuery]) -> Result<f64> {
+        self.apply_adapter()?;
+        let a = Assistant {
+            ws: self.ws,
+            store: self.store,
+            tenant: self.tenant,
+            llm: self.local,
+            cfg: self.cfg.clone(),
+            observer: None,
+        };
+        let mut sum = 0.0;
+        for q in queries {
+            let query = q.query();
+            let request = query.simple_query.as_deref().unwrap_or(&query.query);
+            let ans = a.answer(&query.user_id, request, query.category.as_deref(), 10)?;
+            let Some(target) = self.ws.catalogue().position(q.target()) else {
+                continue;
+            };
+            let rank = crate::rewards::target_rank(self.ws, &ans.ranked_with, target)?;
+            sum += mrrec_eval::metrics::ndcg_at(rank, 100);
+        }
+        Ok(sum / queries.len().max(1) as f64)
+    }
+
+    fn save(&self, opt: &AdamW, state: &TrainState) -> Result<()> {
+        let tmp = self.out.join("checkpoint.tmp");
+        std::fs::create_dir_all(&tmp)?;
+        self.policy
+            .adapter()?
+            .save(&tmp.join("adapter.safetensors"))?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+        let dst = self.out.join("checkpoint");
+        let old = self.out.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dst.exists() {
+            std::fs::rename(&dst, &old)?;
+        }
+        std::fs::rename(&tmp, &dst)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Runs (or resumes) the training; returns the final state.
+    pub fn run(&self, train: &[&LabeledQuery], val: &[&LabeledQuery]) -> Result<TrainState> {
+        if train.is_empty() {
+            bail!("no training queries (split `train`)");
+        }
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("creating {}", self.out.display()))?;
+        let cfg_path = self.out.join("train.json");
+        // `steps` may grow between runs (train longer); everything else must match.
+        let fixed = TrainConfig {
+            steps: 0,
+            ..self.train.clone()
+        };
+        let cfg_json = json!({"train": fixed, "assistant": self.cfg, "model": self.local.info().path, "lora": format!("{:?}", self.policy.lora_cfg)});
+        if cfg_path.exists() {
+            let old: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+            if old != cfg_json {
+                bail!(
+                    "{} holds a run with other settings; use another --out or the same settings",
+                    cfg_path.display()
+                );
+            }
+        } else {
+            std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg_json)?)?;
+        }
+        let mut opt = AdamW::new(self.policy.params(), self.train.adamw)?;
+        let ck = self.out.join("checkpoint");
+        let mut state = if ck.join("state.json").exists() {
+            let ad = mrrec_llm::model::LoraAdapter::load(&ck.join("adapter.safetensors"))?;
+            self.policy.load_adapter(&ad)?;
+            opt.load(&ck.join("optimizer.safetensors"))?;
+            let s: TrainState =
+                serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)?;
+            eprintln!("resuming at step {}", s.step);
+            s
+        } else {
+            TrainState::default()
+        };
+        // Drop log lines written after the checkpoint (a killed run's partial progress).
+        let log_path = self.out.join("log.jsonl");
+        if log_path.exists() {
+            let kept: Vec<String> = std::fs::read_to_string(&log_path)?
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s as usize <= state.step)
+                })
+                .map(str::to_string)
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(&log_path, text)?;
+        }
+        if state.baseline.is_none() && !val.is_empty() {
+            let v = self.validate(val)?;
+            eprintln!("validation N@100 before training: {v:.4}");
+            state.baseline = Some(v);
+            state.best = Some((v, 0));
+            self.save(&opt, &state)?;
+        }
+        // The query order: a seeded shuffle, repeated per epoch.
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.train.seed);
+        order.shuffle(&mut rng);
+        let roll = Rollouts {
+            ws: self.ws,
+            store: self.store,
+            tenant: self.tenant,
+            local: self.local,
+            cfg: self.cfg.clone(),
+            temperature: self.train.temperature,
+            weights: self.train.weights,
+        };
+        while state.step < self.train.steps && !state.stopped {
+            let step = state.step + 1;
+            self.apply_adapter()?;
+            let t0 = Instant::now();
+            let mut groups = Vec::new();
+            for k in 0..self.train.queries_per_step {
+                let qi = order[((step - 1) * self.train.queries_per_step + k) % order.len()];
+                let q = train[qi];
+                let query = q.query();
+                let request = query.simple_query.as_deref().unwrap_or(&query.query);
+                let Some(target) = self.ws.catalogue().position(q.target()) else {
+                    continue;
+                };
+                let seed = self.train.seed ^ ((step as u64) << 20) ^ (k as u64) << 8;
+                let g = roll.group(
+                    &query.user_id,
+                    request,
+                    query.category.as_deref(),
+                    target,
+                    self.train.group,
+                    seed,
+                )?;
+                groups.push((query.qid.clone(), g));
+            }
+            let t_roll = t0.elapsed().as_secs_f64();
+            // The loss is a token-mean over every policy token of the step, so each segment's
+            // share can be back-propagated on its own and the gradients summed: only one
+            // segment's graph is alive at a time (memory), and the result is the same.
+            let mut flat = 0;
+            let (mut rf, mut rr, mut rm, mut rt, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
+            let mut work: Vec<(&mrrec_llm::Segment, f32)> = Vec::new();
+            for (qid, g) in &groups {
+                let log = group_log(qid, g);
+                for t in g {
+                    rf += t.rewards.format;
+                    rr += t.rewards.rec;
+                    rm += t.rewards.mem;
+                    rt += t.rewards.total;
+                    n += 1;
+                }
+                let Some(adv) = group_advantages(&log.totals) else {
+                    flat += 1;
+                    continue;
+                };
+                for (t, a) in g.iter().zip(adv) {
+                    for seg in t.segments.iter().filter(|s| !s.ids.is_empty()) {
+                        work.push((seg, a as f32));
+                    }
+                }
+            }
+            let tokens: usize = work.iter().map(|(s, _)| s.ids.len()).sum();
+            let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
+            let (mut loss_v, mut norm) = (None, None);
+            if tokens > 0 {
+                let mut acc: Option<Vec<candle_core::Tensor>> = None;
+                let mut total_loss = 0.0;
+                for (seg, a) in &work {
+                    let t1 = Instant::now();
+                    let mut toks = seg.prompt.clone();
+                    toks.extend(&seg.ids);
+                    let chunk = self.train.logprob_chunk;
+                    let lp = self.policy.token_logprobs(
+                        &toks,
+                        seg.prompt.len(),
+                        &seg.masks,
+                        true,
+                        chunk,
+                    )?;
+                    // Old log-probabilities: the training model's own, before this update.
+                    let old: Vec<f32> = lp.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                    let reference = if self.train.grpo.kl > 0.0 {
+                        Some(
+                            self.policy
+                                .token_logprobs(&toks, seg.prompt.len(), &seg.masks, false, chunk)?
+                                .to_dtype(candle_core::DType::F32)?
+                                .to_vec1::<f32>()?,
+                        )
+                    } else {
+                        None
+                    };
+                    let len = old.len();
+                    let b = TokenBatch {
+                        old,
+                        reference,
+                        mask: vec![1.0; len],
+                        advantage: *a,
+                    };
+                    let (l, _) = grpo_loss(&[lp], &[b], &self.train.grpo)?;
+                    let l = (l * (len as f64 / tokens as f64))?;
+                    total_loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                    t_fwd += t1.elapsed().as_secs_f64();
+                    let t2 = Instant::now();
+                    acc = Some(opt.grads(&l, acc)?);
+                    t_bwd += t2.elapsed().as_secs_f64();
+                }
+                let t3 = Instant::now();
+                if let Some(g) = acc {
+                    norm = Some(opt.step(&g)?);
+                }
+                t_opt = t3.elapsed().as_secs_f64();
+                loss_v = Some(total_loss);
+            }
+            state.step = step;
+            let nn = n.max(1) as f64;
+            let mut log = StepLog {
+                step,
+                reward: rt / nn,
+                r_format: rf / nn,
+                r_rec: rr / nn,
+                r_mem: rm / nn,
+                flat_groups: flat,
+                groups: groups.len(),
+                loss: loss_v,
+                grad_norm: norm,
+                tokens,
+                seconds: [t_roll, t_fwd, t_bwd, t_opt],
+                peak_rss: peak_rss(),
+                val_ndcg100: None,
+            };
+            let validate_now = self.train.val_every > 0
+                && (step % self.train.val_every == 0 || step == self.train.steps);
+            if validate_now && !val.is_empty() {
+                let v = self.validate(val)?;
+                log.val_ndcg100 = Some(v);
+                match state.best {
+                    Some((b, _)) if v <= b => {
+                        state.since_best += 1;
+                        if self.train.patience > 0 && state.since_best >= self.train.patience {
+                            state.stopped = true;
+                        }
+                    }
+                    _ => {
+                        state.best = Some((v, step));
+                        state.since_best = 0;
+                        self.policy
+                            .adapter()?
+                            .save(&self.out.join("best-adapter.safetensors"))?;
+                    }
+                }
+            }
+            // The log line first, then the checkpoint: a run killed between the two redoes
+            // this step on resume (and drops the line), never skips one.
+            let line = serde_json::to_string(&log)?;
+            {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)?;
+                writeln!(f, "{line}")?;
+            }
+            self.save(&opt, &state)?;
+            if self.progress {
+                eprintln!(
+                    "step {step}/{}: reward {:.3} (format {:.2}, rec {:.3}, mem {:.2}), flat groups {flat}/{}, loss {}, {:.0} s rollout / {:.0} s forward / {:.0} s backward{}",
+                    self.train.steps,
+                    log.reward,
+                    log.r_format,
+                    log.r_rec,
+                    log.r_mem,
+                    log.groups,
+                    loss_v.map_or("-".into(), |l| format!("{l:.4}")),
+                    t_roll,
+                    t_fwd,
+                    t_bwd,
+                    log.val_ndcg100.map_or(String::new(), |v| format!(", val N@100 {v:.4}"))
+                );
+            }
+        }
+        self.policy
+            .adapter()?
+            .save(&self.out.join("adapter.safetensors"))?;
+        self.save(&opt, &state)?;
+        Ok(state)
+    }
+}
+
+/// The checkpointed adapter of a run folder, if any.
+pub fn run_adapter(out: &Path) -> Option<PathBuf> {
+    [
+        out.join("best-adapter.safetensors"),
+        out.join("adapter.safetensors"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+}

@@ -1,0 +1,151 @@
+//! `mrrec train` end to end with the real tiny model: a step, an interruption, a resume that
+//! continues at the next step, a refused resume with other settings, and the adapter used by
+//! `mrrec recommend --adapter`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+fn train(
+    out: &std::path::Path,
+    store: &std::path::Path,
+    steps: &str,
+    lr: &str,
+) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args([
+            "train",
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-items",
+            "300",
+        ])
+        .arg("--data")
+        .arg(common::mini())
+        .arg("--store")
+        .arg(store)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--group",
+            "2",
+            "--queries-per-step",
+            "1",
+            "--train-limit",
+            "2",
+            "--val-queries",
+            "1",
+        ])
+        .args([
+            "--val-every",
+            "2",
+            "--patience",
+            "0",
+            "--lora-layers",
+            "2",
+            "--steps",
+            steps,
+            "--lr",
+            lr,
+        ])
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn steps_logged(out: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn train_resumes_and_its_adapter_serves_recommendations() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let store = dir.path().join("mem.sqlite");
+    let (ok, stdout, err) = train(&out, &store, "1", "1e-3");
+    assert!(ok, "{err}");
+    assert!(stdout.starts_with("1 steps"), "{stdout}");
+    assert_eq!(steps_logged(&out), [1]);
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for k in [
+        "reward",
+        "r_format",
+        "r_rec",
+        "r_mem",
+        "flat_groups",
+        "tokens",
+        "seconds",
+        "peak_rss",
+    ] {
+        assert!(!line[k].is_null(), "{k} missing: {line}");
+    }
+    // Train longer: resumes at step 1, adds step 2 (with a validation).
+    let (ok, stdout, err) = train(&out, &store, "2", "1e-3");
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming at step 1"), "{err}");
+    assert!(stdout.starts_with("2 steps"), "{stdout}");
+    assert_eq!(steps_logged(&out), [1, 2]);
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(last["val_ndcg100"].is_f64(), "{last}");
+    // Other settings in the same folder: refused, naming the file.
+    let (ok, _, err) = train(&out, &store, "3", "5e-4");
+    assert!(!ok);
+    assert!(
+        err.contains("train.json") && err.contains("other settings"),
+        "{err}"
+    );
+    // The adapter drives recommendations.
+    let adapter = out.join("adapter.safetensors");
+    let ad = mrrec_llm::model::LoraAdapter::load(&adapter).unwrap();
+    assert_eq!(ad.rank, 8);
+    let user = common::users()[0].clone();
+    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args([
+            "recommend",
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-items",
+            "300",
+            "--json",
+        ])
+        .arg("--data")
+        .arg(common::mini())
+        .arg("--store")
+        .arg(&store)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--user", &user, "a gift for a child"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!v["items"].as_array().unwrap().is_empty());
+}
