@@ -355,25 +355,27 @@ impl Trainer<'_> {
                     let mut toks = seg.prompt.clone();
                     toks.extend(&seg.ids);
                     let chunk = self.train.logprob_chunk;
-                    let lp = self.policy.token_logprobs(
-                        &toks,
-                        seg.prompt.len(),
-                        &seg.masks,
-                        true,
-                        chunk,
-                    )?;
+                    // With β > 0 the reference pass shares the frozen lower layers.
+                    let (lp, reference) = if self.train.grpo.kl > 0.0 {
+                        let (lp, r) = self.policy.token_logprobs_with_reference(
+                            &toks,
+                            seg.prompt.len(),
+                            &seg.masks,
+                            chunk,
+                        )?;
+                        (lp, Some(r))
+                    } else {
+                        let lp = self.policy.token_logprobs(
+                            &toks,
+                            seg.prompt.len(),
+                            &seg.masks,
+                            true,
+                            chunk,
+                        )?;
+                        (lp, None)
+                    };
                     // Old log-probabilities: the training model's own, before this update.
                     let old: Vec<f32> = lp.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?;
-                    let reference = if self.train.grpo.kl > 0.0 {
-                        Some(
-                            self.policy
-                                .token_logprobs(&toks, seg.prompt.len(), &seg.masks, false, chunk)?
-                                .to_dtype(candle_core::DType::F32)?
-                                .to_vec1::<f32>()?,
-                        )
-                    } else {
-                        None
-                    };
                     let len = old.len();
                     let b = TokenBatch {
                         old,

@@ -436,9 +436,7 @@ impl Policy {
         Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
     }
 
-    /// Final hidden states (t, hidden) of `tokens`; `lora` applies the adapter (off: the
-    /// reference policy). Layers below the first adapted one run detached.
-    pub fn hidden(&self, tokens: &[u32], lora: bool) -> Result<Tensor> {
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         let t = tokens.len();
         if t == 0 || t > self.cos.dim(0)? {
             return Err(TrainError::Model(format!(
@@ -452,32 +450,56 @@ impl Policy {
                 self.shape.vocab
             )));
         }
+        Ok(())
+    }
+
+    fn layer(
+        &self,
+        li: usize,
+        x: Tensor,
+        mask: &Tensor,
+        lora: bool,
+    ) -> candle_core::Result<Tensor> {
+        let l = &self.layers[li];
+        let h = self.rms(&x, &l.attn_norm)?;
+        let q = self.proj(li, Proj::Q, l, &h, lora)?;
+        let k = self.proj(li, Proj::K, l, &h, lora)?;
+        let v = self.proj(li, Proj::V, l, &h, lora)?;
+        let y = self.attention(&q, &k, &v, mask)?;
+        let x = (self.proj(li, Proj::O, l, &y, lora)? + x)?;
+        let h = self.rms(&x, &l.ffn_norm)?;
+        let g = self.proj(li, Proj::Gate, l, &h, lora)?.silu()?;
+        let u = self.proj(li, Proj::Up, l, &h, lora)?;
+        self.proj(li, Proj::Down, l, &(g * u)?, lora)? + x
+    }
+
+    /// The residual stream entering layer `upto` (embedding and layers below it, no graph).
+    fn lower(&self, tokens: &[u32], upto: usize) -> Result<Tensor> {
+        self.check_tokens(tokens)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mask = self.mask(t)?;
-        let first = if lora {
-            self.first_adapted()
-        } else {
-            self.shape.layers
-        };
-        for (li, l) in self.layers.iter().enumerate() {
-            if li == first {
-                // Nothing below is trainable: cut the graph here.
-                x = x.detach();
-            }
-            let h = self.rms(&x, &l.attn_norm)?;
-            let on = lora && li >= first;
-            let q = self.proj(li, Proj::Q, l, &h, on)?;
-            let k = self.proj(li, Proj::K, l, &h, on)?;
-            let v = self.proj(li, Proj::V, l, &h, on)?;
-            let y = self.attention(&q, &k, &v, &mask)?;
-            x = (self.proj(li, Proj::O, l, &y, on)? + x)?;
-            let h = self.rms(&x, &l.ffn_norm)?;
-            let g = self.proj(li, Proj::Gate, l, &h, on)?.silu()?;
-            let u = self.proj(li, Proj::Up, l, &h, on)?;
-            x = (self.proj(li, Proj::Down, l, &(g * u)?, on)? + x)?;
+        let mask = self.mask(tokens.len())?;
+        for li in 0..upto.min(self.shape.layers) {
+            x = self.layer(li, x, &mask, false)?;
+        }
+        Ok(x.detach())
+    }
+
+    /// Layers from `from` up and the final norm, on the residual stream `x`.
+    fn upper(&self, mut x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
+        let mask = self.mask(x.dim(0)?)?;
+        for li in from..self.shape.layers {
+            x = self.layer(li, x, &mask, lora)?;
         }
         Ok(self.rms(&x, &self.norm)?)
+    }
+
+    /// Final hidden states (t, hidden) of `tokens`; `lora` applies the adapter (off: the
+    /// reference policy). Layers below the first adapted one run detached.
+    pub fn hidden(&self, tokens: &[u32], lora: bool) -> Result<Tensor> {
+        let first = self.first_adapted();
+        let x = self.lower(tokens, first)?;
+        self.upper(x, first, lora)
     }
 
     /// Logits at every position (t, vocab). For tests and small models: the full matrix.
@@ -497,13 +519,54 @@ impl Policy {
         lora: bool,
         chunk: usize,
     ) -> Result<Tensor> {
+        self.check_from(tokens, from)?;
+        let h = self.hidden(tokens, lora)?;
+        self.logprobs_of(&h, tokens, from, allowed, chunk)
+    }
+
+    /// [`Policy::token_logprobs`] with the adapter (differentiable) and without it (the
+    /// reference policy's values), sharing the frozen lower layers between the two passes.
+    pub fn token_logprobs_with_reference(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        allowed: &[Option<mrrec_llm::TokenSet>],
+        chunk: usize,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        self.check_from(tokens, from)?;
+        let first = self.first_adapted();
+        let x = self.lower(tokens, first)?;
+        let reference = {
+            let h = self.upper(x.clone(), first, false)?;
+            self.logprobs_of(&h, tokens, from, allowed, chunk)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+        };
+        let h = self.upper(x, first, true)?;
+        Ok((
+            self.logprobs_of(&h, tokens, from, allowed, chunk)?,
+            reference,
+        ))
+    }
+
+    fn check_from(&self, tokens: &[u32], from: usize) -> Result<()> {
         if from == 0 || from >= tokens.len() {
             return Err(TrainError::Model(format!(
                 "scored positions start at {from} of {} tokens (1..len)",
                 tokens.len()
             )));
         }
-        let h = self.hidden(tokens, lora)?;
+        Ok(())
+    }
+
+    fn logprobs_of(
+        &self,
+        h: &Tensor,
+        tokens: &[u32],
+        from: usize,
+        allowed: &[Option<mrrec_llm::TokenSet>],
+        chunk: usize,
+    ) -> Result<Tensor> {
         let n = tokens.len() - from;
         let chunk = chunk.max(1);
         let mut parts = Vec::new();

@@ -228,6 +228,24 @@ fn chunked_and_constrained_logprobs_are_the_log_softmax() {
     let want_c = a - (mx + ((a - mx).exp() + (b - mx).exp()).ln());
     assert!((got[1] - want_c).abs() < 1e-10, "{} vs {want_c}", got[1]);
     assert!((got[0] - want[0]).abs() < 1e-10);
+    // The paired pass: the same values with and without the adapter.
+    let (with, reference) = p
+        .token_logprobs_with_reference(&tokens, 2, &allowed, 3)
+        .unwrap();
+    let with: Vec<f64> = with.to_vec1().unwrap();
+    let off: Vec<f64> = p
+        .token_logprobs(&tokens, 2, &allowed, false, 5)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for i in 0..with.len() {
+        assert!((with[i] - got[i]).abs() < 1e-10);
+        assert!((reference[i] as f64 - off[i]).abs() < 1e-5);
+    }
+    assert!(
+        with.iter().zip(&off).any(|(a, b)| (a - b).abs() > 1e-4),
+        "the adapter matters"
+    );
     // Bad input is an error, not a panic.
     assert!(p.token_logprobs(&tokens, 0, &[], true, 4).is_err());
     assert!(p.token_logprobs(&[1, 99], 1, &[], true, 4).is_err());
