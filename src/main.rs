@@ -337,6 +337,9 @@ struct TrainArgs {
     /// Seed of the query order and the sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Reward weights: R_format, R_rec, R_mem.
+    #[arg(long, default_value = "0.1,5,0.1")]
+    reward_weights: String,
 }
 
 #[derive(Subcommand)]
@@ -798,6 +801,24 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
             )),
         })
         .collect::<Result<Vec<_>>>()?;
+    let w: Vec<f64> = args
+        .reward_weights
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()
+        .filter(|w: &Vec<f64>| w.len() == 3 && w.iter().all(|x| x.is_finite()))
+        .with_context(|| {
+            format!(
+                "--reward-weights {:?}: three numbers, R_format,R_rec,R_mem",
+                args.reward_weights
+            )
+        })?;
+    let weights = mrrec::rewards::RewardWeights {
+        format: w[0],
+        rec: w[1],
+        mem: w[2],
+    };
     let ws = data.open()?;
     let cfg = assistant.config()?;
     let store = open_store(&ws, assistant.store.clone())?;
@@ -880,6 +901,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
             val_queries: args.val_queries,
             patience: args.patience,
             seed: args.seed,
+            weights,
             ..Default::default()
         },
         out: args.out.clone(),

@@ -447,6 +447,7 @@ impl Trainer<'_> {
                     .open(&log_path)?;
                 writeln!(f, "{line}")?;
             }
+            write_plot(&log_path, &self.out.join("plot.svg"))?;
             self.save(&opt, &state)?;
             if self.progress {
                 eprintln!(
@@ -481,4 +482,117 @@ pub fn run_adapter(out: &Path) -> Option<PathBuf> {
     ]
     .into_iter()
     .find(|p| p.exists())
+}
+
+/// Writes `plot.svg` beside `log.jsonl`: the mean reward and its weighted components per step,
+/// and validation N@100 (right axis) where measured.
+pub fn write_plot(log: &Path, svg: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let (w, h, m) = (720.0f64, 360.0f64, 48.0f64);
+    let steps = rows.len().max(2) as f64;
+    let x = |i: f64| m + (i - 1.0) / (steps - 1.0).max(1.0) * (w - 2.0 * m);
+    let series: [(&str, &str, f64, &str); 4] = [
+        ("reward", "total reward", 1.0, "#1f5fbf"),
+        ("r_rec", "5 · R_rec", 5.0, "#2a9d4b"),
+        ("r_format", "0.1 · R_format", 0.1, "#999999"),
+        ("r_mem", "0.1 · R_mem", 0.1, "#c77d00"),
+    ];
+    let ymax = rows
+        .iter()
+        .map(|r| r["reward"].as_f64().unwrap_or(0.0))
+        .fold(1.0f64, f64::max);
+    let y = |v: f64| h - m - v / ymax * (h - 2.0 * m);
+    let vmax = rows
+        .iter()
+        .filter_map(|r| r["val_ndcg100"].as_f64())
+        .fold(0.05f64, f64::max);
+    let yv = |v: f64| h - m - v / vmax * (h - 2.0 * m);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n<text x=\"{m}\" y=\"{}\">reward (max {ymax:.2})</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">step</text>\n",
+        h - m,
+        w - m,
+        h - m,
+        h - m,
+        m - 8.0,
+        w - m,
+        h - m + 16.0
+    );
+    for (k, (key, label, weight, colour)) in series.iter().enumerate() {
+        let pts: Vec<String> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(i as f64 + 1.0),
+                    y(r[*key].as_f64().unwrap_or(0.0) * weight)
+                )
+            })
+            .collect();
+        s.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{label}</text>\n",
+            pts.join(" "),
+            w - m - 150.0,
+            m + 14.0 * k as f64
+        ));
+    }
+    let vals: Vec<(usize, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r["val_ndcg100"].as_f64().map(|v| (i + 1, v)))
+        .collect();
+    for (i, v) in &vals {
+        s.push_str(&format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#b02a2a\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#b02a2a\">{v:.3}</text>\n",
+            x(*i as f64),
+            yv(*v),
+            x(*i as f64) + 5.0,
+            yv(*v) - 5.0
+        ));
+    }
+    if !vals.is_empty() {
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" fill=\"#b02a2a\">● validation N@100 (max {vmax:.3})</text>\n",
+            w - m - 150.0,
+            m + 14.0 * series.len() as f64
+        ));
+    }
+    s.push_str("</svg>\n");
+    std::fs::write(svg, s).with_context(|| format!("writing {}", svg.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_plot_draws_every_series_and_the_validations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        let mut text = String::new();
+        for i in 1..=6 {
+            let mut v = json!({"step": i, "reward": 1.0 + i as f64 * 0.3, "r_format": 1.0, "r_rec": 0.2 + i as f64 * 0.05, "r_mem": 1.0});
+            if i % 3 == 0 {
+                v["val_ndcg100"] = json!(0.1 + i as f64 * 0.01);
+            }
+            text.push_str(&format!("{v}\n"));
+        }
+        std::fs::write(&log, text).unwrap();
+        let svg = dir.path().join("plot.svg");
+        write_plot(&log, &svg).unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert_eq!(s.matches("<polyline").count(), 4);
+        assert_eq!(s.matches("<circle").count(), 2);
+        assert!(s.contains("0.160"));
+        if let Ok(out) = std::env::var("MRREC_PLOT_OUT") {
+            std::fs::copy(&svg, out).unwrap();
+        }
+    }
 }

@@ -115,6 +115,10 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     )
     .unwrap();
     assert!(last["val_ndcg100"].is_f64(), "{last}");
+    let svg = std::fs::read_to_string(out.join("plot.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("validation N@100")
+    );
     // Other settings in the same folder: refused, naming the file.
     let (ok, _, err) = train(&out, &store, "3", "5e-4");
     assert!(!ok);
