@@ -719,3 +719,34 @@ pub fn service(
         json!({"users": users.len(), "items": ws.catalogue().len(), "texts": texts.len(), "rate": rate, "seconds": seconds, "results": out}),
     )
 }
+
+/// The training model's cost per trajectory segment as the prompt and the response grow: one
+/// forward with the adapter and the reference pass (sharing the frozen lower layers), then the
+/// backward of the summed log-probabilities — what a GRPO step does per segment (a step costs
+/// G × segments × this). Real weights of `model`, LoRA r8 on q,v of the top 4 layers.
+pub fn grpo(model: &str) -> Result<Value> {
+    let local = mrrec_llm::LocalModel::from_registry(model)?;
+    let policy =
+        mrrec_train::Policy::from_gguf(&local.info().path, mrrec_train::LoraConfig::default())?;
+    let text = "A user asks for a soft plush toy for a toddler. Memories: bought a wooden train set, rated 5/5; prefers washable fabrics. ";
+    let ids = local.info().encode(text)?;
+    let mut out = Vec::new();
+    for (prompt, response) in [(256usize, 32usize), (256, 128), (512, 128), (1024, 128)] {
+        let n = prompt + response;
+        let toks: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
+        let t0 = Instant::now();
+        let (lp, _) = policy.token_logprobs_with_reference(&toks, prompt, &[], 64)?;
+        let fwd = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let _ = lp.sum_all()?.backward()?;
+        let bwd = t1.elapsed().as_secs_f64();
+        out.push(json!({
+            "prompt": prompt, "response": response,
+            "forward_s": fwd, "backward_s": bwd,
+            "tokens_per_s": n as f64 / (fwd + bwd),
+            "peak_rss": resident_bytes(),
+        }));
+        eprintln!("grpo {model}: prompt {prompt} + response {response}: forward {fwd:.2} s, backward {bwd:.2} s");
+    }
+    Ok(json!({"model": model, "segments": out}))
+}

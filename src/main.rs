@@ -185,7 +185,7 @@ enum Command {
         /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,grpo.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
         /// Open-loop rate of the service benchmark, requests/s.
@@ -1846,6 +1846,13 @@ fn main() -> Result<()> {
             let ws = Arc::new(data.open()?);
             let mut out = serde_json::Map::new();
             out.insert("threads".into(), rayon::current_num_threads().into());
+            if parts.contains("grpo") {
+                let mut g = serde_json::Map::new();
+                for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
+                    g.insert(m.into(), mrrec::bench::grpo(m)?);
+                }
+                out.insert("grpo".into(), serde_json::Value::Object(g));
+            }
             if parts.contains("service") {
                 out.insert(
                     "service".into(),
