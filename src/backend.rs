@@ -33,6 +33,11 @@ pub fn chat_model_with(
     timeout: Option<std::time::Duration>,
     retries: Option<u32>,
 ) -> Result<Box<dyn ChatModel>> {
+    if base_url.is_none() {
+        if let Some(echo) = mrrec_llm::EchoModel::from_id(model) {
+            return Ok(Box::new(echo));
+        }
+    }
     Ok(match base_url {
         Some(url) => {
             let mut cfg = mrrec_llm::OpenAiConfig::from_env()
@@ -45,9 +50,6 @@ pub fn chat_model_with(
                 cfg.max_retries = r;
             }
             Box::new(mrrec_llm::OpenAiModel::new(cfg)?)
-        }
-        None if mrrec_llm::EchoModel::from_id(model).is_some() => {
-            Box::new(mrrec_llm::EchoModel::from_id(model).context("echo model id")?)
         }
         None => {
             eprintln!("loading {model}…");

@@ -339,11 +339,16 @@ pub fn qmatmul_profile() -> Result<Value> {
 
 /// Resident memory of this process (VmRSS, bytes).
 pub fn resident_bytes() -> u64 {
+    status_bytes("VmRSS:")
+}
+
+/// A size field of `/proc/self/status` (`VmRSS:` now, `VmHWM:` the peak), bytes; 0 elsewhere.
+pub fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
@@ -514,20 +519,12 @@ pub fn service(
         .map(|q| q.query().query.clone())
         .collect();
     const KEY: &str = "bench-key";
-    const KEY2: &str = "bench-key-limited";
     let keys = || {
-        KeyRing::from_records(&[
-            KeyRecord {
-                name: "b".into(),
-                tenant: "bench".into(),
-                sha256: hash_key(KEY),
-            },
-            KeyRecord {
-                name: "l".into(),
-                tenant: "bench".into(),
-                sha256: hash_key(KEY2),
-            },
-        ])
+        KeyRing::from_records(&[KeyRecord {
+            name: "b".into(),
+            tenant: "bench".into(),
+            sha256: hash_key(KEY),
+        }])
     };
     // Baseline in the same run: the same work called directly (no HTTP, no auth, one thread),
     // after one warming pass; the service's closed-loop throughput is reported against it.

@@ -13,7 +13,6 @@ use mrrec_embed::TextEmbedder;
 use mrrec_eval::metrics::ndcg_at;
 use mrrec_index::SearchQuery;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::Workspace;
 
@@ -135,11 +134,6 @@ pub fn reward(
         None => None,
     };
     Ok(combine(w, profile, rank, memory_calls_ok))
-}
-
-/// The profile of a guided final object (the constrained JSON).
-pub fn final_of_object(v: &Value) -> Option<(String, Vec<String>)> {
-    crate::assistant::read_final(v)
 }
 
 #[cfg(test)]

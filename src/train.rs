@@ -129,19 +129,6 @@ pub struct StepLog {
     pub val_ndcg100: Option<f64>,
 }
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// A training run over one workspace, store and model.
 pub struct Trainer<'a> {
     /// Data.
@@ -412,7 +399,7 @@ impl Trainer<'_> {
                 grad_norm: norm,
                 tokens,
                 seconds: [t_roll, t_fwd, t_bwd, t_opt],
-                peak_rss: peak_rss(),
+                peak_rss: crate::bench::status_bytes("VmHWM:"),
                 val_ndcg100: None,
             };
             let validate_now = self.train.val_every > 0

@@ -160,28 +160,12 @@ async fn call(
     (status, resp.text().await.unwrap())
 }
 
-fn reviewed_items(n: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(common::mini().join("reviews.jsonl")).unwrap();
-    let mut out: Vec<String> = Vec::new();
-    for l in text.lines() {
-        let v: Value = serde_json::from_str(l).unwrap();
-        let a = v["parent_asin"].as_str().unwrap().to_string();
-        if !out.contains(&a) {
-            out.push(a);
-        }
-        if out.len() == n {
-            break;
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_endpoint_lets_a_tenant_reach_another_tenants_users() {
     let s = start().await;
     let c = client();
     let b = &s.base;
-    let item = reviewed_items(1).remove(0);
+    let item = common::reviewed_items(1).remove(0);
     let row = json!({"interactions": [{"parent_asin": item, "rating": 4, "title": "ok", "text": "fine", "timestamp": 1}]});
     // Every protected route, as acme, naming globex's user bob.
     let attempts: Vec<(&str, String, Option<Value>)> = vec![
@@ -486,7 +470,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_else() {
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("too_large"));
     // Interactions: the bad row is named.
-    let item = reviewed_items(1).remove(0);
+    let item = common::reviewed_items(1).remove(0);
     let (status, text) = call(&c, "POST", &format!("{}/v1/users/alice/interactions", s.base), Some(KEY_A),
         Some(json!({"interactions": [{"parent_asin": item, "rating": 5, "timestamp": 1}, {"parent_asin": item, "rating": 9, "timestamp": 2}]}))).await;
     assert_eq!(status, 400);
@@ -535,7 +519,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_else() {
 async fn memory_over_http_adds_once_shows_and_forgets() {
     let s = start().await;
     let c = client();
-    let items = reviewed_items(3);
+    let items = common::reviewed_items(3);
     let rows: Vec<Value> = items
         .iter()
         .enumerate()

@@ -17,17 +17,7 @@ use common::{key_file, serve as start};
 use serde_json::{json, Value};
 
 fn rows() -> Vec<Value> {
-    let text = std::fs::read_to_string(common::mini().join("reviews.jsonl")).unwrap();
-    let mut items: Vec<String> = Vec::new();
-    for l in text.lines() {
-        let a = serde_json::from_str::<Value>(l).unwrap()["parent_asin"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if !items.contains(&a) {
-            items.push(a);
-        }
-    }
+    let items = common::reviewed_items(usize::MAX);
     (0..60)
         .map(|i| json!({"parent_asin": items[i % items.len()], "rating": 4, "title": "t", "text": format!("crash-test interaction {i}"), "timestamp": 1_700_000_000_000i64 + i as i64}))
         .collect()

@@ -30,12 +30,7 @@ fn the_page_streams_an_answer_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, key) = common::key_file(dir.path());
     let (mut server, base) = common::serve(dir.path(), &keys, None);
-    let reviews = std::fs::read_to_string(common::mini().join("reviews.jsonl")).unwrap();
-    let item = serde_json::from_str::<serde_json::Value>(reviews.lines().next().unwrap()).unwrap()
-        ["parent_asin"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let item = common::reviewed_items(1).remove(0);
     let r = reqwest::blocking::Client::new()
         .post(format!("{base}/v1/users/web-user/interactions"))
         .bearer_auth(&key)

@@ -127,3 +127,20 @@ pub fn serve_store(
     std::thread::spawn(move || for _ in lines.by_ref() {});
     (child, base)
 }
+
+/// The first `n` distinct items of the mini dataset's reviews (all in any catalogue slice).
+pub fn reviewed_items(n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(mini().join("reviews.jsonl")).unwrap();
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let a = v["parent_asin"].as_str().unwrap().to_string();
+        if !out.contains(&a) {
+            out.push(a);
+        }
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}

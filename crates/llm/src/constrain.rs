@@ -105,29 +105,41 @@ impl ConstraintCompiler {
 }
 
 /// A set of token ids (a bitset over the vocabulary): which tokens a constraint allowed at one
-/// step, kept so that training renormalises exactly as sampling did.
+/// step, kept so that training renormalises exactly as sampling did. Same layout as
+/// llguidance's mask (bit `i % 32` of word `i / 32`), so recording one is a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenSet {
-    bits: Vec<u64>,
+    words: Vec<u32>,
     len: usize,
 }
 
 impl TokenSet {
     /// The tokens `0..n` for which `f` holds.
     pub fn from_fn(n: usize, f: impl Fn(u32) -> bool) -> Self {
-        let mut bits = vec![0u64; n.div_ceil(64)];
+        let mut words = vec![0u32; n.div_ceil(32)];
         for i in 0..n {
             if f(i as u32) {
-                bits[i / 64] |= 1 << (i % 64);
+                words[i / 32] |= 1 << (i % 32);
             }
         }
-        TokenSet { bits, len: n }
+        TokenSet { words, len: n }
+    }
+
+    /// The tokens `0..n` a constraint's mask allows (tokens beyond the mask are not).
+    pub(crate) fn from_mask(mask: &toktrie::SimpleVob, n: usize) -> Self {
+        let mut words = mask.as_slice().to_vec();
+        words.truncate(n.div_ceil(32));
+        TokenSet { words, len: n }
     }
 
     /// Whether `id` is in the set.
     pub fn contains(&self, id: u32) -> bool {
         let i = id as usize;
-        i < self.len && self.bits[i / 64] & (1 << (i % 64)) != 0
+        i < self.len
+            && self
+                .words
+                .get(i / 32)
+                .is_some_and(|w| w & (1 << (i % 32)) != 0)
     }
 
     /// Vocabulary size the set ranges over.
@@ -137,7 +149,7 @@ impl TokenSet {
 
     /// How many tokens are in the set.
     pub fn count(&self) -> usize {
-        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+        (0..self.len as u32).filter(|&i| self.contains(i)).count()
     }
 }
 

@@ -245,9 +245,7 @@ impl LocalModel {
                 .map_err(|e| LlmError::Constraint(e.to_string()))?;
             let mut v = logits.to_vec1::<f32>()?;
             apply_mask(&mut v, &mask);
-            allowed = Some(crate::TokenSet::from_fn(v.len(), |i| {
-                v[i as usize] != f32::NEG_INFINITY
-            }));
+            allowed = Some(crate::TokenSet::from_mask(&mask, v.len()));
             logits = Tensor::new(v, logits.device())?;
         }
         if let Some(h) = q.hook.as_mut() {
