@@ -731,15 +731,28 @@ pub fn grpo(model: &str) -> Result<Value> {
     for (prompt, response) in [(256usize, 32usize), (256, 128), (512, 128), (1024, 128)] {
         let n = prompt + response;
         let toks: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
+        let mut cache = mrrec_train::LowerCache::new(2);
         let t0 = Instant::now();
-        let (lp, _) = policy.token_logprobs_with_reference(&toks, prompt, &[], 64)?;
+        let (lp, _) =
+            policy.token_logprobs_with_reference(&toks, prompt, &[], 64, Some(&mut cache))?;
         let fwd = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let _ = lp.sum_all()?.backward()?;
         let bwd = t1.elapsed().as_secs_f64();
+        // Another response to the same prompt (the next trajectory of a group): the frozen
+        // lower layers run on the response only.
+        let mut other = toks[..prompt].to_vec();
+        other.extend(toks[prompt..].iter().rev());
+        let t2 = Instant::now();
+        let (lp2, _) =
+            policy.token_logprobs_with_reference(&other, prompt, &[], 64, Some(&mut cache))?;
+        let fwd_shared = t2.elapsed().as_secs_f64();
+        drop(lp2);
         out.push(json!({
             "prompt": prompt, "response": response,
             "forward_s": fwd, "backward_s": bwd,
+            "forward_shared_prompt_s": fwd_shared,
+            "forward_ratio_shared_vs_full": fwd_shared / fwd,
             "tokens_per_s": n as f64 / (fwd + bwd),
             "peak_rss": resident_bytes(),
         }));

@@ -19,7 +19,7 @@ use mrrec_data::LabeledQuery;
 use mrrec_llm::LocalModel;
 use mrrec_memory::MemoryRead;
 use mrrec_train::{
-    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, Policy, TokenBatch,
+    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LowerCache, Policy, TokenBatch,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -124,6 +124,9 @@ pub struct StepLog {
     pub seconds: [f64; 4],
     /// Peak resident memory so far, bytes.
     pub peak_rss: u64,
+    /// Share of the step's training-forward tokens whose frozen lower-layer state was reused.
+    #[serde(default)]
+    pub lower_reused: f64,
     /// Validation N@100 when measured at this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_ndcg100: Option<f64>,
@@ -230,6 +233,10 @@ impl Trainer<'_> {
             std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg_json)?)?;
         }
         let mut opt = AdamW::new(self.policy.params(), self.train.adamw)?;
+        // The frozen lower layers' states of recent sequences: valid across steps (nothing below
+        // the adapter changes), so a group's shared prompt and a trajectory's previous call are
+        // computed once below the adapted layers.
+        let mut lower = LowerCache::new(4);
         let ck = self.out.join("checkpoint");
         let mut state = if ck.join("state.json").exists() {
             let ad = mrrec_llm::model::LoraAdapter::load(&ck.join("adapter.safetensors"))?;
@@ -332,6 +339,7 @@ impl Trainer<'_> {
                 }
             }
             let tokens: usize = work.iter().map(|(s, _)| s.ids.len()).sum();
+            let (hits0, total0) = (lower.hits_tokens, lower.total_tokens);
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
             let (mut loss_v, mut norm) = (None, None);
             if tokens > 0 {
@@ -349,15 +357,17 @@ impl Trainer<'_> {
                             seg.prompt.len(),
                             &seg.masks,
                             chunk,
+                            Some(&mut lower),
                         )?;
                         (lp, Some(r))
                     } else {
-                        let lp = self.policy.token_logprobs(
+                        let lp = self.policy.token_logprobs_cached(
                             &toks,
                             seg.prompt.len(),
                             &seg.masks,
                             true,
                             chunk,
+                            Some(&mut lower),
                         )?;
                         (lp, None)
                     };
@@ -400,6 +410,8 @@ impl Trainer<'_> {
                 tokens,
                 seconds: [t_roll, t_fwd, t_bwd, t_opt],
                 peak_rss: crate::bench::status_bytes("VmHWM:"),
+                lower_reused: (lower.hits_tokens - hits0) as f64
+                    / (lower.total_tokens - total0).max(1) as f64,
                 val_ndcg100: None,
             };
             let validate_now = self.train.val_every > 0

@@ -10,7 +10,7 @@ pub mod grpo;
 pub mod policy;
 
 pub use grpo::{group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, TokenBatch};
-pub use policy::{LoraConfig, Policy, Shape};
+pub use policy::{LoraConfig, LowerCache, Policy, Shape};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]

@@ -379,11 +379,11 @@ impl Policy {
         Ok(y)
     }
 
-    /// Rotary embedding of `x` (n, t, hd) at positions 0..t.
-    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Rotary embedding of `x` (n, t, hd) at positions `offset..offset + t`.
+    fn rope(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let (n, t, hd) = x.dims3()?;
-        let cos = self.cos.narrow(0, 0, t)?.unsqueeze(0)?;
-        let sin = self.sin.narrow(0, 0, t)?.unsqueeze(0)?;
+        let cos = self.cos.narrow(0, offset, t)?.unsqueeze(0)?;
+        let sin = self.sin.narrow(0, offset, t)?.unsqueeze(0)?;
         if self.shape.neox {
             let x1 = x.narrow(2, 0, hd / 2)?;
             let x2 = x.narrow(2, hd / 2, hd / 2)?;
@@ -400,40 +400,58 @@ impl Policy {
         }
     }
 
+    /// Causal attention of the rows `offset..offset + t` (q, k, v: (t, width)) over `past`
+    /// keys and values of positions `0..offset` (rotated, (kv heads, offset, head dim)) and
+    /// their own. Returns the output and this block's keys and values, past included.
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+        past: Option<&(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (t, _) = q.dims2()?;
+        let offset = past.map_or(Ok(0), |(k, _)| k.dim(1))?;
         let (nh, nkv, hd) = (self.shape.heads, self.shape.kv_heads, self.shape.head_dim());
-        let q = self.rope(&q.reshape((t, nh, hd))?.transpose(0, 1)?.contiguous()?)?;
-        let k = self.rope(&k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?)?;
-        let v = v.reshape((t, nkv, hd))?.transpose(0, 1)?;
+        let q = self.rope(
+            &q.reshape((t, nh, hd))?.transpose(0, 1)?.contiguous()?,
+            offset,
+        )?;
+        let k = self.rope(
+            &k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?,
+            offset,
+        )?;
+        let v = v.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+            None => (k, v),
+        };
+        let all = offset + t;
         let rep = nh / nkv;
-        let expand = |x: Tensor| -> candle_core::Result<Tensor> {
+        let expand = |x: &Tensor| -> candle_core::Result<Tensor> {
             if rep == 1 {
                 return x.contiguous();
             }
             x.unsqueeze(1)?
-                .broadcast_as((nkv, rep, t, hd))?
+                .broadcast_as((nkv, rep, all, hd))?
                 .contiguous()?
-                .reshape((nh, t, hd))
+                .reshape((nh, all, hd))
         };
-        let (k, v) = (expand(k)?, expand(v)?);
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = att.broadcast_add(mask)?;
+        let (ke, ve) = (expand(&k)?, expand(&v)?);
+        let att = (q.matmul(&ke.t()?)? / (hd as f64).sqrt())?;
+        let att = att.broadcast_add(&self.mask(t, offset)?)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        att.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))
+        let y = att.matmul(&ve)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        Ok((y, (k, v)))
     }
 
-    fn mask(&self, t: usize) -> candle_core::Result<Tensor> {
+    /// The causal mask of rows `offset..offset + t` over columns `0..offset + t`.
+    fn mask(&self, t: usize, offset: usize) -> candle_core::Result<Tensor> {
+        let all = offset + t;
         let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+            .flat_map(|i| (0..all).map(move |j| if j > offset + i { -1e9 } else { 0.0 }))
             .collect();
-        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+        Tensor::from_vec(m, (t, all), &self.device)?.to_dtype(self.dtype)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -457,39 +475,69 @@ impl Policy {
         &self,
         li: usize,
         x: Tensor,
-        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
         lora: bool,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let l = &self.layers[li];
         let h = self.rms(&x, &l.attn_norm)?;
         let q = self.proj(li, Proj::Q, l, &h, lora)?;
         let k = self.proj(li, Proj::K, l, &h, lora)?;
         let v = self.proj(li, Proj::V, l, &h, lora)?;
-        let y = self.attention(&q, &k, &v, mask)?;
+        let (y, kv) = self.attention(&q, &k, &v, past)?;
         let x = (self.proj(li, Proj::O, l, &y, lora)? + x)?;
         let h = self.rms(&x, &l.ffn_norm)?;
         let g = self.proj(li, Proj::Gate, l, &h, lora)?.silu()?;
         let u = self.proj(li, Proj::Up, l, &h, lora)?;
-        self.proj(li, Proj::Down, l, &(g * u)?, lora)? + x
+        Ok(((self.proj(li, Proj::Down, l, &(g * u)?, lora)? + x)?, kv))
     }
 
-    /// The residual stream entering layer `upto` (embedding and layers below it, no graph).
-    fn lower(&self, tokens: &[u32], upto: usize) -> Result<Tensor> {
+    /// The residual stream entering layer `upto` (embedding and layers below it, no graph),
+    /// reusing `cache`'s longest shared prefix of `tokens` and remembering this sequence there.
+    fn lower(&self, tokens: &[u32], upto: usize, cache: Option<&mut LowerCache>) -> Result<Tensor> {
         self.check_tokens(tokens)?;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let upto = upto.min(self.shape.layers);
+        let (reuse, hit) = match cache.as_deref() {
+            Some(c) => c.longest(tokens),
+            None => (0, None),
+        };
+        // At least the last token is computed (its row is needed); a full hit is cut by one.
+        let reuse = reuse.min(tokens.len() - 1);
+        let ids = Tensor::new(&tokens[reuse..], &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mask = self.mask(tokens.len())?;
-        for li in 0..upto.min(self.shape.layers) {
-            x = self.layer(li, x, &mask, false)?;
+        let mut kvs = Vec::with_capacity(upto);
+        for li in 0..upto {
+            let past = match (reuse, hit) {
+                (0, _) | (_, None) => None,
+                (n, Some(st)) => {
+                    let (k, v) = &st.kv[li];
+                    Some((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?))
+                }
+            };
+            let (y, kv) = self.layer(li, x, past.as_ref(), false)?;
+            x = y;
+            kvs.push(kv);
         }
-        Ok(x.detach())
+        let x = match (reuse, hit) {
+            (0, _) | (_, None) => x,
+            (n, Some(st)) => Tensor::cat(&[&st.x.narrow(0, 0, n)?, &x], 0)?,
+        }
+        .detach();
+        if let Some(c) = cache {
+            c.hits_tokens += reuse as u64;
+            c.total_tokens += tokens.len() as u64;
+            c.remember(LowerState {
+                tokens: tokens.to_vec(),
+                kv: kvs,
+                x: x.clone(),
+            });
+        }
+        Ok(x)
     }
 
     /// Layers from `from` up and the final norm, on the residual stream `x`.
     fn upper(&self, mut x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
-        let mask = self.mask(x.dim(0)?)?;
         for li in from..self.shape.layers {
-            x = self.layer(li, x, &mask, lora)?;
+            x = self.layer(li, x, None, lora)?.0;
         }
         Ok(self.rms(&x, &self.norm)?)
     }
@@ -498,7 +546,7 @@ impl Policy {
     /// reference policy). Layers below the first adapted one run detached.
     pub fn hidden(&self, tokens: &[u32], lora: bool) -> Result<Tensor> {
         let first = self.first_adapted();
-        let x = self.lower(tokens, first)?;
+        let x = self.lower(tokens, first, None)?;
         self.upper(x, first, lora)
     }
 
@@ -519,23 +567,41 @@ impl Policy {
         lora: bool,
         chunk: usize,
     ) -> Result<Tensor> {
+        self.token_logprobs_cached(tokens, from, allowed, lora, chunk, None)
+    }
+
+    /// [`Policy::token_logprobs`] reusing (and filling) a [`LowerCache`].
+    pub fn token_logprobs_cached(
+        &self,
+        tokens: &[u32],
+        from: usize,
+        allowed: &[Option<mrrec_llm::TokenSet>],
+        lora: bool,
+        chunk: usize,
+        cache: Option<&mut LowerCache>,
+    ) -> Result<Tensor> {
         self.check_from(tokens, from)?;
-        let h = self.hidden(tokens, lora)?;
+        let first = self.first_adapted();
+        let x = self.lower(tokens, first, cache)?;
+        let h = self.upper(x, first, lora)?;
         self.logprobs_of(&h, tokens, from, allowed, chunk)
     }
 
     /// [`Policy::token_logprobs`] with the adapter (differentiable) and without it (the
-    /// reference policy's values), sharing the frozen lower layers between the two passes.
+    /// reference policy's values), sharing the frozen lower layers between the two passes and,
+    /// through `cache`, with earlier sequences that share a prefix (a group's common prompt, a
+    /// trajectory's previous call).
     pub fn token_logprobs_with_reference(
         &self,
         tokens: &[u32],
         from: usize,
         allowed: &[Option<mrrec_llm::TokenSet>],
         chunk: usize,
+        cache: Option<&mut LowerCache>,
     ) -> Result<(Tensor, Vec<f32>)> {
         self.check_from(tokens, from)?;
         let first = self.first_adapted();
-        let x = self.lower(tokens, first)?;
+        let x = self.lower(tokens, first, cache)?;
         let reference = {
             let h = self.upper(x.clone(), first, false)?;
             self.logprobs_of(&h, tokens, from, allowed, chunk)?
@@ -638,6 +704,62 @@ impl Policy {
             toks.push(pick as u32);
         }
         Ok((toks[prompt.len()..].to_vec(), lps))
+    }
+}
+
+/// The frozen lower layers' state of one sequence: per layer the rotated keys and values
+/// ((kv heads, t, head dim)) and the residual stream leaving the last frozen layer (t, hidden).
+struct LowerState {
+    tokens: Vec<u32>,
+    kv: Vec<(Tensor, Tensor)>,
+    x: Tensor,
+}
+
+/// The frozen lower layers' states of the last few sequences, so that a sequence sharing a
+/// prefix with one of them computes only its new tokens below the adapted layers. Exact: those
+/// layers carry no adapter and no graph, and a token's state depends only on the tokens before
+/// it. Holds `capacity` sequences (a 1k-token state of SmolLM2 is ~45 MB, of Qwen 0.5B ~25 MB).
+pub struct LowerCache {
+    states: Vec<LowerState>,
+    capacity: usize,
+    /// Tokens whose lower-layer state came from the cache.
+    pub hits_tokens: u64,
+    /// Tokens asked for.
+    pub total_tokens: u64,
+}
+
+impl LowerCache {
+    /// An empty cache of `capacity` sequences.
+    pub fn new(capacity: usize) -> Self {
+        LowerCache {
+            states: Vec::new(),
+            capacity: capacity.max(1),
+            hits_tokens: 0,
+            total_tokens: 0,
+        }
+    }
+
+    fn longest(&self, tokens: &[u32]) -> (usize, Option<&LowerState>) {
+        self.states
+            .iter()
+            .map(|s| {
+                let n = s
+                    .tokens
+                    .iter()
+                    .zip(tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (n, Some(s))
+            })
+            .max_by_key(|(n, _)| *n)
+            .unwrap_or((0, None))
+    }
+
+    fn remember(&mut self, s: LowerState) {
+        if self.states.len() >= self.capacity {
+            self.states.remove(0);
+        }
+        self.states.push(s);
     }
 }
 

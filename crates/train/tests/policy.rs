@@ -8,8 +8,8 @@
 use candle_core::{DType, Tensor, Var};
 use mrrec_llm::model::Proj;
 use mrrec_train::{
-    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, Policy, Shape,
-    TokenBatch,
+    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, LowerCache, Policy,
+    Shape, TokenBatch,
 };
 use rand::SeedableRng;
 
@@ -230,7 +230,7 @@ fn chunked_and_constrained_logprobs_are_the_log_softmax() {
     assert!((got[0] - want[0]).abs() < 1e-10);
     // The paired pass: the same values with and without the adapter.
     let (with, reference) = p
-        .token_logprobs_with_reference(&tokens, 2, &allowed, 3)
+        .token_logprobs_with_reference(&tokens, 2, &allowed, 3, None)
         .unwrap();
     let with: Vec<f64> = with.to_vec1().unwrap();
     let off: Vec<f64> = p
@@ -249,6 +249,69 @@ fn chunked_and_constrained_logprobs_are_the_log_softmax() {
     // Bad input is an error, not a panic.
     assert!(p.token_logprobs(&tokens, 0, &[], true, 4).is_err());
     assert!(p.token_logprobs(&[1, 99], 1, &[], true, 4).is_err());
+}
+
+/// Reusing the frozen lower layers' state of a shared prefix (a group's prompt, a trajectory's
+/// previous call) changes neither the log-probabilities nor the gradients.
+#[test]
+fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
+    let shape = Shape {
+        layers: 4,
+        ..tiny_shape()
+    };
+    let lora = LoraConfig {
+        layers: 2,
+        ..all_lora(2, 5)
+    };
+    let p = Policy::random(shape, lora, DType::F64, 11).unwrap();
+    perturb_b(&p, 3, 0.3);
+    assert_eq!(p.first_adapted(), 2, "two frozen layers below the adapter");
+    let prompt = [1u32, 5, 7, 2, 9, 3, 3, 8, 0, 4];
+    let seqs: Vec<(Vec<u32>, usize)> = vec![
+        ([&prompt[..], &[6, 1, 2]].concat(), 10), // first trajectory
+        ([&prompt[..], &[2, 2, 11, 5]].concat(), 10), // same prompt, another response
+        ([&prompt[..], &[6, 1, 2, 7, 7, 3]].concat(), 13), // the next call extends the first
+        ([&prompt[..6], &[10, 10]].concat(), 6),  // diverges inside the prompt
+        ([&prompt[..], &[6, 1, 2]].concat(), 10), // exactly a cached sequence
+        (vec![4, 4, 4, 1, 2], 2),                 // nothing shared
+    ];
+    let allowed = vec![None, Some(set(&[1, 2, 6, 10]))];
+    let params: Vec<Var> = p.params().into_iter().map(|(_, v)| v).collect();
+    let run = |cache: Option<&mut LowerCache>, toks: &[u32], from: usize| {
+        let (lp, reference) = p
+            .token_logprobs_with_reference(toks, from, &allowed, 3, cache)
+            .unwrap();
+        let grads = lp.sum_all().unwrap().backward().unwrap();
+        let g: Vec<Vec<f64>> = params
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (lp.to_vec1::<f64>().unwrap(), reference, g)
+    };
+    let mut cache = LowerCache::new(3);
+    for (toks, from) in &seqs {
+        let (a, ra, ga) = run(None, toks, *from);
+        let (b, rb, gb) = run(Some(&mut cache), toks, *from);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-10, "{toks:?}: {x} vs {y}");
+        }
+        assert_eq!(ra, rb);
+        for (x, y) in ga.iter().flatten().zip(gb.iter().flatten()) {
+            assert!((x - y).abs() < 1e-9, "gradient {x} vs {y}");
+        }
+    }
+    // Reused: the prompt, the first call, six tokens, then the repeated sequence found inside
+    // the extended one (all but its last token, which is always computed) — of 69 tokens.
+    assert_eq!(cache.total_tokens, 69);
+    assert_eq!(cache.hits_tokens, 10 + 13 + 6 + 12);
 }
 
 #[test]
