@@ -536,9 +536,14 @@ struct AssistantArgs {
     /// Tool calls the controller opens in guided mode.
     #[arg(long, default_value_t = 1)]
     guided_calls: usize,
-    /// The memory tool drops entries less similar than this to the call (0: plain top-3).
-    #[arg(long, default_value_t = 0.0)]
+    /// The memory tool drops entries less similar than this to the call (0: the paper's plain
+    /// top-3).
+    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE)]
     min_memory_score: f32,
+    /// Guided mode: a profile less similar than this to the request (a memory's item copied
+    /// instead of what was asked) is repaired once; the more similar answer stays (0: no check).
+    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
+    min_profile_similarity: f32,
     /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -563,6 +568,7 @@ impl AssistantArgs {
             hybrid: self.hybrid_rank,
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
+            min_profile_similarity: self.min_profile_similarity,
             ..Default::default()
         })
     }
@@ -1392,7 +1398,8 @@ fn demo_assistant(
         store: None,
         hybrid_rank: false,
         guided_calls: 1,
-        min_memory_score: 0.0,
+        min_memory_score: mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE,
+        min_profile_similarity: mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
         adapter: None,
     }
     .context(ws)?;

@@ -117,10 +117,20 @@ fn all_text(reqs: &[ChatRequest]) -> String {
         .collect()
 }
 
+/// The paper's loop without the relevance floor and the on-topic check, so that a script's
+/// replies are consumed exactly (those two have their own tests).
+fn plain() -> AssistantConfig {
+    AssistantConfig {
+        min_memory_score: 0.0,
+        min_profile_similarity: 0.0,
+        ..Default::default()
+    }
+}
+
 fn free() -> AssistantConfig {
     AssistantConfig {
         mode: Mode::Free,
-        ..Default::default()
+        ..plain()
     }
 }
 
@@ -287,7 +297,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
         store: &st,
         tenant: "t",
         llm: &m,
-        cfg: AssistantConfig::default(),
+        cfg: plain(),
         observer: None,
     };
     let ans = a
@@ -337,7 +347,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
     ]);
     let cfg = AssistantConfig {
         levels: vec![],
-        ..Default::default()
+        ..plain()
     };
     let a = Assistant {
         ws: &ws,
@@ -416,4 +426,100 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
         assert!(t.tool_calls[0].results.iter().all(|r| mine.contains(&r.0)));
         assert_eq!(ans.items.len(), 100);
     }
+}
+
+/// A final profile about another product than the request (a memory's item copied) gets one
+/// repair that names the problem; the more on-topic answer is kept and both are counted.
+#[test]
+fn guided_mode_repairs_a_profile_about_another_product() {
+    let ws = workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&ws, dir.path());
+    let run = |finals: [&str; 2]| {
+        let m = Scripted::new(&[
+            "soft toys",
+            "{\"query\": \"plush toy\", \"aspects\": []}",
+            finals[0],
+            finals[1],
+        ]);
+        let a = Assistant {
+            ws: &ws,
+            store: &st,
+            tenant: "t",
+            llm: &m,
+            cfg: AssistantConfig {
+                min_memory_score: 0.0,
+                ..Default::default()
+            },
+            observer: None,
+        };
+        let ans = a
+            .answer("alice", "a soft plush toy for my toddler", None, 5)
+            .unwrap();
+        (ans, m.requests())
+    };
+    let copied = "{\"ideal_item_profile\": \"Stainless steel chef knife set with a wooden block\", \"useful_memory_ids\": []}";
+    let good = "{\"ideal_item_profile\": \"A soft washable plush toy for a toddler\", \"useful_memory_ids\": [\"r-1\"]}";
+    let (ans, reqs) = run([copied, good]);
+    let t = &ans.trace;
+    assert_eq!(reqs.len(), 4, "reasoning, tool call, final, one repair");
+    let last = &reqs[3].messages.last().unwrap().content;
+    assert!(last.contains("different product"), "{last}");
+    assert!(last.contains("a soft plush toy for my toddler"));
+    assert_eq!((t.off_topic, t.repairs, t.fallback), (1, 1, false));
+    assert_eq!(
+        t.profile.as_deref(),
+        Some("A soft washable plush toy for a toddler")
+    );
+    assert!(t.profile_similarity.unwrap() >= 0.5);
+    // An on-topic first answer is not questioned.
+    let (ans, reqs) = run([good, copied]);
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(ans.trace.off_topic, 0);
+    // Two misses: both counted, the closer one kept, never the request itself.
+    let worse = "{\"ideal_item_profile\": \"Quarterly magazine about golf courses in Scotland\", \"useful_memory_ids\": []}";
+    let (ans, _) = run([copied, worse]);
+    assert_eq!(ans.trace.off_topic, 2);
+    assert!(!ans.trace.fallback);
+    assert!(ans.trace.profile.is_some());
+    assert_ne!(ans.ranked_with, "a soft plush toy for my toddler");
+}
+
+/// The memory tool's relevance floor: entries less similar than it to the call are not shown.
+#[test]
+fn the_memory_tool_drops_entries_below_the_floor() {
+    let ws = workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&ws, dir.path());
+    let m = Scripted::new(&[]);
+    let tool = |floor: f32| {
+        let a = Assistant {
+            ws: &ws,
+            store: &st,
+            tenant: "t",
+            llm: &m,
+            cfg: AssistantConfig {
+                min_memory_score: floor,
+                ..Default::default()
+            },
+            observer: None,
+        };
+        a.memory_tool("alice", &serde_json::json!({"query": "a soft plush bunny"}))
+            .unwrap()
+    };
+    let (all, _) = tool(0.0);
+    assert_eq!(all.results.len(), 3, "the paper's plain top-3");
+    let scores: Vec<f32> = all.results.iter().map(|r| r.2).collect();
+    // A floor between the best and the worst score keeps exactly the entries above it.
+    let floor = (scores[0] + scores[2]) / 2.0;
+    let (kept, text) = tool(floor);
+    let want = scores.iter().filter(|s| **s >= floor).count();
+    assert!(want >= 1 && want < 3, "{scores:?}");
+    assert_eq!(kept.results.len(), want);
+    assert!(kept.results.iter().all(|r| r.2 >= floor));
+    assert!(text.contains(&kept.results[0].0));
+    // Nothing above the floor: the model reads that, not an error.
+    let (none, text) = tool(1.01);
+    assert!(none.ok && none.results.is_empty());
+    assert!(text.contains("no memories"), "{text}");
 }
