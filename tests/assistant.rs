@@ -514,7 +514,7 @@ fn the_memory_tool_drops_entries_below_the_floor() {
     let floor = (scores[0] + scores[2]) / 2.0;
     let (kept, text) = tool(floor);
     let want = scores.iter().filter(|s| **s >= floor).count();
-    assert!(want >= 1 && want < 3, "{scores:?}");
+    assert!((1..3).contains(&want), "{scores:?}");
     assert_eq!(kept.results.len(), want);
     assert!(kept.results.iter().all(|r| r.2 >= floor));
     assert!(text.contains(&kept.results[0].0));
