@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::Workspace;
 
 /// Version of the assistant's prompts (part of every cached request through the text).
-pub const ASSISTANT_PROMPT_VERSION: &str = "assistant-v2";
+pub const ASSISTANT_PROMPT_VERSION: &str = "assistant-v3";
 
 /// How the loop is driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,7 +275,9 @@ fn strip_tags(s: &str) -> String {
 fn user_prompt(request: &str, category: Option<&str>, aspects: &[(String, String)]) -> String {
     let mut s = String::new();
     if let Some(c) = category {
-        s.push_str(&format!("Store section: {c}\n"));
+        // "Gift_Cards" as words: the identifier form was copied into profiles verbatim
+        // ("Gift_Cards, Personalization, Value"), which matches no item text.
+        s.push_str(&format!("Store section: {}\n", c.replace('_', " ")));
     }
     if !aspects.is_empty() {
         s.push_str("<aspects>\n");

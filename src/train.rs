@@ -174,10 +174,22 @@ impl Trainer<'_> {
             observer: None,
         };
         let mut sum = 0.0;
-        for q in queries {
+        let t0 = Instant::now();
+        let (mut tin, mut tout) = (0u64, 0u64);
+        for (i, q) in queries.iter().enumerate() {
             let query = q.query();
             let request = query.simple_query.as_deref().unwrap_or(&query.query);
             let ans = a.answer(&query.user_id, request, query.category.as_deref(), 10)?;
+            tin += ans.trace.usage.prompt_tokens;
+            tout += ans.trace.usage.completion_tokens;
+            if (i + 1) % 10 == 0 || i + 1 == queries.len() {
+                eprintln!(
+                    "validation: {}/{} queries, {tin} tokens in, {tout} out, {:.0}s",
+                    i + 1,
+                    queries.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
             let Some(target) = self.ws.catalogue().position(q.target()) else {
                 continue;
             };

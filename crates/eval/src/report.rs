@@ -61,6 +61,25 @@ pub fn category_table(m: &RunMetrics) -> String {
     s
 }
 
+/// Row labels: the method's name, with the run folder's name added when two runs of the group
+/// share a method name (two prompt versions, an adapter against the base model).
+fn labels(runs: &[(&Path, &str)]) -> Vec<String> {
+    runs.iter()
+        .map(|(dir, method)| {
+            let same = runs.iter().filter(|(_, m)| m == method).count();
+            if same > 1 {
+                let folder = dir
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| dir.display().to_string());
+                format!("{method} ({folder})")
+            } else {
+                method.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Compares two finished runs on the queries they share, for each of the paper's metrics.
 pub fn compare_runs(
     a: &Path,
@@ -71,9 +90,10 @@ pub fn compare_runs(
     let (ma, oa) = load_run(a)?;
     let (mb, ob) = load_run(b)?;
     let mut rows = Vec::new();
+    let names = labels(&[(a, ma.spec.method.as_str()), (b, mb.spec.method.as_str())]);
     let mut s = format!(
         "A = {} ({}), B = {} ({})\n\n| metric | A | B | A − B [95% CI] | p | queries |\n|---|---|---|---|---|---|\n",
-        ma.spec.method, ma.spec.query_field, mb.spec.method, mb.spec.query_field
+        names[0], ma.spec.query_field, names[1], mb.spec.query_field
     );
     for metric in Metric::paper_columns().into_iter().chain([Metric::Mrr]) {
         let va: HashMap<String, (String, f64)> = oa
@@ -339,10 +359,24 @@ pub fn report_runs(
             .filter(|r| r.1.spec.query_field.to_string() == field)
             .collect();
         let _ = writeln!(md, "## Query field `{field}`\n");
-        let rows: Vec<(String, &RunMetrics)> = group
-            .iter()
-            .map(|r| (r.1.spec.method.clone(), &r.1))
-            .collect();
+        let names = labels(
+            &group
+                .iter()
+                .map(|r| (r.0.as_path(), r.1.spec.method.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        let name = |r: &(
+            std::path::PathBuf,
+            RunMetrics,
+            Vec<crate::run::QueryOutcome>,
+        )| {
+            let i = group
+                .iter()
+                .position(|g| std::ptr::eq(*g, r))
+                .unwrap_or_default();
+            names[i].clone()
+        };
+        let rows: Vec<(String, &RunMetrics)> = group.iter().map(|r| (name(r), &r.1)).collect();
         md.push_str(&markdown_table(&rows, true));
         let n100 = |m: &RunMetrics| m.metrics.get("N@100").map_or(0.0, |e| e.mean);
         let best = group
@@ -354,7 +388,7 @@ pub fn report_runs(
                 let _ = writeln!(
                     md,
                     "\nBest by N@100: **{}**. Paired user bootstrap ({rounds} rounds) on shared queries:\n\n| vs | N@100 best − other [95% CI] | p | queries |\n|---|---|---|---|",
-                    best.1.spec.method
+                    name(best)
                 );
                 let vals = |o: &[crate::run::QueryOutcome]| -> HashMap<String, (String, f64)> {
                     o.iter()
@@ -375,7 +409,12 @@ pub fn report_runs(
                     let _ = writeln!(
                         md,
                         "| {} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} |",
-                        r.1.spec.method, c.diff.mean, c.diff.lo, c.diff.hi, c.p_value, c.n
+                        name(r),
+                        c.diff.mean,
+                        c.diff.lo,
+                        c.diff.hi,
+                        c.p_value,
+                        c.n
                     );
                 }
             }
@@ -391,7 +430,7 @@ pub fn report_runs(
             let _ = write!(
                 md,
                 "| {} | {:.0} | {:.0} | {:.0} | {:.1} |",
-                r.1.spec.method,
+                name(r),
                 r.1.memory_tokens_per_query,
                 u.prompt_tokens as f64 / n,
                 u.completion_tokens as f64 / n,
@@ -437,7 +476,7 @@ pub fn report_runs(
             }
             md.push('\n');
             for r in &group {
-                let _ = write!(md, "| {} |", r.1.spec.method);
+                let _ = write!(md, "| {} |", name(r));
                 for c in &cats {
                     match r.1.per_category.get(*c).and_then(|x| x.1.get("N@100")) {
                         Some(v) => {
@@ -450,10 +489,7 @@ pub fn report_runs(
             }
         }
         md.push('\n');
-        let bars: Vec<(String, f64)> = group
-            .iter()
-            .map(|r| (r.1.spec.method.clone(), n100(&r.1)))
-            .collect();
+        let bars: Vec<(String, f64)> = group.iter().map(|r| (name(r), n100(&r.1))).collect();
         charts.push((
             field.clone(),
             bar_chart_svg(&bars, &format!("N@100 ({field})")),

@@ -205,6 +205,16 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
             .all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0),
         "{text}"
     );
+    // Two runs of the same method are told apart by their folders, in comparisons and reports.
+    let folder = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(text.contains(&format!("({folder})")), "{text}");
+    let (md, _) = mrrec_eval::report::report_runs(&[dir.path(), dir.path()], 50, 1).unwrap();
+    assert!(md.contains(&format!("({folder}) |")), "{md}");
 }
 
 #[test]
