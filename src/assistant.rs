@@ -170,6 +170,9 @@ pub struct Trace {
     pub memory_ms: f64,
     /// Ranking time, milliseconds.
     pub ranking_ms: f64,
+    /// Texts embedded so far in this answer (the request, the profile), reused.
+    #[serde(skip)]
+    embedded: Vec<(String, Vec<f32>)>,
 }
 
 /// An answer: the ranked items and how they were found.
@@ -480,7 +483,7 @@ impl<'a> Assistant<'a> {
             return Ok(());
         };
         let t = std::time::Instant::now();
-        let v = self.ws.embedder.embed(&[request])?.remove(0);
+        let v = self.embed(request, trace)?;
         for (a, _) in self.store.global(self.tenant, c, &v, self.cfg.global_n)? {
             trace.global_aspects.push((a.id.clone(), a.text()));
             if !trace.aspect_names.contains(&a.name) {
@@ -670,7 +673,7 @@ impl<'a> Assistant<'a> {
     /// Ranks the whole catalogue by a text (dense by default, hybrid when configured).
     pub fn rank(&self, text: &str, k: usize, trace: &mut Trace) -> Result<Vec<(u32, f32)>> {
         let t = std::time::Instant::now();
-        let v = self.ws.embedder.embed(&[text])?.remove(0);
+        let v = self.embed(text, trace)?;
         let q = SearchQuery {
             text,
             vector: Some(&v),
@@ -944,8 +947,19 @@ impl<'a> Assistant<'a> {
     /// Cosine similarity of two texts' embeddings (they are unit length).
     fn similarity(&self, a: &str, b: &str, trace: &mut Trace) -> Result<f32> {
         let t = std::time::Instant::now();
-        let v = self.ws.embedder.embed(&[a, b])?;
+        let (va, vb) = (self.embed(a, trace)?, self.embed(b, trace)?);
         trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
-        Ok(v[0].iter().zip(&v[1]).map(|(x, y)| x * y).sum())
+        Ok(va.iter().zip(&vb).map(|(x, y)| x * y).sum())
+    }
+
+    /// The embedding of `text`, computed once per answer (the request serves the global
+    /// aspects and the on-topic check; the profile the check and the ranking).
+    fn embed(&self, text: &str, trace: &mut Trace) -> Result<Vec<f32>> {
+        if let Some((_, v)) = trace.embedded.iter().find(|(t, _)| t == text) {
+            return Ok(v.clone());
+        }
+        let v = self.ws.embedder.embed(&[text])?.remove(0);
+        trace.embedded.push((text.to_string(), v.clone()));
+        Ok(v)
     }
 }
