@@ -76,10 +76,50 @@ pub struct AssistantConfig {
     #[serde(default)]
     pub min_memory_score: f32,
     /// Guided mode: a profile less similar than this to the request (cosine of their
-    /// embeddings) is about another product — typically a memory's item copied — and gets one
-    /// repair; the more similar of the two answers is kept (0: no check).
+    /// embeddings), or one copying a retrieved memory's words, is off topic — the memories
+    /// misled the model — and is asked again without them; then the request is ranked (0: no
+    /// check).
     #[serde(default)]
     pub min_profile_similarity: f32,
+}
+
+/// A profile sharing a run of this many consecutive words with a retrieved memory (most of them
+/// not in the request) copies it: a past item's title or a summary, not the ideal item.
+pub const COPY_WORDS: usize = 6;
+
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The longest run of consecutive words `profile` shares with `memory`, counting only runs most
+/// of whose words the request does not contain (restating the request is not copying).
+pub fn copied_run(profile: &str, memory: &str, request: &str) -> usize {
+    let (p, m) = (words(profile), words(memory));
+    let asked: std::collections::HashSet<String> = words(request).into_iter().collect();
+    let mut best = 0;
+    // run[j]: length of the common run ending at p[i], m[j].
+    let mut prev = vec![0usize; m.len() + 1];
+    for i in 0..p.len() {
+        let mut cur = vec![0usize; m.len() + 1];
+        for j in 0..m.len() {
+            if p[i] == m[j] {
+                let n = prev[j] + 1;
+                cur[j + 1] = n;
+                let new = p[i + 1 - n..=i]
+                    .iter()
+                    .filter(|w| !asked.contains(*w))
+                    .count();
+                if 2 * new > n {
+                    best = best.max(n);
+                }
+            }
+        }
+        prev = cur;
+    }
+    best
 }
 
 /// The memory tool's relevance floor by default: on 40 seeded val queries with Qwen 0.5B, the
@@ -911,37 +951,70 @@ impl<'a> Assistant<'a> {
                 }
             }
         };
-        // On topic? A profile about another product (a memory's item copied instead of what
-        // was asked) gets one repair that names the problem; the more on-topic answer stays.
-        let sim = self.similarity(request, &out.0, trace)?;
-        trace.profile_similarity = Some(sim);
-        if sim >= self.cfg.min_profile_similarity {
+        // On topic? A profile about another product than the request, or one that copies a
+        // retrieved memory's text (a past item's title instead of the ideal item), means the
+        // memories misled the model: the repair asks again without them (the request and the
+        // scenario only, citing nothing); if that fails too, the request is ranked (`fallback`).
+        let memories: Vec<String> = trace
+            .tool_calls
+            .iter()
+            .flat_map(|c| c.results.iter().map(|r| r.3.clone()))
+            .collect();
+        if !self.off_topic(request, &out.0, &memories, trace)? {
             return Ok(Some(out));
         }
         trace.off_topic += 1;
         trace.repairs += 1;
-        messages.push(Message::assistant(format!("{prefix}{text}")));
-        messages.push(Message::user(format!(
-            "That profile describes a different product from the one the user asked for. Write the ideal item profile again for the request \"{}\": {PROFILE_ASK}. Use a memory only if it is about the same kind of product.",
-            request.replace('"', "'")
-        )));
-        let text = self.chat(&final_req(&messages, String::new()), trace)?;
-        let Some(again) = mrrec_llm::parse::parse_json_lenient(&text)
+        let plain = ChatRequest {
+            messages: vec![
+                Message::system(system_prompt(Mode::Guided, false)),
+                Message::user(format!(
+                    "{}\nWrite the ideal item profile for this request: {PROFILE_ASK}.",
+                    user_prompt(request, category, &[])
+                )),
+            ],
+            sampling: Sampling {
+                max_tokens: self.cfg.answer_tokens,
+                repetition_penalty: 1.1,
+                ..Default::default()
+            },
+            constraint: Some(Constraint::JsonSchema(final_schema(&[]))),
+            ..Default::default()
+        };
+        let text = self.chat(&plain, trace)?;
+        match mrrec_llm::parse::parse_json_lenient(&text)
             .as_ref()
             .and_then(read_final)
-        else {
-            return Ok(Some(out));
-        };
-        let sim_again = self.similarity(request, &again.0, trace)?;
-        if sim_again < self.cfg.min_profile_similarity {
-            trace.off_topic += 1;
+        {
+            Some((profile, _)) if !self.off_topic(request, &profile, &[], trace)? => {
+                Ok(Some((profile, Vec::new())))
+            }
+            _ => {
+                trace.off_topic += 1;
+                Ok(None)
+            }
         }
-        if sim_again >= sim {
-            trace.profile_similarity = Some(sim_again);
-            Ok(Some(again))
-        } else {
-            Ok(Some(out))
+    }
+
+    /// Whether a profile is off topic: too far from the request (another product), or a copy of
+    /// a retrieved memory (a run of [`COPY_WORDS`] words of an entry, most of them not in the
+    /// request). Off when `min_profile_similarity` is 0.
+    fn off_topic(
+        &self,
+        request: &str,
+        profile: &str,
+        memories: &[String],
+        trace: &mut Trace,
+    ) -> Result<bool> {
+        if self.cfg.min_profile_similarity <= 0.0 {
+            return Ok(false);
         }
+        let sim = self.similarity(request, profile, trace)?;
+        trace.profile_similarity = Some(sim);
+        Ok(sim < self.cfg.min_profile_similarity
+            || memories
+                .iter()
+                .any(|m| copied_run(profile, m, request) >= COPY_WORDS))
     }
 
     /// Cosine similarity of two texts' embeddings (they are unit length).

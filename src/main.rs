@@ -541,7 +541,7 @@ struct AssistantArgs {
     #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE)]
     min_memory_score: f32,
     /// Guided mode: a profile less similar than this to the request (a memory's item copied
-    /// instead of what was asked) is repaired once; the more similar answer stays (0: no check).
+    /// instead of what was asked) is repaired once, then the request is ranked (0: no check).
     #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
     min_profile_similarity: f32,
     /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.

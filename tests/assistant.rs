@@ -428,10 +428,11 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
     }
 }
 
-/// A final profile about another product than the request (a memory's item copied) gets one
-/// repair that names the problem; the more on-topic answer is kept and both are counted.
+/// A final profile about another product than the request, or one copying a memory's words,
+/// means the memories misled the model: it is asked again without them (citing nothing); a
+/// second miss ranks the request; both are counted.
 #[test]
-fn guided_mode_repairs_a_profile_about_another_product() {
+fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
     let ws = workspace();
     let dir = tempfile::tempdir().unwrap();
     let st = store(&ws, dir.path());
@@ -458,31 +459,63 @@ fn guided_mode_repairs_a_profile_about_another_product() {
             .unwrap();
         (ans, m.requests())
     };
-    let copied = "{\"ideal_item_profile\": \"Stainless steel chef knife set with a wooden block\", \"useful_memory_ids\": []}";
+    let other = "{\"ideal_item_profile\": \"Stainless steel chef knife set with a wooden block\", \"useful_memory_ids\": []}";
+    let copied = "{\"ideal_item_profile\": \"Soft plush bunny (Toys & Games), rated 5/5. Review: my toddler loves it\", \"useful_memory_ids\": [\"r-1\"]}";
     let good = "{\"ideal_item_profile\": \"A soft washable plush toy for a toddler\", \"useful_memory_ids\": [\"r-1\"]}";
-    let (ans, reqs) = run([copied, good]);
-    let t = &ans.trace;
-    assert_eq!(reqs.len(), 4, "reasoning, tool call, final, one repair");
-    let last = &reqs[3].messages.last().unwrap().content;
-    assert!(last.contains("different product"), "{last}");
-    assert!(last.contains("a soft plush toy for my toddler"));
-    assert_eq!((t.off_topic, t.repairs, t.fallback), (1, 1, false));
-    assert_eq!(
-        t.profile.as_deref(),
-        Some("A soft washable plush toy for a toddler")
-    );
-    assert!(t.profile_similarity.unwrap() >= 0.5);
+    for bad in [other, copied] {
+        let (ans, reqs) = run([bad, good]);
+        let t = &ans.trace;
+        assert_eq!(reqs.len(), 4, "reasoning, tool call, final, one repair");
+        // The repair sees the request, not the memories.
+        let repair = all_text(&reqs[3..]);
+        assert!(repair.contains("a soft plush toy for my toddler"));
+        assert!(
+            !repair.contains("<memory") && !repair.contains("plush bunny"),
+            "{repair}"
+        );
+        assert_eq!((t.off_topic, t.repairs, t.fallback), (1, 1, false));
+        assert_eq!(
+            t.profile.as_deref(),
+            Some("A soft washable plush toy for a toddler")
+        );
+        assert!(t.cited.is_empty(), "the repaired answer used no memory");
+    }
     // An on-topic first answer is not questioned.
-    let (ans, reqs) = run([good, copied]);
+    let (ans, reqs) = run([good, other]);
     assert_eq!(reqs.len(), 3);
     assert_eq!(ans.trace.off_topic, 0);
-    // Two misses: both counted, the closer one kept, never the request itself.
-    let worse = "{\"ideal_item_profile\": \"Quarterly magazine about golf courses in Scotland\", \"useful_memory_ids\": []}";
-    let (ans, _) = run([copied, worse]);
+    assert_eq!(ans.trace.cited, ["r-1"]);
+    // Two misses: both counted, and the request is ranked, as after a malformed answer.
+    let (ans, _) = run([other, other]);
     assert_eq!(ans.trace.off_topic, 2);
-    assert!(!ans.trace.fallback);
-    assert!(ans.trace.profile.is_some());
-    assert_ne!(ans.ranked_with, "a soft plush toy for my toddler");
+    assert!(ans.trace.fallback);
+    assert!(ans.trace.profile.is_none());
+    assert_eq!(ans.ranked_with, "a soft plush toy for my toddler");
+}
+
+/// Copying is a long run of a memory's words, most of them not the request's own.
+#[test]
+fn a_copied_run_counts_memory_words_not_the_request() {
+    use mrrec::assistant::copied_run;
+    let memory = "Bought \"CaseMate Samsung Galaxy S10 Case - Karat Pearl - 10ft Drop Protection\" (Cell Phones), rated 5/5.";
+    let request = "What's an easy-to-install screen protector for a Galaxy S10?";
+    assert!(
+        copied_run(
+            "CaseMate Samsung Galaxy S10 Case - Karat Pearl - 10ft Drop",
+            memory,
+            request
+        ) >= mrrec::assistant::COPY_WORDS
+    );
+    // Restating the request, even where the memory says the same words, is not copying.
+    assert!(
+        copied_run(
+            "Easy-to-install screen protector for a Samsung Galaxy S10",
+            memory,
+            request
+        ) < 6
+    );
+    assert_eq!(copied_run("", memory, request), 0);
+    assert_eq!(copied_run("Galaxy S10 screen protector", "", request), 0);
 }
 
 /// The memory tool's relevance floor: entries less similar than it to the call are not shown.
