@@ -77,8 +77,7 @@ pub struct AssistantConfig {
     pub min_memory_score: f32,
     /// Guided mode: a profile less similar than this to the request (cosine of their
     /// embeddings), or one copying a retrieved memory's words, is off topic — the memories
-    /// misled the model — and is asked again without them; then the request is ranked (0: no
-    /// check).
+    /// misled the model — and is asked again without them (0: no check).
     #[serde(default)]
     pub min_profile_similarity: f32,
 }
@@ -954,7 +953,8 @@ impl<'a> Assistant<'a> {
         // On topic? A profile about another product than the request, or one that copies a
         // retrieved memory's text (a past item's title instead of the ideal item), means the
         // memories misled the model: the repair asks again without them (the request and the
-        // scenario only, citing nothing); if that fails too, the request is ranked (`fallback`).
+        // scenario only, citing nothing — what `llm-rewrite` asks); if that answer does not
+        // parse, the request is ranked (`fallback`).
         let memories: Vec<String> = trace
             .tool_calls
             .iter()
@@ -986,13 +986,8 @@ impl<'a> Assistant<'a> {
             .as_ref()
             .and_then(read_final)
         {
-            Some((profile, _)) if !self.off_topic(request, &profile, &[], trace)? => {
-                Ok(Some((profile, Vec::new())))
-            }
-            _ => {
-                trace.off_topic += 1;
-                Ok(None)
-            }
+            Some((profile, _)) => Ok(Some((profile, Vec::new()))),
+            None => Ok(None),
         }
     }
 

@@ -429,8 +429,8 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
 }
 
 /// A final profile about another product than the request, or one copying a memory's words,
-/// means the memories misled the model: it is asked again without them (citing nothing); a
-/// second miss ranks the request; both are counted.
+/// means the memories misled the model: it is asked again without them (citing nothing); an
+/// unparsable answer then ranks the request.
 #[test]
 fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
     let ws = workspace();
@@ -485,9 +485,11 @@ fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
     assert_eq!(reqs.len(), 3);
     assert_eq!(ans.trace.off_topic, 0);
     assert_eq!(ans.trace.cited, ["r-1"]);
-    // Two misses: both counted, and the request is ranked, as after a malformed answer.
+    // The memory-free answer is taken as it is (nothing misled it); one that does not parse
+    // ranks the request, as after a malformed answer.
     let (ans, _) = run([other, other]);
-    assert_eq!(ans.trace.off_topic, 2);
+    assert_eq!((ans.trace.off_topic, ans.trace.fallback), (1, false));
+    let (ans, _) = run([other, "not json"]);
     assert!(ans.trace.fallback);
     assert!(ans.trace.profile.is_none());
     assert_eq!(ans.ranked_with, "a soft plush toy for my toddler");
