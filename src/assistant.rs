@@ -373,6 +373,11 @@ const PROFILE_MAX_CHARS: usize = 200;
 /// What the model is asked to write, the same words for every method.
 const PROFILE_ASK: &str = "one sentence, the product type and its 2 or 3 key features";
 
+/// The one-shot calls' last line.
+fn one_shot_ask() -> String {
+    format!("Write the ideal item profile for this request: {PROFILE_ASK}.")
+}
+
 fn estimate_tokens(s: &str) -> u64 {
     (s.chars().count() as u64).div_ceil(4)
 }
@@ -623,23 +628,9 @@ impl<'a> Assistant<'a> {
                 c.replace("</memory>", "")
             );
         }
-        let ask = format!("Write the ideal item profile for this request: {PROFILE_ASK}.");
         let outcome = match self.cfg.mode {
             Mode::Guided => {
-                let req = ChatRequest {
-                    messages: vec![
-                        Message::system(system_prompt(Mode::Guided, false)),
-                        Message::user(format!("{user}\n{ask}")),
-                    ],
-                    sampling: Sampling {
-                        max_tokens: self.cfg.answer_tokens,
-                        repetition_penalty: 1.1,
-                        ..Default::default()
-                    },
-                    constraint: Some(Constraint::JsonSchema(final_schema(&[]))),
-                    ..Default::default()
-                };
-                let text = self.chat(&req, &mut trace)?;
+                let text = self.chat(&self.one_shot_request(&user), &mut trace)?;
                 mrrec_llm::parse::parse_json_lenient(&text)
                     .as_ref()
                     .and_then(read_final)
@@ -647,7 +638,7 @@ impl<'a> Assistant<'a> {
             Mode::Free => {
                 let mut messages = vec![
                     Message::system(system_prompt(Mode::Free, false)),
-                    Message::user(format!("{user}\n{ask}")),
+                    Message::user(format!("{user}\n{}", one_shot_ask())),
                 ];
                 let sampling = Sampling {
                     max_tokens: self.cfg.reasoning_tokens + self.cfg.answer_tokens,
@@ -965,13 +956,25 @@ impl<'a> Assistant<'a> {
         }
         trace.off_topic += 1;
         trace.repairs += 1;
-        let plain = ChatRequest {
+        let plain = self.one_shot_request(&user_prompt(request, category, &[]));
+        let text = self.chat(&plain, trace)?;
+        match mrrec_llm::parse::parse_json_lenient(&text)
+            .as_ref()
+            .and_then(read_final)
+        {
+            Some((profile, _)) => Ok(Some((profile, Vec::new()))),
+            None => Ok(None),
+        }
+    }
+
+    /// The guided one-shot call: the request block (and any context) with the profile ask, the
+    /// final object constrained with nothing to cite. `llm-rewrite`'s call, and the memory-free
+    /// repair's, so that both are the same request.
+    fn one_shot_request(&self, user: &str) -> ChatRequest {
+        ChatRequest {
             messages: vec![
                 Message::system(system_prompt(Mode::Guided, false)),
-                Message::user(format!(
-                    "{}\nWrite the ideal item profile for this request: {PROFILE_ASK}.",
-                    user_prompt(request, category, &[])
-                )),
+                Message::user(format!("{user}\n{}", one_shot_ask())),
             ],
             sampling: Sampling {
                 max_tokens: self.cfg.answer_tokens,
@@ -980,14 +983,6 @@ impl<'a> Assistant<'a> {
             },
             constraint: Some(Constraint::JsonSchema(final_schema(&[]))),
             ..Default::default()
-        };
-        let text = self.chat(&plain, trace)?;
-        match mrrec_llm::parse::parse_json_lenient(&text)
-            .as_ref()
-            .and_then(read_final)
-        {
-            Some((profile, _)) => Ok(Some((profile, Vec::new()))),
-            None => Ok(None),
         }
     }
 

@@ -127,6 +127,23 @@ fn plain() -> AssistantConfig {
     }
 }
 
+/// An assistant of tenant "t" over `st`, answered by a script.
+fn scripted<'a>(
+    ws: &'a Workspace,
+    st: &'a SqliteStore,
+    m: &'a Scripted,
+    cfg: AssistantConfig,
+) -> Assistant<'a> {
+    Assistant {
+        ws,
+        store: st,
+        tenant: "t",
+        llm: m,
+        cfg,
+        observer: None,
+    }
+}
+
 fn free() -> AssistantConfig {
     AssistantConfig {
         mode: Mode::Free,
@@ -443,17 +460,15 @@ fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
             finals[0],
             finals[1],
         ]);
-        let a = Assistant {
-            ws: &ws,
-            store: &st,
-            tenant: "t",
-            llm: &m,
-            cfg: AssistantConfig {
+        let a = scripted(
+            &ws,
+            &st,
+            &m,
+            AssistantConfig {
                 min_memory_score: 0.0,
                 ..Default::default()
             },
-            observer: None,
-        };
+        );
         let ans = a
             .answer("alice", "a soft plush toy for my toddler", None, 5)
             .unwrap();
@@ -528,17 +543,15 @@ fn the_memory_tool_drops_entries_below_the_floor() {
     let st = store(&ws, dir.path());
     let m = Scripted::new(&[]);
     let tool = |floor: f32| {
-        let a = Assistant {
-            ws: &ws,
-            store: &st,
-            tenant: "t",
-            llm: &m,
-            cfg: AssistantConfig {
+        let a = scripted(
+            &ws,
+            &st,
+            &m,
+            AssistantConfig {
                 min_memory_score: floor,
                 ..Default::default()
             },
-            observer: None,
-        };
+        );
         a.memory_tool("alice", &serde_json::json!({"query": "a soft plush bunny"}))
             .unwrap()
     };

@@ -402,13 +402,15 @@ impl Policy {
 
     /// Causal attention of the rows `offset..offset + t` (q, k, v: (t, width)) over `past`
     /// keys and values of positions `0..offset` (rotated, (kv heads, offset, head dim)) and
-    /// their own. Returns the output and this block's keys and values, past included.
+    /// their own, under `mask` ([`Policy::mask`]`(t, offset)`, built once per pass). Returns the
+    /// output and this block's keys and values, past included.
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         past: Option<&(Tensor, Tensor)>,
+        mask: &Tensor,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (t, _) = q.dims2()?;
         let offset = past.map_or(Ok(0), |(k, _)| k.dim(1))?;
@@ -439,7 +441,7 @@ impl Policy {
         };
         let (ke, ve) = (expand(&k)?, expand(&v)?);
         let att = (q.matmul(&ke.t()?)? / (hd as f64).sqrt())?;
-        let att = att.broadcast_add(&self.mask(t, offset)?)?;
+        let att = att.broadcast_add(mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&ve)?.transpose(0, 1)?.reshape((t, nh * hd))?;
         Ok((y, (k, v)))
@@ -476,6 +478,7 @@ impl Policy {
         li: usize,
         x: Tensor,
         past: Option<&(Tensor, Tensor)>,
+        mask: &Tensor,
         lora: bool,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let l = &self.layers[li];
@@ -483,7 +486,7 @@ impl Policy {
         let q = self.proj(li, Proj::Q, l, &h, lora)?;
         let k = self.proj(li, Proj::K, l, &h, lora)?;
         let v = self.proj(li, Proj::V, l, &h, lora)?;
-        let (y, kv) = self.attention(&q, &k, &v, past)?;
+        let (y, kv) = self.attention(&q, &k, &v, past, mask)?;
         let x = (self.proj(li, Proj::O, l, &y, lora)? + x)?;
         let h = self.rms(&x, &l.ffn_norm)?;
         let g = self.proj(li, Proj::Gate, l, &h, lora)?.silu()?;
@@ -502,24 +505,26 @@ impl Policy {
         };
         // At least the last token is computed (its row is needed); a full hit is cut by one.
         let reuse = reuse.min(tokens.len() - 1);
+        let hit = hit.filter(|_| reuse > 0);
         let ids = Tensor::new(&tokens[reuse..], &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let mask = self.mask(tokens.len() - reuse, reuse)?;
         let mut kvs = Vec::with_capacity(upto);
         for li in 0..upto {
-            let past = match (reuse, hit) {
-                (0, _) | (_, None) => None,
-                (n, Some(st)) => {
+            let past = match hit {
+                Some(st) => {
                     let (k, v) = &st.kv[li];
-                    Some((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?))
+                    Some((k.narrow(1, 0, reuse)?, v.narrow(1, 0, reuse)?))
                 }
+                None => None,
             };
-            let (y, kv) = self.layer(li, x, past.as_ref(), false)?;
+            let (y, kv) = self.layer(li, x, past.as_ref(), &mask, false)?;
             x = y;
             kvs.push(kv);
         }
-        let x = match (reuse, hit) {
-            (0, _) | (_, None) => x,
-            (n, Some(st)) => Tensor::cat(&[&st.x.narrow(0, 0, n)?, &x], 0)?,
+        let x = match hit {
+            Some(st) => Tensor::cat(&[&st.x.narrow(0, 0, reuse)?, &x], 0)?,
+            None => x,
         }
         .detach();
         if let Some(c) = cache {
@@ -536,8 +541,9 @@ impl Policy {
 
     /// Layers from `from` up and the final norm, on the residual stream `x`.
     fn upper(&self, mut x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
+        let mask = self.mask(x.dim(0)?, 0)?;
         for li in from..self.shape.layers {
-            x = self.layer(li, x, None, lora)?.0;
+            x = self.layer(li, x, None, &mask, lora)?.0;
         }
         Ok(self.rms(&x, &self.norm)?)
     }
