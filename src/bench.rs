@@ -308,9 +308,9 @@ pub fn batched(model: &str) -> Result<Value> {
     Ok(json!({"model": model, "sequences": rows}))
 }
 
-/// Where batched decoding's time goes: candle's Q8_0 matmul at 1 and 16 rows for the shapes of
-/// Qwen 0.5B's projections (a matmul that reused weights across rows would cost far less than
-/// 16× at 16 rows).
+/// Where batched decoding's time goes: for the shapes of Qwen 0.5B's projections, candle's Q8_0
+/// matmul, an f32 GEMM on the dequantised weights, and our packed Q8_0 kernel ([`mrrec_llm::q8`],
+/// which reads each weight block once for all rows), at 1 to 512 rows.
 pub fn qmatmul_profile() -> Result<Value> {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
@@ -321,18 +321,54 @@ pub fn qmatmul_profile() -> Result<Value> {
         ("ffn_down 4864→896", 896, 4864),
     ] {
         let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu)?;
-        let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
-        let mut times = Vec::new();
-        for b in [1usize, 16] {
-            let x = Tensor::randn(0f32, 1.0, (b, inp), &Device::Cpu)?;
-            q.forward(&x)?;
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let packed = mrrec_llm::q8::PackedQ8::from_qtensor(&qt);
+        let q = QMatMul::from_qtensor(qt)?;
+        let wt = w.t()?.contiguous()?;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            f()?;
+            let reps = 10;
             let t = Instant::now();
-            for _ in 0..20 {
-                std::hint::black_box(q.forward(&x)?);
+            for _ in 0..reps {
+                f()?;
             }
-            times.push(t.elapsed().as_secs_f64() / 20.0);
+            Ok(t.elapsed().as_secs_f64() / reps as f64)
+        };
+        let mut by_rows = serde_json::Map::new();
+        let (mut candle1, mut ours1) = (0.0, 0.0);
+        for b in [1usize, 4, 8, 16, 64, 512] {
+            let x = Tensor::randn(0f32, 1.0, (b, inp), &Device::Cpu)?;
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let candle = time(&|| {
+                std::hint::black_box(q.forward(&x)?);
+                Ok(())
+            })?;
+            let dense = time(&|| {
+                std::hint::black_box(x.matmul(&wt)?);
+                Ok(())
+            })?;
+            let ours = match &packed {
+                Some(p) => Some(time(&|| {
+                    std::hint::black_box(p.matmul(&xs, b));
+                    Ok(())
+                })?),
+                None => None,
+            };
+            if b == 1 {
+                candle1 = candle;
+                ours1 = ours.unwrap_or(f64::NAN);
+            }
+            by_rows.insert(
+                b.to_string(),
+                json!({"candle_q8_ms": candle * 1e3, "f32_dense_ms": dense * 1e3,
+                       "packed_q8_ms": ours.map(|t| t * 1e3),
+                       "candle_vs_1_row": candle / candle1,
+                       "packed_vs_1_row": ours.map(|t| t / ours1),
+                       "packed_speedup_vs_candle": ours.map(|t| candle / t),
+                       "packed_speedup_vs_dense": ours.map(|t| dense / t)}),
+            );
         }
-        rows.insert(name.into(), json!({"ms_1_row": times[0] * 1e3, "ms_16_rows": times[1] * 1e3, "ratio_16_vs_1": times[1] / times[0]}));
+        rows.insert(name.into(), Value::Object(by_rows));
     }
     Ok(Value::Object(rows))
 }

@@ -12,6 +12,7 @@ mod local;
 pub mod model;
 mod openai;
 pub mod parse;
+pub mod q8;
 pub mod serve;
 mod template;
 
