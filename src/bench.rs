@@ -796,3 +796,80 @@ pub fn grpo(model: &str) -> Result<Value> {
     }
     Ok(json!({"model": model, "segments": out}))
 }
+
+/// GRPO rollouts of real training queries with the real memory: a group's `g` trajectories one
+/// after another, then decoded together (a thread each, one batch per model step), same seeds.
+/// Reports sampled tokens per second of both and their ratio. Needs the users' record memory
+/// (`mrrec memory build`).
+pub fn rollouts(
+    ws: &Workspace,
+    store: &dyn mrrec_memory::MemoryRead,
+    tenant: &str,
+    model: &str,
+    queries: usize,
+    g: usize,
+) -> Result<Value> {
+    let local = mrrec_llm::LocalModel::from_registry(model)?;
+    let all = ws
+        .dataset
+        .queries
+        .for_purpose(&mrrec_data::Purpose::Evaluate(vec![
+            mrrec_data::Split::Train,
+        ]))
+        .map_err(anyhow::Error::msg)?;
+    let r = crate::rollout::Rollouts {
+        ws,
+        store,
+        tenant,
+        local: &local,
+        cfg: crate::assistant::AssistantConfig::default(),
+        temperature: 1.0,
+        weights: crate::rewards::RewardWeights::default(),
+    };
+    let mut rows = Vec::new();
+    let (mut tot_seq, mut tot_bat) = ((0usize, 0f64), (0usize, 0f64));
+    for (i, q) in all.iter().take(queries).enumerate() {
+        let Some(target) = ws.catalogue().position(q.target()) else {
+            continue;
+        };
+        let query = q.query();
+        let request = query.simple_query.as_deref().unwrap_or(&query.query);
+        let run = |batched: bool| -> Result<(usize, f64)> {
+            let t = Instant::now();
+            let group = r.group(
+                &query.user_id,
+                request,
+                query.category.as_deref(),
+                target,
+                g,
+                100 + i as u64,
+                batched,
+            )?;
+            let tokens: usize = group
+                .iter()
+                .flat_map(|t| &t.segments)
+                .map(|s| s.ids.len())
+                .sum();
+            Ok((tokens, t.elapsed().as_secs_f64()))
+        };
+        if i == 0 {
+            run(false)?; // warm-up: constraint compiler, caches
+        }
+        let s = run(false)?;
+        let b = run(true)?;
+        tot_seq = (tot_seq.0 + s.0, tot_seq.1 + s.1);
+        tot_bat = (tot_bat.0 + b.0, tot_bat.1 + b.1);
+        eprintln!(
+            "rollouts {model} G={g} query {}: sequential {} tokens in {:.1} s, batched {} tokens in {:.1} s",
+            query.qid, s.0, s.1, b.0, b.1
+        );
+        rows.push(
+            json!({"qid": query.qid, "sequential": {"tokens": s.0, "seconds": s.1},
+                          "batched": {"tokens": b.0, "seconds": b.1}}),
+        );
+    }
+    let rate = |(t, s): (usize, f64)| t as f64 / s.max(1e-9);
+    Ok(json!({"model": model, "group": g, "queries": rows,
+              "sequential_tokens_per_s": rate(tot_seq), "batched_tokens_per_s": rate(tot_bat),
+              "ratio_batched_vs_sequential": rate(tot_bat) / rate(tot_seq)}))
+}

@@ -185,7 +185,7 @@ enum Command {
         /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,grpo.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,grpo,rollout.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
         /// Open-loop rate of the service benchmark, requests/s.
@@ -301,6 +301,9 @@ struct TrainArgs {
     /// Use a seeded subset of this many training queries.
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Run a group's trajectories one after another instead of decoding them together.
+    #[arg(long)]
+    sequential_rollouts: bool,
     /// Rollout temperature.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
@@ -908,6 +911,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
             patience: args.patience,
             seed: args.seed,
             weights,
+            batched_rollouts: !args.sequential_rollouts,
             ..Default::default()
         },
         out: args.out.clone(),
@@ -1859,6 +1863,14 @@ fn main() -> Result<()> {
                     g.insert(m.into(), mrrec::bench::grpo(m)?);
                 }
                 out.insert("grpo".into(), serde_json::Value::Object(g));
+            }
+            if parts.contains("rollout") {
+                let store = open_store(&ws, None)?;
+                let mut g = Vec::new();
+                for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
+                    g.push(mrrec::bench::rollouts(&ws, &*store, TENANT, m, 3, 5)?);
+                }
+                out.insert("rollout".into(), serde_json::Value::Array(g));
             }
             if parts.contains("service") {
                 out.insert(

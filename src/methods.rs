@@ -176,6 +176,23 @@ pub fn llm_method(
 }
 
 impl LlmMethod<'_> {
+    fn answer_one(
+        &self,
+        a: &crate::assistant::Assistant<'_>,
+        q: &Query,
+        t: &str,
+        k: usize,
+    ) -> Result<crate::assistant::Answer, MethodError> {
+        let cat = q.category.as_deref();
+        Ok(match self.kind {
+            LlmKind::Assistant => a.answer(&q.user_id, t, cat, k)?,
+            _ => {
+                let ctx = self.context(q)?;
+                a.one_shot(t, cat, ctx.as_deref(), k)?
+            }
+        })
+    }
+
     fn context(&self, q: &Query) -> Result<Option<String>, MethodError> {
         use mrrec_memory::{Level, Owner};
         let a = &self.assistant;
@@ -232,17 +249,48 @@ impl Method for LlmMethod<'_> {
         k: usize,
     ) -> Result<Vec<MethodAnswer>, MethodError> {
         let texts = texts(queries, field)?;
+        let answers: Vec<Result<crate::assistant::Answer, MethodError>> = if queries.len() > 1 {
+            // The queries of a batch run on their own threads and every model call is decoded
+            // together with the others' (a Batcher: one batch per model step).
+            let batcher = mrrec_llm::Batcher::over(self.assistant.llm);
+            let workers: Vec<_> = (0..queries.len()).map(|i| batcher.worker(i)).collect();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = queries
+                    .iter()
+                    .zip(&texts)
+                    .zip(workers)
+                    .map(|((q, t), w)| {
+                        scope.spawn(move || {
+                            let a = crate::assistant::Assistant {
+                                llm: &w,
+                                cfg: self.assistant.cfg.clone(),
+                                ..self.assistant
+                            };
+                            let r = self.answer_one(&a, q, t, k);
+                            drop(w);
+                            r
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MethodError("an answering thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            queries
+                .iter()
+                .zip(&texts)
+                .map(|(q, t)| self.answer_one(&self.assistant, q, t, k))
+                .collect()
+        };
         let mut out = Vec::with_capacity(queries.len());
-        for (q, t) in queries.iter().zip(texts) {
-            let a = &self.assistant;
-            let cat = q.category.as_deref();
-            let ans = match self.kind {
-                LlmKind::Assistant => a.answer(&q.user_id, t, cat, k)?,
-                _ => {
-                    let ctx = self.context(q)?;
-                    a.one_shot(t, cat, ctx.as_deref(), k)?
-                }
-            };
+        for ans in answers {
+            let ans = ans?;
             let u = &ans.trace.usage;
             out.push(MethodAnswer {
                 ranking: ans.items.iter().map(|x| x.0).collect(),

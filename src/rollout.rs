@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::Result;
-use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, LocalModel, Segment};
+use mrrec_llm::{Batcher, ChatModel, ChatRequest, ChatResponse, LocalModel, Segment, SegmentModel};
 use mrrec_memory::MemoryRead;
 use serde::Serialize;
 
@@ -15,9 +15,10 @@ use crate::assistant::{Answer, Assistant, AssistantConfig};
 use crate::rewards::{RewardWeights, Rewards};
 use crate::Workspace;
 
-/// A local model that samples every call at `temperature` with its own seed and records it.
+/// A local model (alone or a [`Batcher`]'s worker) that samples every call at `temperature`
+/// with its own seed and records it.
 pub struct Recording<'a> {
-    local: &'a LocalModel,
+    local: &'a dyn SegmentModel,
     temperature: f64,
     seed: u64,
     calls: AtomicU64,
@@ -26,7 +27,7 @@ pub struct Recording<'a> {
 
 impl<'a> Recording<'a> {
     /// Records calls to `local`; call `i` samples with seed `seed + i`.
-    pub fn new(local: &'a LocalModel, temperature: f64, seed: u64) -> Self {
+    pub fn new(local: &'a dyn SegmentModel, temperature: f64, seed: u64) -> Self {
         Recording {
             local,
             temperature,
@@ -117,9 +118,12 @@ pub struct Rollouts<'a> {
 
 impl Rollouts<'_> {
     /// `g` trajectories of one query (`user`, `request`, `category`) whose purchased item is the
-    /// catalogue position `target`; trajectory `j` samples with seeds from `seed + 1000·j`. The
-    /// first call's prompt is the same for the whole group, so the model's prefix cache computes
-    /// it once.
+    /// catalogue position `target`; trajectory `j` samples with seeds from `seed + 1000·j`. With
+    /// `batched`, the trajectories run on their own threads and every model call of the group is
+    /// decoded in one batch (a [`Batcher`]); otherwise one after another. Either way the first
+    /// call's prompt is the same for the whole group, so the model's prefix cache computes it once,
+    /// and each trajectory samples the same tokens.
+    #[allow(clippy::too_many_arguments)]
     pub fn group(
         &self,
         user: &str,
@@ -128,44 +132,79 @@ impl Rollouts<'_> {
         target: u32,
         g: usize,
         seed: u64,
+        batched: bool,
     ) -> Result<Vec<Trajectory>> {
-        let mut out = Vec::with_capacity(g);
-        for j in 0..g {
-            let rec = Recording::new(
-                self.local,
-                self.temperature,
-                seed.wrapping_add(1000 * j as u64),
-            );
-            let a = Assistant {
-                ws: self.ws,
-                store: self.store,
-                tenant: self.tenant,
-                llm: &rec,
-                cfg: self.cfg.clone(),
-                observer: None,
-            };
-            let answer = a.answer(user, request, category, 10)?;
-            // No fallback inside rewards: a trajectory without a parsed profile gets R_rec = 0.
-            let profile = if answer.trace.fallback {
-                None
-            } else {
-                answer.trace.profile.clone()
-            };
-            let calls_ok = answer
-                .trace
-                .tool_calls
-                .iter()
-                .filter(|c| c.ok && c.error.is_none())
-                .count();
-            let rewards =
-                crate::rewards::reward(self.ws, &self.weights, profile, target, calls_ok)?;
-            out.push(Trajectory {
-                segments: rec.take(),
-                answer,
-                rewards,
-            });
+        if !batched || g < 2 {
+            return (0..g)
+                .map(|j| self.trajectory(self.local, user, request, category, target, seed, j))
+                .collect();
         }
-        Ok(out)
+        let batcher = Batcher::new(self.local);
+        // Register every worker before any thread calls, so the first batch waits for all.
+        let workers: Vec<_> = (0..g).map(|j| batcher.worker(j)).collect();
+        let out: Vec<Result<Trajectory>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .into_iter()
+                .enumerate()
+                .map(|(j, w)| {
+                    scope.spawn(move || {
+                        let r = self.trajectory(&w, user, request, category, target, seed, j);
+                        drop(w);
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a rollout thread panicked")))
+                })
+                .collect()
+        });
+        out.into_iter().collect()
+    }
+
+    /// Trajectory `j` of a group.
+    #[allow(clippy::too_many_arguments)]
+    fn trajectory(
+        &self,
+        model: &dyn SegmentModel,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        target: u32,
+        seed: u64,
+        j: usize,
+    ) -> Result<Trajectory> {
+        let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64));
+        let a = Assistant {
+            ws: self.ws,
+            store: self.store,
+            tenant: self.tenant,
+            llm: &rec,
+            cfg: self.cfg.clone(),
+            observer: None,
+        };
+        let answer = a.answer(user, request, category, 10)?;
+        // No fallback inside rewards: a trajectory without a parsed profile gets R_rec = 0.
+        let profile = if answer.trace.fallback {
+            None
+        } else {
+            answer.trace.profile.clone()
+        };
+        let calls_ok = answer
+            .trace
+            .tool_calls
+            .iter()
+            .filter(|c| c.ok && c.error.is_none())
+            .count();
+        let rewards = crate::rewards::reward(self.ws, &self.weights, profile, target, calls_ok)?;
+        Ok(Trajectory {
+            segments: rec.take(),
+            answer,
+            rewards,
+        })
     }
 }
 

@@ -58,6 +58,14 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Rows per chunk of the log-softmax.
     pub logprob_chunk: usize,
+    /// Decode a group's trajectories together (a thread per trajectory, one batch per model
+    /// step); the same tokens as one after another, faster. Not part of a run's identity.
+    #[serde(skip, default = "yes")]
+    pub batched_rollouts: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -78,6 +86,7 @@ impl Default for TrainConfig {
             patience: 1,
             seed: 42,
             logprob_chunk: 64,
+            batched_rollouts: true,
         }
     }
 }
@@ -321,6 +330,7 @@ impl Trainer<'_> {
                     target,
                     self.train.group,
                     seed,
+                    self.train.batched_rollouts,
                 )?;
                 groups.push((query.qid.clone(), g));
             }

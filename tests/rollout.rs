@@ -63,10 +63,42 @@ fn guided_rollouts_record_what_the_policy_sampled() {
             target,
             2,
             7,
+            true,
         )
         .unwrap();
-    eprintln!("2 rollouts in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!("2 batched rollouts in {:.1} s", t0.elapsed().as_secs_f64());
     assert_eq!(group.len(), 2);
+    // Decoding the group together samples the same first call as one trajectory after another
+    // (same prompt, same seed: a sequence's tokens do not depend on what it is batched with).
+    // Later calls extend prompts that the prefix cache assembled from other chunks in the two
+    // orders, which moves Q8_0 activations by a rounding step: equally likely samples, not the
+    // same ones.
+    let t0 = std::time::Instant::now();
+    let one_by_one = r
+        .group(
+            &query.user_id,
+            request,
+            query.category.as_deref(),
+            target,
+            2,
+            7,
+            false,
+        )
+        .unwrap();
+    eprintln!(
+        "2 sequential rollouts in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    for (a, b) in group.iter().zip(&one_by_one) {
+        let (x, y) = (&a.segments[0], &b.segments[0]);
+        assert_eq!(x.prompt, y.prompt);
+        assert_eq!(x.ids, y.ids, "batched and sequential sampling differ");
+        assert_eq!(x.logprobs, y.logprobs);
+    }
+    assert_ne!(
+        group[0].segments[0].ids, group[1].segments[0].ids,
+        "each trajectory has its own seed"
+    );
     let log = group_log(&query.qid, &group);
     assert_eq!(log.totals.len(), 2);
     let t0 = std::time::Instant::now();

@@ -3,6 +3,7 @@
 //! OpenAI-compatible server ([`OpenAiModel`]). Memory building, the assistant, the baselines and
 //! GRPO all talk to a `ChatModel`.
 
+mod batcher;
 mod cache;
 mod constrain;
 mod convert;
@@ -18,6 +19,7 @@ mod template;
 
 use serde::{Deserialize, Serialize};
 
+pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use cache::{CachePolicy, CachedChatModel};
 pub use constrain::{validate, Constraint, ConstraintCompiler, TokenSet};
 pub use convert::{ensure_q8_0, requantize_gguf};

@@ -77,6 +77,8 @@ const MIN_SHARED: usize = 32;
 
 /// One sequence being generated.
 struct Seq<'a> {
+    /// Its own length, stop and sampling rules (sequences decoded together may differ).
+    s: Sampling,
     cache: KvCache,
     logits: Tensor,
     sampler: LogitsProcessor,
@@ -87,6 +89,8 @@ struct Seq<'a> {
     text: String,
     emitted: usize,
     done: Option<FinishReason>,
+    /// Why it stopped early (a constraint the model could not follow…): the others go on.
+    failed: Option<LlmError>,
     on_text: Option<&'a mut dyn FnMut(&str)>,
     hook: Option<&'a mut LogitHook<'a>>,
 }
@@ -216,6 +220,7 @@ impl LocalModel {
             None => None,
         };
         Ok(Seq {
+            s: s.clone(),
             cache,
             logits,
             sampler: sampler(s, seed),
@@ -226,13 +231,14 @@ impl LocalModel {
             text: String::new(),
             emitted: 0,
             done: None,
+            failed: None,
             on_text,
             hook: None,
         })
     }
 
     /// Picks the next token of one sequence from its logits; marks it done when it stops.
-    fn step(&self, q: &mut Seq<'_>, s: &Sampling) -> Result<()> {
+    fn step(&self, q: &mut Seq<'_>) -> Result<()> {
         let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
         let mut allowed = None;
         if let Some(m) = q.matcher.as_mut() {
@@ -254,11 +260,11 @@ impl LocalModel {
             logits = Tensor::new(v, logits.device())?;
         }
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let penalised = if s.repetition_penalty != 1.0 && !q.ids.is_empty() {
-            let start = q.ids.len().saturating_sub(s.repeat_last_n);
+        let penalised = if q.s.repetition_penalty != 1.0 && !q.ids.is_empty() {
+            let start = q.ids.len().saturating_sub(q.s.repeat_last_n);
             candle_transformers::utils::apply_repeat_penalty(
                 &logits,
-                s.repetition_penalty,
+                q.s.repetition_penalty,
                 &q.ids[start..],
             )?
         } else {
@@ -278,15 +284,15 @@ impl LocalModel {
         q.masks.push(allowed);
         q.ids.push(next);
         q.text = self.decode(&q.ids)?;
-        if let Some(cut) = s
-            .stop
-            .iter()
-            .filter_map(|st| q.text.find(st.as_str()))
-            .min()
+        if let Some(cut) =
+            q.s.stop
+                .iter()
+                .filter_map(|st| q.text.find(st.as_str()))
+                .min()
         {
             q.text.truncate(cut);
             q.done = Some(FinishReason::Stop);
-        } else if q.ids.len() >= s.max_tokens {
+        } else if q.ids.len() >= q.s.max_tokens {
             q.done = Some(FinishReason::Length);
         }
         // Emit only complete characters (a byte-level token may end mid-character).
@@ -301,15 +307,16 @@ impl LocalModel {
     }
 
     /// Runs sequences to completion, decoding every unfinished one together each step.
-    fn run(&self, seqs: &mut [Seq<'_>], s: &Sampling) -> Result<()> {
-        if s.max_tokens == 0 {
-            for q in seqs.iter_mut() {
-                q.done = Some(FinishReason::Length);
-            }
+    fn run(&self, seqs: &mut [Seq<'_>]) -> Result<()> {
+        for q in seqs.iter_mut().filter(|q| q.s.max_tokens == 0) {
+            q.done = Some(FinishReason::Length);
         }
         loop {
             for q in seqs.iter_mut().filter(|q| q.done.is_none()) {
-                self.step(q, s)?;
+                if let Err(e) = self.step(q) {
+                    q.failed = Some(e);
+                    q.done = Some(FinishReason::Stop);
+                }
             }
             let active: Vec<usize> = (0..seqs.len())
                 .filter(|&i| seqs[i].done.is_none())
@@ -338,14 +345,17 @@ impl LocalModel {
         }
     }
 
-    fn finish(q: Seq<'_>) -> Generation {
-        Generation {
+    fn finish(mut q: Seq<'_>) -> Result<Generation> {
+        if let Some(e) = q.failed.take() {
+            return Err(e);
+        }
+        Ok(Generation {
             ids: q.ids,
             logprobs: q.logprobs,
             text: q.text,
             finish_reason: q.done.unwrap_or(FinishReason::Length),
             masks: q.masks,
-        }
+        })
     }
 
     /// Runs `prompt` through the model, reusing the keys and values of the longest remembered
@@ -448,8 +458,8 @@ impl LocalModel {
         self.check_window(prompt, s)?;
         let (cache, logits) = self.prefill_reusing(prompt)?;
         let mut seqs = vec![self.new_seq(cache, logits, s, s.seed, constraint, Some(on_text))?];
-        self.run(&mut seqs, s)?;
-        Ok(Self::finish(seqs.remove(0)))
+        self.run(&mut seqs)?;
+        Self::finish(seqs.remove(0))
     }
 
     /// Generates with a logit-mask hook: before each token, `mask(ids_so_far, logits)` may edit
@@ -465,8 +475,8 @@ impl LocalModel {
         let mut seq = self.new_seq(cache, logits, s, s.seed, None, None)?;
         seq.hook = Some(mask);
         let mut seqs = vec![seq];
-        self.run(&mut seqs, s)?;
-        Ok(Self::finish(seqs.remove(0)))
+        self.run(&mut seqs)?;
+        Self::finish(seqs.remove(0))
     }
 
     /// Generates for many independent prompts, decoding them together (each keeps its own seed,
@@ -479,10 +489,6 @@ impl LocalModel {
                 s.len()
             )));
         }
-        let Some(first) = s.first() else {
-            return Ok(Vec::new());
-        };
-        // One step function for all: they must agree on the length and stop rules.
         let mut seqs = Vec::with_capacity(prompts.len());
         for (p, si) in prompts.iter().zip(s) {
             self.check_window(p, si)?;
@@ -490,24 +496,8 @@ impl LocalModel {
             let logits = self.model.prefill(p, &mut cache)?;
             seqs.push(self.new_seq(cache, logits, si, si.seed, None, None)?);
         }
-        if s.iter().all(|x| {
-            x.max_tokens == first.max_tokens
-                && x.stop == first.stop
-                && x.temperature == first.temperature
-                && x.top_p == first.top_p
-                && x.repetition_penalty == first.repetition_penalty
-        }) {
-            self.run(&mut seqs, first)?;
-            Ok(seqs.into_iter().map(Self::finish).collect())
-        } else {
-            let mut out = Vec::with_capacity(seqs.len());
-            for (q, si) in seqs.into_iter().zip(s) {
-                let mut one = vec![q];
-                self.run(&mut one, si)?;
-                out.push(Self::finish(one.remove(0)));
-            }
-            Ok(out)
-        }
+        self.run(&mut seqs)?;
+        seqs.into_iter().map(Self::finish).collect()
     }
 
     /// `g` samples of one prompt: the prompt is computed once and its KV cache forked; sample `i`
@@ -533,8 +523,8 @@ impl LocalModel {
                 None,
             )?);
         }
-        self.run(&mut seqs, s)?;
-        Ok(seqs.into_iter().map(Self::finish).collect())
+        self.run(&mut seqs)?;
+        seqs.into_iter().map(Self::finish).collect()
     }
 
     /// Log-probabilities (temperature 1) of `tokens` following `prompt`, by forced decoding through
@@ -587,6 +577,67 @@ impl LocalModel {
         Ok((self.response(req, ids.len(), g, t0), seg))
     }
 
+    /// Answers several requests together: each prompt is prefilled (reusing remembered
+    /// prefixes), then every sequence decodes in one batch per step, each under its own sampling,
+    /// stop rules and constraint; a sequence's tokens are the same as alone. Each response carries
+    /// an equal share of the batch's wall time (the seconds of a batch add up to what it took).
+    pub fn chat_segments(&self, reqs: &[ChatRequest]) -> Vec<Result<(ChatResponse, Segment)>> {
+        let t0 = Instant::now();
+        let mut out: Vec<Option<Result<(ChatResponse, Segment)>>> =
+            (0..reqs.len()).map(|_| None).collect();
+        let mut started: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut seqs = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let seq = self
+                .prompt(r)
+                .and_then(|p| self.info.encode(&p))
+                .and_then(|ids| {
+                    self.check_window(&ids, &r.sampling)?;
+                    let (cache, logits) = self.prefill_reusing(&ids)?;
+                    let q = self.new_seq(
+                        cache,
+                        logits,
+                        &r.sampling,
+                        r.sampling.seed,
+                        r.constraint.as_ref(),
+                        None,
+                    )?;
+                    Ok((ids, q))
+                });
+            match seq {
+                Ok((ids, q)) => {
+                    started.push((i, ids));
+                    seqs.push(q);
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if let Err(e) = self.run(&mut seqs) {
+            let msg = e.to_string();
+            for (i, _) in &started {
+                out[*i] = Some(Err(LlmError::Tokenizer(format!("batch failed: {msg}"))));
+            }
+        } else {
+            let n = started.len().max(1) as f64;
+            for ((i, ids), q) in started.into_iter().zip(seqs) {
+                out[i] = Some(Self::finish(q).map(|g| {
+                    let seg = Segment {
+                        prompt: ids.clone(),
+                        ids: g.ids.clone(),
+                        logprobs: g.logprobs.clone(),
+                        masks: g.masks.clone(),
+                    };
+                    let mut resp = self.response(&reqs[i], ids.len(), g, t0);
+                    resp.usage.seconds /= n;
+                    (resp, seg)
+                }));
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
+            .collect()
+    }
+
     /// Decodes ids to text (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.info
@@ -634,45 +685,9 @@ impl ChatModel for LocalModel {
     }
 
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
-        // Unconstrained requests decode together; constrained ones run one by one.
-        let mut out: Vec<Option<Result<ChatResponse>>> = (0..reqs.len()).map(|_| None).collect();
-        let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (i, r) in reqs.iter().enumerate() {
-            if r.constraint.is_some() {
-                out[i] = Some(self.chat(r));
-                continue;
-            }
-            match self.prompt(r).and_then(|p| self.info.encode(&p)) {
-                Ok(ids) => batch.push((i, ids)),
-                Err(e) => out[i] = Some(Err(e)),
-            }
-        }
-        let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, p)| p.clone()).collect();
-        let samplings: Vec<Sampling> = batch
-            .iter()
-            .map(|(i, _)| reqs[*i].sampling.clone())
-            .collect();
-        let t0 = Instant::now();
-        match self.generate_many(&prompts, &samplings) {
-            Ok(gens) => {
-                // Each answer carries an equal share of the batch's wall time, so that the
-                // seconds of a batch add up to what it took.
-                let n = batch.len().max(1) as f64;
-                for ((i, p), g) in batch.iter().zip(gens) {
-                    let mut r = self.response(&reqs[*i], p.len(), g, t0);
-                    r.usage.seconds /= n;
-                    out[*i] = Some(Ok(r));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for (i, _) in &batch {
-                    out[*i] = Some(Err(LlmError::Tokenizer(format!("batch failed: {msg}"))));
-                }
-            }
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
+        self.chat_segments(reqs)
+            .into_iter()
+            .map(|r| r.map(|(resp, _)| resp))
             .collect()
     }
 }

@@ -547,22 +547,29 @@ impl Transformer {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
+        // Grouped-query attention without copying the keys and values per query head: the `rep`
+        // query heads that share a key/value head are stacked as rows of one matrix (head
+        // h = g·rep + r reads key/value head g, as `repeat_kv` would lay it out). Copying the
+        // cache `rep` times per token was most of a long-context decoding step.
         let rep = self.n_head / self.n_kv;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-        let mut att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let kv_len = pos + t;
+        let qg = q
+            .contiguous()?
+            .reshape((1, self.n_kv, rep * t, self.head_dim))?;
+        let mut att = (qg.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         if t > 1 {
-            let kv_len = pos + t;
-            let mask: Vec<u8> = (0..t)
+            let mask: Vec<u8> = (0..rep)
+                .flat_map(|_| 0..t)
                 .flat_map(|i| (0..kv_len).map(move |j| u8::from(j > pos + i)))
                 .collect();
-            let mask =
-                Tensor::from_slice(&mask, (t, kv_len), &self.device)?.broadcast_as(att.shape())?;
+            let mask = Tensor::from_slice(&mask, (rep * t, kv_len), &self.device)?
+                .broadcast_as(att.shape())?;
             let neg = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
             att = mask.where_cond(&neg, &att)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         att.matmul(&v)?
+            .reshape((1, self.n_head, t, self.head_dim))?
             .transpose(1, 2)?
             .reshape((1, t, self.n_head * self.head_dim))
     }
