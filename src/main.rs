@@ -694,14 +694,16 @@ fn eval_one(
 ) -> Result<RunMetrics> {
     let m = method_for(ws, method, ctx)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
-    // in small batches: the unit a killed run loses.
+    // in batches of 8 queries answered together (their model calls decode as one batch: 2.4×
+    // the single-stream rate at 8 sequences); a killed run loses at most one batch's outcomes,
+    // and their model answers are replayed from the response cache.
     let (run_name, batch, prompts) = match ctx {
         Some(c) if mrrec::methods::llm_method(method, &c.cfg).is_some() => (
             format!(
                 "{method}@{}",
                 serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
             ),
-            4,
+            8,
             format!(
                 "{} / {}",
                 mrrec::assistant::ASSISTANT_PROMPT_VERSION,

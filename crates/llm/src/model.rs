@@ -2,9 +2,10 @@
 //! sequence (cloning a cache forks a prompt computed once), and batched decoding — many sequences
 //! advance together, so the weight matrices are read once per step for all of them.
 //!
-//! Quantised matmuls in candle are row-independent, and attention is computed per sequence with
-//! the same shapes in batched and single-stream decoding, so a sequence's tokens do not depend on
-//! what it is batched with.
+//! Projections run our packed Q8_0 kernel ([`crate::q8`]) where the CPU has AVX512-VNNI (else
+//! candle's); both are row-independent, and attention is computed per sequence with the same
+//! shapes in batched and single-stream decoding, so a sequence's tokens do not depend on what it is
+//! batched with.
 
 use std::path::Path;
 
