@@ -171,39 +171,65 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// N@100 of greedy guided answers on `queries` with the current adapter.
+    /// N@100 of greedy guided answers on `queries` with the current adapter. Eight queries at a
+    /// time are answered together (a thread each, their model calls decoded as one batch).
     pub fn validate(&self, queries: &[&LabeledQuery]) -> Result<f64> {
         self.apply_adapter()?;
-        let a = Assistant {
-            ws: self.ws,
-            store: self.store,
-            tenant: self.tenant,
-            llm: self.local,
-            cfg: self.cfg.clone(),
-            observer: None,
-        };
         let mut sum = 0.0;
         let t0 = Instant::now();
         let (mut tin, mut tout) = (0u64, 0u64);
-        for (i, q) in queries.iter().enumerate() {
-            let query = q.query();
-            let request = query.simple_query.as_deref().unwrap_or(&query.query);
-            let ans = a.answer(&query.user_id, request, query.category.as_deref(), 10)?;
-            tin += ans.trace.usage.prompt_tokens;
-            tout += ans.trace.usage.completion_tokens;
-            if (i + 1) % 10 == 0 || i + 1 == queries.len() {
-                eprintln!(
-                    "validation: {}/{} queries, {tin} tokens in, {tout} out, {:.0}s",
-                    i + 1,
-                    queries.len(),
-                    t0.elapsed().as_secs_f64()
-                );
+        let mut done = 0;
+        for chunk in queries.chunks(8) {
+            let batcher = mrrec_llm::Batcher::new(self.local);
+            let workers: Vec<_> = (0..chunk.len()).map(|i| batcher.worker(i)).collect();
+            let answers: Vec<Result<crate::assistant::Answer>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .zip(workers)
+                    .map(|(q, w)| {
+                        scope.spawn(move || {
+                            let a = Assistant {
+                                ws: self.ws,
+                                store: self.store,
+                                tenant: self.tenant,
+                                llm: &w,
+                                cfg: self.cfg.clone(),
+                                observer: None,
+                            };
+                            let query = q.query();
+                            let request = query.simple_query.as_deref().unwrap_or(&query.query);
+                            let r =
+                                a.answer(&query.user_id, request, query.category.as_deref(), 10);
+                            drop(w);
+                            r
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!("a validation thread panicked"))
+                        })
+                    })
+                    .collect()
+            });
+            for (q, ans) in chunk.iter().zip(answers) {
+                let ans = ans?;
+                tin += ans.trace.usage.prompt_tokens;
+                tout += ans.trace.usage.completion_tokens;
+                let Some(target) = self.ws.catalogue().position(q.target()) else {
+                    continue;
+                };
+                let rank = crate::rewards::target_rank(self.ws, &ans.ranked_with, target)?;
+                sum += mrrec_eval::metrics::ndcg_at(rank, 100);
             }
-            let Some(target) = self.ws.catalogue().position(q.target()) else {
-                continue;
-            };
-            let rank = crate::rewards::target_rank(self.ws, &ans.ranked_with, target)?;
-            sum += mrrec_eval::metrics::ndcg_at(rank, 100);
+            done += chunk.len();
+            eprintln!(
+                "validation: {done}/{} queries, {tin} tokens in, {tout} out, {:.0}s",
+                queries.len(),
+                t0.elapsed().as_secs_f64()
+            );
         }
         Ok(sum / queries.len().max(1) as f64)
     }
