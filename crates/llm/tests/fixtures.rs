@@ -226,3 +226,26 @@ fn returned_logprobs_equal_a_recomputation() {
         );
     }
 }
+
+/// Without our packed kernel (CPUs lacking AVX512-VNNI, or `MRREC_Q8_KERNEL=0`), candle's kernels
+/// and the f32 prefill copies still follow the reference. nextest runs each test in its own
+/// process, so the switch (read once per process) does not leak into other tests.
+#[test]
+fn candle_kernels_follow_the_reference_too() {
+    // SAFETY: set before any thread of this test process reads the environment.
+    unsafe { std::env::set_var("MRREC_Q8_KERNEL", "0") };
+    assert!(!mrrec_llm::q8::available());
+    let (id, fx) = MODELS[0];
+    let f = fixture(fx);
+    let m = LocalModel::from_registry(id).unwrap();
+    for case in f["greedy"].as_array().unwrap() {
+        let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone()).unwrap();
+        let s = Sampling {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let g = m.generate(&prompt, &s, &mut |_| {}).unwrap();
+        assert_eq!(g.ids[..4], want[..4]);
+    }
+}
