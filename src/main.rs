@@ -547,6 +547,10 @@ struct AssistantArgs {
     /// instead of what was asked) is repaired once, then the request is ranked (0: no check).
     #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
     min_profile_similarity: f32,
+    /// Do not show the global memory's aspects (what matters in the scenario, learnt from other
+    /// users) even where they are built.
+    #[arg(long)]
+    no_global: bool,
     /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -572,6 +576,7 @@ impl AssistantArgs {
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
             min_profile_similarity: self.min_profile_similarity,
+            use_global: !self.no_global,
             ..Default::default()
         })
     }
@@ -1406,6 +1411,7 @@ fn demo_assistant(
         guided_calls: 1,
         min_memory_score: mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE,
         min_profile_similarity: mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
+        no_global: false,
         adapter: None,
     }
     .context(ws)?;
