@@ -1717,7 +1717,21 @@ fn chat(
     Ok(())
 }
 
+/// At most two malloc arenas (unless `MALLOC_ARENA_MAX` says otherwise): with glibc's default of
+/// 8 per core, the threads of batched rollouts and validation each kept freed training buffers in
+/// their own arena — a SmolLM2 training process peaked at 14.2 GB, 4.9 GB with two arenas.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MRREC_LOG")
