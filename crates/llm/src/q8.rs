@@ -24,6 +24,8 @@ const TILE_N: usize = 16;
 const QK: usize = 32;
 /// Activation rows per kernel pass (accumulators held in registers).
 const MAX_M: usize = 8;
+/// Activation rows per pass of the two-tile kernel.
+const MAX_M2: usize = 4;
 
 /// One tile: 16 output rows × 32 inputs. `qs` is laid out `[group of 4 inputs][row][4 bytes]`,
 /// each byte the weight + 128.
@@ -139,21 +141,58 @@ impl PackedQ8 {
         let (m, n) = (q.m, self.n);
         let mut out = vec![0f32; m * n];
         let n_tiles = n / TILE_N;
+        let pairs = n_tiles.div_ceil(2);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let work = |tiles: std::ops::Range<usize>| {
+        let work = |ps: std::ops::Range<usize>| {
             let p = &out_ptr;
-            for t in tiles {
-                // SAFETY: each tile writes its own 16 columns of every row.
-                unsafe { self.tile(q, t, p.0) };
+            for pair in ps {
+                let (t0, t1) = (2 * pair, (2 * pair + 2).min(n_tiles));
+                // SAFETY: each task writes its own tiles' 16 columns of every row.
+                unsafe {
+                    if q.m == 1 {
+                        // One row (decoding) streams the weights once either way; the
+                        // one-tile kernel measured faster there. Same arithmetic per output.
+                        for t in t0..t1 {
+                            self.tile(q, t, p.0);
+                        }
+                    } else {
+                        self.tile_pair(q, t0, t1, p.0);
+                    }
+                }
             }
         };
         // Small products run inline: waking the pool costs more than the work.
         if m * self.k * n < 1 << 18 {
-            work(0..n_tiles);
+            work(0..pairs);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
+            candle_core::utils::barrier_pool().execute_chunked(pairs, work);
         }
         out
+    }
+
+    /// All rows of output tiles `t0..t1` (one or two): two tiles share each activation load.
+    ///
+    /// # Safety
+    /// As [`Self::tile`], for every tile of the range.
+    unsafe fn tile_pair(&self, q: &Quantised, t0: usize, t1: usize, out: *mut f32) {
+        #[cfg(target_arch = "x86_64")]
+        if t1 == t0 + 2 {
+            let kb = self.k / QK;
+            let a = &self.tiles[t0 * kb..(t0 + 1) * kb];
+            let b = &self.tiles[(t0 + 1) * kb..(t0 + 2) * kb];
+            let mut r0 = 0;
+            while r0 < q.m {
+                let mc = (q.m - r0).min(MAX_M2);
+                // SAFETY: checked by `available()` when packing; `out` per the contract.
+                unsafe { kernel::rows2(a, b, q, r0, mc, out, self.n, t0 * TILE_N) };
+                r0 += mc;
+            }
+            return;
+        }
+        for t in t0..t1 {
+            // SAFETY: per the contract.
+            unsafe { self.tile(q, t, out) };
+        }
     }
 
     /// All rows of output tile `t`.
@@ -273,6 +312,68 @@ mod kernel {
             }
         }
         let _ = TILE_N;
+    }
+
+    /// Rows `r0..r0+mc` against two adjacent output tiles (`col`, `col + 16`): each activation
+    /// broadcast serves both. Per output, the same operations in the same order as [`rows`].
+    ///
+    /// # Safety
+    /// As [`rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn rows2(
+        ta: &[Tile],
+        tb: &[Tile],
+        q: &Quantised,
+        r0: usize,
+        mc: usize,
+        out: *mut f32,
+        n: usize,
+        col: usize,
+    ) {
+        unsafe {
+            let kb = q.kb;
+            let k = kb * QK;
+            let mut acc_a = [_mm512_setzero_ps(); super::MAX_M2];
+            let mut acc_b = [_mm512_setzero_ps(); super::MAX_M2];
+            for b in 0..kb {
+                let (x, y) = (&ta[b], &tb[b]);
+                let pa = x.qs.as_ptr();
+                let pb = y.qs.as_ptr();
+                let wa: [__m512i; 8] =
+                    std::array::from_fn(|g| _mm512_load_si512(pa.add(64 * g) as *const _));
+                let wb: [__m512i; 8] =
+                    std::array::from_fn(|g| _mm512_load_si512(pb.add(64 * g) as *const _));
+                let dwa = _mm512_load_ps(x.d.as_ptr());
+                let dwb = _mm512_load_ps(y.d.as_ptr());
+                for r in 0..mc {
+                    let row = r0 + r;
+                    let xq = q.qs.as_ptr().add(row * k + b * QK) as *const i32;
+                    let xs: [__m512i; 8] = std::array::from_fn(|g| {
+                        _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)))
+                    });
+                    let corr = _mm512_set1_epi32(128 * *q.sums.get_unchecked(row * kb + b));
+                    let dx = _mm512_set1_ps(*q.d.get_unchecked(row * kb + b));
+                    for (w, dw, acc) in [(&wa, dwa, &mut acc_a[r]), (&wb, dwb, &mut acc_b[r])] {
+                        let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], xs[0]);
+                        let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], xs[1]);
+                        s0 = _mm512_dpbusd_epi32(s0, w[2], xs[2]);
+                        s1 = _mm512_dpbusd_epi32(s1, w[3], xs[3]);
+                        s0 = _mm512_dpbusd_epi32(s0, w[4], xs[4]);
+                        s1 = _mm512_dpbusd_epi32(s1, w[5], xs[5]);
+                        s0 = _mm512_dpbusd_epi32(s0, w[6], xs[6]);
+                        s1 = _mm512_dpbusd_epi32(s1, w[7], xs[7]);
+                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), corr);
+                        let scale = _mm512_mul_ps(dw, dx);
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+                    }
+                }
+            }
+            for r in 0..mc {
+                _mm512_storeu_ps(out.add((r0 + r) * n + col), acc_a[r]);
+                _mm512_storeu_ps(out.add((r0 + r) * n + col + TILE_N), acc_b[r]);
+            }
+        }
     }
 }
 
