@@ -252,35 +252,20 @@ impl Method for LlmMethod<'_> {
         let answers: Vec<Result<crate::assistant::Answer, MethodError>> = if queries.len() > 1 {
             // The queries of a batch run on their own threads and every model call is decoded
             // together with the others' (a Batcher: one batch per model step).
-            let batcher = mrrec_llm::Batcher::over(self.assistant.llm);
-            let workers: Vec<_> = (0..queries.len()).map(|i| batcher.worker(i)).collect();
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = queries
-                    .iter()
-                    .zip(&texts)
-                    .zip(workers)
-                    .map(|((q, t), w)| {
-                        scope.spawn(move || {
-                            let a = crate::assistant::Assistant {
-                                llm: &w,
-                                cfg: self.assistant.cfg.clone(),
-                                ..self.assistant
-                            };
-                            let r = self.answer_one(&a, q, t, k);
-                            drop(w);
-                            r
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(MethodError("an answering thread panicked".into()))
-                        })
-                    })
-                    .collect()
-            })
+            mrrec_llm::Batcher::over(self.assistant.llm)
+                .map(queries.len(), |w, i| {
+                    let a = crate::assistant::Assistant {
+                        llm: w,
+                        cfg: self.assistant.cfg.clone(),
+                        ..self.assistant
+                    };
+                    self.answer_one(&a, queries[i], texts[i], k)
+                })
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(MethodError("an answering thread panicked".into())))
+                })
+                .collect()
         } else {
             queries
                 .iter()

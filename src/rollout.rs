@@ -139,30 +139,13 @@ impl Rollouts<'_> {
                 .map(|j| self.trajectory(self.local, user, request, category, target, seed, j))
                 .collect();
         }
-        let batcher = Batcher::new(self.local);
-        // Register every worker before any thread calls, so the first batch waits for all.
-        let workers: Vec<_> = (0..g).map(|j| batcher.worker(j)).collect();
-        let out: Vec<Result<Trajectory>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = workers
-                .into_iter()
-                .enumerate()
-                .map(|(j, w)| {
-                    scope.spawn(move || {
-                        let r = self.trajectory(&w, user, request, category, target, seed, j);
-                        drop(w);
-                        r
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a rollout thread panicked")))
-                })
-                .collect()
-        });
-        out.into_iter().collect()
+        Batcher::new(self.local)
+            .map(g, |w, j| {
+                self.trajectory(w, user, request, category, target, seed, j)
+            })
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a rollout thread panicked"))))
+            .collect()
     }
 
     /// Trajectory `j` of a group.

@@ -180,42 +180,22 @@ impl Trainer<'_> {
         let (mut tin, mut tout) = (0u64, 0u64);
         let mut done = 0;
         for chunk in queries.chunks(8) {
-            let batcher = mrrec_llm::Batcher::new(self.local);
-            let workers: Vec<_> = (0..chunk.len()).map(|i| batcher.worker(i)).collect();
-            let answers: Vec<Result<crate::assistant::Answer>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .zip(workers)
-                    .map(|(q, w)| {
-                        scope.spawn(move || {
-                            let a = Assistant {
-                                ws: self.ws,
-                                store: self.store,
-                                tenant: self.tenant,
-                                llm: &w,
-                                cfg: self.cfg.clone(),
-                                observer: None,
-                            };
-                            let query = q.query();
-                            let request = query.simple_query.as_deref().unwrap_or(&query.query);
-                            let r =
-                                a.answer(&query.user_id, request, query.category.as_deref(), 10);
-                            drop(w);
-                            r
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(anyhow::anyhow!("a validation thread panicked"))
-                        })
-                    })
-                    .collect()
+            let answers = mrrec_llm::Batcher::new(self.local).map(chunk.len(), |w, i| {
+                let a = Assistant {
+                    ws: self.ws,
+                    store: self.store,
+                    tenant: self.tenant,
+                    llm: w,
+                    cfg: self.cfg.clone(),
+                    observer: None,
+                };
+                let query = chunk[i].query();
+                let request = query.simple_query.as_deref().unwrap_or(&query.query);
+                a.answer(&query.user_id, request, query.category.as_deref(), 10)
             });
             for (q, ans) in chunk.iter().zip(answers) {
-                let ans = ans?;
+                let ans =
+                    ans.unwrap_or_else(|| Err(anyhow::anyhow!("a validation thread panicked")))?;
                 tin += ans.trace.usage.prompt_tokens;
                 tout += ans.trace.usage.completion_tokens;
                 let Some(target) = self.ws.catalogue().position(q.target()) else {

@@ -118,6 +118,32 @@ impl<'m> Batcher<'m> {
         }
     }
 
+    /// Runs `f(worker, i)` for `i` in `0..n`, each on its own thread with its own worker, so that
+    /// their model calls decode together; results in order (`None` where a thread panicked).
+    /// Every worker is registered before any thread starts, so the first batch waits for all.
+    pub fn map<R: Send>(
+        &self,
+        n: usize,
+        f: impl Fn(&Worker<'_, 'm>, usize) -> R + Sync,
+    ) -> Vec<Option<R>> {
+        let workers: Vec<_> = (0..n).map(|i| self.worker(i)).collect();
+        let f = &f;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    scope.spawn(move || {
+                        let r = f(&w, i);
+                        drop(w); // the others may now be all the batcher waits for
+                        r
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().ok()).collect()
+        })
+    }
+
     /// Batches run and calls answered so far.
     pub fn stats(&self) -> BatchStats {
         let st = self.lock();

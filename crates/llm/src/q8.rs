@@ -311,7 +311,6 @@ mod kernel {
                 _mm512_storeu_ps(out.add((r0 + r) * n + col), *a);
             }
         }
-        let _ = TILE_N;
     }
 
     /// Rows `r0..r0+mc` against two adjacent output tiles (`col`, `col + 16`): each activation
