@@ -59,6 +59,9 @@ pub struct AssistantConfig {
     pub use_global: bool,
     /// How many global aspects.
     pub global_n: usize,
+    /// Show only global aspects derived from at least this many distinct training queries.
+    #[serde(default = "default_global_min_support")]
+    pub global_min_support: usize,
     /// Entries per tool call.
     pub k: usize,
     /// Most tool calls (free mode).
@@ -130,6 +133,15 @@ pub const DEFAULT_MIN_MEMORY_SCORE: f32 = 0.3;
 /// that copied a memory's item scored 0.37–0.47 against their requests, on-topic ones 0.57–0.97.
 pub const DEFAULT_MIN_PROFILE_SIMILARITY: f32 = 0.5;
 
+/// Global aspects read off a single training query are that query's product, not what the
+/// section's shoppers share (Qwen 0.5B's v1 aspects, all of support 1 in most sections, lowered
+/// N@100 by .068 on 62 val queries); an aspect needs two queries behind it to be shown.
+pub const DEFAULT_GLOBAL_MIN_SUPPORT: usize = 2;
+
+fn default_global_min_support() -> usize {
+    DEFAULT_GLOBAL_MIN_SUPPORT
+}
+
 impl Default for AssistantConfig {
     fn default() -> Self {
         AssistantConfig {
@@ -137,6 +149,7 @@ impl Default for AssistantConfig {
             levels: Level::ALL.to_vec(),
             use_global: true,
             global_n: 5,
+            global_min_support: DEFAULT_GLOBAL_MIN_SUPPORT,
             k: 3,
             max_calls: 4,
             guided_calls: 1,
@@ -528,7 +541,13 @@ impl<'a> Assistant<'a> {
         };
         let t = std::time::Instant::now();
         let v = self.embed(request, trace)?;
-        for (a, _) in self.store.global(self.tenant, c, &v, self.cfg.global_n)? {
+        for (a, _) in self.store.global(
+            self.tenant,
+            c,
+            &v,
+            self.cfg.global_n,
+            self.cfg.global_min_support,
+        )? {
             trace.global_aspects.push((a.id.clone(), a.text()));
             if !trace.aspect_names.contains(&a.name) {
                 trace.aspect_names.push(a.name.clone());

@@ -551,6 +551,9 @@ struct AssistantArgs {
     /// users) even where they are built.
     #[arg(long)]
     no_global: bool,
+    /// Show only global aspects derived from at least this many distinct training queries.
+    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_GLOBAL_MIN_SUPPORT)]
+    global_min_support: usize,
     /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -577,6 +580,7 @@ impl AssistantArgs {
             min_memory_score: self.min_memory_score,
             min_profile_similarity: self.min_profile_similarity,
             use_global: !self.no_global,
+            global_min_support: self.global_min_support,
             ..Default::default()
         })
     }
@@ -1311,7 +1315,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             let shown: Vec<(mrrec_memory::GlobalAspect, Option<f32>)> = match text {
                 Some(t) => {
                     let q = ws.embedder.embed(&[t.as_str()])?.remove(0);
-                    st.global(TENANT, &category, &q, n)?
+                    st.global(TENANT, &category, &q, n, 1)?
                         .into_iter()
                         .map(|(a, s)| (a, Some(s)))
                         .collect()
@@ -1412,6 +1416,7 @@ fn demo_assistant(
         min_memory_score: mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE,
         min_profile_similarity: mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
         no_global: false,
+        global_min_support: mrrec::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
         adapter: None,
     }
     .context(ws)?;
@@ -1487,13 +1492,10 @@ fn recommend(
             mrrec::methods::llm_method_names().join(", ")
         );
     };
-    let known = !ctx
-        .store
-        .entries(mrrec_memory::Owner {
-            tenant: TENANT,
-            user,
-        })?
-        .is_empty();
+    let known = ctx.store.has_entries(mrrec_memory::Owner {
+        tenant: TENANT,
+        user,
+    })?;
     if !known && !ws.dataset.histories.contains(user) {
         bail!("unknown user {user:?}: no memory in the store and no history in the data (build it with `mrrec memory build`)");
     }

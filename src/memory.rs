@@ -457,10 +457,12 @@ impl<'a> MemoryBuilder<'a> {
         negatives: usize,
         report: &mut BuildReport,
     ) -> Result<()> {
+        // Done: rows of the current prompt version (older versions' rows are redone).
         let done: HashSet<String> = self
             .store
             .query_aspects(self.tenant, None)?
             .into_iter()
+            .filter(|r| global::is_current(&r.json))
             .map(|r| r.qid)
             .collect();
         let cat = self.ws.catalogue();
@@ -559,7 +561,7 @@ impl<'a> MemoryBuilder<'a> {
                 .into_iter()
                 .filter_map(|r| {
                     let set: AspectSet = serde_json::from_str(&r.json).ok()?;
-                    Some((r, set))
+                    (set.version == global::GLOBAL_PROMPT_VERSION).then_some((r, set))
                 })
                 .collect();
             let aspects = global::merge(&category, &rows, opts, |texts| {

@@ -248,12 +248,30 @@ impl Trainer<'_> {
         };
         let cfg_json = json!({"train": fixed, "assistant": self.cfg, "model": self.local.info().path, "lora": format!("{:?}", self.policy.lora_cfg)});
         if cfg_path.exists() {
-            let old: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+            let mut old: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
+                    .with_context(|| format!("reading {}", cfg_path.display()))?;
+            // Settings added since the run began take their defaults: read the old sections
+            // back through today's types before comparing.
+            if let Some(a) = old.get_mut("assistant") {
+                if let Ok(c) = serde_json::from_value::<AssistantConfig>(a.clone()) {
+                    *a = serde_json::to_value(c)?;
+                }
+            }
+            if let Some(t) = old.get_mut("train") {
+                if let Ok(c) = serde_json::from_value::<TrainConfig>(t.clone()) {
+                    *t = serde_json::to_value(c)?;
+                }
+            }
             if old != cfg_json {
+                let differ: Vec<&str> = ["train", "assistant", "model", "lora"]
+                    .into_iter()
+                    .filter(|k| old.get(k) != cfg_json.get(k))
+                    .collect();
                 bail!(
-                    "{} holds a run with other settings; use another --out or the same settings",
-                    cfg_path.display()
+                    "{} holds a run with other settings ({} differ); use another --out or the same settings",
+                    cfg_path.display(),
+                    differ.join(", ")
                 );
             }
         } else {

@@ -1,5 +1,6 @@
 //! The scale-out path: the Python client of `examples/grpo` (what a verl tool or a TRL reward
-//! function calls) against a real `mrrec serve` — memory tool, reward, a refused target.
+//! function calls) against a real `mrrec serve` — memory tool, reward, a refused target, the verl
+//! tool through verl 0.9's call sequence and the TRL environment through GRPOTrainer's.
 
 #![allow(clippy::unwrap_used)]
 
@@ -40,4 +41,8 @@ fn the_python_client_gets_memories_and_rewards_from_the_service() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["memories"], 1);
     assert_eq!(v["reward"]["mem"], 1.0);
+    // The verl tool (as verl 0.9's agent loop calls it) and the TRL environment (as GRPOTrainer
+    // finds and calls its tools) gave the same memories and reward.
+    assert_eq!(v["verl"], true);
+    assert_eq!(v["trl"], true);
 }

@@ -541,7 +541,7 @@ fn answer_json(ws: &Workspace, a: &Answer, method: &str, queue_ms: f64, total_ms
 }
 
 fn has_memory(svc: &Service, tenant: &str, user: &str) -> anyhow::Result<bool> {
-    Ok(!svc.store.entries(Owner { tenant, user })?.is_empty())
+    Ok(svc.store.has_entries(Owner { tenant, user })?)
 }
 
 fn unknown_user(user: &str) -> ApiError {

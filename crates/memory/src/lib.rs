@@ -207,6 +207,11 @@ impl BuildCost {
 pub trait MemoryRead: Send + Sync {
     /// All entries of an owner, ordered by id.
     fn entries(&self, owner: Owner<'_>) -> Result<Vec<MemoryEntry>>;
+    /// Whether the owner has any entry (what a request checks before it runs: stores answer it
+    /// without reading the entries).
+    fn has_entries(&self, owner: Owner<'_>) -> Result<bool> {
+        Ok(!self.entries(owner)?.is_empty())
+    }
     /// The `k` entries of `levels` most similar to `query` (unit-length), best first.
     fn retrieve(
         &self,
@@ -221,17 +226,21 @@ pub trait MemoryRead: Send + Sync {
     fn stats(&self, tenant: &str) -> Result<MemoryStats>;
     /// Canonical global aspects of a category (all categories when `None`), ordered by id.
     fn global_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<GlobalAspect>>;
-    /// The `n` global aspects of `category` most similar to `query`, best first.
+    /// The `n` global aspects of `category` most similar to `query`, best first, among those
+    /// derived from at least `min_support` distinct queries (an aspect read off one query is that
+    /// query's product, not what the section's shoppers share).
     fn global(
         &self,
         tenant: &str,
         category: &str,
         query: &[f32],
         n: usize,
+        min_support: usize,
     ) -> Result<Vec<(GlobalAspect, f32)>> {
         let mut v: Vec<(GlobalAspect, f32)> = self
             .global_aspects(tenant, Some(category))?
             .into_iter()
+            .filter(|a| a.queries.len() >= min_support)
             .map(|a| {
                 let s = dot(&a.embedding, query);
                 (a, s)

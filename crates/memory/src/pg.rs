@@ -174,6 +174,17 @@ impl MemoryRead for PgStore {
         Ok(rows.iter().map(row_entry).collect())
     }
 
+    fn has_entries(&self, owner: Owner<'_>) -> Result<bool> {
+        let row = self
+            .lock()
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM entries WHERE tenant = $1 AND user_id = $2)",
+                &[&owner.tenant, &owner.user],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(row.get(0))
+    }
+
     fn retrieve(
         &self,
         owner: Owner<'_>,

@@ -145,6 +145,15 @@ impl MemoryRead for SqliteStore {
             .map_err(|e| self.err(e))
     }
 
+    fn has_entries(&self, owner: Owner<'_>) -> Result<bool> {
+        let conn = self.lock();
+        conn.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM entries WHERE tenant = ?1 AND user_id = ?2)",
+        )
+        .and_then(|mut s| s.query_row(params![owner.tenant, owner.user], |r| r.get(0)))
+        .map_err(|e| self.err(e))
+    }
+
     fn retrieve(
         &self,
         owner: Owner<'_>,

@@ -69,7 +69,22 @@ fn round_trip_and_retrieval_order(s: &dyn MemoryWrite) {
             )
         })
         .collect();
+    assert!(!s.has_entries(o).unwrap());
     s.put(o, &es).unwrap();
+    assert!(s.has_entries(o).unwrap());
+    // Another user, or the same user id in another tenant, has none.
+    for other in [
+        Owner {
+            tenant: "t",
+            user: "u2",
+        },
+        Owner {
+            tenant: "t2",
+            user: "u1",
+        },
+    ] {
+        assert!(!s.has_entries(other).unwrap());
+    }
     assert_eq!(s.entries(o).unwrap(), {
         let mut v = es.clone();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -201,9 +216,13 @@ fn global_memory(s: &dyn MemoryWrite) {
         .unwrap();
     s.put_global("other", "Books", &[aspect("g-z", "Books", &["zed"], 1)])
         .unwrap();
-    let hits = s.global(t, "Books", &unit(2, 8), 2).unwrap();
+    let hits = s.global(t, "Books", &unit(2, 8), 2, 1).unwrap();
     assert_eq!(hits.len(), 2);
     assert_eq!(hits[0].0.id, "g-b");
+    // Support: only g-c was derived from two queries.
+    let hits = s.global(t, "Books", &unit(2, 8), 2, 2).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].0.id, "g-c");
     assert!(hits.iter().all(|(a, _)| a.category == "Books"));
     assert_eq!(s.global_aspects(t, None).unwrap().len(), 4);
     assert_eq!(
