@@ -238,7 +238,8 @@ struct LlmArgs {
     /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI) instead of a local model.
     #[arg(long, env = "MRREC_LLM_BASE_URL")]
     llm_url: Option<String>,
-    /// Requests per LLM batch (also the unit a killed build loses at most).
+    /// Requests per LLM batch (memory builds; in `eval`, queries answered together); also the
+    /// unit a killed build or eval loses at most.
     #[arg(long, default_value_t = 8)]
     batch: usize,
 }
@@ -564,6 +565,8 @@ struct LlmContext {
     store: Box<dyn mrrec_memory::MemoryWrite + Send + Sync>,
     model: mrrec_llm::CachedChatModel<Box<dyn mrrec_llm::ChatModel>>,
     cfg: mrrec::assistant::AssistantConfig,
+    /// Queries answered together in `eval` (their model calls decode as one batch).
+    batch: usize,
 }
 
 impl AssistantArgs {
@@ -594,6 +597,7 @@ impl AssistantArgs {
                 self.adapter.as_deref(),
             )?,
             cfg: self.config()?,
+            batch: self.llm.batch.max(1),
         })
     }
 }
@@ -703,16 +707,16 @@ fn eval_one(
 ) -> Result<RunMetrics> {
     let m = method_for(ws, method, ctx)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
-    // in batches of 8 queries answered together (their model calls decode as one batch: 2.4×
-    // the single-stream rate at 8 sequences); a killed run loses at most one batch's outcomes,
-    // and their model answers are replayed from the response cache.
+    // in batches of `--batch` (default 8) queries answered together (their model calls decode
+    // as one batch); a killed run loses at most one batch's outcomes, and their model answers
+    // are replayed from the response cache.
     let (run_name, batch, prompts) = match ctx {
         Some(c) if mrrec::methods::llm_method(method, &c.cfg).is_some() => (
             format!(
                 "{method}@{}",
                 serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
             ),
-            8,
+            c.batch,
             format!(
                 "{} / {}",
                 mrrec::assistant::ASSISTANT_PROMPT_VERSION,
@@ -743,6 +747,9 @@ fn eval_one(
         ),
     );
     provenance.insert("prompt_version".into(), prompts);
+    // Greedy answers can differ with the batch in the last float bits (prompts are prefilled in
+    // other chunks), so the batch a run was made with is recorded.
+    provenance.insert("query_batch".into(), batch.to_string());
     let spec = RunSpec {
         method: run_name.clone(),
         query_field: field,
@@ -766,6 +773,37 @@ fn eval_one(
     )?;
     pb.finish();
     Ok(metrics)
+}
+
+/// [`eval_one`] into a folder the caller owns (the demo's): a folder holding an earlier run with
+/// other settings (an older version's, say) is started again instead of refused.
+#[allow(clippy::too_many_arguments)]
+fn eval_owned(
+    ws: &Workspace,
+    ctx: Option<&LlmContext>,
+    method: &str,
+    field: QueryField,
+    splits: &[Split],
+    limit: Option<usize>,
+    seed: u64,
+    out: &Path,
+) -> Result<RunMetrics> {
+    match eval_one(ws, ctx, method, field, splits, limit, seed, out) {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<mrrec_eval::EvalError>(),
+                Some(mrrec_eval::EvalError::BadRun { .. })
+            ) && out.join("run.json").exists() =>
+        {
+            eprintln!(
+                "{}: an earlier run with other settings ({e}); starting it again",
+                out.display()
+            );
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+            eval_one(ws, ctx, method, field, splits, limit, seed, out)
+        }
+        r => r,
+    }
 }
 
 fn ws_data_name(ws: &Workspace) -> String {
@@ -1439,7 +1477,7 @@ fn demo_assistant(
     for method in ["dense", "mrrec"] {
         let dir = out.join(format!("{method}-assistant-{n}"));
         let c = (method != "dense").then_some(&ctx);
-        let m = eval_one(
+        let m = eval_owned(
             ws,
             c,
             method,
@@ -2090,7 +2128,7 @@ fn main() -> Result<()> {
             for field in [QueryField::SimpleQuery, QueryField::Query] {
                 for method in mrrec::method_names() {
                     let dir = out.join(format!("{method}-{field}"));
-                    let m = eval_one(&ws, None, method, field, &splits, None, 42, &dir)
+                    let m = eval_owned(&ws, None, method, field, &splits, None, 42, &dir)
                         .with_context(|| format!("evaluating {method} on {field}"))?;
                     rows.push((format!("{method} ({field})"), m));
                 }

@@ -72,6 +72,17 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
     ]);
     assert!(ok, "{stderr}");
     assert!(table.contains("| N@100 |"), "{table}");
+    // A run folder written by an older version (a setting it did not have): the demo owns its
+    // folders, so it starts that run again instead of refusing.
+    let spec_path = out.path().join("mrrec-assistant-2/run.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
+    spec["settings"]["assistant"]
+        .as_object_mut()
+        .unwrap()
+        .remove("global_min_support")
+        .unwrap();
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
     // Rerunning the demo resumes every run instead of recomputing.
     let (ok, stdout2, stderr) = mrrec(&[
         "demo",
@@ -87,6 +98,14 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "smollm2-135m-instruct",
     ]);
     assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("mrrec-assistant-2: an earlier run with other settings"),
+        "{stderr}"
+    );
+    assert!(
+        stdout2.contains("| mrrec@guided (simple_query) |"),
+        "{stdout2}"
+    );
     assert_eq!(
         parse_cell(&stdout, "hybrid (simple_query)", 3),
         parse_cell(&stdout2, "hybrid (simple_query)", 3)

@@ -108,6 +108,8 @@ impl RunSpec {
         let mut s = self.clone();
         s.provenance.remove("git_commit");
         s.provenance.remove("started");
+        // Recorded, not part of the identity: a run may resume with another batch.
+        s.provenance.remove("query_batch");
         s
     }
 }
