@@ -226,6 +226,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The keys and values of layer `i` (1, kv heads, positions, head dim), once filled.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(Option::as_ref)
+    }
+
     /// Keeps the first `n` positions (a shared prompt prefix).
     pub fn truncate(&mut self, n: usize) -> Result<()> {
         if n >= self.pos {

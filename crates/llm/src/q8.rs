@@ -454,6 +454,32 @@ mod tests {
     }
 
     #[test]
+    fn a_rows_result_does_not_depend_on_the_batch_at_model_shapes() {
+        if !available() {
+            return;
+        }
+        // Qwen2.5-0.5B's projections: k/v, q/o, gate/up, down.
+        for (n, k) in [(128usize, 896usize), (896, 896), (4864, 896), (896, 4864)] {
+            let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+            let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let p = PackedQ8::from_qtensor(&qt).unwrap();
+            for m in [2usize, 3, 5, 8, 16] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let all = p.matmul(&xs, m);
+                for r in 0..m {
+                    let one = p.matmul(&xs[r * k..(r + 1) * k], 1);
+                    assert_eq!(
+                        &one[..],
+                        &all[r * n..(r + 1) * n],
+                        "{n}x{k}: row {r} of {m}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn shapes_the_tiles_do_not_cover_are_left_to_candle() {
         let w = Tensor::randn(0f32, 0.05, (40, 64), &Device::Cpu).unwrap();
         let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();

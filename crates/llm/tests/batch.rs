@@ -166,3 +166,129 @@ fn a_prompt_extending_a_previous_one_reuses_its_prefix_and_agrees() {
     assert_eq!(again.ids, whole.ids);
     eprintln!("second turn with reuse: {reused_s:.2}s");
 }
+
+#[test]
+/// Every projection of the model runs our packed Q8_0 kernel, whose rows do not depend on the
+/// rows batched with them, so a sequence decodes bit-identically alone or in a batch. (Not so for
+/// models with k-quant matrices, which candle multiplies: Qwen2.5-0.5B's `ffn_down` are Q6_K and
+/// Q4_K, and candle's batched product for them differs from its one-row product in the last bits.)
+fn a_sequence_decodes_to_the_same_logits_alone_or_batched() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let t = m.transformer();
+    let ps = prompts(&m);
+    let prefill = |p: &[u32]| {
+        let mut c = t.new_cache();
+        t.prefill(p, &mut c).unwrap();
+        c
+    };
+    let mut alone = prefill(&ps[0]);
+    let a: Vec<f32> = t
+        .decode_batch(&[42], &mut [&mut alone])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (mut c0, mut c1, mut c2) = (prefill(&ps[0]), prefill(&ps[1]), prefill(&ps[2]));
+    let b = t
+        .decode_batch(&[42, 7, 99], &mut [&mut c0, &mut c1, &mut c2])
+        .unwrap();
+    let b0: Vec<f32> = b.get(0).unwrap().to_vec1().unwrap();
+    let worst = a
+        .iter()
+        .zip(&b0)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(worst, 0.0, "largest logit difference alone vs batched");
+    for li in 0..t.n_layers() {
+        let (ka, va) = alone.layer(li).unwrap();
+        let (kb, vb) = c0.layer(li).unwrap();
+        for (what, x, y) in [("keys", ka, kb), ("values", va, vb)] {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            let bad = x.iter().zip(&y).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "layer {li} {what}: {bad} of {} differ", x.len());
+        }
+    }
+    // Many greedy steps: the first sequence's tokens and logits do not depend on the others.
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0 as u32
+    };
+    let (mut ta, mut tb) = (vec![argmax(&a)], vec![argmax(&b0)]);
+    let mut others = [7u32, 99];
+    for step in 0..40 {
+        let a: Vec<f32> = t
+            .decode_batch(&[*ta.last().unwrap()], &mut [&mut alone])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b = t
+            .decode_batch(
+                &[*tb.last().unwrap(), others[0], others[1]],
+                &mut [&mut c0, &mut c1, &mut c2],
+            )
+            .unwrap();
+        let b0: Vec<f32> = b.get(0).unwrap().to_vec1().unwrap();
+        others = [
+            argmax(&b.get(1).unwrap().to_vec1::<f32>().unwrap()),
+            argmax(&b.get(2).unwrap().to_vec1::<f32>().unwrap()),
+        ];
+        let worst = a
+            .iter()
+            .zip(&b0)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(worst, 0.0, "step {step}: tokens {ta:?} vs {tb:?}");
+        ta.push(argmax(&a));
+        tb.push(argmax(&b0));
+    }
+}
+
+/// What `mrrec eval --batch 1` and `--batch 8` ask of the model: the same answers.
+#[test]
+fn a_constrained_request_answers_the_same_alone_or_batched() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "ideal_item_profile": {"type": "string", "minLength": 20, "maxLength": 200},
+            "useful_memory_ids": {"type": "array", "items": {"type": "string"}, "maxItems": 0}
+        },
+        "required": ["ideal_item_profile", "useful_memory_ids"],
+        "additionalProperties": false
+    });
+    let req = |q: &str| {
+        ChatRequest {
+        messages: vec![
+            Message::system("You write the profile of the ideal product for a shopper's request."),
+            Message::user(format!("Request: {q}\nWrite the ideal item profile for this request: one sentence, the product type and its 2 or 3 key features.")),
+        ],
+        sampling: Sampling {
+            max_tokens: 64,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        },
+        constraint: Some(Constraint::JsonSchema(schema.clone())),
+        ..Default::default()
+    }
+    };
+    let qs = [
+        "a waterfall bath toy for a toddler",
+        "reliable lever wire connectors for splicing five conductors",
+        "a cute french bulldog stuffed toy for a gift",
+    ];
+    let reqs: Vec<ChatRequest> = qs.iter().map(|q| req(q)).collect();
+    m.set_prefix_reuse(false);
+    let batch = m.chat_batch(&reqs);
+    for (r, b) in reqs.iter().zip(batch) {
+        let one = m.chat(r).unwrap();
+        let b = b.unwrap();
+        assert_eq!(b.text, one.text, "batched vs alone");
+    }
+}
