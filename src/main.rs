@@ -747,8 +747,9 @@ fn eval_one(
         ),
     );
     provenance.insert("prompt_version".into(), prompts);
-    // Greedy answers can differ with the batch in the last float bits (prompts are prefilled in
-    // other chunks), so the batch a run was made with is recorded.
+    // Greedy answers of models with k-quant matrices (candle multiplies those, and its batched
+    // product differs in the last bits from its one-row product) can change with the batch, so
+    // the batch a run was made with is recorded.
     provenance.insert("query_batch".into(), batch.to_string());
     let spec = RunSpec {
         method: run_name.clone(),
@@ -775,20 +776,10 @@ fn eval_one(
     Ok(metrics)
 }
 
-/// [`eval_one`] into a folder the caller owns (the demo's): a folder holding an earlier run with
-/// other settings (an older version's, say) is started again instead of refused.
-#[allow(clippy::too_many_arguments)]
-fn eval_owned(
-    ws: &Workspace,
-    ctx: Option<&LlmContext>,
-    method: &str,
-    field: QueryField,
-    splits: &[Split],
-    limit: Option<usize>,
-    seed: u64,
-    out: &Path,
-) -> Result<RunMetrics> {
-    match eval_one(ws, ctx, method, field, splits, limit, seed, out) {
+/// Runs an evaluation into a folder the caller owns (the demo's): a folder holding an earlier run
+/// with other settings (an older version's, say) is started again instead of refused.
+fn restarting(out: &Path, run: impl Fn() -> Result<RunMetrics>) -> Result<RunMetrics> {
+    match run() {
         Err(e)
             if matches!(
                 e.downcast_ref::<mrrec_eval::EvalError>(),
@@ -800,7 +791,7 @@ fn eval_owned(
                 out.display()
             );
             std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
-            eval_one(ws, ctx, method, field, splits, limit, seed, out)
+            run()
         }
         r => r,
     }
@@ -1477,16 +1468,18 @@ fn demo_assistant(
     for method in ["dense", "mrrec"] {
         let dir = out.join(format!("{method}-assistant-{n}"));
         let c = (method != "dense").then_some(&ctx);
-        let m = eval_owned(
-            ws,
-            c,
-            method,
-            QueryField::SimpleQuery,
-            splits,
-            Some(n),
-            42,
-            &dir,
-        )
+        let m = restarting(&dir, || {
+            eval_one(
+                ws,
+                c,
+                method,
+                QueryField::SimpleQuery,
+                splits,
+                Some(n),
+                42,
+                &dir,
+            )
+        })
         .with_context(|| format!("evaluating {method}"))?;
         rows.push((dir, m));
     }
@@ -2128,8 +2121,10 @@ fn main() -> Result<()> {
             for field in [QueryField::SimpleQuery, QueryField::Query] {
                 for method in mrrec::method_names() {
                     let dir = out.join(format!("{method}-{field}"));
-                    let m = eval_owned(&ws, None, method, field, &splits, None, 42, &dir)
-                        .with_context(|| format!("evaluating {method} on {field}"))?;
+                    let m = restarting(&dir, || {
+                        eval_one(&ws, None, method, field, &splits, None, 42, &dir)
+                    })
+                    .with_context(|| format!("evaluating {method} on {field}"))?;
                     rows.push((format!("{method} ({field})"), m));
                 }
             }
