@@ -1719,8 +1719,7 @@ fn chat(
                 repetition_penalty: 1.1,
                 ..Default::default()
             },
-            assistant_prefix: None,
-            constraint: None,
+            ..Default::default()
         };
         let mut out = std::io::stdout();
         let r = m.chat_stream(&req, &mut |t| {

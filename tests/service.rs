@@ -908,3 +908,98 @@ async fn a_bounded_load_on_loopback_answers_every_request() {
         }
     }
 }
+
+/// Polls `/metrics` until `want` appears (or `within` passes); returns the last text.
+async fn metrics_until(c: &reqwest::Client, base: &str, want: &str, within: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let (_, m) = call(c, "GET", &format!("{base}/metrics"), None, None).await;
+        if m.contains(want) || t.elapsed() > within {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_nobody_waits_for_is_cancelled_and_frees_its_slot() {
+    // 3 s per model call (a guided answer makes three or more): uncancelled, each abandoned
+    // answer would hold the one LLM slot for ~9 s.
+    let s = start_with(
+        Arc::new(EchoModel::from_id("echo@3000").unwrap()),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 1,
+            answer_timeout: Duration::from_millis(600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    let body = json!({"user": "alice", "request": "a plush bunny"});
+    let within = Duration::from_millis(1500);
+    // 1. The client gives up (its own timeout) and closes the connection.
+    let gone = c
+        .post(&url)
+        .bearer_auth(KEY_A)
+        .timeout(Duration::from_millis(300))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gone.is_err_and(|e| e.is_timeout()));
+    let t = Instant::now();
+    let m = metrics_until(
+        &c,
+        &s.base,
+        "mrrec_rejected_total{reason=\"cancelled\"} 1",
+        within,
+    )
+    .await;
+    assert!(
+        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+    assert!(t.elapsed() < within, "{:?}", t.elapsed());
+    // 2. A streamed answer whose reader goes away.
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let r = c
+        .post(&url)
+        .bearer_auth(KEY_A)
+        .json(&b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(r);
+    let m = metrics_until(
+        &c,
+        &s.base,
+        "mrrec_rejected_total{reason=\"cancelled\"} 2",
+        within,
+    )
+    .await;
+    assert!(
+        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+    // 3. The server's own answer timeout: 504, and the work stops too.
+    let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body.clone())).await;
+    assert_eq!(status, 504, "{text}");
+    let m = metrics_until(
+        &c,
+        &s.base,
+        "mrrec_rejected_total{reason=\"cancelled\"} 3",
+        within,
+    )
+    .await;
+    assert!(
+        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 3"),
+        "{m}"
+    );
+    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+}

@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use mrrec_embed::TextEmbedder;
 use mrrec_index::{ItemIndex, SearchQuery};
-use mrrec_llm::ChatModel;
+use mrrec_llm::{Cancel, Cancellable, ChatModel, LlmError};
 use mrrec_memory::{Level, MemoryWrite, Owner};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -588,9 +588,14 @@ async fn recommend(
     }
     let permit = svc.llm_gate.enter(&svc.metrics).await?;
     let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Every model call of the answer carries this token: a client that goes away, or an answer
+    // past its time, stops the generation at the next token and frees the LLM slot.
+    let cancel = Cancel::new();
     if req.stream {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SseEvent>();
         let s = svc.clone();
+        // The stream dropped (the client left before the answer ended) cancels the work.
+        let guard = cancel.on_drop();
         tokio::task::spawn_blocking(move || {
             let _p = permit;
             let send = |e: &Event| {
@@ -601,9 +606,14 @@ async fn recommend(
                     Event::ToolCall { call } => ("tool_call", json!(call)),
                     Event::Profile { .. } => ("profile", json!(e)),
                 };
-                let _ = tx.send(sse(name, &data));
+                // The stream was dropped: the client is gone.
+                if tx.send(sse(name, &data)).is_err() {
+                    cancel.cancel();
+                }
             };
-            let a = s.assistant(&tenant, cfg, Some(&send));
+            let llm = Cancellable::new(&*s.llm, cancel.clone());
+            let mut a = s.assistant(&tenant, cfg, Some(&send));
+            a.llm = &llm;
             match a.answer(&req.user, &req.request, req.category.as_deref(), k) {
                 Ok(ans) => {
                     s.metrics.llm(&ans.trace.usage, ans.trace.fallback);
@@ -617,6 +627,7 @@ async fn recommend(
                         &answer_json(&s.ws, &ans, &method, queue_ms, total),
                     ));
                 }
+                Err(e) if cancelled(&e) => s.metrics.reject("cancelled"),
                 Err(e) => {
                     let err = ApiError::internal(e);
                     let _ = tx.send(sse(
@@ -627,6 +638,7 @@ async fn recommend(
             }
         });
         let stream = futures_util::stream::poll_fn(move |cx| {
+            let _ = &guard;
             rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>))
         });
         return Ok(Sse::new(stream)
@@ -637,11 +649,19 @@ async fn recommend(
     let user = req.user.clone();
     let request = req.request.clone();
     let category = req.category.clone();
+    let guard = cancel.on_drop();
     let work = tokio::task::spawn_blocking(move || {
         let _p = permit;
-        s.assistant(&tenant, cfg, None)
-            .answer(&user, &request, category.as_deref(), k)
+        let llm = Cancellable::new(&*s.llm, cancel);
+        let mut a = s.assistant(&tenant, cfg, None);
+        a.llm = &llm;
+        let r = a.answer(&user, &request, category.as_deref(), k);
+        if r.as_ref().is_err_and(cancelled) {
+            s.metrics.reject("cancelled");
+        }
+        r
     });
+    // Returning early (the timeout) or being dropped (the client left) cancels the work.
     let ans = match tokio::time::timeout(svc.cfg.answer_timeout, work).await {
         Err(_) => {
             svc.metrics.reject("answer_timeout");
@@ -654,9 +674,16 @@ async fn recommend(
         Ok(Err(e)) => return Err(ApiError::internal(anyhow::anyhow!("worker failed: {e}"))),
         Ok(Ok(r)) => r.map_err(ApiError::internal)?,
     };
+    guard.disarm();
     svc.metrics.llm(&ans.trace.usage, ans.trace.fallback);
     let total = t0.elapsed().as_secs_f64() * 1e3;
     Ok(Json(answer_json(&svc.ws, &ans, &method, queue_ms, total)).into_response())
+}
+
+/// Whether an answer failed because it was cancelled.
+fn cancelled(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<LlmError>(), Some(LlmError::Cancelled)))
 }
 
 /// `GET /v1/items/search` parameters.

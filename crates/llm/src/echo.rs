@@ -109,9 +109,12 @@ impl ChatModel for EchoModel {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<ChatResponse> {
         let t = Instant::now();
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
+        // Waits in short slices, giving up as soon as the request is cancelled.
+        while t.elapsed() < self.delay {
+            crate::cancel::check(req.cancel.as_ref())?;
+            std::thread::sleep((self.delay - t.elapsed()).min(Duration::from_millis(10)));
         }
+        crate::cancel::check(req.cancel.as_ref())?;
         let request = request_of(req);
         let after_tool = req
             .messages

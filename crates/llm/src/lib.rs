@@ -5,6 +5,7 @@
 
 mod batcher;
 mod cache;
+mod cancel;
 mod constrain;
 mod convert;
 mod echo;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use cache::{CachePolicy, CachedChatModel};
+pub use cancel::{Cancel, CancelOnDrop, Cancellable};
 pub use constrain::{validate, Constraint, ConstraintCompiler, TokenSet};
 pub use convert::{ensure_q8_0, requantize_gguf};
 pub use echo::EchoModel;
@@ -75,6 +77,9 @@ pub enum LlmError {
     /// A generation constraint is malformed, admits nothing, or was violated.
     #[error("constraint: {0}")]
     Constraint(String),
+    /// The call was cancelled (its [`Cancel`] token) before it finished.
+    #[error("cancelled")]
+    Cancelled,
     /// A filesystem error, with the path.
     #[error("{path}: {source}")]
     Io {
@@ -216,6 +221,10 @@ pub struct ChatRequest {
     /// What the generated text (after the prefix) must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// Gives up with [`LlmError::Cancelled`] once this token is cancelled (not serialised, not
+    /// part of the request's identity).
+    #[serde(skip)]
+    pub cancel: Option<Cancel>,
 }
 
 /// Tokens and time of one call.

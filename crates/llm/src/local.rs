@@ -93,6 +93,8 @@ struct Seq<'a> {
     failed: Option<LlmError>,
     on_text: Option<&'a mut dyn FnMut(&str)>,
     hook: Option<&'a mut LogitHook<'a>>,
+    /// Checked before each token: a cancelled sequence stops with `Cancelled`.
+    cancel: Option<crate::Cancel>,
 }
 
 /// Edits a sequence's logits before each token: `(ids so far, logits)`.
@@ -234,11 +236,13 @@ impl LocalModel {
             failed: None,
             on_text,
             hook: None,
+            cancel: None,
         })
     }
 
     /// Picks the next token of one sequence from its logits; marks it done when it stops.
     fn step(&self, q: &mut Seq<'_>) -> Result<()> {
+        crate::cancel::check(q.cancel.as_ref())?;
         let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
         let mut allowed = None;
         if let Some(m) = q.matcher.as_mut() {
@@ -567,7 +571,21 @@ impl LocalModel {
         let t0 = Instant::now();
         let prompt = self.prompt(req)?;
         let ids = self.info.encode(&prompt)?;
-        let g = self.generate_constrained(&ids, &req.sampling, req.constraint.as_ref(), on_text)?;
+        crate::cancel::check(req.cancel.as_ref())?;
+        self.check_window(&ids, &req.sampling)?;
+        let (cache, logits) = self.prefill_reusing(&ids)?;
+        let mut seq = self.new_seq(
+            cache,
+            logits,
+            &req.sampling,
+            req.sampling.seed,
+            req.constraint.as_ref(),
+            Some(on_text),
+        )?;
+        seq.cancel = req.cancel.clone();
+        let mut seqs = vec![seq];
+        self.run(&mut seqs)?;
+        let g = Self::finish(seqs.remove(0))?;
         let seg = Segment {
             prompt: ids.clone(),
             ids: g.ids.clone(),
@@ -592,9 +610,10 @@ impl LocalModel {
                 .prompt(r)
                 .and_then(|p| self.info.encode(&p))
                 .and_then(|ids| {
+                    crate::cancel::check(r.cancel.as_ref())?;
                     self.check_window(&ids, &r.sampling)?;
                     let (cache, logits) = self.prefill_reusing(&ids)?;
-                    let q = self.new_seq(
+                    let mut q = self.new_seq(
                         cache,
                         logits,
                         &r.sampling,
@@ -602,6 +621,7 @@ impl LocalModel {
                         r.constraint.as_ref(),
                         None,
                     )?;
+                    q.cancel = r.cancel.clone();
                     Ok((ids, q))
                 });
             match seq {

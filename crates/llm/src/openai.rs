@@ -191,7 +191,11 @@ impl OpenAiModel {
         body
     }
 
-    fn send(&self, body: &Value) -> Result<reqwest::blocking::Response> {
+    fn send(
+        &self,
+        body: &Value,
+        cancel: Option<&crate::Cancel>,
+    ) -> Result<reqwest::blocking::Response> {
         let url = self.url();
         let Some(client) = &self.client else {
             return Err(LlmError::Transport {
@@ -201,6 +205,7 @@ impl OpenAiModel {
         };
         let mut attempt = 0;
         loop {
+            crate::cancel::check(cancel)?;
             let mut rb = client.post(&url).json(body);
             if let Some(k) = &self.cfg.api_key {
                 rb = rb.bearer_auth(k);
@@ -340,7 +345,7 @@ impl ChatModel for OpenAiModel {
 impl OpenAiModel {
     fn chat_once(&self, req: &ChatRequest, on_text: &mut dyn FnMut(&str)) -> Result<ChatResponse> {
         let t0 = Instant::now();
-        let resp = self.send(&self.body(req, true))?;
+        let resp = self.send(&self.body(req, true), req.cancel.as_ref())?;
         let is_sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -354,6 +359,8 @@ impl OpenAiModel {
             // Tool-call deltas arrive in pieces: index → (name, argument text).
             let mut partial: Vec<(String, String)> = Vec::new();
             for line in BufReader::new(resp).lines() {
+                // Dropping the response closes the connection: the server stops generating.
+                crate::cancel::check(req.cancel.as_ref())?;
                 let line = line.map_err(|e| LlmError::Transport {
                     url: self.url(),
                     message: if timed_out(&e) {

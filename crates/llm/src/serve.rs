@@ -152,6 +152,7 @@ pub fn parse_request(body: &Value) -> Result<(ChatRequest, bool), String> {
             sampling,
             assistant_prefix,
             constraint,
+            cancel: Some(crate::Cancel::new()),
         },
         stream,
     ))
@@ -196,7 +197,13 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
     let id = model.id().to_string();
     if !stream {
         let m = model.clone();
-        return match tokio::task::spawn_blocking(move || m.chat(&req)).await {
+        // A client that goes away drops this future, and the guard stops the generation.
+        let guard = req.cancel.as_ref().map(crate::Cancel::on_drop);
+        let r = tokio::task::spawn_blocking(move || m.chat(&req)).await;
+        if let Some(g) = guard {
+            g.disarm();
+        }
+        return match r {
             Ok(Ok(r)) => Json(completion_json(&id, &r)).into_response(),
             Ok(Err(e)) => bad_request(e.to_string()),
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -204,14 +211,25 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
     let m = model.clone();
+    // The event stream dropped (the client left) cancels the generation.
+    let guard = req.cancel.as_ref().map(crate::Cancel::on_drop);
     tokio::task::spawn_blocking(move || {
         let chunk = |delta: Value, finish: Value| {
             json!({"id": "chatcmpl-mrrec", "object": "chat.completion.chunk",
             "model": id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
         let _ = tx.blocking_send(chunk(json!({"role": "assistant"}), Value::Null));
+        // The client gone (the stream dropped), a send fails: stop generating.
+        let cancel = req.cancel.clone();
         let result = m.chat_stream(&req, &mut |t| {
-            let _ = tx.blocking_send(chunk(json!({"content": t}), Value::Null));
+            if tx
+                .blocking_send(chunk(json!({"content": t}), Value::Null))
+                .is_err()
+            {
+                if let Some(c) = &cancel {
+                    c.cancel();
+                }
+            }
         });
         match result {
             Ok(r) => {
@@ -239,16 +257,19 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
             }
         }
     });
-    let events = futures_util::stream::unfold((rx, false), |(mut rx, done)| async move {
-        if done {
-            return None;
-        }
-        match rx.recv().await {
-            Some(v) => Some((
-                Ok::<Event, Infallible>(Event::default().data(v.to_string())),
-                (rx, false),
-            )),
-            None => Some((Ok(Event::default().data("[DONE]")), (rx, true))),
+    let events = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+        let _ = &guard;
+        async move {
+            if done {
+                return None;
+            }
+            match rx.recv().await {
+                Some(v) => Some((
+                    Ok::<Event, Infallible>(Event::default().data(v.to_string())),
+                    (rx, false),
+                )),
+                None => Some((Ok(Event::default().data("[DONE]")), (rx, true))),
+            }
         }
     });
     Sse::new(events).into_response()

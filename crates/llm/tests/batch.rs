@@ -271,3 +271,44 @@ fn a_constrained_request_answers_the_same_alone_or_batched() {
         assert_eq!(b.text, one.text, "batched vs alone");
     }
 }
+
+#[test]
+fn a_cancelled_call_stops_at_the_next_token_and_leaves_its_batch_alone() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let ask = |text: &str, cancel: Option<Cancel>| ChatRequest {
+        messages: vec![Message::user(text)],
+        sampling: Sampling {
+            max_tokens: 48,
+            ..Default::default()
+        },
+        cancel,
+        ..Default::default()
+    };
+    // Cancelled while it streams: no further token after the one that was being shown.
+    let cancel = Cancel::new();
+    let mut pieces = 0;
+    let r = m.chat_stream(
+        &ask(
+            "Write a long story about a lighthouse.",
+            Some(cancel.clone()),
+        ),
+        &mut |_| {
+            pieces += 1;
+            cancel.cancel();
+        },
+    );
+    assert!(matches!(r, Err(LlmError::Cancelled)), "{r:?}");
+    assert_eq!(pieces, 1);
+    // Already cancelled: refused before any work.
+    let r = m.chat(&ask("Hello", Some(cancel.clone())));
+    assert!(matches!(r, Err(LlmError::Cancelled)), "{r:?}");
+    // In a batch, a cancelled request fails alone; the other answers as it would alone.
+    let other = ask("Name three fruits.", Some(Cancel::new()));
+    let alone = m.chat(&other).unwrap();
+    let both = m.chat_batch(&[ask("Hello", Some(cancel)), other]);
+    assert!(matches!(both[0], Err(LlmError::Cancelled)), "{:?}", both[0]);
+    assert_eq!(both[1].as_ref().unwrap().text, alone.text);
+    // Not cancelled: the token changes nothing.
+    let plain = m.chat(&ask("Name three fruits.", None)).unwrap();
+    assert_eq!(plain.text, alone.text);
+}

@@ -129,3 +129,60 @@ fn serve_llm_rejects_bad_requests_clearly() {
     let (s, _) = post(&big);
     assert_eq!(s, 413);
 }
+
+/// Records how each call ended.
+struct Recording {
+    inner: EchoModel,
+    ends: std::sync::Mutex<Vec<String>>,
+}
+
+impl ChatModel for Recording {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> mrrec_llm::Result<ChatResponse> {
+        let r = self.inner.chat_stream(req, on_text);
+        self.ends.lock().unwrap().push(match &r {
+            Ok(_) => "answered".into(),
+            Err(e) => e.to_string(),
+        });
+        r
+    }
+}
+
+#[test]
+fn serve_llm_stops_generating_for_a_client_that_left() {
+    let model = Arc::new(Recording {
+        inner: EchoModel::from_id("echo@5000").unwrap(),
+        ends: Default::default(),
+    });
+    let url = serve::spawn_loopback(model.clone()).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for (n, stream) in [(1, false), (2, true)] {
+        let t = std::time::Instant::now();
+        let r = client
+            .post(format!("{url}/chat/completions"))
+            .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+            .send()
+            .and_then(|r| r.text());
+        assert!(r.is_err(), "{r:?}");
+        while model.ends.lock().unwrap().len() < n && t.elapsed().as_millis() < 2000 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let ends = model.ends.lock().unwrap().clone();
+        assert_eq!(
+            ends.len(),
+            n,
+            "stream {stream}: {ends:?} after {:?}",
+            t.elapsed()
+        );
+        assert_eq!(ends[n - 1], "cancelled");
+    }
+}

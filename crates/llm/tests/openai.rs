@@ -251,3 +251,65 @@ fn schema_violations_are_retried_then_reported() {
         "{err}"
     );
 }
+
+/// A server that streams one token every 20 ms for 10 s and reports when its client has gone
+/// (a write fails).
+fn slow_stream() -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let g = gone.clone();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut chunk = [0u8; 8192];
+        s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+        let _ = s.read(&mut chunk);
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+        let _ = s.write_all(head.as_bytes());
+        for _ in 0..500 {
+            let piece = "data: {\"choices\": [{\"delta\": {\"content\": \"word \"}, \"finish_reason\": null}]}\n\n";
+            if s.write_all(piece.as_bytes())
+                .and_then(|_| s.flush())
+                .is_err()
+            {
+                g.store(true, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (format!("http://{addr}/v1"), gone)
+}
+
+#[test]
+fn a_cancelled_stream_stops_reading_and_closes_the_connection() {
+    let (url, gone) = slow_stream();
+    let cancel = Cancel::new();
+    let r = ChatRequest {
+        cancel: Some(cancel.clone()),
+        ..req()
+    };
+    let t = std::time::Instant::now();
+    let mut pieces = 0;
+    let out = model(&url, 5000).chat_stream(&r, &mut |_| {
+        pieces += 1;
+        if pieces == 3 {
+            cancel.cancel();
+        }
+    });
+    assert!(matches!(out, Err(LlmError::Cancelled)), "{out:?}");
+    assert_eq!(pieces, 3);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The server notices: it stops streaming to nobody.
+    let t = std::time::Instant::now();
+    while !gone.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone.load(Ordering::SeqCst), "the connection stayed open");
+    // Cancelled before it starts: no request at all.
+    let (url, n) = serve(vec![Reply::Http(200, "application/json", OK.into())]);
+    let out = model(&url, 2000).chat(&r);
+    assert!(matches!(out, Err(LlmError::Cancelled)), "{out:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 0);
+}
