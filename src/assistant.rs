@@ -27,6 +27,11 @@ use crate::Workspace;
 /// Version of the assistant's prompts (part of every cached request through the text).
 pub const ASSISTANT_PROMPT_VERSION: &str = "assistant-v3";
 
+/// Version of the controller's decisions around the model (what the on-topic check compares
+/// against…): not in any prompt, so cached answers stay valid, but part of a run's identity.
+/// 2: the copy check also covers the global aspects shown to the model.
+pub const CONTROLLER_VERSION: &str = "controller-2";
+
 /// How the loop is driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -960,15 +965,17 @@ impl<'a> Assistant<'a> {
                 }
             }
         };
-        // On topic? A profile about another product than the request, or one that copies a
-        // retrieved memory's text (a past item's title instead of the ideal item), means the
-        // memories misled the model: the repair asks again without them (the request and the
-        // scenario only, citing nothing — what `llm-rewrite` asks); if that answer does not
-        // parse, the request is ranked (`fallback`).
+        // On topic? A profile about another product than the request, or one that copies the
+        // text of a retrieved memory or of a global aspect (a past item's title, another
+        // shopper's product, instead of the ideal item), means the memories misled the model:
+        // the repair asks again without them (the request and the scenario only, citing
+        // nothing — what `llm-rewrite` asks); if that answer does not parse, the request is
+        // ranked (`fallback`).
         let memories: Vec<String> = trace
             .tool_calls
             .iter()
             .flat_map(|c| c.results.iter().map(|r| r.3.clone()))
+            .chain(trace.global_aspects.iter().map(|(_, t)| t.clone()))
             .collect();
         if !self.off_topic(request, &out.0, &memories, trace)? {
             return Ok(Some(out));

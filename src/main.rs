@@ -718,8 +718,9 @@ fn eval_one(
             ),
             c.batch,
             format!(
-                "{} / {}",
+                "{} / {} / {}",
                 mrrec::assistant::ASSISTANT_PROMPT_VERSION,
+                mrrec::assistant::CONTROLLER_VERSION,
                 mrrec_llm::ChatModel::id(&c.model)
             ),
         ),

@@ -240,6 +240,7 @@ impl Method for LlmMethod<'_> {
             "llm": self.assistant.llm.id(),
             "assistant": self.assistant.cfg,
             "prompts": crate::assistant::ASSISTANT_PROMPT_VERSION,
+            "controller": crate::assistant::CONTROLLER_VERSION,
         })
     }
     fn answer(

@@ -12,7 +12,7 @@ use mrrec::assistant::{Assistant, AssistantConfig, Mode};
 use mrrec::memory::{BuildReport, MemoryBuilder};
 use mrrec::{Workspace, WorkspaceOptions};
 use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, Constraint, FinishReason, Usage};
-use mrrec_memory::{Level, MemoryEntry, MemoryRead, MemoryWrite, Owner, SqliteStore};
+use mrrec_memory::{GlobalAspect, Level, MemoryEntry, MemoryRead, MemoryWrite, Owner, SqliteStore};
 
 /// Answers with a fixed script and records every request.
 struct Scripted {
@@ -508,6 +508,65 @@ fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
     assert!(ans.trace.fallback);
     assert!(ans.trace.profile.is_none());
     assert_eq!(ans.ranked_with, "a soft plush toy for my toddler");
+}
+
+/// A global aspect is data shown to the model like a memory: a profile that copies one (another
+/// shopper's product, read off a training query) is asked again without memories and aspects.
+#[test]
+fn guided_mode_asks_again_when_the_profile_copies_a_global_aspect() {
+    use mrrec_embed::TextEmbedder;
+    let ws = workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&ws, dir.path());
+    let text = "CorelDRAW Graphics Suite X8: a professional photo editor with a RAW converter";
+    let aspect = |id: &str, queries: &[&str]| GlobalAspect {
+        id: id.into(),
+        category: "Toys_and_Games".into(),
+        subcategory: None,
+        name: "CorelDRAW Graphics Suite X8".into(),
+        description: "a professional photo editor with a RAW converter".into(),
+        queries: queries.iter().map(|q| q.to_string()).collect(),
+        users: vec!["someone".into()],
+        embedding: ws.embedder.embed(&[text]).unwrap().remove(0),
+    };
+    st.put_global("t", "Toys_and_Games", &[aspect("g-0", &["q1", "q2"])])
+        .unwrap();
+    let copied = "{\"ideal_item_profile\": \"A soft plush toy, CorelDRAW Graphics Suite X8 a professional photo editor\", \"useful_memory_ids\": []}";
+    let good = "{\"ideal_item_profile\": \"A soft washable plush toy for a toddler\", \"useful_memory_ids\": []}";
+    let m = Scripted::new(&[
+        "soft toys",
+        "{\"query\": \"plush toy\", \"aspects\": []}",
+        copied,
+        good,
+    ]);
+    let a = scripted(
+        &ws,
+        &st,
+        &m,
+        AssistantConfig {
+            min_memory_score: 0.0,
+            global_min_support: 1,
+            ..Default::default()
+        },
+    );
+    let ans = a
+        .answer(
+            "alice",
+            "a soft plush toy for my toddler",
+            Some("Toys_and_Games"),
+            5,
+        )
+        .unwrap();
+    let t = &ans.trace;
+    assert_eq!(t.global_aspects.len(), 1, "the aspect was shown");
+    assert_eq!((t.off_topic, t.repairs, t.fallback), (1, 1, false));
+    assert_eq!(
+        t.profile.as_deref(),
+        Some("A soft washable plush toy for a toddler")
+    );
+    let reqs = m.requests();
+    assert_eq!(reqs.len(), 4);
+    assert!(!all_text(&reqs[3..]).contains("CorelDRAW"));
 }
 
 /// Copying is a long run of a memory's words, most of them not the request's own.
