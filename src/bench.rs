@@ -523,6 +523,130 @@ pub fn memory_retrieval(
     }))
 }
 
+/// The service with a real local model: `clients` closed-loop clients send `requests`
+/// recommendations, first with one LLM slot (answers one after another: the baseline), then with
+/// `clients` slots whose model calls are decoded together (`batch_llm`). A fresh model each time
+/// (no response cache, no remembered prompts). Answers/min, latency, and the ratio.
+pub fn service_llm(
+    ws: std::sync::Arc<Workspace>,
+    model: &str,
+    clients: usize,
+    requests: usize,
+) -> Result<Value> {
+    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
+    use crate::service::load::{run, LoadOptions, MakeRequest};
+    use crate::service::{Service, ServiceConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(mrrec_memory::SqliteStore::open(
+        &dir.path().join("m.sqlite"),
+    )?);
+    let queries: Vec<(String, String)> = ws
+        .dataset
+        .queries
+        .all()
+        .iter()
+        .map(|q| q.query())
+        .filter(|q| q.split == Some(mrrec_data::Split::Val))
+        .take(requests)
+        .map(|q| {
+            let text = q.simple_query.clone().unwrap_or_else(|| q.query.clone());
+            (q.user_id.clone(), text)
+        })
+        .collect();
+    let users: Vec<&str> = queries.iter().map(|(u, _)| u.as_str()).collect();
+    let mut report = crate::memory::BuildReport::default();
+    crate::memory::MemoryBuilder {
+        ws: &ws,
+        store: &*store,
+        tenant: "bench",
+        llm: None,
+        batch: 8,
+        progress: false,
+    }
+    .build_records(&users, &mut report)?;
+    const KEY: &str = "bench-key";
+    let queries = Arc::new(queries);
+    let make: MakeRequest = {
+        let q = queries.clone();
+        Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
+            let (user, text) = &q[i % q.len()];
+            c.post(format!("{base}/v1/recommend"))
+                .bearer_auth(KEY)
+                .json(&json!({"user": user, "request": text, "k": 10}))
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut out = serde_json::Map::new();
+    for slots in [1, clients] {
+        let llm: Arc<dyn mrrec_llm::ChatModel> =
+            Arc::from(crate::backend::chat_model(model, None)?);
+        let svc = Service::new(
+            ws.clone(),
+            store.clone(),
+            llm,
+            None,
+            KeyRing::from_records(&[KeyRecord {
+                name: "b".into(),
+                tenant: "bench".into(),
+                sha256: hash_key(KEY),
+            }])?,
+            ServiceConfig {
+                rate_per_key: 0.0,
+                llm_slots: slots,
+                llm_queue: 256,
+                batch_llm: true,
+                answer_timeout: Duration::from_secs(3600),
+                queue_timeout: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        );
+        eprintln!("service with {model}: {slots} slot(s), {clients} clients, {requests} answers…");
+        let r = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let base = format!("http://{}", l.local_addr()?);
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(crate::service::serve(l, svc, async {
+                let _ = rx.await;
+            }));
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3600))
+                .build()?;
+            let r = run(
+                client,
+                &base,
+                make.clone(),
+                &LoadOptions {
+                    concurrency: clients,
+                    rate: None,
+                    duration: Duration::from_secs(3600),
+                    max_requests: requests,
+                },
+            )
+            .await;
+            let _ = tx.send(());
+            anyhow::Ok(r)
+        })?;
+        out.insert(
+            format!("slots_{slots}"),
+            json!({
+                "answers": r.count(200), "seconds": r.seconds,
+                "answers_per_min": r.count(200) as f64 * 60.0 / r.seconds,
+                "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "max_ms": r.max_ms,
+            }),
+        );
+    }
+    let apm = |k: &str| out[k]["answers_per_min"].as_f64().unwrap_or(0.0);
+    let ratio = apm(&format!("slots_{clients}")) / apm("slots_1").max(1e-9);
+    out.insert("batched_vs_one_slot".into(), json!(ratio));
+    out.insert("model".into(), json!(model));
+    Ok(Value::Object(out))
+}
+
 /// The service under load on loopback, with the instant `echo` model (so the service is
 /// measured, not the LLM): a real store holding the record memory of `users` dataset users,
 /// the real catalogue, MiniLM with a warm embedding cache. Closed loop (capacity) and open loop

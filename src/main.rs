@@ -185,7 +185,7 @@ enum Command {
         /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,grpo,rollout.
+        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,llmslots,grpo,rollout.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
         /// Open-loop rate of the service benchmark, requests/s.
@@ -259,7 +259,9 @@ struct ServeArgs {
     /// Burst per key.
     #[arg(long, default_value_t = 100.0)]
     burst: f64,
-    /// Answers the LLM works on at once (1 for a local model on few cores).
+    /// Answers the LLM works on at once (default 1 for a local model, 8 for a server). With a
+    /// local model and more than one slot, the answers' model calls are decoded together (one
+    /// batch per token).
     #[arg(long)]
     llm_slots: Option<usize>,
     /// Answers that may wait for the LLM; beyond, 503.
@@ -1061,6 +1063,7 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         cpu_queue: args.cpu_queue,
         queue_timeout: std::time::Duration::from_secs_f64(args.queue_timeout),
         answer_timeout: std::time::Duration::from_secs_f64(args.answer_timeout),
+        batch_llm: local,
         assistant: assistant.config()?,
         ..Default::default()
     };
@@ -1926,6 +1929,17 @@ fn main() -> Result<()> {
                     g.push(mrrec::bench::rollouts(&ws, &*store, TENANT, m, 3, 5)?);
                 }
                 out.insert("rollout".into(), serde_json::Value::Array(g));
+            }
+            if parts.contains("llmslots") {
+                out.insert(
+                    "service_llm".into(),
+                    mrrec::bench::service_llm(
+                        ws.clone(),
+                        "qwen2.5-coder-0.5b-instruct",
+                        4,
+                        12,
+                    )?,
+                );
             }
             if parts.contains("service") {
                 out.insert(

@@ -1003,3 +1003,97 @@ async fn an_answer_nobody_waits_for_is_cancelled_and_frees_its_slot() {
     );
     assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
 }
+
+/// Reads a gauge's value from `/metrics` text.
+fn gauge(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
+    let llm: Arc<dyn ChatModel> = Arc::new(
+        tokio::task::spawn_blocking(|| {
+            mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
+        })
+        .await
+        .unwrap(),
+    );
+    let s = start_with(
+        llm,
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 3,
+            batch_llm: true,
+            // Short calls: the test is about batching, not about the answers' quality.
+            assistant: mrrec::assistant::AssistantConfig {
+                reasoning_tokens: 12,
+                answer_tokens: 40,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    let requests = [
+        "a plush bunny for a toddler",
+        "a wooden train set",
+        "washable crayons",
+    ];
+    let profile = |text: &str| -> String {
+        let v: Value = serde_json::from_str(text).unwrap();
+        v["trace"]["profile"]
+            .as_str()
+            .or(v["ranked_with"].as_str())
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_string()
+    };
+    // Together: three answers at once.
+    let mut tasks = Vec::new();
+    for r in requests {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            call(
+                &c,
+                "POST",
+                &url,
+                Some(KEY_A),
+                Some(json!({"user": "alice", "request": r})),
+            )
+            .await
+        }));
+    }
+    let mut together = Vec::new();
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        together.push(profile(&text));
+    }
+    let (_, m) = call(&c, "GET", &format!("{}/metrics", s.base), None, None).await;
+    let (batches, calls) = (
+        gauge(&m, "mrrec_llm_batches"),
+        gauge(&m, "mrrec_llm_batched_calls"),
+    );
+    assert!(calls >= 9.0, "three calls or more per answer: {m}");
+    assert!(
+        batches < calls,
+        "some calls shared a batch: {batches} for {calls}"
+    );
+    // Alone, one after another: the same profiles (the tiny model decodes batch-invariantly).
+    for (r, want) in requests.iter().zip(&together) {
+        let (status, text) = call(
+            &c,
+            "POST",
+            &url,
+            Some(KEY_A),
+            Some(json!({"user": "alice", "request": r})),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(&profile(&text), want, "{r}");
+    }
+}

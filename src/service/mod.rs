@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use mrrec_embed::TextEmbedder;
 use mrrec_index::{ItemIndex, SearchQuery};
-use mrrec_llm::{Cancel, Cancellable, ChatModel, LlmError};
+use mrrec_llm::{Batcher, Cancel, Cancellable, ChatModel, LlmError, Worker};
 use mrrec_memory::{Level, MemoryWrite, Owner};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -99,6 +99,11 @@ pub struct ServiceConfig {
     pub queue_timeout: Duration,
     /// Deadline of one answer (504 after it).
     pub answer_timeout: Duration,
+    /// Decode the model calls of the answers in the LLM slots together (a [`Batcher`]: one
+    /// decoding step for all of them per token) instead of letting them compete for the cores.
+    /// For a local model with `llm_slots` > 1; a server batches by itself. Streamed answers then
+    /// send each call's text when the call ends rather than token by token.
+    pub batch_llm: bool,
     /// The assistant's settings.
     pub assistant: AssistantConfig,
 }
@@ -118,6 +123,7 @@ impl Default for ServiceConfig {
             cpu_queue: 512,
             queue_timeout: Duration::from_secs(60),
             answer_timeout: Duration::from_secs(180),
+            batch_llm: false,
             assistant: AssistantConfig::default(),
         }
     }
@@ -291,6 +297,9 @@ pub struct Service {
     limiter: RateLimiter,
     llm_gate: Gate,
     cpu_gate: Gate,
+    /// With `batch_llm` and several slots: the answers' model calls, decoded together.
+    batcher: Option<Batcher<'static>>,
+    workers: AtomicUsize,
 }
 
 impl Service {
@@ -307,6 +316,8 @@ impl Service {
             limiter: RateLimiter::new(cfg.rate_per_key, cfg.burst),
             llm_gate: Gate::new("LLM", cfg.llm_slots, cfg.llm_queue, cfg.queue_timeout),
             cpu_gate: Gate::new("CPU", cfg.cpu_slots, cfg.cpu_queue, cfg.queue_timeout),
+            batcher: (cfg.batch_llm && cfg.llm_slots > 1).then(|| Batcher::shared(llm.clone())),
+            workers: AtomicUsize::new(0),
             ws,
             store,
             llm,
@@ -315,6 +326,16 @@ impl Service {
             cfg,
             metrics: Metrics::default(),
         })
+    }
+
+    /// The model an answer's calls go to: a worker of the batcher (registered until dropped),
+    /// or the model itself.
+    fn worker(&self) -> AnswerModel<'_> {
+        AnswerModel(
+            self.batcher
+                .as_ref()
+                .map(|b| b.worker(self.workers.fetch_add(1, Ordering::Relaxed))),
+        )
     }
 
     fn assistant<'a>(
@@ -611,7 +632,8 @@ async fn recommend(
                     cancel.cancel();
                 }
             };
-            let llm = Cancellable::new(&*s.llm, cancel.clone());
+            let worker = s.worker();
+            let llm = Cancellable::new(worker.as_llm(&s), cancel.clone());
             let mut a = s.assistant(&tenant, cfg, Some(&send));
             a.llm = &llm;
             match a.answer(&req.user, &req.request, req.category.as_deref(), k) {
@@ -652,7 +674,8 @@ async fn recommend(
     let guard = cancel.on_drop();
     let work = tokio::task::spawn_blocking(move || {
         let _p = permit;
-        let llm = Cancellable::new(&*s.llm, cancel);
+        let worker = s.worker();
+        let llm = Cancellable::new(worker.as_llm(&s), cancel);
         let mut a = s.assistant(&tenant, cfg, None);
         a.llm = &llm;
         let r = a.answer(&user, &request, category.as_deref(), k);
@@ -678,6 +701,18 @@ async fn recommend(
     svc.metrics.llm(&ans.trace.usage, ans.trace.fallback);
     let total = t0.elapsed().as_secs_f64() * 1e3;
     Ok(Json(answer_json(&svc.ws, &ans, &method, queue_ms, total)).into_response())
+}
+
+/// One answer's model: its batcher worker, if the service batches.
+struct AnswerModel<'s>(Option<Worker<'s, 'static>>);
+
+impl AnswerModel<'_> {
+    fn as_llm<'a>(&'a self, s: &'a Service) -> &'a dyn ChatModel {
+        match &self.0 {
+            Some(w) => w,
+            None => &*s.llm,
+        }
+    }
 }
 
 /// Whether an answer failed because it was cancelled.
@@ -1118,6 +1153,23 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
             svc.cpu_gate.in_flight() as f64,
         ),
     ];
+    let stats = svc.batcher.as_ref().map(Batcher::stats);
+    let batched = [
+        (
+            "mrrec_llm_batches",
+            "Batches of model calls decoded together (with batch_llm).",
+            stats.map_or(0.0, |s| s.batches as f64),
+        ),
+        (
+            "mrrec_llm_batched_calls",
+            "Model calls answered in those batches.",
+            stats.map_or(0.0, |s| s.calls as f64),
+        ),
+    ];
+    let gauges: Vec<_> = gauges
+        .into_iter()
+        .chain(stats.is_some().then_some(batched).into_iter().flatten())
+        .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         svc.metrics.render(&gauges),

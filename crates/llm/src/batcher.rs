@@ -60,13 +60,15 @@ struct State {
 }
 
 /// What a batch runs on.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Backend<'m> {
     /// A local model: batched decoding, and each call's token record.
     Local(&'m LocalModel),
     /// Any chat model's `chat_batch` (a response cache over a local model forwards its misses
     /// to the model's batch; a server gets them together).
     Chat(&'m dyn ChatModel),
+    /// The same, owned (a batcher that lives as long as a service).
+    Shared(std::sync::Arc<dyn ChatModel>),
 }
 
 /// Gathers the calls of several worker threads into batches for one model.
@@ -94,6 +96,12 @@ impl<'m> Batcher<'m> {
     /// A batcher over any chat model's `chat_batch` (no token records), with no workers yet.
     pub fn over(model: &'m dyn ChatModel) -> Self {
         Self::with(Backend::Chat(model))
+    }
+
+    /// A batcher that owns its model (any `chat_batch`, no token records): workers may come
+    /// and go for as long as it lives, as the answers of a service do.
+    pub fn shared(model: std::sync::Arc<dyn ChatModel>) -> Batcher<'static> {
+        Batcher::with(Backend::Shared(model))
     }
 
     fn with(model: Backend<'m>) -> Self {
@@ -154,24 +162,28 @@ impl<'m> Batcher<'m> {
     }
 
     fn id(&self) -> &str {
-        match self.model {
-            Backend::Local(m) => ChatModel::id(m),
+        match &self.model {
+            Backend::Local(m) => ChatModel::id(*m),
             Backend::Chat(m) => m.id(),
+            Backend::Shared(m) => m.id(),
         }
     }
 
     fn run(&self, reqs: &[ChatRequest]) -> Vec<Result<(ChatResponse, Option<Segment>)>> {
-        match self.model {
+        let chat = |m: &dyn ChatModel| -> Vec<Result<(ChatResponse, Option<Segment>)>> {
+            m.chat_batch(reqs)
+                .into_iter()
+                .map(|r| r.map(|resp| (resp, None)))
+                .collect()
+        };
+        match &self.model {
             Backend::Local(m) => m
                 .chat_segments(reqs)
                 .into_iter()
                 .map(|r| r.map(|(resp, seg)| (resp, Some(seg))))
                 .collect(),
-            Backend::Chat(m) => m
-                .chat_batch(reqs)
-                .into_iter()
-                .map(|r| r.map(|resp| (resp, None)))
-                .collect(),
+            Backend::Chat(m) => chat(*m),
+            Backend::Shared(m) => chat(&**m),
         }
     }
 
