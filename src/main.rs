@@ -1912,6 +1912,30 @@ fn main() -> Result<()> {
             service_rate,
             service_seconds,
         } => {
+            // Whole names: `llmslots` is not `llm`.
+            const PARTS: [&str; 13] = [
+                "embed",
+                "search",
+                "bm25",
+                "ingest",
+                "llm",
+                "constrained",
+                "batched",
+                "profile",
+                "memory",
+                "service",
+                "llmslots",
+                "grpo",
+                "rollout",
+            ];
+            let parts: std::collections::BTreeSet<&str> = parts
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect();
+            if let Some(p) = parts.iter().find(|p| !PARTS.contains(p)) {
+                bail!("unknown benchmark part {p:?} (known: {})", PARTS.join(","));
+            }
             let ws = Arc::new(data.open()?);
             let mut out = serde_json::Map::new();
             out.insert("threads".into(), rayon::current_num_threads().into());
@@ -1933,12 +1957,7 @@ fn main() -> Result<()> {
             if parts.contains("llmslots") {
                 out.insert(
                     "service_llm".into(),
-                    mrrec::bench::service_llm(
-                        ws.clone(),
-                        "qwen2.5-coder-0.5b-instruct",
-                        4,
-                        12,
-                    )?,
+                    mrrec::bench::service_llm(ws.clone(), "qwen2.5-coder-0.5b-instruct", 4, 12)?,
                 );
             }
             if parts.contains("service") {
