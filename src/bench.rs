@@ -523,6 +523,32 @@ pub fn memory_retrieval(
     }))
 }
 
+/// The benchmarks' API key, of tenant "bench".
+const BENCH_KEY: &str = "bench-key";
+
+/// A key ring holding [`BENCH_KEY`].
+fn bench_keys() -> Result<crate::service::auth::KeyRing> {
+    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
+    KeyRing::from_records(&[KeyRecord {
+        name: "b".into(),
+        tenant: "bench".into(),
+        sha256: hash_key(BENCH_KEY),
+    }])
+}
+
+/// Serves `svc` on a free loopback port; returns its base URL and the sender that stops it.
+async fn serve_loopback(
+    svc: std::sync::Arc<crate::service::Service>,
+) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", l.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(crate::service::serve(l, svc, async {
+        let _ = rx.await;
+    }));
+    Ok((base, tx))
+}
+
 /// The service with a real local model: `clients` closed-loop clients send `requests`
 /// recommendations, first with one LLM slot (answers one after another: the baseline), then with
 /// `clients` slots whose model calls are decoded together (`batch_llm`). A fresh model each time
@@ -533,7 +559,6 @@ pub fn service_llm(
     clients: usize,
     requests: usize,
 ) -> Result<Value> {
-    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
     use crate::service::load::{run, LoadOptions, MakeRequest};
     use crate::service::{Service, ServiceConfig};
     use std::sync::Arc;
@@ -567,14 +592,13 @@ pub fn service_llm(
         progress: false,
     }
     .build_records(&users, &mut report)?;
-    const KEY: &str = "bench-key";
     let queries = Arc::new(queries);
     let make: MakeRequest = {
         let q = queries.clone();
         Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
             let (user, text) = &q[i % q.len()];
             c.post(format!("{base}/v1/recommend"))
-                .bearer_auth(KEY)
+                .bearer_auth(BENCH_KEY)
                 .json(&json!({"user": user, "request": text, "k": 10}))
         })
     };
@@ -590,11 +614,7 @@ pub fn service_llm(
             store.clone(),
             llm,
             None,
-            KeyRing::from_records(&[KeyRecord {
-                name: "b".into(),
-                tenant: "bench".into(),
-                sha256: hash_key(KEY),
-            }])?,
+            bench_keys()?,
             ServiceConfig {
                 rate_per_key: 0.0,
                 llm_slots: slots,
@@ -607,12 +627,7 @@ pub fn service_llm(
         );
         eprintln!("service with {model}: {slots} slot(s), {clients} clients, {requests} answers…");
         let r = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let base = format!("http://{}", l.local_addr()?);
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(crate::service::serve(l, svc, async {
-                let _ = rx.await;
-            }));
+            let (base, stop) = serve_loopback(svc).await?;
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(3600))
                 .build()?;
@@ -628,7 +643,7 @@ pub fn service_llm(
                 },
             )
             .await;
-            let _ = tx.send(());
+            let _ = stop.send(());
             anyhow::Ok(r)
         })?;
         out.insert(
@@ -659,7 +674,6 @@ pub fn service(
     rate: f64,
     seconds: f64,
 ) -> Result<Value> {
-    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
     use crate::service::load::{run, LoadOptions, LoadReport, MakeRequest};
     use crate::service::{Service, ServiceConfig};
     use std::sync::Arc;
@@ -697,14 +711,6 @@ pub fn service(
         .take(200)
         .map(|q| q.query().query.clone())
         .collect();
-    const KEY: &str = "bench-key";
-    let keys = || {
-        KeyRing::from_records(&[KeyRecord {
-            name: "b".into(),
-            tenant: "bench".into(),
-            sha256: hash_key(KEY),
-        }])
-    };
     // Baseline in the same run: the same work called directly (no HTTP, no auth, one thread),
     // after one warming pass; the service's closed-loop throughput is reported against it.
     let echo = mrrec_llm::EchoModel::from_id("echo").expect("echo");
@@ -744,7 +750,7 @@ pub fn service(
         Arc::new(move |c: &reqwest::Client, base: &str, i: usize| {
             c.get(format!("{base}/v1/items/search"))
                 .query(&[("q", texts[i % texts.len()].as_str()), ("k", "10")])
-                .bearer_auth(KEY)
+                .bearer_auth(BENCH_KEY)
         })
     };
     let recommend = |key: &'static str| -> MakeRequest {
@@ -765,18 +771,10 @@ pub fn service(
                 store.clone(),
                 Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo")),
                 None,
-                keys().expect("keys"),
+                bench_keys().expect("keys"),
                 cfg,
             );
-            async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let base = format!("http://{}", l.local_addr()?);
-                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                tokio::spawn(crate::service::serve(l, svc, async {
-                    let _ = rx.await;
-                }));
-                anyhow::Ok((base, tx))
-            }
+            serve_loopback(svc)
         };
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(512)
@@ -791,7 +789,7 @@ pub fn service(
             ..Default::default()
         };
         let (base, stop) = start(base_cfg.clone()).await?;
-        let (s, r) = (search.clone(), recommend(KEY));
+        let (s, r) = (search.clone(), recommend(BENCH_KEY));
         // Warm the embedding cache with every text (cold MiniLM is ~10 ms a text).
         let n = texts.len();
         let warm = LoadOptions {
@@ -859,7 +857,7 @@ pub fn service(
         eprintln!("service: overload, LLM queue…");
         res.insert(
             "recommend_overload_llm_queue".into(),
-            json_of(&run(client.clone(), &base, recommend(KEY), &over).await),
+            json_of(&run(client.clone(), &base, recommend(BENCH_KEY), &over).await),
         );
         let _ = stop.send(());
         // Overload 2: 100 requests/s per key, sent at 300/s.

@@ -909,14 +909,19 @@ async fn a_bounded_load_on_loopback_answers_every_request() {
     }
 }
 
-/// Polls `/metrics` until `want` appears (or `within` passes); returns the last text.
-async fn metrics_until(c: &reqwest::Client, base: &str, want: &str, within: Duration) -> String {
+/// Waits (at most 1.5 s) until `/metrics` counts `n` cancelled answers and no LLM work in
+/// flight: an abandoned answer stops and frees its slot at once (uncancelled, it would hold it for
+/// seconds).
+async fn expect_cancelled(c: &reqwest::Client, base: &str, n: usize) {
+    let within = Duration::from_millis(1500);
+    let want = format!("mrrec_rejected_total{{reason=\"cancelled\"}} {n}");
     let t = Instant::now();
     loop {
         let (_, m) = call(c, "GET", &format!("{base}/metrics"), None, None).await;
-        if m.contains(want) || t.elapsed() > within {
-            return m;
+        if m.contains(&want) && m.contains("mrrec_llm_in_flight 0") {
+            break;
         }
+        assert!(t.elapsed() < within, "not cancelled within {within:?}: {m}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -938,7 +943,6 @@ async fn an_answer_nobody_waits_for_is_cancelled_and_frees_its_slot() {
     let c = client();
     let url = format!("{}/v1/recommend", s.base);
     let body = json!({"user": "alice", "request": "a plush bunny"});
-    let within = Duration::from_millis(1500);
     // 1. The client gives up (its own timeout) and closes the connection.
     let gone = c
         .post(&url)
@@ -948,20 +952,7 @@ async fn an_answer_nobody_waits_for_is_cancelled_and_frees_its_slot() {
         .send()
         .await;
     assert!(gone.is_err_and(|e| e.is_timeout()));
-    let t = Instant::now();
-    let m = metrics_until(
-        &c,
-        &s.base,
-        "mrrec_rejected_total{reason=\"cancelled\"} 1",
-        within,
-    )
-    .await;
-    assert!(
-        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 1"),
-        "{m}"
-    );
-    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
-    assert!(t.elapsed() < within, "{:?}", t.elapsed());
+    expect_cancelled(&c, &s.base, 1).await;
     // 2. A streamed answer whose reader goes away.
     let mut b = body.clone();
     b["stream"] = json!(true);
@@ -975,33 +966,11 @@ async fn an_answer_nobody_waits_for_is_cancelled_and_frees_its_slot() {
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(r);
-    let m = metrics_until(
-        &c,
-        &s.base,
-        "mrrec_rejected_total{reason=\"cancelled\"} 2",
-        within,
-    )
-    .await;
-    assert!(
-        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 2"),
-        "{m}"
-    );
-    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+    expect_cancelled(&c, &s.base, 2).await;
     // 3. The server's own answer timeout: 504, and the work stops too.
     let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body.clone())).await;
     assert_eq!(status, 504, "{text}");
-    let m = metrics_until(
-        &c,
-        &s.base,
-        "mrrec_rejected_total{reason=\"cancelled\"} 3",
-        within,
-    )
-    .await;
-    assert!(
-        m.contains("mrrec_rejected_total{reason=\"cancelled\"} 3"),
-        "{m}"
-    );
-    assert!(m.contains("mrrec_llm_in_flight 0"), "{m}");
+    expect_cancelled(&c, &s.base, 3).await;
 }
 
 /// Reads a gauge's value from `/metrics` text.

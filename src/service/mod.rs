@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use mrrec_embed::TextEmbedder;
 use mrrec_index::{ItemIndex, SearchQuery};
-use mrrec_llm::{Batcher, Cancel, Cancellable, ChatModel, LlmError, Worker};
+use mrrec_llm::{Batcher, Cancel, Cancellable, ChatModel, LlmError};
 use mrrec_memory::{Level, MemoryWrite, Owner};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -328,14 +328,37 @@ impl Service {
         })
     }
 
-    /// The model an answer's calls go to: a worker of the batcher (registered until dropped),
-    /// or the model itself.
-    fn worker(&self) -> AnswerModel<'_> {
-        AnswerModel(
-            self.batcher
-                .as_ref()
-                .map(|b| b.worker(self.workers.fetch_add(1, Ordering::Relaxed))),
-        )
+    /// Answers on the calling (blocking) thread: every model call carries `cancel`, and goes
+    /// through a worker of the batcher (registered for the answer's lifetime) when the service
+    /// batches. A cancelled answer is counted.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        tenant: &str,
+        cfg: AssistantConfig,
+        observer: Option<&(dyn Fn(&Event) + Sync)>,
+        cancel: Cancel,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        k: usize,
+    ) -> anyhow::Result<Answer> {
+        let worker = self
+            .batcher
+            .as_ref()
+            .map(|b| b.worker(self.workers.fetch_add(1, Ordering::Relaxed)));
+        let model: &dyn ChatModel = match &worker {
+            Some(w) => w,
+            None => &*self.llm,
+        };
+        let llm = Cancellable::new(model, cancel);
+        let mut a = self.assistant(tenant, cfg, observer);
+        a.llm = &llm;
+        let r = a.answer(user, request, category, k);
+        if r.as_ref().is_err_and(cancelled) {
+            self.metrics.reject("cancelled");
+        }
+        r
     }
 
     fn assistant<'a>(
@@ -627,16 +650,19 @@ async fn recommend(
                     Event::ToolCall { call } => ("tool_call", json!(call)),
                     Event::Profile { .. } => ("profile", json!(e)),
                 };
-                // The stream was dropped: the client is gone.
-                if tx.send(sse(name, &data)).is_err() {
-                    cancel.cancel();
-                }
+                let _ = tx.send(sse(name, &data));
             };
-            let worker = s.worker();
-            let llm = Cancellable::new(worker.as_llm(&s), cancel.clone());
-            let mut a = s.assistant(&tenant, cfg, Some(&send));
-            a.llm = &llm;
-            match a.answer(&req.user, &req.request, req.category.as_deref(), k) {
+            let category = req.category.as_deref();
+            match s.answer(
+                &tenant,
+                cfg,
+                Some(&send),
+                cancel,
+                &req.user,
+                &req.request,
+                category,
+                k,
+            ) {
                 Ok(ans) => {
                     s.metrics.llm(&ans.trace.usage, ans.trace.fallback);
                     let _ = tx.send(sse(
@@ -649,7 +675,7 @@ async fn recommend(
                         &answer_json(&s.ws, &ans, &method, queue_ms, total),
                     ));
                 }
-                Err(e) if cancelled(&e) => s.metrics.reject("cancelled"),
+                Err(e) if cancelled(&e) => {}
                 Err(e) => {
                     let err = ApiError::internal(e);
                     let _ = tx.send(sse(
@@ -674,15 +700,16 @@ async fn recommend(
     let guard = cancel.on_drop();
     let work = tokio::task::spawn_blocking(move || {
         let _p = permit;
-        let worker = s.worker();
-        let llm = Cancellable::new(worker.as_llm(&s), cancel);
-        let mut a = s.assistant(&tenant, cfg, None);
-        a.llm = &llm;
-        let r = a.answer(&user, &request, category.as_deref(), k);
-        if r.as_ref().is_err_and(cancelled) {
-            s.metrics.reject("cancelled");
-        }
-        r
+        s.answer(
+            &tenant,
+            cfg,
+            None,
+            cancel,
+            &user,
+            &request,
+            category.as_deref(),
+            k,
+        )
     });
     // Returning early (the timeout) or being dropped (the client left) cancels the work.
     let ans = match tokio::time::timeout(svc.cfg.answer_timeout, work).await {
@@ -701,18 +728,6 @@ async fn recommend(
     svc.metrics.llm(&ans.trace.usage, ans.trace.fallback);
     let total = t0.elapsed().as_secs_f64() * 1e3;
     Ok(Json(answer_json(&svc.ws, &ans, &method, queue_ms, total)).into_response())
-}
-
-/// One answer's model: its batcher worker, if the service batches.
-struct AnswerModel<'s>(Option<Worker<'s, 'static>>);
-
-impl AnswerModel<'_> {
-    fn as_llm<'a>(&'a self, s: &'a Service) -> &'a dyn ChatModel {
-        match &self.0 {
-            Some(w) => w,
-            None => &*s.llm,
-        }
-    }
 }
 
 /// Whether an answer failed because it was cancelled.
@@ -1153,23 +1168,19 @@ async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
             svc.cpu_gate.in_flight() as f64,
         ),
     ];
-    let stats = svc.batcher.as_ref().map(Batcher::stats);
-    let batched = [
-        (
+    let mut gauges = gauges.to_vec();
+    if let Some(st) = svc.batcher.as_ref().map(Batcher::stats) {
+        gauges.push((
             "mrrec_llm_batches",
             "Batches of model calls decoded together (with batch_llm).",
-            stats.map_or(0.0, |s| s.batches as f64),
-        ),
-        (
+            st.batches as f64,
+        ));
+        gauges.push((
             "mrrec_llm_batched_calls",
             "Model calls answered in those batches.",
-            stats.map_or(0.0, |s| s.calls as f64),
-        ),
-    ];
-    let gauges: Vec<_> = gauges
-        .into_iter()
-        .chain(stats.is_some().then_some(batched).into_iter().flatten())
-        .collect();
+            st.calls as f64,
+        ));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         svc.metrics.render(&gauges),

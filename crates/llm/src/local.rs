@@ -562,6 +562,30 @@ impl LocalModel {
         Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
     }
 
+    /// A request's sequence, ready to decode: refused if already cancelled or too long for the
+    /// window, its prompt prefilled (reusing a remembered prefix), its sampling, constraint and
+    /// cancel token attached.
+    fn start<'a>(
+        &self,
+        ids: &[u32],
+        req: &ChatRequest,
+        on_text: Option<&'a mut dyn FnMut(&str)>,
+    ) -> Result<Seq<'a>> {
+        crate::cancel::check(req.cancel.as_ref())?;
+        self.check_window(ids, &req.sampling)?;
+        let (cache, logits) = self.prefill_reusing(ids)?;
+        let mut q = self.new_seq(
+            cache,
+            logits,
+            &req.sampling,
+            req.sampling.seed,
+            req.constraint.as_ref(),
+            on_text,
+        )?;
+        q.cancel = req.cancel.clone();
+        Ok(q)
+    }
+
     /// Answers `req` and returns, beside the answer, the call as a training [`Segment`].
     pub fn chat_segment(
         &self,
@@ -571,19 +595,7 @@ impl LocalModel {
         let t0 = Instant::now();
         let prompt = self.prompt(req)?;
         let ids = self.info.encode(&prompt)?;
-        crate::cancel::check(req.cancel.as_ref())?;
-        self.check_window(&ids, &req.sampling)?;
-        let (cache, logits) = self.prefill_reusing(&ids)?;
-        let mut seq = self.new_seq(
-            cache,
-            logits,
-            &req.sampling,
-            req.sampling.seed,
-            req.constraint.as_ref(),
-            Some(on_text),
-        )?;
-        seq.cancel = req.cancel.clone();
-        let mut seqs = vec![seq];
+        let mut seqs = vec![self.start(&ids, req, Some(on_text))?];
         self.run(&mut seqs)?;
         let g = Self::finish(seqs.remove(0))?;
         let seg = Segment {
@@ -610,18 +622,7 @@ impl LocalModel {
                 .prompt(r)
                 .and_then(|p| self.info.encode(&p))
                 .and_then(|ids| {
-                    crate::cancel::check(r.cancel.as_ref())?;
-                    self.check_window(&ids, &r.sampling)?;
-                    let (cache, logits) = self.prefill_reusing(&ids)?;
-                    let mut q = self.new_seq(
-                        cache,
-                        logits,
-                        &r.sampling,
-                        r.sampling.seed,
-                        r.constraint.as_ref(),
-                        None,
-                    )?;
-                    q.cancel = r.cancel.clone();
+                    let q = self.start(&ids, r, None)?;
                     Ok((ids, q))
                 });
             match seq {

@@ -152,7 +152,7 @@ pub fn parse_request(body: &Value) -> Result<(ChatRequest, bool), String> {
             sampling,
             assistant_prefix,
             constraint,
-            cancel: Some(crate::Cancel::new()),
+            cancel: None,
         },
         stream,
     ))
@@ -190,19 +190,20 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
         Ok(v) => v,
         Err(e) => return bad_request(format!("body is not JSON: {e}")),
     };
-    let (req, stream) = match parse_request(&body) {
+    let (mut req, stream) = match parse_request(&body) {
         Ok(x) => x,
         Err(e) => return bad_request(e),
     };
+    // Dropped with this handler's future (the client left) or with its event stream, the guard
+    // stops the generation at the next token.
+    let cancel = crate::Cancel::new();
+    req.cancel = Some(cancel.clone());
+    let guard = cancel.on_drop();
     let id = model.id().to_string();
     if !stream {
         let m = model.clone();
-        // A client that goes away drops this future, and the guard stops the generation.
-        let guard = req.cancel.as_ref().map(crate::Cancel::on_drop);
         let r = tokio::task::spawn_blocking(move || m.chat(&req)).await;
-        if let Some(g) = guard {
-            g.disarm();
-        }
+        guard.disarm();
         return match r {
             Ok(Ok(r)) => Json(completion_json(&id, &r)).into_response(),
             Ok(Err(e)) => bad_request(e.to_string()),
@@ -211,25 +212,14 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
     let m = model.clone();
-    // The event stream dropped (the client left) cancels the generation.
-    let guard = req.cancel.as_ref().map(crate::Cancel::on_drop);
     tokio::task::spawn_blocking(move || {
         let chunk = |delta: Value, finish: Value| {
             json!({"id": "chatcmpl-mrrec", "object": "chat.completion.chunk",
             "model": id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         };
         let _ = tx.blocking_send(chunk(json!({"role": "assistant"}), Value::Null));
-        // The client gone (the stream dropped), a send fails: stop generating.
-        let cancel = req.cancel.clone();
         let result = m.chat_stream(&req, &mut |t| {
-            if tx
-                .blocking_send(chunk(json!({"content": t}), Value::Null))
-                .is_err()
-            {
-                if let Some(c) = &cancel {
-                    c.cancel();
-                }
-            }
+            let _ = tx.blocking_send(chunk(json!({"content": t}), Value::Null));
         });
         match result {
             Ok(r) => {
