@@ -33,16 +33,27 @@ pub fn chat_model_with(
     timeout: Option<std::time::Duration>,
     retries: Option<u32>,
 ) -> Result<Box<dyn ChatModel>> {
-    if base_url.is_none() {
-        if let Some(echo) = mrrec_llm::EchoModel::from_id(model) {
-            return Ok(Box::new(echo));
+    if let Some(echo) = mrrec_llm::EchoModel::from_id(model) {
+        if let Some(url) = base_url {
+            let source = if std::env::var("MRREC_LLM_BASE_URL").is_ok_and(|v| v == url) {
+                "MRREC_LLM_BASE_URL"
+            } else {
+                "--llm-url"
+            };
+            anyhow::bail!(
+                "--model {model} is the instant echo model, but {source} names a server ({url}): drop one of the two"
+            );
         }
+        return Ok(Box::new(echo));
     }
     Ok(match base_url {
         Some(url) => {
-            let mut cfg = mrrec_llm::OpenAiConfig::from_env()
-                .unwrap_or_else(|| mrrec_llm::OpenAiConfig::new(url, model));
-            cfg.base_url = url.to_string();
+            // The model named on the command line (or MRREC_LLM_MODEL, through clap) is the
+            // model asked for; the key comes from MRREC_LLM_API_KEY, else OPENAI_API_KEY.
+            let mut cfg = mrrec_llm::OpenAiConfig::new(url, model);
+            cfg.api_key = ["MRREC_LLM_API_KEY", "OPENAI_API_KEY"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
             if let Some(t) = timeout {
                 cfg.timeout = t;
             }
@@ -107,4 +118,24 @@ pub fn cached_chat_model(
         &llm_cache_path(),
         CachePolicy::All,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_named_is_the_model_used_and_echo_with_a_server_is_an_error() {
+        let m = chat_model("my-served-model", Some("http://127.0.0.1:9/v1")).unwrap();
+        assert_eq!(m.id(), "openai:my-served-model@http://127.0.0.1:9/v1");
+        let e = chat_model("echo", Some("http://127.0.0.1:9/v1"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--model echo") && e.contains("http://127.0.0.1:9/v1"),
+            "{e}"
+        );
+        assert_eq!(chat_model("echo", None).unwrap().id(), "echo");
+    }
 }

@@ -102,8 +102,12 @@ enum Command {
     },
     /// Chat with a model from the terminal (streams tokens).
     Chat {
-        /// Registered local model id, ignored when --base-url is given.
-        #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+        /// Registered local model id; with --base-url, the server's model name.
+        #[arg(
+            long,
+            env = "MRREC_LLM_MODEL",
+            default_value = "qwen2.5-coder-0.5b-instruct"
+        )]
         model: String,
         /// An OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of the local model.
         #[arg(long, env = "MRREC_LLM_BASE_URL")]
@@ -233,7 +237,11 @@ enum ModelsAction {
 struct LlmArgs {
     /// Local model (registry id) that writes patterns, profiles and aspects; with --llm-url,
     /// the server's model name.
-    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    #[arg(
+        long,
+        env = "MRREC_LLM_MODEL",
+        default_value = "qwen2.5-coder-0.5b-instruct"
+    )]
     model: String,
     /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI) instead of a local model.
     #[arg(long, env = "MRREC_LLM_BASE_URL")]
@@ -285,6 +293,33 @@ struct ServeArgs {
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 256 << 10)]
     max_body_bytes: usize,
+    /// Seconds a client has to send a request's headers (from connecting, or from the end of
+    /// the previous response: also the idle keep-alive timeout); then the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body once its headers are in (then 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Open connections at once (beyond: 503 and closed).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Open connections per client address (beyond: 503 and closed).
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_client: usize,
+    /// Requests in flight per API key (beyond: 429).
+    #[arg(long, default_value_t = 64)]
+    max_in_flight_per_key: usize,
+    /// Seconds requests in flight may take to finish after SIGTERM / Ctrl-C; then the
+    /// connections left are dropped and the server exits.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+    /// Failed authentications per second allowed per client address after the burst (0:
+    /// unlimited); beyond, 429.
+    #[arg(long, default_value_t = 1.0)]
+    auth_failures_per_second: f64,
+    /// Failed authentications a client address may make in a burst.
+    #[arg(long, default_value_t = 20.0)]
+    auth_failure_burst: f64,
 }
 
 #[derive(clap::Args)]
@@ -465,6 +500,9 @@ enum MemoryAction {
         store: Option<String>,
         /// The user.
         user: String,
+        /// Succeed when the user has no memory (for scripts); by default that is an error.
+        #[arg(long)]
+        missing_ok: bool,
     },
     /// Entries per level, users, global aspects, store size.
     Stats {
@@ -1029,27 +1067,27 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
     let echo = mrrec_llm::EchoModel::from_id(&assistant.llm.model);
     let local = assistant.llm.llm_url.is_none() && echo.is_none();
     // The instant model is never cached (it measures the service, and would fill the cache).
-    let (llm, llm_cache): (Arc<dyn mrrec_llm::ChatModel>, _) = match echo {
-        Some(m) if assistant.llm.llm_url.is_none() => (Arc::new(m), None),
-        _ => (
-            Arc::new(mrrec_llm::CachedChatModel::open(
-                match &assistant.adapter {
-                    Some(a) if assistant.llm.llm_url.is_none() => Box::new(
-                        mrrec::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
-                    ),
-                    Some(_) => bail!("--adapter applies to a local model, not --llm-url"),
-                    None => mrrec::backend::chat_model_with(
-                        &assistant.llm.model,
-                        assistant.llm.llm_url.as_deref(),
-                        Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
-                        None,
-                    )?,
-                },
-                &mrrec::backend::llm_cache_path(),
-                mrrec_llm::CachePolicy::All,
-            )?),
-            Some(mrrec::backend::llm_cache_path()),
-        ),
+    // Whatever the model, forget cleans the shared response cache under $MRREC_HOME: the CLI
+    // and other servers may have written the user's text there.
+    let llm_cache = Some(mrrec::backend::llm_cache_path());
+    let llm: Arc<dyn mrrec_llm::ChatModel> = match echo {
+        Some(m) if assistant.llm.llm_url.is_none() => Arc::new(m),
+        _ => Arc::new(mrrec_llm::CachedChatModel::open(
+            match &assistant.adapter {
+                Some(a) if assistant.llm.llm_url.is_none() => Box::new(
+                    mrrec::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
+                ),
+                Some(_) => bail!("--adapter applies to a local model, not --llm-url"),
+                None => mrrec::backend::chat_model_with(
+                    &assistant.llm.model,
+                    assistant.llm.llm_url.as_deref(),
+                    Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
+                    None,
+                )?,
+            },
+            &mrrec::backend::llm_cache_path(),
+            mrrec_llm::CachePolicy::All,
+        )?),
     };
     let store: Arc<dyn mrrec_memory::MemoryWrite + Send + Sync> =
         Arc::from(open_store(&ws, assistant.store.clone())?);
@@ -1064,6 +1102,16 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         queue_timeout: std::time::Duration::from_secs_f64(args.queue_timeout),
         answer_timeout: std::time::Duration::from_secs_f64(args.answer_timeout),
         batch_llm: local,
+        auth_failures_per_second: args.auth_failures_per_second,
+        auth_failure_burst: args.auth_failure_burst,
+        conn: mrrec::service::ConnLimits {
+            header_timeout: secs("--header-timeout", args.header_timeout)?,
+            body_timeout: secs("--body-timeout", args.body_timeout)?,
+            max_connections: args.max_connections.max(1),
+            max_connections_per_client: args.max_connections_per_client.max(1),
+            max_in_flight_per_key: args.max_in_flight_per_key.max(1),
+            shutdown_grace: secs("--shutdown-grace", args.shutdown_grace)?,
+        },
         assistant: assistant.config()?,
         ..Default::default()
     };
@@ -1089,10 +1137,20 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         mrrec::service::serve(listener, svc, mrrec::service::shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
-    drop(rt);
+    // Work a dropped connection left on the blocking pool (an answer being cancelled) gets a
+    // moment to end; the process does not wait for it beyond that.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
     drop(keep);
     eprintln!("stopped");
     Ok(())
+}
+
+/// A duration flag in seconds: positive and finite.
+fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} must be a positive number of seconds, not {v}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 fn open_store(
@@ -1107,6 +1165,19 @@ fn open_store(
             .to_string()
     });
     Ok(mrrec_memory::open_store(&loc)?)
+}
+
+/// For commands that read the store alone: the `--store` named, opened without loading the data
+/// or building its indexes (a cold cache would embed the whole catalogue first); without
+/// `--store`, the data directory's default store (named by its catalogue fingerprint).
+fn store_only(
+    data: &DataArgs,
+    store: Option<String>,
+) -> Result<Box<dyn mrrec_memory::MemoryWrite + Send + Sync>> {
+    match store {
+        Some(loc) => Ok(mrrec_memory::open_store(&loc)?),
+        None => open_store(&data.open()?, None),
+    }
 }
 
 fn parse_levels(s: &str) -> Result<Vec<mrrec_memory::Level>> {
@@ -1259,8 +1330,10 @@ fn memory(action: MemoryAction) -> Result<()> {
                 st.add_cost(TENANT, &report.cost())?;
             }
             println!(
-                "{user}: {n} new records ({} already stored); {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",
-                reviews.len() - n,
+                "{user}: {} new records, {} updated (same item and moment, new text), {} already stored; {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",
+                n.added,
+                n.updated,
+                reviews.len() - n.changed(),
                 report.patterns_written,
                 report.profiles_written,
                 report.usage.prompt_tokens,
@@ -1269,8 +1342,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             );
         }
         MemoryAction::Show { data, store, user } => {
-            let ws = data.open()?;
-            let st = open_store(&ws, store)?;
+            let st = store_only(&data, store)?;
             let es = st.entries(Owner {
                 tenant: TENANT,
                 user: &user,
@@ -1365,7 +1437,12 @@ fn memory(action: MemoryAction) -> Result<()> {
                 );
             }
         }
-        MemoryAction::Forget { data, store, user } => {
+        MemoryAction::Forget {
+            data,
+            store,
+            user,
+            missing_ok,
+        } => {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let b = MemoryBuilder {
@@ -1376,18 +1453,17 @@ fn memory(action: MemoryAction) -> Result<()> {
                 batch: 8,
                 progress: false,
             };
-            let queries: Vec<&str> = ws
-                .dataset
-                .queries
-                .all()
-                .iter()
-                .filter(|q| q.query().user_id == user)
-                .flat_map(|q| {
-                    std::iter::once(q.query().query.as_str())
-                        .chain(q.query().simple_query.as_deref())
-                })
-                .collect();
-            let r = b.forget(&user, &queries, Some(&mrrec::backend::llm_cache_path()))?;
+            if !missing_ok
+                && !st.has_entries(mrrec_memory::Owner {
+                    tenant: TENANT,
+                    user: &user,
+                })?
+            {
+                bail!(
+                    "user {user:?} has no memory in tenant {TENANT:?} of this store: nothing to forget (a mistyped id? --missing-ok accepts this)"
+                );
+            }
+            let r = b.forget(&user, Some(&mrrec::backend::llm_cache_path()))?;
             println!(
                 "forgot {user}: {} entries, {} step-A results, {} global aspects (their categories will be merged again), {} cached embeddings, {} cached LLM exchanges",
                 r.store.entries,
@@ -1398,8 +1474,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             );
         }
         MemoryAction::Stats { data, store } => {
-            let ws = data.open()?;
-            let st = open_store(&ws, store)?;
+            let st = store_only(&data, store)?;
             println!("{}", serde_json::to_string_pretty(&st.stats(TENANT)?)?);
         }
     }
@@ -1687,18 +1762,7 @@ fn chat(
 ) -> Result<()> {
     use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling};
     use std::io::{BufRead, Write};
-    let m: Box<dyn ChatModel> = match base_url {
-        Some(url) => {
-            let mut cfg = mrrec_llm::OpenAiConfig::from_env()
-                .unwrap_or_else(|| mrrec_llm::OpenAiConfig::new(&url, model));
-            cfg.base_url = url;
-            Box::new(mrrec_llm::OpenAiModel::new(cfg)?)
-        }
-        None => {
-            eprintln!("loading {model}…");
-            Box::new(mrrec_llm::LocalModel::from_registry(model)?)
-        }
-    };
+    let m = mrrec::backend::chat_model(model, base_url.as_deref())?;
     let mut messages = vec![Message::system(system)];
     let mut total = mrrec_llm::Usage::default();
     let inputs: Box<dyn Iterator<Item = String>> = match message {
@@ -1913,7 +1977,7 @@ fn main() -> Result<()> {
             service_seconds,
         } => {
             // Whole names: `llmslots` is not `llm`.
-            const PARTS: [&str; 13] = [
+            const PARTS: [&str; 14] = [
                 "embed",
                 "search",
                 "bm25",
@@ -1924,6 +1988,7 @@ fn main() -> Result<()> {
                 "profile",
                 "memory",
                 "service",
+                "hostile",
                 "llmslots",
                 "grpo",
                 "rollout",
@@ -1964,6 +2029,18 @@ fn main() -> Result<()> {
                 out.insert(
                     "service".into(),
                     mrrec::bench::service(ws.clone(), 50, service_rate, service_seconds)?,
+                );
+            }
+            if parts.contains("hostile") {
+                out.insert(
+                    "hostile".into(),
+                    mrrec::bench::hostile::hostile(
+                        ws.clone(),
+                        500,
+                        100.0,
+                        service_seconds,
+                        100_000,
+                    )?,
                 );
             }
             if parts.contains("embed") {

@@ -7,7 +7,7 @@
 //! mark. Killing a build at any point and rerunning it therefore finishes the same store with no
 //! duplicate and nothing lost; LLM answers already paid for come back from the response cache.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{bail, Context, Result};
 use mrrec_data::{LabeledQuery, Review};
@@ -166,10 +166,10 @@ impl<'a> MemoryBuilder<'a> {
     /// Adds new interactions of one user: their record entries, and marks for the pattern of
     /// each category they touch and for the profile, all in one transaction. Returns how many
     /// records were new (reviews already stored are ignored).
-    pub fn add_reviews(&self, user: &str, reviews: &[Review]) -> Result<usize> {
-        let mut fresh = self.new_records(user, reviews)?;
+    pub fn add_reviews(&self, user: &str, reviews: &[Review]) -> Result<AddReport> {
+        let (mut fresh, updated) = self.new_records(user, reviews)?;
         if fresh.is_empty() {
-            return Ok(0);
+            return Ok(AddReport::default());
         }
         let texts: Vec<&str> = fresh.iter().map(|e| e.text.as_str()).collect();
         let vecs = self.embed(&texts, "embedding records")?;
@@ -177,21 +177,37 @@ impl<'a> MemoryBuilder<'a> {
             e.embedding = v;
         }
         self.put_records(user, &fresh)?;
-        Ok(fresh.len())
+        Ok(AddReport {
+            added: fresh.len() - updated,
+            updated,
+        })
     }
 
-    /// Record entries (not yet embedded) of the `reviews` the store does not hold yet, once each.
-    fn new_records(&self, user: &str, reviews: &[Review]) -> Result<Vec<MemoryEntry>> {
-        let mut seen: HashSet<String> = self
+    /// Record entries (not yet embedded) of the `reviews` the store does not hold as they are:
+    /// new ones, and ones whose text changed (same item and moment: an update, counted as the
+    /// second number). A review repeated within `reviews` counts once (the first).
+    fn new_records(&self, user: &str, reviews: &[Review]) -> Result<(Vec<MemoryEntry>, usize)> {
+        let stored: HashMap<String, String> = self
             .store
             .entries(self.owner(user))?
             .into_iter()
-            .map(|e| e.id)
+            .map(|e| (e.id, e.text))
             .collect();
-        Ok(mrrec_memory::record_entries(reviews, self.ws.catalogue())
-            .into_iter()
-            .filter(|e| seen.insert(e.id.clone()))
-            .collect())
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut out = Vec::new();
+        let mut updated = 0;
+        for e in mrrec_memory::record_entries(reviews, self.ws.catalogue()) {
+            if !seen.insert(e.id.clone()) {
+                continue;
+            }
+            match stored.get(&e.id) {
+                Some(text) if *text == e.text => continue,
+                Some(_) => updated += 1,
+                None => {}
+            }
+            out.push(e);
+        }
+        Ok((out, updated))
     }
 
     fn put_records(&self, user: &str, fresh: &[MemoryEntry]) -> Result<()> {
@@ -212,7 +228,7 @@ impl<'a> MemoryBuilder<'a> {
         let h = &self.ws.dataset.histories;
         let mut per_user: Vec<Vec<MemoryEntry>> = Vec::with_capacity(users.len());
         for u in users {
-            per_user.push(self.new_records(u, h.of(u))?);
+            per_user.push(self.new_records(u, h.of(u))?.0);
         }
         // One embedding pass over every new text: length-sorted batches, cached, resumable.
         let texts: Vec<&str> = per_user.iter().flatten().map(|e| e.text.as_str()).collect();
@@ -579,14 +595,22 @@ impl<'a> MemoryBuilder<'a> {
 
     /// Removes every trace of `user`: the store (entries, step-A results, derived global
     /// aspects, marks, freed pages), the embedding cache's vectors of their texts, and the LLM
-    /// response cache's exchanges that contain their texts. `queries` are the user's request
-    /// texts known to the caller (they may sit in step-A prompts).
-    pub fn forget(
-        &self,
-        user: &str,
-        queries: &[&str],
-        llm_cache: Option<&std::path::Path>,
-    ) -> Result<ForgetReport> {
+    /// response cache's exchanges that contain their texts or their requests in the query file
+    /// (the requests may sit in step-A prompts). `llm_cache` is the response cache to clean
+    /// (the shared one under `$MRREC_HOME`, whatever model the caller runs).
+    pub fn forget(&self, user: &str, llm_cache: Option<&std::path::Path>) -> Result<ForgetReport> {
+        // The user's requests in the query file: prompts and cached embeddings hold them.
+        let queries: Vec<&str> = self
+            .ws
+            .dataset
+            .queries
+            .all()
+            .iter()
+            .filter(|q| q.query().user_id == user)
+            .flat_map(|q| {
+                std::iter::once(q.query().query.as_str()).chain(q.query().simple_query.as_deref())
+            })
+            .collect();
         let entries = self.store.entries(self.owner(user))?;
         let mut texts: Vec<String> = entries.iter().map(|e| e.text.clone()).collect();
         for r in self.store.query_aspects(self.tenant, None)? {
@@ -595,8 +619,17 @@ impl<'a> MemoryBuilder<'a> {
             }
         }
         texts.extend(queries.iter().map(|q| q.to_string()));
-        // The reviews themselves, as they appear inside prompts.
+        // The reviews themselves, as they appear inside prompts: the dataset's, and the user's
+        // own words inside record entries (reviews added through `memory add` or the service).
         let mut needles: Vec<String> = texts.clone();
+        for e in entries.iter().filter(|e| e.level == Level::Record) {
+            if let Some((_, words)) = e.text.split_once(" Review: ") {
+                let words: String = words.chars().take(200).collect();
+                if words.len() >= 24 {
+                    needles.push(words);
+                }
+            }
+        }
         for r in self.ws.dataset.histories.of(user) {
             if r.text.len() >= 24 {
                 needles.push(r.text.chars().take(200).collect());
@@ -621,6 +654,22 @@ impl<'a> MemoryBuilder<'a> {
     }
 }
 
+/// What [`MemoryBuilder::add_reviews`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddReport {
+    /// Reviews new to the store.
+    pub added: usize,
+    /// Reviews the store held with another text (same item and moment), now replaced.
+    pub updated: usize,
+}
+
+impl AddReport {
+    /// Records written.
+    pub fn changed(&self) -> usize {
+        self.added + self.updated
+    }
+}
+
 /// A model that is never asked: opens the response cache for maintenance only.
 struct Forgetting;
 
@@ -638,6 +687,20 @@ impl ChatModel for Forgetting {
         ))
     }
 }
+
+/// The fields of an Amazon Reviews 2023 review row; an interaction with any other is refused.
+pub const REVIEW_FIELDS: &[&str] = &[
+    "rating",
+    "title",
+    "text",
+    "images",
+    "asin",
+    "parent_asin",
+    "user_id",
+    "timestamp",
+    "helpful_vote",
+    "verified_purchase",
+];
 
 /// Reads new interactions from a JSONL file of Amazon Reviews 2023 rows for `user` (rows of
 /// other users are refused, naming the line).
@@ -664,6 +727,12 @@ pub fn review_from_json(mut v: serde_json::Value, user: &str, at: &str) -> Resul
     let Some(o) = v.as_object_mut() else {
         bail!("{at}: not a JSON object");
     };
+    if let Some(k) = o.keys().find(|k| !REVIEW_FIELDS.contains(&k.as_str())) {
+        bail!(
+            "{at}: unknown field `{k}` (Amazon Reviews 2023 fields: {})",
+            REVIEW_FIELDS.join(", ")
+        );
+    }
     match o.get("user_id") {
         Some(serde_json::Value::String(u)) if u != user => {
             bail!("{at}: the row is user {u:?}'s, not {user:?}")
@@ -680,6 +749,17 @@ pub fn review_from_json(mut v: serde_json::Value, user: &str, at: &str) -> Resul
     let r: Review = serde_json::from_value(v).with_context(|| format!("{at}: not a review"))?;
     if !(1.0..=5.0).contains(&r.rating) {
         bail!("{at}: rating {} is not 1–5", r.rating);
+    }
+    if r.timestamp < 0 {
+        bail!(
+            "{at}: timestamp {} is before 1970 (milliseconds since the epoch)",
+            r.timestamp
+        );
+    }
+    for (field, text) in [("title", &r.title), ("text", &r.text)] {
+        if !text.is_empty() && !text.chars().any(|c| !c.is_whitespace() && !c.is_control()) {
+            bail!("{at}: `{field}` has no visible character");
+        }
     }
     Ok(r)
 }

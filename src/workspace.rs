@@ -12,6 +12,7 @@ use mrrec_index::{
     open_index, Bm25Index, ExactIndex, Hit, HnswIndex, HnswParams, HybridIndex, HybridParams,
     ItemIndex, SearchQuery,
 };
+use mrrec_models::artefact::build_dir_once;
 use sha2::{Digest, Sha256};
 
 /// How to open a workspace.
@@ -102,6 +103,14 @@ pub fn files_sha256(paths: &[&Path]) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The index saved in `dir`, when there is one of `len` items.
+fn reopen(dir: &Path, len: usize) -> Option<Arc<dyn ItemIndex>> {
+    open_index(dir)
+        .ok()
+        .filter(|ix| ix.len() == len)
+        .map(Arc::from)
+}
+
 fn catalogue_fingerprint(cat: &Catalogue, model: &str) -> String {
     let mut h = Sha256::new();
     h.update(model.as_bytes());
@@ -189,49 +198,51 @@ impl Workspace {
         dir: &Path,
         progress: bool,
     ) -> Result<Arc<dyn ItemIndex>> {
-        if let Ok(ix) = open_index(dir) {
-            if ix.len() == cat.len() {
-                return Ok(Arc::from(ix));
-            }
-        }
-        let texts: Vec<&str> = cat.items().iter().map(|i| i.text.as_str()).collect();
-        let mut pb = crate::progress::Progress::new("embedding items", progress);
-        let vecs = embedder.embed_with_progress(&texts, &mut |done, total| pb.set(done, total))?;
-        pb.finish();
-        let ix = ExactIndex::from_rows(embedder.dim(), &vecs)?;
-        ix.save(dir)
-            .with_context(|| format!("saving {}", dir.display()))?;
-        Ok(Arc::new(ix))
+        build_dir_once(
+            dir,
+            |d| reopen(d, cat.len()),
+            |tmp| {
+                let texts: Vec<&str> = cat.items().iter().map(|i| i.text.as_str()).collect();
+                let mut pb = crate::progress::Progress::new("embedding items", progress);
+                let vecs =
+                    embedder.embed_with_progress(&texts, &mut |done, total| pb.set(done, total))?;
+                pb.finish();
+                let ix = ExactIndex::from_rows(embedder.dim(), &vecs)?;
+                ix.save(tmp)
+                    .with_context(|| format!("saving {}", dir.display()))
+            },
+        )
     }
 
     fn hnsw_index(exact_dir: &Path, dir: &Path, len: usize) -> Result<Arc<dyn ItemIndex>> {
-        if let Ok(ix) = open_index(dir) {
-            if ix.len() == len {
-                return Ok(Arc::from(ix));
-            }
-        }
-        eprintln!("building the HNSW graph over {len} items…");
-        let exact = ExactIndex::open(exact_dir)?;
-        let ix = HnswIndex::build(exact.dim(), exact.vectors(), HnswParams::default())?;
-        ix.save(dir)
-            .with_context(|| format!("saving {}", dir.display()))?;
-        Ok(Arc::new(ix))
+        build_dir_once(
+            dir,
+            |d| reopen(d, len),
+            |tmp| {
+                eprintln!("building the HNSW graph over {len} items…");
+                let exact = ExactIndex::open(exact_dir)?;
+                let ix = HnswIndex::build(exact.dim(), exact.vectors(), HnswParams::default())?;
+                ix.save(tmp)
+                    .with_context(|| format!("saving {}", dir.display()))
+            },
+        )
     }
 
     fn lexical_index(cat: &Catalogue, dir: &Path) -> Result<Arc<dyn ItemIndex>> {
-        if let Ok(ix) = open_index(dir) {
-            if ix.len() == cat.len() {
-                return Ok(Arc::from(ix));
-            }
-        }
-        let ix = Bm25Index::build(
-            cat.items()
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (i as u32, it.text.as_str())),
-            Some(dir),
-        )?;
-        Ok(Arc::new(ix))
+        build_dir_once(
+            dir,
+            |d| reopen(d, cat.len()),
+            |tmp| {
+                let docs = cat
+                    .items()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, it)| (i as u32, it.text.as_str()));
+                Bm25Index::build(docs, Some(tmp))
+                    .map(drop)
+                    .with_context(|| format!("building {}", dir.display()))
+            },
+        )
     }
 
     /// A hybrid (RRF) index over this workspace's lexical and dense indexes.

@@ -209,13 +209,13 @@ fn tiny_model_lifecycle_add_global_and_forget_everywhere() {
     let (ok, out, err) = run(&add, &store, h, None);
     assert!(ok, "{err}");
     assert!(
-        out.contains(": 1 new records (0 already stored); 1 patterns and 1 profiles rewritten"),
+        out.contains(": 1 new records, 0 updated (same item and moment, new text), 0 already stored; 1 patterns and 1 profiles rewritten"),
         "{out}"
     );
     let (ok, out, _) = run(&add, &store, h, None);
     assert!(ok);
     assert!(
-        out.contains(": 0 new records (1 already stored); 0 patterns and 0 profiles rewritten"),
+        out.contains(": 0 new records, 0 updated (same item and moment, new text), 1 already stored; 0 patterns and 0 profiles rewritten"),
         "{out}"
     );
     let (_, shown, _) = run(&["memory", "show", user], &store, h, None);

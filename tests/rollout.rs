@@ -89,11 +89,21 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         "2 sequential rollouts in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    // That holds where every matrix runs the packed Q8_0 kernel (AVX512-VNNI), whose rows do not
+    // depend on the rows multiplied with them. Without it candle multiplies, and its several-row
+    // product (a prompt prefilled whole, or its last token after a reused prefix) differs from
+    // its one-row product in the last bits: equally likely samples, not the same ones.
+    let invariant = mrrec_llm::q8::available();
+    if !invariant {
+        eprintln!("no AVX512-VNNI: candle's kernels are not batch-invariant, samples are compared by prompt only");
+    }
     for (a, b) in group.iter().zip(&one_by_one) {
         let (x, y) = (&a.segments[0], &b.segments[0]);
         assert_eq!(x.prompt, y.prompt);
-        assert_eq!(x.ids, y.ids, "batched and sequential sampling differ");
-        assert_eq!(x.logprobs, y.logprobs);
+        if invariant {
+            assert_eq!(x.ids, y.ids, "batched and sequential sampling differ");
+            assert_eq!(x.logprobs, y.logprobs);
+        }
     }
     assert_ne!(
         group[0].segments[0].ids, group[1].segments[0].ids,

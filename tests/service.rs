@@ -7,158 +7,14 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mrrec::service::auth::{hash_key, KeyRecord, KeyRing};
-use mrrec::service::{Service, ServiceConfig};
-use mrrec::{Workspace, WorkspaceOptions};
-use mrrec_embed::TextEmbedder;
+use common::server::*;
+use mrrec::service::ServiceConfig;
 use mrrec_llm::{ChatModel, EchoModel};
-use mrrec_memory::{Level, MemoryEntry, MemoryWrite, Owner, SqliteStore};
+use mrrec_memory::Owner;
 use serde_json::{json, Value};
-
-const KEY_A: &str = "key-of-acme";
-const KEY_B: &str = "key-of-globex";
-const SECRET: &str = "BOB-SECRET-7731 loves vintage typewriters";
-
-fn workspace() -> Arc<Workspace> {
-    static WS: OnceLock<Arc<Workspace>> = OnceLock::new();
-    WS.get_or_init(|| {
-        let mut o = WorkspaceOptions::new(common::mini());
-        o.max_items = Some(300);
-        Arc::new(Workspace::open(&o).unwrap())
-    })
-    .clone()
-}
-
-fn entry(ws: &Workspace, id: &str, text: &str) -> MemoryEntry {
-    MemoryEntry {
-        id: id.into(),
-        level: Level::Record,
-        category: Some("Toys & Games".into()),
-        text: text.into(),
-        provenance: vec![],
-        embedding: ws.embedder.embed(&[text]).unwrap().remove(0),
-    }
-}
-
-/// Tenant acme has alice; tenant globex has bob (with a secret) — and its own "alice".
-fn store(ws: &Workspace, dir: &std::path::Path) -> Arc<SqliteStore> {
-    let s = SqliteStore::open(&dir.join("m.sqlite")).unwrap();
-    s.put(
-        Owner {
-            tenant: "acme",
-            user: "alice",
-        },
-        &[entry(
-            ws,
-            "r-1",
-            "Bought \"Soft plush bunny\" (Toys & Games), rated 5/5. Review: my toddler loves it.",
-        )],
-    )
-    .unwrap();
-    for user in ["bob", "alice"] {
-        s.put(
-            Owner {
-                tenant: "globex",
-                user,
-            },
-            &[entry(ws, "r-9", SECRET)],
-        )
-        .unwrap();
-    }
-    Arc::new(s)
-}
-
-fn keys() -> KeyRing {
-    KeyRing::from_records(&[
-        KeyRecord {
-            name: "a".into(),
-            tenant: "acme".into(),
-            sha256: hash_key(KEY_A),
-        },
-        KeyRecord {
-            name: "b".into(),
-            tenant: "globex".into(),
-            sha256: hash_key(KEY_B),
-        },
-    ])
-    .unwrap()
-}
-
-struct Server {
-    base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-    svc: Arc<Service>,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_with(llm: Arc<dyn ChatModel>, cfg: ServiceConfig) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = tokio::task::spawn_blocking(workspace).await.unwrap();
-    let st = {
-        let ws = ws.clone();
-        let p = dir.path().to_path_buf();
-        tokio::task::spawn_blocking(move || store(&ws, &p))
-            .await
-            .unwrap()
-    };
-    let svc = Service::new(ws, st, llm, None, keys(), cfg);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(mrrec::service::serve(listener, svc.clone(), async {
-        let _ = rx.await;
-    }));
-    Server {
-        base,
-        stop: Some(tx),
-        done,
-        svc,
-        _dir: dir,
-    }
-}
-
-async fn start() -> Server {
-    start_with(
-        Arc::new(EchoModel::from_id("echo").unwrap()),
-        ServiceConfig {
-            rate_per_key: 0.0,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::new()
-}
-
-async fn call(
-    c: &reqwest::Client,
-    method: &str,
-    url: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> (u16, String) {
-    let mut r = match method {
-        "GET" => c.get(url),
-        "POST" => c.post(url),
-        "DELETE" => c.delete(url),
-        _ => unreachable!(),
-    };
-    if let Some(k) = key {
-        r = r.bearer_auth(k);
-    }
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_endpoint_lets_a_tenant_reach_another_tenants_users() {
@@ -1065,4 +921,115 @@ async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
         assert_eq!(status, 200, "{text}");
         assert_eq!(&profile(&text), want, "{r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_applies_the_same_input_rules_and_a_changed_repost_is_an_update() {
+    let s = start().await;
+    let c = client();
+    let item = common::reviewed_items(1).remove(0);
+    let url = format!("{}/v1/users/dora/interactions", s.base);
+    let row = |text: &str, ts: i64| json!({"parent_asin": item, "rating": 5, "text": text, "timestamp": ts});
+    // Refused, each with the field named: unknown fields, a timestamp before 1970, invisible text.
+    for (body, says) in [
+        (
+            json!({"interactions": [{"parent_asin": item, "rating": 5, "text": "x", "timestamp": 1, "colour": "red"}]}),
+            "unknown field `colour`",
+        ),
+        (json!({"interactions": [row("fine", -5)]}), "timestamp -5"),
+        (
+            json!({"interactions": [row("\u{0}\u{0}", 7)]}),
+            "`text` has no visible character",
+        ),
+        (
+            json!({"interactions": [row("one", 7), row("two", 7)]}),
+            "interactions[1] repeats the item and timestamp of interactions[0]",
+        ),
+    ] {
+        let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body)).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(says), "{says:?} not in {text}");
+    }
+    // Ids and requests need a visible character on every endpoint.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &format!("{}/v1/users/%20/interactions", s.base),
+        Some(KEY_A),
+        Some(json!({"interactions": [row("fine", 7)]})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("no visible character"), "{text}");
+    for body in [
+        json!({"user": "alice", "request": "\u{0}\u{0}\u{0}"}),
+        json!({"user": " ", "request": "a plush toy"}),
+    ] {
+        let (status, text) = call(
+            &c,
+            "POST",
+            &format!("{}/v1/recommend", s.base),
+            Some(KEY_A),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("no visible character"), "{text}");
+    }
+    // A changed re-post of the same item and moment is an update, counted, never a silent drop.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"interactions": [row("first words", 7)]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["added"].as_u64(), v["updated"].as_u64()),
+        (Some(1), Some(0)),
+        "{text}"
+    );
+    let (_, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"interactions": [row("second words", 7)]})),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["added"].as_u64(), v["updated"].as_u64()),
+        (Some(0), Some(1)),
+        "{text}"
+    );
+    let (_, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"interactions": [row("second words", 7)]})),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (v["added"].as_u64(), v["updated"].as_u64()),
+        (Some(0), Some(0)),
+        "{text}"
+    );
+    let (_, text) = call(
+        &c,
+        "GET",
+        &format!("{}/v1/users/dora/memory", s.base),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert!(
+        text.contains("second words") && !text.contains("first words"),
+        "{text}"
+    );
 }

@@ -53,10 +53,19 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// Tenant and user ids: 1–128 characters, no control characters (they become key parts).
+/// Whether `s` has a character a person can see (not white space, not a control character).
+pub fn has_visible(s: &str) -> bool {
+    s.chars().any(|c| !c.is_whitespace() && !c.is_control())
+}
+
+/// Tenant and user ids: 1–128 characters, at least one visible, no control characters (they
+/// become key parts).
 pub fn check_id(what: &str, id: &str) -> std::result::Result<(), String> {
     if id.is_empty() {
         return Err(format!("{what} is empty"));
+    }
+    if !id.chars().any(char::is_control) && !has_visible(id) {
+        return Err(format!("{what} has no visible character"));
     }
     if id.chars().count() > 128 {
         return Err(format!("{what} is longer than 128 characters"));
@@ -173,6 +182,88 @@ pub fn add_key(path: &Path, tenant: &str, name: &str) -> Result<String> {
     Ok(key)
 }
 
+/// Why the credentials of a request cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialError {
+    /// `Authorization` with a scheme other than Bearer.
+    Scheme(String),
+    /// A header given twice, or `Authorization` and `X-API-Key` naming different keys.
+    Conflict(&'static str),
+    /// A header that is not visible ASCII, or an empty key.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for CredentialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialError::Scheme(s) => write!(
+                f,
+                "the Authorization scheme {s:?} is not supported (use `Authorization: Bearer KEY` or `X-API-Key: KEY`)"
+            ),
+            CredentialError::Conflict(why) => write!(f, "conflicting credentials: {why}"),
+            CredentialError::Malformed(why) => write!(f, "malformed credentials: {why}"),
+        }
+    }
+}
+
+/// The one key a request presents: `Authorization: Bearer KEY` (the scheme in any case, as
+/// HTTP schemes are case-insensitive) and/or `X-API-Key: KEY`. Both may be sent only with the
+/// same key; any other scheme, a repeated header or an empty key is refused, never passed over.
+/// `Ok(None)`: no credentials at all.
+pub fn presented_key(
+    authorization: &[&[u8]],
+    api_key: &[&[u8]],
+) -> std::result::Result<Option<String>, CredentialError> {
+    fn text<'a>(v: &'a [u8], what: &'static str) -> Result<&'a str, CredentialError> {
+        std::str::from_utf8(v)
+            .ok()
+            .filter(|s| s.chars().all(|c| c.is_ascii() && !c.is_ascii_control()))
+            .map(str::trim)
+            .ok_or(CredentialError::Malformed(what))
+    }
+    if authorization.len() > 1 {
+        return Err(CredentialError::Conflict(
+            "Authorization is given more than once",
+        ));
+    }
+    if api_key.len() > 1 {
+        return Err(CredentialError::Conflict(
+            "X-API-Key is given more than once",
+        ));
+    }
+    let bearer = match authorization.first() {
+        None => None,
+        Some(v) => {
+            let v = text(v, "Authorization is not printable ASCII")?;
+            let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(CredentialError::Scheme(scheme.chars().take(32).collect()));
+            }
+            let key = rest.trim();
+            if key.is_empty() {
+                return Err(CredentialError::Malformed("the Bearer token is empty"));
+            }
+            Some(key.to_string())
+        }
+    };
+    let header = match api_key.first() {
+        None => None,
+        Some(v) => {
+            let key = text(v, "X-API-Key is not printable ASCII")?;
+            if key.is_empty() {
+                return Err(CredentialError::Malformed("X-API-Key is empty"));
+            }
+            Some(key.to_string())
+        }
+    };
+    match (bearer, header) {
+        (Some(a), Some(b)) if a != b => Err(CredentialError::Conflict(
+            "Authorization and X-API-Key carry different keys",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// A token bucket per key: `rate` requests per second, bursts up to `burst`.
 pub struct RateLimiter {
     rate: f64,
@@ -188,6 +279,17 @@ impl RateLimiter {
             burst: burst.max(1.0),
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `Some(seconds until a token is available)` when `key`'s bucket is empty; takes nothing.
+    pub fn empty(&self, key: &str) -> Option<f64> {
+        if self.rate <= 0.0 {
+            return None;
+        }
+        let b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = b.get(key)?;
+        let now = (*tokens + last.elapsed().as_secs_f64() * self.rate).min(self.burst);
+        (now < 1.0).then(|| (1.0 - now) / self.rate)
     }
 
     /// Takes one token for `key`; `Err(seconds until one is available)` when empty.
@@ -253,6 +355,43 @@ mod tests {
         std::fs::write(&p, "not json").unwrap();
         let e = format!("{:#}", KeyRing::load(&p).unwrap_err());
         assert!(e.contains("not a key file"), "{e}");
+    }
+
+    #[test]
+    fn a_request_presents_one_key_or_is_refused() {
+        let k = |a: &[&str], x: &[&str]| {
+            let a: Vec<&[u8]> = a.iter().map(|s| s.as_bytes()).collect();
+            let x: Vec<&[u8]> = x.iter().map(|s| s.as_bytes()).collect();
+            presented_key(&a, &x)
+        };
+        assert_eq!(k(&[], &[]), Ok(None));
+        assert_eq!(k(&["Bearer KB"], &[]), Ok(Some("KB".into())));
+        assert_eq!(k(&["bearer KB"], &[]), Ok(Some("KB".into())));
+        assert_eq!(k(&["BEARER   KB "], &[]), Ok(Some("KB".into())));
+        assert_eq!(k(&[], &["KD"]), Ok(Some("KD".into())));
+        assert_eq!(k(&["Bearer KB"], &["KB"]), Ok(Some("KB".into())));
+        assert!(matches!(
+            k(&["Bearer KB"], &["KD"]),
+            Err(CredentialError::Conflict(_))
+        ));
+        // A non-Bearer Authorization never falls through to X-API-Key.
+        assert_eq!(
+            k(&["Basic dXNlcjpwYXNz"], &["KD"]),
+            Err(CredentialError::Scheme("Basic".into()))
+        );
+        assert!(matches!(
+            k(&["Bearer"], &[]),
+            Err(CredentialError::Malformed(_))
+        ));
+        assert!(matches!(k(&[], &[" "]), Err(CredentialError::Malformed(_))));
+        assert!(matches!(
+            k(&["Bearer A", "Bearer B"], &[]),
+            Err(CredentialError::Conflict(_))
+        ));
+        assert!(matches!(
+            presented_key(&[b"Bearer \xff"], &[]),
+            Err(CredentialError::Malformed(_))
+        ));
     }
 
     #[test]

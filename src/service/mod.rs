@@ -19,6 +19,7 @@
 //! embedding and ranking), and a deadline per answer (504).
 
 pub mod auth;
+pub mod listen;
 pub mod load;
 pub mod metrics;
 
@@ -104,8 +105,48 @@ pub struct ServiceConfig {
     /// For a local model with `llm_slots` > 1; a server batches by itself. Streamed answers then
     /// send each call's text when the call ends rather than token by token.
     pub batch_llm: bool,
+    /// Failed authentications per second allowed per client address, after a burst of
+    /// `auth_failure_burst` (0: unlimited); beyond, the address gets 429 until it refills.
+    pub auth_failures_per_second: f64,
+    /// Failed authentications an address may make at once.
+    pub auth_failure_burst: f64,
+    /// Connections, timeouts and shutdown.
+    pub conn: ConnLimits,
     /// The assistant's settings.
     pub assistant: AssistantConfig,
+}
+
+/// How long a client may take and how many connections it may hold; what shutdown waits for.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// A request's headers must arrive within this, from the connection's start or the end of
+    /// the previous response (otherwise the connection is closed); this is also the idle
+    /// keep-alive timeout.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this once its headers are in (408 otherwise).
+    pub body_timeout: Duration,
+    /// Open connections at once; beyond, new ones get 503 and are closed.
+    pub max_connections: usize,
+    /// Open connections per client address; beyond, 503 and closed.
+    pub max_connections_per_client: usize,
+    /// Requests in flight per API key at once; beyond, 429.
+    pub max_in_flight_per_key: usize,
+    /// After a shutdown signal: how long requests in flight may take to finish before every
+    /// remaining connection is dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_connections_per_client: 256,
+            max_in_flight_per_key: 64,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for ServiceConfig {
@@ -124,6 +165,9 @@ impl Default for ServiceConfig {
             queue_timeout: Duration::from_secs(60),
             answer_timeout: Duration::from_secs(180),
             batch_llm: false,
+            auth_failures_per_second: 1.0,
+            auth_failure_burst: 20.0,
+            conn: ConnLimits::default(),
             assistant: AssistantConfig::default(),
         }
     }
@@ -159,13 +203,15 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
     fn internal(e: anyhow::Error) -> Self {
-        if e.chain()
-            .any(|c| c.downcast_ref::<mrrec_llm::LlmError>().is_some())
-        {
+        // The full error (file paths, upstream URLs) goes to the log under the request id;
+        // the client gets a reason that names neither.
+        let id = request_id().unwrap_or_default();
+        if let Some(llm) = e.chain().find_map(|c| c.downcast_ref::<LlmError>()) {
+            tracing::warn!(request_id = %id, "language model: {e:#}");
             return Self::new(
                 StatusCode::BAD_GATEWAY,
                 "llm_error",
-                format!("the language model failed: {e:#}"),
+                format!("{} (details in the server log)", llm_reason(llm)),
             );
         }
         if e.chain().any(|c| {
@@ -174,32 +220,67 @@ impl ApiError {
                 Some(mrrec_memory::MemoryError::Store { .. })
             )
         }) {
-            tracing::warn!("memory store: {e:#}");
+            tracing::warn!(request_id = %id, "memory store: {e:#}");
             return ApiError {
                 retry_after: Some(1),
                 ..Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
-                    format!("the memory store failed: {e:#}"),
+                    "the memory store failed (details in the server log)",
                 )
             };
         }
-        tracing::error!("internal error: {e:#}");
+        tracing::error!(request_id = %id, "internal error: {e:#}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("{e:#}"),
+            "internal error (details in the server log)",
         )
     }
 }
 
+/// What went wrong with the language model, in words that name no server or file.
+fn llm_reason(e: &LlmError) -> String {
+    match e {
+        LlmError::Http { status, .. } => {
+            format!("the language model server answered HTTP {status}")
+        }
+        LlmError::Transport { message, .. } if message.contains("timed out") => {
+            "the language model server timed out".into()
+        }
+        // A server error that outlived the retries ("HTTP 503 after 3 retries: …").
+        LlmError::Transport { message, .. } if message.starts_with("HTTP ") => {
+            let status: String = message[5..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            format!("the language model server answered HTTP {status} (after retries)")
+        }
+        LlmError::Transport { .. } => "the language model server could not be reached".into(),
+        LlmError::BadResponse { .. } => "the language model server sent a malformed answer".into(),
+        LlmError::ContextOverflow { .. } => "the request does not fit the model's context".into(),
+        LlmError::Cancelled => "the answer was cancelled".into(),
+        _ => "the language model failed".into(),
+    }
+}
+
+tokio::task_local! {
+    /// The id of the request being served (set by the `edge` middleware).
+    static REQUEST_ID: String;
+}
+
+/// The id of the request this task serves, if any.
+fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response();
+        let mut err = json!({"code": self.code, "message": self.message});
+        if let Some(id) = request_id() {
+            err["request_id"] = json!(id);
+        }
+        let mut r = (self.status, Json(json!({ "error": err }))).into_response();
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
@@ -286,7 +367,8 @@ pub struct Service {
     pub store: Arc<dyn MemoryWrite + Send + Sync>,
     /// The chat model.
     pub llm: Arc<dyn ChatModel>,
-    /// The LLM response cache file (cleaned on forget), if the model is cached.
+    /// The LLM response cache that forget cleans (the shared one under `$MRREC_HOME`, whatever
+    /// model this service runs: other processes may have written the user's text there).
     pub llm_cache: Option<PathBuf>,
     /// Valid keys.
     pub keys: KeyRing,
@@ -295,6 +377,8 @@ pub struct Service {
     /// Counters.
     pub metrics: Metrics,
     limiter: RateLimiter,
+    auth_failures: RateLimiter,
+    key_in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     llm_gate: Gate,
     cpu_gate: Gate,
     /// With `batch_llm` and several slots: the answers' model calls, decoded together.
@@ -314,6 +398,8 @@ impl Service {
     ) -> Arc<Self> {
         Arc::new(Service {
             limiter: RateLimiter::new(cfg.rate_per_key, cfg.burst),
+            auth_failures: RateLimiter::new(cfg.auth_failures_per_second, cfg.auth_failure_burst),
+            key_in_flight: Default::default(),
             llm_gate: Gate::new("LLM", cfg.llm_slots, cfg.llm_queue, cfg.queue_timeout),
             cpu_gate: Gate::new("CPU", cfg.cpu_slots, cfg.cpu_queue, cfg.queue_timeout),
             batcher: (cfg.batch_llm && cfg.llm_slots > 1).then(|| Batcher::shared(llm.clone())),
@@ -417,27 +503,66 @@ impl FromRequestParts<Arc<Service>> for Caller {
         parts: &mut Parts,
         svc: &Arc<Service>,
     ) -> Result<Self, Self::Rejection> {
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-            .map(str::trim);
-        let Some(key) = key.filter(|k| !k.is_empty()) else {
-            svc.metrics.reject("unauthorized");
-            return Err(ApiError::new(
+        // Failed authentications are limited per client address: once its bucket is empty, an
+        // address is refused (429) before any key is checked, until the bucket refills.
+        let client = client_addr(parts);
+        if let Some(wait) = svc.auth_failures.empty(&client) {
+            svc.metrics.reject("auth_rate_limited");
+            return Err(ApiError {
+                retry_after: Some(wait.ceil().max(1.0) as u64),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "auth_rate_limited",
+                    "too many failed authentications from this address",
+                )
+            });
+        }
+        let fail = |status: StatusCode, code: &'static str, message: String| {
+            svc.metrics.reject(code);
+            let _ = svc.auth_failures.take(&client);
+            ApiError::new(status, code, message)
+        };
+        let values = |name: header::HeaderName| -> Vec<&[u8]> {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect()
+        };
+        let key = match auth::presented_key(
+            &values(header::AUTHORIZATION),
+            &values(header::HeaderName::from_static("x-api-key")),
+        ) {
+            Ok(k) => k,
+            Err(e @ auth::CredentialError::Conflict(_)) => {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "bad_credentials",
+                    e.to_string(),
+                ))
+            }
+            Err(e) => {
+                return Err(fail(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    e.to_string(),
+                ))
+            }
+        };
+        let Some(key) = key else {
+            return Err(fail(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "an API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                "an API key is required (Authorization: Bearer KEY or X-API-Key: KEY)".into(),
             ));
         };
+        let key = key.as_str();
         let Some(p) = svc.keys.check(key) else {
-            svc.metrics.reject("unauthorized");
-            return Err(ApiError::new(
+            return Err(fail(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the API key is not valid",
+                "the API key is not valid".into(),
             ));
         };
         if let Err(wait) = svc.limiter.take(&auth::hash_key(key)) {
@@ -456,6 +581,16 @@ impl FromRequestParts<Arc<Service>> for Caller {
         }
         Ok(Caller(p.clone()))
     }
+}
+
+/// The client's IP address as the connection gave it (`unknown` when the app is served
+/// without connection info).
+fn client_addr(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -480,6 +615,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
     if s.trim().is_empty() {
         return Err(ApiError::bad(format!("`{what}` is empty")));
+    }
+    if !auth::has_visible(s) {
+        return Err(ApiError::bad(format!("`{what}` has no visible character")));
     }
     let n = s.chars().count();
     if n > max {
@@ -640,6 +778,7 @@ async fn recommend(
         let s = svc.clone();
         // The stream dropped (the client left before the answer ended) cancels the work.
         let guard = cancel.on_drop();
+        let rid = request_id();
         tokio::task::spawn_blocking(move || {
             let _p = permit;
             let send = |e: &Event| {
@@ -677,10 +816,13 @@ async fn recommend(
                 }
                 Err(e) if cancelled(&e) => {}
                 Err(e) => {
-                    let err = ApiError::internal(e);
+                    let err = match &rid {
+                        Some(id) => REQUEST_ID.sync_scope(id.clone(), || ApiError::internal(e)),
+                        None => ApiError::internal(e),
+                    };
                     let _ = tx.send(sse(
                         "error",
-                        &json!({"code": err.code, "message": err.message}),
+                        &json!({"code": err.code, "message": err.message, "request_id": rid}),
                     ));
                 }
             }
@@ -867,6 +1009,13 @@ pub fn parse_interactions(
         }
         check_id(&format!("interactions[{i}].parent_asin"), &r.parent_asin)
             .map_err(ApiError::bad)?;
+        if let Some(j) = reviews.iter().position(|o: &mrrec_data::Review| {
+            o.parent_asin == r.parent_asin && o.timestamp == r.timestamp
+        }) {
+            return Err(ApiError::bad(format!(
+                "interactions[{i}] repeats the item and timestamp of interactions[{j}]"
+            )));
+        }
         reviews.push(r);
     }
     Ok(Interactions {
@@ -892,8 +1041,9 @@ async fn memory_add(
     let added = svc
         .cpu(move |s| s.builder(&tenant, false).add_reviews(&u, &reviews))
         .await?;
-    let mut out = json!({"user": user, "added": added, "items_not_in_catalogue": unknown});
-    if rebuild && added > 0 {
+    let mut out = json!({"user": user, "added": added.added, "updated": added.updated,
+        "items_not_in_catalogue": unknown});
+    if rebuild && added.changed() > 0 {
         let permit = svc.llm_gate.enter(&svc.metrics).await?;
         let s = svc.clone();
         let (tenant, u) = (c.tenant.clone(), user.clone());
@@ -928,7 +1078,7 @@ async fn memory_forget(
                 return Ok(None);
             }
             s.builder(&tenant, false)
-                .forget(&u, &[], s.llm_cache.as_deref())
+                .forget(&u, s.llm_cache.as_deref())
                 .map(Some)
         })
         .await?;
@@ -979,8 +1129,10 @@ pub fn parse_tool(
     {
         return Err(ApiError::bad("query or aspects too long"));
     }
-    if b.query.trim().is_empty() && b.aspects.iter().all(|a| a.trim().is_empty()) {
-        return Err(ApiError::bad("give a `query` or `aspects`"));
+    if !auth::has_visible(&b.query) && !b.aspects.iter().any(|a| auth::has_visible(a)) {
+        return Err(ApiError::bad(
+            "give a `query` or `aspects` with a visible character",
+        ));
     }
     let mut a = cfg.assistant.clone();
     if let Some(k) = b.k {
@@ -1121,28 +1273,80 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// The tenant the readiness probe reads and writes: no API key can name it (tenants have no
+/// control characters), and PostgreSQL text can hold it (no NUL).
+const PROBE_TENANT: &str = "\u{1}mrrec-readyz";
+
+/// A read and a write (a build-state mark set, then cleared) on the store.
+fn probe_store(store: &dyn MemoryWrite) -> anyhow::Result<()> {
+    store.users(PROBE_TENANT)?;
+    let mark = vec!["probe".to_string()];
+    store.mark_stale(PROBE_TENANT, &mark)?;
+    store.replace(
+        Owner {
+            tenant: PROBE_TENANT,
+            user: "probe",
+        },
+        &[],
+        &[],
+        &mark,
+        &[],
+    )?;
+    Ok(())
+}
+
+/// Ready when the store answers a read and a write and the model's server (if any) is
+/// reachable; otherwise 503 with the reason of each failing check (details in the log).
 async fn readyz(State(svc): State<Arc<Service>>) -> Response {
     let s = svc.clone();
-    let probe = tokio::task::spawn_blocking(move || s.store.users("\u{0}readyz")).await;
-    match probe {
-        Ok(Ok(_)) => Json(json!({
-            "ready": true,
-            "items": svc.ws.catalogue().len(),
-            "model": svc.llm.id(),
-            "llm_in_flight": svc.llm_gate.in_flight(),
-        }))
-        .into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "error": format!("memory store: {e:#}")})),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "error": e.to_string()})),
-        )
-            .into_response(),
-    }
+    let probe = tokio::task::spawn_blocking(move || (probe_store(&*s.store), s.llm.ready())).await;
+    let (store, llm) = match probe {
+        Ok(r) => r,
+        Err(e) => (Err(anyhow::anyhow!("probe failed: {e}")), Ok(())),
+    };
+    let mut checks = serde_json::Map::new();
+    checks.insert(
+        "store".into(),
+        json!(match &store {
+            Ok(()) => "ok".to_string(),
+            Err(e) => {
+                tracing::warn!("readiness: memory store: {e:#}");
+                "the memory store fails reads or writes (details in the server log)".to_string()
+            }
+        }),
+    );
+    checks.insert(
+        "llm".into(),
+        json!(match &llm {
+            Ok(()) => "ok".to_string(),
+            Err(e) => {
+                tracing::warn!("readiness: language model: {e}");
+                llm_reason(e)
+            }
+        }),
+    );
+    let ready = store.is_ok() && llm.is_ok();
+    // The model's id without the server address it may carry (`openai:NAME@URL`).
+    let model = svc
+        .llm
+        .id()
+        .split('@')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let body = json!({
+        "ready": ready,
+        "checks": checks,
+        "items": svc.ws.catalogue().len(),
+        "model": model,
+        "llm_in_flight": svc.llm_gate.in_flight(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics_text(State(svc): State<Arc<Service>>) -> Response {
@@ -1219,6 +1423,205 @@ async fn track(
     resp
 }
 
+/// A fresh request id (16 hex digits).
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A client's `X-Request-Id` worth keeping: 1–64 of `[A-Za-z0-9._-]`.
+fn client_request_id(req: &Request) -> Option<String> {
+    let v = req.headers().get("x-request-id")?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then(|| v.to_string())
+}
+
+/// The outermost middleware: gives every request an id (the client's `X-Request-Id` when
+/// valid, else a new one; echoed in the response and in every error body), caps the requests
+/// in flight per presented key, reads the body within `body_timeout`, and gives every error
+/// response the JSON shape (axum's own 405s and plain-text rejections included).
+async fn edge(State(svc): State<Arc<Service>>, req: Request, next: Next) -> Response {
+    let id = client_request_id(&req).unwrap_or_else(new_request_id);
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), async move {
+            let resp = edge_inner(&svc, req, next).await;
+            json_errors(resp).await
+        })
+        .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn edge_inner(svc: &Arc<Service>, req: Request, next: Next) -> Response {
+    let key = {
+        let values = |name: header::HeaderName| -> Vec<&[u8]> {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect()
+        };
+        auth::presented_key(
+            &values(header::AUTHORIZATION),
+            &values(header::HeaderName::from_static("x-api-key")),
+        )
+    };
+    let slot = match key {
+        Ok(Some(k)) => match InFlight::take(svc, auth::hash_key(&k)) {
+            Some(slot) => Some(slot),
+            None => {
+                svc.metrics.reject("key_in_flight");
+                return ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_in_flight",
+                        format!(
+                            "more than {} requests in flight with this key",
+                            svc.cfg.conn.max_in_flight_per_key
+                        ),
+                    )
+                }
+                .into_response();
+            }
+        },
+        // Bad credentials are refused by the route's `Caller`, with the reason.
+        _ => None,
+    };
+    let (parts, body) = req.into_parts();
+    let limit = svc.cfg.max_body_bytes;
+    let read = tokio::time::timeout(svc.cfg.conn.body_timeout, axum::body::to_bytes(body, limit));
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body is over {limit} bytes"),
+                )
+            } else {
+                ApiError::bad(format!("the body could not be read: {e}"))
+            }
+            .into_response();
+        }
+        Err(_) => {
+            svc.metrics.reject("body_timeout");
+            let mut r = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {:.0?}",
+                    svc.cfg.conn.body_timeout
+                ),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+    };
+    let resp = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    match slot {
+        // The slot is held until the response body (an event stream too) is done or dropped.
+        Some(slot) => resp.map(|b| {
+            axum::body::Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                let _ = &slot;
+                f
+            }))
+        }),
+        None => resp,
+    }
+}
+
+/// Requests in flight for one key hash; the place is given back on drop.
+struct InFlight {
+    svc: Arc<Service>,
+    key: String,
+}
+
+impl InFlight {
+    fn take(svc: &Arc<Service>, key: String) -> Option<InFlight> {
+        let mut m = svc.key_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= svc.cfg.conn.max_in_flight_per_key {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight {
+            svc: svc.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self
+            .svc
+            .key_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// An error response that is not JSON (axum's 405 with an empty body, its plain-text
+/// rejections) rewritten in the JSON error shape; every other response as it is.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "no such route (see /openapi.json)")
 }
@@ -1242,18 +1645,27 @@ pub fn router(svc: Arc<Service>) -> Router {
         .fallback(not_found)
         .route_layer(axum::middleware::from_fn_with_state(svc.clone(), track))
         .layer(DefaultBodyLimit::max(svc.cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(svc.clone(), edge))
         .with_state(svc)
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish for
+/// at most the configured grace period, and drops the connections left (see [`listen`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     svc: Arc<Service>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(svc))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = svc.cfg.conn.clone();
+    let counted = svc.clone();
+    listen::serve(
+        listener,
+        router(svc),
+        limits,
+        move |why| counted.metrics.reject(why),
+        shutdown,
+    )
+    .await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

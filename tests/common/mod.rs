@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,16 +92,28 @@ pub fn serve_store(
     keys: &std::path::Path,
     failpoint: Option<usize>,
 ) -> (Child, String) {
+    serve_with(store, keys, failpoint, "echo", &[])
+}
+
+/// [`serve_store`] with another model (`echo@MS`: a slow instant model) and more flags.
+pub fn serve_with(
+    store: &str,
+    keys: &std::path::Path,
+    failpoint: Option<usize>,
+    model: &str,
+    extra: &[&str],
+) -> (Child, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
     c.args([
         "serve",
         "--model",
-        "echo",
+        model,
         "--max-items",
         "300",
         "--addr",
         "127.0.0.1:0",
     ])
+    .args(extra)
     .arg("--data")
     .arg(mini())
     .arg("--store")

@@ -19,6 +19,9 @@ pub enum Split {
     Train,
     /// Choosing prompts, settings and checkpoints; dev results are reported here.
     Val,
+    /// Held-out evaluation (Amazon-C4 marks its rows `test`): evaluated only, like `val` never
+    /// used for global memory or training.
+    Test,
     /// Earlier held-out reviews of train/val users: their targets are in the user's history, so
     /// they may feed only memory-free steps (global-memory aspect extraction).
     Aspect,
@@ -30,9 +33,10 @@ impl FromStr for Split {
         match s.trim().to_ascii_lowercase().as_str() {
             "train" => Ok(Split::Train),
             "val" | "valid" | "validation" => Ok(Split::Val),
+            "test" => Ok(Split::Test),
             "aspect" => Ok(Split::Aspect),
             other => Err(format!(
-                "unknown split {other:?} (expected train, val or aspect)"
+                "unknown split {other:?} (expected train, val, test or aspect)"
             )),
         }
     }
@@ -43,6 +47,7 @@ impl fmt::Display for Split {
         f.write_str(match self {
             Split::Train => "train",
             Split::Val => "val",
+            Split::Test => "test",
             Split::Aspect => "aspect",
         })
     }
@@ -51,11 +56,11 @@ impl fmt::Display for Split {
 /// What a caller wants queries for; each purpose admits only the splits its rules allow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Purpose {
-    /// Scoring a method on these splits (`train` and/or `val`; `aspect` is refused because its
+    /// Scoring a method on these splits (`train`, `val`, `test`; `aspect` is refused because its
     /// targets sit in the users' histories). Files without a split column (plain Amazon-C4) are
     /// evaluated whole.
     Evaluate(Vec<Split>),
-    /// Building cross-user global memory: `train` and `aspect` rows, never `val`.
+    /// Building cross-user global memory: `train` and `aspect` rows, never `val` or `test`.
     GlobalMemory,
     /// GRPO training and tuning: `train` rows only.
     Training,
@@ -70,6 +75,50 @@ impl Purpose {
             (Purpose::Training, Some(s)) => s == Split::Train,
             (_, None) => false,
         }
+    }
+}
+
+/// The byte offsets of every `\n` a reader has passed, so that a byte offset maps to its
+/// physical line whatever the line endings.
+#[derive(Clone, Default)]
+struct NewlineOffsets(std::sync::Arc<std::sync::Mutex<Vec<u64>>>);
+
+struct CountingReader<R> {
+    inner: R,
+    pos: u64,
+    offsets: NewlineOffsets,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut v = self.offsets.0.lock().unwrap_or_else(|p| p.into_inner());
+        v.extend(
+            buf[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b == b'\n')
+                .map(|(i, _)| self.pos + i as u64),
+        );
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl NewlineOffsets {
+    fn wrap<R: std::io::Read>(&self, inner: R) -> CountingReader<R> {
+        CountingReader {
+            inner,
+            pos: 0,
+            offsets: self.clone(),
+        }
+    }
+
+    /// The 1-based line of the record starting at byte `at` (a start on the `\n` that ends
+    /// the previous line belongs to the next one).
+    fn line_of(&self, at: u64) -> u64 {
+        let v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        1 + v.partition_point(|&o| o <= at) as u64
     }
 }
 
@@ -186,7 +235,8 @@ impl QuerySet {
         opts: &LoadOptions,
     ) -> Result<(Self, IngestReport)> {
         let mut report = IngestReport::new(path, opts);
-        let reader = crate::open_text(path)?;
+        let newlines = NewlineOffsets::default();
+        let reader = newlines.wrap(crate::open_text(path)?);
         let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
         let headers = csv
             .headers()
@@ -218,13 +268,15 @@ impl QuerySet {
         let mut rows = Vec::new();
         let mut record = csv::StringRecord::new();
         loop {
-            let line_hint = csv.position().line() + 1;
+            // Where the next record starts (csv's own line count drifts on CRLF files).
+            let start = csv.position().byte();
             match csv.read_record(&mut record) {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => {
                     report.records += 1;
-                    report.skip("malformed CSV", line_hint, e.to_string())?;
+                    let at = e.position().map(|p| p.byte()).unwrap_or(start);
+                    report.skip("malformed CSV", newlines.line_of(at), e.to_string())?;
                     // A CSV error inside a record loses our place; stop only on I/O errors.
                     if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                         break;
@@ -233,7 +285,7 @@ impl QuerySet {
                 }
             }
             report.records += 1;
-            let line = record.position().map(|p| p.line()).unwrap_or(line_hint);
+            let line = newlines.line_of(record.position().map(|p| p.byte()).unwrap_or(start));
             let get = |name: &str| -> Option<&str> {
                 col.get(name)
                     .and_then(|&i| record.get(i))

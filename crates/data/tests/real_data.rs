@@ -279,7 +279,7 @@ fn bad_query_rows_are_counted() {
         3,unknown target,NOPE,U4,5,great,,Health,100,train\n\
         4,,A1,U5,5,great,,Health,100,train\n\
         5,bad time,A1,U6,5,great,,Health,yesterday,train\n\
-        6,bad split,A1,U7,5,great,,Health,100,test\n\
+        6,bad split,A1,U7,5,great,,Health,100,holdout\n\
         7,bad rating,A1,U8,five,great,,Health,100,train\n";
     let p = write(dir.path(), "queries.csv", body);
     let (q, r) = QuerySet::load(&p, Some(&cat), &LoadOptions::default()).unwrap();
@@ -304,7 +304,7 @@ fn bad_query_rows_are_counted() {
         "{text}"
     );
     assert!(
-        text.contains("queries.csv:8: `split`: unknown split \"test\""),
+        text.contains("queries.csv:8: `split`: unknown split \"holdout\""),
         "{text}"
     );
     assert!(
@@ -345,4 +345,66 @@ fn a_missing_directory_says_what_it_looked_for() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no item metadata found (looked for meta.jsonl, meta.jsonl.gz, sampled_item_metadata_1M.jsonl"), "{err}");
+}
+
+#[test]
+fn query_warnings_cite_the_physical_line_and_test_rows_are_for_evaluation_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = [
+        "qid,query,item_id,user_id,ori_rating,ori_review,split",
+        "q1,a pillow for my CPAP,A1,U1,5,great,test",
+        "q2,a lamp,A1,,5,fine,test",
+        "q3,a mug,A1,U3,5,ok,bogus",
+        "q4,\"a quilt,\nwarm\",A1,U4,5,nice,train",
+        "q5,a chair,A1,U5,5,good,",
+    ]
+    .join("\n");
+    let p = write(dir.path(), "queries.csv", &body);
+    let (q, r) = mrrec_data::QuerySet::load(&p, None, &LoadOptions::default()).unwrap();
+    let text = r.to_string();
+    assert!(
+        text.contains("queries.csv:3: empty or missing `user_id`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("queries.csv:4: `split`: unknown split"),
+        "{text}"
+    );
+    // After a quoted field spanning two lines, the next row is on line 7.
+    assert!(text.contains("queries.csv:7: empty `split`"), "{text}");
+    let test = q
+        .for_purpose(&Purpose::Evaluate(vec![Split::Test]))
+        .unwrap();
+    assert_eq!(test.len(), 1);
+    assert_eq!(test[0].query().qid, "q1");
+    assert_eq!(test[0].query().split, Some(Split::Test));
+    // `test` rows never feed global memory or training.
+    let global = q.for_purpose(&Purpose::GlobalMemory).unwrap();
+    assert!(global.iter().all(|r| r.query().split != Some(Split::Test)));
+    let training = q.for_purpose(&Purpose::Training).unwrap();
+    assert_eq!(training.len(), 1);
+    assert_eq!(training[0].query().qid, "q4");
+    assert_eq!("TEST".parse::<Split>(), Ok(Split::Test));
+    // The same rows with CRLF endings (as many exported files have) cite the same lines, and so
+    // does a row that is not valid CSV text.
+    let mut crlf = body.replace('\n', "\r\n").into_bytes();
+    crlf.extend_from_slice(b"\r\nq6,\"bad \xff\",A1,U6,5,x,test\r\nq7,a mat,A1,,5,x,test\r\n");
+    let p = dir.path().join("crlf.csv");
+    std::fs::write(&p, crlf).unwrap();
+    let (_, r) = mrrec_data::QuerySet::load(&p, None, &LoadOptions::default()).unwrap();
+    let text = r.to_string();
+    assert!(
+        text.contains("crlf.csv:3: empty or missing `user_id`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crlf.csv:4: `split`: unknown split"),
+        "{text}"
+    );
+    assert!(text.contains("crlf.csv:7: empty `split`"), "{text}");
+    assert!(text.contains("crlf.csv:8: CSV parse error"), "{text}");
+    assert!(
+        text.contains("crlf.csv:9: empty or missing `user_id`"),
+        "{text}"
+    );
 }

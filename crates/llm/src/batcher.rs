@@ -169,6 +169,14 @@ impl<'m> Batcher<'m> {
         }
     }
 
+    fn ready(&self) -> Result<()> {
+        match &self.model {
+            Backend::Local(m) => ChatModel::ready(*m),
+            Backend::Chat(m) => m.ready(),
+            Backend::Shared(m) => m.ready(),
+        }
+    }
+
     fn run(&self, reqs: &[ChatRequest]) -> Vec<Result<(ChatResponse, Option<Segment>)>> {
         let chat = |m: &dyn ChatModel| -> Vec<Result<(ChatResponse, Option<Segment>)>> {
             m.chat_batch(reqs)
@@ -270,6 +278,10 @@ impl SegmentModel for Worker<'_, '_> {
 impl ChatModel for Worker<'_, '_> {
     fn id(&self) -> &str {
         self.batcher.id()
+    }
+
+    fn ready(&self) -> Result<()> {
+        self.batcher.ready()
     }
 
     fn chat_stream(

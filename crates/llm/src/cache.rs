@@ -42,25 +42,32 @@ impl<M: ChatModel> CachedChatModel<M> {
                 source: e,
             })?;
         }
-        let conn = Connection::open(path).map_err(|e| cache_err(path, e))?;
+        let mut conn = Connection::open(path).map_err(|e| cache_err(path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| cache_err(path, e))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON;
-             CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, model TEXT NOT NULL, response TEXT NOT NULL) WITHOUT ROWID;",
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON;")
+            .map_err(|e| cache_err(path, e))?;
+        // The schema is created and upgraded in one write transaction, so processes opening a
+        // new cache at once cannot both decide to add the column.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| cache_err(path, e))?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, model TEXT NOT NULL, response TEXT NOT NULL, request TEXT) WITHOUT ROWID;",
         )
         .map_err(|e| cache_err(path, e))?;
         // The request is kept beside the response so that a user's text can be found and
         // forgotten (caches from before this column have NULL there and are matched on the
         // response only).
-        let has_request: bool = conn
+        let has_request: bool = tx
             .prepare("SELECT 1 FROM pragma_table_info('responses') WHERE name = 'request'")
             .and_then(|mut st| st.exists([]))
             .map_err(|e| cache_err(path, e))?;
         if !has_request {
-            conn.execute_batch("ALTER TABLE responses ADD COLUMN request TEXT")
+            tx.execute_batch("ALTER TABLE responses ADD COLUMN request TEXT")
                 .map_err(|e| cache_err(path, e))?;
         }
+        tx.commit().map_err(|e| cache_err(path, e))?;
         Ok(CachedChatModel {
             inner,
             conn: Mutex::new(conn),
@@ -175,6 +182,10 @@ impl<M: ChatModel> CachedChatModel<M> {
 impl<M: ChatModel> ChatModel for CachedChatModel<M> {
     fn id(&self) -> &str {
         self.inner.id()
+    }
+
+    fn ready(&self) -> Result<()> {
+        self.inner.ready()
     }
 
     fn chat_stream(

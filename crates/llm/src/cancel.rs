@@ -108,6 +108,10 @@ impl ChatModel for Cancellable<'_> {
         self.inner.id()
     }
 
+    fn ready(&self) -> Result<()> {
+        self.inner.ready()
+    }
+
     fn chat_stream(
         &self,
         req: &ChatRequest,

@@ -285,6 +285,11 @@ pub trait ChatModel: Send + Sync {
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
         reqs.iter().map(|r| self.chat(r)).collect()
     }
+    /// Whether the model can answer now (a readiness probe): a server backend checks that its
+    /// server is reachable and not failing; an in-process model is always ready.
+    fn ready(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: ChatModel + ?Sized> ChatModel for Box<T> {
@@ -304,6 +309,9 @@ impl<T: ChatModel + ?Sized> ChatModel for Box<T> {
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
         (**self).chat_batch(reqs)
     }
+    fn ready(&self) -> Result<()> {
+        (**self).ready()
+    }
 }
 
 impl<T: ChatModel + ?Sized> ChatModel for std::sync::Arc<T> {
@@ -322,5 +330,8 @@ impl<T: ChatModel + ?Sized> ChatModel for std::sync::Arc<T> {
     }
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
         (**self).chat_batch(reqs)
+    }
+    fn ready(&self) -> Result<()> {
+        (**self).ready()
     }
 }

@@ -300,6 +300,41 @@ impl ChatModel for OpenAiModel {
         &self.id
     }
 
+    /// `GET {base}/models` within a few seconds: reachable and not failing (a 5xx or no
+    /// answer is not ready; a 4xx — a server without that route, a key it does not list
+    /// models for — still answers, so it is).
+    fn ready(&self) -> Result<()> {
+        let url = format!("{}/models", self.cfg.base_url.trim_end_matches('/'));
+        let Some(client) = &self.client else {
+            return Err(LlmError::Transport {
+                url,
+                message: "the client was dropped".into(),
+            });
+        };
+        let mut rb = client
+            .get(&url)
+            .timeout(Duration::from_secs(3).min(self.cfg.timeout));
+        if let Some(k) = &self.cfg.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        match rb.send() {
+            Ok(r) if r.status().is_server_error() => Err(LlmError::Http {
+                url,
+                status: r.status().as_u16(),
+                body: String::new(),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(LlmError::Transport {
+                url,
+                message: if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    "unreachable".into()
+                },
+            }),
+        }
+    }
+
     fn chat_stream(
         &self,
         req: &ChatRequest,

@@ -4,6 +4,7 @@
 //! Files are verified after every download and cached under [`home`]`/models/<model id>/`. A model
 //! whose files are all present and verified is never fetched again.
 
+pub mod artefact;
 mod fetch;
 mod registry;
 

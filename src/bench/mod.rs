@@ -1,6 +1,8 @@
 //! `mrrec bench`: throughput and latency of the foundation, as ratios against baselines measured
 //! in the same run. Writes JSON; BENCHMARKS.md records results.
 
+pub mod hostile;
+
 use std::time::Instant;
 
 use anyhow::Result;
