@@ -204,29 +204,8 @@ pub fn hostile(
     seconds: f64,
     fuzz_cases: usize,
 ) -> Result<Value> {
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(mrrec_memory::SqliteStore::open(
-        &dir.path().join("m.sqlite"),
-    )?);
-    let user = ws
-        .dataset
-        .histories
-        .user_ids()
-        .into_iter()
-        .next()
-        .unwrap_or("u")
-        .to_string();
-    {
-        let b = crate::memory::MemoryBuilder {
-            ws: &ws,
-            store: &*store,
-            tenant: "bench",
-            llm: None,
-            batch: 8,
-            progress: false,
-        };
-        b.build_records(&[user.as_str()], &mut Default::default())?;
-    }
+    let (_dir, store, users) = super::record_store(&ws, 1)?;
+    let user = users.first().cloned().unwrap_or_default();
     let item = ws
         .dataset
         .histories

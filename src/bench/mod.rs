@@ -551,6 +551,40 @@ async fn serve_loopback(
     Ok((base, tx))
 }
 
+/// A fresh SQLite store (in a temporary folder, kept alive by the returned guard) holding the
+/// record memory of the first `users` dataset users, for tenant `bench`.
+fn record_store(
+    ws: &Workspace,
+    users: usize,
+) -> Result<(
+    tempfile::TempDir,
+    std::sync::Arc<mrrec_memory::SqliteStore>,
+    Vec<String>,
+)> {
+    let dir = tempfile::tempdir()?;
+    let store = std::sync::Arc::new(mrrec_memory::SqliteStore::open(
+        &dir.path().join("m.sqlite"),
+    )?);
+    let all: Vec<&str> = ws
+        .dataset
+        .histories
+        .user_ids()
+        .into_iter()
+        .take(users)
+        .collect();
+    let b = crate::memory::MemoryBuilder {
+        ws,
+        store: &*store,
+        tenant: "bench",
+        llm: None,
+        batch: 8,
+        progress: true,
+    };
+    b.build_records(&all, &mut crate::memory::BuildReport::default())?;
+    let users = all.iter().map(|u| u.to_string()).collect();
+    Ok((dir, store, users))
+}
+
 /// The service with a real local model: `clients` closed-loop clients send `requests`
 /// recommendations, first with one LLM slot (answers one after another: the baseline), then with
 /// `clients` slots whose model calls are decoded together (`batch_llm`). A fresh model each time
@@ -681,30 +715,7 @@ pub fn service(
     use std::sync::Arc;
     use std::time::Duration;
 
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(mrrec_memory::SqliteStore::open(
-        &dir.path().join("m.sqlite"),
-    )?);
-    let all: Vec<&str> = ws
-        .dataset
-        .histories
-        .user_ids()
-        .into_iter()
-        .take(users)
-        .collect();
-    let users: Vec<String> = all.iter().map(|u| u.to_string()).collect();
-    {
-        let b = crate::memory::MemoryBuilder {
-            ws: &ws,
-            store: &*store,
-            tenant: "bench",
-            llm: None,
-            batch: 8,
-            progress: true,
-        };
-        let mut report = crate::memory::BuildReport::default();
-        b.build_records(&all, &mut report)?;
-    }
+    let (_dir, store, users) = record_store(&ws, users)?;
     let texts: Vec<String> = ws
         .dataset
         .queries

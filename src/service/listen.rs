@@ -6,8 +6,9 @@
 //!   connection idles too): partial headers and idle connections are closed.
 //! - At most `max_connections` open connections, and `max_connections_per_client` per client
 //!   address: a connection beyond either gets a JSON 503 with `Retry-After` and is closed.
-//! - On the shutdown signal: stop accepting, let every connection finish the request it is
-//!   serving (idle ones close at once), and after `shutdown_grace` drop whatever is left.
+//! - On the shutdown signal: stop accepting, close every connection that is answering nothing
+//!   (idle, or still sending its headers), let the others finish the request they are answering
+//!   (its response body included), and after `shutdown_grace` drop whatever is left.
 //!
 //! (The body timeout, the per-key cap and the request id are the router's `edge` middleware.)
 
@@ -76,6 +77,22 @@ impl Drop for Slot {
                 per.remove(&self.ip);
             }
         }
+    }
+}
+
+/// One request being answered on a connection; counted down when its response body is done.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -152,18 +169,34 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
             let _slot = slot;
+            // Requests of this connection being answered (until their response body ends).
+            let active = Arc::new(AtomicUsize::new(0));
+            let serving = active.clone();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(addr));
                 let app = app.clone();
-                async move { app.oneshot(req.map(Body::new)).await }
+                let busy = Busy::new(&serving);
+                async move {
+                    let resp = app.oneshot(req.map(Body::new)).await?;
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                            let _ = &busy;
+                            f
+                        }))
+                    }))
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.as_mut().await;
+                    // A connection answering nothing (idle, or still sending its headers) is
+                    // closed now; one answering a request finishes it, then closes.
+                    if active.load(Ordering::SeqCst) > 0 {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.as_mut().await;
+                    }
                 }
             }
             Ok::<(), Infallible>(())

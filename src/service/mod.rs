@@ -195,6 +195,18 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// A refusal to retry after `wait` seconds (429 / 503 with `Retry-After`, at least 1 s).
+    fn retry_after(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+        wait: f64,
+    ) -> Self {
+        ApiError {
+            retry_after: Some(wait.ceil().max(1.0) as u64),
+            ..Self::new(status, code, message)
+        }
+    }
     /// 400.
     pub fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -221,14 +233,12 @@ impl ApiError {
             )
         }) {
             tracing::warn!(request_id = %id, "memory store: {e:#}");
-            return ApiError {
-                retry_after: Some(1),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the memory store failed (details in the server log)",
-                )
-            };
+            return Self::retry_after(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the memory store failed (details in the server log)",
+                1.0,
+            );
         }
         tracing::error!(request_id = %id, "internal error: {e:#}");
         Self::new(
@@ -508,14 +518,12 @@ impl FromRequestParts<Arc<Service>> for Caller {
         let client = client_addr(parts);
         if let Some(wait) = svc.auth_failures.empty(&client) {
             svc.metrics.reject("auth_rate_limited");
-            return Err(ApiError {
-                retry_after: Some(wait.ceil().max(1.0) as u64),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "auth_rate_limited",
-                    "too many failed authentications from this address",
-                )
-            });
+            return Err(ApiError::retry_after(
+                StatusCode::TOO_MANY_REQUESTS,
+                "auth_rate_limited",
+                "too many failed authentications from this address",
+                wait,
+            ));
         }
         let fail = |status: StatusCode, code: &'static str, message: String| {
             svc.metrics.reject(code);
@@ -567,17 +575,15 @@ impl FromRequestParts<Arc<Service>> for Caller {
         };
         if let Err(wait) = svc.limiter.take(&auth::hash_key(key)) {
             svc.metrics.reject("rate_limited");
-            return Err(ApiError {
-                retry_after: Some(wait.ceil().max(1.0) as u64),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
-                        "more than {} requests per second with this key",
-                        svc.cfg.rate_per_key
-                    ),
-                )
-            });
+            return Err(ApiError::retry_after(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "more than {} requests per second with this key",
+                    svc.cfg.rate_per_key
+                ),
+                wait,
+            ));
         }
         Ok(Caller(p.clone()))
     }
@@ -1475,17 +1481,15 @@ async fn edge_inner(svc: &Arc<Service>, req: Request, next: Next) -> Response {
             Some(slot) => Some(slot),
             None => {
                 svc.metrics.reject("key_in_flight");
-                return ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too_many_in_flight",
-                        format!(
-                            "more than {} requests in flight with this key",
-                            svc.cfg.conn.max_in_flight_per_key
-                        ),
-                    )
-                }
+                return ApiError::retry_after(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_in_flight",
+                    format!(
+                        "more than {} requests in flight with this key",
+                        svc.cfg.conn.max_in_flight_per_key
+                    ),
+                    1.0,
+                )
                 .into_response();
             }
         },
