@@ -5,22 +5,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-
-/// The warm cache root whose model files a cold home may link to.
-fn warm_home() -> PathBuf {
-    std::env::var_os("MRREC_HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dirs_cache().join("mrrec"))
-}
-
-fn dirs_cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"))
-}
 
 fn tree(dir: &Path, out: &mut Vec<String>, root: &Path) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -40,7 +26,11 @@ fn processes_opening_one_new_catalogue_at_once_all_succeed_with_identical_indexe
     let (ok, _, err) = common::mrrec(&["models", "fetch", "all-minilm-l6-v2"]);
     assert!(ok, "{err}");
     let cold = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(warm_home().join("models"), cold.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        common::warm_home().join("models"),
+        cold.path().join("models"),
+    )
+    .unwrap();
     let children: Vec<_> = (0..4)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_mrrec"))

@@ -12,16 +12,6 @@ use std::process::{Command, Stdio};
 
 const PHRASE: &str = "ZEPHYRINE-4471 keeps her orchids by the north window";
 
-/// The warm cache root (models and indexes may be shared with a fresh home).
-fn warm_home() -> PathBuf {
-    std::env::var_os("MRREC_HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/mrrec")
-        })
-}
-
 /// A fresh `$MRREC_HOME` whose model files and indexes are the warm cache's (both are built
 /// under locks, so sharing them is safe); every other cache starts empty.
 fn fresh_home() -> tempfile::TempDir {
@@ -29,8 +19,8 @@ fn fresh_home() -> tempfile::TempDir {
     assert!(ok, "{err}");
     let h = tempfile::tempdir().unwrap();
     for d in ["models", "indexes"] {
-        std::fs::create_dir_all(warm_home().join(d)).unwrap();
-        std::os::unix::fs::symlink(warm_home().join(d), h.path().join(d)).unwrap();
+        std::fs::create_dir_all(common::warm_home().join(d)).unwrap();
+        std::os::unix::fs::symlink(common::warm_home().join(d), h.path().join(d)).unwrap();
     }
     h
 }

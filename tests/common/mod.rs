@@ -16,6 +16,17 @@ pub fn mini() -> PathBuf {
         .join("data/amazon23-mini")
 }
 
+/// The warm cache root (`$MRREC_HOME`, else `~/.cache/mrrec`) whose model files a cold home
+/// may link to.
+pub fn warm_home() -> PathBuf {
+    std::env::var_os("MRREC_HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/mrrec")
+        })
+}
+
 /// Runs the binary: (success, stdout, stderr).
 pub fn mrrec<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mrrec"))
