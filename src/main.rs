@@ -189,7 +189,7 @@ enum Command {
         /// PostgreSQL cluster started and removed by the benchmark).
         #[arg(long)]
         memory_store: Option<String>,
-        /// Which parts: embed,search,bm25,ingest,llm,constrained,batched,profile,memory,service,llmslots,grpo,rollout.
+        /// Which parts: embed,search,bm25,ingest,llm,prefill,constrained,batched,profile,memory,service,llmslots,grpo,rollout.
         #[arg(long, default_value = "embed,search,bm25,ingest")]
         parts: String,
         /// Open-loop rate of the service benchmark, requests/s.
@@ -198,6 +198,10 @@ enum Command {
         /// Seconds per service-benchmark scenario.
         #[arg(long, default_value_t = 10.0)]
         service_seconds: f64,
+        /// `prefill`: build llama.cpp (llama-cpp-python from PyPI, once, ~15 min) when it is not
+        /// built yet, to measure it in the same run (without: measured only when already built).
+        #[arg(long)]
+        llama_cpp: bool,
     },
     /// The main job: fetch the embedder, build the indexes, answer an example request and print
     /// the evaluation of the query-only baselines on both query fields.
@@ -1975,14 +1979,16 @@ fn main() -> Result<()> {
             memory_store,
             service_rate,
             service_seconds,
+            llama_cpp,
         } => {
             // Whole names: `llmslots` is not `llm`.
-            const PARTS: [&str; 14] = [
+            const PARTS: [&str; 15] = [
                 "embed",
                 "search",
                 "bm25",
                 "ingest",
                 "llm",
+                "prefill",
                 "constrained",
                 "batched",
                 "profile",
@@ -2001,9 +2007,23 @@ fn main() -> Result<()> {
             if let Some(p) = parts.iter().find(|p| !PARTS.contains(p)) {
                 bail!("unknown benchmark part {p:?} (known: {})", PARTS.join(","));
             }
-            let ws = Arc::new(data.open()?);
             let mut out = serde_json::Map::new();
             out.insert("threads".into(), rayon::current_num_threads().into());
+            if parts.contains("prefill") {
+                out.insert(
+                    "prefill".into(),
+                    mrrec::bench::prefill::prefill(
+                        &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"],
+                        llama_cpp,
+                    )?,
+                );
+                if parts.len() == 1 {
+                    // The model parts alone need no catalogue.
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    return Ok(());
+                }
+            }
+            let ws = Arc::new(data.open()?);
             if parts.contains("grpo") {
                 let mut g = serde_json::Map::new();
                 for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {

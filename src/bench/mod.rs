@@ -2,6 +2,7 @@
 //! in the same run. Writes JSON; BENCHMARKS.md records results.
 
 pub mod hostile;
+pub mod prefill;
 
 use std::time::Instant;
 

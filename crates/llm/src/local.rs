@@ -75,6 +75,14 @@ const PREFIXES: usize = 4;
 /// Shortest shared beginning worth reusing.
 const MIN_SHARED: usize = 32;
 
+/// What a remembered prompt gives a new one.
+enum Reuse {
+    /// The same prompt: its cache and logits.
+    Whole(KvCache, Tensor),
+    /// A cache holding the first `n` positions to prefill from (0: a fresh cache).
+    From(usize, KvCache),
+}
+
 /// One sequence being generated.
 struct Seq<'a> {
     /// Its own length, stop and sampling rules (sequences decoded together may differ).
@@ -365,43 +373,116 @@ impl LocalModel {
     /// Runs `prompt` through the model, reusing the keys and values of the longest remembered
     /// prompt that shares at least [`MIN_SHARED`] leading tokens with it; remembers this one.
     fn prefill_reusing(&self, prompt: &[u32]) -> Result<(KvCache, Tensor)> {
-        if !self
+        self.prefill_reusing_many(&[prompt])
+            .pop()
+            .unwrap_or_else(|| Err(LlmError::Tokenizer("no prompt".into())))
+    }
+
+    /// [`Self::prefill_reusing`] for several prompts, their new tokens prefilled as one batch
+    /// ([`Transformer::prefill_batch`]). A prompt that shares more with an earlier prompt of the
+    /// batch than with any remembered one waits for a later wave, so that it reuses that
+    /// prompt's keys and values as it would have one at a time (a GRPO group's identical
+    /// prompts are computed once).
+    fn prefill_reusing_many(&self, prompts: &[&[u32]]) -> Vec<Result<(KvCache, Tensor)>> {
+        let reuse = self
             .reuse_prefixes
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            let mut cache = self.model.new_cache();
-            let logits = self.model.prefill(prompt, &mut cache)?;
-            return Ok((cache, logits));
-        }
-        let lora = self.model.lora_generation();
-        let start = {
-            let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-            let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
-            let best = p
-                .iter_mut()
-                .filter(|x| x.lora == lora)
-                .map(|x| {
-                    let n = x.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                    (n, x)
-                })
-                .max_by_key(|(n, _)| *n);
-            match best {
-                Some((n, x)) if n == prompt.len() && n == x.ids.len() => {
-                    x.used = tick;
-                    return Ok((x.cache.clone(), x.logits.clone()));
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut out: Vec<Option<Result<(KvCache, Tensor)>>> =
+            (0..prompts.len()).map(|_| None).collect();
+        let shared = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        let mut pending: Vec<usize> = (0..prompts.len()).collect();
+        while !pending.is_empty() {
+            let mut wave: Vec<(usize, KvCache)> = Vec::new();
+            let mut later = Vec::new();
+            for i in pending {
+                let p = prompts[i];
+                if !reuse {
+                    wave.push((i, self.model.new_cache()));
+                    continue;
                 }
-                Some((n, x)) if n >= MIN_SHARED => {
-                    x.used = tick;
-                    let mut c = x.cache.clone();
-                    // At least one token is prefilled, for the logits.
-                    c.truncate(n.min(prompt.len() - 1))?;
-                    Some(c)
+                let remembered = self.best_prefix(p);
+                let (known, start) = match remembered {
+                    Ok(Reuse::Whole(c, l)) => {
+                        out[i] = Some(Ok((c, l)));
+                        continue;
+                    }
+                    Ok(Reuse::From(n, c)) => (n, c),
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let waits = wave.iter().any(|&(j, _)| {
+                    let n = shared(p, prompts[j]);
+                    n >= MIN_SHARED && n > known
+                });
+                if waits {
+                    later.push(i);
+                } else {
+                    wave.push((i, start));
                 }
-                _ => None,
             }
-        };
-        let mut cache = start.unwrap_or_else(|| self.model.new_cache());
-        let logits = self.model.prefill(&prompt[cache.pos..], &mut cache)?;
+            let rests: Vec<&[u32]> = wave.iter().map(|(i, c)| &prompts[*i][c.pos..]).collect();
+            let mut caches: Vec<&mut KvCache> = wave.iter_mut().map(|(_, c)| c).collect();
+            match self.model.prefill_batch(&rests, &mut caches) {
+                Ok(logits) => {
+                    for (row, (i, cache)) in wave.into_iter().enumerate() {
+                        let r = logits.get(row).map_err(LlmError::from).map(|l| {
+                            if reuse {
+                                self.remember(prompts[i], &cache, &l);
+                            }
+                            (cache, l)
+                        });
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (i, _) in wave {
+                        out[i] = Some(Err(LlmError::Tokenizer(format!("prefill failed: {msg}"))));
+                    }
+                }
+            }
+            pending = later;
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
+            .collect()
+    }
+
+    /// The remembered prompt sharing the most leading tokens with `prompt`: its whole cache when
+    /// it is `prompt`, else a fresh cache or one truncated to the shared part (at least
+    /// [`MIN_SHARED`] tokens; at least one token is left to prefill, for the logits).
+    fn best_prefix(&self, prompt: &[u32]) -> Result<Reuse> {
+        let lora = self.model.lora_generation();
+        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
+        let best = p
+            .iter_mut()
+            .filter(|x| x.lora == lora)
+            .map(|x| {
+                let n = x.ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (n, x)
+            })
+            .max_by_key(|(n, _)| *n);
+        Ok(match best {
+            Some((n, x)) if n == prompt.len() && n == x.ids.len() => {
+                x.used = tick;
+                Reuse::Whole(x.cache.clone(), x.logits.clone())
+            }
+            Some((n, x)) if n >= MIN_SHARED => {
+                x.used = tick;
+                let mut c = x.cache.clone();
+                c.truncate(n.min(prompt.len() - 1))?;
+                Reuse::From(c.pos, c)
+            }
+            _ => Reuse::From(0, self.model.new_cache()),
+        })
+    }
+
+    /// Remembers a prefilled prompt (the least recently used of [`PREFIXES`] makes room).
+    fn remember(&self, prompt: &[u32], cache: &KvCache, logits: &Tensor) {
+        let lora = self.model.lora_generation();
         let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
         p.retain(|x| x.ids != prompt);
@@ -422,7 +503,6 @@ impl LocalModel {
             lora,
             used: tick,
         });
-        Ok((cache, logits))
     }
 
     /// Turns prompt-prefix reuse on or off (on by default; `MRREC_PREFIX_REUSE=0` turns it off).
@@ -493,12 +573,18 @@ impl LocalModel {
                 s.len()
             )));
         }
-        let mut seqs = Vec::with_capacity(prompts.len());
         for (p, si) in prompts.iter().zip(s) {
             self.check_window(p, si)?;
-            let mut cache = self.model.new_cache();
-            let logits = self.model.prefill(p, &mut cache)?;
-            seqs.push(self.new_seq(cache, logits, si, si.seed, None, None)?);
+        }
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.model.new_cache()).collect();
+        let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let logits = {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            self.model.prefill_batch(&rows, &mut refs)?
+        };
+        let mut seqs = Vec::with_capacity(prompts.len());
+        for (i, (cache, si)) in caches.into_iter().zip(s).enumerate() {
+            seqs.push(self.new_seq(cache, logits.get(i)?, si, si.seed, None, None)?);
         }
         self.run(&mut seqs)?;
         seqs.into_iter().map(Self::finish).collect()
@@ -571,9 +657,25 @@ impl LocalModel {
         req: &ChatRequest,
         on_text: Option<&'a mut dyn FnMut(&str)>,
     ) -> Result<Seq<'a>> {
-        crate::cancel::check(req.cancel.as_ref())?;
-        self.check_window(ids, &req.sampling)?;
+        self.admit(ids, req)?;
         let (cache, logits) = self.prefill_reusing(ids)?;
+        self.seq_for(req, cache, logits, on_text)
+    }
+
+    /// Refuses a request already cancelled or too long for the window.
+    fn admit(&self, ids: &[u32], req: &ChatRequest) -> Result<()> {
+        crate::cancel::check(req.cancel.as_ref())?;
+        self.check_window(ids, &req.sampling)
+    }
+
+    /// A prefilled request's sequence with its sampling, constraint and cancel token.
+    fn seq_for<'a>(
+        &self,
+        req: &ChatRequest,
+        cache: KvCache,
+        logits: Tensor,
+        on_text: Option<&'a mut dyn FnMut(&str)>,
+    ) -> Result<Seq<'a>> {
         let mut q = self.new_seq(
             cache,
             logits,
@@ -617,16 +719,23 @@ impl LocalModel {
             (0..reqs.len()).map(|_| None).collect();
         let mut started: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut seqs = Vec::new();
+        // Every request's prompt, checked; then their new tokens prefilled as one batch.
+        let mut ready: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
-            let seq = self
+            let checked = self
                 .prompt(r)
                 .and_then(|p| self.info.encode(&p))
-                .and_then(|ids| {
-                    let q = self.start(&ids, r, None)?;
-                    Ok((ids, q))
-                });
-            match seq {
-                Ok((ids, q)) => {
+                .and_then(|ids| self.admit(&ids, r).map(|()| ids));
+            match checked {
+                Ok(ids) => ready.push((i, ids)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let prompts: Vec<&[u32]> = ready.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prefilled = self.prefill_reusing_many(&prompts);
+        for ((i, ids), pre) in ready.into_iter().zip(prefilled) {
+            match pre.and_then(|(cache, logits)| self.seq_for(&reqs[i], cache, logits, None)) {
+                Ok(q) => {
                     started.push((i, ids));
                     seqs.push(q);
                 }

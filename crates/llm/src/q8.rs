@@ -22,10 +22,12 @@ use half::f16;
 const TILE_N: usize = 16;
 /// Inputs per block.
 const QK: usize = 32;
-/// Activation rows per kernel pass (accumulators held in registers).
-const MAX_M: usize = 8;
-/// Activation rows per pass of the two-tile kernel.
-const MAX_M2: usize = 4;
+/// Activation rows held in registers by the GEMM kernel.
+const GEMM_R: usize = 4;
+/// Output tiles held in registers by the GEMM kernel.
+const GEMM_T: usize = 3;
+/// Rows per work item handed to a thread (a multiple of [`GEMM_R`]).
+const ROW_CHUNK: usize = 64;
 
 /// One tile: 16 output rows × 32 inputs. `qs` is laid out `[group of 4 inputs][row][4 bytes]`,
 /// each byte the weight + 128.
@@ -136,87 +138,92 @@ impl PackedQ8 {
     }
 
     /// The same from activations already quantised (several matrices sharing one input).
+    ///
+    /// The work is split into items of (up to [`ROW_CHUNK`] rows) × (a group of [`GEMM_T`]
+    /// output tiles), taken from a shared cursor by the pool's threads; inside an item the
+    /// register-blocked kernel holds [`GEMM_R`] rows × [`GEMM_T`] tiles of accumulators across the
+    /// whole inner dimension. Each output is computed by the same operations in the same order
+    /// whatever the split, so a row's result does not depend on the rows batched with it.
     pub fn matmul_quantised(&self, q: &Quantised) -> Vec<f32> {
         assert_eq!(q.kb * QK, self.k, "activation width");
         let (m, n) = (q.m, self.n);
         let mut out = vec![0f32; m * n];
-        let n_tiles = n / TILE_N;
-        let pairs = n_tiles.div_ceil(2);
+        let groups = (n / TILE_N).div_ceil(GEMM_T);
+        let chunks = m.div_ceil(ROW_CHUNK);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let work = |ps: std::ops::Range<usize>| {
+        let work = |items: std::ops::Range<usize>| {
             let p = &out_ptr;
-            for pair in ps {
-                let (t0, t1) = (2 * pair, (2 * pair + 2).min(n_tiles));
-                // SAFETY: each task writes its own tiles' 16 columns of every row.
-                unsafe {
-                    if q.m == 1 {
-                        // One row (decoding) streams the weights once either way; the
-                        // one-tile kernel measured faster there. Same arithmetic per output.
-                        for t in t0..t1 {
-                            self.tile(q, t, p.0);
-                        }
-                    } else {
-                        self.tile_pair(q, t0, t1, p.0);
-                    }
-                }
+            for item in items {
+                let (chunk, group) = (item / groups, item % groups);
+                let rows = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(m);
+                // SAFETY: each item writes its own rows × tiles of `out`.
+                unsafe { self.block(q, rows, group * GEMM_T, p.0) };
             }
         };
         // Small products run inline: waking the pool costs more than the work.
         if m * self.k * n < 1 << 18 {
-            work(0..pairs);
+            work(0..groups * chunks);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(pairs, work);
+            candle_core::utils::barrier_pool().execute_chunked(groups * chunks, work);
         }
         out
     }
 
-    /// All rows of output tiles `t0..t1` (one or two): two tiles share each activation load.
+    /// Rows `rows` of output tiles `t0..t0 + GEMM_T` (fewer at the right edge).
     ///
     /// # Safety
-    /// As [`Self::tile`], for every tile of the range.
-    unsafe fn tile_pair(&self, q: &Quantised, t0: usize, t1: usize, out: *mut f32) {
-        #[cfg(target_arch = "x86_64")]
-        if t1 == t0 + 2 {
-            let kb = self.k / QK;
-            let a = &self.tiles[t0 * kb..(t0 + 1) * kb];
-            let b = &self.tiles[(t0 + 1) * kb..(t0 + 2) * kb];
-            let mut r0 = 0;
-            while r0 < q.m {
-                let mc = (q.m - r0).min(MAX_M2);
-                // SAFETY: checked by `available()` when packing; `out` per the contract.
-                unsafe { kernel::rows2(a, b, q, r0, mc, out, self.n, t0 * TILE_N) };
-                r0 += mc;
-            }
-            return;
-        }
-        for t in t0..t1 {
-            // SAFETY: per the contract.
-            unsafe { self.tile(q, t, out) };
-        }
-    }
-
-    /// All rows of output tile `t`.
-    ///
-    /// # Safety
-    /// `out` points to `m × n` floats; no other thread writes columns `16t..16t+16`.
-    unsafe fn tile(&self, q: &Quantised, t: usize, out: *mut f32) {
+    /// `out` points to `m × n` floats; no other thread writes these rows of these tiles.
+    unsafe fn block(&self, q: &Quantised, rows: std::ops::Range<usize>, t0: usize, out: *mut f32) {
         #[cfg(target_arch = "x86_64")]
         {
             let kb = self.k / QK;
-            let tiles = &self.tiles[t * kb..(t + 1) * kb];
-            let mut r0 = 0;
-            while r0 < q.m {
-                let mc = (q.m - r0).min(MAX_M);
+            let tc = (self.n / TILE_N - t0).min(GEMM_T);
+            let tiles = self.tiles[t0 * kb..].as_ptr();
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let mc = (rows.end - r0).min(GEMM_R);
                 // SAFETY: checked by `available()` when packing; `out` per the contract.
-                unsafe { kernel::rows(tiles, q, r0, mc, out, self.n, t * TILE_N) };
+                unsafe { kernel::dispatch(mc, tc, tiles, q, r0, out, self.n, t0 * TILE_N) };
                 r0 += mc;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (q, t, out);
+            let _ = (q, rows, t0, out);
             unreachable!("PackedQ8 is only built where the kernel runs");
         }
+    }
+}
+
+/// Multiply-adds per second one thread of this CPU does with `vpdpbusd` alone: 16 independent
+/// accumulators (enough to hide its latency) of 64 int8 products each, `iters` rounds, no memory
+/// traffic. The int8 compute ceiling the packed kernel is measured against; `None` without
+/// AVX512-VNNI.
+pub fn vnni_peak_macs_per_s(iters: usize) -> Option<f64> {
+    if !available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t = std::time::Instant::now();
+        // SAFETY: `available()` checked the CPU features.
+        let sink = unsafe { kernel::peak(iters) };
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sink);
+        Some((iters * 16 * 64) as f64 / secs)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        None
+    }
+}
+
+/// Multiply-adds of one `m`-row product with this matrix (for throughput figures).
+impl PackedQ8 {
+    /// `m · n · k`.
+    pub fn macs(&self, m: usize) -> usize {
+        m * self.n * self.k
     }
 }
 
@@ -225,7 +232,10 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-/// Quantises `m` rows of `k` values (k a multiple of 32) as ggml's Q8_0 does.
+/// Quantises `m` rows of `k` values (k a multiple of 32) as ggml's Q8_0 does: per block of 32,
+/// `d = amax / 127` (stored rounded to f16), `q = round(x / d)` (half away from zero, with the
+/// unrounded `1/d`). Long inputs are split across the pool's threads; with AVX512 each block is
+/// two vectors. Every path gives the same bytes.
 pub fn quantise(x: &[f32], m: usize, k: usize) -> Quantised {
     assert!(
         k.is_multiple_of(QK) && x.len() == m * k,
@@ -236,37 +246,79 @@ pub fn quantise(x: &[f32], m: usize, k: usize) -> Quantised {
     let mut qs = vec![0i8; m * k];
     let mut d = vec![0f32; m * kb];
     let mut sums = vec![0i32; m * kb];
-    for (i, xs) in x.chunks_exact(QK).enumerate() {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let di = amax / 127.0;
-        let id = if di != 0.0 { 1.0 / di } else { 0.0 };
-        let mut s = 0i32;
-        for (j, &v) in xs.iter().enumerate() {
-            let q = (v * id).round() as i8;
-            qs[i * QK + j] = q;
-            s += q as i32;
+    let blocks = m * kb;
+    let ptrs = (
+        SendPtr(qs.as_mut_ptr() as *mut f32),
+        SendPtr(d.as_mut_ptr()),
+        SendI32(sums.as_mut_ptr()),
+    );
+    let work = |range: std::ops::Range<usize>| {
+        let ptrs = &ptrs;
+        let (q, dp, sp) = (ptrs.0 .0 as *mut i8, ptrs.1 .0, ptrs.2 .0);
+        for i in range {
+            let xs = &x[i * QK..(i + 1) * QK];
+            // SAFETY: block `i` of each output is written by this task alone.
+            unsafe {
+                let qb = std::slice::from_raw_parts_mut(q.add(i * QK), QK);
+                let (di, s) = quantise_block(xs, qb);
+                *dp.add(i) = di;
+                *sp.add(i) = s;
+            }
         }
-        d[i] = f16::from_f32(di).to_f32();
-        sums[i] = s;
+    };
+    if blocks < 4096 {
+        work(0..blocks);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(blocks, work);
     }
     Quantised { m, kb, qs, d, sums }
 }
 
+/// One block: writes its 32 values, returns (scale as f16 → f32, sum of the values).
+fn quantise_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked AVX512F/BW; both slices hold 32 elements.
+        return unsafe { kernel::quantise_block(xs, q) };
+    }
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let di = amax / 127.0;
+    let id = if di != 0.0 { 1.0 / di } else { 0.0 };
+    let mut s = 0i32;
+    for (o, &v) in q.iter_mut().zip(xs) {
+        *o = (v * id).round() as i8;
+        s += *o as i32;
+    }
+    (f16::from_f32(di).to_f32(), s)
+}
+
+struct SendI32(*mut i32);
+// SAFETY: written at disjoint positions only (one block per task).
+unsafe impl Sync for SendI32 {}
+unsafe impl Send for SendI32 {}
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    use super::{Quantised, Tile, MAX_M, QK, TILE_N};
+    use super::{Quantised, Tile, QK, TILE_N};
     use core::arch::x86_64::*;
 
-    /// Rows `r0..r0+mc` against one output tile, every input block.
+    /// Rows `r0..r0+R` against output tiles `t0..t0+T` (`tiles` points to tile `t0`, block 0;
+    /// tile `t0 + t` starts `t·kb` tiles later), every input block, with the `R × T` sums held in
+    /// registers across the whole inner dimension.
+    ///
+    /// Per output and block: the exact int32 sum `Σ (w+128)·x − 128·Σx` (the correction seeds
+    /// the accumulator, `vpdpbusd` adds 4 products per lane), then `acc = fma(isum, d_w·d_x, acc)`
+    /// in block order — the arithmetic of the one-row kernel, so results are bit-identical to it.
     ///
     /// # Safety
-    /// AVX512F/BW/VNNI present; `out` as in [`super::PackedQ8::tile`].
+    /// AVX512F/BW/VNNI present; `tiles` valid for `T` tiles of `kb` blocks; `out` points to
+    /// `m × n` floats and no other thread writes these rows of columns `col..col + 16T`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn rows(
-        tiles: &[Tile],
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm<const R: usize, const T: usize>(
+        tiles: *const Tile,
         q: &Quantised,
         r0: usize,
-        mc: usize,
         out: *mut f32,
         n: usize,
         col: usize,
@@ -274,103 +326,142 @@ mod kernel {
         unsafe {
             let kb = q.kb;
             let k = kb * QK;
-            let mut acc = [_mm512_setzero_ps(); MAX_M];
-            for (b, tile) in tiles.iter().enumerate() {
-                let p = tile.qs.as_ptr();
-                let w0 = _mm512_load_si512(p as *const _);
-                let w1 = _mm512_load_si512(p.add(64) as *const _);
-                let w2 = _mm512_load_si512(p.add(128) as *const _);
-                let w3 = _mm512_load_si512(p.add(192) as *const _);
-                let w4 = _mm512_load_si512(p.add(256) as *const _);
-                let w5 = _mm512_load_si512(p.add(320) as *const _);
-                let w6 = _mm512_load_si512(p.add(384) as *const _);
-                let w7 = _mm512_load_si512(p.add(448) as *const _);
-                let dw = _mm512_load_ps(tile.d.as_ptr());
-                for (r, a) in acc.iter_mut().enumerate().take(mc) {
-                    let row = r0 + r;
-                    let xq = q.qs.as_ptr().add(row * k + b * QK) as *const i32;
-                    let x = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)));
-                    // Two independent chains halve the dpbusd latency per block.
-                    let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, x(0));
-                    let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, x(1));
-                    s0 = _mm512_dpbusd_epi32(s0, w2, x(2));
-                    s1 = _mm512_dpbusd_epi32(s1, w3, x(3));
-                    s0 = _mm512_dpbusd_epi32(s0, w4, x(4));
-                    s1 = _mm512_dpbusd_epi32(s1, w5, x(5));
-                    s0 = _mm512_dpbusd_epi32(s0, w6, x(6));
-                    s1 = _mm512_dpbusd_epi32(s1, w7, x(7));
-                    let isum = _mm512_sub_epi32(
-                        _mm512_add_epi32(s0, s1),
-                        _mm512_set1_epi32(128 * q.sums[row * kb + b]),
-                    );
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(q.d[row * kb + b]));
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
+            let xq = q.qs.as_ptr().add(r0 * k);
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            for b in 0..kb {
+                let mut s = [[_mm512_setzero_si512(); T]; R];
+                for r in 0..R {
+                    let c = _mm512_set1_epi32(-128 * *q.sums.get_unchecked((r0 + r) * kb + b));
+                    for t in 0..T {
+                        s[r][t] = c;
+                    }
+                }
+                for g in 0..QK / 4 {
+                    let mut w = [_mm512_setzero_si512(); T];
+                    for t in 0..T {
+                        let tile = &*tiles.add(t * kb + b);
+                        w[t] = _mm512_load_si512(tile.qs.as_ptr().add(64 * g) as *const _);
+                    }
+                    for r in 0..R {
+                        let x = _mm512_set1_epi32(std::ptr::read_unaligned(
+                            xq.add(r * k + b * QK + 4 * g) as *const i32,
+                        ));
+                        for t in 0..T {
+                            s[r][t] = _mm512_dpbusd_epi32(s[r][t], w[t], x);
+                        }
+                    }
+                }
+                let mut dw = [_mm512_setzero_ps(); T];
+                for t in 0..T {
+                    dw[t] = _mm512_load_ps((*tiles.add(t * kb + b)).d.as_ptr());
+                }
+                for r in 0..R {
+                    let dx = _mm512_set1_ps(*q.d.get_unchecked((r0 + r) * kb + b));
+                    for t in 0..T {
+                        let scale = _mm512_mul_ps(dw[t], dx);
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][t]), scale, acc[r][t]);
+                    }
                 }
             }
-            for (r, a) in acc.iter().enumerate().take(mc) {
-                _mm512_storeu_ps(out.add((r0 + r) * n + col), *a);
+            for r in 0..R {
+                for t in 0..T {
+                    _mm512_storeu_ps(out.add((r0 + r) * n + col + t * TILE_N), acc[r][t]);
+                }
             }
         }
     }
 
-    /// Rows `r0..r0+mc` against two adjacent output tiles (`col`, `col + 16`): each activation
-    /// broadcast serves both. Per output, the same operations in the same order as [`rows`].
+    /// [`super::quantise_block`] in two vectors: the same amax, scale, products and rounding
+    /// (half away from zero as `trunc(v + copysign(0.5 − ½ulp, v))`, which is exact), so the same
+    /// bytes as the scalar code.
     ///
     /// # Safety
-    /// As [`rows`].
+    /// AVX512F/BW present; `xs` and `q` hold 32 elements.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantise_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+        unsafe {
+            let a = _mm512_loadu_ps(xs.as_ptr());
+            let b = _mm512_loadu_ps(xs.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let di = amax / 127.0;
+            let id = if di != 0.0 { 1.0 / di } else { 0.0 };
+            let idv = _mm512_set1_ps(id);
+            let half = _mm512_set1_ps(0.499_999_97);
+            let sign = _mm512_set1_epi32(i32::MIN);
+            let round = |v: __m512| {
+                let h = _mm512_or_ps(
+                    half,
+                    _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), sign)),
+                );
+                _mm512_cvttps_epi32(_mm512_add_ps(v, h))
+            };
+            let qa = round(_mm512_mul_ps(a, idv));
+            let qb = round(_mm512_mul_ps(b, idv));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(qb),
+            );
+            let s = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            (half::f16::from_f32(di).to_f32(), s)
+        }
+    }
+
+    /// `iters` rounds of 16 independent `vpdpbusd`s (see [`super::vnni_peak_macs_per_s`]).
+    ///
+    /// # Safety
+    /// AVX512F/BW/VNNI present.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn peak(iters: usize) -> i32 {
+        let w = _mm512_set1_epi8(3);
+        let x = _mm512_set1_epi8(-2);
+        let mut acc = [_mm512_setzero_si512(); 16];
+        for i in 0..iters {
+            let x = _mm512_add_epi32(x, _mm512_set1_epi32(std::hint::black_box(i as i32) & 1));
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbusd_epi32(*a, w, x);
+            }
+        }
+        let mut s = _mm512_setzero_si512();
+        for a in acc {
+            s = _mm512_add_epi32(s, a);
+        }
+        _mm512_reduce_add_epi32(s)
+    }
+
+    /// [`gemm`] for `mc ≤ GEMM_R` rows and `tc ≤ GEMM_T` tiles.
+    ///
+    /// # Safety
+    /// As [`gemm`].
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn rows2(
-        ta: &[Tile],
-        tb: &[Tile],
+    pub(super) unsafe fn dispatch(
+        mc: usize,
+        tc: usize,
+        tiles: *const Tile,
         q: &Quantised,
         r0: usize,
-        mc: usize,
         out: *mut f32,
         n: usize,
         col: usize,
     ) {
-        unsafe {
-            let kb = q.kb;
-            let k = kb * QK;
-            let mut acc_a = [_mm512_setzero_ps(); super::MAX_M2];
-            let mut acc_b = [_mm512_setzero_ps(); super::MAX_M2];
-            for b in 0..kb {
-                let (x, y) = (&ta[b], &tb[b]);
-                let pa = x.qs.as_ptr();
-                let pb = y.qs.as_ptr();
-                let wa: [__m512i; 8] =
-                    std::array::from_fn(|g| _mm512_load_si512(pa.add(64 * g) as *const _));
-                let wb: [__m512i; 8] =
-                    std::array::from_fn(|g| _mm512_load_si512(pb.add(64 * g) as *const _));
-                let dwa = _mm512_load_ps(x.d.as_ptr());
-                let dwb = _mm512_load_ps(y.d.as_ptr());
-                for r in 0..mc {
-                    let row = r0 + r;
-                    let xq = q.qs.as_ptr().add(row * k + b * QK) as *const i32;
-                    let xs: [__m512i; 8] = std::array::from_fn(|g| {
-                        _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g)))
-                    });
-                    let corr = _mm512_set1_epi32(128 * *q.sums.get_unchecked(row * kb + b));
-                    let dx = _mm512_set1_ps(*q.d.get_unchecked(row * kb + b));
-                    for (w, dw, acc) in [(&wa, dwa, &mut acc_a[r]), (&wb, dwb, &mut acc_b[r])] {
-                        let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], xs[0]);
-                        let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], xs[1]);
-                        s0 = _mm512_dpbusd_epi32(s0, w[2], xs[2]);
-                        s1 = _mm512_dpbusd_epi32(s1, w[3], xs[3]);
-                        s0 = _mm512_dpbusd_epi32(s0, w[4], xs[4]);
-                        s1 = _mm512_dpbusd_epi32(s1, w[5], xs[5]);
-                        s0 = _mm512_dpbusd_epi32(s0, w[6], xs[6]);
-                        s1 = _mm512_dpbusd_epi32(s1, w[7], xs[7]);
-                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), corr);
-                        let scale = _mm512_mul_ps(dw, dx);
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
-                    }
+        macro_rules! tiles {
+            ($r:literal) => {
+                match tc {
+                    1 => gemm::<$r, 1>(tiles, q, r0, out, n, col),
+                    2 => gemm::<$r, 2>(tiles, q, r0, out, n, col),
+                    3 => gemm::<$r, 3>(tiles, q, r0, out, n, col),
+                    _ => unreachable!("at most GEMM_T tiles"),
                 }
-            }
-            for r in 0..mc {
-                _mm512_storeu_ps(out.add((r0 + r) * n + col), acc_a[r]);
-                _mm512_storeu_ps(out.add((r0 + r) * n + col + TILE_N), acc_b[r]);
+            };
+        }
+        // SAFETY: per the contract.
+        unsafe {
+            match mc {
+                1 => tiles!(1),
+                2 => tiles!(2),
+                3 => tiles!(3),
+                4 => tiles!(4),
+                _ => unreachable!("at most GEMM_R rows"),
             }
         }
     }
@@ -405,6 +496,93 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The kernel's arithmetic written out per output: the exact int32 sum of each Q8_0 block,
+    /// then `acc = fma(isum, d_w·d_x, acc)` in block order.
+    fn scalar(qt: &QTensor, q: &Quantised) -> Vec<f32> {
+        let (n, k) = qt.shape().dims2().unwrap();
+        let kb = k / QK;
+        let bytes = qt.data().unwrap();
+        let mut out = vec![0f32; q.m * n];
+        for r in 0..q.m {
+            for c in 0..n {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let blk = &bytes[(c * kb + b) * 34..][..34];
+                    let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    let isum: i32 = (0..QK)
+                        .map(|i| blk[2 + i] as i8 as i32 * q.qs[r * k + b * QK + i] as i32)
+                        .sum();
+                    acc = (isum as f32).mul_add(dw * q.d[r * kb + b], acc);
+                }
+                out[r * n + c] = acc;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn vector_quantisation_gives_the_scalar_bytes() {
+        // Values at and around the rounding ties, zeros, and a wide range of magnitudes.
+        let mut x: Vec<f32> = (0..32 * 64)
+            .map(|i| (i as f32 * 0.37).sin() * 10f32.powi(i % 7 - 3))
+            .collect();
+        x[..32].fill(0.0);
+        for (j, v) in x[32..64].iter_mut().enumerate() {
+            *v = (j as f32 - 16.0) + 0.5; // exact .5 ties after scaling by 127/amax = 127/15.5
+        }
+        let mut qv = vec![0i8; 32];
+        let mut qs = vec![0i8; 32];
+        for xs in x.chunks_exact(32) {
+            let v = quantise_block(xs, &mut qv);
+            // The scalar path, written out.
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let di = amax / 127.0;
+            let id = if di != 0.0 { 1.0 / di } else { 0.0 };
+            let mut s = 0i32;
+            for (o, &v) in qs.iter_mut().zip(xs) {
+                *o = (v * id).round() as i8;
+                s += *o as i32;
+            }
+            assert_eq!(qv, qs);
+            assert_eq!(v, (f16::from_f32(di).to_f32(), s));
+        }
+    }
+
+    #[test]
+    fn bit_identical_to_the_scalar_reference_at_odd_and_model_shapes() {
+        if !available() {
+            eprintln!("no AVX512-VNNI here: the kernel is not used");
+            return;
+        }
+        // Odd row counts (register blocks, work items and their tails) on widths whose tile
+        // count is not a multiple of the kernel's tile group; then Qwen 0.5B's projections.
+        let odd = [1usize, 7, 8, 9, 63, 512, 1300];
+        let mut cases: Vec<(usize, usize, usize)> = Vec::new();
+        for (n, k) in [(16usize, 32usize), (80, 96), (64, 576)] {
+            cases.extend(odd.iter().map(|&m| (m, n, k)));
+        }
+        for (n, k) in [(128usize, 896usize), (896, 896), (4864, 896), (896, 4864)] {
+            cases.extend([1usize, 9, 70].map(|m| (m, n, k)));
+        }
+        for (m, n, k) in cases {
+            let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+            let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let p = PackedQ8::from_qtensor(&qt).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let q = quantise(&xs, m, k);
+            let ours = p.matmul_quantised(&q);
+            let want = scalar(&qt, &q);
+            for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{m}x{k}→{n}: output {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
