@@ -553,7 +553,7 @@ impl Transformer {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        if t > ATTENTION_BLOCK {
+        if t > 1 {
             return blocked_attention(&q, &k, &v, pos, self.n_kv, ATTENTION_BLOCK)?
                 .transpose(1, 2)?
                 .reshape((1, t, self.n_head * self.head_dim));
@@ -563,21 +563,11 @@ impl Transformer {
         // h = g·rep + r reads key/value head g, as `repeat_kv` would lay it out). Copying the
         // cache `rep` times per token was most of a long-context decoding step.
         let rep = self.n_head / self.n_kv;
-        let kv_len = pos + t;
         let qg = q
             .contiguous()?
             .reshape((1, self.n_kv, rep * t, self.head_dim))?;
-        let mut att = (qg.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        if t > 1 {
-            let mask: Vec<u8> = (0..rep)
-                .flat_map(|_| 0..t)
-                .flat_map(|i| (0..kv_len).map(move |j| u8::from(j > pos + i)))
-                .collect();
-            let mask = Tensor::from_slice(&mask, (rep * t, kv_len), &self.device)?
-                .broadcast_as(att.shape())?;
-            let neg = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
-            att = mask.where_cond(&neg, &att)?;
-        }
+        // One new position (decoding) sees every key: no mask.
+        let att = (qg.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         att.matmul(&v)?
             .reshape((1, self.n_head, t, self.head_dim))?
@@ -748,8 +738,9 @@ impl Transformer {
     }
 }
 
-/// Query positions per block of [`Transformer::attend_blocked`] (shorter prompts take the
-/// one-matrix path).
+/// Query positions per block of [`blocked_attention`], which every prompt of two or more new
+/// positions takes (one position — decoding — takes the one-matrix path), so that a prompt's
+/// keys and values do not depend on how it was split into prefills.
 const ATTENTION_BLOCK: usize = 128;
 
 /// Causal attention of a prompt in blocks of `block` query positions: each block's scores (the
