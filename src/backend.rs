@@ -83,7 +83,8 @@ pub fn local_with_adapter(
             .with_context(|| format!("reading the adapter {}", path.display()))?;
         m.transformer().set_lora(Some(std::sync::Arc::new(ad)));
         let hash = crate::workspace::files_sha256(&[path])?;
-        m.set_id(format!("{model}+lora-{}", &hash[..12]));
+        let base = mrrec_llm::ChatModel::id(&m).to_string();
+        m.set_id(format!("{base}+lora-{}", &hash[..12]));
     }
     Ok(m)
 }

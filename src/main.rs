@@ -2017,11 +2017,36 @@ fn main() -> Result<()> {
                         llama_cpp,
                     )?,
                 );
-                if parts.len() == 1 {
-                    // The model parts alone need no catalogue.
-                    println!("{}", serde_json::to_string_pretty(&out)?);
-                    return Ok(());
-                }
+            }
+            if parts.contains("llm") {
+                out.insert(
+                    "llm".into(),
+                    mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
+                );
+            }
+            if parts.contains("batched") {
+                out.insert(
+                    "batched".into(),
+                    json_pair(
+                        mrrec::bench::batched("smollm2-135m-instruct")?,
+                        mrrec::bench::batched("qwen2.5-coder-0.5b-instruct")?,
+                    ),
+                );
+            }
+            if parts.contains("profile") {
+                out.insert("qmatmul_profile".into(), mrrec::bench::qmatmul_profile()?);
+            }
+            if parts.contains("constrained") {
+                out.insert(
+                    "constrained".into(),
+                    mrrec::bench::constrained("qwen2.5-coder-0.5b-instruct")?,
+                );
+            }
+            // The model parts alone need no catalogue.
+            const MODEL_ONLY: [&str; 5] = ["prefill", "llm", "batched", "profile", "constrained"];
+            if parts.iter().all(|p| MODEL_ONLY.contains(p)) {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
             }
             let ws = Arc::new(data.open()?);
             if parts.contains("grpo") {
@@ -2070,30 +2095,6 @@ fn main() -> Result<()> {
                 out.insert(
                     "search".into(),
                     mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?,
-                );
-            }
-            if parts.contains("llm") {
-                out.insert(
-                    "llm".into(),
-                    mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
-                );
-            }
-            if parts.contains("batched") {
-                out.insert(
-                    "batched".into(),
-                    json_pair(
-                        mrrec::bench::batched("smollm2-135m-instruct")?,
-                        mrrec::bench::batched("qwen2.5-coder-0.5b-instruct")?,
-                    ),
-                );
-            }
-            if parts.contains("profile") {
-                out.insert("qmatmul_profile".into(), mrrec::bench::qmatmul_profile()?);
-            }
-            if parts.contains("constrained") {
-                out.insert(
-                    "constrained".into(),
-                    mrrec::bench::constrained("qwen2.5-coder-0.5b-instruct")?,
                 );
             }
             if parts.contains("ingest") {

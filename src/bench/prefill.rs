@@ -5,8 +5,9 @@
 //! - `kernel`: the packed Q8_0 GEMM at 1,300 rows on each of Qwen 0.5B's projection shapes, as
 //!   GMAC/s and a share of the ceiling;
 //! - per model: 1,000-token prefill and single-stream decode (tokens/s), the prefill's share of
-//!   the ceiling (multiply-adds of its projections per token × tokens/s ÷ ceiling), four prompts
-//!   prefilled together against one at a time, and llama.cpp's prefill and decode on the file
+//!   the ceiling (multiply-adds of its projections per token × tokens/s ÷ ceiling), four
+//!   250-token and eight 32-token prompts prefilled together against one at a time, and
+//!   llama.cpp's prefill and decode on the file
 //!   the model was converted from (`scripts/llama-cpp-bench.sh`; skipped, and said so, when its
 //!   build is absent and `--llama-cpp` was not given).
 
@@ -184,6 +185,21 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
             }
             Ok(())
         })?;
+        // Eight 32-token prompts (short new suffixes, as a batch's tool turns are): one weight
+        // read for all against eight.
+        let short_parts: Vec<&[u32]> = ids.chunks(32).take(8).collect();
+        let short_together = timed(5, || {
+            let mut cs: Vec<_> = short_parts.iter().map(|_| tf.new_cache()).collect();
+            let mut refs: Vec<_> = cs.iter_mut().collect();
+            tf.prefill_batch(&short_parts, &mut refs)?;
+            Ok(())
+        })?;
+        let short_apart = timed(5, || {
+            for p in &short_parts {
+                tf.prefill(p, &mut tf.new_cache())?;
+            }
+            Ok(())
+        })?;
         let greedy = |n| Sampling {
             max_tokens: n,
             ..Default::default()
@@ -208,6 +224,7 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
             "prefill_share_of_ceiling": ceiling_all.map(|c| rate / c),
             "batched_prefill_4x250_tokens_per_s": 1000.0 / together,
             "batched_prefill_ratio_vs_one_by_one": apart / together,
+            "batched_prefill_8x32_ratio_vs_one_by_one": short_apart / short_together,
         });
         if let Some((files, r)) = &reference {
             let key = files[mi].to_string_lossy().to_string();

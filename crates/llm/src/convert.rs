@@ -1,5 +1,7 @@
-//! One-off conversion of slow quantisations (Q4_0/Q4_1/Q5_0/Q5_1) to Q8_0, which candle's CPU
-//! kernels run about three times faster. The result is cached beside the original.
+//! One-off conversion of the quantisations our packed kernel does not take (Q4_0/Q4_1/Q5_0/Q5_1
+//! and the k-quants Q2_K…Q6_K) to Q8_0, so that every matrix runs [`crate::q8`]'s kernel (where the
+//! CPU lacks it, candle's Q8_0 kernel, about three times faster than its Q4/Q5 ones). The result
+//! is cached beside the original.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -17,11 +19,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
     }
 }
 
+/// The file-name tag of the conversion: `q8_0` converted the Q4/Q5 types only; `q8_0k` (this
+/// version) the k-quants too, a different model (cached answers of the other are not replayed).
+pub const CONVERSION_TAG: &str = "q8_0k";
+
 fn slow(d: GgmlDType) -> bool {
     matches!(
         d,
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    ) || is_k_quant(d)
+}
+
+fn is_k_quant(d: GgmlDType) -> bool {
+    matches!(
+        d,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
     )
+}
+
+/// How many tensors of the GGUF file at `path` are k-quants (read from its header).
+pub fn k_quant_tensors(path: &Path) -> Result<usize> {
+    let mut f = File::open(path).map_err(io(path))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| LlmError::BadModelFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(content
+        .tensor_infos
+        .values()
+        .filter(|t| is_k_quant(t.ggml_dtype))
+        .count())
 }
 
 /// Writes a copy of `src` at `dst` with every slow-quantised tensor re-quantised to Q8_0;
@@ -62,14 +89,14 @@ pub fn requantize_gguf(src: &Path, dst: &Path) -> Result<usize> {
     Ok(converted)
 }
 
-/// The Q8_0 version of `path` (`<stem>.q8_0.gguf` beside it), converting once if the file holds
-/// slow quantisations; `path` itself when it has none.
+/// The Q8_0 version of `path` (`<stem>.q8_0k.gguf` beside it), converting once if the file holds
+/// quantisations other than Q8_0 (and f32/f16); `path` itself when it has none.
 pub fn ensure_q8_0(path: &Path) -> Result<PathBuf> {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
-    let dst = path.with_file_name(format!("{stem}.q8_0.gguf"));
+    let dst = path.with_file_name(format!("{stem}.{CONVERSION_TAG}.gguf"));
     if dst.exists() {
         return Ok(dst);
     }

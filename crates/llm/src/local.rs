@@ -158,8 +158,15 @@ impl LocalModel {
         let spec = mrrec_models::find(id)?;
         let paths = mrrec_models::ensure(id)?;
         let file = spec.files.first().map(|f| f.name).unwrap_or_default();
-        let q8 = crate::ensure_q8_0(paths.file(file)?)?;
-        Self::load(id, &q8)
+        let source = paths.file(file)?;
+        let q8 = crate::ensure_q8_0(source)?;
+        // A file whose k-quants were converted is another model than the one earlier versions
+        // ran (they kept those tensors): its answers get their own cache keys.
+        if crate::convert::k_quant_tensors(source)? > 0 {
+            Self::load(&format!("{id}+{}", crate::convert::CONVERSION_TAG), &q8)
+        } else {
+            Self::load(id, &q8)
+        }
     }
 
     /// Renames the model (its id keys the response cache: a model with an adapter must not

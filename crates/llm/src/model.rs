@@ -422,6 +422,17 @@ impl Transformer {
         }
     }
 
+    /// How many matrices (projections and the output layer) are not packed for [`q8`]'s kernel
+    /// and run candle's instead (all of them on a CPU without AVX512-VNNI).
+    pub fn unpacked_matrices(&self) -> usize {
+        let proj = self
+            .packed
+            .iter()
+            .map(|l| l.iter().filter(|p| p.is_none()).count())
+            .sum::<usize>();
+        proj + usize::from(self.output_packed.is_none())
+    }
+
     /// Number of transformer layers.
     pub fn n_layers(&self) -> usize {
         self.layers.len()

@@ -439,3 +439,37 @@ fn a_long_prompt_attends_in_blocks_whatever_its_chunking_and_decodes_on_alike() 
     };
     assert_eq!(follow(&whole, &blocked), follow(&chunked, &chunked_logits));
 }
+
+#[test]
+fn qwen_decodes_to_the_same_tokens_alone_and_in_a_batch() {
+    // Its k-quant ffn_down (Q6_K/Q4_K in the shipped file) are converted to Q8_0 once, so every
+    // matrix runs the packed kernel where the CPU has it, and the converted file is a model of
+    // its own for the response cache.
+    let m = LocalModel::from_registry("qwen2.5-coder-0.5b-instruct").unwrap();
+    assert_eq!(
+        ChatModel::id(&m),
+        format!("qwen2.5-coder-0.5b-instruct+{CONVERSION_TAG}")
+    );
+    if q8::available() {
+        assert_eq!(m.transformer().unpacked_matrices(), 0);
+    }
+    let ps = prompts(&m);
+    let s: Vec<Sampling> = (0..ps.len())
+        .map(|i| Sampling {
+            max_tokens: 16,
+            temperature: if i % 2 == 0 { 0.0 } else { 1.0 },
+            seed: 7 + i as u64,
+            ..Default::default()
+        })
+        .collect();
+    let batched = m.generate_many(&ps, &s).unwrap();
+    for (i, p) in ps.iter().enumerate() {
+        let single = m.generate(p, &s[i], &mut |_| {}).unwrap();
+        if q8::available() {
+            assert_eq!(batched[i].ids, single.ids, "prompt {i}");
+            assert_eq!(batched[i].logprobs, single.logprobs, "prompt {i}");
+        } else {
+            assert!(!single.ids.is_empty());
+        }
+    }
+}
