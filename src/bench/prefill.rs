@@ -32,6 +32,27 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(super::median(&mut v))
 }
 
+/// Median seconds to prefill `parts` as one batch, and one by one.
+fn together_vs_apart(
+    tf: &mrrec_llm::model::Transformer,
+    parts: &[&[u32]],
+    reps: usize,
+) -> Result<(f64, f64)> {
+    let together = timed(reps, || {
+        let mut cs: Vec<_> = parts.iter().map(|_| tf.new_cache()).collect();
+        let mut refs: Vec<_> = cs.iter_mut().collect();
+        tf.prefill_batch(parts, &mut refs)?;
+        Ok(())
+    })?;
+    let apart = timed(reps, || {
+        for p in parts {
+            tf.prefill(p, &mut tf.new_cache())?;
+        }
+        Ok(())
+    })?;
+    Ok((together, apart))
+}
+
 /// The int8 ceiling on `threads` threads at once (MAC/s, summed).
 fn ceiling(threads: usize) -> Option<f64> {
     let iters = 20_000_000;
@@ -171,35 +192,10 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
             Ok(())
         })?;
         let prefill = 1000.0 / prefill_s;
-        // Four 250-token prompts: together (one batch through the projections) and one by one.
-        let parts: Vec<&[u32]> = ids.chunks(250).collect();
-        let together = timed(3, || {
-            let mut cs: Vec<_> = parts.iter().map(|_| tf.new_cache()).collect();
-            let mut refs: Vec<_> = cs.iter_mut().collect();
-            tf.prefill_batch(&parts, &mut refs)?;
-            Ok(())
-        })?;
-        let apart = timed(3, || {
-            for p in &parts {
-                tf.prefill(p, &mut tf.new_cache())?;
-            }
-            Ok(())
-        })?;
-        // Eight 32-token prompts (short new suffixes, as a batch's tool turns are): one weight
-        // read for all against eight.
-        let short_parts: Vec<&[u32]> = ids.chunks(32).take(8).collect();
-        let short_together = timed(5, || {
-            let mut cs: Vec<_> = short_parts.iter().map(|_| tf.new_cache()).collect();
-            let mut refs: Vec<_> = cs.iter_mut().collect();
-            tf.prefill_batch(&short_parts, &mut refs)?;
-            Ok(())
-        })?;
-        let short_apart = timed(5, || {
-            for p in &short_parts {
-                tf.prefill(p, &mut tf.new_cache())?;
-            }
-            Ok(())
-        })?;
+        // Four 250-token prompts, then eight 32-token ones (short new suffixes, as a batch's
+        // tool turns are): together (one weight read for all) and one by one.
+        let long = together_vs_apart(tf, &ids.chunks(250).collect::<Vec<_>>(), 3)?;
+        let suffixes = together_vs_apart(tf, &ids.chunks(32).take(8).collect::<Vec<_>>(), 5)?;
         let greedy = |n| Sampling {
             max_tokens: n,
             ..Default::default()
@@ -222,9 +218,9 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
             "decode_tokens_per_s": decode,
             "projection_gmac_per_token": macs_per_token as f64 / 1e9,
             "prefill_share_of_ceiling": ceiling_all.map(|c| rate / c),
-            "batched_prefill_4x250_tokens_per_s": 1000.0 / together,
-            "batched_prefill_ratio_vs_one_by_one": apart / together,
-            "batched_prefill_8x32_ratio_vs_one_by_one": short_apart / short_together,
+            "batched_prefill_4x250_tokens_per_s": 1000.0 / long.0,
+            "batched_prefill_ratio_vs_one_by_one": long.1 / long.0,
+            "batched_prefill_8x32_ratio_vs_one_by_one": suffixes.1 / suffixes.0,
         });
         if let Some((files, r)) = &reference {
             let key = files[mi].to_string_lossy().to_string();
