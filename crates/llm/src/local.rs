@@ -443,6 +443,8 @@ impl LocalModel {
                         out[i] = Some(Ok((cache, l)));
                     }
                 }
+                // One prompt keeps its error as it is (a cancellation stays a cancellation).
+                Err(e) if wave.len() == 1 => out[wave[0].0] = Some(Err(e)),
                 Err(e) => {
                     let msg = e.to_string();
                     for (i, _) in wave {
