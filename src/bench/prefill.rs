@@ -108,14 +108,6 @@ fn kernel(ceiling: Option<f64>) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// The GGUF file a registered model was converted from (what llama.cpp loads).
-fn source_gguf(id: &str) -> Result<PathBuf> {
-    let spec = mrrec_models::find(id)?;
-    let paths = mrrec_models::ensure(id)?;
-    let file = spec.files.first().map(|f| f.name).unwrap_or_default();
-    Ok(paths.file(file)?.to_path_buf())
-}
-
 /// llama.cpp's figures for `files`, from `scripts/llama-cpp-bench.sh` (JSON on stdout).
 fn llama_cpp(files: &[PathBuf], threads: usize) -> Result<Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/llama-cpp-bench.sh");
@@ -159,7 +151,7 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
     let reference = if build_llama_cpp || llama_cpp_built() {
         let files = models
             .iter()
-            .map(|m| source_gguf(m))
+            .map(|m| Ok(LocalModel::source_file(m)?))
             .collect::<Result<Vec<_>>>()?;
         let r = llama_cpp(&files, threads)?;
         Some((files, r))

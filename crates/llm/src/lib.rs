@@ -24,7 +24,7 @@ pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use cache::{CachePolicy, CachedChatModel};
 pub use cancel::{Cancel, CancelOnDrop, Cancellable};
 pub use constrain::{validate, Constraint, ConstraintCompiler, TokenSet};
-pub use convert::{ensure_q8_0, k_quant_tensors, requantize_gguf, CONVERSION_TAG};
+pub use convert::{ensure_q8_0, requantize_gguf, CONVERSION_TAG};
 pub use echo::EchoModel;
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
 pub use local::{Generation, LocalModel, Segment};

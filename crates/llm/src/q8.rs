@@ -126,6 +126,11 @@ impl PackedQ8 {
         self.k
     }
 
+    /// Multiply-adds of an `m`-row product with this matrix (`m · n · k`, for throughput figures).
+    pub fn macs(&self, m: usize) -> usize {
+        m * self.n * self.k
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<Tile>()
@@ -219,18 +224,11 @@ pub fn vnni_peak_macs_per_s(iters: usize) -> Option<f64> {
     }
 }
 
-/// Multiply-adds of one `m`-row product with this matrix (for throughput figures).
-impl PackedQ8 {
-    /// `m · n · k`.
-    pub fn macs(&self, m: usize) -> usize {
-        m * self.n * self.k
-    }
-}
-
-struct SendPtr(*mut f32);
-// SAFETY: the pointer is only written at disjoint positions (one output tile per task).
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointer is only written at disjoint positions (each task its own rows × tiles, or
+// its own blocks).
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
 
 /// Quantises `m` rows of `k` values (k a multiple of 32) as ggml's Q8_0 does: per block of 32,
 /// `d = amax / 127` (stored rounded to f16), `q = round(x / d)` (half away from zero, with the
@@ -248,13 +246,13 @@ pub fn quantise(x: &[f32], m: usize, k: usize) -> Quantised {
     let mut sums = vec![0i32; m * kb];
     let blocks = m * kb;
     let ptrs = (
-        SendPtr(qs.as_mut_ptr() as *mut f32),
+        SendPtr(qs.as_mut_ptr()),
         SendPtr(d.as_mut_ptr()),
-        SendI32(sums.as_mut_ptr()),
+        SendPtr(sums.as_mut_ptr()),
     );
     let work = |range: std::ops::Range<usize>| {
         let ptrs = &ptrs;
-        let (q, dp, sp) = (ptrs.0 .0 as *mut i8, ptrs.1 .0, ptrs.2 .0);
+        let (q, dp, sp) = (ptrs.0 .0, ptrs.1 .0, ptrs.2 .0);
         for i in range {
             let xs = &x[i * QK..(i + 1) * QK];
             // SAFETY: block `i` of each output is written by this task alone.
@@ -281,6 +279,11 @@ fn quantise_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
         // SAFETY: `available()` checked AVX512F/BW; both slices hold 32 elements.
         return unsafe { kernel::quantise_block(xs, q) };
     }
+    quantise_block_scalar(xs, q)
+}
+
+/// [`quantise_block`] without vectors: ggml's reference code.
+fn quantise_block_scalar(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let di = amax / 127.0;
     let id = if di != 0.0 { 1.0 / di } else { 0.0 };
@@ -291,11 +294,6 @@ fn quantise_block(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     }
     (f16::from_f32(di).to_f32(), s)
 }
-
-struct SendI32(*mut i32);
-// SAFETY: written at disjoint positions only (one block per task).
-unsafe impl Sync for SendI32 {}
-unsafe impl Send for SendI32 {}
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -536,17 +534,8 @@ mod tests {
         let mut qs = vec![0i8; 32];
         for xs in x.chunks_exact(32) {
             let v = quantise_block(xs, &mut qv);
-            // The scalar path, written out.
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let di = amax / 127.0;
-            let id = if di != 0.0 { 1.0 / di } else { 0.0 };
-            let mut s = 0i32;
-            for (o, &v) in qs.iter_mut().zip(xs) {
-                *o = (v * id).round() as i8;
-                s += *o as i32;
-            }
+            assert_eq!(v, quantise_block_scalar(xs, &mut qs));
             assert_eq!(qv, qs);
-            assert_eq!(v, (f16::from_f32(di).to_f32(), s));
         }
     }
 

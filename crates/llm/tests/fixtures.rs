@@ -17,9 +17,7 @@ fn fixture(name: &str) -> Value {
 }
 
 fn model_file(id: &str) -> PathBuf {
-    let spec = mrrec_models::find(id).unwrap();
-    let paths = mrrec_models::ensure(id).unwrap();
-    paths.file(spec.files[0].name).unwrap().to_path_buf()
+    LocalModel::source_file(id).unwrap()
 }
 
 const MODELS: [(&str, &str); 2] = [
