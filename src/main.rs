@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mrrec::{DenseMethod, LexicalMethod, Workspace, WorkspaceOptions};
+use mrrec_agent::{DenseMethod, LexicalMethod, Workspace, WorkspaceOptions};
 use mrrec_data::{Purpose, QueryField, Split};
 use mrrec_eval::{markdown_table, Method, RunMetrics, RunSpec};
 
@@ -586,18 +586,18 @@ struct AssistantArgs {
     guided_calls: usize,
     /// The memory tool drops entries less similar than this to the call (0: the paper's plain
     /// top-3).
-    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE)]
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE)]
     min_memory_score: f32,
     /// Guided mode: a profile less similar than this to the request (a memory's item copied
     /// instead of what was asked) is repaired once, then the request is ranked (0: no check).
-    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
     min_profile_similarity: f32,
     /// Do not show the global memory's aspects (what matters in the scenario, learnt from other
     /// users) even where they are built.
     #[arg(long)]
     no_global: bool,
     /// Show only global aspects derived from at least this many distinct training queries.
-    #[arg(long, default_value_t = mrrec::assistant::DEFAULT_GLOBAL_MIN_SUPPORT)]
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT)]
     global_min_support: usize,
     /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
     #[arg(long)]
@@ -608,19 +608,19 @@ struct AssistantArgs {
 struct LlmContext {
     store: Box<dyn mrrec_memory::MemoryWrite + Send + Sync>,
     model: mrrec_llm::CachedChatModel<Box<dyn mrrec_llm::ChatModel>>,
-    cfg: mrrec::assistant::AssistantConfig,
+    cfg: mrrec_agent::assistant::AssistantConfig,
     /// Queries answered together in `eval` (their model calls decode as one batch).
     batch: usize,
 }
 
 impl AssistantArgs {
-    fn config(&self) -> Result<mrrec::assistant::AssistantConfig> {
+    fn config(&self) -> Result<mrrec_agent::assistant::AssistantConfig> {
         let mode = match self.mode.as_str() {
-            "auto" if self.llm.llm_url.is_some() => mrrec::assistant::Mode::Free,
-            "auto" => mrrec::assistant::Mode::Guided,
+            "auto" if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
+            "auto" => mrrec_agent::assistant::Mode::Guided,
             m => m.parse().map_err(anyhow::Error::msg)?,
         };
-        Ok(mrrec::assistant::AssistantConfig {
+        Ok(mrrec_agent::assistant::AssistantConfig {
             mode,
             hybrid: self.hybrid_rank,
             guided_calls: self.guided_calls,
@@ -635,7 +635,7 @@ impl AssistantArgs {
     fn context(&self, ws: &Workspace) -> Result<LlmContext> {
         Ok(LlmContext {
             store: open_store(ws, self.store.clone())?,
-            model: mrrec::backend::cached_chat_model_with_adapter(
+            model: mrrec_agent::backend::cached_chat_model_with_adapter(
                 &self.llm.model,
                 self.llm.llm_url.as_deref(),
                 self.adapter.as_deref(),
@@ -692,12 +692,12 @@ fn method_for<'a>(
     ctx: Option<&'a LlmContext>,
 ) -> Result<Box<dyn Method + 'a>> {
     if let Some(ctx) = ctx {
-        if let Some((kind, cfg)) = mrrec::methods::llm_method(name, &ctx.cfg) {
-            return Ok(Box::new(mrrec::methods::LlmMethod {
+        if let Some((kind, cfg)) = mrrec_agent::methods::llm_method(name, &ctx.cfg) {
+            return Ok(Box::new(mrrec_agent::methods::LlmMethod {
                 name: name.to_string(),
                 kind,
-                assistant: mrrec::assistant::Assistant {
-                    ws,
+                assistant: mrrec_agent::assistant::Assistant {
+                    shop: ws.shop(),
                     store: &*ctx.store,
                     tenant: TENANT,
                     llm: &ctx.model,
@@ -723,8 +723,8 @@ fn method_for<'a>(
         }),
         other => bail!(
             "unknown method {other:?}; available: {}, {}",
-            mrrec::method_names().join(", "),
-            mrrec::methods::llm_method_names().join(", ")
+            mrrec_agent::method_names().join(", "),
+            mrrec_agent::methods::llm_method_names().join(", ")
         ),
     })
 }
@@ -755,7 +755,7 @@ fn eval_one(
     // as one batch); a killed run loses at most one batch's outcomes, and their model answers
     // are replayed from the response cache.
     let (run_name, batch, prompts) = match ctx {
-        Some(c) if mrrec::methods::llm_method(method, &c.cfg).is_some() => (
+        Some(c) if mrrec_agent::methods::llm_method(method, &c.cfg).is_some() => (
             format!(
                 "{method}@{}",
                 serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
@@ -763,8 +763,8 @@ fn eval_one(
             c.batch,
             format!(
                 "{} / {} / {}",
-                mrrec::assistant::ASSISTANT_PROMPT_VERSION,
-                mrrec::assistant::CONTROLLER_VERSION,
+                mrrec_agent::prompts::ASSISTANT_PROMPT_VERSION,
+                mrrec_agent::prompts::CONTROLLER_VERSION,
                 mrrec_llm::ChatModel::id(&c.model)
             ),
         ),
@@ -807,7 +807,7 @@ fn eval_one(
         settings: m.settings(),
         provenance,
     };
-    let mut pb = mrrec::progress::Progress::new(&format!("eval {run_name} on {field}"), true);
+    let mut pb = mrrec_agent::progress::Progress::new(&format!("eval {run_name} on {field}"), true);
     let metrics = mrrec_eval::run_eval(
         m.as_ref(),
         queries,
@@ -908,7 +908,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
                 args.reward_weights
             )
         })?;
-    let weights = mrrec::rewards::RewardWeights {
+    let weights = mrrec_agent::rewards::RewardWeights {
         format: w[0],
         rec: w[1],
         mem: w[2],
@@ -916,7 +916,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
     let ws = data.open()?;
     let cfg = assistant.config()?;
     let store = open_store(&ws, assistant.store.clone())?;
-    let local = mrrec::backend::local_with_adapter(&assistant.llm.model, None)?;
+    let local = mrrec_agent::backend::local_with_adapter(&assistant.llm.model, None)?;
     let lora = mrrec_train::LoraConfig {
         rank: args.lora_rank,
         alpha: args.lora_alpha,
@@ -954,7 +954,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
         .collect();
     users.sort();
     users.dedup();
-    let b = mrrec::memory::MemoryBuilder {
+    let b = mrrec_agent::memory::MemoryBuilder {
         ws: &ws,
         store: &*store,
         tenant: TENANT,
@@ -962,7 +962,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
         batch: 8,
         progress: true,
     };
-    let mut report = mrrec::memory::BuildReport::default();
+    let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;
     eprintln!(
         "{} training queries, {} validation queries, {} users (+{} records)",
@@ -971,14 +971,14 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
         users.len(),
         report.records_added
     );
-    let t = mrrec::train::Trainer {
+    let t = mrrec_train::trainer::Trainer {
         ws: &ws,
         store: &*store,
         tenant: TENANT,
         local: &local,
         policy: &policy,
         cfg,
-        train: mrrec::train::TrainConfig {
+        train: mrrec_train::trainer::TrainConfig {
             group: args.group,
             queries_per_step: args.queries_per_step,
             steps: args.steps,
@@ -1023,7 +1023,7 @@ fn keys(action: KeysAction) -> Result<()> {
     match action {
         KeysAction::New { tenant, name, file } => {
             let path = file.unwrap_or_else(default_keys);
-            let key = mrrec::service::auth::add_key(&path, &tenant, &name)?;
+            let key = mrrec_server::auth::add_key(&path, &tenant, &name)?;
             eprintln!(
                 "added key {name:?} for tenant {tenant:?} to {} (only its hash is stored; this is the only time it is shown):",
                 path.display()
@@ -1036,7 +1036,7 @@ fn keys(action: KeysAction) -> Result<()> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a key file", path.display()))?;
-            mrrec::service::auth::KeyRing::load(&path)?;
+            mrrec_server::auth::KeyRing::load(&path)?;
             for k in v["keys"].as_array().into_iter().flatten() {
                 println!(
                     "{}\ttenant {}\tsha256 {}…",
@@ -1054,13 +1054,13 @@ fn keys(action: KeysAction) -> Result<()> {
 fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()> {
     let keys_path = args.keys.clone().unwrap_or_else(default_keys);
     if !keys_path.exists() {
-        let key = mrrec::service::auth::add_key(&keys_path, TENANT, "first")?;
+        let key = mrrec_server::auth::add_key(&keys_path, TENANT, "first")?;
         eprintln!(
             "created {} with a key for tenant {TENANT:?} (shown only now; `mrrec keys new` makes more):\n\n    {key}\n",
             keys_path.display()
         );
     }
-    let keys = mrrec::service::auth::KeyRing::load(&keys_path)?;
+    let keys = mrrec_server::auth::KeyRing::load(&keys_path)?;
     if keys.is_empty() {
         bail!(
             "{} holds no keys: add one with `mrrec keys new`",
@@ -1073,29 +1073,29 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
     // The instant model is never cached (it measures the service, and would fill the cache).
     // Whatever the model, forget cleans the shared response cache under $MRREC_HOME: the CLI
     // and other servers may have written the user's text there.
-    let llm_cache = Some(mrrec::backend::llm_cache_path());
+    let llm_cache = Some(mrrec_agent::backend::llm_cache_path());
     let llm: Arc<dyn mrrec_llm::ChatModel> = match echo {
         Some(m) if assistant.llm.llm_url.is_none() => Arc::new(m),
         _ => Arc::new(mrrec_llm::CachedChatModel::open(
             match &assistant.adapter {
                 Some(a) if assistant.llm.llm_url.is_none() => Box::new(
-                    mrrec::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
+                    mrrec_agent::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
                 ),
                 Some(_) => bail!("--adapter applies to a local model, not --llm-url"),
-                None => mrrec::backend::chat_model_with(
+                None => mrrec_agent::backend::chat_model_with(
                     &assistant.llm.model,
                     assistant.llm.llm_url.as_deref(),
                     Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
                     None,
                 )?,
             },
-            &mrrec::backend::llm_cache_path(),
+            &mrrec_agent::backend::llm_cache_path(),
             mrrec_llm::CachePolicy::All,
         )?),
     };
     let store: Arc<dyn mrrec_memory::MemoryWrite + Send + Sync> =
         Arc::from(open_store(&ws, assistant.store.clone())?);
-    let cfg = mrrec::service::ServiceConfig {
+    let cfg = mrrec_server::ServiceConfig {
         max_body_bytes: args.max_body_bytes,
         rate_per_key: args.rate_per_key,
         burst: args.burst,
@@ -1108,7 +1108,7 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         batch_llm: local,
         auth_failures_per_second: args.auth_failures_per_second,
         auth_failure_burst: args.auth_failure_burst,
-        conn: mrrec::service::ConnLimits {
+        conn: mrrec_server::ConnLimits {
             header_timeout: secs("--header-timeout", args.header_timeout)?,
             body_timeout: secs("--body-timeout", args.body_timeout)?,
             max_connections: args.max_connections.max(1),
@@ -1119,7 +1119,7 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         assistant: assistant.config()?,
         ..Default::default()
     };
-    let svc = mrrec::service::Service::new(ws, store, llm, llm_cache, keys, cfg);
+    let svc = mrrec_server::Service::new(ws, store, llm, llm_cache, keys, cfg);
     // Clients that own a runtime (PostgreSQL, the OpenAI client) must not be dropped inside one:
     // the last reference to the service is released here, after the runtime has stopped.
     let keep = svc.clone();
@@ -1138,7 +1138,7 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
             svc.keys.len(),
             keys_path.display()
         );
-        mrrec::service::serve(listener, svc, mrrec::service::shutdown_signal()).await?;
+        mrrec_server::serve(listener, svc, mrrec_server::shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
     // Work a dropped connection left on the blocking pool (an answer being cancelled) gets a
@@ -1195,7 +1195,7 @@ fn parse_levels(s: &str) -> Result<Vec<mrrec_memory::Level>> {
 }
 
 fn memory(action: MemoryAction) -> Result<()> {
-    use mrrec::memory::{BuildReport, MemoryBuilder};
+    use mrrec_agent::memory::{BuildReport, MemoryBuilder};
     use mrrec_embed::TextEmbedder;
     use mrrec_memory::Owner;
     match action {
@@ -1225,7 +1225,7 @@ fn memory(action: MemoryAction) -> Result<()> {
             let st = open_store(&ws, store)?;
             let needs_llm = has("pattern") || has("profile") || has("global");
             let model = if needs_llm {
-                Some(mrrec::backend::cached_chat_model(
+                Some(mrrec_agent::backend::cached_chat_model(
                     &llm.model,
                     llm.llm_url.as_deref(),
                 )?)
@@ -1295,8 +1295,8 @@ fn memory(action: MemoryAction) -> Result<()> {
             println!(
                 "{}; prompts {} / {}",
                 report.summary(if needs_llm { &llm.model } else { "none" }),
-                mrrec_memory::summaries::PROMPT_VERSION,
-                mrrec_memory::global::GLOBAL_PROMPT_VERSION
+                mrrec_agent::prompts::MEMORY_PROMPT_VERSION,
+                mrrec_agent::prompts::GLOBAL_PROMPT_VERSION
             );
         }
         MemoryAction::Add {
@@ -1309,11 +1309,11 @@ fn memory(action: MemoryAction) -> Result<()> {
         } => {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let reviews = mrrec::memory::read_reviews(&file, &user)?;
+            let reviews = mrrec_agent::memory::read_reviews(&file, &user)?;
             let model = if no_llm {
                 None
             } else {
-                Some(mrrec::backend::cached_chat_model(
+                Some(mrrec_agent::backend::cached_chat_model(
                     &llm.model,
                     llm.llm_url.as_deref(),
                 )?)
@@ -1467,7 +1467,7 @@ fn memory(action: MemoryAction) -> Result<()> {
                     "user {user:?} has no memory in tenant {TENANT:?} of this store: nothing to forget (a mistyped id? --missing-ok accepts this)"
                 );
             }
-            let r = b.forget(&user, Some(&mrrec::backend::llm_cache_path()))?;
+            let r = b.forget(&user, Some(&mrrec_agent::backend::llm_cache_path()))?;
             println!(
                 "forgot {user}: {} entries, {} step-A results, {} global aspects (their categories will be merged again), {} cached embeddings, {} cached LLM exchanges",
                 r.store.entries,
@@ -1525,14 +1525,14 @@ fn demo_assistant(
         store: None,
         hybrid_rank: false,
         guided_calls: 1,
-        min_memory_score: mrrec::assistant::DEFAULT_MIN_MEMORY_SCORE,
-        min_profile_similarity: mrrec::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
+        min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
+        min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
         no_global: false,
-        global_min_support: mrrec::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
+        global_min_support: mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
         adapter: None,
     }
     .context(ws)?;
-    let b = mrrec::memory::MemoryBuilder {
+    let b = mrrec_agent::memory::MemoryBuilder {
         ws,
         store: &*ctx.store,
         tenant: TENANT,
@@ -1540,7 +1540,7 @@ fn demo_assistant(
         batch: 8,
         progress: true,
     };
-    let mut report = mrrec::memory::BuildReport::default();
+    let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;
     eprintln!(
         "record memory for {} users (+{} records); preference patterns and profiles are used when built (`mrrec memory build --levels patterns,profile`)",
@@ -1600,10 +1600,10 @@ fn recommend(
 ) -> Result<()> {
     let ws = data.open()?;
     let ctx = args.context(&ws)?;
-    let Some((kind, cfg)) = mrrec::methods::llm_method(method, &ctx.cfg) else {
+    let Some((kind, cfg)) = mrrec_agent::methods::llm_method(method, &ctx.cfg) else {
         bail!(
             "unknown method {method:?}; available: {}",
-            mrrec::methods::llm_method_names().join(", ")
+            mrrec_agent::methods::llm_method_names().join(", ")
         );
     };
     let known = ctx.store.has_entries(mrrec_memory::Owner {
@@ -1616,8 +1616,8 @@ fn recommend(
     if !known {
         eprintln!("note: user {user:?} has a history but no memory in the store yet; run `mrrec memory build` for personalised answers");
     }
-    let assistant = mrrec::assistant::Assistant {
-        ws: &ws,
+    let assistant = mrrec_agent::assistant::Assistant {
+        shop: ws.shop(),
         store: &*ctx.store,
         tenant: TENANT,
         llm: &ctx.model,
@@ -1626,11 +1626,11 @@ fn recommend(
     };
     let t0 = std::time::Instant::now();
     let ans = match kind {
-        mrrec::methods::LlmKind::Assistant => {
+        mrrec_agent::methods::LlmKind::Assistant => {
             assistant.answer(user, request, category.as_deref(), k)?
         }
         _ => {
-            let m = mrrec::methods::LlmMethod {
+            let m = mrrec_agent::methods::LlmMethod {
                 name: method.into(),
                 kind,
                 assistant,
@@ -1648,9 +1648,9 @@ fn recommend(
                 .answer(&[&q], QueryField::Query, k)
                 .map_err(|e| anyhow::anyhow!(e.0))?
                 .remove(0);
-            let trace: mrrec::assistant::Trace =
+            let trace: mrrec_agent::assistant::Trace =
                 serde_json::from_value(a.trace.unwrap_or_default()).unwrap_or_default();
-            mrrec::assistant::Answer {
+            mrrec_agent::assistant::Answer {
                 ranked_with: trace.profile.clone().unwrap_or_else(|| request.into()),
                 items: a.ranking.iter().map(|&i| (i, f32::NAN)).collect(),
                 trace,
@@ -1681,7 +1681,7 @@ fn recommend(
     let t = &ans.trace;
     println!(
         "mode: {:?}",
-        t.mode.unwrap_or(mrrec::assistant::Mode::Guided)
+        t.mode.unwrap_or(mrrec_agent::assistant::Mode::Guided)
     );
     if !t.global_aspects.is_empty() {
         println!(
@@ -1745,16 +1745,6 @@ fn json_pair(a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
     serde_json::Value::Array(vec![a, b])
 }
 
-fn memory_tool() -> mrrec_llm::ToolSpec {
-    mrrec_llm::ToolSpec {
-        name: "memory_retrieval_tool".into(),
-        description: "Retrieve the current user's memories relevant to a query.".into(),
-        parameters: serde_json::json!({"type": "object", "properties": {
-            "query": {"type": "string", "description": "what to look up in the user's memory"},
-            "aspects": {"type": "array", "items": {"type": "string"}}}, "required": ["query"]}),
-    }
-}
-
 fn chat(
     model: &str,
     base_url: Option<String>,
@@ -1766,7 +1756,7 @@ fn chat(
 ) -> Result<()> {
     use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling};
     use std::io::{BufRead, Write};
-    let m = mrrec::backend::chat_model(model, base_url.as_deref())?;
+    let m = mrrec_agent::backend::chat_model(model, base_url.as_deref())?;
     let mut messages = vec![Message::system(system)];
     let mut total = mrrec_llm::Usage::default();
     let inputs: Box<dyn Iterator<Item = String>> = match message {
@@ -1781,7 +1771,7 @@ fn chat(
         let req = ChatRequest {
             messages: messages.clone(),
             tools: if tools {
-                vec![memory_tool()]
+                vec![mrrec_agent::prompts::assistant::memory_tool_spec()]
             } else {
                 Vec::new()
             },
@@ -1938,7 +1928,7 @@ fn main() -> Result<()> {
             let ws = a.data.open()?;
             let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
             let splits = parse_splits(&a.split)?;
-            let ctx = if mrrec::methods::llm_method_names().contains(&a.method.as_str()) {
+            let ctx = if mrrec_agent::methods::llm_method_names().contains(&a.method.as_str()) {
                 Some(a.assistant.context(&ws)?)
             } else {
                 None
@@ -2012,7 +2002,7 @@ fn main() -> Result<()> {
             if parts.contains("prefill") {
                 out.insert(
                     "prefill".into(),
-                    mrrec::bench::prefill::prefill(
+                    mrrec_bench::prefill::prefill(
                         &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"],
                         llama_cpp,
                     )?,
@@ -2021,25 +2011,25 @@ fn main() -> Result<()> {
             if parts.contains("llm") {
                 out.insert(
                     "llm".into(),
-                    mrrec::bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
+                    mrrec_bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
                 );
             }
             if parts.contains("batched") {
                 out.insert(
                     "batched".into(),
                     json_pair(
-                        mrrec::bench::batched("smollm2-135m-instruct")?,
-                        mrrec::bench::batched("qwen2.5-coder-0.5b-instruct")?,
+                        mrrec_bench::batched("smollm2-135m-instruct")?,
+                        mrrec_bench::batched("qwen2.5-coder-0.5b-instruct")?,
                     ),
                 );
             }
             if parts.contains("profile") {
-                out.insert("qmatmul_profile".into(), mrrec::bench::qmatmul_profile()?);
+                out.insert("qmatmul_profile".into(), mrrec_bench::qmatmul_profile()?);
             }
             if parts.contains("constrained") {
                 out.insert(
                     "constrained".into(),
-                    mrrec::bench::constrained("qwen2.5-coder-0.5b-instruct")?,
+                    mrrec_bench::constrained("qwen2.5-coder-0.5b-instruct")?,
                 );
             }
             // The model parts alone need no catalogue.
@@ -2052,7 +2042,7 @@ fn main() -> Result<()> {
             if parts.contains("grpo") {
                 let mut g = serde_json::Map::new();
                 for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
-                    g.insert(m.into(), mrrec::bench::grpo(m)?);
+                    g.insert(m.into(), mrrec_bench::grpo(m)?);
                 }
                 out.insert("grpo".into(), serde_json::Value::Object(g));
             }
@@ -2060,26 +2050,26 @@ fn main() -> Result<()> {
                 let store = open_store(&ws, None)?;
                 let mut g = Vec::new();
                 for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
-                    g.push(mrrec::bench::rollouts(&ws, &*store, TENANT, m, 3, 5)?);
+                    g.push(mrrec_bench::rollouts(&ws, &*store, TENANT, m, 3, 5)?);
                 }
                 out.insert("rollout".into(), serde_json::Value::Array(g));
             }
             if parts.contains("llmslots") {
                 out.insert(
                     "service_llm".into(),
-                    mrrec::bench::service_llm(ws.clone(), "qwen2.5-coder-0.5b-instruct", 4, 12)?,
+                    mrrec_bench::service_llm(ws.clone(), "qwen2.5-coder-0.5b-instruct", 4, 12)?,
                 );
             }
             if parts.contains("service") {
                 out.insert(
                     "service".into(),
-                    mrrec::bench::service(ws.clone(), 50, service_rate, service_seconds)?,
+                    mrrec_bench::service(ws.clone(), 50, service_rate, service_seconds)?,
                 );
             }
             if parts.contains("hostile") {
                 out.insert(
                     "hostile".into(),
-                    mrrec::bench::hostile::hostile(
+                    mrrec_bench::hostile::hostile(
                         ws.clone(),
                         500,
                         100.0,
@@ -2089,18 +2079,18 @@ fn main() -> Result<()> {
                 );
             }
             if parts.contains("embed") {
-                out.insert("embedding".into(), mrrec::bench::embedding(&ws, 1024)?);
+                out.insert("embedding".into(), mrrec_bench::embedding(&ws, 1024)?);
             }
             if parts.contains("search") {
                 out.insert(
                     "search".into(),
-                    mrrec::bench::search(&ws, exact_items, hnsw_items, queries)?,
+                    mrrec_bench::search(&ws, exact_items, hnsw_items, queries)?,
                 );
             }
             if parts.contains("ingest") {
                 out.insert(
                     "c4_ingest".into(),
-                    mrrec::bench::c4_ingest(&ws, exact_items)?,
+                    mrrec_bench::c4_ingest(&ws, exact_items)?,
                 );
             }
             if parts.contains("memory") {
@@ -2124,11 +2114,11 @@ fn main() -> Result<()> {
                 };
                 out.insert(
                     "memory_retrieval".into(),
-                    mrrec::bench::memory_retrieval(&loc, memory_users, 10, queries)?,
+                    mrrec_bench::memory_retrieval(&loc, memory_users, 10, queries)?,
                 );
             }
             if parts.contains("bm25") {
-                out.insert("bm25".into(), mrrec::bench::bm25(&ws, bm25_items, queries)?);
+                out.insert("bm25".into(), mrrec_bench::bm25(&ws, bm25_items, queries)?);
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -2250,7 +2240,7 @@ fn main() -> Result<()> {
             print_ranked(&ws, &ranked);
             let mut rows = Vec::new();
             for field in [QueryField::SimpleQuery, QueryField::Query] {
-                for method in mrrec::method_names() {
+                for method in mrrec_agent::method_names() {
                     let dir = out.join(format!("{method}-{field}"));
                     let m = restarting(&dir, || {
                         eval_one(&ws, None, method, field, &splits, None, 42, &dir)

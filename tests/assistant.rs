@@ -8,9 +8,9 @@ mod common;
 
 use std::sync::Mutex;
 
-use mrrec::assistant::{Assistant, AssistantConfig, Mode};
-use mrrec::memory::{BuildReport, MemoryBuilder};
-use mrrec::{Workspace, WorkspaceOptions};
+use mrrec_agent::assistant::{Assistant, AssistantConfig, Mode};
+use mrrec_agent::memory::{BuildReport, MemoryBuilder};
+use mrrec_agent::{Workspace, WorkspaceOptions};
 use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, Constraint, FinishReason, Usage};
 use mrrec_memory::{GlobalAspect, Level, MemoryEntry, MemoryRead, MemoryWrite, Owner, SqliteStore};
 
@@ -135,7 +135,7 @@ fn scripted<'a>(
     cfg: AssistantConfig,
 ) -> Assistant<'a> {
     Assistant {
-        ws,
+        shop: ws.shop(),
         store: st,
         tenant: "t",
         llm: m,
@@ -161,7 +161,7 @@ fn free_mode_calls_the_tool_reads_results_and_answers() {
         "Done. \\boxed{\"ideal_item_profile\": \"A soft washable plush animal for a toddler\", \"useful_memory_ids\": [\"r-1\", \"zzz\"]}",
     ]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -213,7 +213,7 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
     let st = store(&ws, dir.path());
     let m = Scripted::new(&["I am not sure.", "Still no box here {"]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -233,7 +233,7 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
         "\\boxed{\"ideal_item_profile\": \"Plush bunny, washable\", \"useful_memory_ids\": []}",
     ]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -263,7 +263,7 @@ fn too_many_tool_calls_are_cut_at_the_limit() {
         "\\boxed{\"ideal_item_profile\": \"x y z plush\", \"useful_memory_ids\": []}",
     ]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -280,7 +280,7 @@ fn too_many_tool_calls_are_cut_at_the_limit() {
         "\\boxed{\"ideal_item_profile\": \"plush toy\", \"useful_memory_ids\": []}",
     ]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -310,7 +310,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
         "{\"ideal_item_profile\": \"A washable soft plush toy for toddlers\", \"useful_memory_ids\": [\"r-1\"]}",
     ]);
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -367,7 +367,7 @@ fn guided_mode_opens_each_step_and_constrains_the_model() {
         ..plain()
     };
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "t",
         llm: &m,
@@ -408,7 +408,7 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
         .unwrap();
     let llm = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
     let a = Assistant {
-        ws: &ws,
+        shop: ws.shop(),
         store: &st,
         tenant: "default",
         llm: &llm,
@@ -572,7 +572,7 @@ fn guided_mode_asks_again_when_the_profile_copies_a_global_aspect() {
 /// Copying is a long run of a memory's words, most of them not the request's own.
 #[test]
 fn a_copied_run_counts_memory_words_not_the_request() {
-    use mrrec::assistant::copied_run;
+    use mrrec_agent::assistant::copied_run;
     let memory = "Bought \"CaseMate Samsung Galaxy S10 Case - Karat Pearl - 10ft Drop Protection\" (Cell Phones), rated 5/5.";
     let request = "What's an easy-to-install screen protector for a Galaxy S10?";
     assert!(
@@ -580,7 +580,7 @@ fn a_copied_run_counts_memory_words_not_the_request() {
             "CaseMate Samsung Galaxy S10 Case - Karat Pearl - 10ft Drop",
             memory,
             request
-        ) >= mrrec::assistant::COPY_WORDS
+        ) >= mrrec_agent::assistant::COPY_WORDS
     );
     // Restating the request, even where the memory says the same words, is not copying.
     assert!(

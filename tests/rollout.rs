@@ -8,11 +8,11 @@
 
 mod common;
 
-use mrrec::memory::{BuildReport, MemoryBuilder};
-use mrrec::rewards::RewardWeights;
-use mrrec::rollout::{group_log, Rollouts};
-use mrrec::{Workspace, WorkspaceOptions};
+use mrrec_agent::memory::{BuildReport, MemoryBuilder};
+use mrrec_agent::rewards::RewardWeights;
+use mrrec_agent::{Workspace, WorkspaceOptions};
 use mrrec_memory::SqliteStore;
+use mrrec_train::rollout::{group_log, Rollouts};
 
 #[test]
 fn guided_rollouts_record_what_the_policy_sampled() {
@@ -47,7 +47,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         store: &st,
         tenant: "default",
         local: &local,
-        cfg: mrrec::assistant::AssistantConfig::default(),
+        cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
         weights: RewardWeights::default(),
     };

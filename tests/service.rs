@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::server::*;
-use mrrec::service::ServiceConfig;
 use mrrec_llm::{ChatModel, EchoModel};
 use mrrec_memory::Owner;
+use mrrec_server::ServiceConfig;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,9 +660,9 @@ async fn shutdown_finishes_requests_in_flight_and_refuses_new_ones() {
 
 #[test]
 fn the_openapi_document_lists_every_route() {
-    let doc: Value = serde_json::from_str(mrrec::service::OPENAPI).unwrap();
+    let doc: Value = serde_json::from_str(mrrec_server::OPENAPI).unwrap();
     let paths = doc["paths"].as_object().unwrap();
-    for (method, path) in mrrec::service::ROUTES {
+    for (method, path) in mrrec_server::ROUTES {
         assert!(
             paths.get(*path).and_then(|p| p.get(*method)).is_some(),
             "{method} {path} is not documented"
@@ -673,7 +673,7 @@ fn the_openapi_document_lists_every_route() {
             .values()
             .map(|p| p.as_object().unwrap().len())
             .sum::<usize>(),
-        mrrec::service::ROUTES.len()
+        mrrec_server::ROUTES.len()
     );
 }
 
@@ -703,16 +703,16 @@ mod fuzz {
         #[test]
         fn parsers_never_panic(body in json_like(), user in any::<String>()) {
             let cfg = ServiceConfig::default();
-            if let Ok(r) = mrrec::service::parse_recommend(body.as_bytes(), &cfg) {
+            if let Ok(r) = mrrec_server::parse_recommend(body.as_bytes(), &cfg) {
                 prop_assert!(!r.request.trim().is_empty() && r.request.chars().count() <= cfg.max_text_chars);
                 prop_assert!(r.k.is_none_or(|k| (1..=cfg.max_k).contains(&k)));
                 prop_assert!(!r.user.is_empty() && !r.user.chars().any(char::is_control));
             }
-            if let Ok(i) = mrrec::service::parse_interactions(body.as_bytes(), &user, &cfg) {
+            if let Ok(i) = mrrec_server::parse_interactions(body.as_bytes(), &user, &cfg) {
                 prop_assert!(i.reviews.iter().all(|r| r.user_id == user && (1.0..=5.0).contains(&r.rating)));
             }
-            let _ = mrrec::service::parse_tool(body.as_bytes(), &cfg);
-            if let Ok(r) = mrrec::service::parse_reward(body.as_bytes(), &cfg) {
+            let _ = mrrec_server::parse_tool(body.as_bytes(), &cfg);
+            if let Ok(r) = mrrec_server::parse_reward(body.as_bytes(), &cfg) {
                 prop_assert!(r.weights.rec.is_finite());
             }
         }
@@ -721,7 +721,7 @@ mod fuzz {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounded_load_on_loopback_answers_every_request() {
-    use mrrec::service::load::{run, LoadOptions, MakeRequest};
+    use mrrec_bench::load::{run, LoadOptions, MakeRequest};
     let s = start_with(
         Arc::new(EchoModel::from_id("echo").unwrap()),
         ServiceConfig {
@@ -853,7 +853,7 @@ async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
             llm_slots: 3,
             batch_llm: true,
             // Short calls: the test is about batching, not about the answers' quality.
-            assistant: mrrec::assistant::AssistantConfig {
+            assistant: mrrec_agent::assistant::AssistantConfig {
                 reasoning_tokens: 12,
                 answer_tokens: 40,
                 ..Default::default()

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::server::*;
-use mrrec::service::{ConnLimits, ServiceConfig};
 use mrrec_llm::EchoModel;
 use mrrec_memory::{
     BuildCost, Forgotten, GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats,
     MemoryWrite, Owner, QueryAspects, Retrieved, SqliteStore,
 };
+use mrrec_server::{ConnLimits, ServiceConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -5,12 +5,12 @@
 
 use std::sync::{Arc, OnceLock};
 
-use mrrec::service::auth::{hash_key, KeyRecord, KeyRing};
-use mrrec::service::{Service, ServiceConfig};
-use mrrec::{Workspace, WorkspaceOptions};
+use mrrec_agent::{Workspace, WorkspaceOptions};
 use mrrec_embed::TextEmbedder;
 use mrrec_llm::{ChatModel, EchoModel};
 use mrrec_memory::{Level, MemoryEntry, MemoryWrite, Owner, SqliteStore};
+use mrrec_server::auth::{hash_key, KeyRecord, KeyRing};
+use mrrec_server::{Service, ServiceConfig};
 use serde_json::Value;
 
 pub const KEY_A: &str = "key-of-acme";
@@ -113,7 +113,7 @@ pub async fn start_on<S: MemoryWrite + Send + Sync + 'static>(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(mrrec::service::serve(listener, svc.clone(), async {
+    let done = tokio::spawn(mrrec_server::serve(listener, svc.clone(), async {
         let _ = rx.await;
     }));
     Server {

@@ -8,6 +8,8 @@
 
 pub mod grpo;
 pub mod policy;
+pub mod rollout;
+pub mod trainer;
 
 pub use grpo::{group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, TokenBatch};
 pub use policy::{LoraConfig, LowerCache, Policy, Shape};

@@ -73,3 +73,22 @@ impl Progress {
         }
     }
 }
+
+/// Resident memory of this process (VmRSS, bytes).
+pub fn resident_bytes() -> u64 {
+    status_bytes("VmRSS:")
+}
+
+/// A size field of `/proc/self/status` (`VmRSS:` now, `VmHWM:` the peak), bytes; 0 elsewhere.
+pub fn status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

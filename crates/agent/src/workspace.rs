@@ -254,6 +254,18 @@ impl Workspace {
         )
     }
 
+    /// What a request may read: catalogue, past interactions, embedder and indexes; not the
+    /// labelled queries.
+    pub fn shop(&self) -> crate::Shop<'_> {
+        crate::Shop {
+            catalogue: &self.dataset.catalogue,
+            histories: &self.dataset.histories,
+            embedder: self.embedder.as_ref(),
+            dense: &self.dense,
+            lexical: &self.lexical,
+        }
+    }
+
     /// The catalogue every method ranks.
     pub fn catalogue(&self) -> &Catalogue {
         &self.dataset.catalogue

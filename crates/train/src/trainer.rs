@@ -14,22 +14,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::{
+    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LowerCache, Policy, TokenBatch,
+};
 use anyhow::{bail, Context, Result};
 use mrrec_data::LabeledQuery;
 use mrrec_llm::LocalModel;
 use mrrec_memory::MemoryRead;
-use mrrec_train::{
-    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LowerCache, Policy, TokenBatch,
-};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::assistant::{Assistant, AssistantConfig};
-use crate::rewards::RewardWeights;
 use crate::rollout::{group_log, Rollouts};
-use crate::Workspace;
+use mrrec_agent::assistant::{Assistant, AssistantConfig};
+use mrrec_agent::rewards::RewardWeights;
+use mrrec_agent::Workspace;
 
 /// Settings of a run (saved in `train.json`; a resumed run must match).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,7 +182,7 @@ impl Trainer<'_> {
         for chunk in queries.chunks(8) {
             let answers = mrrec_llm::Batcher::new(self.local).map(chunk.len(), |w, i| {
                 let a = Assistant {
-                    ws: self.ws,
+                    shop: self.ws.shop(),
                     store: self.store,
                     tenant: self.tenant,
                     llm: w,
@@ -201,7 +201,8 @@ impl Trainer<'_> {
                 let Some(target) = self.ws.catalogue().position(q.target()) else {
                     continue;
                 };
-                let rank = crate::rewards::target_rank(self.ws, &ans.ranked_with, target)?;
+                let rank =
+                    mrrec_agent::rewards::target_rank(&self.ws.shop(), &ans.ranked_with, target)?;
                 sum += mrrec_eval::metrics::ndcg_at(rank, 100);
             }
             done += chunk.len();
@@ -455,7 +456,7 @@ impl Trainer<'_> {
                 grad_norm: norm,
                 tokens,
                 seconds: [t_roll, t_fwd, t_bwd, t_opt],
-                peak_rss: crate::bench::status_bytes("VmHWM:"),
+                peak_rss: mrrec_agent::progress::status_bytes("VmHWM:"),
                 lower_reused: (lower.hits_tokens - hits0) as f64
                     / (lower.total_tokens - total0).max(1) as f64,
                 val_ndcg100: None,

@@ -18,6 +18,7 @@ use mrrec_memory::{summaries, Level, MemoryEntry, MemoryWrite, Owner, QueryAspec
 use serde::Serialize;
 
 use crate::progress::Progress;
+use crate::prompts;
 use crate::Workspace;
 
 /// What a build did, for the CLI and BENCHMARKS.md (the paper's Table 4 columns).
@@ -361,7 +362,7 @@ impl<'a> MemoryBuilder<'a> {
             &jobs,
             |(_, c, es)| {
                 let texts: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
-                summaries::pattern_request(c, &texts)
+                prompts::memory::pattern_request(c, &texts)
             },
             "writing preference patterns",
             report,
@@ -418,7 +419,7 @@ impl<'a> MemoryBuilder<'a> {
         }
         self.run_llm(
             &jobs,
-            |(_, pairs, _)| summaries::profile_request(pairs),
+            |(_, pairs, _)| prompts::memory::profile_request(pairs),
             "writing user profiles",
             report,
             |(u, pairs, source), text, report| {
@@ -478,7 +479,7 @@ impl<'a> MemoryBuilder<'a> {
             .store
             .query_aspects(self.tenant, None)?
             .into_iter()
-            .filter(|r| global::is_current(&r.json))
+            .filter(|r| prompts::aspects::is_current(&r.json))
             .map(|r| r.qid)
             .collect();
         let cat = self.ws.catalogue();
@@ -501,7 +502,7 @@ impl<'a> MemoryBuilder<'a> {
             |q: &LabeledQuery| q.query().category.clone().unwrap_or_else(|| "Other".into());
         let request = |(q, chosen, negs): &(&LabeledQuery, String, Vec<String>), attempt: u64| {
             let negs: Vec<&str> = negs.iter().map(String::as_str).collect();
-            global::aspect_request(&category(q), &q.query().query, chosen, &negs, attempt)
+            prompts::aspects::aspect_request(&category(q), &q.query().query, chosen, &negs, attempt)
         };
         let mut failed: Vec<usize> = Vec::new();
         let mut rows: Vec<QueryAspects> = Vec::new();
@@ -516,7 +517,7 @@ impl<'a> MemoryBuilder<'a> {
             Ok(())
         };
         let accept = |i: usize, text: &str, rows: &mut Vec<QueryAspects>| -> bool {
-            match global::parse_aspects(text) {
+            match prompts::aspects::parse_aspects(text) {
                 Ok(set) => {
                     let q = jobs[i].0.query();
                     rows.push(QueryAspects {
@@ -577,7 +578,7 @@ impl<'a> MemoryBuilder<'a> {
                 .into_iter()
                 .filter_map(|r| {
                     let set: AspectSet = serde_json::from_str(&r.json).ok()?;
-                    (set.version == global::GLOBAL_PROMPT_VERSION).then_some((r, set))
+                    (set.version == prompts::GLOBAL_PROMPT_VERSION).then_some((r, set))
                 })
                 .collect();
             let aspects = global::merge(&category, &rows, opts, |texts| {

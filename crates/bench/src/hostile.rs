@@ -27,9 +27,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{bench_keys, BENCH_KEY};
-use crate::service::load::{run, LoadOptions, MakeRequest};
-use crate::service::{ConnLimits, Service, ServiceConfig};
-use crate::Workspace;
+use crate::load::{run, LoadOptions, MakeRequest};
+use mrrec_agent::Workspace;
+use mrrec_server::{ConnLimits, Service, ServiceConfig};
 
 /// Keeps `n` half-sent requests open against `addr` from 127.0.0.2–6 until `stop`; counts the
 /// connections the server closed.
@@ -266,7 +266,7 @@ pub fn hostile(
         let addr = l.local_addr()?;
         let base = format!("http://{addr}");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::service::serve(l, svc.clone(), async {
+        let server = tokio::spawn(mrrec_server::serve(l, svc.clone(), async {
             let _ = rx.await;
         }));
         let warm = LoadOptions {
@@ -331,7 +331,7 @@ pub fn hostile(
         let (svc, l) = start(cfg.clone())?;
         let base = format!("http://{}", l.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::service::serve(l, svc.clone(), async {
+        let server = tokio::spawn(mrrec_server::serve(l, svc.clone(), async {
             let _ = rx.await;
         }));
         eprintln!("hostile: {fuzz_cases} fuzz cases over HTTP…");
@@ -416,10 +416,10 @@ pub fn hostile(
             let (_, _, valid) = &targets[rng.gen_range(0..targets.len())];
             let body = mutate(&mut rng, valid);
             let ok = match rng.gen_range(0..4) {
-                0 => crate::service::parse_interactions(&body, &user, &cfg).is_ok(),
-                1 => crate::service::parse_recommend(&body, &cfg).is_ok(),
-                2 => crate::service::parse_tool(&body, &cfg).is_ok(),
-                _ => crate::service::parse_reward(&body, &cfg).is_ok(),
+                0 => mrrec_server::parse_interactions(&body, &user, &cfg).is_ok(),
+                1 => mrrec_server::parse_recommend(&body, &cfg).is_ok(),
+                2 => mrrec_server::parse_tool(&body, &cfg).is_ok(),
+                _ => mrrec_server::parse_reward(&body, &cfg).is_ok(),
             };
             accepted += ok as usize;
         }

@@ -2,6 +2,7 @@
 //! in the same run. Writes JSON; BENCHMARKS.md records results.
 
 pub mod hostile;
+pub mod load;
 pub mod prefill;
 
 use std::time::Instant;
@@ -14,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::Workspace;
+use mrrec_agent::Workspace;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -395,24 +396,7 @@ pub fn qmatmul_profile() -> Result<Value> {
     Ok(Value::Object(rows))
 }
 
-/// Resident memory of this process (VmRSS, bytes).
-pub fn resident_bytes() -> u64 {
-    status_bytes("VmRSS:")
-}
-
-/// A size field of `/proc/self/status` (`VmRSS:` now, `VmHWM:` the peak), bytes; 0 elsewhere.
-pub fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
+pub use mrrec_agent::progress::{resident_bytes, status_bytes};
 
 /// Local-memory retrieval latency for one user in a store of `users` synthetic users with
 /// `per_user` entries each (384-d), against the same user's retrieval in a store holding only
@@ -530,8 +514,8 @@ pub fn memory_retrieval(
 const BENCH_KEY: &str = "bench-key";
 
 /// A key ring holding [`BENCH_KEY`].
-fn bench_keys() -> Result<crate::service::auth::KeyRing> {
-    use crate::service::auth::{hash_key, KeyRecord, KeyRing};
+fn bench_keys() -> Result<mrrec_server::auth::KeyRing> {
+    use mrrec_server::auth::{hash_key, KeyRecord, KeyRing};
     KeyRing::from_records(&[KeyRecord {
         name: "b".into(),
         tenant: "bench".into(),
@@ -541,12 +525,12 @@ fn bench_keys() -> Result<crate::service::auth::KeyRing> {
 
 /// Serves `svc` on a free loopback port; returns its base URL and the sender that stops it.
 async fn serve_loopback(
-    svc: std::sync::Arc<crate::service::Service>,
+    svc: std::sync::Arc<mrrec_server::Service>,
 ) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", l.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(crate::service::serve(l, svc, async {
+    tokio::spawn(mrrec_server::serve(l, svc, async {
         let _ = rx.await;
     }));
     Ok((base, tx))
@@ -573,7 +557,7 @@ fn record_store(
         .into_iter()
         .take(users)
         .collect();
-    let b = crate::memory::MemoryBuilder {
+    let b = mrrec_agent::memory::MemoryBuilder {
         ws,
         store: &*store,
         tenant: "bench",
@@ -581,7 +565,7 @@ fn record_store(
         batch: 8,
         progress: true,
     };
-    b.build_records(&all, &mut crate::memory::BuildReport::default())?;
+    b.build_records(&all, &mut mrrec_agent::memory::BuildReport::default())?;
     let users = all.iter().map(|u| u.to_string()).collect();
     Ok((dir, store, users))
 }
@@ -596,8 +580,8 @@ pub fn service_llm(
     clients: usize,
     requests: usize,
 ) -> Result<Value> {
-    use crate::service::load::{run, LoadOptions, MakeRequest};
-    use crate::service::{Service, ServiceConfig};
+    use crate::load::{run, LoadOptions, MakeRequest};
+    use mrrec_server::{Service, ServiceConfig};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -619,8 +603,8 @@ pub fn service_llm(
         })
         .collect();
     let users: Vec<&str> = queries.iter().map(|(u, _)| u.as_str()).collect();
-    let mut report = crate::memory::BuildReport::default();
-    crate::memory::MemoryBuilder {
+    let mut report = mrrec_agent::memory::BuildReport::default();
+    mrrec_agent::memory::MemoryBuilder {
         ws: &ws,
         store: &*store,
         tenant: "bench",
@@ -645,7 +629,7 @@ pub fn service_llm(
     let mut out = serde_json::Map::new();
     for slots in [1, clients] {
         let llm: Arc<dyn mrrec_llm::ChatModel> =
-            Arc::from(crate::backend::chat_model(model, None)?);
+            Arc::from(mrrec_agent::backend::chat_model(model, None)?);
         let svc = Service::new(
             ws.clone(),
             store.clone(),
@@ -711,8 +695,8 @@ pub fn service(
     rate: f64,
     seconds: f64,
 ) -> Result<Value> {
-    use crate::service::load::{run, LoadOptions, LoadReport, MakeRequest};
-    use crate::service::{Service, ServiceConfig};
+    use crate::load::{run, LoadOptions, LoadReport, MakeRequest};
+    use mrrec_server::{Service, ServiceConfig};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -729,12 +713,12 @@ pub fn service(
     // after one warming pass; the service's closed-loop throughput is reported against it.
     let echo = mrrec_llm::EchoModel::from_id("echo").expect("echo");
     let direct = {
-        let a = crate::assistant::Assistant {
-            ws: &ws,
+        let a = mrrec_agent::assistant::Assistant {
+            shop: ws.shop(),
             store: &*store,
             tenant: "bench",
             llm: &echo,
-            cfg: crate::assistant::AssistantConfig::default(),
+            cfg: mrrec_agent::assistant::AssistantConfig::default(),
             observer: None,
         };
         for (i, t) in texts.iter().enumerate() {
@@ -972,14 +956,14 @@ pub fn rollouts(
             mrrec_data::Split::Train,
         ]))
         .map_err(anyhow::Error::msg)?;
-    let r = crate::rollout::Rollouts {
+    let r = mrrec_train::rollout::Rollouts {
         ws,
         store,
         tenant,
         local: &local,
-        cfg: crate::assistant::AssistantConfig::default(),
+        cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
-        weights: crate::rewards::RewardWeights::default(),
+        weights: mrrec_agent::rewards::RewardWeights::default(),
     };
     let mut rows = Vec::new();
     let (mut tot_seq, mut tot_bat) = ((0usize, 0f64), (0usize, 0f64));

@@ -21,7 +21,6 @@
 pub mod auth;
 mod edge;
 pub mod listen;
-pub mod load;
 pub mod metrics;
 
 use std::convert::Infallible;
@@ -48,11 +47,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::assistant::{Answer, Assistant, AssistantConfig, Event, Mode};
-use crate::Workspace;
 use auth::{check_id, KeyRing, Principal, RateLimiter};
 use edge::{request_id, REQUEST_ID};
 use metrics::Metrics;
+use mrrec_agent::assistant::{Answer, Assistant, AssistantConfig, Event, Mode};
+use mrrec_agent::Workspace;
 
 /// Every route, as documented (the OpenAPI test checks the two agree).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -456,7 +455,7 @@ impl Service {
         observer: Option<&'a (dyn Fn(&Event) + Sync)>,
     ) -> Assistant<'a> {
         Assistant {
-            ws: &self.ws,
+            shop: self.ws.shop(),
             store: &*self.store,
             tenant,
             llm: &*self.llm,
@@ -465,8 +464,8 @@ impl Service {
         }
     }
 
-    fn builder<'a>(&'a self, tenant: &'a str, llm: bool) -> crate::memory::MemoryBuilder<'a> {
-        crate::memory::MemoryBuilder {
+    fn builder<'a>(&'a self, tenant: &'a str, llm: bool) -> mrrec_agent::memory::MemoryBuilder<'a> {
+        mrrec_agent::memory::MemoryBuilder {
             ws: &self.ws,
             store: &*self.store,
             tenant,
@@ -670,8 +669,8 @@ pub fn parse_recommend(body: &[u8], cfg: &ServiceConfig) -> Result<RecommendRequ
     }
     if let Some(m) = &r.method {
         if m != "dense"
-            && crate::methods::llm_method(m, &cfg.assistant)
-                .is_none_or(|(k, _)| !matches!(k, crate::methods::LlmKind::Assistant))
+            && mrrec_agent::methods::llm_method(m, &cfg.assistant)
+                .is_none_or(|(k, _)| !matches!(k, mrrec_agent::methods::LlmKind::Assistant))
         {
             return Err(ApiError::bad(format!(
                 "unknown method {m:?}; available: dense, mrrec, mrrec-no-global, mrrec-no-local, mrrec-records-only, mrrec-patterns-only, mrrec-profile-only"
@@ -761,7 +760,7 @@ async fn recommend(
         }))
         .into_response());
     }
-    let (_, mut cfg) = crate::methods::llm_method(&method, &svc.cfg.assistant)
+    let (_, mut cfg) = mrrec_agent::methods::llm_method(&method, &svc.cfg.assistant)
         .ok_or_else(|| ApiError::bad(format!("unknown method {method:?}")))?;
     if let Some(m) = req.mode {
         cfg.mode = m;
@@ -998,7 +997,7 @@ pub fn parse_interactions(
     }
     let mut reviews = Vec::with_capacity(b.interactions.len());
     for (i, v) in b.interactions.into_iter().enumerate() {
-        let r = crate::memory::review_from_json(v, user, &format!("interactions[{i}]"))
+        let r = mrrec_agent::memory::review_from_json(v, user, &format!("interactions[{i}]"))
             .map_err(|e| ApiError::bad(format!("{e:#}")))?;
         if r.text.chars().count() > 20 * cfg.max_text_chars
             || r.title.chars().count() > cfg.max_text_chars
@@ -1048,7 +1047,7 @@ async fn memory_add(
         let report = tokio::task::spawn_blocking(move || {
             let _p = permit;
             let b = s.builder(&tenant, true);
-            let mut report = crate::memory::BuildReport::default();
+            let mut report = mrrec_agent::memory::BuildReport::default();
             b.build_patterns(&[u.as_str()], &mut report)?;
             b.build_profiles(&[u.as_str()], &mut report)?;
             s.metrics.llm(&report.usage, false);
@@ -1186,7 +1185,7 @@ struct RewardBody {
     #[serde(default)]
     memory_calls_ok: Option<usize>,
     #[serde(default)]
-    weights: Option<crate::rewards::RewardWeights>,
+    weights: Option<mrrec_agent::rewards::RewardWeights>,
 }
 
 /// A reward request, read: the target id, the profile (None when none parses), successful
@@ -1200,7 +1199,7 @@ pub struct RewardRequest {
     /// Successful memory calls.
     pub memory_calls_ok: usize,
     /// Weights.
-    pub weights: crate::rewards::RewardWeights,
+    pub weights: mrrec_agent::rewards::RewardWeights,
 }
 
 /// Parses and checks a reward body.
@@ -1214,8 +1213,8 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
                 return Err(ApiError::bad("`response` is too long"));
             }
             (
-                crate::rewards::final_of_response(r).map(|(p, _)| p),
-                crate::rewards::successful_calls_in(r),
+                mrrec_agent::rewards::final_of_response(r).map(|(p, _)| p),
+                mrrec_agent::rewards::successful_calls_in(r),
             )
         }
         (None, Some(p)) => {
@@ -1262,7 +1261,7 @@ async fn reward(
         .position(&target)
         .ok_or_else(|| ApiError::bad(format!("target {target:?} is not in the catalogue")))?;
     let r = svc
-        .cpu(move |s| crate::rewards::reward(&s.ws, &w, profile, target, calls))
+        .cpu(move |s| mrrec_agent::rewards::reward(&s.ws.shop(), &w, profile, target, calls))
         .await?;
     Ok(Json(json!(r)).into_response())
 }

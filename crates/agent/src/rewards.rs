@@ -9,12 +9,11 @@
 //! - R_mem ∈ {0, 1}: at least one successful memory call.
 
 use anyhow::Result;
-use mrrec_embed::TextEmbedder;
 use mrrec_eval::metrics::ndcg_at;
 use mrrec_index::SearchQuery;
 use serde::{Deserialize, Serialize};
 
-use crate::Workspace;
+use crate::Shop;
 
 /// Depth the target is looked for (the deepest cut of R_rec).
 pub const REWARD_DEPTH: usize = 1000;
@@ -109,9 +108,9 @@ pub fn combine(
 
 /// 1-based rank of catalogue item `target` when the catalogue is ranked by `text` (dense, as
 /// the assistant ranks), within [`REWARD_DEPTH`].
-pub fn target_rank(ws: &Workspace, text: &str, target: u32) -> Result<Option<usize>> {
-    let v = ws.embedder.embed(&[text])?.remove(0);
-    let hits = ws.dense.search(
+pub fn target_rank(shop: &Shop, text: &str, target: u32) -> Result<Option<usize>> {
+    let v = shop.embedder.embed(&[text])?.remove(0);
+    let hits = shop.dense.search(
         &SearchQuery {
             text,
             vector: Some(&v),
@@ -123,14 +122,14 @@ pub fn target_rank(ws: &Workspace, text: &str, target: u32) -> Result<Option<usi
 
 /// The reward of a trajectory whose final object is `profile` (None when none parsed).
 pub fn reward(
-    ws: &Workspace,
+    shop: &Shop,
     w: &RewardWeights,
     profile: Option<String>,
     target: u32,
     memory_calls_ok: usize,
 ) -> Result<Rewards> {
     let rank = match &profile {
-        Some(p) => target_rank(ws, p, target)?,
+        Some(p) => target_rank(shop, p, target)?,
         None => None,
     };
     Ok(combine(w, profile, rank, memory_calls_ok))

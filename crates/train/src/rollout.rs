@@ -11,9 +11,9 @@ use mrrec_llm::{Batcher, ChatModel, ChatRequest, ChatResponse, LocalModel, Segme
 use mrrec_memory::MemoryRead;
 use serde::Serialize;
 
-use crate::assistant::{Answer, Assistant, AssistantConfig};
-use crate::rewards::{RewardWeights, Rewards};
-use crate::Workspace;
+use mrrec_agent::assistant::{Answer, Assistant, AssistantConfig};
+use mrrec_agent::rewards::{RewardWeights, Rewards};
+use mrrec_agent::Workspace;
 
 /// A local model (alone or a [`Batcher`]'s worker) that samples every call at `temperature`
 /// with its own seed and records it.
@@ -162,7 +162,7 @@ impl Rollouts<'_> {
     ) -> Result<Trajectory> {
         let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64));
         let a = Assistant {
-            ws: self.ws,
+            shop: self.ws.shop(),
             store: self.store,
             tenant: self.tenant,
             llm: &rec,
@@ -182,7 +182,13 @@ impl Rollouts<'_> {
             .iter()
             .filter(|c| c.ok && c.error.is_none())
             .count();
-        let rewards = crate::rewards::reward(self.ws, &self.weights, profile, target, calls_ok)?;
+        let rewards = mrrec_agent::rewards::reward(
+            &self.ws.shop(),
+            &self.weights,
+            profile,
+            target,
+            calls_ok,
+        )?;
         Ok(Trajectory {
             segments: rec.take(),
             answer,

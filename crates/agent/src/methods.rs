@@ -198,11 +198,11 @@ impl LlmMethod<'_> {
         let a = &self.assistant;
         Ok(match self.kind {
             LlmKind::NaiveMemory => {
-                let h = a.ws.dataset.histories.before(&q.user_id, q.timestamp);
+                let h = a.shop.histories.before(&q.user_id, q.timestamp);
                 let recent = &h[h.len().saturating_sub(10)..];
                 let lines: Vec<String> = recent
                     .iter()
-                    .map(|r| format!("- {}", mrrec_memory::record_text(r, a.ws.catalogue())))
+                    .map(|r| format!("- {}", mrrec_memory::record_text(r, a.shop.catalogue)))
                     .collect();
                 Some(if lines.is_empty() {
                     "(no earlier interactions)".into()
@@ -239,8 +239,8 @@ impl Method for LlmMethod<'_> {
         serde_json::json!({
             "llm": self.assistant.llm.id(),
             "assistant": self.assistant.cfg,
-            "prompts": crate::assistant::ASSISTANT_PROMPT_VERSION,
-            "controller": crate::assistant::CONTROLLER_VERSION,
+            "prompts": crate::prompts::ASSISTANT_PROMPT_VERSION,
+            "controller": crate::prompts::CONTROLLER_VERSION,
         })
     }
     fn answer(
