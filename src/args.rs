@@ -1,0 +1,246 @@
+//! Arguments shared by several commands (data, LLM, assistant, evaluation) and the helpers
+//! that turn them into library configuration.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mrrec_agent::{Workspace, WorkspaceOptions};
+use mrrec_data::Split;
+
+use crate::cmd::eval::ws_data_name;
+
+#[derive(Args, Clone)]
+pub(crate) struct LlmArgs {
+    /// Local model (registry id) that writes patterns, profiles and aspects; with --llm-url,
+    /// the server's model name.
+    #[arg(
+        long,
+        env = "MRREC_LLM_MODEL",
+        default_value = "qwen2.5-coder-0.5b-instruct"
+    )]
+    pub(crate) model: String,
+    /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI) instead of a local model.
+    #[arg(long, env = "MRREC_LLM_BASE_URL")]
+    pub(crate) llm_url: Option<String>,
+    /// Requests per LLM batch (memory builds; in `eval`, queries answered together); also the
+    /// unit a killed build or eval loses at most.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch: usize,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct DataArgs {
+    /// Data directory (Amazon Reviews 2023 meta/reviews + queries, or Amazon-C4 files).
+    #[arg(
+        long,
+        env = "MRREC_DATA",
+        default_value = "../shared/data/amazon23-mini"
+    )]
+    pub(crate) data: PathBuf,
+    /// Query file (default: queries.csv / test.csv in the data directory).
+    #[arg(long)]
+    pub(crate) queries: Option<PathBuf>,
+    /// Use a slice: every query target and history item plus this many other items.
+    #[arg(long)]
+    pub(crate) max_items: Option<usize>,
+    /// Treat any bad record as an error.
+    #[arg(long)]
+    pub(crate) strict: bool,
+    /// Dense index: exact, hnsw, or auto (HNSW above 200,000 items).
+    #[arg(long, default_value = "auto")]
+    pub(crate) dense_index: String,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Method: bm25, dense or hybrid.
+    #[arg(long)]
+    pub(crate) method: String,
+    /// Which query text methods read.
+    #[arg(long, default_value = "simple_query")]
+    pub(crate) query_field: String,
+    /// Splits to evaluate (comma-separated: train, val).
+    #[arg(long, default_value = "val")]
+    pub(crate) split: String,
+    /// Evaluate a seeded subset of this many queries.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Seed of the subset and the bootstrap.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Run folder (resumed when it already holds this run).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[command(flatten)]
+    pub(crate) assistant: AssistantArgs,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct AssistantArgs {
+    #[command(flatten)]
+    pub(crate) llm: LlmArgs,
+    /// Loop mode: guided (the controller owns the structure), free (the paper's), or auto
+    /// (guided for local models, free for servers).
+    #[arg(long, default_value = "auto")]
+    pub(crate) mode: String,
+    /// Memory store (SQLite file or postgres:// URL; default: the catalogue's store under
+    /// $MRREC_HOME/memory).
+    #[arg(long, env = "MRREC_STORE")]
+    pub(crate) store: Option<String>,
+    /// Rank with BM25 + dense fusion instead of dense alone.
+    #[arg(long)]
+    pub(crate) hybrid_rank: bool,
+    /// Tool calls the controller opens in guided mode.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) guided_calls: usize,
+    /// The memory tool drops entries less similar than this to the call (0: the paper's plain
+    /// top-3).
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE)]
+    pub(crate) min_memory_score: f32,
+    /// Guided mode: a profile less similar than this to the request (a memory's item copied
+    /// instead of what was asked) is repaired once, then the request is ranked (0: no check).
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY)]
+    pub(crate) min_profile_similarity: f32,
+    /// Do not show the global memory's aspects (what matters in the scenario, learnt from other
+    /// users) even where they are built.
+    #[arg(long)]
+    pub(crate) no_global: bool,
+    /// Show only global aspects derived from at least this many distinct training queries.
+    #[arg(long, default_value_t = mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT)]
+    pub(crate) global_min_support: usize,
+    /// A LoRA adapter from `mrrec train` (local models), applied beside the quantised weights.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+}
+
+/// What the LLM methods borrow: the memory store and the (cached) chat model.
+pub(crate) struct LlmContext {
+    pub(crate) store: Box<dyn mrrec_memory::MemoryWrite + Send + Sync>,
+    pub(crate) model: mrrec_llm::CachedChatModel<Box<dyn mrrec_llm::ChatModel>>,
+    pub(crate) cfg: mrrec_agent::assistant::AssistantConfig,
+    /// Queries answered together in `eval` (their model calls decode as one batch).
+    pub(crate) batch: usize,
+}
+
+impl AssistantArgs {
+    pub(crate) fn config(&self) -> Result<mrrec_agent::assistant::AssistantConfig> {
+        let mode = match self.mode.as_str() {
+            "auto" if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
+            "auto" => mrrec_agent::assistant::Mode::Guided,
+            m => m.parse().map_err(anyhow::Error::msg)?,
+        };
+        Ok(mrrec_agent::assistant::AssistantConfig {
+            mode,
+            hybrid: self.hybrid_rank,
+            guided_calls: self.guided_calls,
+            min_memory_score: self.min_memory_score,
+            min_profile_similarity: self.min_profile_similarity,
+            use_global: !self.no_global,
+            global_min_support: self.global_min_support,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn context(&self, ws: &Workspace) -> Result<LlmContext> {
+        Ok(LlmContext {
+            store: open_store(ws, self.store.clone())?,
+            model: mrrec_agent::backend::cached_chat_model_with_adapter(
+                &self.llm.model,
+                self.llm.llm_url.as_deref(),
+                self.adapter.as_deref(),
+            )?,
+            cfg: self.config()?,
+            batch: self.llm.batch.max(1),
+        })
+    }
+}
+
+impl DataArgs {
+    pub(crate) fn options(&self) -> Result<WorkspaceOptions> {
+        let mut o = WorkspaceOptions::new(&self.data);
+        o.queries = self.queries.clone();
+        o.max_items = self.max_items;
+        o.strict = self.strict;
+        o.progress = true;
+        o.dense = self.dense_index.parse().map_err(anyhow::Error::msg)?;
+        Ok(o)
+    }
+
+    pub(crate) fn open(&self) -> Result<Workspace> {
+        self.check_dir()?;
+        let ws = Workspace::open(&self.options()?)?;
+        for r in &ws.dataset.reports {
+            eprintln!("{r}");
+        }
+        Ok(ws)
+    }
+
+    pub(crate) fn check_dir(&self) -> Result<()> {
+        if !self.data.is_dir() {
+            bail!(
+                "data directory {} not found.\n\
+                 Point --data (or MRREC_DATA) at a folder holding Amazon Reviews 2023 files \
+                 (meta.jsonl[.gz], reviews.jsonl[.gz]) and a queries.csv in Amazon-C4 columns, or the \
+                 Amazon-C4 files (sampled_item_metadata_1M.jsonl, test.csv).",
+                self.data.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn parse_splits(s: &str) -> Result<Vec<Split>> {
+    s.split(',')
+        .map(|x| x.parse::<Split>().map_err(anyhow::Error::msg))
+        .collect()
+}
+
+pub(crate) fn parse_levels(s: &str) -> Result<Vec<mrrec_memory::Level>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            mrrec_memory::Level::parse(x)
+                .with_context(|| format!("unknown level {x:?} (records, patterns, profile)"))
+        })
+        .collect()
+}
+
+/// A duration flag in seconds: positive and finite.
+pub(crate) fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} must be a positive number of seconds, not {v}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
+}
+
+pub(crate) const TENANT: &str = "default";
+
+pub(crate) fn open_store(
+    ws: &Workspace,
+    store: Option<String>,
+) -> Result<Box<dyn mrrec_memory::MemoryWrite + Send + Sync>> {
+    let loc = store.unwrap_or_else(|| {
+        mrrec_models::home()
+            .join("memory")
+            .join(format!("{}.sqlite", ws_data_name(ws)))
+            .display()
+            .to_string()
+    });
+    Ok(mrrec_memory::open_store(&loc)?)
+}
+
+/// For commands that read the store alone: the `--store` named, opened without loading the data
+/// or building its indexes (a cold cache would embed the whole catalogue first); without
+/// `--store`, the data directory's default store (named by its catalogue fingerprint).
+pub(crate) fn store_only(
+    data: &DataArgs,
+    store: Option<String>,
+) -> Result<Box<dyn mrrec_memory::MemoryWrite + Send + Sync>> {
+    match store {
+        Some(loc) => Ok(mrrec_memory::open_store(&loc)?),
+        None => open_store(&data.open()?, None),
+    }
+}

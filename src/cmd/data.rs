@@ -1,0 +1,196 @@
+//! Commands over data and runs: models, check, index, search, report, compare.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use mrrec_data::QueryField;
+
+use crate::args::*;
+use crate::cmd::eval::{method_for, print_ranked};
+
+#[derive(Subcommand)]
+pub(crate) enum ModelsAction {
+    /// List registered models and whether they are cached.
+    List,
+    /// Fetch models (all embedders by default), verifying sha256.
+    Fetch {
+        /// Model ids; `all` for every registered model.
+        #[arg(default_value = "all-minilm-l6-v2")]
+        ids: Vec<String>,
+    },
+}
+
+pub(crate) fn models(action: ModelsAction) -> Result<()> {
+    match action {
+        ModelsAction::List => {
+            for m in mrrec_models::registry() {
+                let cached = m.files.iter().all(|f| {
+                    mrrec_models::home()
+                        .join("models")
+                        .join(m.id)
+                        .join(f.name)
+                        .exists()
+                });
+                println!(
+                    "{:<30} {:<9} {}  {}",
+                    m.id,
+                    format!("{:?}", m.kind),
+                    if cached { "cached " } else { "missing" },
+                    m.description
+                );
+            }
+        }
+        ModelsAction::Fetch { ids } => {
+            let specs = if ids.iter().any(|i| i == "all") {
+                mrrec_models::registry()
+            } else {
+                ids.iter()
+                    .map(|i| mrrec_models::find(i))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            for spec in specs {
+                let paths = mrrec_models::fetch_model(&spec, &Default::default(), &mut |m| {
+                    eprintln!("{m}")
+                })?;
+                println!("{}: {}", spec.id, paths.dir.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check(data: DataArgs) -> Result<()> {
+    let ds = mrrec_data::Dataset::load(
+        &data.data,
+        data.queries.as_deref(),
+        &mrrec_data::LoadOptions {
+            strict: data.strict,
+            ..Default::default()
+        },
+    )?;
+    for r in &ds.reports {
+        println!("{r}");
+    }
+    println!(
+        "{} items, {} users with {} reviews, {} queries",
+        ds.catalogue.len(),
+        ds.histories.users(),
+        ds.histories.total(),
+        ds.queries.len()
+    );
+    Ok(())
+}
+
+pub(crate) fn index(data: DataArgs) -> Result<()> {
+    let ws = data.open()?;
+    println!(
+        "{} items indexed in {}",
+        ws.catalogue().len(),
+        ws.index_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct SearchArgs {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// The request.
+    pub(crate) text: String,
+    /// Method: dense, bm25 or hybrid.
+    #[arg(long, default_value = "dense")]
+    pub(crate) method: String,
+    /// How many items to show.
+    #[arg(short, default_value_t = 10)]
+    pub(crate) k: usize,
+}
+
+#[derive(Args)]
+pub(crate) struct ReportArgs {
+    /// Run folders.
+    #[arg(required = true)]
+    pub(crate) runs: Vec<PathBuf>,
+    /// Write report.md and the charts here (default: print the Markdown).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) rounds: usize,
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct CompareArgs {
+    /// Run folder A.
+    pub(crate) a: PathBuf,
+    /// Run folder B.
+    pub(crate) b: PathBuf,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) rounds: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+}
+
+pub(crate) fn search(a: SearchArgs) -> Result<()> {
+    let SearchArgs {
+        data,
+        text,
+        method,
+        k,
+    } = a;
+    let ws = data.open()?;
+    let m = method_for(&ws, &method, None)?;
+    let q = mrrec_data::Query {
+        qid: "cli".into(),
+        user_id: String::new(),
+        query: text.clone(),
+        simple_query: None,
+        category: None,
+        timestamp: None,
+        split: None,
+    };
+    let ans = m
+        .answer(&[&q], QueryField::Query, k)
+        .map_err(|e| anyhow::anyhow!(e.0))?;
+    let ranked: Vec<(u32, Option<f32>)> = ans[0].ranking.iter().map(|&item| (item, None)).collect();
+    print_ranked(&ws, &ranked);
+    Ok(())
+}
+
+pub(crate) fn report(a: ReportArgs) -> Result<()> {
+    let ReportArgs {
+        runs,
+        out,
+        rounds,
+        seed,
+    } = a;
+    let dirs: Vec<&Path> = runs.iter().map(PathBuf::as_path).collect();
+    let (md, charts) = mrrec_eval::report_runs(&dirs, rounds, seed)?;
+    match out {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            let mut md = md;
+            for (field, svg) in &charts {
+                let name = format!("n100-{field}.svg");
+                std::fs::write(dir.join(&name), svg)?;
+                md.push_str(&format!("![N@100, {field}]({name})\n"));
+            }
+            std::fs::write(dir.join("report.md"), &md)?;
+            print!("{md}");
+            println!("\nwrote {}", dir.join("report.md").display());
+        }
+        None => print!("{md}"),
+    }
+    Ok(())
+}
+
+pub(crate) fn compare(a: CompareArgs) -> Result<()> {
+    let CompareArgs { a, b, rounds, seed } = a;
+    let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
+    print!("{table}");
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! `mrrec demo`: the main job.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use mrrec_agent::Workspace;
+use mrrec_data::{Purpose, QueryField, Split};
+use mrrec_eval::{markdown_table, RunMetrics, RunSpec};
+
+use crate::args::*;
+use crate::cmd::eval::*;
+
+#[derive(Args)]
+pub(crate) struct DemoArgs {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Splits to evaluate (comma-separated: train, val).
+    #[arg(long, default_value = "val")]
+    pub(crate) split: String,
+    /// Where run folders go.
+    #[arg(long, default_value = "runs/demo")]
+    pub(crate) out: PathBuf,
+    /// Run the assistant (guided, the default local model) on this many seeded queries of
+    /// the split, after building record memory for their users, beside dense on the same
+    /// queries (0 skips it).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) assistant: usize,
+    /// Local model the assistant uses.
+    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    pub(crate) model: String,
+}
+
+pub(crate) fn run(a: DemoArgs) -> Result<()> {
+    let DemoArgs {
+        data,
+        split,
+        out,
+        assistant,
+        model,
+    } = a;
+    let splits = parse_splits(&split)?;
+    data.check_dir()?;
+    eprintln!("mrrec demo: data {}", data.data.display());
+    let paths = mrrec_models::fetch_model(
+        &mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)?,
+        &Default::default(),
+        &mut |m| eprintln!("{m}"),
+    )?;
+    eprintln!("embedder ready in {}", paths.dir.display());
+    let t0 = std::time::Instant::now();
+    let ws = data.open()?;
+    eprintln!(
+        "indexes ready ({} items) in {:.1}s: {}",
+        ws.catalogue().len(),
+        t0.elapsed().as_secs_f64(),
+        ws.index_dir.display()
+    );
+    let example = ws
+        .dataset
+        .queries
+        .for_purpose(&Purpose::Evaluate(splits.clone()))
+        .map_err(anyhow::Error::msg)?
+        .first()
+        .map(|q| {
+            q.query()
+                .simple_query
+                .clone()
+                .unwrap_or_else(|| q.query().query.clone())
+        })
+        .unwrap_or_else(|| "a comfortable pillow for sleeping with a CPAP mask".into());
+    println!("Example request: {example:?}\nTop 5 (dense):");
+    let hits = ws.search_dense(&example, 5)?;
+    let ranked: Vec<(u32, Option<f32>)> = hits.iter().map(|h| (h.item, Some(h.score))).collect();
+    print_ranked(&ws, &ranked);
+    let mut rows = Vec::new();
+    for field in [QueryField::SimpleQuery, QueryField::Query] {
+        for method in mrrec_agent::method_names() {
+            let dir = out.join(format!("{method}-{field}"));
+            let m = restarting(&dir, || {
+                eval_one(&ws, None, method, field, &splits, None, 42, &dir)
+            })
+            .with_context(|| format!("evaluating {method} on {field}"))?;
+            rows.push((format!("{method} ({field})"), m));
+        }
+    }
+    let refs: Vec<(String, &RunMetrics)> = rows.iter().map(|(n, m)| (n.clone(), m)).collect();
+    println!("\nEvaluation on split(s) {split} ({} items in the catalogue), 95% bootstrap intervals over users:\n", ws.catalogue().len());
+    print!("{}", markdown_table(&refs, true));
+    if assistant > 0 {
+        demo_assistant(&ws, &splits, assistant, &model, &out)?;
+    }
+    println!(
+        "\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}",
+        out.display()
+    );
+    Ok(())
+}
+
+/// The demo's assistant part: record memory for the users of `n` seeded queries, then `mrrec`
+/// (guided) and `dense` on those queries, with the paired comparison.
+fn demo_assistant(
+    ws: &Workspace,
+    splits: &[Split],
+    n: usize,
+    model: &str,
+    out: &Path,
+) -> Result<()> {
+    let queries = ws
+        .dataset
+        .queries
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
+        .map_err(anyhow::Error::msg)?;
+    // The same seeded subset `eval --limit n --seed 42` picks.
+    let spec = RunSpec {
+        method: String::new(),
+        query_field: QueryField::SimpleQuery,
+        splits: splits.to_vec(),
+        limit: Some(n),
+        seed: 42,
+        ks: vec![10, 100, 1000],
+        bootstrap_rounds: 1000,
+        settings: serde_json::Value::Null,
+        provenance: Default::default(),
+    };
+    let (picked, _) = mrrec_eval::run::select_queries(queries, &spec);
+    let mut users: Vec<&str> = picked.iter().map(|q| q.query().user_id.as_str()).collect();
+    users.sort();
+    users.dedup();
+    let ctx = AssistantArgs {
+        llm: LlmArgs {
+            model: model.to_string(),
+            llm_url: None,
+            batch: 8,
+        },
+        mode: "guided".into(),
+        store: None,
+        hybrid_rank: false,
+        guided_calls: 1,
+        min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
+        min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
+        no_global: false,
+        global_min_support: mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
+        adapter: None,
+    }
+    .context(ws)?;
+    let b = mrrec_agent::memory::MemoryBuilder {
+        ws,
+        store: &*ctx.store,
+        tenant: TENANT,
+        llm: None,
+        batch: 8,
+        progress: true,
+    };
+    let mut report = mrrec_agent::memory::BuildReport::default();
+    b.build_records(&users, &mut report)?;
+    eprintln!(
+        "record memory for {} users (+{} records); preference patterns and profiles are used when built (`mrrec memory build --levels patterns,profile`)",
+        users.len(),
+        report.records_added
+    );
+    let mut rows = Vec::new();
+    for method in ["dense", "mrrec"] {
+        let dir = out.join(format!("{method}-assistant-{n}"));
+        let c = (method != "dense").then_some(&ctx);
+        let m = restarting(&dir, || {
+            eval_one(
+                ws,
+                c,
+                method,
+                QueryField::SimpleQuery,
+                splits,
+                Some(n),
+                42,
+                &dir,
+            )
+        })
+        .with_context(|| format!("evaluating {method}"))?;
+        rows.push((dir, m));
+    }
+    let refs: Vec<(String, &RunMetrics)> = rows
+        .iter()
+        .map(|(_, m)| (format!("{} (simple_query)", m.spec.method), m))
+        .collect();
+    println!(
+        "\nThe assistant ({model}, guided) on {n} seeded queries, against dense on the same queries:\n"
+    );
+    print!("{}", markdown_table(&refs, true));
+    let (_, table) = mrrec_eval::compare_runs(&rows[1].0, &rows[0].0, 2000, 42)?;
+    print!("\n{table}");
+    let u = &rows[1].1.usage;
+    println!(
+        "LLM: {} tokens in, {} out, {:.0}s ({:.1} s/query); memory tokens per query {:.0}",
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.llm_seconds,
+        u.llm_seconds / rows[1].1.n.max(1) as f64,
+        rows[1].1.memory_tokens_per_query
+    );
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! `mrrec eval`: a method over the queries of a split, resumable, with its provenance.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use mrrec_agent::{DenseMethod, LexicalMethod, Workspace};
+use mrrec_data::{Purpose, QueryField, Split};
+use mrrec_eval::{markdown_table, Method, RunMetrics, RunSpec};
+
+use crate::args::*;
+
+pub(crate) fn method_for<'a>(
+    ws: &'a Workspace,
+    name: &str,
+    ctx: Option<&'a LlmContext>,
+) -> Result<Box<dyn Method + 'a>> {
+    if let Some(ctx) = ctx {
+        if let Some((kind, cfg)) = mrrec_agent::methods::llm_method(name, &ctx.cfg) {
+            return Ok(Box::new(mrrec_agent::methods::LlmMethod {
+                name: name.to_string(),
+                kind,
+                assistant: mrrec_agent::assistant::Assistant {
+                    shop: ws.shop(),
+                    store: &*ctx.store,
+                    tenant: TENANT,
+                    llm: &ctx.model,
+                    cfg,
+                    observer: None,
+                },
+            }));
+        }
+    }
+    Ok(match name {
+        "bm25" => Box::new(LexicalMethod {
+            index: ws.lexical.clone(),
+        }),
+        "dense" => Box::new(DenseMethod {
+            name: "dense".into(),
+            embedder: ws.embedder.clone(),
+            index: ws.dense.clone(),
+        }),
+        "hybrid" => Box::new(DenseMethod {
+            name: "hybrid".into(),
+            embedder: ws.embedder.clone(),
+            index: Arc::new(ws.hybrid()),
+        }),
+        other => bail!(
+            "unknown method {other:?}; available: {}, {}",
+            mrrec_agent::method_names().join(", "),
+            mrrec_agent::methods::llm_method_names().join(", ")
+        ),
+    })
+}
+
+pub(crate) fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub(crate) fn eval_one(
+    ws: &Workspace,
+    ctx: Option<&LlmContext>,
+    method: &str,
+    field: QueryField,
+    splits: &[Split],
+    limit: Option<usize>,
+    seed: u64,
+    out: &Path,
+) -> Result<RunMetrics> {
+    let m = method_for(ws, method, ctx)?;
+    // LLM runs are named with their mode (a free and a guided run are different runs), and go
+    // in batches of `--batch` (default 8) queries answered together (their model calls decode
+    // as one batch); a killed run loses at most one batch's outcomes, and their model answers
+    // are replayed from the response cache.
+    let (run_name, batch, prompts) = match ctx {
+        Some(c) if mrrec_agent::methods::llm_method(method, &c.cfg).is_some() => (
+            format!(
+                "{method}@{}",
+                serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
+            ),
+            c.batch,
+            format!(
+                "{} / {} / {}",
+                mrrec_agent::prompts::ASSISTANT_PROMPT_VERSION,
+                mrrec_agent::prompts::CONTROLLER_VERSION,
+                mrrec_llm::ChatModel::id(&c.model)
+            ),
+        ),
+        _ => (method.to_string(), 32, "none".to_string()),
+    };
+    let queries = ws
+        .dataset
+        .queries
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
+        .map_err(anyhow::Error::msg)?;
+    if queries.is_empty() {
+        bail!("no queries of split(s) {splits:?} in the query file");
+    }
+    let mut provenance = std::collections::BTreeMap::new();
+    provenance.insert("git_commit".into(), git_commit());
+    provenance.insert("data_sha256".into(), ws.data_sha256.clone());
+    provenance.insert("data_dir".into(), ws_data_name(ws));
+    provenance.insert("catalogue_items".into(), ws.catalogue().len().to_string());
+    provenance.insert(
+        "embedder".into(),
+        format!(
+            "{} sha256 {}",
+            mrrec_embed::DEFAULT_EMBEDDER,
+            embedder_sha()
+        ),
+    );
+    provenance.insert("prompt_version".into(), prompts);
+    // Greedy answers of models with k-quant matrices (candle multiplies those, and its batched
+    // product differs in the last bits from its one-row product) can change with the batch, so
+    // the batch a run was made with is recorded.
+    provenance.insert("query_batch".into(), batch.to_string());
+    let spec = RunSpec {
+        method: run_name.clone(),
+        query_field: field,
+        splits: splits.to_vec(),
+        limit,
+        seed,
+        ks: vec![10, 100, 1000],
+        bootstrap_rounds: 1000,
+        settings: m.settings(),
+        provenance,
+    };
+    let mut pb = mrrec_agent::progress::Progress::new(&format!("eval {run_name} on {field}"), true);
+    let metrics = mrrec_eval::run_eval(
+        m.as_ref(),
+        queries,
+        ws.catalogue(),
+        &spec,
+        out,
+        batch,
+        &mut |d, t| pb.set(d, t),
+    )?;
+    pb.finish();
+    Ok(metrics)
+}
+
+/// Runs an evaluation into a folder the caller owns (the demo's): a folder holding an earlier run
+/// with other settings (an older version's, say) is started again instead of refused.
+pub(crate) fn restarting(out: &Path, run: impl Fn() -> Result<RunMetrics>) -> Result<RunMetrics> {
+    match run() {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<mrrec_eval::EvalError>(),
+                Some(mrrec_eval::EvalError::BadRun { .. })
+            ) && out.join("run.json").exists() =>
+        {
+            eprintln!(
+                "{}: an earlier run with other settings ({e}); starting it again",
+                out.display()
+            );
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+            run()
+        }
+        r => r,
+    }
+}
+
+pub(crate) fn ws_data_name(ws: &Workspace) -> String {
+    ws.index_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+pub(crate) fn embedder_sha() -> String {
+    mrrec_models::find(mrrec_embed::DEFAULT_EMBEDDER)
+        .ok()
+        .and_then(|m| m.files.first().map(|f| f.sha256[..16].to_string()))
+        .unwrap_or_default()
+}
+
+/// Prints ranked items (with their score when the method gives one).
+pub(crate) fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
+    for (i, &(pos, score)) in ranked.iter().enumerate() {
+        if let Some(item) = ws.catalogue().get(pos) {
+            let title = if item.title.is_empty() {
+                &item.text
+            } else {
+                &item.title
+            };
+            let short: String = title.chars().take(90).collect();
+            let score = score.map(|s| format!("{s:.3}  ")).unwrap_or_default();
+            println!("{:>3}. {score}{}  {}", i + 1, item.id, short);
+        }
+    }
+}
+
+pub(crate) fn run(a: EvalArgs) -> Result<()> {
+    let ws = a.data.open()?;
+    let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
+    let splits = parse_splits(&a.split)?;
+    let ctx = if mrrec_agent::methods::llm_method_names().contains(&a.method.as_str()) {
+        Some(a.assistant.context(&ws)?)
+    } else {
+        None
+    };
+    let m = eval_one(
+        &ws,
+        ctx.as_ref(),
+        &a.method,
+        field,
+        &splits,
+        a.limit,
+        a.seed,
+        &a.out,
+    )?;
+    print!(
+        "{}",
+        markdown_table(&[(format!("{} ({})", m.spec.method, field), &m)], true)
+    );
+    if m.usage.prompt_tokens > 0 {
+        println!(
+            "LLM: {} tokens in, {} out, {:.0}s; memory tokens per query {:.0}",
+            m.usage.prompt_tokens,
+            m.usage.completion_tokens,
+            m.usage.llm_seconds,
+            m.memory_tokens_per_query
+        );
+    }
+    println!("\nwrote {}", a.out.display());
+    Ok(())
+}

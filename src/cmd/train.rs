@@ -1,0 +1,224 @@
+//! `mrrec train`: GRPO on `train` queries.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::args::*;
+
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// Run folder: train.json, log.jsonl, checkpoint/, adapter.safetensors, best-adapter.safetensors.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Trajectories per query (G).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) group: usize,
+    /// Queries per optimiser step.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) queries_per_step: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) steps: usize,
+    /// Use a seeded subset of this many training queries.
+    #[arg(long)]
+    pub(crate) train_limit: Option<usize>,
+    /// Run a group's trajectories one after another instead of decoding them together.
+    #[arg(long)]
+    pub(crate) sequential_rollouts: bool,
+    /// Rollout temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) temperature: f64,
+    /// Learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub(crate) lr: f64,
+    /// Clip range ε.
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) clip: f64,
+    /// KL coefficient to the reference policy (0: none).
+    #[arg(long, default_value_t = 0.001)]
+    pub(crate) kl: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) lora_rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub(crate) lora_alpha: f32,
+    /// Adapt the top this-many layers.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) lora_layers: usize,
+    /// Projections adapted (q,k,v,o,gate,up,down).
+    #[arg(long, default_value = "q,v")]
+    pub(crate) lora_targets: String,
+    /// Validate and keep the best adapter every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) val_every: usize,
+    /// Validation queries (seeded subset of `val`).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) val_queries: usize,
+    /// Stop after this many validations without improvement (0: never).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) patience: usize,
+    /// Seed of the query order and the sampling.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Reward weights: R_format, R_rec, R_mem.
+    #[arg(long, default_value = "0.1,5,0.1")]
+    pub(crate) reward_weights: String,
+}
+
+#[derive(Args)]
+pub(crate) struct TrainCmd {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) assistant: AssistantArgs,
+    #[command(flatten)]
+    pub(crate) train: TrainArgs,
+}
+
+pub(crate) fn run(a: TrainCmd) -> Result<()> {
+    train_cmd(a.data, a.assistant, a.train)
+}
+
+fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Result<()> {
+    use mrrec_llm::model::Proj;
+    if assistant.llm.llm_url.is_some() {
+        bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
+    }
+    let targets = args
+        .lora_targets
+        .split(',')
+        .map(|t| match t.trim() {
+            "q" => Ok(Proj::Q),
+            "k" => Ok(Proj::K),
+            "v" => Ok(Proj::V),
+            "o" => Ok(Proj::O),
+            "gate" => Ok(Proj::Gate),
+            "up" => Ok(Proj::Up),
+            "down" => Ok(Proj::Down),
+            o => Err(anyhow::anyhow!(
+                "unknown LoRA target {o:?} (q,k,v,o,gate,up,down)"
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let w: Vec<f64> = args
+        .reward_weights
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()
+        .filter(|w: &Vec<f64>| w.len() == 3 && w.iter().all(|x| x.is_finite()))
+        .with_context(|| {
+            format!(
+                "--reward-weights {:?}: three numbers, R_format,R_rec,R_mem",
+                args.reward_weights
+            )
+        })?;
+    let weights = mrrec_agent::rewards::RewardWeights {
+        format: w[0],
+        rec: w[1],
+        mem: w[2],
+    };
+    let ws = data.open()?;
+    let cfg = assistant.config()?;
+    let store = open_store(&ws, assistant.store.clone())?;
+    let local = mrrec_agent::backend::local_with_adapter(&assistant.llm.model, None)?;
+    let lora = mrrec_train::LoraConfig {
+        rank: args.lora_rank,
+        alpha: args.lora_alpha,
+        targets,
+        layers: args.lora_layers,
+        seed: args.seed,
+    };
+    let policy = mrrec_train::Policy::from_gguf(&local.info().path, lora)?;
+    let pick = |split: mrrec_data::Split,
+                n: Option<usize>|
+     -> Result<Vec<&mrrec_data::LabeledQuery>> {
+        let all = ws
+            .dataset
+            .queries
+            .for_purpose(&mrrec_data::Purpose::Evaluate(vec![split]))
+            .map_err(anyhow::Error::msg)?;
+        // A seeded subset, in file order.
+        let mut idx: Vec<usize> = (0..all.len()).collect();
+        if let Some(n) = n.filter(|&n| n < all.len()) {
+            use rand::seq::SliceRandom;
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed);
+            idx.shuffle(&mut rng);
+            idx.truncate(n);
+            idx.sort();
+        }
+        Ok(idx.into_iter().map(|i| all[i]).collect())
+    };
+    let train_q = pick(mrrec_data::Split::Train, args.train_limit)?;
+    let val_q = pick(mrrec_data::Split::Val, Some(args.val_queries))?;
+    // Record memory (no LLM) for every user the run touches; summaries come from `memory build`.
+    let mut users: Vec<&str> = train_q
+        .iter()
+        .chain(&val_q)
+        .map(|q| q.query().user_id.as_str())
+        .collect();
+    users.sort();
+    users.dedup();
+    let b = mrrec_agent::memory::MemoryBuilder {
+        ws: &ws,
+        store: &*store,
+        tenant: TENANT,
+        llm: None,
+        batch: 8,
+        progress: true,
+    };
+    let mut report = mrrec_agent::memory::BuildReport::default();
+    b.build_records(&users, &mut report)?;
+    eprintln!(
+        "{} training queries, {} validation queries, {} users (+{} records)",
+        train_q.len(),
+        val_q.len(),
+        users.len(),
+        report.records_added
+    );
+    let t = mrrec_train::trainer::Trainer {
+        ws: &ws,
+        store: &*store,
+        tenant: TENANT,
+        local: &local,
+        policy: &policy,
+        cfg,
+        train: mrrec_train::trainer::TrainConfig {
+            group: args.group,
+            queries_per_step: args.queries_per_step,
+            steps: args.steps,
+            temperature: args.temperature,
+            grpo: mrrec_train::GrpoParams {
+                clip: args.clip,
+                kl: args.kl,
+            },
+            adamw: mrrec_train::AdamWParams {
+                lr: args.lr,
+                ..Default::default()
+            },
+            val_every: args.val_every,
+            val_queries: args.val_queries,
+            patience: args.patience,
+            seed: args.seed,
+            weights,
+            batched_rollouts: !args.sequential_rollouts,
+            ..Default::default()
+        },
+        out: args.out.clone(),
+        progress: true,
+    };
+    let st = t.run(&train_q, &val_q)?;
+    println!(
+        "{} steps; validation N@100 {} → best {}{}; adapter in {}",
+        st.step,
+        st.baseline.map_or("-".into(), |v| format!("{v:.4}")),
+        st.best
+            .map_or("-".into(), |(v, s)| format!("{v:.4} (step {s})")),
+        if st.stopped { " (stopped early)" } else { "" },
+        args.out.display()
+    );
+    Ok(())
+}
