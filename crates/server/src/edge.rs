@@ -9,7 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::{auth, ApiError, Service};
+use crate::{auth, ApiError, Service};
 
 tokio::task_local! {
     /// The id of the request being served (set by the `edge` middleware).

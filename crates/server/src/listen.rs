@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
-use super::ConnLimits;
+use crate::ConnLimits;
 
 /// Open connections, in total and per client address.
 #[derive(Default)]
