@@ -26,8 +26,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{bench_keys, BENCH_KEY};
 use crate::load::{run, LoadOptions, MakeRequest};
+use crate::{bench_keys, BENCH_KEY};
 use mrrec_agent::Workspace;
 use mrrec_server::{ConnLimits, Service, ServiceConfig};
 
@@ -204,7 +204,7 @@ pub fn hostile(
     seconds: f64,
     fuzz_cases: usize,
 ) -> Result<Value> {
-    let (_dir, store, users) = super::record_store(&ws, 1)?;
+    let (_dir, store, users) = crate::record_store(&ws, 1)?;
     let user = users.first().cloned().unwrap_or_default();
     let item = ws
         .dataset

@@ -29,7 +29,7 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         v.push(t.elapsed().as_secs_f64());
     }
-    Ok(super::median(&mut v))
+    Ok(crate::median(&mut v))
 }
 
 /// Median seconds to prefill `parts` as one batch, and one by one.
