@@ -78,7 +78,15 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         for method in mrrec_agent::method_names() {
             let dir = out.join(format!("{method}-{field}"));
             let m = restarting(&dir, || {
-                eval_one(&ws, None, method, field, &splits, None, 42, &dir)
+                let job = EvalJob {
+                    method,
+                    field,
+                    splits: &splits,
+                    limit: None,
+                    seed: 42,
+                    out: &dir,
+                };
+                eval_one(&ws, None, job)
             })
             .with_context(|| format!("evaluating {method} on {field}"))?;
             rows.push((format!("{method} ({field})"), m));
@@ -164,16 +172,15 @@ fn demo_assistant(
         let dir = out.join(format!("{method}-assistant-{n}"));
         let c = (method != "dense").then_some(&ctx);
         let m = restarting(&dir, || {
-            eval_one(
-                ws,
-                c,
+            let job = EvalJob {
                 method,
-                QueryField::SimpleQuery,
+                field: QueryField::SimpleQuery,
                 splits,
-                Some(n),
-                42,
-                &dir,
-            )
+                limit: Some(n),
+                seed: 42,
+                out: &dir,
+            };
+            eval_one(ws, c, job)
         })
         .with_context(|| format!("evaluating {method}"))?;
         rows.push((dir, m));

@@ -63,16 +63,30 @@ pub(crate) fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// One evaluation run: which method, on which query field and splits, into which folder.
+pub(crate) struct EvalJob<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) field: QueryField,
+    pub(crate) splits: &'a [Split],
+    /// A seeded subset of this many queries.
+    pub(crate) limit: Option<usize>,
+    pub(crate) seed: u64,
+    pub(crate) out: &'a Path,
+}
+
 pub(crate) fn eval_one(
     ws: &Workspace,
     ctx: Option<&LlmContext>,
-    method: &str,
-    field: QueryField,
-    splits: &[Split],
-    limit: Option<usize>,
-    seed: u64,
-    out: &Path,
+    job: EvalJob<'_>,
 ) -> Result<RunMetrics> {
+    let EvalJob {
+        method,
+        field,
+        splits,
+        limit,
+        seed,
+        out,
+    } = job;
     let m = method_for(ws, method, ctx)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
     // in batches of `--batch` (default 8) queries answered together (their model calls decode
@@ -208,12 +222,14 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
     let m = eval_one(
         &ws,
         ctx.as_ref(),
-        &a.method,
-        field,
-        &splits,
-        a.limit,
-        a.seed,
-        &a.out,
+        EvalJob {
+            method: &a.method,
+            field,
+            splits: &splits,
+            limit: a.limit,
+            seed: a.seed,
+            out: &a.out,
+        },
     )?;
     print!(
         "{}",

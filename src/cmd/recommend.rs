@@ -63,28 +63,17 @@ pub(crate) struct ChatArgs {
 }
 
 pub(crate) fn run(a: RecommendArgs) -> Result<()> {
-    recommend(
-        a.data,
-        a.assistant,
-        &a.user,
-        a.category,
-        &a.method,
-        a.k,
-        a.json,
-        &a.request,
-    )
-}
-
-fn recommend(
-    data: DataArgs,
-    args: AssistantArgs,
-    user: &str,
-    category: Option<String>,
-    method: &str,
-    k: usize,
-    json: bool,
-    request: &str,
-) -> Result<()> {
+    let RecommendArgs {
+        data,
+        assistant: args,
+        user,
+        category,
+        method,
+        k,
+        json,
+        request,
+    } = a;
+    let (user, method, request) = (user.as_str(), method.as_str(), request.as_str());
     let ws = data.open()?;
     let ctx = args.context(&ws)?;
     let Some((kind, cfg)) = mrrec_agent::methods::llm_method(method, &ctx.cfg) else {

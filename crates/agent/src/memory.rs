@@ -137,6 +137,22 @@ fn failpoint() {
     }
 }
 
+/// One summary's segments and what they replace ([`MemoryBuilder::write_segments`]).
+struct Rewrite<'a, F> {
+    /// The owner.
+    user: &'a str,
+    /// The summary's segments (embeddings empty).
+    segs: Vec<MemoryEntry>,
+    /// The text the summary was written from (its claims are checked against it).
+    source: &'a str,
+    /// Which of the owner's entries the segments replace.
+    replaces: F,
+    /// The stale mark the write clears.
+    done: &'a str,
+    /// The stale marks it sets (what depends on it).
+    mark: &'a [String],
+}
+
 fn cat_of(e: &MemoryEntry) -> String {
     e.category.clone().unwrap_or_else(|| "Other".into())
 }
@@ -299,18 +315,21 @@ impl<'a> MemoryBuilder<'a> {
         entries
     }
 
-    /// Stores the faithful `segs` of one summary (embedded) in place of the owner's entries that
-    /// `replaces` selects, clears the mark `done` and sets `mark`, in one transaction.
+    /// Stores the faithful segments of one summary (embedded) in place of the owner's entries
+    /// that `w.replaces` selects, clears the mark `w.done` and sets `w.mark`, in one transaction.
     fn write_segments(
         &self,
-        user: &str,
-        segs: Vec<MemoryEntry>,
-        source: &str,
-        replaces: impl Fn(&MemoryEntry) -> bool,
-        done: &str,
-        mark: &[String],
+        w: Rewrite<'_, impl Fn(&MemoryEntry) -> bool>,
         report: &mut BuildReport,
     ) -> Result<()> {
+        let Rewrite {
+            user,
+            segs,
+            source,
+            replaces,
+            done,
+            mark,
+        } = w;
         let mut segs = self.faithful_segments(segs, source, report);
         let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
         let vecs = self.ws.embedder.embed(&texts)?;
@@ -371,12 +390,14 @@ impl<'a> MemoryBuilder<'a> {
                 let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
                 let segs = summaries::pattern_entries(c, &text, &sources);
                 self.write_segments(
-                    u,
-                    segs,
-                    &source.join("\n"),
-                    |e| e.level == Level::Pattern && cat_of(e) == *c,
-                    &mrrec_memory::pattern_key(u, c),
-                    &[mrrec_memory::profile_key(u)],
+                    Rewrite {
+                        user: u,
+                        segs,
+                        source: &source.join("\n"),
+                        replaces: |e: &MemoryEntry| e.level == Level::Pattern && cat_of(e) == *c,
+                        done: &mrrec_memory::pattern_key(u, c),
+                        mark: &[mrrec_memory::profile_key(u)],
+                    },
                     report,
                 )?;
                 report.patterns_written += 1;
@@ -427,12 +448,14 @@ impl<'a> MemoryBuilder<'a> {
                     pairs.iter().map(|(c, _)| format!("pattern:{c}")).collect();
                 let segs = summaries::profile_entries(&text, &sources);
                 self.write_segments(
-                    u,
-                    segs,
-                    source,
-                    |e| e.level == Level::Profile,
-                    &mrrec_memory::profile_key(u),
-                    &[],
+                    Rewrite {
+                        user: u,
+                        segs,
+                        source,
+                        replaces: |e: &MemoryEntry| e.level == Level::Profile,
+                        done: &mrrec_memory::profile_key(u),
+                        mark: &[],
+                    },
                     report,
                 )?;
                 report.profiles_written += 1;
