@@ -76,6 +76,8 @@ pub(crate) struct EvalArgs {
     pub(crate) out: PathBuf,
     #[command(flatten)]
     pub(crate) assistant: AssistantArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
 }
 
 #[derive(Args, Clone)]
@@ -118,6 +120,8 @@ pub(crate) struct AssistantArgs {
 
 /// What the LLM methods borrow: the memory store and the (cached) chat model.
 pub(crate) struct LlmContext {
+    /// Whose memory the methods read.
+    pub(crate) tenant: String,
     pub(crate) store: Box<dyn mrrec_memory::MemoryWrite + Send + Sync>,
     pub(crate) model: mrrec_llm::CachedChatModel<Box<dyn mrrec_llm::ChatModel>>,
     pub(crate) cfg: mrrec_agent::assistant::AssistantConfig,
@@ -146,6 +150,7 @@ impl AssistantArgs {
 
     pub(crate) fn context(&self, ws: &Workspace) -> Result<LlmContext> {
         Ok(LlmContext {
+            tenant: TENANT.to_string(),
             store: open_store(ws, self.store.clone())?,
             model: mrrec_agent::backend::cached_chat_model_with_adapter(
                 &self.llm.model,
@@ -216,7 +221,22 @@ pub(crate) fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
     Ok(std::time::Duration::from_secs_f64(v))
 }
 
+/// The tenant a command acts for when `--tenant` is not given (the service's first key's tenant).
 pub(crate) const TENANT: &str = "default";
+
+/// The tenant whose memory a command reads or writes.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct TenantArg {
+    /// Tenant whose memory is read and written: the CLI acts for the tenants the service's API
+    /// keys name (`mrrec keys list`); each tenant's users and memory are separate.
+    #[arg(long, default_value = TENANT, value_parser = parse_tenant, env = "MRREC_TENANT")]
+    pub(crate) tenant: String,
+}
+
+fn parse_tenant(s: &str) -> std::result::Result<String, String> {
+    mrrec_server::auth::check_id("tenant", s)?;
+    Ok(s.to_string())
+}
 
 pub(crate) fn open_store(
     ws: &Workspace,

@@ -155,6 +155,65 @@ fn records_build_show_retrieve_and_clear_errors() {
     );
 }
 
+/// `--tenant` on the memory commands: a tenant's memory is built, shown, counted and forgotten
+/// apart from the default tenant's (the tenants the service's keys create are reachable from the
+/// CLI), and a malformed tenant id is refused by name.
+#[test]
+fn memory_commands_act_for_the_tenant_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let first = &users()[0];
+    let shop = ["--tenant", "shop"];
+    let (ok, out, err) = run(
+        &["memory", "build", "--only", first, shop[0], shop[1]],
+        &store,
+        None,
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("1 users: +"), "{out}");
+    let (ok, shown, err) = run(
+        &["memory", "show", first, shop[0], shop[1]],
+        &store,
+        None,
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(shown.lines().any(|l| l.starts_with("[r-")), "{shown}");
+    // The default tenant has nothing of tenant "shop"'s.
+    let (ok, _, err) = run(&["memory", "show", first], &store, None, None);
+    assert!(!ok && err.contains("no memory for user"), "{err}");
+    let (ok, stats, _) = run(&["memory", "stats", shop[0], shop[1]], &store, None, None);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["users"], 1, "{stats}");
+    let (ok, stats, _) = run(&["memory", "stats"], &store, None, None);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(v["users"], 0, "{stats}");
+    let (ok, _, err) = run(&["memory", "forget", first], &store, None, None);
+    assert!(
+        !ok && err.contains("no memory in tenant \"default\""),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        &["memory", "forget", first, shop[0], shop[1]],
+        &store,
+        None,
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, _, _) = run(
+        &["memory", "show", first, shop[0], shop[1]],
+        &store,
+        None,
+        None,
+    );
+    assert!(!ok);
+    let (ok, _, err) = run(&["memory", "stats", "--tenant", ""], &store, None, None);
+    assert!(!ok && err.contains("tenant is empty"), "{err}");
+}
+
 /// Builds the first user's memory with the tiny model, adds one interaction (only the touched
 /// pattern and the profile are rewritten), extracts global aspects from three training queries,
 /// then forgets the user and checks that no byte of their reviews is left in the store, the

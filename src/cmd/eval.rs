@@ -23,7 +23,7 @@ pub(crate) fn method_for<'a>(
                 assistant: mrrec_agent::assistant::Assistant {
                     shop: ws.shop(),
                     store: &*ctx.store,
-                    tenant: TENANT,
+                    tenant: &ctx.tenant,
                     llm: &ctx.model,
                     cfg,
                     observer: None,
@@ -134,6 +134,11 @@ pub(crate) fn eval_one(
     // product differs in the last bits from its one-row product) can change with the batch, so
     // the batch a run was made with is recorded.
     provenance.insert("query_batch".into(), batch.to_string());
+    // Whose memory the LLM methods read (recorded when not the default tenant, so that runs made
+    // before `--tenant` existed still resume).
+    if let Some(c) = ctx.filter(|c| c.tenant != TENANT) {
+        provenance.insert("tenant".into(), c.tenant.clone());
+    }
     let spec = RunSpec {
         method: run_name.clone(),
         query_field: field,
@@ -215,7 +220,9 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
     let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
     let splits = parse_splits(&a.split)?;
     let ctx = if mrrec_agent::methods::llm_method_names().contains(&a.method.as_str()) {
-        Some(a.assistant.context(&ws)?)
+        let mut c = a.assistant.context(&ws)?;
+        c.tenant = a.tenant.tenant.clone();
+        Some(c)
     } else {
         None
     };

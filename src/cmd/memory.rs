@@ -17,6 +17,8 @@ pub(crate) enum MemoryAction {
         /// postgres:// URL.
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// Only the first N users (sorted by id).
         #[arg(long)]
         users: Option<usize>,
@@ -45,6 +47,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// The user.
         user: String,
         /// JSONL file of reviews (rating, title, text, parent_asin, timestamp).
@@ -61,6 +65,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// The user.
         user: String,
     },
@@ -70,6 +76,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// The user.
         user: String,
         /// What to look for.
@@ -87,6 +95,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// The category (scenario), e.g. Books.
         category: String,
         /// Rank by similarity to this text.
@@ -100,6 +110,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
         /// The user.
         user: String,
         /// Succeed when the user has no memory (for scripts); by default that is an error.
@@ -112,6 +124,8 @@ pub(crate) enum MemoryAction {
         data: DataArgs,
         #[arg(long, env = "MRREC_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
     },
 }
 
@@ -123,6 +137,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
         MemoryAction::Build {
             data,
             store,
+            tenant,
             users,
             for_split,
             only,
@@ -131,6 +146,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             global_queries,
             negatives,
         } => {
+            let tenant = tenant.tenant.as_str();
             let wanted: Vec<&str> = levels.split(',').map(str::trim).collect();
             for l in &wanted {
                 if ![
@@ -156,7 +172,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let b = MemoryBuilder {
                 ws: &ws,
                 store: &*st,
-                tenant: TENANT,
+                tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
                 batch: llm.batch,
                 progress: true,
@@ -203,7 +219,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 b.merge_global(Default::default(), &mut report)?;
             }
             report.seconds = t0.elapsed().as_secs_f64();
-            st.add_cost(TENANT, &report.cost())?;
+            st.add_cost(tenant, &report.cost())?;
             if report.faithful.1 > 0 {
                 println!(
                     "faithfulness: {} of {} named attributes and numbers in the summaries appear in the user's records ({:.0}%); {} unfaithful segments dropped",
@@ -223,11 +239,13 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
         MemoryAction::Add {
             data,
             store,
+            tenant,
             user,
             file,
             no_llm,
             llm,
         } => {
+            let tenant = tenant.tenant.as_str();
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let reviews = mrrec_agent::memory::read_reviews(&file, &user)?;
@@ -242,7 +260,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let b = MemoryBuilder {
                 ws: &ws,
                 store: &*st,
-                tenant: TENANT,
+                tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
                 batch: llm.batch,
                 progress: true,
@@ -252,7 +270,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             if model.is_some() {
                 b.build_patterns(&[&user], &mut report)?;
                 b.build_profiles(&[&user], &mut report)?;
-                st.add_cost(TENANT, &report.cost())?;
+                st.add_cost(tenant, &report.cost())?;
             }
             println!(
                 "{user}: {} new records, {} updated (same item and moment, new text), {} already stored; {} patterns and {} profiles rewritten; LLM {} tokens in, {} out, {:.1}s",
@@ -266,10 +284,16 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 report.usage.seconds
             );
         }
-        MemoryAction::Show { data, store, user } => {
+        MemoryAction::Show {
+            data,
+            store,
+            tenant,
+            user,
+        } => {
+            let tenant = tenant.tenant.as_str();
             let st = store_only(&data, store)?;
             let es = st.entries(Owner {
-                tenant: TENANT,
+                tenant,
                 user: &user,
             })?;
             if es.is_empty() {
@@ -286,7 +310,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                     e.text
                 );
             }
-            let stale = st.stale(TENANT, "")?;
+            let stale = st.stale(tenant, "")?;
             let mine: Vec<&String> = stale
                 .iter()
                 .filter(|k| {
@@ -301,11 +325,13 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
         MemoryAction::Retrieve {
             data,
             store,
+            tenant,
             user,
             text,
             k,
             levels,
         } => {
+            let tenant = tenant.tenant.as_str();
             let levels = parse_levels(&levels)?;
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
@@ -313,7 +339,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let t = std::time::Instant::now();
             let hits = st.retrieve(
                 Owner {
-                    tenant: TENANT,
+                    tenant,
                     user: &user,
                 },
                 &q,
@@ -332,20 +358,22 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
         MemoryAction::Global {
             data,
             store,
+            tenant,
             category,
             text,
             n,
         } => {
+            let tenant = tenant.tenant.as_str();
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let all = st.global_aspects(TENANT, Some(&category))?;
+            let all = st.global_aspects(tenant, Some(&category))?;
             if all.is_empty() {
                 bail!("no global aspects for category {category:?} (run `mrrec memory build --levels global`)");
             }
             let shown: Vec<(mrrec_memory::GlobalAspect, Option<f32>)> = match text {
                 Some(t) => {
                     let q = ws.embedder.embed(&[t.as_str()])?.remove(0);
-                    st.global(TENANT, &category, &q, n, 1)?
+                    st.global(tenant, &category, &q, n, 1)?
                         .into_iter()
                         .map(|(a, s)| (a, Some(s)))
                         .collect()
@@ -365,27 +393,29 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
         MemoryAction::Forget {
             data,
             store,
+            tenant,
             user,
             missing_ok,
         } => {
+            let tenant = tenant.tenant.as_str();
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let b = MemoryBuilder {
                 ws: &ws,
                 store: &*st,
-                tenant: TENANT,
+                tenant,
                 llm: None,
                 batch: 8,
                 progress: false,
             };
             if !missing_ok
                 && !st.has_entries(mrrec_memory::Owner {
-                    tenant: TENANT,
+                    tenant,
                     user: &user,
                 })?
             {
                 bail!(
-                    "user {user:?} has no memory in tenant {TENANT:?} of this store: nothing to forget (a mistyped id? --missing-ok accepts this)"
+                    "user {user:?} has no memory in tenant {tenant:?} of this store: nothing to forget (a mistyped id? --missing-ok accepts this)"
                 );
             }
             let r = b.forget(&user, Some(&mrrec_agent::backend::llm_cache_path()))?;
@@ -398,9 +428,14 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 r.llm_responses
             );
         }
-        MemoryAction::Stats { data, store } => {
+        MemoryAction::Stats {
+            data,
+            store,
+            tenant,
+        } => {
+            let tenant = tenant.tenant.as_str();
             let st = store_only(&data, store)?;
-            println!("{}", serde_json::to_string_pretty(&st.stats(TENANT)?)?);
+            println!("{}", serde_json::to_string_pretty(&st.stats(tenant)?)?);
         }
     }
     Ok(())

@@ -14,6 +14,8 @@ pub(crate) struct RecommendArgs {
     pub(crate) data: DataArgs,
     #[command(flatten)]
     pub(crate) assistant: AssistantArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
     /// The user (memory is read for this user only).
     #[arg(long)]
     pub(crate) user: String,
@@ -66,6 +68,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
     let RecommendArgs {
         data,
         assistant: args,
+        tenant,
         user,
         category,
         method,
@@ -74,6 +77,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         request,
     } = a;
     let (user, method, request) = (user.as_str(), method.as_str(), request.as_str());
+    let tenant = tenant.tenant.as_str();
     let ws = data.open()?;
     let ctx = args.context(&ws)?;
     let Some((kind, cfg)) = mrrec_agent::methods::llm_method(method, &ctx.cfg) else {
@@ -82,10 +86,9 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
             mrrec_agent::methods::llm_method_names().join(", ")
         );
     };
-    let known = ctx.store.has_entries(mrrec_memory::Owner {
-        tenant: TENANT,
-        user,
-    })?;
+    let known = ctx
+        .store
+        .has_entries(mrrec_memory::Owner { tenant, user })?;
     if !known && !ws.dataset.histories.contains(user) {
         bail!("unknown user {user:?}: no memory in the store and no history in the data (build it with `mrrec memory build`)");
     }
@@ -95,7 +98,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
     let assistant = mrrec_agent::assistant::Assistant {
         shop: ws.shop(),
         store: &*ctx.store,
-        tenant: TENANT,
+        tenant,
         llm: &ctx.model,
         cfg,
         observer: None,

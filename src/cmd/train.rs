@@ -76,13 +76,20 @@ pub(crate) struct TrainCmd {
     pub(crate) assistant: AssistantArgs,
     #[command(flatten)]
     pub(crate) train: TrainArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
 }
 
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
-    train_cmd(a.data, a.assistant, a.train)
+    train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant)
 }
 
-fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Result<()> {
+fn train_cmd(
+    data: DataArgs,
+    assistant: AssistantArgs,
+    args: TrainArgs,
+    tenant: &str,
+) -> Result<()> {
     use mrrec_llm::model::Proj;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
@@ -165,7 +172,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
     let b = mrrec_agent::memory::MemoryBuilder {
         ws: &ws,
         store: &*store,
-        tenant: TENANT,
+        tenant,
         llm: None,
         batch: 8,
         progress: true,
@@ -182,7 +189,7 @@ fn train_cmd(data: DataArgs, assistant: AssistantArgs, args: TrainArgs) -> Resul
     let t = mrrec_train::trainer::Trainer {
         ws: &ws,
         store: &*store,
-        tenant: TENANT,
+        tenant,
         local: &local,
         policy: &policy,
         cfg,
