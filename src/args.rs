@@ -155,6 +155,7 @@ impl AssistantArgs {
             model: mrrec_agent::backend::cached_chat_model_with_adapter(
                 &self.llm.model,
                 self.llm.llm_url.as_deref(),
+                server_options()?,
                 self.adapter.as_deref(),
             )?,
             cfg: self.config()?,
@@ -219,6 +220,37 @@ pub(crate) fn secs(flag: &str, v: f64) -> Result<std::time::Duration> {
         bail!("{flag} must be a positive number of seconds, not {v}");
     }
     Ok(std::time::Duration::from_secs_f64(v))
+}
+
+/// How servers are reached, from the environment (read once, here): the key from
+/// `MRREC_LLM_API_KEY`, else `OPENAI_API_KEY`; `MRREC_LLM_TIMEOUT` (seconds per request) and
+/// `MRREC_LLM_RETRIES`.
+pub(crate) fn server_options() -> Result<&'static mrrec_agent::backend::ServerOptions> {
+    static OPTIONS: std::sync::OnceLock<mrrec_agent::backend::ServerOptions> =
+        std::sync::OnceLock::new();
+    if let Some(o) = OPTIONS.get() {
+        return Ok(o);
+    }
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let number = |k: &str| -> Result<Option<f64>> {
+        var(k)
+            .map(|v| {
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .with_context(|| format!("{k}={v:?} is not a non-negative number"))
+            })
+            .transpose()
+    };
+    let o = mrrec_agent::backend::ServerOptions {
+        api_key: var("MRREC_LLM_API_KEY").or_else(|| var("OPENAI_API_KEY")),
+        timeout: number("MRREC_LLM_TIMEOUT")?
+            .filter(|t| *t > 0.0)
+            .map(std::time::Duration::from_secs_f64),
+        retries: number("MRREC_LLM_RETRIES")?.map(|r| r as u32),
+    };
+    Ok(OPTIONS.get_or_init(|| o))
 }
 
 /// The tenant a command acts for when `--tenant` is not given (the service's first key's tenant).

@@ -198,3 +198,79 @@ fn search_ranks_an_items_own_title_first_with_every_index() {
     assert!(!ok);
     assert!(stderr.contains("unknown dense index \"fancy\""), "{stderr}");
 }
+
+/// The model named on the command line is the model asked of a server, and the key comes from
+/// `OPENAI_API_KEY` when `MRREC_LLM_API_KEY` is unset (both read once, by the binary); the echo
+/// model with a server URL from the environment is an error naming both, never a silent switch.
+#[test]
+fn a_server_gets_the_model_named_and_the_key_from_the_environment() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let seen = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Headers, then the body up to its Content-Length.
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req).to_string();
+            if let Some(h) = text.find("\r\n\r\n") {
+                let len = text[..h]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if req.len() >= h + 4 + len {
+                    break;
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        let body = r#"{"choices": [{"message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}"#;
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        String::from_utf8_lossy(&req).to_string()
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args(["chat", "--model", "served-x", "--base-url", &url, "hi"])
+        .env("OPENAI_API_KEY", "sk-from-openai-env")
+        .env_remove("MRREC_LLM_API_KEY")
+        .env("MRREC_LLM_MODEL", "not-this-one")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+    let req = seen.join().unwrap();
+    let lower = req.to_ascii_lowercase();
+    assert!(
+        lower.contains("authorization: bearer sk-from-openai-env"),
+        "{req}"
+    );
+    assert!(req.contains(r#""model":"served-x""#), "{req}");
+    // Echo with a server URL from the environment: an error naming both.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args(["chat", "--model", "echo", "hi"])
+        .env("MRREC_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--model echo") && stderr.contains("http://127.0.0.1:9/v1"),
+        "{stderr}"
+    );
+}

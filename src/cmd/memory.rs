@@ -165,6 +165,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 Some(mrrec_agent::backend::cached_chat_model(
                     &llm.model,
                     llm.llm_url.as_deref(),
+                    server_options()?,
                 )?)
             } else {
                 None
@@ -255,6 +256,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 Some(mrrec_agent::backend::cached_chat_model(
                     &llm.model,
                     llm.llm_url.as_deref(),
+                    server_options()?,
                 )?)
             };
             let b = MemoryBuilder {

@@ -232,7 +232,7 @@ pub(crate) fn chat(a: ChatArgs) -> Result<()> {
     } = a;
     use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling};
     use std::io::{BufRead, Write};
-    let m = mrrec_agent::backend::chat_model(&model, base_url.as_deref())?;
+    let m = mrrec_agent::backend::chat_model(&model, base_url.as_deref(), server_options()?)?;
     let mut messages = vec![Message::system(system)];
     let mut total = mrrec_llm::Usage::default();
     let inputs: Box<dyn Iterator<Item = String>> = match message {

@@ -198,11 +198,13 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
                     mrrec_agent::backend::local_with_adapter(&assistant.llm.model, Some(a))?,
                 ),
                 Some(_) => bail!("--adapter applies to a local model, not --llm-url"),
-                None => mrrec_agent::backend::chat_model_with(
+                None => mrrec_agent::backend::chat_model(
                     &assistant.llm.model,
                     assistant.llm.llm_url.as_deref(),
-                    Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
-                    None,
+                    &mrrec_agent::backend::ServerOptions {
+                        timeout: Some(std::time::Duration::from_secs_f64(args.llm_timeout)),
+                        ..server_options()?.clone()
+                    },
                 )?,
             },
             &mrrec_agent::backend::llm_cache_path(),

@@ -11,53 +11,43 @@ pub fn llm_cache_path() -> PathBuf {
     mrrec_models::home().join("cache").join("llm.sqlite")
 }
 
-/// A local model by registry id (`echo` / `echo@MS`: the instant model that writes the request
-/// back, for measuring everything but the LLM), or the server at `base_url` (model name `model`; the key is
-/// read from `OPENAI_API_KEY` / `MRREC_LLM_API_KEY` by [`mrrec_llm::OpenAiConfig::from_env`]).
-///
-/// `MRREC_LLM_TIMEOUT` (seconds per request) and `MRREC_LLM_RETRIES` tune the server client.
-pub fn chat_model(model: &str, base_url: Option<&str>) -> Result<Box<dyn ChatModel>> {
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
-    chat_model_with(
-        model,
-        base_url,
-        env("MRREC_LLM_TIMEOUT").map(std::time::Duration::from_secs_f64),
-        env("MRREC_LLM_RETRIES").map(|r| r as u32),
-    )
+/// How to reach a server (the binary reads them from the environment, once: `MRREC_LLM_API_KEY`
+/// else `OPENAI_API_KEY`, `MRREC_LLM_TIMEOUT`, `MRREC_LLM_RETRIES`); the library reads no
+/// environment variable.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Bearer token, when the server needs one.
+    pub api_key: Option<String>,
+    /// Per-request timeout (the client's default when `None`).
+    pub timeout: Option<std::time::Duration>,
+    /// Retries after a 429, a 5xx or a transport failure (the client's default when `None`).
+    pub retries: Option<u32>,
 }
 
-/// [`chat_model`] with an explicit per-request timeout and retry count for servers.
-pub fn chat_model_with(
+/// A local model by registry id (`echo` / `echo@MS`: the instant model that writes the request
+/// back, for measuring everything but the LLM), or the server at `base_url`, asked for `model`
+/// (the model named is the model used). The echo model with a server is an error naming both.
+pub fn chat_model(
     model: &str,
     base_url: Option<&str>,
-    timeout: Option<std::time::Duration>,
-    retries: Option<u32>,
+    server: &ServerOptions,
 ) -> Result<Box<dyn ChatModel>> {
     if let Some(echo) = mrrec_llm::EchoModel::from_id(model) {
         if let Some(url) = base_url {
-            let source = if std::env::var("MRREC_LLM_BASE_URL").is_ok_and(|v| v == url) {
-                "MRREC_LLM_BASE_URL"
-            } else {
-                "--llm-url"
-            };
             anyhow::bail!(
-                "--model {model} is the instant echo model, but {source} names a server ({url}): drop one of the two"
+                "--model {model} is the instant echo model, but the server URL (--llm-url or MRREC_LLM_BASE_URL) names a server ({url}): drop one of the two"
             );
         }
         return Ok(Box::new(echo));
     }
     Ok(match base_url {
         Some(url) => {
-            // The model named on the command line (or MRREC_LLM_MODEL, through clap) is the
-            // model asked for; the key comes from MRREC_LLM_API_KEY, else OPENAI_API_KEY.
             let mut cfg = mrrec_llm::OpenAiConfig::new(url, model);
-            cfg.api_key = ["MRREC_LLM_API_KEY", "OPENAI_API_KEY"]
-                .iter()
-                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
-            if let Some(t) = timeout {
+            cfg.api_key = server.api_key.clone();
+            if let Some(t) = server.timeout {
                 cfg.timeout = t;
             }
-            if let Some(r) = retries {
+            if let Some(r) = server.retries {
                 cfg.max_retries = r;
             }
             Box::new(mrrec_llm::OpenAiModel::new(cfg)?)
@@ -93,6 +83,7 @@ pub fn local_with_adapter(
 pub fn cached_chat_model_with_adapter(
     model: &str,
     base_url: Option<&str>,
+    server: &ServerOptions,
     adapter: Option<&std::path::Path>,
 ) -> Result<CachedChatModel<Box<dyn ChatModel>>> {
     let inner: Box<dyn ChatModel> = match (adapter, base_url) {
@@ -100,7 +91,7 @@ pub fn cached_chat_model_with_adapter(
             "--adapter applies to a local model; a server (--llm-url) serves its own weights"
         ),
         (Some(a), None) => Box::new(local_with_adapter(model, Some(a))?),
-        (None, _) => chat_model(model, base_url)?,
+        (None, _) => chat_model(model, base_url, server)?,
     };
     Ok(CachedChatModel::open(
         inner,
@@ -113,9 +104,10 @@ pub fn cached_chat_model_with_adapter(
 pub fn cached_chat_model(
     model: &str,
     base_url: Option<&str>,
+    server: &ServerOptions,
 ) -> Result<CachedChatModel<Box<dyn ChatModel>>> {
     Ok(CachedChatModel::open(
-        chat_model(model, base_url)?,
+        chat_model(model, base_url, server)?,
         &llm_cache_path(),
         CachePolicy::All,
     )?)
@@ -127,9 +119,10 @@ mod tests {
 
     #[test]
     fn the_model_named_is_the_model_used_and_echo_with_a_server_is_an_error() {
-        let m = chat_model("my-served-model", Some("http://127.0.0.1:9/v1")).unwrap();
+        let none = ServerOptions::default();
+        let m = chat_model("my-served-model", Some("http://127.0.0.1:9/v1"), &none).unwrap();
         assert_eq!(m.id(), "openai:my-served-model@http://127.0.0.1:9/v1");
-        let e = chat_model("echo", Some("http://127.0.0.1:9/v1"))
+        let e = chat_model("echo", Some("http://127.0.0.1:9/v1"), &none)
             .err()
             .unwrap()
             .to_string();
@@ -137,6 +130,6 @@ mod tests {
             e.contains("--model echo") && e.contains("http://127.0.0.1:9/v1"),
             "{e}"
         );
-        assert_eq!(chat_model("echo", None).unwrap().id(), "echo");
+        assert_eq!(chat_model("echo", None, &none).unwrap().id(), "echo");
     }
 }

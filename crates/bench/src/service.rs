@@ -120,8 +120,11 @@ pub fn service_llm(
         .build()?;
     let mut out = serde_json::Map::new();
     for slots in [1, clients] {
-        let llm: Arc<dyn mrrec_llm::ChatModel> =
-            Arc::from(mrrec_agent::backend::chat_model(model, None)?);
+        let llm: Arc<dyn mrrec_llm::ChatModel> = Arc::from(mrrec_agent::backend::chat_model(
+            model,
+            None,
+            &Default::default(),
+        )?);
         let svc = Service::new(
             ws.clone(),
             store.clone(),

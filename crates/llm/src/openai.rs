@@ -30,19 +30,6 @@ pub struct OpenAiConfig {
 }
 
 impl OpenAiConfig {
-    /// From `MRREC_LLM_BASE_URL`, `MRREC_LLM_MODEL`, `MRREC_LLM_API_KEY` (or `OPENAI_API_KEY`).
-    pub fn from_env() -> Option<Self> {
-        let base_url = std::env::var("MRREC_LLM_BASE_URL").ok()?;
-        Some(OpenAiConfig {
-            base_url,
-            model: std::env::var("MRREC_LLM_MODEL").unwrap_or_else(|_| "default".into()),
-            api_key: std::env::var("MRREC_LLM_API_KEY")
-                .or_else(|_| std::env::var("OPENAI_API_KEY"))
-                .ok(),
-            ..OpenAiConfig::new("", "")
-        })
-    }
-
     /// Defaults for a server and model.
     pub fn new(base_url: &str, model: &str) -> Self {
         OpenAiConfig {
