@@ -153,9 +153,7 @@ pub(crate) fn search(a: SearchArgs) -> Result<()> {
         timestamp: None,
         split: None,
     };
-    let ans = m
-        .answer(&[&q], QueryField::Query, k)
-        .map_err(|e| anyhow::anyhow!(e.0))?;
+    let ans = m.answer(&[&q], QueryField::Query, k)?;
     let ranked: Vec<(u32, Option<f32>)> = ans[0].ranking.iter().map(|&item| (item, None)).collect();
     print_ranked(&ws, &ranked);
     Ok(())

@@ -59,8 +59,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     let example = ws
         .dataset
         .queries
-        .for_purpose(&Purpose::Evaluate(splits.clone()))
-        .map_err(anyhow::Error::msg)?
+        .for_purpose(&Purpose::Evaluate(splits.clone()))?
         .first()
         .map(|q| {
             q.query()
@@ -117,8 +116,7 @@ fn demo_assistant(
     let queries = ws
         .dataset
         .queries
-        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
-        .map_err(anyhow::Error::msg)?;
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))?;
     // The same seeded subset `eval --limit n --seed 42` picks.
     let spec = RunSpec {
         method: String::new(),

@@ -111,8 +111,7 @@ pub(crate) fn eval_one(
     let queries = ws
         .dataset
         .queries
-        .for_purpose(&Purpose::Evaluate(splits.to_vec()))
-        .map_err(anyhow::Error::msg)?;
+        .for_purpose(&Purpose::Evaluate(splits.to_vec()))?;
     if queries.is_empty() {
         bail!("no queries of split(s) {splits:?} in the query file");
     }

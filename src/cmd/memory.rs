@@ -213,8 +213,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 let qs = ws
                     .dataset
                     .queries
-                    .for_purpose(&mrrec_data::Purpose::GlobalMemory)
-                    .map_err(anyhow::Error::msg)?;
+                    .for_purpose(&mrrec_data::Purpose::GlobalMemory)?;
                 let qs = &qs[..global_queries.unwrap_or(qs.len()).min(qs.len())];
                 b.build_global_aspects(qs, negatives.clamp(1, 8), &mut report)?;
                 b.merge_global(Default::default(), &mut report)?;

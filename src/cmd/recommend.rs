@@ -123,10 +123,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
                 timestamp: None,
                 split: None,
             };
-            let a = m
-                .answer(&[&q], QueryField::Query, k)
-                .map_err(|e| anyhow::anyhow!(e.0))?
-                .remove(0);
+            let a = m.answer(&[&q], QueryField::Query, k)?.remove(0);
             let trace: mrrec_agent::assistant::Trace =
                 serde_json::from_value(a.trace.unwrap_or_default()).unwrap_or_default();
             mrrec_agent::assistant::Answer {

@@ -146,8 +146,7 @@ fn train_cmd(
         let all = ws
             .dataset
             .queries
-            .for_purpose(&mrrec_data::Purpose::Evaluate(vec![split]))
-            .map_err(anyhow::Error::msg)?;
+            .for_purpose(&mrrec_data::Purpose::Evaluate(vec![split]))?;
         // A seeded subset, in file order.
         let mut idx: Vec<usize> = (0..all.len()).collect();
         if let Some(n) = n.filter(|&n| n < all.len()) {

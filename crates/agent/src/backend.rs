@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use mrrec_llm::{CachePolicy, CachedChatModel, ChatModel};
 
 /// The response cache every CLI command shares.
@@ -34,7 +34,7 @@ pub fn chat_model(
 ) -> Result<Box<dyn ChatModel>> {
     if let Some(echo) = mrrec_llm::EchoModel::from_id(model) {
         if let Some(url) = base_url {
-            anyhow::bail!(
+            crate::error::bail!(
                 "--model {model} is the instant echo model, but the server URL (--llm-url or MRREC_LLM_BASE_URL) names a server ({url}): drop one of the two"
             );
         }
@@ -87,7 +87,7 @@ pub fn cached_chat_model_with_adapter(
     adapter: Option<&std::path::Path>,
 ) -> Result<CachedChatModel<Box<dyn ChatModel>>> {
     let inner: Box<dyn ChatModel> = match (adapter, base_url) {
-        (Some(_), Some(_)) => anyhow::bail!(
+        (Some(_), Some(_)) => crate::error::bail!(
             "--adapter applies to a local model; a server (--llm-url) serves its own weights"
         ),
         (Some(a), None) => Box::new(local_with_adapter(model, Some(a))?),

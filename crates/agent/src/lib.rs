@@ -5,11 +5,12 @@
 //! ```no_run
 //! let ws = mrrec_agent::Workspace::open(&mrrec_agent::WorkspaceOptions::new("../shared/data/amazon23-mini"))?;
 //! let hits = ws.search_dense("a pillow for sleeping with my CPAP", 10)?;
-//! # Ok::<(), anyhow::Error>(())
+//! # Ok::<(), mrrec_agent::AgentError>(())
 //! ```
 
 pub mod assistant;
 pub mod backend;
+pub mod error;
 pub mod memory;
 pub mod methods;
 pub mod progress;
@@ -18,6 +19,7 @@ pub mod rewards;
 pub mod shop;
 pub mod workspace;
 
+pub use error::{AgentError, Result};
 pub use methods::{method_names, DenseMethod, LexicalMethod};
 pub use shop::Shop;
 pub use workspace::{DenseKind, Workspace, WorkspaceOptions};

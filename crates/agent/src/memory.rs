@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use mrrec_data::{LabeledQuery, Review};
 use mrrec_embed::TextEmbedder;
 use mrrec_llm::{ChatModel, ChatRequest, Usage};
@@ -607,7 +607,7 @@ impl<'a> MemoryBuilder<'a> {
             let aspects = global::merge(&category, &rows, opts, |texts| {
                 self.ws.embedder.embed(texts).map_err(|e| e.to_string())
             })
-            .map_err(anyhow::Error::msg)
+            .map_err(crate::error::AgentError::Invalid)
             .with_context(|| format!("merging the global aspects of {category}"))?;
             self.store.put_global(self.tenant, &category, &aspects)?;
             failpoint();

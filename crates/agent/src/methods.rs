@@ -14,12 +14,21 @@ pub fn method_names() -> &'static [&'static str] {
     &["bm25", "dense", "hybrid"]
 }
 
+/// An agent error as a method error: a cancellation stays a cancellation.
+fn method_error(e: crate::AgentError) -> MethodError {
+    if e.is_cancelled() {
+        MethodError::Cancelled
+    } else {
+        MethodError::failed(e)
+    }
+}
+
 fn texts<'a>(queries: &[&'a Query], field: QueryField) -> Result<Vec<&'a str>, MethodError> {
     queries
         .iter()
         .map(|q| {
             q.text(field)
-                .ok_or_else(|| MethodError(format!("query {} has no {field}", q.qid)))
+                .ok_or_else(|| MethodError::Query(format!("query {} has no {field}", q.qid)))
         })
         .collect()
 }
@@ -43,7 +52,10 @@ impl Method for LexicalMethod {
         texts(queries, field)?
             .par_iter()
             .map(|t| {
-                let hits = self.index.search(&SearchQuery::text(t), k)?;
+                let hits = self
+                    .index
+                    .search(&SearchQuery::text(t), k)
+                    .map_err(MethodError::failed)?;
                 Ok(MethodAnswer {
                     ranking: hits.iter().map(|h| h.item).collect(),
                     ..Default::default()
@@ -78,18 +90,21 @@ impl Method for DenseMethod {
         k: usize,
     ) -> Result<Vec<MethodAnswer>, MethodError> {
         let texts = texts(queries, field)?;
-        let vecs = self.embedder.embed(&texts)?;
+        let vecs = self.embedder.embed(&texts).map_err(MethodError::failed)?;
         texts
             .iter()
             .zip(&vecs)
             .map(|(t, v)| {
-                let hits = self.index.search(
-                    &SearchQuery {
-                        text: t,
-                        vector: Some(v),
-                    },
-                    k,
-                )?;
+                let hits = self
+                    .index
+                    .search(
+                        &SearchQuery {
+                            text: t,
+                            vector: Some(v),
+                        },
+                        k,
+                    )
+                    .map_err(MethodError::failed)?;
                 Ok(MethodAnswer {
                     ranking: hits.iter().map(|h| h.item).collect(),
                     ..Default::default()
@@ -185,10 +200,11 @@ impl LlmMethod<'_> {
     ) -> Result<crate::assistant::Answer, MethodError> {
         let cat = q.category.as_deref();
         Ok(match self.kind {
-            LlmKind::Assistant => a.answer(&q.user_id, t, cat, k)?,
+            LlmKind::Assistant => a.answer(&q.user_id, t, cat, k).map_err(method_error)?,
             _ => {
                 let ctx = self.context(q)?;
-                a.one_shot(t, cat, ctx.as_deref(), k)?
+                a.one_shot(t, cat, ctx.as_deref(), k)
+                    .map_err(method_error)?
             }
         })
     }
@@ -211,10 +227,13 @@ impl LlmMethod<'_> {
                 })
             }
             LlmKind::StaticMemory => {
-                let es = a.store.entries(Owner {
-                    tenant: a.tenant,
-                    user: &q.user_id,
-                })?;
+                let es = a
+                    .store
+                    .entries(Owner {
+                        tenant: a.tenant,
+                        user: &q.user_id,
+                    })
+                    .map_err(MethodError::failed)?;
                 let p: Vec<&str> = es
                     .iter()
                     .filter(|e| e.level == Level::Profile)
@@ -264,7 +283,7 @@ impl Method for LlmMethod<'_> {
                 })
                 .into_iter()
                 .map(|r| {
-                    r.unwrap_or_else(|| Err(MethodError("an answering thread panicked".into())))
+                    r.unwrap_or_else(|| Err(MethodError::failed("an answering thread panicked")))
                 })
                 .collect()
         } else {
@@ -286,7 +305,7 @@ impl Method for LlmMethod<'_> {
                     memory_tokens: ans.trace.memory_tokens,
                     llm_seconds: u.seconds,
                 },
-                trace: Some(serde_json::to_value(&ans.trace)?),
+                trace: Some(serde_json::to_value(&ans.trace).map_err(MethodError::failed)?),
             });
         }
         Ok(out)

@@ -8,7 +8,7 @@
 //!   when no profile can be extracted (no fallback to the request inside rewards);
 //! - R_mem ∈ {0, 1}: at least one successful memory call.
 
-use anyhow::Result;
+use crate::error::Result;
 use mrrec_eval::metrics::ndcg_at;
 use mrrec_index::SearchQuery;
 use serde::{Deserialize, Serialize};

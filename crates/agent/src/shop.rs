@@ -26,7 +26,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use crate::error::Result;
 use mrrec_data::{Catalogue, Histories};
 use mrrec_embed::TextEmbedder;
 use mrrec_index::{Hit, HybridIndex, HybridParams, ItemIndex, SearchQuery};

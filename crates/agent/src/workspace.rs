@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use mrrec_data::{Catalogue, Dataset, LoadOptions};
 use mrrec_embed::{BertEmbedder, CachedEmbedder, EmbeddingCache, TextEmbedder};
 use mrrec_index::{

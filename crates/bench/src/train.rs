@@ -64,8 +64,7 @@ pub fn rollouts(
         .queries
         .for_purpose(&mrrec_data::Purpose::Evaluate(vec![
             mrrec_data::Split::Train,
-        ]))
-        .map_err(anyhow::Error::msg)?;
+        ]))?;
     let r = mrrec_train::rollout::Rollouts {
         ws,
         store,

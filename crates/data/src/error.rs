@@ -24,6 +24,10 @@ pub enum DataError {
         what: &'static str,
         candidates: String,
     },
+    /// The queries asked for may not be used for that purpose, or the file cannot say which
+    /// they are (no `split` column).
+    #[error("{0}")]
+    QueriesNotAllowed(String),
 }
 
 impl DataError {

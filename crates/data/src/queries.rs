@@ -416,16 +416,16 @@ impl QuerySet {
     pub fn for_purpose(
         &self,
         purpose: &Purpose,
-    ) -> std::result::Result<Vec<&LabeledQuery>, String> {
+    ) -> std::result::Result<Vec<&LabeledQuery>, crate::DataError> {
         if let Purpose::Evaluate(splits) = purpose {
             if splits.contains(&Split::Aspect) {
-                return Err("`aspect` queries cannot be evaluated: their targets are in the users' histories (use train or val)".into());
+                return Err(crate::DataError::QueriesNotAllowed("`aspect` queries cannot be evaluated: their targets are in the users' histories (use train or val)".into()));
             }
         }
         if !self.has_split_column && !matches!(purpose, Purpose::Evaluate(_)) {
-            return Err(format!(
+            return Err(crate::DataError::QueriesNotAllowed(format!(
                 "{purpose:?} needs a `split` column in the query file; this file has none"
-            ));
+            )));
         }
         Ok(self
             .rows

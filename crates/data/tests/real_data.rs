@@ -76,7 +76,8 @@ fn split_rules_are_enforced() {
     assert_eq!(val.len() + train.len() + 158, 326);
     let err = q
         .for_purpose(&Purpose::Evaluate(vec![Split::Aspect]))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("`aspect` queries cannot be evaluated"),
         "{err}"

@@ -47,13 +47,24 @@ pub struct MethodAnswer {
     pub usage: Usage,
 }
 
-/// A failure of a method, in words.
-#[derive(Debug, Clone)]
-pub struct MethodError(pub String);
+/// Why a method could not answer a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    /// A query lacks what the method reads (e.g. no `simple_query`), named.
+    #[error("{0}")]
+    Query(String),
+    /// The answer was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The method failed; its error is the source.
+    #[error("{0}")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
 
-impl<E: std::fmt::Display> From<E> for MethodError {
-    fn from(e: E) -> Self {
-        MethodError(e.to_string())
+impl MethodError {
+    /// A failure with its error kept as the source.
+    pub fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        MethodError::Failed(e.into())
     }
 }
 
@@ -292,7 +303,7 @@ pub fn run_eval(
                 .map_err(|e| EvalError::Method {
                     method: method.name().to_string(),
                     qid: qs.first().map(|q| q.qid.clone()).unwrap_or_default(),
-                    message: e.0,
+                    message: e.to_string(),
                 })?;
         elapsed += t0.elapsed().as_secs_f64();
         if answers.len() != chunk.len() {

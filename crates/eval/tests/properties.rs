@@ -50,7 +50,7 @@ impl Method for Scripted {
             .calls
             .fetch_add(queries.len(), std::sync::atomic::Ordering::SeqCst);
         if self.fail_after.is_some_and(|f| n >= f) {
-            return Err(MethodError("scripted failure".into()));
+            return Err(MethodError::failed("scripted failure"));
         }
         Ok(queries
             .iter()

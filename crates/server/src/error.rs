@@ -43,33 +43,62 @@ impl ApiError {
     pub(crate) fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
-    pub(crate) fn internal(e: anyhow::Error) -> Self {
-        // The full error (file paths, upstream URLs) goes to the log under the request id;
-        // the client gets a reason that names neither.
+    /// The response to an agent error, decided by its kind: the model's failures (a cancelled
+    /// answer among them) are 502 with a reason that names no server or file, a failing store is
+    /// 503 (retry), anything else 500. The full error goes to the log under the request id.
+    pub(crate) fn internal(e: AgentError) -> Self {
         let id = request_id().unwrap_or_default();
-        if let Some(llm) = e.chain().find_map(|c| c.downcast_ref::<LlmError>()) {
-            tracing::warn!(request_id = %id, "language model: {e:#}");
-            return Self::new(
-                StatusCode::BAD_GATEWAY,
-                "llm_error",
-                format!("{} (details in the server log)", llm_reason(llm)),
-            );
+        match e.root() {
+            AgentError::Cancelled => {
+                tracing::info!(request_id = %id, "cancelled: {e}");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "llm_error",
+                    format!(
+                        "{} (details in the server log)",
+                        llm_reason(&LlmError::Cancelled)
+                    ),
+                )
+            }
+            AgentError::Llm(llm) => {
+                tracing::warn!(request_id = %id, "language model: {e}");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "llm_error",
+                    format!("{} (details in the server log)", llm_reason(llm)),
+                )
+            }
+            AgentError::Memory(mrrec_memory::MemoryError::Store { .. }) => {
+                tracing::warn!(request_id = %id, "memory store: {e}");
+                Self::retry_after(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the memory store failed (details in the server log)",
+                    1.0,
+                )
+            }
+            AgentError::Memory(_)
+            | AgentError::Index(_)
+            | AgentError::Embed(_)
+            | AgentError::Data(_)
+            | AgentError::Model(_)
+            | AgentError::Io(_)
+            | AgentError::Invalid(_)
+            | AgentError::Context { .. } => {
+                tracing::error!(request_id = %id, "internal error: {e}");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error (details in the server log)",
+                )
+            }
         }
-        if e.chain().any(|c| {
-            matches!(
-                c.downcast_ref::<mrrec_memory::MemoryError>(),
-                Some(mrrec_memory::MemoryError::Store { .. })
-            )
-        }) {
-            tracing::warn!(request_id = %id, "memory store: {e:#}");
-            return Self::retry_after(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the memory store failed (details in the server log)",
-                1.0,
-            );
-        }
-        tracing::error!(request_id = %id, "internal error: {e:#}");
+    }
+
+    /// A worker thread that died (a panic): 500, the reason logged.
+    pub(crate) fn worker(e: impl std::fmt::Display) -> Self {
+        let id = request_id().unwrap_or_default();
+        tracing::error!(request_id = %id, "worker failed: {e}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

@@ -60,7 +60,7 @@ use auth::{check_id, KeyRing, Principal, RateLimiter};
 use edge::{request_id, REQUEST_ID};
 use metrics::Metrics;
 use mrrec_agent::assistant::{Answer, Assistant, AssistantConfig, Event, Mode};
-use mrrec_agent::Workspace;
+use mrrec_agent::{AgentError, Workspace};
 
 /// Every route, as documented (the OpenAPI test checks the two agree).
 pub const ROUTES: &[(&str, &str)] = &[

@@ -142,7 +142,7 @@ impl Service {
         request: &str,
         category: Option<&str>,
         k: usize,
-    ) -> anyhow::Result<Answer> {
+    ) -> mrrec_agent::Result<Answer> {
         let worker = self
             .batcher
             .as_ref()
@@ -155,7 +155,7 @@ impl Service {
         let mut a = self.assistant(tenant, cfg, observer);
         a.llm = &llm;
         let r = a.answer(user, request, category, k);
-        if r.as_ref().is_err_and(cancelled) {
+        if r.as_ref().is_err_and(AgentError::is_cancelled) {
             self.metrics.reject("cancelled");
         }
         r
@@ -195,7 +195,7 @@ impl Service {
     /// Runs CPU work (embedding, ranking, store reads) on the blocking pool behind the CPU gate.
     pub(crate) async fn cpu<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&Service) -> anyhow::Result<T> + Send + 'static,
+        f: impl FnOnce(&Service) -> mrrec_agent::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let permit = self.cpu_gate.enter(&self.metrics).await?;
         let svc = self.clone();
@@ -206,7 +206,7 @@ impl Service {
         .await
         {
             Ok(r) => r.map_err(ApiError::internal),
-            Err(e) => Err(ApiError::internal(anyhow::anyhow!("worker failed: {e}"))),
+            Err(e) => Err(ApiError::worker(e)),
         }
     }
 }

@@ -194,8 +194,11 @@ impl Trainer<'_> {
                 a.answer(&query.user_id, request, query.category.as_deref(), 10)
             });
             for (q, ans) in chunk.iter().zip(answers) {
-                let ans =
-                    ans.unwrap_or_else(|| Err(anyhow::anyhow!("a validation thread panicked")))?;
+                let ans = ans.unwrap_or_else(|| {
+                    Err(mrrec_agent::AgentError::Invalid(
+                        "a validation thread panicked".into(),
+                    ))
+                })?;
                 tin += ans.trace.usage.prompt_tokens;
                 tout += ans.trace.usage.completion_tokens;
                 let Some(target) = self.ws.catalogue().position(q.target()) else {

@@ -1,7 +1,7 @@
 //! The free loop (the paper's protocol): the model reasons, calls the memory tool as it sees
 //! fit, and ends with a boxed final object; malformed output gets one repair.
 
-use anyhow::Result;
+use crate::error::Result;
 use mrrec_llm::{ChatRequest, Message, Sampling};
 
 use super::*;

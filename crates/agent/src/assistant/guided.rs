@@ -2,7 +2,7 @@
 //! segment, the tool calls' arguments, the final object — and the model fills them under a
 //! schema; an off-topic profile is repaired once without memory.
 
-use anyhow::Result;
+use crate::error::Result;
 use mrrec_llm::{ChatRequest, Constraint, Message, Sampling};
 use serde_json::json;
 

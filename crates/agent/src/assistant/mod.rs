@@ -17,7 +17,7 @@
 mod free;
 mod guided;
 
-use anyhow::Result;
+use crate::error::Result;
 use mrrec_index::{ItemIndex, SearchQuery};
 use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling, Usage};
 use mrrec_memory::{Level, MemoryRead, Owner};

@@ -12,7 +12,7 @@ pub(crate) async fn healthz() -> &'static str {
 pub(crate) const PROBE_TENANT: &str = "\u{1}mrrec-readyz";
 
 /// A read and a write (a build-state mark set, then cleared) on the store.
-pub(crate) fn probe_store(store: &dyn MemoryWrite) -> anyhow::Result<()> {
+pub(crate) fn probe_store(store: &dyn MemoryWrite) -> Result<(), mrrec_memory::MemoryError> {
     store.users(PROBE_TENANT)?;
     let mark = vec!["probe".to_string()];
     store.mark_stale(PROBE_TENANT, &mark)?;
@@ -36,7 +36,13 @@ pub(crate) async fn readyz(State(svc): State<Arc<Service>>) -> Response {
     let probe = tokio::task::spawn_blocking(move || (probe_store(&*s.store), s.llm.ready())).await;
     let (store, llm) = match probe {
         Ok(r) => r,
-        Err(e) => (Err(anyhow::anyhow!("probe failed: {e}")), Ok(())),
+        Err(e) => (
+            Err(mrrec_memory::MemoryError::Store {
+                path: String::new(),
+                message: format!("probe failed: {e}"),
+            }),
+            Ok(()),
+        ),
     };
     let mut checks = serde_json::Map::new();
     checks.insert(

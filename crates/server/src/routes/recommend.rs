@@ -98,7 +98,7 @@ pub(crate) fn answer_json(
     })
 }
 
-pub(crate) fn has_memory(svc: &Service, tenant: &str, user: &str) -> anyhow::Result<bool> {
+pub(crate) fn has_memory(svc: &Service, tenant: &str, user: &str) -> mrrec_agent::Result<bool> {
     Ok(svc.store.has_entries(Owner { tenant, user })?)
 }
 
@@ -190,7 +190,7 @@ pub(crate) async fn recommend(
                         &answer_json(&s.ws, &ans, &method, queue_ms, total),
                     ));
                 }
-                Err(e) if cancelled(&e) => {}
+                Err(e) if e.is_cancelled() => {}
                 Err(e) => {
                     let err = match &rid {
                         Some(id) => REQUEST_ID.sync_scope(id.clone(), || ApiError::internal(e)),
@@ -239,17 +239,11 @@ pub(crate) async fn recommend(
                 format!("no answer within {:?}", svc.cfg.answer_timeout),
             ));
         }
-        Ok(Err(e)) => return Err(ApiError::internal(anyhow::anyhow!("worker failed: {e}"))),
+        Ok(Err(e)) => return Err(ApiError::worker(e)),
         Ok(Ok(r)) => r.map_err(ApiError::internal)?,
     };
     guard.disarm();
     svc.metrics.llm(&ans.trace.usage, ans.trace.fallback);
     let total = t0.elapsed().as_secs_f64() * 1e3;
     Ok(Json(answer_json(&svc.ws, &ans, &method, queue_ms, total)).into_response())
-}
-
-/// Whether an answer failed because it was cancelled.
-pub(crate) fn cancelled(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| matches!(c.downcast_ref::<LlmError>(), Some(LlmError::Cancelled)))
 }

@@ -128,10 +128,10 @@ pub(crate) async fn memory_add(
             b.build_patterns(&[u.as_str()], &mut report)?;
             b.build_profiles(&[u.as_str()], &mut report)?;
             s.metrics.llm(&report.usage, false);
-            anyhow::Ok(report)
+            Ok::<_, AgentError>(report)
         })
         .await
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("worker failed: {e}")))?
+        .map_err(ApiError::worker)?
         .map_err(ApiError::internal)?;
         out["patterns_written"] = json!(report.patterns_written);
         out["profiles_written"] = json!(report.profiles_written);
