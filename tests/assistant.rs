@@ -406,7 +406,7 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
     let users: Vec<&str> = queries.iter().map(|q| q.user_id.as_str()).collect();
     b.build_records(&users, &mut BuildReport::default())
         .unwrap();
-    let llm = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let llm = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
     let a = Assistant {
         shop: ws.shop(),
         store: &st,

@@ -41,7 +41,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
     };
     b.build_records(&[q.query().user_id.as_str()], &mut BuildReport::default())
         .unwrap();
-    let local = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let local = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
     let r = Rollouts {
         ws: &ws,
         store: &st,
@@ -93,7 +93,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
     // depend on the rows multiplied with them. Without it candle multiplies, and its several-row
     // product (a prompt prefilled whole, or its last token after a reused prefix) differs from
     // its one-row product in the last bits: equally likely samples, not the same ones.
-    let invariant = mrrec_llm::q8::available();
+    let invariant = mrrec_llm_local::q8::available();
     if !invariant {
         eprintln!("no AVX512-VNNI: candle's kernels are not batch-invariant, samples are compared by prompt only");
     }

@@ -565,7 +565,7 @@ async fn failing_server() -> String {
 async fn a_hanging_or_failing_llm_gives_clear_errors_and_frees_its_slot() {
     // Hanging: a server whose model takes 60 s; the client gives up after 1 s.
     let hanging =
-        mrrec_llm::serve::spawn_loopback(Arc::new(EchoModel::from_id("echo@60000").unwrap()))
+        mrrec_server::llm::spawn_loopback(Arc::new(EchoModel::from_id("echo@60000").unwrap()))
             .unwrap();
     let failing = failing_server().await;
     for (url, want) in [(hanging, "timed out"), (failing, "500")] {
@@ -765,11 +765,12 @@ async fn a_bounded_load_on_loopback_answers_every_request() {
     }
 }
 
-/// Waits (at most 1.5 s) until `/metrics` counts `n` cancelled answers and no LLM work in
-/// flight: an abandoned answer stops and frees its slot at once (uncancelled, it would hold it for
-/// seconds).
+/// Waits until `/metrics` counts `n` cancelled answers and no LLM work in flight: an abandoned
+/// answer is cancelled and frees its slot (uncancelled, it is never counted as cancelled and holds
+/// the slot for ~9 s). The event is what is asserted; the 8 s bound only keeps a broken build from
+/// hanging, generous enough for a loaded 2-core machine.
 async fn expect_cancelled(c: &reqwest::Client, base: &str, n: usize) {
-    let within = Duration::from_millis(1500);
+    let within = Duration::from_secs(8);
     let want = format!("mrrec_rejected_total{{reason=\"cancelled\"}} {n}");
     let t = Instant::now();
     loop {
@@ -841,7 +842,7 @@ fn gauge(m: &str, name: &str) -> f64 {
 async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
     let llm: Arc<dyn ChatModel> = Arc::new(
         tokio::task::spawn_blocking(|| {
-            mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
+            mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
         })
         .await
         .unwrap(),
@@ -911,7 +912,7 @@ async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
     // Alone, one after another: the same profiles where every matrix runs the packed Q8_0
     // kernel (AVX512-VNNI), which decodes batch-invariantly; candle's kernels (without it)
     // differ in the last bits between a batch and one sequence, so there only the answers count.
-    let invariant = mrrec_llm::q8::available();
+    let invariant = mrrec_llm_local::q8::available();
     for (r, want) in requests.iter().zip(&together) {
         let (status, text) = call(
             &c,

@@ -128,11 +128,12 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     );
     // The adapter drives recommendations.
     let adapter = out.join("adapter.safetensors");
-    let ad = mrrec_llm::model::LoraAdapter::load(&adapter).unwrap();
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&adapter).unwrap();
     assert_eq!(ad.rank, 8);
     let user = common::users()[0].clone();
-    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-        .args([
+    let recommend = |adapter: Option<&std::path::Path>| -> serde_json::Value {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
+        c.args([
             "recommend",
             "--model",
             "smollm2-135m-instruct",
@@ -144,12 +145,38 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
         .arg(common::mini())
         .arg("--store")
         .arg(&store)
-        .arg("--adapter")
-        .arg(&adapter)
-        .args(["--user", &user, "a gift for a child"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        .args(["--user", &user, "a gift for a child"]);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = recommend(Some(&adapter));
     assert!(!v["items"].as_array().unwrap().is_empty());
+    // The adapter changes what the model answers: the trained adapter's factors with every B set
+    // to a clearly non-zero value (two steps of training may leave B near its zero start) make
+    // the greedy reasoning differ from the base model's. With `--adapter` ignored, both answers
+    // would be the base model's (and the second replayed from the response cache).
+    let mut strong = mrrec_llm_local::model::LoraAdapter::new(ad.rank, ad.alpha);
+    let mut adapted = 0;
+    for layer in 0..64 {
+        for p in mrrec_llm_local::model::Proj::ALL {
+            if let Some((a, b)) = ad.get(layer, p) {
+                let b = (b.ones_like().unwrap() * 0.05).unwrap();
+                strong.insert(layer, p, a.clone(), b);
+                adapted += 1;
+            }
+        }
+    }
+    assert!(adapted > 0, "the trained adapter adapts no projection");
+    let strong_path = dir.path().join("strong.safetensors");
+    strong.save(&strong_path).unwrap();
+    let base = recommend(None);
+    let with = recommend(Some(&strong_path));
+    assert_ne!(
+        base["trace"]["reasoning"], with["trace"]["reasoning"],
+        "the adapter did not change the answer: {base} vs {with}"
+    );
 }

@@ -187,7 +187,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         // `pg-throwaway`: a PostgreSQL cluster started for the benchmark and removed after.
         let cluster;
         let loc = if loc == "pg-throwaway" {
-            cluster = mrrec_memory::pgtest::TestCluster::start().map_err(anyhow::Error::msg)?;
+            cluster = mrrec_bench::ThrowawayPostgres::start().map_err(anyhow::Error::msg)?;
             cluster
                 .fresh_database("bench")
                 .map_err(anyhow::Error::msg)?

@@ -126,8 +126,9 @@ pub(crate) fn run(a: ServeCmd) -> Result<()> {
 
 pub(crate) fn serve_llm(a: ServeLlmArgs) -> Result<()> {
     let ServeLlmArgs { model, addr } = a;
-    let m: Arc<dyn mrrec_llm::ChatModel> = Arc::new(mrrec_llm::LocalModel::from_registry(&model)?);
-    mrrec_llm::serve::serve(m, addr)?;
+    let m: Arc<dyn mrrec_llm::ChatModel> =
+        Arc::new(mrrec_llm_local::LocalModel::from_registry(&model)?);
+    mrrec_server::llm::serve(m, addr)?;
     Ok(())
 }
 

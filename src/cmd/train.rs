@@ -90,7 +90,7 @@ fn train_cmd(
     args: TrainArgs,
     tenant: &str,
 ) -> Result<()> {
-    use mrrec_llm::model::Proj;
+    use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }

@@ -54,7 +54,7 @@ pub fn chat_model(
         }
         None => {
             eprintln!("loading {model}…");
-            Box::new(mrrec_llm::LocalModel::from_registry(model)?)
+            Box::new(mrrec_llm_local::LocalModel::from_registry(model)?)
         }
     })
 }
@@ -65,11 +65,11 @@ pub fn chat_model(
 pub fn local_with_adapter(
     model: &str,
     adapter: Option<&std::path::Path>,
-) -> Result<mrrec_llm::LocalModel> {
+) -> Result<mrrec_llm_local::LocalModel> {
     eprintln!("loading {model}…");
-    let mut m = mrrec_llm::LocalModel::from_registry(model)?;
+    let mut m = mrrec_llm_local::LocalModel::from_registry(model)?;
     if let Some(path) = adapter {
-        let ad = mrrec_llm::model::LoraAdapter::load(path)
+        let ad = mrrec_llm_local::model::LoraAdapter::load(path)
             .with_context(|| format!("reading the adapter {}", path.display()))?;
         m.transformer().set_lora(Some(std::sync::Arc::new(ad)));
         let hash = crate::workspace::files_sha256(&[path])?;

@@ -73,6 +73,12 @@ impl AgentError {
     }
 }
 
+impl From<mrrec_llm_local::LocalError> for AgentError {
+    fn from(e: mrrec_llm_local::LocalError) -> Self {
+        AgentError::Llm(e.into())
+    }
+}
+
 impl From<serde_json::Error> for AgentError {
     fn from(e: serde_json::Error) -> Self {
         AgentError::Invalid(e.to_string())

@@ -272,7 +272,7 @@ impl Method for LlmMethod<'_> {
         let answers: Vec<Result<crate::assistant::Answer, MethodError>> = if queries.len() > 1 {
             // The queries of a batch run on their own threads and every model call is decoded
             // together with the others' (a Batcher: one batch per model step).
-            mrrec_llm::Batcher::over(self.assistant.llm)
+            mrrec_llm_local::Batcher::over(self.assistant.llm)
                 .map(queries.len(), |w, i| {
                     let a = crate::assistant::Assistant {
                         llm: w,

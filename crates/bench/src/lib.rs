@@ -10,6 +10,8 @@ mod service;
 mod train;
 
 pub use llm::*;
+/// A PostgreSQL cluster started for a benchmark and removed after (`--memory-store pg-throwaway`).
+pub use mrrec_memory::pgtest::TestCluster as ThrowawayPostgres;
 pub use retrieval::*;
 pub use service::*;
 pub use train::*;

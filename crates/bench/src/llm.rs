@@ -12,7 +12,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for &id in models {
         let before = resident_bytes();
-        let m = mrrec_llm::LocalModel::from_registry(id)?;
+        let m = mrrec_llm_local::LocalModel::from_registry(id)?;
         let text = "The quick brown fox jumps over the lazy dog while the assistant writes notes. "
             .repeat(80);
         let mut ids = m.info().encode(&text)?;
@@ -54,7 +54,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
 /// Per-token cost of JSON-schema-constrained decoding against free decoding, same model, prompt
 /// and length (the schema's string field lets the model run the full length).
 pub fn constrained(model: &str) -> Result<Value> {
-    let m = mrrec_llm::LocalModel::from_registry(model)?;
+    let m = mrrec_llm_local::LocalModel::from_registry(model)?;
     let prompt = m.info().encode(
         "<|im_start|>user\nDescribe a good pillow in detail.<|im_end|>\n<|im_start|>assistant\n",
     )?;
@@ -91,7 +91,7 @@ pub fn constrained(model: &str) -> Result<Value> {
 /// Aggregate decode throughput with 1, 4, 8 and 16 sequences decoding together, as a ratio to
 /// single-stream decoding in the same run.
 pub fn batched(model: &str) -> Result<Value> {
-    let m = mrrec_llm::LocalModel::from_registry(model)?;
+    let m = mrrec_llm_local::LocalModel::from_registry(model)?;
     let base = m.info().encode("<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n")?;
     let mut rows = serde_json::Map::new();
     let mut single = 0.0;
@@ -146,7 +146,7 @@ pub fn qmatmul_profile() -> Result<Value> {
     ] {
         let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu)?;
         let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        let packed = mrrec_llm::q8::PackedQ8::from_qtensor(&qt);
+        let packed = mrrec_llm_local::q8::PackedQ8::from_qtensor(&qt);
         let q = QMatMul::from_qtensor(qt)?;
         let wt = w.t()?.contiguous()?;
         // The k-quants Qwen2.5-0.5B's GGUF keeps for its ffn_down (Q6_K in 12 layers, Q4_K in

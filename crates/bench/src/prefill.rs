@@ -16,8 +16,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use mrrec_llm::model::Proj;
-use mrrec_llm::{LocalModel, Sampling};
+use mrrec_llm::Sampling;
+use mrrec_llm_local::model::Proj;
+use mrrec_llm_local::LocalModel;
 use serde_json::{json, Value};
 
 /// Median of `reps` timings of `f` (after one warm-up call).
@@ -34,7 +35,7 @@ fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 /// Median seconds to prefill `parts` as one batch, and one by one.
 fn together_vs_apart(
-    tf: &mrrec_llm::model::Transformer,
+    tf: &mrrec_llm_local::model::Transformer,
     parts: &[&[u32]],
     reps: usize,
 ) -> Result<(f64, f64)> {
@@ -56,10 +57,10 @@ fn together_vs_apart(
 /// The int8 ceiling on `threads` threads at once (MAC/s, summed).
 fn ceiling(threads: usize) -> Option<f64> {
     let iters = 20_000_000;
-    mrrec_llm::q8::vnni_peak_macs_per_s(iters / 10)?; // warm-up (clocks)
+    mrrec_llm_local::q8::vnni_peak_macs_per_s(iters / 10)?; // warm-up (clocks)
     let per: Vec<Option<f64>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || mrrec_llm::q8::vnni_peak_macs_per_s(iters)))
+            .map(|_| s.spawn(move || mrrec_llm_local::q8::vnni_peak_macs_per_s(iters)))
             .collect();
         hs.into_iter().map(|h| h.join().ok().flatten()).collect()
     });
@@ -79,7 +80,7 @@ fn kernel(ceiling: Option<f64>) -> Result<Value> {
     ] {
         let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)?;
         let Some(p) =
-            mrrec_llm::q8::PackedQ8::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)
+            mrrec_llm_local::q8::PackedQ8::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)
         else {
             return Ok(json!(
                 "no AVX512-VNNI on this CPU: the packed kernel does not run"
@@ -89,13 +90,13 @@ fn kernel(ceiling: Option<f64>) -> Result<Value> {
         let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?
             .flatten_all()?
             .to_vec1()?;
-        let q = mrrec_llm::q8::quantise(&xs, m, k);
+        let q = mrrec_llm_local::q8::quantise(&xs, m, k);
         let secs = timed(5, || {
             std::hint::black_box(p.matmul_quantised(&q));
             Ok(())
         })?;
         let quantise = timed(5, || {
-            std::hint::black_box(mrrec_llm::q8::quantise(&xs, m, k));
+            std::hint::black_box(mrrec_llm_local::q8::quantise(&xs, m, k));
             Ok(())
         })?;
         let rate = p.macs(m) as f64 / secs;

@@ -7,7 +7,7 @@ use crate::*;
 /// backward of the summed log-probabilities — what a GRPO step does per segment (a step costs
 /// G × segments × this). Real weights of `model`, LoRA r8 on q,v of the top 4 layers.
 pub fn grpo(model: &str) -> Result<Value> {
-    let local = mrrec_llm::LocalModel::from_registry(model)?;
+    let local = mrrec_llm_local::LocalModel::from_registry(model)?;
     let policy =
         mrrec_train::Policy::from_gguf(&local.info().path, mrrec_train::LoraConfig::default())?;
     let text = "A user asks for a soft plush toy for a toddler. Memories: bought a wooden train set, rated 5/5; prefers washable fabrics. ";
@@ -58,7 +58,7 @@ pub fn rollouts(
     queries: usize,
     g: usize,
 ) -> Result<Value> {
-    let local = mrrec_llm::LocalModel::from_registry(model)?;
+    let local = mrrec_llm_local::LocalModel::from_registry(model)?;
     let all = ws
         .dataset
         .queries

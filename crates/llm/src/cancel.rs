@@ -61,7 +61,7 @@ impl PartialEq for Cancel {
 }
 
 /// `Err(Cancelled)` when `c` is a cancelled token.
-pub(crate) fn check(c: Option<&Cancel>) -> Result<()> {
+pub fn check(c: Option<&Cancel>) -> Result<()> {
     c.map_or(Ok(()), Cancel::check)
 }
 

@@ -1,35 +1,24 @@
-//! Chat models behind one interface ([`ChatModel`]): the local candle backend ([`LocalModel`],
-//! GGUF qwen2 / llama with the tokenizer and chat template read from the file) and any
-//! OpenAI-compatible server ([`OpenAiModel`]). Memory building, the assistant, the baselines and
-//! GRPO all talk to a `ChatModel`.
+//! Chat models behind one interface ([`ChatModel`]): requests and responses, constraints and
+//! their JSON-schema check, generic parsers of model output, the on-disk response cache
+//! ([`CachedChatModel`]), cancellation, the instant [`EchoModel`] and any OpenAI-compatible
+//! server ([`OpenAiModel`]). The local candle engine (GGUF qwen2 / llama, packed kernels,
+//! constrained decoding, batching, LoRA) is `mrrec-llm-local`. Memory building, the assistant,
+//! the baselines and GRPO all talk to a `ChatModel`.
 
-mod batcher;
 mod cache;
 mod cancel;
-mod constrain;
-mod convert;
 mod echo;
-mod gguf;
-mod local;
-pub mod model;
 mod openai;
 pub mod parse;
-pub mod q8;
-pub mod serve;
-mod template;
+mod schema;
 
 use serde::{Deserialize, Serialize};
 
-pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use cache::{CachePolicy, CachedChatModel};
-pub use cancel::{Cancel, CancelOnDrop, Cancellable};
-pub use constrain::{validate, Constraint, ConstraintCompiler, TokenSet};
-pub use convert::{ensure_q8_0, requantize_gguf, CONVERSION_TAG};
+pub use cancel::{check as check_cancel, Cancel, CancelOnDrop, Cancellable};
 pub use echo::EchoModel;
-pub use gguf::{tokenizer_from_gguf, GgufInfo};
-pub use local::{Generation, LocalModel, Segment};
 pub use openai::{OpenAiConfig, OpenAiModel};
-pub use template::ChatTemplate;
+pub use schema::{validate, Constraint};
 
 /// Errors of the chat-model layer.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +26,9 @@ pub enum LlmError {
     /// The model's files could not be obtained.
     #[error(transparent)]
     Model(#[from] mrrec_models::ModelError),
-    /// The tensor library failed.
-    #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    /// The inference engine failed (a local model's tensor library, in words).
+    #[error("engine: {0}")]
+    Engine(String),
     /// A GGUF file lacks what we need or is malformed.
     #[error("{path}: {message}")]
     BadModelFile {

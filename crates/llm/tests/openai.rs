@@ -172,7 +172,8 @@ fn a_hanging_server_times_out() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("timed out"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(2));
+    // The server never answers: only the client's own timeout ends the call.
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
 }
 
 #[test]
@@ -298,12 +299,14 @@ fn a_cancelled_stream_stops_reading_and_closes_the_connection() {
             cancel.cancel();
         }
     });
+    // The event: the stream ended as cancelled after the third piece (uncancelled, it would run
+    // 10 s and end Ok); the bound is generous, for a loaded machine.
     assert!(matches!(out, Err(LlmError::Cancelled)), "{out:?}");
     assert_eq!(pieces, 3);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     // The server notices: it stops streaming to nobody.
     let t = std::time::Instant::now();
-    while !gone.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(5) {
+    while !gone.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(9) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(gone.load(Ordering::SeqCst), "the connection stayed open");

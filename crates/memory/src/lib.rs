@@ -5,6 +5,7 @@
 
 pub mod global;
 mod pg;
+#[cfg(feature = "testing")]
 pub mod pgtest;
 mod records;
 mod sqlite;

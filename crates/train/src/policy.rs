@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, Var, D};
-use mrrec_llm::model::{LoraAdapter, Proj};
+use mrrec_llm_local::model::{LoraAdapter, Proj};
 use rand::{Rng, SeedableRng};
 
 use crate::{Result, TrainError};
@@ -569,7 +569,7 @@ impl Policy {
         &self,
         tokens: &[u32],
         from: usize,
-        allowed: &[Option<mrrec_llm::TokenSet>],
+        allowed: &[Option<mrrec_llm_local::TokenSet>],
         lora: bool,
         chunk: usize,
     ) -> Result<Tensor> {
@@ -581,7 +581,7 @@ impl Policy {
         &self,
         tokens: &[u32],
         from: usize,
-        allowed: &[Option<mrrec_llm::TokenSet>],
+        allowed: &[Option<mrrec_llm_local::TokenSet>],
         lora: bool,
         chunk: usize,
         cache: Option<&mut LowerCache>,
@@ -601,7 +601,7 @@ impl Policy {
         &self,
         tokens: &[u32],
         from: usize,
-        allowed: &[Option<mrrec_llm::TokenSet>],
+        allowed: &[Option<mrrec_llm_local::TokenSet>],
         chunk: usize,
         cache: Option<&mut LowerCache>,
     ) -> Result<(Tensor, Vec<f32>)> {
@@ -636,7 +636,7 @@ impl Policy {
         h: &Tensor,
         tokens: &[u32],
         from: usize,
-        allowed: &[Option<mrrec_llm::TokenSet>],
+        allowed: &[Option<mrrec_llm_local::TokenSet>],
         chunk: usize,
     ) -> Result<Tensor> {
         let n = tokens.len() - from;

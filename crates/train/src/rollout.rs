@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::Result;
-use mrrec_llm::{Batcher, ChatModel, ChatRequest, ChatResponse, LocalModel, Segment, SegmentModel};
+use mrrec_llm::{ChatModel, ChatRequest, ChatResponse};
+use mrrec_llm_local::{Batcher, LocalModel, Segment, SegmentModel};
 use mrrec_memory::MemoryRead;
 use serde::Serialize;
 

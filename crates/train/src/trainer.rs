@@ -19,7 +19,7 @@ use crate::{
 };
 use anyhow::{bail, Context, Result};
 use mrrec_data::LabeledQuery;
-use mrrec_llm::LocalModel;
+use mrrec_llm_local::LocalModel;
 use mrrec_memory::MemoryRead;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -180,7 +180,7 @@ impl Trainer<'_> {
         let (mut tin, mut tout) = (0u64, 0u64);
         let mut done = 0;
         for chunk in queries.chunks(8) {
-            let answers = mrrec_llm::Batcher::new(self.local).map(chunk.len(), |w, i| {
+            let answers = mrrec_llm_local::Batcher::new(self.local).map(chunk.len(), |w, i| {
                 let a = Assistant {
                     shop: self.ws.shop(),
                     store: self.store,
@@ -288,7 +288,7 @@ impl Trainer<'_> {
         let mut lower = LowerCache::new(4);
         let ck = self.out.join("checkpoint");
         let mut state = if ck.join("state.json").exists() {
-            let ad = mrrec_llm::model::LoraAdapter::load(&ck.join("adapter.safetensors"))?;
+            let ad = mrrec_llm_local::model::LoraAdapter::load(&ck.join("adapter.safetensors"))?;
             self.policy.load_adapter(&ad)?;
             opt.load(&ck.join("optimizer.safetensors"))?;
             let s: TrainState =
@@ -368,7 +368,7 @@ impl Trainer<'_> {
             // segment's graph is alive at a time (memory), and the result is the same.
             let mut flat = 0;
             let (mut rf, mut rr, mut rm, mut rt, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
-            let mut work: Vec<(&mrrec_llm::Segment, f32)> = Vec::new();
+            let mut work: Vec<(&mrrec_llm_local::Segment, f32)> = Vec::new();
             for (qid, g) in &groups {
                 let log = group_log(qid, g);
                 for t in g {

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Tensor, Var};
-use mrrec_llm::model::Proj;
+use mrrec_llm_local::model::Proj;
 use mrrec_train::{
     group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, LowerCache, Policy,
     Shape, TokenBatch,
@@ -57,8 +57,8 @@ fn perturb_b(p: &Policy, seed: u64, scale: f64) {
     }
 }
 
-fn set(ids: &[u32]) -> mrrec_llm::TokenSet {
-    mrrec_llm::TokenSet::from_fn(12, |i| ids.contains(&i))
+fn set(ids: &[u32]) -> mrrec_llm_local::TokenSet {
+    mrrec_llm_local::TokenSet::from_fn(12, |i| ids.contains(&i))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -76,7 +76,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn logits_match_the_inference_model_with_and_without_an_adapter() {
-    let m = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let m = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
     let tokens: Vec<u32> = m
         .info()
         .tokenizer
@@ -507,7 +507,8 @@ fn a_resumed_run_takes_the_same_next_step() {
                 opt.save(&dir.join("optim.safetensors")).unwrap();
                 let q = Policy::random(tiny_shape(), all_lora(2, 99), DType::F32, 21).unwrap();
                 q.load_adapter(
-                    &mrrec_llm::model::LoraAdapter::load(&dir.join("adapter.safetensors")).unwrap(),
+                    &mrrec_llm_local::model::LoraAdapter::load(&dir.join("adapter.safetensors"))
+                        .unwrap(),
                 )
                 .unwrap();
                 let mut o2 = AdamW::new(q.params(), opt.params).unwrap();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use mrrec_llm::*;
+use mrrec_llm_local::*;
 use serde_json::{json, Value};
 
 fn model() -> LocalModel {

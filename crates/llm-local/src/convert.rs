@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 
-use crate::{LlmError, Result};
+use crate::Result;
+use mrrec_llm::LlmError;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
     move |source| LlmError::Io {
@@ -40,9 +41,11 @@ fn is_k_quant(d: GgmlDType) -> bool {
 /// How many tensors of the GGUF file at `path` are k-quants (read from its header).
 pub fn k_quant_tensors(path: &Path) -> Result<usize> {
     let mut f = File::open(path).map_err(io(path))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| LlmError::BadModelFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        crate::LocalError::Llm(LlmError::BadModelFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     })?;
     Ok(content
         .tensor_infos
@@ -55,9 +58,11 @@ pub fn k_quant_tensors(path: &Path) -> Result<usize> {
 /// returns how many tensors were converted.
 pub fn requantize_gguf(src: &Path, dst: &Path) -> Result<usize> {
     let mut f = File::open(src).map_err(io(src))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| LlmError::BadModelFile {
-        path: src.to_path_buf(),
-        message: e.to_string(),
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        crate::LocalError::Llm(LlmError::BadModelFile {
+            path: src.to_path_buf(),
+            message: e.to_string(),
+        })
     })?;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -107,9 +112,11 @@ pub fn ensure_q8_0(path: &Path) -> Result<PathBuf> {
         return Ok(dst);
     }
     let mut f = File::open(path).map_err(io(path))?;
-    let content = gguf_file::Content::read(&mut f).map_err(|e| LlmError::BadModelFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        crate::LocalError::Llm(LlmError::BadModelFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     })?;
     if !content.tensor_infos.values().any(|t| slow(t.ggml_dtype)) {
         return Ok(path.to_path_buf());

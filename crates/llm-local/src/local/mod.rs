@@ -3,6 +3,9 @@
 //! chat template read from the file. Sequences have their own KV caches, so many decode together
 //! (`generate_many`) and one prompt computed once serves a group of samples (`generate_group`).
 
+mod prefix;
+
+use prefix::*;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -10,13 +13,13 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
-use crate::constrain::{apply_mask, Constraint, ConstraintCompiler};
+use crate::constrain::{apply_mask, ConstraintCompiler};
 use crate::gguf::GgufInfo;
 use crate::model::{KvCache, Transformer};
 use crate::template::ChatTemplate;
-use crate::{
-    ChatModel, ChatRequest, ChatResponse, FinishReason, LlmError, Result, Sampling, Usage,
-};
+use crate::Result;
+use mrrec_llm::Constraint;
+use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, FinishReason, LlmError, Sampling, Usage};
 
 /// What one generation produced, token by token.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,38 +62,6 @@ pub struct LocalModel {
     reuse_prefixes: std::sync::atomic::AtomicBool,
 }
 
-/// A prompt already run through the model: its keys and values and its last logits, so that a
-/// later prompt sharing its beginning (the next turn of an agent loop, the same system prompt)
-/// only prefills what differs.
-struct Prefix {
-    ids: Vec<u32>,
-    cache: KvCache,
-    logits: Tensor,
-    lora: u64,
-    used: u64,
-}
-
-/// Prompts kept for prefix reuse.
-const PREFIXES: usize = 4;
-/// Shortest shared beginning worth reusing.
-const MIN_SHARED: usize = 32;
-
-/// New prompt tokens per pass of batched prefill (see [`LocalModel::prefill_grouped`]).
-const PREFILL_ROWS: usize = 1024;
-
-/// What a remembered prompt gives a new one.
-enum Reuse {
-    /// The same prompt: its cache and logits.
-    Whole(KvCache, Tensor),
-    /// A cache holding the first positions to prefill from (none: a fresh cache).
-    From(KvCache),
-}
-
-/// How many leading tokens `a` and `b` share.
-fn shared_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 /// One sequence being generated.
 struct Seq<'a> {
     /// Its own length, stop and sampling rules (sequences decoded together may differ).
@@ -110,7 +81,7 @@ struct Seq<'a> {
     on_text: Option<&'a mut dyn FnMut(&str)>,
     hook: Option<&'a mut LogitHook<'a>>,
     /// Checked before each token: a cancelled sequence stops with `Cancelled`.
-    cancel: Option<crate::Cancel>,
+    cancel: Option<mrrec_llm::Cancel>,
 }
 
 /// Edits a sequence's logits before each token: `(ids so far, logits)`.
@@ -198,13 +169,12 @@ impl LocalModel {
 
     /// Renders a request into the prompt text (template + assistant prefix).
     pub fn prompt(&self, req: &ChatRequest) -> Result<String> {
-        let tmpl = self
-            .template
-            .as_ref()
-            .ok_or_else(|| LlmError::BadModelFile {
+        let tmpl = self.template.as_ref().ok_or_else(|| {
+            crate::LocalError::Llm(LlmError::BadModelFile {
                 path: self.info.path.clone(),
                 message: "no tokenizer.chat_template in the file".into(),
-            })?;
+            })
+        })?;
         let mut p = tmpl.render(&req.messages, &req.tools, true)?;
         if let Some(prefix) = &req.assistant_prefix {
             p.push_str(prefix);
@@ -224,15 +194,17 @@ impl LocalModel {
 
     fn check_window(&self, prompt: &[u32], s: &Sampling) -> Result<()> {
         if prompt.is_empty() {
-            return Err(LlmError::Tokenizer("empty prompt".into()));
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                "empty prompt".into(),
+            )));
         }
         let window = self.info.context_length.min(self.model.context_length);
         if prompt.len() + s.max_tokens > window {
-            return Err(LlmError::ContextOverflow {
+            return Err(crate::LocalError::Llm(LlmError::ContextOverflow {
                 prompt: prompt.len(),
                 max_new: s.max_tokens,
                 window,
-            });
+            }));
         }
         Ok(())
     }
@@ -271,7 +243,7 @@ impl LocalModel {
 
     /// Picks the next token of one sequence from its logits; marks it done when it stops.
     fn step(&self, q: &mut Seq<'_>) -> Result<()> {
-        crate::cancel::check(q.cancel.as_ref())?;
+        mrrec_llm::check_cancel(q.cancel.as_ref())?;
         let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
         let mut allowed = None;
         if let Some(m) = q.matcher.as_mut() {
@@ -281,7 +253,7 @@ impl LocalModel {
             }
             let mask = m
                 .compute_mask()
-                .map_err(|e| LlmError::Constraint(e.to_string()))?;
+                .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
             let mut v = logits.to_vec1::<f32>()?;
             apply_mask(&mut v, &mask);
             allowed = Some(crate::TokenSet::from_mask(&mask, v.len()));
@@ -310,7 +282,7 @@ impl LocalModel {
         }
         if let Some(m) = q.matcher.as_mut() {
             m.consume_token(next)
-                .map_err(|e| LlmError::Constraint(e.to_string()))?;
+                .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
         }
         q.logprobs
             .push(logp.get(next as usize)?.to_scalar::<f32>()?);
@@ -347,7 +319,7 @@ impl LocalModel {
         loop {
             for q in seqs.iter_mut().filter(|q| q.done.is_none()) {
                 if let Err(e) = self.step(q) {
-                    q.failed = Some(e);
+                    q.failed = Some(e.into());
                     q.done = Some(FinishReason::Stop);
                 }
             }
@@ -380,7 +352,7 @@ impl LocalModel {
 
     fn finish(mut q: Seq<'_>) -> Result<Generation> {
         if let Some(e) = q.failed.take() {
-            return Err(e);
+            return Err(e.into());
         }
         Ok(Generation {
             ids: q.ids,
@@ -389,196 +361,6 @@ impl LocalModel {
             finish_reason: q.done.unwrap_or(FinishReason::Length),
             masks: q.masks,
         })
-    }
-
-    /// Runs `prompt` through the model, reusing the keys and values of the longest remembered
-    /// prompt that shares at least [`MIN_SHARED`] leading tokens with it; remembers this one.
-    fn prefill_reusing(&self, prompt: &[u32]) -> Result<(KvCache, Tensor)> {
-        self.prefill_reusing_many(&[prompt])
-            .pop()
-            .unwrap_or_else(|| Err(LlmError::Tokenizer("no prompt".into())))
-    }
-
-    /// [`Self::prefill_reusing`] for several prompts, their new tokens prefilled as one batch
-    /// ([`Transformer::prefill_batch`]). A prompt that shares more with an earlier prompt of the
-    /// batch than with any remembered one waits for a later wave, so that it reuses that
-    /// prompt's keys and values as it would have one at a time (a GRPO group's identical
-    /// prompts are computed once).
-    fn prefill_reusing_many(&self, prompts: &[&[u32]]) -> Vec<Result<(KvCache, Tensor)>> {
-        let reuse = self
-            .reuse_prefixes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let mut out: Vec<Option<Result<(KvCache, Tensor)>>> =
-            (0..prompts.len()).map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..prompts.len()).collect();
-        while !pending.is_empty() {
-            let mut wave: Vec<(usize, KvCache)> = Vec::new();
-            let mut later = Vec::new();
-            for i in pending {
-                let p = prompts[i];
-                if !reuse {
-                    wave.push((i, self.model.new_cache()));
-                    continue;
-                }
-                // Decided before any cache is copied: a prompt that waits costs nothing now.
-                let known = self.reusable_len(p);
-                let waits = wave.iter().any(|&(j, _)| {
-                    let n = shared_len(p, prompts[j]);
-                    n >= MIN_SHARED && n > known
-                });
-                if waits {
-                    later.push(i);
-                    continue;
-                }
-                match self.best_prefix(p) {
-                    Ok(Reuse::Whole(c, l)) => out[i] = Some(Ok((c, l))),
-                    Ok(Reuse::From(c)) => wave.push((i, c)),
-                    Err(e) => out[i] = Some(Err(e)),
-                }
-            }
-            let rests: Vec<&[u32]> = wave.iter().map(|(i, c)| &prompts[*i][c.pos..]).collect();
-            let mut caches: Vec<&mut KvCache> = wave.iter_mut().map(|(_, c)| c).collect();
-            match self.prefill_grouped(&rests, &mut caches) {
-                Ok(logits) => {
-                    for ((i, cache), l) in wave.into_iter().zip(logits) {
-                        if reuse {
-                            self.remember(prompts[i], &cache, &l);
-                        }
-                        out[i] = Some(Ok((cache, l)));
-                    }
-                }
-                // One prompt keeps its error as it is (a cancellation stays a cancellation).
-                Err(e) if wave.len() == 1 => out[wave[0].0] = Some(Err(e)),
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (i, _) in wave {
-                        out[i] = Some(Err(LlmError::Tokenizer(format!("prefill failed: {msg}"))));
-                    }
-                }
-            }
-            pending = later;
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
-            .collect()
-    }
-
-    /// Prefills the sequences in passes of [`Transformer::prefill_batch`] of at most
-    /// [`PREFILL_ROWS`] new tokens (a longer prompt takes a pass of its own): short prompts share
-    /// each weight read (measured: eight 32-token prompts in one pass 1.18–1.22× as fast as one
-    /// by one; four 250-token prompts 0.86–1.06×, no gain), while a pass's activations stay
-    /// bounded. Returns each sequence's logits.
-    fn prefill_grouped(
-        &self,
-        rests: &[&[u32]],
-        caches: &mut [&mut KvCache],
-    ) -> Result<Vec<Tensor>> {
-        let mut out = Vec::with_capacity(rests.len());
-        let mut start = 0;
-        while start < rests.len() {
-            let mut end = start + 1;
-            let mut rows = rests[start].len();
-            while end < rests.len() && rows + rests[end].len() <= PREFILL_ROWS {
-                rows += rests[end].len();
-                end += 1;
-            }
-            let logits = self
-                .model
-                .prefill_batch(&rests[start..end], &mut caches[start..end])?;
-            for row in 0..end - start {
-                out.push(logits.get(row)?);
-            }
-            start = end;
-        }
-        Ok(out)
-    }
-
-    /// The remembered prompt (of the current adapter) sharing the most leading tokens with
-    /// `prompt`, and how many.
-    fn longest_match<'p>(
-        prefixes: &'p mut [Prefix],
-        prompt: &[u32],
-        lora: u64,
-    ) -> Option<(usize, &'p mut Prefix)> {
-        prefixes
-            .iter_mut()
-            .filter(|x| x.lora == lora)
-            .map(|x| (shared_len(&x.ids, prompt), x))
-            .max_by_key(|(n, _)| *n)
-    }
-
-    /// How many leading positions of `prompt` [`Self::best_prefix`] would take from a
-    /// remembered prompt (its length when it is remembered whole), without copying anything.
-    fn reusable_len(&self, prompt: &[u32]) -> usize {
-        let lora = self.model.lora_generation();
-        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        match Self::longest_match(&mut p, prompt, lora) {
-            Some((n, x)) if n == prompt.len() && n == x.ids.len() => n,
-            Some((n, _)) if n >= MIN_SHARED => n.min(prompt.len() - 1),
-            _ => 0,
-        }
-    }
-
-    /// The remembered prompt sharing the most leading tokens with `prompt`: its whole cache when
-    /// it is `prompt`, else a fresh cache or one truncated to the shared part (at least
-    /// [`MIN_SHARED`] tokens; at least one token is left to prefill, for the logits).
-    fn best_prefix(&self, prompt: &[u32]) -> Result<Reuse> {
-        let lora = self.model.lora_generation();
-        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
-        Ok(match Self::longest_match(&mut p, prompt, lora) {
-            Some((n, x)) if n == prompt.len() && n == x.ids.len() => {
-                x.used = tick;
-                Reuse::Whole(x.cache.clone(), x.logits.clone())
-            }
-            Some((n, x)) if n >= MIN_SHARED => {
-                x.used = tick;
-                let mut c = x.cache.clone();
-                c.truncate(n.min(prompt.len() - 1))?;
-                Reuse::From(c)
-            }
-            _ => Reuse::From(self.model.new_cache()),
-        })
-    }
-
-    /// Remembers a prefilled prompt (the least recently used of [`PREFIXES`] makes room).
-    fn remember(&self, prompt: &[u32], cache: &KvCache, logits: &Tensor) {
-        let lora = self.model.lora_generation();
-        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let tick = p.iter().map(|x| x.used).max().unwrap_or(0) + 1;
-        p.retain(|x| x.ids != prompt);
-        if p.len() >= PREFIXES {
-            if let Some(i) = p
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, x)| x.used)
-                .map(|(i, _)| i)
-            {
-                p.remove(i);
-            }
-        }
-        p.push(Prefix {
-            ids: prompt.to_vec(),
-            cache: cache.clone(),
-            logits: logits.clone(),
-            lora,
-            used: tick,
-        });
-    }
-
-    /// Turns prompt-prefix reuse on or off (on by default; `MRREC_PREFIX_REUSE=0` turns it off).
-    /// Reuse is exact for prefill, but Q8_0 decoding quantises activations, so a reused cache can
-    /// move later log-probabilities by a few hundredths and, rarely, flip a near-tied greedy
-    /// token; callers that need bit-identical replays (log-probability checks) turn it off.
-    pub fn set_prefix_reuse(&self, on: bool) {
-        self.reuse_prefixes
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-        if !on {
-            self.prefixes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-        }
     }
 
     /// Generates from token ids; `on_text` receives decoded text as it grows.
@@ -628,11 +410,11 @@ impl LocalModel {
     /// so results equal single-stream generation).
     pub fn generate_many(&self, prompts: &[Vec<u32>], s: &[Sampling]) -> Result<Vec<Generation>> {
         if prompts.len() != s.len() {
-            return Err(LlmError::Tokenizer(format!(
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(format!(
                 "{} prompts, {} samplings",
                 prompts.len(),
                 s.len()
-            )));
+            ))));
         }
         for (p, si) in prompts.iter().zip(s) {
             self.check_window(p, si)?;
@@ -682,7 +464,9 @@ impl LocalModel {
     /// the same path as generation (prefill, then one token at a time).
     pub fn score_continuation(&self, prompt: &[u32], tokens: &[u32]) -> Result<Vec<f32>> {
         if prompt.is_empty() {
-            return Err(LlmError::Tokenizer("empty prompt".into()));
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                "empty prompt".into(),
+            )));
         }
         let mut cache = self.model.new_cache();
         let mut logits = self.model.prefill(prompt, &mut cache)?;
@@ -725,7 +509,7 @@ impl LocalModel {
 
     /// Refuses a request already cancelled or too long for the window.
     fn admit(&self, ids: &[u32], req: &ChatRequest) -> Result<()> {
-        crate::cancel::check(req.cancel.as_ref())?;
+        mrrec_llm::check_cancel(req.cancel.as_ref())?;
         self.check_window(ids, &req.sampling)
     }
 
@@ -806,7 +590,9 @@ impl LocalModel {
         if let Err(e) = self.run(&mut seqs) {
             let msg = e.to_string();
             for (i, _) in &started {
-                out[*i] = Some(Err(LlmError::Tokenizer(format!("batch failed: {msg}"))));
+                out[*i] = Some(Err(crate::LocalError::Llm(LlmError::Tokenizer(format!(
+                    "batch failed: {msg}"
+                )))));
             }
         } else {
             let n = started.len().max(1) as f64;
@@ -825,7 +611,13 @@ impl LocalModel {
             }
         }
         out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(LlmError::Tokenizer("no result".into()))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                        "no result".into(),
+                    )))
+                })
+            })
             .collect()
     }
 
@@ -834,7 +626,7 @@ impl LocalModel {
         self.info
             .tokenizer
             .decode(ids, false)
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+            .map_err(|e| crate::LocalError::Llm(LlmError::Tokenizer(e.to_string())))
     }
 
     fn response(
@@ -850,7 +642,7 @@ impl LocalModel {
             g.text
         );
         ChatResponse {
-            tool_calls: crate::parse::tool_calls(&full).calls,
+            tool_calls: mrrec_llm::parse::tool_calls(&full).calls,
             text: g.text,
             finish_reason: g.finish_reason,
             usage: Usage {
@@ -871,14 +663,14 @@ impl ChatModel for LocalModel {
         &self,
         req: &ChatRequest,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<ChatResponse> {
+    ) -> mrrec_llm::Result<ChatResponse> {
         Ok(self.chat_segment(req, on_text)?.0)
     }
 
-    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<mrrec_llm::Result<ChatResponse>> {
         self.chat_segments(reqs)
             .into_iter()
-            .map(|r| r.map(|(resp, _)| resp))
+            .map(|r| r.map(|(resp, _)| resp).map_err(Into::into))
             .collect()
     }
 }

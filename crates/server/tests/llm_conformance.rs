@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use mrrec_llm::*;
+use mrrec_llm_local::*;
 
 fn backends() -> Vec<(&'static str, Arc<dyn ChatModel>)> {
     let local: Arc<dyn ChatModel> =
         Arc::new(LocalModel::from_registry("smollm2-135m-instruct").unwrap());
-    let url = serve::spawn_loopback(local.clone()).unwrap();
+    let url = mrrec_server::llm::spawn_loopback(local.clone()).unwrap();
     let remote: Arc<dyn ChatModel> =
         Arc::new(OpenAiModel::new(OpenAiConfig::new(&url, "smollm2")).unwrap());
     vec![("local", local), ("openai→serve-llm", remote)]
@@ -98,7 +99,7 @@ fn every_backend_behaves_the_same() {
 fn serve_llm_rejects_bad_requests_clearly() {
     let local: Arc<dyn ChatModel> =
         Arc::new(LocalModel::from_registry("smollm2-135m-instruct").unwrap());
-    let url = serve::spawn_loopback(local).unwrap();
+    let url = mrrec_server::llm::spawn_loopback(local).unwrap();
     let client = reqwest::blocking::Client::new();
     let post = |body: &str| {
         let r = client
@@ -160,7 +161,7 @@ fn serve_llm_stops_generating_for_a_client_that_left() {
         inner: EchoModel::from_id("echo@5000").unwrap(),
         ends: Default::default(),
     });
-    let url = serve::spawn_loopback(model.clone()).unwrap();
+    let url = mrrec_server::llm::spawn_loopback(model.clone()).unwrap();
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_millis(300))
         .build()

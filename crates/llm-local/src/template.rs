@@ -4,7 +4,8 @@
 use minijinja::{Environment, Value};
 use serde_json::json;
 
-use crate::{LlmError, Message, Result, Role, ToolSpec};
+use crate::Result;
+use mrrec_llm::{LlmError, Message, Role, ToolSpec};
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -71,7 +72,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| LlmError::Template(e.to_string()))?;
+            .map_err(|e| crate::LocalError::Llm(LlmError::Template(e.to_string())))?;
         Ok(ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or("").to_string(),
@@ -117,8 +118,8 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| LlmError::Template(e.to_string()))?;
+            .map_err(|e| crate::LocalError::Llm(LlmError::Template(e.to_string())))?;
         tmpl.render(Value::from(minijinja::value::Serde(ctx)))
-            .map_err(|e| LlmError::Template(format!("{e:#}")))
+            .map_err(|e| crate::LocalError::Llm(LlmError::Template(format!("{e:#}"))))
     }
 }

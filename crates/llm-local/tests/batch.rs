@@ -2,8 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use mrrec_llm::model::KvCache;
 use mrrec_llm::*;
+use mrrec_llm_local::model::KvCache;
+use mrrec_llm_local::*;
 
 fn prompts(m: &LocalModel) -> Vec<Vec<u32>> {
     [

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use mrrec_llm::model::{LoraAdapter, Proj};
-use mrrec_llm::*;
+use mrrec_llm_local::model::{LoraAdapter, Proj};
+use mrrec_llm_local::*;
 
 fn logits(m: &LocalModel, prompt: &[u32]) -> Vec<f32> {
     let t = m.transformer();

@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = Vec::new();
     for dense in ["0", "1"] {
         std::env::set_var("MRREC_DENSE_PREFILL", dense);
-        let m = mrrec_llm::LocalModel::from_registry(id)?;
+        let m = mrrec_llm_local::LocalModel::from_registry(id)?;
         let text = "The shopper bought a stainless steel kettle and praised how quickly it boils. "
             .repeat(n / 12 + 1);
         let mut ids = m.info().encode(&text)?;

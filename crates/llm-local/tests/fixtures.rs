@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mrrec_llm::*;
+use mrrec_llm_local::*;
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> Value {
@@ -232,7 +233,7 @@ fn returned_logprobs_equal_a_recomputation() {
 fn candle_kernels_follow_the_reference_too() {
     // SAFETY: set before any thread of this test process reads the environment.
     unsafe { std::env::set_var("MRREC_Q8_KERNEL", "0") };
-    assert!(!mrrec_llm::q8::available());
+    assert!(!mrrec_llm_local::q8::available());
     let (id, fx) = MODELS[0];
     let f = fixture(fx);
     let m = LocalModel::from_registry(id).unwrap();

@@ -1,7 +1,7 @@
 //! Checks that prefilling a prompt in two chunks gives the logits (and the next decode step) of
 //! one chunk: `cargo run --release -p mrrec-llm --example chunked`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let m = mrrec_llm::LocalModel::from_registry("smollm2-135m-instruct")?;
+    let m = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct")?;
     let ids = m
         .info()
         .encode(&"A quiet kettle that boils fast and does not drip. ".repeat(8))?;

@@ -7,7 +7,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-use crate::{LlmError, Result};
+use crate::Result;
+use mrrec_llm::LlmError;
 
 /// The model facts read from a GGUF header.
 pub struct GgufInfo {
@@ -33,11 +34,11 @@ pub struct GgufInfo {
     pub eos_token: Option<String>,
 }
 
-fn bad(path: &Path, message: impl Into<String>) -> LlmError {
-    LlmError::BadModelFile {
+fn bad(path: &Path, message: impl Into<String>) -> crate::LocalError {
+    crate::LocalError::Llm(LlmError::BadModelFile {
         path: path.to_path_buf(),
         message: message.into(),
-    }
+    })
 }
 
 fn get_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<&'a String> {
@@ -77,8 +78,9 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
 pub fn tokenizer_from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Tokenizer> {
     let spec = tokenizer_json_from_gguf(path, md)?;
     let text = serde_json::to_string(&spec).map_err(|e| bad(path, e.to_string()))?;
-    text.parse::<Tokenizer>()
-        .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))
+    text.parse::<Tokenizer>().map_err(|e| {
+        crate::LocalError::Llm(LlmError::Tokenizer(format!("{}: {e}", path.display())))
+    })
 }
 
 /// The file's tokenizer as a `tokenizer.json` document.
@@ -146,9 +148,11 @@ pub fn tokenizer_json_from_gguf(
 impl GgufInfo {
     /// Reads the header of `path` (tensors are not loaded).
     pub fn read(path: &Path) -> Result<(Self, Content)> {
-        let mut f = std::fs::File::open(path).map_err(|e| LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
+        let mut f = std::fs::File::open(path).map_err(|e| {
+            crate::LocalError::Llm(LlmError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
         })?;
         let content =
             Content::read(&mut f).map_err(|e| bad(path, format!("not a GGUF file: {e}")))?;
@@ -162,7 +166,9 @@ impl GgufInfo {
         let tokenizer: Tokenizer = serde_json::to_string(&tokenizer_json)
             .map_err(|e| bad(path, e.to_string()))?
             .parse()
-            .map_err(|e| LlmError::Tokenizer(format!("{}: {e}", path.display())))?;
+            .map_err(|e| {
+                crate::LocalError::Llm(LlmError::Tokenizer(format!("{}: {e}", path.display())))
+            })?;
         let vocab_size = md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -205,6 +211,6 @@ impl GgufInfo {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+            .map_err(|e| crate::LocalError::Llm(LlmError::Tokenizer(e.to_string())))
     }
 }

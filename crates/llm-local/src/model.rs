@@ -14,8 +14,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
+use crate::attention::{blocked_attention, ATTENTION_BLOCK};
+pub use crate::lora::LoraAdapter;
 use crate::q8::{self, PackedQ8};
-use crate::{LlmError, Result};
+use crate::Result;
+use mrrec_llm::LlmError;
 
 /// The arithmetic a projection runs with.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,100 +90,6 @@ impl Proj {
             Proj::Up => "ffn_up",
             Proj::Down => "ffn_down",
         }
-    }
-}
-
-/// A LoRA adapter applied at inference beside the quantised weights, never merged into them:
-/// `y = W x + (alpha / rank) · B (A x)`, with `A: (rank, in)` and `B: (out, rank)` in f32.
-#[derive(Clone, Default)]
-pub struct LoraAdapter {
-    /// Scale numerator.
-    pub alpha: f32,
-    /// Rank.
-    pub rank: usize,
-    deltas: std::collections::HashMap<(usize, Proj), (Tensor, Tensor)>,
-}
-
-impl LoraAdapter {
-    /// An empty adapter.
-    pub fn new(rank: usize, alpha: f32) -> Self {
-        LoraAdapter {
-            alpha,
-            rank,
-            deltas: Default::default(),
-        }
-    }
-
-    /// Sets the factors of one projection of one layer.
-    pub fn insert(&mut self, layer: usize, proj: Proj, a: Tensor, b: Tensor) {
-        self.deltas.insert((layer, proj), (a, b));
-    }
-
-    /// The factors of one projection, if adapted.
-    pub fn get(&self, layer: usize, proj: Proj) -> Option<&(Tensor, Tensor)> {
-        self.deltas.get(&(layer, proj))
-    }
-
-    /// Writes the adapter as safetensors (`blk.{i}.{proj}.lora_a` / `.lora_b`, plus `lora.alpha`
-    /// and `lora.rank` scalars).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut map: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
-        for ((l, p), (a, b)) in &self.deltas {
-            map.insert(format!("blk.{l}.{}.lora_a", p.name()), a.clone());
-            map.insert(format!("blk.{l}.{}.lora_b", p.name()), b.clone());
-        }
-        map.insert(
-            "lora.alpha".into(),
-            Tensor::new(&[self.alpha], &Device::Cpu)?,
-        );
-        map.insert(
-            "lora.rank".into(),
-            Tensor::new(&[self.rank as f32], &Device::Cpu)?,
-        );
-        candle_core::safetensors::save(&map, path)?;
-        Ok(())
-    }
-
-    /// Reads an adapter written by [`LoraAdapter::save`].
-    pub fn load(path: &Path) -> Result<Self> {
-        let map = candle_core::safetensors::load(path, &Device::Cpu)?;
-        let scalar = |k: &str| -> Result<f32> {
-            map.get(k)
-                .ok_or_else(|| LlmError::BadModelFile {
-                    path: path.to_path_buf(),
-                    message: format!("no {k}"),
-                })?
-                .flatten_all()?
-                .get(0)?
-                .to_scalar::<f32>()
-                .map_err(Into::into)
-        };
-        let mut ad = LoraAdapter::new(scalar("lora.rank")? as usize, scalar("lora.alpha")?);
-        for (name, a) in &map {
-            let Some(rest) = name
-                .strip_prefix("blk.")
-                .and_then(|r| r.strip_suffix(".lora_a"))
-            else {
-                continue;
-            };
-            let Some((l, pname)) = rest.split_once('.') else {
-                continue;
-            };
-            let (Ok(l), Some(p)) = (
-                l.parse::<usize>(),
-                Proj::ALL.iter().find(|p| p.name() == pname),
-            ) else {
-                continue;
-            };
-            let b = map.get(&format!("blk.{l}.{pname}.lora_b")).ok_or_else(|| {
-                LlmError::BadModelFile {
-                    path: path.to_path_buf(),
-                    message: format!("{name} without its lora_b"),
-                }
-            })?;
-            ad.insert(l, *p, a.clone(), b.clone());
-        }
-        Ok(ad)
     }
 }
 
@@ -257,13 +166,17 @@ impl Transformer {
     /// Loads the weights of a GGUF file (qwen2 or llama architecture).
     pub fn load(path: &Path, ct: gguf_file::Content) -> Result<Self> {
         let device = Device::Cpu;
-        let mut f = std::fs::File::open(path).map_err(|e| LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
+        let mut f = std::fs::File::open(path).map_err(|e| {
+            crate::LocalError::Llm(LlmError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
         })?;
-        let bad = |m: String| LlmError::BadModelFile {
-            path: path.to_path_buf(),
-            message: m,
+        let bad = |m: String| {
+            crate::LocalError::Llm(LlmError::BadModelFile {
+                path: path.to_path_buf(),
+                message: m,
+            })
         };
         let arch = ct
             .metadata
@@ -617,11 +530,11 @@ impl Transformer {
 
     fn check(&self, cache: &KvCache, new: usize) -> Result<()> {
         if cache.pos + new > self.context_length {
-            return Err(LlmError::ContextOverflow {
+            return Err(crate::LocalError::Llm(LlmError::ContextOverflow {
                 prompt: cache.pos,
                 max_new: new,
                 window: self.context_length,
-            });
+            }));
         }
         Ok(())
     }
@@ -638,14 +551,16 @@ impl Transformer {
     /// batch (every other operation is per row or per sequence).
     pub fn prefill_batch(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         if tokens.len() != caches.len() || tokens.is_empty() {
-            return Err(LlmError::Tokenizer(format!(
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(format!(
                 "{} prompts for {} sequences",
                 tokens.len(),
                 caches.len()
-            )));
+            ))));
         }
         if tokens.iter().any(|t| t.is_empty()) {
-            return Err(LlmError::Tokenizer("empty input".into()));
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                "empty input".into(),
+            )));
         }
         for (t, c) in tokens.iter().zip(caches.iter()) {
             self.check(c, t.len())?;
@@ -712,10 +627,10 @@ impl Transformer {
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let b = tokens.len();
         if b != caches.len() || b == 0 {
-            return Err(LlmError::Tokenizer(format!(
+            return Err(crate::LocalError::Llm(LlmError::Tokenizer(format!(
                 "{b} tokens for {} sequences",
                 caches.len()
-            )));
+            ))));
         }
         for c in caches.iter() {
             self.check(c, 1)?;
@@ -747,74 +662,6 @@ impl Transformer {
         let logits = self.head(&self.norm.forward(&x)?, Mode::Decode)?; // (b, 1, vocab)
         Ok(logits.squeeze(1)?)
     }
-}
-
-/// Query positions per block of [`blocked_attention`], which every prompt of two or more new
-/// positions takes (one position — decoding — takes the one-matrix path), so that a prompt's
-/// keys and values do not depend on how it was split into prefills.
-const ATTENTION_BLOCK: usize = 128;
-
-/// Causal attention of a prompt in blocks of `block` query positions: each block's scores (the
-/// `rep` query heads of a key/value head stacked as rows, as the one-matrix path does) reach only
-/// the keys up to its last position, and the causal mask and softmax are applied in place, so no
-/// prompt × prompt mask or score matrix is built and the keys after a block are never
-/// multiplied. `q` is (1, heads, t, dim) after RoPE; `k`, `v` (1, kv heads, pos + t, dim) with
-/// the cache (head h reads key/value head h / rep). Returns (1, heads, t, dim).
-fn blocked_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pos: usize,
-    n_kv: usize,
-    block: usize,
-) -> candle_core::Result<Tensor> {
-    let (_, n_head, t, d) = q.dims4()?;
-    let rep = n_head / n_kv;
-    let scale = 1.0 / (d as f32).sqrt();
-    let q = q.contiguous()?.reshape((1, n_kv, rep, t, d))?;
-    let mut outs = Vec::with_capacity(t.div_ceil(block));
-    for i0 in (0..t).step_by(block) {
-        let b = block.min(t - i0);
-        let kv_end = pos + i0 + b;
-        let qb = q
-            .narrow(3, i0, b)?
-            .contiguous()?
-            .reshape((1, n_kv, rep * b, d))?;
-        let kb = k.narrow(2, 0, kv_end)?.contiguous()?;
-        let vb = v.narrow(2, 0, kv_end)?.contiguous()?;
-        let scores = qb.matmul(&kb.t()?)?; // (1, kv, rep·b, kv_end)
-        let mut p: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-        {
-            use rayon::prelude::*;
-            p.par_chunks_mut(kv_end).enumerate().for_each(|(row, s)| {
-                // Row (kv head, r, i) is query position i0 + i: keys 0..=pos + i0 + i.
-                causal_softmax(s, pos + i0 + row % b + 1, scale);
-            });
-        }
-        let p = Tensor::from_vec(p, (1, n_kv, rep * b, kv_end), q.device())?;
-        outs.push(p.matmul(&vb)?.reshape((1, n_kv, rep, b, d))?);
-    }
-    Tensor::cat(&outs, 3)?.reshape((1, n_head, t, d))
-}
-
-/// Softmax of `s[..valid] · scale` in place; the positions after `valid` (later keys) become 0.
-fn causal_softmax(s: &mut [f32], valid: usize, scale: f32) {
-    let (live, masked) = s.split_at_mut(valid.min(s.len()));
-    let mut max = f32::NEG_INFINITY;
-    for x in live.iter_mut() {
-        *x *= scale;
-        max = max.max(*x);
-    }
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in live.iter_mut() {
-        *x *= inv;
-    }
-    masked.fill(0.0);
 }
 
 /// The f32 weight (out, in) of a quantised matrix.
@@ -862,91 +709,4 @@ fn packed_matmul(
         *last = p.n();
     }
     Tensor::from_vec(out, shape, x.device())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// Causal grouped-query attention written out in f64.
-    fn reference(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        dims: (usize, usize, usize, usize, usize),
-    ) -> Vec<f64> {
-        let (n_head, n_kv, t, pos, d) = dims;
-        let (rep, l) = (n_head / n_kv, pos + t);
-        let mut out = vec![0f64; n_head * t * d];
-        for h in 0..n_head {
-            let g = h / rep;
-            for i in 0..t {
-                let qi = &q[(h * t + i) * d..][..d];
-                let s: Vec<f64> = (0..=pos + i)
-                    .map(|j| {
-                        let kj = &k[(g * l + j) * d..][..d];
-                        qi.iter()
-                            .zip(kj)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for (j, w) in e.iter().enumerate() {
-                    let vj = &v[(g * l + j) * d..][..d];
-                    for c in 0..d {
-                        out[(h * t + i) * d + c] += w / sum * vj[c] as f64;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn blocked_attention_matches_the_written_out_reference() {
-        let dev = Device::Cpu;
-        // Block sizes that divide t, that do not, and one larger than t; with and without a cache.
-        for (n_head, n_kv, t, pos, block) in [
-            (4usize, 2usize, 9usize, 0usize, 4usize),
-            (6, 2, 37, 0, 8),
-            (6, 3, 37, 11, 16),
-            (2, 1, 5, 3, 64),
-            (14, 2, 150, 20, 128),
-        ] {
-            let d = 16;
-            let q = Tensor::randn(0f32, 1.0, (1, n_head, t, d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev).unwrap();
-            let got: Vec<f32> = blocked_attention(&q, &k, &v, pos, n_kv, block)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let flat = |x: &Tensor| -> Vec<f32> { x.flatten_all().unwrap().to_vec1().unwrap() };
-            let want = reference(&flat(&q), &flat(&k), &flat(&v), (n_head, n_kv, t, pos, d));
-            assert_eq!(got.len(), want.len());
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (*a as f64 - b).abs() < 1e-4,
-                    "heads {n_head}/{n_kv}, t {t}, pos {pos}, block {block}: output {i}: {a} vs {b}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn causal_softmax_zeroes_later_keys_and_sums_to_one() {
-        let mut s = vec![1.0f32, 2.0, 3.0, 100.0, -5.0];
-        causal_softmax(&mut s, 3, 0.5);
-        assert_eq!(&s[3..], &[0.0, 0.0]);
-        let sum: f32 = s.iter().sum();
-        assert!((sum - 1.0).abs() < 1e-6);
-        assert!(s[2] > s[1] && s[1] > s[0]);
-    }
 }

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::{
+use mrrec_llm::{
     ChatModel, ChatRequest, ChatResponse, FinishReason, Message, Role, Sampling, ToolCall, ToolSpec,
 };
 
@@ -66,7 +66,7 @@ pub fn parse_request(body: &Value) -> Result<(ChatRequest, bool), String> {
                     .ok_or(format!("messages[{i}].tool_calls: missing name"))?;
                 let arguments = match f.get("arguments") {
                     Some(Value::String(s)) => {
-                        crate::parse::parse_json_lenient(s).unwrap_or(json!({}))
+                        mrrec_llm::parse::parse_json_lenient(s).unwrap_or(json!({}))
                     }
                     Some(v) => v.clone(),
                     None => json!({}),
@@ -135,15 +135,15 @@ pub fn parse_request(body: &Value) -> Result<(ChatRequest, bool), String> {
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let constraint = if let Some(schema) = body.get("guided_json").filter(|v| !v.is_null()) {
-        Some(crate::Constraint::JsonSchema(schema.clone()))
+        Some(mrrec_llm::Constraint::JsonSchema(schema.clone()))
     } else if let Some(schema) = body.pointer("/response_format/json_schema/schema") {
-        Some(crate::Constraint::JsonSchema(schema.clone()))
+        Some(mrrec_llm::Constraint::JsonSchema(schema.clone()))
     } else if let Some(r) = body.get("guided_regex").and_then(Value::as_str) {
-        Some(crate::Constraint::Regex(r.to_string()))
+        Some(mrrec_llm::Constraint::Regex(r.to_string()))
     } else {
         body.get("guided_grammar")
             .and_then(Value::as_str)
-            .map(|g| crate::Constraint::Lark(g.to_string()))
+            .map(|g| mrrec_llm::Constraint::Lark(g.to_string()))
     };
     Ok((
         ChatRequest {
@@ -196,7 +196,7 @@ async fn completions(State(model): State<Arc<dyn ChatModel>>, body: axum::body::
     };
     // Dropped with this handler's future (the client left) or with its event stream, the guard
     // stops the generation at the next token.
-    let cancel = crate::Cancel::new();
+    let cancel = mrrec_llm::Cancel::new();
     req.cancel = Some(cancel.clone());
     let guard = cancel.on_drop();
     let id = model.id().to_string();

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::{ChatModel, ChatRequest, ChatResponse, LlmError, LocalModel, Result, Segment};
+use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, LlmError, Result};
+
+use crate::{LocalModel, Segment};
 
 /// A model that answers with the exact token record of the call (what GRPO trains on).
 pub trait SegmentModel: Sync {
@@ -35,7 +37,7 @@ impl SegmentModel for LocalModel {
         req: &ChatRequest,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<(ChatResponse, Segment)> {
-        LocalModel::chat_segment(self, req, on_text)
+        Ok(LocalModel::chat_segment(self, req, on_text)?)
     }
 }
 
@@ -188,7 +190,7 @@ impl<'m> Batcher<'m> {
             Backend::Local(m) => m
                 .chat_segments(reqs)
                 .into_iter()
-                .map(|r| r.map(|(resp, seg)| (resp, Some(seg))))
+                .map(|r| r.map(|(resp, seg)| (resp, Some(seg))).map_err(Into::into))
                 .collect(),
             Backend::Chat(m) => chat(*m),
             Backend::Shared(m) => chat(&**m),
