@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use mrrec_agent::{Workspace, WorkspaceOptions};
-use mrrec_data::Split;
+use mrrec_data::{QueryField, Split};
 
 use crate::cmd::eval::ws_data_name;
 
@@ -47,24 +47,24 @@ pub(crate) struct DataArgs {
     /// Treat any bad record as an error.
     #[arg(long)]
     pub(crate) strict: bool,
-    /// Dense index: exact, hnsw, or auto (HNSW above 200,000 items).
-    #[arg(long, default_value = "auto")]
-    pub(crate) dense_index: String,
+    /// Dense index.
+    #[arg(long, value_enum, default_value_t = DenseArg::Auto)]
+    pub(crate) dense_index: DenseArg,
 }
 
 #[derive(Args, Clone)]
 pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) data: DataArgs,
-    /// Method: bm25, dense or hybrid.
-    #[arg(long)]
+    /// Method: a retrieval baseline, an LLM baseline, MR.Rec or one of its ablations.
+    #[arg(long, value_parser = method_names())]
     pub(crate) method: String,
     /// Which query text methods read.
-    #[arg(long, default_value = "simple_query")]
-    pub(crate) query_field: String,
-    /// Splits to evaluate (comma-separated: train, val).
-    #[arg(long, default_value = "val")]
-    pub(crate) split: String,
+    #[arg(long, value_enum, default_value_t = FieldArg::SimpleQuery)]
+    pub(crate) query_field: FieldArg,
+    /// Splits to evaluate (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "val")]
+    pub(crate) split: Vec<SplitArg>,
     /// Evaluate a seeded subset of this many queries.
     #[arg(long)]
     pub(crate) limit: Option<usize>,
@@ -84,10 +84,9 @@ pub(crate) struct EvalArgs {
 pub(crate) struct AssistantArgs {
     #[command(flatten)]
     pub(crate) llm: LlmArgs,
-    /// Loop mode: guided (the controller owns the structure), free (the paper's), or auto
-    /// (guided for local models, free for servers).
-    #[arg(long, default_value = "auto")]
-    pub(crate) mode: String,
+    /// Loop mode.
+    #[arg(long, value_enum, default_value_t = LoopMode::Auto)]
+    pub(crate) mode: LoopMode,
     /// Memory store (SQLite file or postgres:// URL; default: the catalogue's store under
     /// $MRREC_HOME/memory).
     #[arg(long, env = "MRREC_STORE")]
@@ -131,10 +130,10 @@ pub(crate) struct LlmContext {
 
 impl AssistantArgs {
     pub(crate) fn config(&self) -> Result<mrrec_agent::assistant::AssistantConfig> {
-        let mode = match self.mode.as_str() {
-            "auto" if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
-            "auto" => mrrec_agent::assistant::Mode::Guided,
-            m => m.parse().map_err(anyhow::Error::msg)?,
+        let mode = match self.mode {
+            LoopMode::Auto if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
+            LoopMode::Auto | LoopMode::Guided => mrrec_agent::assistant::Mode::Guided,
+            LoopMode::Free => mrrec_agent::assistant::Mode::Free,
         };
         Ok(mrrec_agent::assistant::AssistantConfig {
             mode,
@@ -171,7 +170,11 @@ impl DataArgs {
         o.max_items = self.max_items;
         o.strict = self.strict;
         o.progress = true;
-        o.dense = self.dense_index.parse().map_err(anyhow::Error::msg)?;
+        o.dense = match self.dense_index {
+            DenseArg::Exact => mrrec_agent::DenseKind::Exact,
+            DenseArg::Hnsw => mrrec_agent::DenseKind::Hnsw,
+            DenseArg::Auto => mrrec_agent::DenseKind::Auto,
+        };
         Ok(o)
     }
 
@@ -198,20 +201,102 @@ impl DataArgs {
     }
 }
 
-pub(crate) fn parse_splits(s: &str) -> Result<Vec<Split>> {
-    s.split(',')
-        .map(|x| x.parse::<Split>().map_err(anyhow::Error::msg))
+/// How the assistant's loop is driven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LoopMode {
+    /// Guided for local models, free for servers.
+    Auto,
+    /// The controller owns the structure; the model fills constrained slots.
+    Guided,
+    /// The model drives (the paper's protocol).
+    Free,
+}
+
+/// Which query text methods read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FieldArg {
+    /// MR.Rec's one-sentence request.
+    #[value(name = "simple_query")]
+    SimpleQuery,
+    /// The C4-style request (1–3 sentences).
+    Query,
+}
+
+impl From<FieldArg> for QueryField {
+    fn from(f: FieldArg) -> Self {
+        match f {
+            FieldArg::SimpleQuery => QueryField::SimpleQuery,
+            FieldArg::Query => QueryField::Query,
+        }
+    }
+}
+
+/// A query split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SplitArg {
+    /// Global memory, tuning and training.
+    Train,
+    /// Choosing prompts, settings and checkpoints.
+    Val,
+    /// Held-out evaluation (Amazon-C4's rows).
+    Test,
+    /// Earlier held-out reviews (never evaluated).
+    Aspect,
+}
+
+/// The library's splits of `--split` values.
+pub(crate) fn splits(v: &[SplitArg]) -> Vec<Split> {
+    v.iter()
+        .map(|s| match s {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+            SplitArg::Test => Split::Test,
+            SplitArg::Aspect => Split::Aspect,
+        })
         .collect()
 }
 
-pub(crate) fn parse_levels(s: &str) -> Result<Vec<mrrec_memory::Level>> {
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| {
-            mrrec_memory::Level::parse(x)
-                .with_context(|| format!("unknown level {x:?} (records, patterns, profile)"))
-        })
-        .collect()
+/// `--split` values as written (`train,val`).
+pub(crate) fn split_names(v: &[SplitArg]) -> String {
+    v.iter()
+        .filter_map(|s| s.to_possible_value().map(|p| p.get_name().to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The dense index a workspace ranks with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DenseArg {
+    /// Exact inner product over every item.
+    Exact,
+    /// HNSW graph (approximate).
+    Hnsw,
+    /// HNSW above 200,000 items, exact below.
+    Auto,
+}
+
+/// A level of a user's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LevelArg {
+    /// Raw interactions (no LLM).
+    #[value(alias = "record")]
+    Records,
+    /// Per-category preference summaries (LLM).
+    #[value(alias = "pattern")]
+    Patterns,
+    /// The user profile (LLM).
+    #[value(alias = "profiles")]
+    Profile,
+}
+
+impl From<LevelArg> for mrrec_memory::Level {
+    fn from(l: LevelArg) -> Self {
+        match l {
+            LevelArg::Records => mrrec_memory::Level::Record,
+            LevelArg::Patterns => mrrec_memory::Level::Pattern,
+            LevelArg::Profile => mrrec_memory::Level::Profile,
+        }
+    }
 }
 
 /// A duration flag in seconds: positive and finite.
@@ -251,6 +336,17 @@ pub(crate) fn server_options() -> Result<&'static mrrec_agent::backend::ServerOp
         retries: number("MRREC_LLM_RETRIES")?.map(|r| r as u32),
     };
     Ok(OPTIONS.get_or_init(|| o))
+}
+
+/// Every method `eval` and `recommend` know (retrieval baselines, LLM baselines, MR.Rec and its
+/// ablations), for clap to list and check.
+pub(crate) fn method_names() -> clap::builder::PossibleValuesParser {
+    let all: Vec<&'static str> = mrrec_agent::method_names()
+        .iter()
+        .chain(mrrec_agent::methods::llm_method_names())
+        .copied()
+        .collect();
+    clap::builder::PossibleValuesParser::new(all)
 }
 
 /// The tenant a command acts for when `--tenant` is not given (the service's first key's tenant).

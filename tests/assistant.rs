@@ -1,6 +1,7 @@
 //! The assistant's loop: control flow in both modes with a scripted model (tool call → result →
-//! answer, malformed answers, too many calls, isolation of users), and guided mode with the real
-//! tiny model on real users.
+//! answer, malformed answers, too many calls, isolation of users) on fakes — a bag-of-words
+//! embedder, a small catalogue and an exact index, no model file or data set — and, on the real
+//! data with MiniLM, the similarity checks and guided mode with the real tiny model.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,10 @@ use std::sync::Mutex;
 
 use mrrec_agent::assistant::{Assistant, AssistantConfig, Mode};
 use mrrec_agent::memory::{BuildReport, MemoryBuilder};
-use mrrec_agent::{Workspace, WorkspaceOptions};
+use mrrec_agent::{Shop, Workspace, WorkspaceOptions};
+use mrrec_data::{Catalogue, Histories, Item};
+use mrrec_embed::TextEmbedder;
+use mrrec_index::{Bm25Index, ExactIndex, ItemIndex};
 use mrrec_llm::{ChatModel, ChatRequest, ChatResponse, Constraint, FinishReason, Usage};
 use mrrec_memory::{GlobalAspect, Level, MemoryEntry, MemoryRead, MemoryWrite, Owner, SqliteStore};
 
@@ -67,20 +71,121 @@ fn workspace() -> Workspace {
     Workspace::open(&o).unwrap()
 }
 
-fn entry(ws: &Workspace, id: &str, level: Level, text: &str) -> MemoryEntry {
-    use mrrec_embed::TextEmbedder;
+/// A bag-of-words embedder: each lower-cased word hashed into one of 64 dimensions, the vector
+/// L2-normalised (texts sharing words are similar; no model file).
+struct Words;
+
+impl TextEmbedder for Words {
+    fn model_id(&self) -> &str {
+        "words-64"
+    }
+    fn dim(&self) -> usize {
+        64
+    }
+    fn embed(&self, texts: &[&str]) -> mrrec_embed::Result<Vec<Vec<f32>>> {
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0f32; 64];
+                for w in t
+                    .split(|c: char| !c.is_alphanumeric())
+                    .filter(|w| !w.is_empty())
+                {
+                    let h = w
+                        .to_lowercase()
+                        .bytes()
+                        .fold(1469598103934665603u64, |h, b| {
+                            (h ^ b as u64).wrapping_mul(1099511628211)
+                        });
+                    v[(h % 64) as usize] += 1.0;
+                }
+                let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+                v.iter().map(|x| x / n).collect()
+            })
+            .collect())
+    }
+}
+
+/// What the control-flow tests need instead of a workspace: 30 toy items, no histories, the
+/// bag-of-words embedder and exact and BM25 indexes over the items.
+struct Fakes {
+    catalogue: Catalogue,
+    histories: Histories,
+    embedder: Words,
+    dense: std::sync::Arc<dyn ItemIndex>,
+    lexical: std::sync::Arc<dyn ItemIndex>,
+}
+
+impl Fakes {
+    fn shop(&self) -> Shop<'_> {
+        Shop {
+            catalogue: &self.catalogue,
+            histories: &self.histories,
+            embedder: &self.embedder,
+            dense: &self.dense,
+            lexical: &self.lexical,
+        }
+    }
+}
+
+fn fakes() -> Fakes {
+    let kinds = [
+        "plush bunny",
+        "wooden blocks",
+        "toy car",
+        "puzzle",
+        "doll house",
+        "kite",
+    ];
+    let items: Vec<Item> = (0..30)
+        .map(|i| {
+            let title = format!("{} number {i}", kinds[i % kinds.len()]);
+            Item {
+                id: format!("B{i:09}"),
+                text: format!("{title}. A toy for children, soft and washable."),
+                title,
+                main_category: Some("Toys & Games".into()),
+            }
+        })
+        .collect();
+    let (catalogue, dups) = Catalogue::from_items(items);
+    assert!(dups.is_empty());
+    let texts: Vec<&str> = catalogue.items().iter().map(|i| i.text.as_str()).collect();
+    let vecs = Words.embed(&texts).unwrap();
+    let dense = std::sync::Arc::new(ExactIndex::from_rows(64, &vecs).unwrap());
+    let lexical = std::sync::Arc::new(
+        Bm25Index::build(
+            catalogue
+                .items()
+                .iter()
+                .enumerate()
+                .map(|(i, it)| (i as u32, it.text.as_str())),
+            None,
+        )
+        .unwrap(),
+    );
+    Fakes {
+        catalogue,
+        histories: Histories::default(),
+        embedder: Words,
+        dense,
+        lexical,
+    }
+}
+
+fn entry(e: &dyn TextEmbedder, id: &str, level: Level, text: &str) -> MemoryEntry {
     MemoryEntry {
         id: id.into(),
         level,
         category: Some("Toys & Games".into()),
         text: text.into(),
         provenance: vec![],
-        embedding: ws.embedder.embed(&[text]).unwrap().remove(0),
+        embedding: e.embed(&[text]).unwrap().remove(0),
     }
 }
 
 /// Alice likes plush toys (and one of her reviews is hostile); Bob's memory holds a secret.
-fn store(ws: &Workspace, dir: &std::path::Path) -> SqliteStore {
+fn store(ws: &dyn TextEmbedder, dir: &std::path::Path) -> SqliteStore {
     let s = SqliteStore::open(&dir.join("m.sqlite")).unwrap();
     s.put(
         Owner { tenant: "t", user: "alice" },
@@ -129,13 +234,13 @@ fn plain() -> AssistantConfig {
 
 /// An assistant of tenant "t" over `st`, answered by a script.
 fn scripted<'a>(
-    ws: &'a Workspace,
+    shop: Shop<'a>,
     st: &'a SqliteStore,
     m: &'a Scripted,
     cfg: AssistantConfig,
 ) -> Assistant<'a> {
     Assistant {
-        shop: ws.shop(),
+        shop,
         store: st,
         tenant: "t",
         llm: m,
@@ -153,9 +258,9 @@ fn free() -> AssistantConfig {
 
 #[test]
 fn free_mode_calls_the_tool_reads_results_and_answers() {
-    let ws = workspace();
+    let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&ws.embedder, dir.path());
     let m = Scripted::new(&[
         "The user has a toddler. <tool_call>{\"name\": \"memory_retrieval_tool\", \"arguments\": {\"query\": \"plush toys\", \"aspects\": [\"softness\"]}}",
         "Done. \\boxed{\"ideal_item_profile\": \"A soft washable plush animal for a toddler\", \"useful_memory_ids\": [\"r-1\", \"zzz\"]}",
@@ -208,9 +313,9 @@ fn free_mode_calls_the_tool_reads_results_and_answers() {
 
 #[test]
 fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
-    let ws = workspace();
+    let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&ws.embedder, dir.path());
     let m = Scripted::new(&["I am not sure.", "Still no box here {"]);
     let a = Assistant {
         shop: ws.shop(),
@@ -248,9 +353,9 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
 
 #[test]
 fn too_many_tool_calls_are_cut_at_the_limit() {
-    let ws = workspace();
+    let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&ws.embedder, dir.path());
     let call =
         "<tool_call>{\"name\": \"memory_retrieval_tool\", \"arguments\": {\"query\": \"toys\"}}";
     let m = Scripted::new(&[
@@ -301,9 +406,9 @@ fn too_many_tool_calls_are_cut_at_the_limit() {
 
 #[test]
 fn guided_mode_opens_each_step_and_constrains_the_model() {
-    let ws = workspace();
+    let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&ws.embedder, dir.path());
     let m = Scripted::new(&[
         "soft toys for a toddler\nmore",
         "{\"query\": \"soft plush toy\", \"aspects\": []}",
@@ -387,7 +492,9 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
     let dir = tempfile::tempdir().unwrap();
     let st = SqliteStore::open(&dir.path().join("m.sqlite")).unwrap();
     let b = MemoryBuilder {
-        ws: &ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &st,
         tenant: "default",
         llm: None,
@@ -452,7 +559,7 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
 fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
     let ws = workspace();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&*ws.embedder, dir.path());
     let run = |finals: [&str; 2]| {
         let m = Scripted::new(&[
             "soft toys",
@@ -461,7 +568,7 @@ fn guided_mode_asks_again_without_memories_when_they_misled_the_model() {
             finals[1],
         ]);
         let a = scripted(
-            &ws,
+            ws.shop(),
             &st,
             &m,
             AssistantConfig {
@@ -517,7 +624,7 @@ fn guided_mode_asks_again_when_the_profile_copies_a_global_aspect() {
     use mrrec_embed::TextEmbedder;
     let ws = workspace();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&*ws.embedder, dir.path());
     let text = "CorelDRAW Graphics Suite X8: a professional photo editor with a RAW converter";
     let aspect = |id: &str, queries: &[&str]| GlobalAspect {
         id: id.into(),
@@ -540,7 +647,7 @@ fn guided_mode_asks_again_when_the_profile_copies_a_global_aspect() {
         good,
     ]);
     let a = scripted(
-        &ws,
+        ws.shop(),
         &st,
         &m,
         AssistantConfig {
@@ -599,11 +706,11 @@ fn a_copied_run_counts_memory_words_not_the_request() {
 fn the_memory_tool_drops_entries_below_the_floor() {
     let ws = workspace();
     let dir = tempfile::tempdir().unwrap();
-    let st = store(&ws, dir.path());
+    let st = store(&*ws.embedder, dir.path());
     let m = Scripted::new(&[]);
     let tool = |floor: f32| {
         let a = scripted(
-            &ws,
+            ws.shop(),
             &st,
             &m,
             AssistantConfig {

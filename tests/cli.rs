@@ -147,7 +147,8 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("unknown method \"magic\"; available: bm25, dense, hybrid"),
+        stderr.contains("invalid value 'magic' for '--method <METHOD>'")
+            && stderr.contains("possible values: bm25, dense, hybrid"),
         "{stderr}"
     );
 }
@@ -196,7 +197,11 @@ fn search_ranks_an_items_own_title_first_with_every_index() {
         "x",
     ]);
     assert!(!ok);
-    assert!(stderr.contains("unknown dense index \"fancy\""), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'fancy' for '--dense-index <DENSE_INDEX>'")
+            && stderr.contains("possible values: exact, hnsw, auto"),
+        "{stderr}"
+    );
 }
 
 /// The model named on the command line is the model asked of a server, and the key comes from

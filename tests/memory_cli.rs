@@ -102,14 +102,21 @@ fn records_build_show_retrieve_and_clear_errors() {
         None,
         None,
     );
-    assert!(!ok && err.contains("unknown level \"memes\""), "{err}");
+    assert!(
+        !ok && err.contains("invalid value 'memes' for '--levels <LEVELS>'"),
+        "{err}"
+    );
     let (ok, _, err) = run(
         &["memory", "build", "--levels", "records,vibes"],
         &store,
         None,
         None,
     );
-    assert!(!ok && err.contains("unknown level \"vibes\""), "{err}");
+    assert!(
+        !ok && err.contains("invalid value 'vibes' for '--levels <LEVELS>'")
+            && err.contains("global"),
+        "{err}"
+    );
     // Another user's id sees nothing of the first user's.
     let (ok, _, err) = run(
         &["memory", "retrieve", "NOBODY", "something I liked"],

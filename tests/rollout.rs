@@ -32,7 +32,9 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         .find(|q| ws.dataset.histories.of(&q.query().user_id).len() >= 2)
         .unwrap();
     let b = MemoryBuilder {
-        ws: &ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &st,
         tenant: "default",
         llm: None,

@@ -383,7 +383,11 @@ impl MemoryRead for BreakableStore {
     fn query_aspects(&self, t: &str, c: Option<&str>) -> mrrec_memory::Result<Vec<QueryAspects>> {
         self.inner.query_aspects(t, c)
     }
-    fn stale(&self, t: &str, p: &str) -> mrrec_memory::Result<Vec<String>> {
+    fn stale(
+        &self,
+        t: &str,
+        p: Option<mrrec_memory::StaleKind>,
+    ) -> mrrec_memory::Result<Vec<mrrec_memory::Stale>> {
         self.inner.stale(t, p)
     }
 }
@@ -394,13 +398,13 @@ impl MemoryWrite for BreakableStore {
         o: Owner<'_>,
         r: &[String],
         p: &[MemoryEntry],
-        d: &[String],
-        m: &[String],
+        d: &[mrrec_memory::Stale],
+        m: &[mrrec_memory::Stale],
     ) -> mrrec_memory::Result<()> {
         self.check()?;
         self.inner.replace(o, r, p, d, m)
     }
-    fn mark_stale(&self, t: &str, k: &[String]) -> mrrec_memory::Result<()> {
+    fn mark_stale(&self, t: &str, k: &[mrrec_memory::Stale]) -> mrrec_memory::Result<()> {
         self.check()?;
         self.inner.mark_stale(t, k)
     }

@@ -157,8 +157,9 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     assert!(!v["items"].as_array().unwrap().is_empty());
     // The adapter changes what the model answers: the trained adapter's factors with every B set
     // to a clearly non-zero value (two steps of training may leave B near its zero start) make
-    // the greedy reasoning differ from the base model's. With `--adapter` ignored, both answers
-    // would be the base model's (and the second replayed from the response cache).
+    // the greedy outputs (reasoning, tool call, final object) differ from the base model's. With
+    // `--adapter` ignored, both answers would be the base model's (and the second replayed from
+    // the response cache).
     let mut strong = mrrec_llm_local::model::LoraAdapter::new(ad.rank, ad.alpha);
     let mut adapted = 0;
     for layer in 0..64 {
@@ -176,7 +177,7 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     let base = recommend(None);
     let with = recommend(Some(&strong_path));
     assert_ne!(
-        base["trace"]["reasoning"], with["trace"]["reasoning"],
+        base["trace"]["outputs"], with["trace"]["outputs"],
         "the adapter did not change the answer: {base} vs {with}"
     );
 }

@@ -2,10 +2,29 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use crate::args::*;
+
+/// The benchmark parts (`--parts`).
+const PARTS: [&str; 15] = [
+    "embed",
+    "search",
+    "bm25",
+    "ingest",
+    "llm",
+    "prefill",
+    "constrained",
+    "batched",
+    "profile",
+    "memory",
+    "service",
+    "hostile",
+    "llmslots",
+    "grpo",
+    "rollout",
+];
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -30,9 +49,14 @@ pub(crate) struct BenchArgs {
     /// PostgreSQL cluster started and removed by the benchmark).
     #[arg(long)]
     pub(crate) memory_store: Option<String>,
-    /// Which parts: embed,search,bm25,ingest,llm,prefill,constrained,batched,profile,memory,service,llmslots,grpo,rollout.
-    #[arg(long, default_value = "embed,search,bm25,ingest")]
-    pub(crate) parts: String,
+    /// Which parts (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = clap::builder::PossibleValuesParser::new(PARTS),
+        default_value = "embed,search,bm25,ingest"
+    )]
+    pub(crate) parts: Vec<String>,
     /// Open-loop rate of the service benchmark, requests/s.
     #[arg(long, default_value_t = 500.0)]
     pub(crate) service_rate: f64,
@@ -60,32 +84,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         llama_cpp,
     } = a;
     let queries = bench_queries;
-    // Whole names: `llmslots` is not `llm`.
-    const PARTS: [&str; 15] = [
-        "embed",
-        "search",
-        "bm25",
-        "ingest",
-        "llm",
-        "prefill",
-        "constrained",
-        "batched",
-        "profile",
-        "memory",
-        "service",
-        "hostile",
-        "llmslots",
-        "grpo",
-        "rollout",
-    ];
-    let parts: std::collections::BTreeSet<&str> = parts
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
-    if let Some(p) = parts.iter().find(|p| !PARTS.contains(p)) {
-        bail!("unknown benchmark part {p:?} (known: {})", PARTS.join(","));
-    }
+    let parts: std::collections::BTreeSet<&str> = parts.iter().map(String::as_str).collect();
     let mut out = serde_json::Map::new();
     out.insert("threads".into(), rayon::current_num_threads().into());
     if parts.contains("prefill") {

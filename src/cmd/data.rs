@@ -98,8 +98,8 @@ pub(crate) struct SearchArgs {
     pub(crate) data: DataArgs,
     /// The request.
     pub(crate) text: String,
-    /// Method: dense, bm25 or hybrid.
-    #[arg(long, default_value = "dense")]
+    /// Method.
+    #[arg(long, default_value = "dense", value_parser = ["dense", "bm25", "hybrid"])]
     pub(crate) method: String,
     /// How many items to show.
     #[arg(short, default_value_t = 10)]

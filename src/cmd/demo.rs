@@ -15,9 +15,9 @@ use crate::cmd::eval::*;
 pub(crate) struct DemoArgs {
     #[command(flatten)]
     pub(crate) data: DataArgs,
-    /// Splits to evaluate (comma-separated: train, val).
-    #[arg(long, default_value = "val")]
-    pub(crate) split: String,
+    /// Splits to evaluate (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "val")]
+    pub(crate) split: Vec<SplitArg>,
     /// Where run folders go.
     #[arg(long, default_value = "runs/demo")]
     pub(crate) out: PathBuf,
@@ -39,7 +39,8 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         assistant,
         model,
     } = a;
-    let splits = parse_splits(&split)?;
+    let splits = splits(&split);
+    let split = split_names(&split);
     data.check_dir()?;
     eprintln!("mrrec demo: data {}", data.data.display());
     let paths = mrrec_models::fetch_model(
@@ -139,7 +140,7 @@ fn demo_assistant(
             llm_url: None,
             batch: 8,
         },
-        mode: "guided".into(),
+        mode: LoopMode::Guided,
         store: None,
         hybrid_rank: false,
         guided_calls: 1,
@@ -151,7 +152,9 @@ fn demo_assistant(
     }
     .context(ws)?;
     let b = mrrec_agent::memory::MemoryBuilder {
-        ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &*ctx.store,
         tenant: TENANT,
         llm: None,

@@ -216,8 +216,8 @@ pub(crate) fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 
 pub(crate) fn run(a: EvalArgs) -> Result<()> {
     let ws = a.data.open()?;
-    let field: QueryField = a.query_field.parse().map_err(anyhow::Error::msg)?;
-    let splits = parse_splits(&a.split)?;
+    let field: QueryField = a.query_field.into();
+    let splits = splits(&a.split);
     let ctx = if mrrec_agent::methods::llm_method_names().contains(&a.method.as_str()) {
         let mut c = a.assistant.context(&ws)?;
         c.tenant = a.tenant.tenant.clone();

@@ -7,6 +7,22 @@ use clap::Subcommand;
 
 use crate::args::*;
 
+/// A level `memory build` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BuildLevel {
+    /// Raw interactions (no LLM).
+    #[value(alias = "record")]
+    Records,
+    /// Per-category preference summaries (LLM).
+    #[value(alias = "pattern")]
+    Patterns,
+    /// The user profile (LLM).
+    #[value(alias = "profiles")]
+    Profile,
+    /// Cross-user aspects per category (LLM, from train/aspect queries).
+    Global,
+}
+
 #[derive(Subcommand)]
 pub(crate) enum MemoryAction {
     /// Build memory for every user with a history: idempotent and resumable (kill it and rerun).
@@ -22,15 +38,15 @@ pub(crate) enum MemoryAction {
         /// Only the first N users (sorted by id).
         #[arg(long)]
         users: Option<usize>,
-        /// Only users who have a query in these splits (comma-separated: train, val).
-        #[arg(long)]
-        for_split: Option<String>,
+        /// Only users who have a query in these splits (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        for_split: Option<Vec<SplitArg>>,
         /// Only these users (comma-separated ids).
         #[arg(long)]
         only: Option<String>,
-        /// Levels: records, patterns, profile (LLM), global (LLM, from train/aspect queries).
-        #[arg(long, default_value = "records")]
-        levels: String,
+        /// Levels to build (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "records")]
+        levels: Vec<BuildLevel>,
         #[command(flatten)]
         llm: LlmArgs,
         /// Only the first N train/aspect queries for global memory.
@@ -86,8 +102,13 @@ pub(crate) enum MemoryAction {
         #[arg(short, default_value_t = 3)]
         k: usize,
         /// Levels to search (comma-separated).
-        #[arg(long, default_value = "records,patterns,profile")]
-        levels: String,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "records,patterns,profile"
+        )]
+        levels: Vec<LevelArg>,
     },
     /// Global aspects of a category (all, or the n nearest to a text).
     Global {
@@ -147,20 +168,11 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             negatives,
         } => {
             let tenant = tenant.tenant.as_str();
-            let wanted: Vec<&str> = levels.split(',').map(str::trim).collect();
-            for l in &wanted {
-                if ![
-                    "records", "record", "patterns", "pattern", "profile", "profiles", "global",
-                ]
-                .contains(l)
-                {
-                    bail!("unknown level {l:?} (records, patterns, profile, global)");
-                }
-            }
-            let has = |a: &str| wanted.iter().any(|w| w.starts_with(a));
+            let has = |l: BuildLevel| levels.contains(&l);
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let needs_llm = has("pattern") || has("profile") || has("global");
+            let needs_llm =
+                has(BuildLevel::Patterns) || has(BuildLevel::Profile) || has(BuildLevel::Global);
             let model = if needs_llm {
                 Some(mrrec_agent::backend::cached_chat_model(
                     &llm.model,
@@ -171,7 +183,9 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 None
             };
             let b = MemoryBuilder {
-                ws: &ws,
+                shop: ws.shop(),
+                embeddings: ws.embedder.cache(),
+                queries: &ws.dataset.queries,
                 store: &*st,
                 tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
@@ -180,7 +194,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             };
             let mut ids = ws.dataset.histories.user_ids();
             if let Some(sp) = &for_split {
-                let splits = parse_splits(sp)?;
+                let splits = splits(sp);
                 let askers: std::collections::HashSet<&str> = ws
                     .dataset
                     .queries
@@ -199,17 +213,17 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
             let t0 = std::time::Instant::now();
             let mut report = BuildReport::default();
-            if has("record") || has("pattern") || has("profile") {
+            if has(BuildLevel::Records) || has(BuildLevel::Patterns) || has(BuildLevel::Profile) {
                 // Summaries read the stored records: make sure they are there.
                 b.build_records(ids, &mut report)?;
             }
-            if has("pattern") {
+            if has(BuildLevel::Patterns) {
                 b.build_patterns(ids, &mut report)?;
             }
-            if has("profile") {
+            if has(BuildLevel::Profile) {
                 b.build_profiles(ids, &mut report)?;
             }
-            if has("global") {
+            if has(BuildLevel::Global) {
                 let qs = ws
                     .dataset
                     .queries
@@ -259,7 +273,9 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 )?)
             };
             let b = MemoryBuilder {
-                ws: &ws,
+                shop: ws.shop(),
+                embeddings: ws.embedder.cache(),
+                queries: &ws.dataset.queries,
                 store: &*st,
                 tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
@@ -311,13 +327,11 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                     e.text
                 );
             }
-            let stale = st.stale(tenant, "")?;
-            let mine: Vec<&String> = stale
+            let mine: Vec<String> = st
+                .stale(tenant, None)?
                 .iter()
-                .filter(|k| {
-                    mrrec_memory::parse_pattern_key(k).is_some_and(|(u, _)| u == user)
-                        || mrrec_memory::parse_profile_key(k).is_some_and(|u| u == user)
-                })
+                .filter(|m| m.user() == Some(user.as_str()))
+                .map(|m| m.key())
                 .collect();
             if !mine.is_empty() {
                 println!("stale (rewritten by the next build): {mine:?}");
@@ -333,7 +347,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             levels,
         } => {
             let tenant = tenant.tenant.as_str();
-            let levels = parse_levels(&levels)?;
+            let levels: Vec<mrrec_memory::Level> = levels.into_iter().map(Into::into).collect();
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let q = ws.embedder.embed(&[text.as_str()])?.remove(0);
@@ -402,7 +416,9 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
             let b = MemoryBuilder {
-                ws: &ws,
+                shop: ws.shop(),
+                embeddings: ws.embedder.cache(),
+                queries: &ws.dataset.queries,
                 store: &*st,
                 tenant,
                 llm: None,

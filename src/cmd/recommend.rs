@@ -24,7 +24,7 @@ pub(crate) struct RecommendArgs {
     pub(crate) category: Option<String>,
     /// Method: mrrec (default), an ablation, or a baseline (llm-rewrite, naive-memory,
     /// static-memory).
-    #[arg(long, default_value = "mrrec")]
+    #[arg(long, default_value = "mrrec", value_parser = clap::builder::PossibleValuesParser::new(mrrec_agent::methods::llm_method_names()))]
     pub(crate) method: String,
     /// Items to show.
     #[arg(short, default_value_t = 10)]

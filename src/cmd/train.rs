@@ -169,7 +169,9 @@ fn train_cmd(
     users.sort();
     users.dedup();
     let b = mrrec_agent::memory::MemoryBuilder {
-        ws: &ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &*store,
         tenant,
         llm: None,

@@ -11,15 +11,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::error::{bail, Context, Result};
 use mrrec_data::{LabeledQuery, Review};
-use mrrec_embed::TextEmbedder;
 use mrrec_llm::{ChatModel, ChatRequest, Usage};
 use mrrec_memory::global::{self, AspectSet, MergeOptions};
-use mrrec_memory::{summaries, Level, MemoryEntry, MemoryWrite, Owner, QueryAspects};
+use mrrec_memory::{
+    summaries, Level, MemoryEntry, MemoryWrite, Owner, QueryAspects, Stale, StaleKind,
+};
 use serde::Serialize;
 
 use crate::progress::Progress;
 use crate::prompts;
-use crate::Workspace;
 
 /// What a build did, for the CLI and BENCHMARKS.md (the paper's Table 4 columns).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -108,8 +108,12 @@ pub struct ForgetReport {
 
 /// Builds and maintains the memory of one tenant in one store.
 pub struct MemoryBuilder<'a> {
-    /// Data, embedder and item index.
-    pub ws: &'a Workspace,
+    /// Catalogue, past interactions, embedder and item indexes.
+    pub shop: crate::Shop<'a>,
+    /// The embedder's cache (forget removes a user's vectors from it).
+    pub embeddings: &'a mrrec_embed::EmbeddingCache,
+    /// The query file (forget removes the user's requests from the caches too).
+    pub queries: &'a mrrec_data::QuerySet,
     /// The store.
     pub store: &'a dyn MemoryWrite,
     /// Tenant every key carries.
@@ -148,9 +152,9 @@ struct Rewrite<'a, F> {
     /// Which of the owner's entries the segments replace.
     replaces: F,
     /// The stale mark the write clears.
-    done: &'a str,
+    done: Stale,
     /// The stale marks it sets (what depends on it).
-    mark: &'a [String],
+    mark: &'a [Stale],
 }
 
 fn cat_of(e: &MemoryEntry) -> String {
@@ -173,9 +177,9 @@ impl<'a> MemoryBuilder<'a> {
     fn embed(&self, texts: &[&str], what: &str) -> Result<Vec<Vec<f32>>> {
         let mut pb = Progress::new(what, self.progress && texts.len() > 64);
         let v = self
-            .ws
+            .shop
             .embedder
-            .embed_with_progress(texts, &mut |d, t| pb.set(d, t))?;
+            .embed_reporting(texts, &mut |d, t| pb.set(d, t))?;
         pb.finish();
         Ok(v)
     }
@@ -213,7 +217,7 @@ impl<'a> MemoryBuilder<'a> {
         let mut seen: HashSet<String> = HashSet::new();
         let mut out = Vec::new();
         let mut updated = 0;
-        for e in mrrec_memory::record_entries(reviews, self.ws.catalogue()) {
+        for e in mrrec_memory::record_entries(reviews, self.shop.catalogue) {
             if !seen.insert(e.id.clone()) {
                 continue;
             }
@@ -229,11 +233,8 @@ impl<'a> MemoryBuilder<'a> {
 
     fn put_records(&self, user: &str, fresh: &[MemoryEntry]) -> Result<()> {
         let cats: BTreeSet<String> = fresh.iter().map(cat_of).collect();
-        let mut marks: Vec<String> = cats
-            .iter()
-            .map(|c| mrrec_memory::pattern_key(user, c))
-            .collect();
-        marks.push(mrrec_memory::profile_key(user));
+        let mut marks: Vec<Stale> = cats.iter().map(|c| Stale::pattern(user, c)).collect();
+        marks.push(Stale::profile(user));
         self.store
             .replace(self.owner(user), &[], fresh, &[], &marks)?;
         failpoint();
@@ -242,7 +243,7 @@ impl<'a> MemoryBuilder<'a> {
 
     /// Record memory for `users` from the dataset's histories (new records only).
     pub fn build_records(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
-        let h = &self.ws.dataset.histories;
+        let h = &self.shop.histories;
         let mut per_user: Vec<Vec<MemoryEntry>> = Vec::with_capacity(users.len());
         for u in users {
             per_user.push(self.new_records(u, h.of(u))?.0);
@@ -332,7 +333,7 @@ impl<'a> MemoryBuilder<'a> {
         } = w;
         let mut segs = self.faithful_segments(segs, source, report);
         let texts: Vec<&str> = segs.iter().map(|e| e.text.as_str()).collect();
-        let vecs = self.ws.embedder.embed(&texts)?;
+        let vecs = self.shop.embedder.embed(&texts)?;
         for (e, v) in segs.iter_mut().zip(vecs) {
             e.embedding = v;
         }
@@ -344,7 +345,7 @@ impl<'a> MemoryBuilder<'a> {
             .map(|e| e.id)
             .collect();
         self.store
-            .replace(self.owner(user), &old, &segs, &[done.to_string()], mark)?;
+            .replace(self.owner(user), &old, &segs, &[done], mark)?;
         failpoint();
         report.llm_entries += segs.len();
         Ok(())
@@ -356,9 +357,12 @@ impl<'a> MemoryBuilder<'a> {
         let wanted: HashSet<&str> = users.iter().copied().collect();
         Ok(self
             .store
-            .stale(self.tenant, "pattern:")?
-            .iter()
-            .filter_map(|k| mrrec_memory::parse_pattern_key(k))
+            .stale(self.tenant, Some(StaleKind::Pattern))?
+            .into_iter()
+            .filter_map(|k| match k {
+                Stale::Pattern { user, category } => Some((user, category)),
+                _ => None,
+            })
             .filter(|(u, _)| wanted.contains(u.as_str()))
             .collect())
     }
@@ -395,8 +399,8 @@ impl<'a> MemoryBuilder<'a> {
                         segs,
                         source: &source.join("\n"),
                         replaces: |e: &MemoryEntry| e.level == Level::Pattern && cat_of(e) == *c,
-                        done: &mrrec_memory::pattern_key(u, c),
-                        mark: &[mrrec_memory::profile_key(u)],
+                        done: Stale::pattern(u, c),
+                        mark: &[Stale::profile(u)],
                     },
                     report,
                 )?;
@@ -410,9 +414,9 @@ impl<'a> MemoryBuilder<'a> {
     pub fn build_profiles(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
         let stale: HashSet<String> = self
             .store
-            .stale(self.tenant, "profile:")?
-            .iter()
-            .filter_map(|k| mrrec_memory::parse_profile_key(k))
+            .stale(self.tenant, Some(StaleKind::Profile))?
+            .into_iter()
+            .filter_map(|k| k.user().map(str::to_string))
             .collect();
         // (user, (category, pattern text) pairs, source text for the faithfulness check)
         type ProfileJob = (String, Vec<(String, String)>, String);
@@ -453,7 +457,7 @@ impl<'a> MemoryBuilder<'a> {
                         segs,
                         source,
                         replaces: |e: &MemoryEntry| e.level == Level::Profile,
-                        done: &mrrec_memory::profile_key(u),
+                        done: Stale::profile(u),
                         mark: &[],
                     },
                     report,
@@ -467,10 +471,10 @@ impl<'a> MemoryBuilder<'a> {
     /// Hard negatives of a query: the items the dense index ranks highest for the request that
     /// are not the purchased item, preferring the purchased item's own `main_category`.
     pub fn hard_negatives(&self, q: &LabeledQuery, n: usize) -> Result<Vec<u32>> {
-        let cat = self.ws.catalogue();
+        let cat = self.shop.catalogue;
         let target = cat.by_id(q.target());
         let want = target.and_then(|t| t.main_category.clone());
-        let hits = self.ws.search_dense(&q.query().query, 100)?;
+        let hits = self.shop.search_dense(&q.query().query, 100)?;
         let mut same: Vec<u32> = Vec::new();
         let mut other: Vec<u32> = Vec::new();
         for h in hits {
@@ -505,7 +509,7 @@ impl<'a> MemoryBuilder<'a> {
             .filter(|r| prompts::aspects::is_current(&r.json))
             .map(|r| r.qid)
             .collect();
-        let cat = self.ws.catalogue();
+        let cat = self.shop.catalogue;
         let mut jobs: Vec<(&LabeledQuery, String, Vec<String>)> = Vec::new();
         for q in queries {
             if done.contains(&q.query().qid) {
@@ -593,8 +597,10 @@ impl<'a> MemoryBuilder<'a> {
 
     /// Step B for every category marked stale: merge its step-A results into canonical aspects.
     pub fn merge_global(&self, opts: MergeOptions, report: &mut BuildReport) -> Result<()> {
-        for key in self.store.stale(self.tenant, "global:")? {
-            let category = key.trim_start_matches("global:").to_string();
+        for mark in self.store.stale(self.tenant, Some(StaleKind::Global))? {
+            let Stale::Global { category } = mark else {
+                continue;
+            };
             let rows: Vec<(QueryAspects, AspectSet)> = self
                 .store
                 .query_aspects(self.tenant, Some(&category))?
@@ -605,7 +611,7 @@ impl<'a> MemoryBuilder<'a> {
                 })
                 .collect();
             let aspects = global::merge(&category, &rows, opts, |texts| {
-                self.ws.embedder.embed(texts).map_err(|e| e.to_string())
+                self.shop.embedder.embed(texts).map_err(|e| e.to_string())
             })
             .map_err(crate::error::AgentError::Invalid)
             .with_context(|| format!("merging the global aspects of {category}"))?;
@@ -625,8 +631,6 @@ impl<'a> MemoryBuilder<'a> {
     pub fn forget(&self, user: &str, llm_cache: Option<&std::path::Path>) -> Result<ForgetReport> {
         // The user's requests in the query file: prompts and cached embeddings hold them.
         let queries: Vec<&str> = self
-            .ws
-            .dataset
             .queries
             .all()
             .iter()
@@ -654,19 +658,18 @@ impl<'a> MemoryBuilder<'a> {
                 }
             }
         }
-        for r in self.ws.dataset.histories.of(user) {
+        for r in self.shop.histories.of(user) {
             if r.text.len() >= 24 {
                 needles.push(r.text.chars().take(200).collect());
             }
         }
         let store = self.store.forget(self.owner(user))?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let model = self.ws.embedder.model_id().to_string();
-        let embeddings = self.ws.embedder.cache().forget_texts(&[&model], &refs)?;
+        let model = self.shop.embedder.model_id().to_string();
+        let embeddings = self.embeddings.forget_texts(&[&model], &refs)?;
         let mut llm_responses = 0;
         if let Some(path) = llm_cache.filter(|p| p.exists()) {
-            let cache =
-                mrrec_llm::CachedChatModel::open(Forgetting, path, mrrec_llm::CachePolicy::All)?;
+            let cache = mrrec_llm::ResponseCache::open(path)?;
             let refs: Vec<&str> = needles.iter().map(String::as_str).collect();
             llm_responses = cache.forget_containing(&refs)?;
         }
@@ -691,24 +694,6 @@ impl AddReport {
     /// Records written.
     pub fn changed(&self) -> usize {
         self.added + self.updated
-    }
-}
-
-/// A model that is never asked: opens the response cache for maintenance only.
-struct Forgetting;
-
-impl ChatModel for Forgetting {
-    fn id(&self) -> &str {
-        "maintenance"
-    }
-    fn chat_stream(
-        &self,
-        _: &ChatRequest,
-        _: &mut dyn FnMut(&str),
-    ) -> mrrec_llm::Result<mrrec_llm::ChatResponse> {
-        Err(mrrec_llm::LlmError::Tokenizer(
-            "the maintenance handle of the response cache answers nothing".into(),
-        ))
     }
 }
 

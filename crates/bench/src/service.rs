@@ -8,11 +8,11 @@ pub(crate) const BENCH_KEY: &str = "bench-key";
 /// A key ring holding [`BENCH_KEY`].
 pub(crate) fn bench_keys() -> Result<mrrec_server::auth::KeyRing> {
     use mrrec_server::auth::{hash_key, KeyRecord, KeyRing};
-    KeyRing::from_records(&[KeyRecord {
+    Ok(KeyRing::from_records(&[KeyRecord {
         name: "b".into(),
         tenant: "bench".into(),
         sha256: hash_key(BENCH_KEY),
-    }])
+    }])?)
 }
 
 /// Serves `svc` on a free loopback port; returns its base URL and the sender that stops it.
@@ -50,7 +50,9 @@ pub(crate) fn record_store(
         .take(users)
         .collect();
     let b = mrrec_agent::memory::MemoryBuilder {
-        ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &*store,
         tenant: "bench",
         llm: None,
@@ -97,7 +99,9 @@ pub fn service_llm(
     let users: Vec<&str> = queries.iter().map(|(u, _)| u.as_str()).collect();
     let mut report = mrrec_agent::memory::BuildReport::default();
     mrrec_agent::memory::MemoryBuilder {
-        ws: &ws,
+        shop: ws.shop(),
+        embeddings: ws.embedder.cache(),
+        queries: &ws.dataset.queries,
         store: &*store,
         tenant: "bench",
         llm: None,

@@ -228,4 +228,11 @@ impl<E: TextEmbedder> TextEmbedder for CachedEmbedder<E> {
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         self.embed_with_progress(texts, &mut |_, _| {})
     }
+    fn embed_reporting(
+        &self,
+        texts: &[&str],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        self.embed_with_progress(texts, progress)
+    }
 }

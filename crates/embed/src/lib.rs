@@ -49,6 +49,17 @@ pub trait TextEmbedder: Send + Sync {
     fn dim(&self) -> usize;
     /// One L2-normalised vector per text, in order.
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>>;
+    /// [`TextEmbedder::embed`], reporting (done, total) as it goes (long builds show progress);
+    /// by default once, at the end.
+    fn embed_reporting(
+        &self,
+        texts: &[&str],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let v = self.embed(texts)?;
+        progress(texts.len(), texts.len());
+        Ok(v)
+    }
 }
 
 /// Cosine similarity of two vectors (dot product when both are unit-length).

@@ -18,11 +18,17 @@ pub enum CachePolicy {
     GreedyOnly,
 }
 
-/// A chat model whose answers are remembered on disk.
-pub struct CachedChatModel<M: ChatModel> {
-    inner: M,
+/// The response store itself: (key) → (model, request, response) in SQLite, openable without a
+/// model (to forget a user's exchanges, or count them).
+pub struct ResponseCache {
     conn: Mutex<Connection>,
     path: PathBuf,
+}
+
+/// A chat model whose answers are remembered on disk (in a [`ResponseCache`]).
+pub struct CachedChatModel<M: ChatModel> {
+    inner: M,
+    cache: ResponseCache,
     policy: CachePolicy,
 }
 
@@ -33,9 +39,9 @@ fn cache_err(path: &Path, e: rusqlite::Error) -> LlmError {
     }
 }
 
-impl<M: ChatModel> CachedChatModel<M> {
-    /// Wraps `inner` with the cache at `path` (created if needed).
-    pub fn open(inner: M, path: &Path, policy: CachePolicy) -> Result<Self> {
+impl ResponseCache {
+    /// Opens the cache at `path` (created if needed).
+    pub fn open(path: &Path) -> Result<Self> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).map_err(|e| LlmError::Io {
                 path: d.to_path_buf(),
@@ -68,28 +74,14 @@ impl<M: ChatModel> CachedChatModel<M> {
                 .map_err(|e| cache_err(path, e))?;
         }
         tx.commit().map_err(|e| cache_err(path, e))?;
-        Ok(CachedChatModel {
-            inner,
+        Ok(ResponseCache {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
-            policy,
         })
     }
 
-    /// The cache key of a request for this model.
-    pub fn key(&self, req: &ChatRequest) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.inner.id().as_bytes());
-        h.update([0]);
-        h.update(serde_json::to_vec(req).unwrap_or_default());
-        h.finalize().into()
-    }
-
-    fn cacheable(&self, req: &ChatRequest) -> bool {
-        self.policy == CachePolicy::All || req.sampling.temperature <= 0.0
-    }
-
-    fn lookup(&self, key: &[u8; 32]) -> Result<Option<ChatResponse>> {
+    /// The response stored under `key`, if any.
+    pub fn get(&self, key: &[u8; 32]) -> Result<Option<ChatResponse>> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let text: Option<String> = conn
             .query_row(
@@ -102,13 +94,20 @@ impl<M: ChatModel> CachedChatModel<M> {
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
-    fn store(&self, key: &[u8; 32], req: &ChatRequest, resp: &ChatResponse) -> Result<()> {
+    /// Stores `model`'s response to `req` under `key`.
+    pub fn put(
+        &self,
+        key: &[u8; 32],
+        model: &str,
+        req: &ChatRequest,
+        resp: &ChatResponse,
+    ) -> Result<()> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute(
             "INSERT OR REPLACE INTO responses (key, model, response, request) VALUES (?1, ?2, ?3, ?4)",
             params![
                 &key[..],
-                self.inner.id(),
+                model,
                 serde_json::to_string(resp).unwrap_or_default(),
                 serde_json::to_string(req).unwrap_or_default()
             ],
@@ -179,6 +178,35 @@ impl<M: ChatModel> CachedChatModel<M> {
     }
 }
 
+impl<M: ChatModel> CachedChatModel<M> {
+    /// Wraps `inner` with the cache at `path` (created if needed).
+    pub fn open(inner: M, path: &Path, policy: CachePolicy) -> Result<Self> {
+        Ok(CachedChatModel {
+            inner,
+            cache: ResponseCache::open(path)?,
+            policy,
+        })
+    }
+
+    /// The response store under the model.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
+    }
+
+    /// The cache key of a request for this model.
+    pub fn key(&self, req: &ChatRequest) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.inner.id().as_bytes());
+        h.update([0]);
+        h.update(serde_json::to_vec(req).unwrap_or_default());
+        h.finalize().into()
+    }
+
+    fn cacheable(&self, req: &ChatRequest) -> bool {
+        self.policy == CachePolicy::All || req.sampling.temperature <= 0.0
+    }
+}
+
 impl<M: ChatModel> ChatModel for CachedChatModel<M> {
     fn id(&self) -> &str {
         self.inner.id()
@@ -197,14 +225,14 @@ impl<M: ChatModel> ChatModel for CachedChatModel<M> {
             return self.inner.chat_stream(req, on_text);
         }
         let key = self.key(req);
-        if let Some(mut hit) = self.lookup(&key)? {
+        if let Some(mut hit) = self.cache.get(&key)? {
             on_text(&hit.text);
             // A replay costs nothing now; the recorded usage stays in `usage` for accounting.
             hit.usage.seconds = 0.0;
             return Ok(hit);
         }
         let resp = self.inner.chat_stream(req, on_text)?;
-        self.store(&key, req, &resp)?;
+        self.cache.put(&key, self.inner.id(), req, &resp)?;
         Ok(resp)
     }
 
@@ -219,7 +247,7 @@ impl<M: ChatModel> ChatModel for CachedChatModel<M> {
                 continue;
             }
             let key = self.key(r);
-            match self.lookup(&key) {
+            match self.cache.get(&key) {
                 Ok(Some(mut hit)) => {
                     hit.usage.seconds = 0.0;
                     out[i] = Some(Ok(hit));
@@ -232,7 +260,7 @@ impl<M: ChatModel> ChatModel for CachedChatModel<M> {
         for ((i, key), r) in todo.iter().zip(self.inner.chat_batch(&batch)) {
             let r = r.and_then(|resp| {
                 if self.cacheable(&reqs[*i]) {
-                    self.store(key, &reqs[*i], &resp)?;
+                    self.cache.put(key, self.inner.id(), &reqs[*i], &resp)?;
                 }
                 Ok(resp)
             });
@@ -304,7 +332,7 @@ mod tests {
             ..Default::default()
         };
         assert_ne!(m.chat(&other).unwrap().text, first.text);
-        assert_eq!(m.len().unwrap(), 2);
+        assert_eq!(m.cache().len().unwrap(), 2);
         // Batches replay what is cached and run the rest once.
         let third = ChatRequest {
             messages: vec![Message::user("c \"quoted\"\nline")],
@@ -314,10 +342,15 @@ mod tests {
         let got = m.chat_batch(&[greedy.clone(), third.clone(), other.clone()]);
         assert_eq!(got[0].as_ref().unwrap().text, first.text);
         assert_eq!(m.inner.0.load(Ordering::SeqCst), before + 1);
-        assert_eq!(m.len().unwrap(), 3);
+        assert_eq!(m.cache().len().unwrap(), 3);
         // Forgetting by content removes exactly the exchanges holding the text.
-        assert_eq!(m.forget_containing(&["c \"quoted\"\nline"]).unwrap(), 1);
-        assert_eq!(m.len().unwrap(), 2);
-        assert_eq!(m.forget_containing(&["short"]).unwrap(), 0);
+        assert_eq!(
+            m.cache()
+                .forget_containing(&["c \"quoted\"\nline"])
+                .unwrap(),
+            1
+        );
+        assert_eq!(m.cache().len().unwrap(), 2);
+        assert_eq!(m.cache().forget_containing(&["short"]).unwrap(), 0);
     }
 }

@@ -14,7 +14,7 @@ mod schema;
 
 use serde::{Deserialize, Serialize};
 
-pub use cache::{CachePolicy, CachedChatModel};
+pub use cache::{CachePolicy, CachedChatModel, ResponseCache};
 pub use cancel::{check as check_cancel, Cancel, CancelOnDrop, Cancellable};
 pub use echo::EchoModel;
 pub use openai::{OpenAiConfig, OpenAiModel};

@@ -253,9 +253,8 @@ pub trait MemoryRead: Send + Sync {
     }
     /// Step-A results of a category (all when `None`), ordered by query id.
     fn query_aspects(&self, tenant: &str, category: Option<&str>) -> Result<Vec<QueryAspects>>;
-    /// Build-state marks (e.g. `pattern:{user}:{category}`, `profile:{user}`, `global:{category}`)
-    /// starting with `prefix`, sorted.
-    fn stale(&self, tenant: &str, prefix: &str) -> Result<Vec<String>>;
+    /// Build-state marks of one kind (every kind when `None`), sorted by their stored key.
+    fn stale(&self, tenant: &str, kind: Option<StaleKind>) -> Result<Vec<Stale>>;
 }
 
 /// Writing memory.
@@ -272,11 +271,11 @@ pub trait MemoryWrite: MemoryRead {
         owner: Owner<'_>,
         remove: &[String],
         put: &[MemoryEntry],
-        done: &[String],
-        mark: &[String],
+        done: &[Stale],
+        mark: &[Stale],
     ) -> Result<()>;
     /// Sets build-state marks.
-    fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()>;
+    fn mark_stale(&self, tenant: &str, marks: &[Stale]) -> Result<()>;
     /// Adds a build's LLM cost to the tenant's running total (shown by `stats`).
     fn add_cost(&self, tenant: &str, cost: &BuildCost) -> Result<()>;
     /// Stores step-A results (replacing by query id) and marks their categories
@@ -295,32 +294,133 @@ fn escape_key(s: &str) -> String {
     s.replace('%', "%25").replace(':', "%3A")
 }
 
-/// Build-state mark: the preference pattern of (user, category) must be rewritten.
-pub fn pattern_key(user: &str, category: &str) -> String {
-    format!("pattern:{}:{category}", escape_key(user))
+fn unescape_key(s: &str) -> String {
+    s.replace("%3A", ":").replace("%25", "%")
 }
 
-/// Build-state mark: the user's profile must be rewritten.
-pub fn profile_key(user: &str) -> String {
-    format!("profile:{}", escape_key(user))
+/// What a build must (re)write: a build-state mark. Stored as a key (`pattern:{user}:{category}`,
+/// `profile:{user}`, `global:{category}`, the user escaped so that a `:` in an id cannot forge
+/// another mark); stores read back only keys that parse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Stale {
+    /// The preference pattern of (user, category).
+    Pattern {
+        /// The user.
+        user: String,
+        /// The category.
+        category: String,
+    },
+    /// The user's profile.
+    Profile {
+        /// The user.
+        user: String,
+    },
+    /// The category's canonical global aspects (merged again).
+    Global {
+        /// The category.
+        category: String,
+    },
 }
 
-/// Build-state mark: the category's canonical global aspects must be merged again.
-pub fn global_key(category: &str) -> String {
-    format!("global:{category}")
+/// The kinds of [`Stale`] marks (what `MemoryRead::stale` filters by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StaleKind {
+    /// [`Stale::Pattern`].
+    Pattern,
+    /// [`Stale::Profile`].
+    Profile,
+    /// [`Stale::Global`].
+    Global,
 }
 
-/// The (user, category) of a [`pattern_key`].
-pub fn parse_pattern_key(key: &str) -> Option<(String, String)> {
-    let rest = key.strip_prefix("pattern:")?;
-    let (u, c) = rest.split_once(':')?;
-    Some((u.replace("%3A", ":").replace("%25", "%"), c.to_string()))
+impl StaleKind {
+    /// The stored keys' prefix of this kind.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            StaleKind::Pattern => "pattern:",
+            StaleKind::Profile => "profile:",
+            StaleKind::Global => "global:",
+        }
+    }
 }
 
-/// The user of a [`profile_key`].
-pub fn parse_profile_key(key: &str) -> Option<String> {
-    let u = key.strip_prefix("profile:")?;
-    Some(u.replace("%3A", ":").replace("%25", "%"))
+impl Stale {
+    /// The pattern of (user, category).
+    pub fn pattern(user: &str, category: &str) -> Self {
+        Stale::Pattern {
+            user: user.to_string(),
+            category: category.to_string(),
+        }
+    }
+    /// The user's profile.
+    pub fn profile(user: &str) -> Self {
+        Stale::Profile {
+            user: user.to_string(),
+        }
+    }
+    /// The category's global aspects.
+    pub fn global(category: &str) -> Self {
+        Stale::Global {
+            category: category.to_string(),
+        }
+    }
+    /// Its kind.
+    pub fn kind(&self) -> StaleKind {
+        match self {
+            Stale::Pattern { .. } => StaleKind::Pattern,
+            Stale::Profile { .. } => StaleKind::Profile,
+            Stale::Global { .. } => StaleKind::Global,
+        }
+    }
+    /// The user it concerns (global marks concern none).
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Stale::Pattern { user, .. } | Stale::Profile { user } => Some(user),
+            Stale::Global { .. } => None,
+        }
+    }
+    /// The stored key.
+    pub fn key(&self) -> String {
+        match self {
+            Stale::Pattern { user, category } => {
+                format!("pattern:{}:{category}", escape_key(user))
+            }
+            Stale::Profile { user } => format!("profile:{}", escape_key(user)),
+            Stale::Global { category } => format!("global:{category}"),
+        }
+    }
+    /// A stored key read back (`None` for a key that is no mark of these kinds).
+    pub fn parse(key: &str) -> Option<Self> {
+        if let Some(rest) = key.strip_prefix("pattern:") {
+            let (u, c) = rest.split_once(':')?;
+            return Some(Stale::Pattern {
+                user: unescape_key(u),
+                category: c.to_string(),
+            });
+        }
+        if let Some(u) = key.strip_prefix("profile:") {
+            return Some(Stale::Profile {
+                user: unescape_key(u),
+            });
+        }
+        key.strip_prefix("global:").map(|c| Stale::Global {
+            category: c.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+/// The stored keys of every mark of `user` begin with one of these (what `forget` clears).
+pub(crate) fn user_key_prefixes(user: &str) -> (String, String) {
+    (
+        Stale::profile(user).key(),
+        format!("pattern:{}:", escape_key(user)),
+    )
 }
 
 /// Opens a store: `postgres://…` / `postgresql://…` is PostgreSQL, anything else a SQLite file.

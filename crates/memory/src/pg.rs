@@ -11,9 +11,9 @@ use std::sync::Mutex;
 use postgres::{Client, NoTls, Row};
 
 use crate::{
-    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, BuildCost,
-    Forgotten, GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite,
-    Owner, QueryAspects, Result, Retrieved,
+    check_dims, from_blob, to_blob, top_k, user_key_prefixes, BuildCost, Forgotten, GlobalAspect,
+    Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner, QueryAspects,
+    Result, Retrieved, Stale, StaleKind,
 };
 
 /// PostgreSQL-backed memory store.
@@ -288,7 +288,8 @@ impl MemoryRead for PgStore {
             .collect())
     }
 
-    fn stale(&self, tenant: &str, prefix: &str) -> Result<Vec<String>> {
+    fn stale(&self, tenant: &str, kind: Option<StaleKind>) -> Result<Vec<Stale>> {
+        let prefix = kind.map_or("", StaleKind::prefix);
         let rows = self
             .lock()
             .query(
@@ -296,7 +297,10 @@ impl MemoryRead for PgStore {
                 &[&tenant, &prefix],
             )
             .map_err(|e| self.err(e))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|r| Stale::parse(&r.get::<_, String>(0)))
+            .collect())
     }
 }
 
@@ -306,8 +310,8 @@ impl MemoryWrite for PgStore {
         owner: Owner<'_>,
         remove: &[String],
         put: &[MemoryEntry],
-        done: &[String],
-        mark: &[String],
+        done: &[Stale],
+        mark: &[Stale],
     ) -> Result<()> {
         let mut c = self.lock();
         let have = self.dim(&mut c)?;
@@ -359,27 +363,27 @@ impl MemoryWrite for PgStore {
         for k in done {
             tx.execute(
                 "DELETE FROM build_state WHERE tenant = $1 AND key = $2",
-                &[&owner.tenant, k],
+                &[&owner.tenant, &k.key()],
             )
             .map_err(|e| self.err(e))?;
         }
         for k in mark {
             tx.execute(
                 "INSERT INTO build_state (tenant, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&owner.tenant, k],
+                &[&owner.tenant, &k.key()],
             )
             .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()> {
+    fn mark_stale(&self, tenant: &str, keys: &[Stale]) -> Result<()> {
         let mut c = self.lock();
         let mut tx = c.transaction().map_err(|e| self.err(e))?;
         for k in keys {
             tx.execute(
                 "INSERT INTO build_state (tenant, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&tenant, k],
+                &[&tenant, &k.key()],
             )
             .map_err(|e| self.err(e))?;
         }
@@ -419,7 +423,7 @@ impl MemoryWrite for PgStore {
             .map_err(|e| self.err(e))?;
             tx.execute(
                 "INSERT INTO build_state (tenant, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&tenant, &global_key(&q.category)],
+                &[&tenant, &Stale::global(&q.category).key()],
             )
             .map_err(|e| self.err(e))?;
         }
@@ -467,7 +471,7 @@ impl MemoryWrite for PgStore {
         }
         tx.execute(
             "DELETE FROM build_state WHERE tenant = $1 AND key = $2",
-            &[&tenant, &global_key(category)],
+            &[&tenant, &Stale::global(category).key()],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
@@ -504,17 +508,14 @@ impl MemoryWrite for PgStore {
                 .map_err(|e| self.err(e))? as usize;
             tx.execute(
                 "INSERT INTO build_state (tenant, key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&owner.tenant, &global_key(cat)],
+                &[&owner.tenant, &Stale::global(cat).key()],
             )
             .map_err(|e| self.err(e))?;
         }
+        let (profile, patterns) = user_key_prefixes(owner.user);
         tx.execute(
             "DELETE FROM build_state WHERE tenant = $1 AND (key = $2 OR left(key, length($3)) = $3)",
-            &[
-                &owner.tenant,
-                &profile_key(owner.user),
-                &pattern_key(owner.user, ""),
-            ],
+            &[&owner.tenant, &profile, &patterns],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
-    check_dims, from_blob, global_key, pattern_key, profile_key, to_blob, top_k, BuildCost,
-    Forgotten, GlobalAspect, Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite,
-    Owner, QueryAspects, Result, Retrieved,
+    check_dims, from_blob, to_blob, top_k, user_key_prefixes, BuildCost, Forgotten, GlobalAspect,
+    Level, MemoryEntry, MemoryError, MemoryRead, MemoryStats, MemoryWrite, Owner, QueryAspects,
+    Result, Retrieved, Stale, StaleKind,
 };
 
 /// SQLite-backed memory store.
@@ -260,7 +260,8 @@ impl MemoryRead for SqliteStore {
             .map_err(|e| self.err(e))
     }
 
-    fn stale(&self, tenant: &str, prefix: &str) -> Result<Vec<String>> {
+    fn stale(&self, tenant: &str, kind: Option<StaleKind>) -> Result<Vec<Stale>> {
+        let prefix = kind.map_or("", StaleKind::prefix);
         let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(
@@ -270,8 +271,10 @@ impl MemoryRead for SqliteStore {
         let rows = stmt
             .query_map(params![tenant, prefix], |r| r.get::<_, String>(0))
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))
+        let keys = rows
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))?;
+        Ok(keys.iter().filter_map(|k| Stale::parse(k)).collect())
     }
 }
 
@@ -281,8 +284,8 @@ impl MemoryWrite for SqliteStore {
         owner: Owner<'_>,
         remove: &[String],
         put: &[MemoryEntry],
-        done: &[String],
-        mark: &[String],
+        done: &[Stale],
+        mark: &[Stale],
     ) -> Result<()> {
         let mut conn = self.lock();
         let have = self.dim(&conn)?;
@@ -327,13 +330,13 @@ impl MemoryWrite for SqliteStore {
                 .map_err(|e| self.err(e))?;
             for k in done {
                 clear
-                    .execute(params![owner.tenant, k])
+                    .execute(params![owner.tenant, k.key()])
                     .map_err(|e| self.err(e))?;
             }
             for k in mark {
                 tx.execute(
                     "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
-                    params![owner.tenant, k],
+                    params![owner.tenant, k.key()],
                 )
                 .map_err(|e| self.err(e))?;
             }
@@ -341,7 +344,7 @@ impl MemoryWrite for SqliteStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn mark_stale(&self, tenant: &str, keys: &[String]) -> Result<()> {
+    fn mark_stale(&self, tenant: &str, keys: &[Stale]) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         {
@@ -349,7 +352,8 @@ impl MemoryWrite for SqliteStore {
                 .prepare_cached("INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)")
                 .map_err(|e| self.err(e))?;
             for k in keys {
-                stmt.execute(params![tenant, k]).map_err(|e| self.err(e))?;
+                stmt.execute(params![tenant, k.key()])
+                    .map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -391,7 +395,7 @@ impl MemoryWrite for SqliteStore {
                     .map_err(|e| self.err(e))?;
                 tx.execute(
                     "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
-                    params![tenant, global_key(&q.category)],
+                    params![tenant, Stale::global(&q.category).key()],
                 )
                 .map_err(|e| self.err(e))?;
             }
@@ -438,7 +442,7 @@ impl MemoryWrite for SqliteStore {
         }
         tx.execute(
             "DELETE FROM build_state WHERE tenant = ?1 AND key = ?2",
-            params![tenant, global_key(category)],
+            params![tenant, Stale::global(category).key()],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
@@ -477,18 +481,15 @@ impl MemoryWrite for SqliteStore {
                     .map_err(|e| self.err(e))?;
                 tx.execute(
                     "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",
-                    params![owner.tenant, global_key(cat)],
+                    params![owner.tenant, Stale::global(cat).key()],
                 )
                 .map_err(|e| self.err(e))?;
             }
             // Build-state marks name the user (`pattern:{user}:…`, `profile:{user}`).
+            let (profile, patterns) = user_key_prefixes(owner.user);
             tx.execute(
                 "DELETE FROM build_state WHERE tenant = ?1 AND (key = ?2 OR substr(key, 1, length(?3)) = ?3)",
-                params![
-                    owner.tenant,
-                    profile_key(owner.user),
-                    pattern_key(owner.user, "")
-                ],
+                params![owner.tenant, profile, patterns],
             )
             .map_err(|e| self.err(e))?;
             tx.commit().map_err(|e| self.err(e))?;

@@ -162,7 +162,7 @@ fn replace_is_one_step(s: &dyn MemoryWrite) {
         tenant: "t",
         user: "u2",
     };
-    let keys = vec![pattern_key("u2", "Books"), profile_key("u2")];
+    let keys = vec![Stale::pattern("u2", "Books"), Stale::profile("u2")];
     s.mark_stale("t", &keys).unwrap();
     s.put(
         o,
@@ -172,33 +172,41 @@ fn replace_is_one_step(s: &dyn MemoryWrite) {
         ],
     )
     .unwrap();
-    assert_eq!(s.stale("t", "pattern:").unwrap(), vec![keys[0].clone()]);
+    assert_eq!(
+        s.stale("t", Some(StaleKind::Pattern)).unwrap(),
+        vec![keys[0].clone()]
+    );
     s.replace(
         o,
         &["p-Books-0".into(), "p-Books-1".into()],
         &[entry("p-Books-0", Level::Pattern, "new 0", unit(3, 8))],
         &[keys[0].clone()],
-        &[global_key("Books")],
+        &[Stale::global("Books")],
     )
     .unwrap();
     let es = s.entries(o).unwrap();
     assert_eq!(es.len(), 1);
     assert_eq!(es[0].text, "new 0");
-    assert!(s.stale("t", "pattern:").unwrap().is_empty());
+    assert!(s.stale("t", Some(StaleKind::Pattern)).unwrap().is_empty());
     assert_eq!(
-        s.stale("t", "").unwrap(),
-        vec![global_key("Books"), keys[1].clone()]
+        s.stale("t", None).unwrap(),
+        vec![Stale::global("Books"), keys[1].clone()]
     );
-    // Keys survive hostile user ids.
-    let k = pattern_key("a:b%c", "Home: Kitchen");
+    // Marks survive hostile user ids (a `:` in an id cannot forge another mark), and a stored
+    // key that is no mark is not read back as one.
+    let k = Stale::pattern("a:b%c", "Home: Kitchen");
+    assert_eq!(Stale::parse(&k.key()), Some(k.clone()));
     assert_eq!(
-        parse_pattern_key(&k),
-        Some(("a:b%c".into(), "Home: Kitchen".into()))
+        Stale::parse(&Stale::profile("x:y").key()),
+        Some(Stale::profile("x:y"))
     );
+    assert_eq!(Stale::parse("probe"), None);
+    s.mark_stale("t", std::slice::from_ref(&k)).unwrap();
     assert_eq!(
-        parse_profile_key(&profile_key("x:y")),
-        Some("x:y".to_string())
+        s.stale("t", Some(StaleKind::Pattern)).unwrap(),
+        vec![k.clone()]
     );
+    assert_eq!(k.user(), Some("a:b%c"));
 }
 
 fn global_memory(s: &dyn MemoryWrite) {
@@ -231,13 +239,13 @@ fn global_memory(s: &dyn MemoryWrite) {
         ["carol"]
     );
     // put_global replaces a category wholesale and clears its stale mark.
-    s.mark_stale(t, &[global_key("Toys")]).unwrap();
+    s.mark_stale(t, &[Stale::global("Toys")]).unwrap();
     s.put_global(t, "Toys", &[aspect("g-b", "Toys", &["carol"], 5)])
         .unwrap();
     let toys = s.global_aspects(t, Some("Toys")).unwrap();
     assert_eq!(toys.len(), 1);
     assert_eq!(toys[0].id, "g-b");
-    assert!(s.stale(t, "global:").unwrap().is_empty());
+    assert!(s.stale(t, Some(StaleKind::Global)).unwrap().is_empty());
     // Step-A rows round-trip.
     let rows = vec![
         QueryAspects {
@@ -259,7 +267,10 @@ fn global_memory(s: &dyn MemoryWrite) {
     assert!(s.query_aspects(t, Some("Toys")).unwrap().is_empty());
     assert_eq!(s.stats(t).unwrap().global["Books"], 3);
     // Storing step-A results marks their category for merging in the same step.
-    assert_eq!(s.stale(t, "global:").unwrap(), vec![global_key("Books")]);
+    assert_eq!(
+        s.stale(t, Some(StaleKind::Global)).unwrap(),
+        vec![Stale::global("Books")]
+    );
 }
 
 fn forget_removes_every_trace(s: &dyn MemoryWrite) {
@@ -309,9 +320,9 @@ fn forget_removes_every_trace(s: &dyn MemoryWrite) {
     s.mark_stale(
         t,
         &[
-            pattern_key("alice", "Books"),
-            profile_key("alice"),
-            profile_key("bob"),
+            Stale::pattern("alice", "Books"),
+            Stale::profile("alice"),
+            Stale::profile("bob"),
         ],
     )
     .unwrap();
@@ -337,8 +348,8 @@ fn forget_removes_every_trace(s: &dyn MemoryWrite) {
     assert_eq!(s.query_aspects(t, None).unwrap().len(), 1);
     // The category must be merged again; alice's marks are gone, bob's stay.
     assert_eq!(
-        s.stale(t, "").unwrap(),
-        vec![global_key("Books"), profile_key("bob")]
+        s.stale(t, None).unwrap(),
+        vec![Stale::global("Books"), Stale::profile("bob")]
     );
     // Forgetting twice is harmless.
     assert_eq!(s.forget(alice).unwrap(), Forgotten::default());

@@ -10,7 +10,30 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+/// A key file or key record that cannot be used, in words naming the file and the record.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(pub String);
+
+type Result<T> = std::result::Result<T, KeyError>;
+
+/// What was being done, before the reason (`anyhow`'s `with_context`, typed).
+trait Context<T> {
+    fn with_context(self, f: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn with_context(self, f: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| KeyError(format!("{}: {e}", f())))
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn with_context(self, f: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| KeyError(f()))
+    }
+}
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -81,7 +104,7 @@ impl KeyRing {
     pub fn from_records(records: &[KeyRecord]) -> Result<Self> {
         let mut by_hash = HashMap::new();
         for (i, r) in records.iter().enumerate() {
-            check_id("tenant", &r.tenant).map_err(|e| anyhow::anyhow!("keys[{i}]: {e}"))?;
+            check_id("tenant", &r.tenant).map_err(|e| KeyError(format!("keys[{i}]: {e}")))?;
             let bytes = hex::decode(&r.sha256)
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -96,7 +119,10 @@ impl KeyRing {
                 )
                 .is_some()
             {
-                bail!("keys[{i}] ({}): the same key is listed twice", r.name);
+                return Err(KeyError(format!(
+                    "keys[{i}] ({}): the same key is listed twice",
+                    r.name
+                )));
             }
         }
         Ok(KeyRing { by_hash })
@@ -146,7 +172,7 @@ pub fn new_key() -> String {
 /// Creates a key for `tenant`, adds its hash to the key file at `path` (created if missing;
 /// rewritten atomically, mode 0600) and returns the key — the only time it is shown.
 pub fn add_key(path: &Path, tenant: &str, name: &str) -> Result<String> {
-    check_id("tenant", tenant).map_err(anyhow::Error::msg)?;
+    check_id("tenant", tenant).map_err(KeyError)?;
     let mut f = if path.exists() {
         read_file(path)?
     } else {
@@ -175,8 +201,11 @@ pub fn add_key(path: &Path, tenant: &str, name: &str) -> Result<String> {
         let mut w = opts
             .open(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
-        w.write_all(serde_json::to_string_pretty(&f)?.as_bytes())?;
-        w.sync_all()?;
+        let text =
+            serde_json::to_string_pretty(&f).with_context(|| "serialising the keys".into())?;
+        w.write_all(text.as_bytes())
+            .and_then(|_| w.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(key)
@@ -214,7 +243,7 @@ pub fn presented_key(
     authorization: &[&[u8]],
     api_key: &[&[u8]],
 ) -> std::result::Result<Option<String>, CredentialError> {
-    fn text<'a>(v: &'a [u8], what: &'static str) -> Result<&'a str, CredentialError> {
+    fn text<'a>(v: &'a [u8], what: &'static str) -> std::result::Result<&'a str, CredentialError> {
         std::str::from_utf8(v)
             .ok()
             .filter(|s| s.chars().all(|c| c.is_ascii() && !c.is_ascii_control()))

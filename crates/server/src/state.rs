@@ -183,7 +183,9 @@ impl Service {
         llm: bool,
     ) -> mrrec_agent::memory::MemoryBuilder<'a> {
         mrrec_agent::memory::MemoryBuilder {
-            ws: &self.ws,
+            shop: self.ws.shop(),
+            embeddings: self.ws.embedder.cache(),
+            queries: &self.ws.dataset.queries,
             store: &*self.store,
             tenant,
             llm: if llm { Some(&*self.llm) } else { None },

@@ -14,7 +14,7 @@ pub(crate) const PROBE_TENANT: &str = "\u{1}mrrec-readyz";
 /// A read and a write (a build-state mark set, then cleared) on the store.
 pub(crate) fn probe_store(store: &dyn MemoryWrite) -> Result<(), mrrec_memory::MemoryError> {
     store.users(PROBE_TENANT)?;
-    let mark = vec!["probe".to_string()];
+    let mark = vec![mrrec_memory::Stale::global("probe")];
     store.mark_stale(PROBE_TENANT, &mark)?;
     store.replace(
         Owner {
