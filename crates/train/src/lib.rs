@@ -32,6 +32,45 @@ pub enum TrainError {
     /// From the LLM crate (adapters).
     #[error(transparent)]
     Llm(#[from] mrrec_llm::LlmError),
+    /// From the local engine (the inference model the rollouts sample).
+    #[error(transparent)]
+    Local(#[from] mrrec_llm_local::LocalError),
+    /// From the agent (the assistant loop, the rewards, the memory store).
+    #[error(transparent)]
+    Agent(#[from] mrrec_agent::AgentError),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    File(#[from] std::io::Error),
+    /// A JSON document could not be read or written.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Bad settings or a run folder holding another run, in words.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error with what was being done when it happened.
+    #[error("{context}: {source}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// What went wrong.
+        #[source]
+        source: Box<TrainError>,
+    },
+}
+
+/// `with_context` for the trainer's results (the wording of `anyhow`'s, typed).
+pub(crate) trait Context<T> {
+    /// Says what was being done, computed only on failure.
+    fn with_context(self, f: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<TrainError>> Context<T> for std::result::Result<T, E> {
+    fn with_context(self, f: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| TrainError::Context {
+            context: f(),
+            source: Box::new(e.into()),
+        })
+    }
 }
 
 /// Result type of this crate.

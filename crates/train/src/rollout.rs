@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use anyhow::Result;
+use crate::{Result, TrainError};
 use mrrec_llm::{ChatModel, ChatRequest, ChatResponse};
 use mrrec_llm_local::{Batcher, LocalModel, Segment, SegmentModel};
 use mrrec_memory::MemoryRead;
@@ -145,7 +145,9 @@ impl Rollouts<'_> {
                 self.trajectory(w, user, request, category, target, seed, j)
             })
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a rollout thread panicked"))))
+            .map(|r| {
+                r.unwrap_or_else(|| Err(TrainError::Invalid("a rollout thread panicked".into())))
+            })
             .collect()
     }
 

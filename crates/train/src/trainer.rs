@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::{
     group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LowerCache, Policy, TokenBatch,
 };
-use anyhow::{bail, Context, Result};
+use crate::{Context, Result, TrainError};
 use mrrec_data::LabeledQuery;
 use mrrec_llm_local::LocalModel;
 use mrrec_memory::MemoryRead;
@@ -240,7 +240,9 @@ impl Trainer<'_> {
     /// Runs (or resumes) the training; returns the final state.
     pub fn run(&self, train: &[&LabeledQuery], val: &[&LabeledQuery]) -> Result<TrainState> {
         if train.is_empty() {
-            bail!("no training queries (split `train`)");
+            return Err(TrainError::Invalid(
+                "no training queries (split `train`)".into(),
+            ));
         }
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
@@ -272,11 +274,11 @@ impl Trainer<'_> {
                     .into_iter()
                     .filter(|k| old.get(k) != cfg_json.get(k))
                     .collect();
-                bail!(
+                return Err(TrainError::Invalid(format!(
                     "{} holds a run with other settings ({} differ); use another --out or the same settings",
                     cfg_path.display(),
                     differ.join(", ")
-                );
+                )));
             }
         } else {
             std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg_json)?)?;
