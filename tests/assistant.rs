@@ -491,16 +491,7 @@ fn guided_mode_with_the_tiny_model_on_real_users() {
     let ws = workspace();
     let dir = tempfile::tempdir().unwrap();
     let st = SqliteStore::open(&dir.path().join("m.sqlite")).unwrap();
-    let b = MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &st,
-        tenant: "default",
-        llm: None,
-        batch: 8,
-        progress: false,
-    };
+    let b = MemoryBuilder::new(&ws, &st, "default");
     let queries: Vec<&mrrec_data::Query> = ws
         .dataset
         .queries

@@ -31,16 +31,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         .into_iter()
         .find(|q| ws.dataset.histories.of(&q.query().user_id).len() >= 2)
         .unwrap();
-    let b = MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &st,
-        tenant: "default",
-        llm: None,
-        batch: 8,
-        progress: false,
-    };
+    let b = MemoryBuilder::new(&ws, &st, "default");
     b.build_records(&[q.query().user_id.as_str()], &mut BuildReport::default())
         .unwrap();
     let local = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();

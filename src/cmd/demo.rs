@@ -152,14 +152,8 @@ fn demo_assistant(
     }
     .context(ws)?;
     let b = mrrec_agent::memory::MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &*ctx.store,
-        tenant: TENANT,
-        llm: None,
-        batch: 8,
         progress: true,
+        ..mrrec_agent::memory::MemoryBuilder::new(ws, &*ctx.store, TENANT)
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;

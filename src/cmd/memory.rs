@@ -183,14 +183,10 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 None
             };
             let b = MemoryBuilder {
-                shop: ws.shop(),
-                embeddings: ws.embedder.cache(),
-                queries: &ws.dataset.queries,
-                store: &*st,
-                tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
                 batch: llm.batch,
                 progress: true,
+                ..MemoryBuilder::new(&ws, &*st, tenant)
             };
             let mut ids = ws.dataset.histories.user_ids();
             if let Some(sp) = &for_split {
@@ -273,14 +269,10 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 )?)
             };
             let b = MemoryBuilder {
-                shop: ws.shop(),
-                embeddings: ws.embedder.cache(),
-                queries: &ws.dataset.queries,
-                store: &*st,
-                tenant,
                 llm: model.as_ref().map(|m| m as &dyn mrrec_llm::ChatModel),
                 batch: llm.batch,
                 progress: true,
+                ..MemoryBuilder::new(&ws, &*st, tenant)
             };
             let n = b.add_reviews(&user, &reviews)?;
             let mut report = BuildReport::default();
@@ -415,16 +407,7 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
             let tenant = tenant.tenant.as_str();
             let ws = data.open()?;
             let st = open_store(&ws, store)?;
-            let b = MemoryBuilder {
-                shop: ws.shop(),
-                embeddings: ws.embedder.cache(),
-                queries: &ws.dataset.queries,
-                store: &*st,
-                tenant,
-                llm: None,
-                batch: 8,
-                progress: false,
-            };
+            let b = MemoryBuilder::new(&ws, &*st, tenant);
             if !missing_ok
                 && !st.has_entries(mrrec_memory::Owner {
                     tenant,

@@ -169,14 +169,8 @@ fn train_cmd(
     users.sort();
     users.dedup();
     let b = mrrec_agent::memory::MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &*store,
-        tenant,
-        llm: None,
-        batch: 8,
         progress: true,
+        ..mrrec_agent::memory::MemoryBuilder::new(&ws, &*store, tenant)
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;

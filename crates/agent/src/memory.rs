@@ -126,6 +126,23 @@ pub struct MemoryBuilder<'a> {
     pub progress: bool,
 }
 
+impl<'a> MemoryBuilder<'a> {
+    /// A builder over `ws` (its shop, embedding cache and query file) writing `tenant`'s memory
+    /// to `store`: no chat model (records only), batches of 8, no progress bars.
+    pub fn new(ws: &'a crate::Workspace, store: &'a dyn MemoryWrite, tenant: &'a str) -> Self {
+        MemoryBuilder {
+            shop: ws.shop(),
+            embeddings: ws.embedder.cache(),
+            queries: &ws.dataset.queries,
+            store,
+            tenant,
+            llm: None,
+            batch: 8,
+            progress: false,
+        }
+    }
+}
+
 /// Fault injection for the crash-and-resume tests: with `MRREC_FAILPOINT=N`, the process aborts
 /// (no destructors, no flush: like `kill -9`) right after its N-th store write.
 fn failpoint() {

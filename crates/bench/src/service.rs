@@ -50,14 +50,8 @@ pub(crate) fn record_store(
         .take(users)
         .collect();
     let b = mrrec_agent::memory::MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &*store,
-        tenant: "bench",
-        llm: None,
-        batch: 8,
         progress: true,
+        ..mrrec_agent::memory::MemoryBuilder::new(ws, &*store, "bench")
     };
     b.build_records(&all, &mut mrrec_agent::memory::BuildReport::default())?;
     let users = all.iter().map(|u| u.to_string()).collect();
@@ -98,17 +92,8 @@ pub fn service_llm(
         .collect();
     let users: Vec<&str> = queries.iter().map(|(u, _)| u.as_str()).collect();
     let mut report = mrrec_agent::memory::BuildReport::default();
-    mrrec_agent::memory::MemoryBuilder {
-        shop: ws.shop(),
-        embeddings: ws.embedder.cache(),
-        queries: &ws.dataset.queries,
-        store: &*store,
-        tenant: "bench",
-        llm: None,
-        batch: 8,
-        progress: false,
-    }
-    .build_records(&users, &mut report)?;
+    mrrec_agent::memory::MemoryBuilder::new(&ws, &*store, "bench")
+        .build_records(&users, &mut report)?;
     let queries = Arc::new(queries);
     let make: MakeRequest = {
         let q = queries.clone();

@@ -417,10 +417,7 @@ impl std::fmt::Display for Stale {
 
 /// The stored keys of every mark of `user` begin with one of these (what `forget` clears).
 pub(crate) fn user_key_prefixes(user: &str) -> (String, String) {
-    (
-        Stale::profile(user).key(),
-        format!("pattern:{}:", escape_key(user)),
-    )
+    (Stale::profile(user).key(), Stale::pattern(user, "").key())
 }
 
 /// Opens a store: `postgres://…` / `postgresql://…` is PostgreSQL, anything else a SQLite file.

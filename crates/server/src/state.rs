@@ -183,14 +183,9 @@ impl Service {
         llm: bool,
     ) -> mrrec_agent::memory::MemoryBuilder<'a> {
         mrrec_agent::memory::MemoryBuilder {
-            shop: self.ws.shop(),
-            embeddings: self.ws.embedder.cache(),
-            queries: &self.ws.dataset.queries,
-            store: &*self.store,
-            tenant,
             llm: if llm { Some(&*self.llm) } else { None },
             batch: 4,
-            progress: false,
+            ..mrrec_agent::memory::MemoryBuilder::new(&self.ws, &*self.store, tenant)
         }
     }
 
