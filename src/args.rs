@@ -12,8 +12,9 @@ use crate::cmd::eval::ws_data_name;
 
 #[derive(Args, Clone)]
 pub(crate) struct LlmArgs {
-    /// Local model (registry id) that writes patterns, profiles and aspects; with --llm-url,
-    /// the server's model name.
+    /// Local model: a registry id (`mrrec models list`) or the path of a qwen2 / llama GGUF
+    /// file; with --llm-url, the server's model name. In `memory` commands, the model that
+    /// writes patterns, profiles and aspects; elsewhere, the assistant's.
     #[arg(
         long,
         env = "MRREC_LLM_MODEL",

@@ -83,6 +83,26 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The process-wide settings the library crates take from the environment, read here once
+/// (the README's table lists the variables): cache home and model fetching, the local engine's
+/// switches, the crash tests' failpoint. Per-command variables (`MRREC_DATA`, `MRREC_LLM_*`…) are
+/// clap defaults and `args::server_options`.
+fn read_environment() -> Result<()> {
+    mrrec_models::configure(mrrec_models::Settings::from_env())
+        .map_err(|s| anyhow::anyhow!("model settings were fixed before main: {s:?}"))?;
+    mrrec_llm_local::configure(mrrec_llm_local::Switches::from_env())
+        .map_err(|s| anyhow::anyhow!("engine switches were fixed before main: {s:?}"))?;
+    let failpoint = match std::env::var("MRREC_FAILPOINT") {
+        Ok(v) => Some(
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("MRREC_FAILPOINT={v:?} is not a write count"))?,
+        ),
+        Err(_) => None,
+    };
+    mrrec_agent::memory::set_failpoint(failpoint);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     limit_malloc_arenas();
     tracing_subscriber::fmt()
@@ -92,6 +112,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    read_environment()?;
     match Cli::parse().command {
         Command::Models { action } => cmd::data::models(action),
         Command::Check(data) => cmd::data::check(data),

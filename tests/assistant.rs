@@ -181,6 +181,7 @@ fn entry(e: &dyn TextEmbedder, id: &str, level: Level, text: &str) -> MemoryEntr
         text: text.into(),
         provenance: vec![],
         embedding: e.embed(&[text]).unwrap().remove(0),
+        writer: None,
     }
 }
 

@@ -10,6 +10,7 @@ use mrrec_eval::{markdown_table, RunMetrics, RunSpec};
 
 use crate::args::*;
 use crate::cmd::eval::*;
+use crate::cmd::memory::BuildLevel;
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
@@ -22,13 +23,28 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub(crate) out: PathBuf,
     /// Run the assistant (guided, the default local model) on this many seeded queries of
-    /// the split, after building record memory for their users, beside dense on the same
-    /// queries (0 skips it).
+    /// the split, after building their users' memory, beside dense, hybrid and llm-rewrite on
+    /// the same queries (0 skips it).
     #[arg(long, default_value_t = 40)]
     pub(crate) assistant: usize,
-    /// Local model the assistant uses.
+    /// Local model the assistant uses (registry id or GGUF path).
     #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
     pub(crate) model: String,
+    /// The model that writes the users' patterns and profiles and the global aspects (registry
+    /// id or GGUF path); default: the assistant's.
+    #[arg(long)]
+    pub(crate) memory_model: Option<String>,
+    /// Memory levels built for the assistant's users (records alone is the fastest demo).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "records,patterns,profile,global"
+    )]
+    pub(crate) levels: Vec<BuildLevel>,
+    /// Training queries the global memory's aspects are read from (the first N).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) global_queries: usize,
 }
 
 pub(crate) fn run(a: DemoArgs) -> Result<()> {
@@ -38,6 +54,9 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         out,
         assistant,
         model,
+        memory_model,
+        levels,
+        global_queries,
     } = a;
     let splits = splits(&split);
     let split = split_names(&split);
@@ -96,7 +115,12 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     println!("\nEvaluation on split(s) {split} ({} items in the catalogue), 95% bootstrap intervals over users:\n", ws.catalogue().len());
     print!("{}", markdown_table(&refs, true));
     if assistant > 0 {
-        demo_assistant(&ws, &splits, assistant, &model, &out)?;
+        let memory = DemoMemory {
+            model: memory_model.as_deref().unwrap_or(&model),
+            levels: &levels,
+            global_queries,
+        };
+        demo_assistant(&ws, &splits, assistant, &model, &memory, &out)?;
     }
     println!(
         "\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}",
@@ -105,13 +129,22 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The demo's assistant part: record memory for the users of `n` seeded queries, then `mrrec`
-/// (guided) and `dense` on those queries, with the paired comparison.
+/// What memory the demo builds, and with which model.
+struct DemoMemory<'a> {
+    model: &'a str,
+    levels: &'a [BuildLevel],
+    global_queries: usize,
+}
+
+/// The demo's assistant part: the memory of the users of `n` seeded queries (records, then the
+/// levels asked for, each phase timed), then `mrrec` (guided) and the strongest baselines on
+/// those queries, with the paired comparisons.
 fn demo_assistant(
     ws: &Workspace,
     splits: &[Split],
     n: usize,
     model: &str,
+    memory: &DemoMemory<'_>,
     out: &Path,
 ) -> Result<()> {
     let queries = ws
@@ -151,21 +184,88 @@ fn demo_assistant(
         adapter: None,
     }
     .context(ws)?;
+    let has = |l: BuildLevel| memory.levels.contains(&l);
+    let writer = if has(BuildLevel::Patterns) || has(BuildLevel::Profile) || has(BuildLevel::Global)
+    {
+        if memory.model == model {
+            None
+        } else {
+            Some(mrrec_agent::backend::cached_chat_model(
+                memory.model,
+                None,
+                &Default::default(),
+            )?)
+        }
+    } else {
+        None
+    };
     let b = mrrec_agent::memory::MemoryBuilder {
         progress: true,
+        llm: Some(match &writer {
+            Some(w) => w as &dyn mrrec_llm::ChatModel,
+            None => &ctx.model,
+        }),
         ..mrrec_agent::memory::MemoryBuilder::new(ws, &*ctx.store, TENANT)
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
+    let phase = |what: &str, t: std::time::Instant, report: &mrrec_agent::memory::BuildReport| {
+        eprintln!(
+            "memory: {what} in {:.0}s (LLM so far: {} tokens in, {} out)",
+            t.elapsed().as_secs_f64(),
+            report.usage.prompt_tokens,
+            report.usage.completion_tokens
+        );
+    };
+    let t = std::time::Instant::now();
     b.build_records(&users, &mut report)?;
-    eprintln!(
-        "record memory for {} users (+{} records); preference patterns and profiles are used when built (`mrrec memory build --levels patterns,profile`)",
-        users.len(),
-        report.records_added
+    phase(
+        &format!(
+            "records of {} users (+{})",
+            users.len(),
+            report.records_added
+        ),
+        t,
+        &report,
     );
+    if has(BuildLevel::Patterns) {
+        let t = std::time::Instant::now();
+        b.build_patterns(&users, &mut report)?;
+        phase(
+            &format!("{} preference patterns", report.patterns_written),
+            t,
+            &report,
+        );
+    }
+    if has(BuildLevel::Profile) {
+        let t = std::time::Instant::now();
+        b.build_profiles(&users, &mut report)?;
+        phase(&format!("{} profiles", report.profiles_written), t, &report);
+    }
+    if has(BuildLevel::Global) && memory.global_queries > 0 {
+        let t = std::time::Instant::now();
+        let qs = ws.dataset.queries.for_purpose(&Purpose::GlobalMemory)?;
+        let qs = &qs[..memory.global_queries.min(qs.len())];
+        b.build_global_aspects(qs, 4, &mut report)?;
+        b.merge_global(Default::default(), &mut report)?;
+        phase(
+            &format!("global aspects from {} training queries", qs.len()),
+            t,
+            &report,
+        );
+    }
+    ctx.store.add_cost(TENANT, &report.cost())?;
+    if memory.levels != [BuildLevel::Records] {
+        println!(
+            "\nMemory ({}): {}",
+            memory.model,
+            report.summary(memory.model)
+        );
+    }
     let mut rows = Vec::new();
-    for method in ["dense", "mrrec"] {
+    for method in ["dense", "hybrid", "llm-rewrite", "mrrec"] {
         let dir = out.join(format!("{method}-assistant-{n}"));
-        let c = (method != "dense").then_some(&ctx);
+        let c = method.starts_with("llm-").then_some(&ctx);
+        let c = if method == "mrrec" { Some(&ctx) } else { c };
         let m = restarting(&dir, || {
             let job = EvalJob {
                 method,
@@ -185,19 +285,22 @@ fn demo_assistant(
         .map(|(_, m)| (format!("{} (simple_query)", m.spec.method), m))
         .collect();
     println!(
-        "\nThe assistant ({model}, guided) on {n} seeded queries, against dense on the same queries:\n"
+        "\nThe assistant ({model}, guided) on {n} seeded queries, against the query-only baselines on the same queries:\n"
     );
     print!("{}", markdown_table(&refs, true));
-    let (_, table) = mrrec_eval::compare_runs(&rows[1].0, &rows[0].0, 2000, 42)?;
-    print!("\n{table}");
-    let u = &rows[1].1.usage;
+    let (mrrec_dir, mrrec_run) = rows.last().expect("mrrec ran");
+    for (dir, _) in &rows[..rows.len() - 1] {
+        let (_, table) = mrrec_eval::compare_runs(mrrec_dir, dir, 2000, 42)?;
+        print!("\n{table}");
+    }
+    let u = &mrrec_run.usage;
     println!(
         "LLM: {} tokens in, {} out, {:.0}s ({:.1} s/query); memory tokens per query {:.0}",
         u.prompt_tokens,
         u.completion_tokens,
         u.llm_seconds,
-        u.llm_seconds / rows[1].1.n.max(1) as f64,
-        rows[1].1.memory_tokens_per_query
+        u.llm_seconds / mrrec_run.n.max(1) as f64,
+        mrrec_run.memory_tokens_per_query
     );
     Ok(())
 }

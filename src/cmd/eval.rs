@@ -138,6 +138,13 @@ pub(crate) fn eval_one(
     if let Some(c) = ctx.filter(|c| c.tenant != TENANT) {
         provenance.insert("tenant".into(), c.tenant.clone());
     }
+    // Which models wrote the memory the LLM methods read (`--memory-model` may differ from the
+    // assistant's): LLM-written entries and query aspects per model.
+    if let Some(c) = ctx {
+        let writers = c.store.stats(&c.tenant)?.writers;
+        let text: Vec<String> = writers.iter().map(|(w, n)| format!("{w}: {n}")).collect();
+        provenance.insert("memory_writers".into(), text.join(", "));
+    }
     let spec = RunSpec {
         method: run_name.clone(),
         query_field: field,

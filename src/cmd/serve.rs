@@ -17,6 +17,10 @@ pub(crate) struct ServeArgs {
     /// printed once, when missing).
     #[arg(long, env = "MRREC_KEYS")]
     pub(crate) keys: Option<PathBuf>,
+    /// The model that writes users' patterns and profiles when they add interactions (registry
+    /// id or GGUF path; with --llm-url, a model of that server); default: the assistant's.
+    #[arg(long)]
+    pub(crate) memory_model: Option<String>,
     /// Requests per second per key (0: unlimited).
     #[arg(long, default_value_t = 50.0)]
     pub(crate) rate_per_key: f64,
@@ -102,7 +106,7 @@ pub(crate) enum KeysAction {
 
 #[derive(Args)]
 pub(crate) struct ServeLlmArgs {
-    /// Registered local model id.
+    /// Local model: a registry id or the path of a qwen2 / llama GGUF file.
     #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
     pub(crate) model: String,
     /// Address to listen on.
@@ -126,8 +130,7 @@ pub(crate) fn run(a: ServeCmd) -> Result<()> {
 
 pub(crate) fn serve_llm(a: ServeLlmArgs) -> Result<()> {
     let ServeLlmArgs { model, addr } = a;
-    let m: Arc<dyn mrrec_llm::ChatModel> =
-        Arc::new(mrrec_llm_local::LocalModel::from_registry(&model)?);
+    let m: Arc<dyn mrrec_llm::ChatModel> = Arc::new(mrrec_llm_local::LocalModel::open(&model)?);
     mrrec_server::llm::serve(m, addr)?;
     Ok(())
 }
@@ -238,7 +241,21 @@ fn serve(data: DataArgs, assistant: AssistantArgs, args: ServeArgs) -> Result<()
         assistant: assistant.config()?,
         ..Default::default()
     };
-    let svc = mrrec_server::Service::new(ws, store, llm, llm_cache, keys, cfg);
+    let memory: Option<Arc<dyn mrrec_llm::ChatModel>> = match &args.memory_model {
+        Some(m) if *m != assistant.llm.model => {
+            Some(Arc::new(mrrec_agent::backend::cached_chat_model(
+                m,
+                assistant.llm.llm_url.as_deref(),
+                server_options()?,
+            )?))
+        }
+        _ => None,
+    };
+    let models = mrrec_server::Models {
+        assistant: llm,
+        memory,
+    };
+    let svc = mrrec_server::Service::new(ws, store, models, llm_cache, keys, cfg);
     // Clients that own a runtime (PostgreSQL, the OpenAI client) must not be dropped inside one:
     // the last reference to the service is released here, after the runtime has stopped.
     let keep = svc.clone();

@@ -35,6 +35,7 @@ pub fn entry(ws: &Workspace, id: &str, text: &str) -> MemoryEntry {
         text: text.into(),
         provenance: vec![],
         embedding: ws.embedder.embed(&[text]).unwrap().remove(0),
+        writer: None,
     }
 }
 
@@ -109,7 +110,7 @@ pub async fn start_on<S: MemoryWrite + Send + Sync + 'static>(
             .await
             .unwrap()
     };
-    let svc = Service::new(ws, st, llm, None, keys(), cfg);
+    let svc = Service::new(ws, st, llm.into(), None, keys(), cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::error::{Context, Result};
 use mrrec_llm::{CachePolicy, CachedChatModel, ChatModel};
 
-/// The response cache every CLI command shares.
+/// The response cache every CLI command shares (under [`mrrec_models::home`]).
 pub fn llm_cache_path() -> PathBuf {
     mrrec_models::home().join("cache").join("llm.sqlite")
 }
@@ -24,7 +24,7 @@ pub struct ServerOptions {
     pub retries: Option<u32>,
 }
 
-/// A local model by registry id (`echo` / `echo@MS`: the instant model that writes the request
+/// A local model by registry id or GGUF path (`echo` / `echo@MS`: the instant model that writes the request
 /// back, for measuring everything but the LLM), or the server at `base_url`, asked for `model`
 /// (the model named is the model used). The echo model with a server is an error naming both.
 pub fn chat_model(
@@ -54,7 +54,7 @@ pub fn chat_model(
         }
         None => {
             eprintln!("loading {model}…");
-            Box::new(mrrec_llm_local::LocalModel::from_registry(model)?)
+            Box::new(mrrec_llm_local::LocalModel::open(model)?)
         }
     })
 }
@@ -67,7 +67,7 @@ pub fn local_with_adapter(
     adapter: Option<&std::path::Path>,
 ) -> Result<mrrec_llm_local::LocalModel> {
     eprintln!("loading {model}…");
-    let mut m = mrrec_llm_local::LocalModel::from_registry(model)?;
+    let mut m = mrrec_llm_local::LocalModel::open(model)?;
     if let Some(path) = adapter {
         let ad = mrrec_llm_local::model::LoraAdapter::load(path)
             .with_context(|| format!("reading the adapter {}", path.display()))?;

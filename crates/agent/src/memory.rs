@@ -143,15 +143,25 @@ impl<'a> MemoryBuilder<'a> {
     }
 }
 
-/// Fault injection for the crash-and-resume tests: with `MRREC_FAILPOINT=N`, the process aborts
-/// (no destructors, no flush: like `kill -9`) right after its N-th store write.
+/// The store write after which [`failpoint`] aborts the process (0: never).
+static FAIL_AFTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Fault injection for the crash-and-resume tests (the binary sets it from `MRREC_FAILPOINT=N`):
+/// the process aborts (no destructors, no flush: like `kill -9`) right after its N-th memory-store
+/// write. `None` turns it off.
+pub fn set_failpoint(after_writes: Option<usize>) {
+    FAIL_AFTER.store(
+        after_writes.unwrap_or(0),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
+
 fn failpoint() {
     static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("MRREC_FAILPOINT").ok()?.parse().ok());
-    if let Some(at) = at {
+    let at = FAIL_AFTER.load(std::sync::atomic::Ordering::SeqCst);
+    if at > 0 {
         let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if n >= *at {
+        if n >= at {
             eprintln!("MRREC_FAILPOINT: aborting after store write {n}");
             std::process::abort();
         }
@@ -189,6 +199,11 @@ impl<'a> MemoryBuilder<'a> {
     fn llm(&self) -> Result<&'a dyn ChatModel> {
         self.llm
             .context("this level needs a chat model (pass --model or --llm-url)")
+    }
+
+    /// The id of the model that writes the LLM levels, kept with every entry it writes.
+    fn writer(&self) -> String {
+        self.llm.map(|m| m.id().to_string()).unwrap_or_default()
     }
 
     fn embed(&self, texts: &[&str], what: &str) -> Result<Vec<Vec<f32>>> {
@@ -409,7 +424,7 @@ impl<'a> MemoryBuilder<'a> {
             |(u, c, es), text, report| {
                 let source: Vec<&str> = es.iter().map(|e| e.text.as_str()).collect();
                 let sources: Vec<String> = es.iter().map(|e| e.id.clone()).collect();
-                let segs = summaries::pattern_entries(c, &text, &sources);
+                let segs = summaries::pattern_entries(c, &text, &sources, &self.writer());
                 self.write_segments(
                     Rewrite {
                         user: u,
@@ -467,7 +482,7 @@ impl<'a> MemoryBuilder<'a> {
             |(u, pairs, source), text, report| {
                 let sources: Vec<String> =
                     pairs.iter().map(|(c, _)| format!("pattern:{c}")).collect();
-                let segs = summaries::profile_entries(&text, &sources);
+                let segs = summaries::profile_entries(&text, &sources, &self.writer());
                 self.write_segments(
                     Rewrite {
                         user: u,
@@ -569,6 +584,7 @@ impl<'a> MemoryBuilder<'a> {
                         user: q.user_id.clone(),
                         category: category(jobs[i].0),
                         json: serde_json::to_string(&set).unwrap_or_default(),
+                        writer: Some(self.writer()),
                     });
                     true
                 }

@@ -240,7 +240,9 @@ pub fn hostile(
             let svc = Service::new(
                 ws.clone(),
                 store.clone(),
-                Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo")),
+                (Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo"))
+                    as Arc<dyn mrrec_llm::ChatModel>)
+                    .into(),
                 None,
                 bench_keys()?,
                 cfg,

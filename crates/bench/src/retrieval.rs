@@ -193,6 +193,7 @@ pub fn memory_retrieval(
                 text: text.to_string(),
                 provenance: vec![format!("B{u:08}{i}")],
                 embedding: unit(rng),
+                writer: None,
             })
             .collect()
     };

@@ -117,7 +117,7 @@ pub fn service_llm(
         let svc = Service::new(
             ws.clone(),
             store.clone(),
-            llm,
+            llm.into(),
             None,
             bench_keys()?,
             ServiceConfig {
@@ -251,7 +251,9 @@ pub fn service(
             let svc = Service::new(
                 ws.clone(),
                 store.clone(),
-                Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo")),
+                (Arc::new(mrrec_llm::EchoModel::from_id("echo").expect("echo"))
+                    as Arc<dyn mrrec_llm::ChatModel>)
+                    .into(),
                 None,
                 bench_keys().expect("keys"),
                 cfg,

@@ -121,6 +121,8 @@ impl RunSpec {
         s.provenance.remove("started");
         // Recorded, not part of the identity: a run may resume with another batch.
         s.provenance.remove("query_batch");
+        // The memory may be built further between resumptions.
+        s.provenance.remove("memory_writers");
         s
     }
 }

@@ -1,5 +1,6 @@
-//! Prompt-prefill speed of a registered model with the quantised kernel alone and with the dense
-//! f32 prefill copy: `cargo run --release -p mrrec-llm --example prefill [MODEL] [TOKENS]`.
+//! Prompt-prefill speed of a registered model with the quantised kernel alone or with the dense
+//! f32 prefill copy: `cargo run --release -p mrrec-llm-local --example prefill [MODEL] [TOKENS]`,
+//! once with `MRREC_DENSE_PREFILL=0` and once without (the switch is read once per process).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -7,9 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(1)
         .map_or("qwen2.5-coder-0.5b-instruct", String::as_str);
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(600);
-    let mut out = Vec::new();
-    for dense in ["0", "1"] {
-        std::env::set_var("MRREC_DENSE_PREFILL", dense);
+    let dense = mrrec_llm_local::switches().dense_prefill;
+    {
         let m = mrrec_llm_local::LocalModel::from_registry(id)?;
         let text = "The shopper bought a stainless steel kettle and praised how quickly it boils. "
             .repeat(n / 12 + 1);
@@ -27,8 +27,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{id}: dense_prefill={dense}: {n} tokens in {best:.2}s = {:.1} tokens/s",
             n as f64 / best
         );
-        out.push(n as f64 / best);
     }
-    println!("ratio dense / quantised: {:.2}", out[1] / out[0]);
     Ok(())
 }

@@ -97,15 +97,22 @@ pub fn requantize_gguf(src: &Path, dst: &Path) -> Result<usize> {
 /// The Q8_0 version of `path` (`<stem>.q8_0k.gguf` beside it), converting once if the file holds
 /// quantisations other than Q8_0 (and f32/f16); `path` itself when it has none.
 pub fn ensure_q8_0(path: &Path) -> Result<PathBuf> {
+    ensure_q8_0_in(path, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// [`ensure_q8_0`] writing the converted file (and its lock) into `dir` instead of beside `path`
+/// (a user's own GGUF: its folder may be read-only, and it is not ours to write into).
+pub fn ensure_q8_0_in(path: &Path, dir: &Path) -> Result<PathBuf> {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
-    let dst = path.with_file_name(format!("{stem}.{CONVERSION_TAG}.gguf"));
+    let dst = dir.join(format!("{stem}.{CONVERSION_TAG}.gguf"));
     if dst.exists() {
         return Ok(dst);
     }
-    let lock_path = path.with_extension("convert.lock");
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let lock_path = dir.join(format!("{stem}.convert.lock"));
     let lock = File::create(&lock_path).map_err(io(&lock_path))?;
     lock.lock().map_err(io(&lock_path))?;
     if dst.exists() {

@@ -14,13 +14,15 @@ mod local;
 mod lora;
 pub mod model;
 pub mod q8;
+mod switches;
 mod template;
 
 pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use constrain::{ConstraintCompiler, TokenSet};
-pub use convert::{ensure_q8_0, requantize_gguf, CONVERSION_TAG};
+pub use convert::{ensure_q8_0, ensure_q8_0_in, requantize_gguf, CONVERSION_TAG};
 pub use gguf::{tokenizer_from_gguf, GgufInfo};
-pub use local::{Generation, LocalModel, Segment};
+pub use local::{check_gguf, names_a_file, Generation, LocalModel, Segment, FILE_ID_PREFIX};
+pub use switches::{configure, switches, Switches};
 pub use template::ChatTemplate;
 
 use mrrec_llm::LlmError;

@@ -231,7 +231,7 @@ impl Transformer {
         let output = QMatMul::from_qtensor(output_q)?;
         let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps)?;
         let mut layers = Vec::with_capacity(n_layers);
-        let dense_prefill = std::env::var("MRREC_DENSE_PREFILL").map_or(true, |v| v != "0");
+        let dense_prefill = crate::switches().dense_prefill;
         let mut dense: Vec<Vec<Option<Tensor>>> = Vec::with_capacity(n_layers);
         let mut packed: Vec<Vec<Option<PackedQ8>>> = Vec::with_capacity(n_layers);
         for i in 0..n_layers {

@@ -62,7 +62,7 @@ pub fn available() -> bool {
         use std::sync::OnceLock;
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| {
-            std::env::var("MRREC_Q8_KERNEL").map_or(true, |v| v != "0")
+            crate::switches().q8_kernel
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")

@@ -253,6 +253,7 @@ mod tests {
                     user: user.into(),
                     category: "Books".into(),
                     json: String::new(),
+                    writer: None,
                 },
                 AspectSet {
                     subcategory: "novels".into(),

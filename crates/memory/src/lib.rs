@@ -91,6 +91,10 @@ pub struct MemoryEntry {
     pub provenance: Vec<String>,
     /// Unit-length embedding of `text`.
     pub embedding: Vec<f32>,
+    /// The model that wrote it (patterns and profiles: the memory model's id); `None` for
+    /// records, which are the user's own words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 /// A retrieved entry with its cosine similarity to the query.
@@ -147,6 +151,9 @@ pub struct QueryAspects {
     pub category: String,
     /// Validated aspect JSON (see [`global::ASPECT_SCHEMA`]).
     pub json: String,
+    /// The model that read the aspects off the query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 /// What `forget` removed.
@@ -176,6 +183,9 @@ pub struct MemoryStats {
     pub stale: usize,
     /// What writing the LLM entries cost, summed over every build (the paper's Table 4).
     pub cost: BuildCost,
+    /// LLM-written entries and step-A query aspects per model that wrote them (entries stored
+    /// before models were recorded count under `unrecorded`).
+    pub writers: std::collections::BTreeMap<String, usize>,
 }
 
 /// Accumulated cost of LLM-written memory.

@@ -29,11 +29,13 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS entries (
     tenant TEXT NOT NULL, user_id TEXT NOT NULL, id TEXT NOT NULL,
     level TEXT NOT NULL, category TEXT, text TEXT NOT NULL,
-    provenance TEXT NOT NULL, embedding BYTEA NOT NULL,
+    provenance TEXT NOT NULL, embedding BYTEA NOT NULL, writer TEXT,
     PRIMARY KEY (tenant, user_id, id));
+ALTER TABLE entries ADD COLUMN IF NOT EXISTS writer TEXT;
 CREATE TABLE IF NOT EXISTS query_aspects (
     tenant TEXT NOT NULL, qid TEXT NOT NULL, user_id TEXT NOT NULL, category TEXT NOT NULL,
-    json TEXT NOT NULL, PRIMARY KEY (tenant, qid));
+    json TEXT NOT NULL, writer TEXT, PRIMARY KEY (tenant, qid));
+ALTER TABLE query_aspects ADD COLUMN IF NOT EXISTS writer TEXT;
 CREATE INDEX IF NOT EXISTS query_aspects_user ON query_aspects (tenant, user_id);
 CREATE TABLE IF NOT EXISTS global_aspects (
     tenant TEXT NOT NULL, category TEXT NOT NULL, id TEXT NOT NULL, subcategory TEXT,
@@ -88,6 +90,7 @@ fn row_entry(r: &Row) -> MemoryEntry {
         text: r.get(3),
         provenance: serde_json::from_str(&prov).unwrap_or_default(),
         embedding: from_blob(&emb),
+        writer: r.get(6),
     }
 }
 
@@ -166,7 +169,7 @@ impl MemoryRead for PgStore {
         let rows = self
             .lock()
             .query(
-                "SELECT id, level, category, text, provenance, embedding FROM entries
+                "SELECT id, level, category, text, provenance, embedding, writer FROM entries
                  WHERE tenant = $1 AND user_id = $2 ORDER BY id",
                 &[&owner.tenant, &owner.user],
             )
@@ -221,6 +224,16 @@ impl MemoryRead for PgStore {
         let global = count(
             "SELECT category, COUNT(*) FROM global_aspects WHERE tenant = $1 GROUP BY category",
         )?;
+        let mut writers = count(
+            "SELECT COALESCE(writer, 'unrecorded'), COUNT(*) FROM entries
+             WHERE tenant = $1 AND level <> 'record' GROUP BY 1",
+        )?;
+        for (w, n) in count(
+            "SELECT COALESCE(writer, 'unrecorded'), COUNT(*) FROM query_aspects
+             WHERE tenant = $1 GROUP BY 1",
+        )? {
+            *writers.entry(w).or_default() += n;
+        }
         let stale: i64 = c
             .query_one(
                 "SELECT COUNT(*) FROM build_state WHERE tenant = $1",
@@ -252,6 +265,7 @@ impl MemoryRead for PgStore {
             cost: cost
                 .and_then(|c| serde_json::from_str(&c).ok())
                 .unwrap_or_default(),
+            writers,
         })
     }
 
@@ -272,7 +286,7 @@ impl MemoryRead for PgStore {
         let rows = self
             .lock()
             .query(
-                "SELECT qid, user_id, category, json FROM query_aspects
+                "SELECT qid, user_id, category, json, writer FROM query_aspects
                  WHERE tenant = $1 AND ($2::text IS NULL OR category = $2) ORDER BY qid",
                 &[&tenant, &category],
             )
@@ -284,6 +298,7 @@ impl MemoryRead for PgStore {
                 user: r.get(1),
                 category: r.get(2),
                 json: r.get(3),
+                writer: r.get(4),
             })
             .collect())
     }
@@ -337,11 +352,12 @@ impl MemoryWrite for PgStore {
         }
         let stmt = tx
             .prepare(
-                "INSERT INTO entries (tenant, user_id, id, level, category, text, provenance, embedding)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO entries (tenant, user_id, id, level, category, text, provenance, embedding, writer)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (tenant, user_id, id) DO UPDATE SET level = EXCLUDED.level,
                  category = EXCLUDED.category, text = EXCLUDED.text,
-                 provenance = EXCLUDED.provenance, embedding = EXCLUDED.embedding",
+                 provenance = EXCLUDED.provenance, embedding = EXCLUDED.embedding,
+                 writer = EXCLUDED.writer",
             )
             .map_err(|e| self.err(e))?;
         for e in put {
@@ -356,6 +372,7 @@ impl MemoryWrite for PgStore {
                     &e.text,
                     &json(&e.provenance),
                     &to_blob(&e.embedding),
+                    &e.writer,
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -415,10 +432,10 @@ impl MemoryWrite for PgStore {
         let mut tx = c.transaction().map_err(|e| self.err(e))?;
         for q in rows {
             tx.execute(
-                "INSERT INTO query_aspects (tenant, qid, user_id, category, json) VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO query_aspects (tenant, qid, user_id, category, json, writer) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (tenant, qid) DO UPDATE SET user_id = EXCLUDED.user_id,
-                 category = EXCLUDED.category, json = EXCLUDED.json",
-                &[&tenant, &q.qid, &q.user, &q.category, &q.json],
+                 category = EXCLUDED.category, json = EXCLUDED.json, writer = EXCLUDED.writer",
+                &[&tenant, &q.qid, &q.user, &q.category, &q.json, &q.writer],
             )
             .map_err(|e| self.err(e))?;
             tx.execute(

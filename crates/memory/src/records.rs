@@ -54,6 +54,7 @@ pub fn record_entries(reviews: &[Review], catalogue: &Catalogue) -> Vec<MemoryEn
             text: record_text(r, catalogue),
             provenance: vec![r.parent_asin.clone()],
             embedding: Vec::new(),
+            writer: None,
         })
         .collect()
 }

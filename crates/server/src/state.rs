@@ -81,6 +81,9 @@ pub struct Service {
     pub store: Arc<dyn MemoryWrite + Send + Sync>,
     /// The chat model.
     pub llm: Arc<dyn ChatModel>,
+    /// The model that writes memory (patterns, profiles) when users add interactions: the
+    /// assistant's unless another was chosen (`--memory-model`).
+    pub memory_llm: Arc<dyn ChatModel>,
     /// The LLM response cache that forget cleans (the shared one under `$MRREC_HOME`, whatever
     /// model this service runs: other processes may have written the user's text there).
     pub llm_cache: Option<PathBuf>,
@@ -100,16 +103,36 @@ pub struct Service {
     pub(crate) workers: AtomicUsize,
 }
 
+/// The service's chat models: the assistant's, and the one that writes memory.
+pub struct Models {
+    /// Answers requests.
+    pub assistant: Arc<dyn ChatModel>,
+    /// Writes patterns and profiles (`None`: the assistant's).
+    pub memory: Option<Arc<dyn ChatModel>>,
+}
+
+impl From<Arc<dyn ChatModel>> for Models {
+    /// One model for both roles.
+    fn from(assistant: Arc<dyn ChatModel>) -> Self {
+        Models {
+            assistant,
+            memory: None,
+        }
+    }
+}
+
 impl Service {
     /// The service over these parts.
     pub fn new(
         ws: Arc<Workspace>,
         store: Arc<dyn MemoryWrite + Send + Sync>,
-        llm: Arc<dyn ChatModel>,
+        models: Models,
         llm_cache: Option<PathBuf>,
         keys: KeyRing,
         cfg: ServiceConfig,
     ) -> Arc<Self> {
+        let llm = models.assistant;
+        let memory_llm = models.memory.unwrap_or_else(|| llm.clone());
         Arc::new(Service {
             limiter: RateLimiter::new(cfg.rate_per_key, cfg.burst),
             auth_failures: RateLimiter::new(cfg.auth_failures_per_second, cfg.auth_failure_burst),
@@ -121,6 +144,7 @@ impl Service {
             ws,
             store,
             llm,
+            memory_llm,
             llm_cache,
             keys,
             cfg,
@@ -183,7 +207,7 @@ impl Service {
         llm: bool,
     ) -> mrrec_agent::memory::MemoryBuilder<'a> {
         mrrec_agent::memory::MemoryBuilder {
-            llm: if llm { Some(&*self.llm) } else { None },
+            llm: if llm { Some(&*self.memory_llm) } else { None },
             batch: 4,
             ..mrrec_agent::memory::MemoryBuilder::new(&self.ws, &*self.store, tenant)
         }

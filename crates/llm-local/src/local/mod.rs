@@ -3,7 +3,10 @@
 //! chat template read from the file. Sequences have their own KV caches, so many decode together
 //! (`generate_many`) and one prompt computed once serves a group of samples (`generate_group`).
 
+mod file;
 mod prefix;
+
+pub use file::{check_gguf, names_a_file, FILE_ID_PREFIX};
 
 use prefix::*;
 use std::path::Path;
@@ -123,9 +126,7 @@ impl LocalModel {
             model,
             compiler: Mutex::new(None),
             prefixes: Mutex::new(Vec::new()),
-            reuse_prefixes: std::sync::atomic::AtomicBool::new(
-                std::env::var("MRREC_PREFIX_REUSE").map_or(true, |v| v != "0"),
-            ),
+            reuse_prefixes: std::sync::atomic::AtomicBool::new(crate::switches().prefix_reuse),
         })
     }
 
