@@ -1,5 +1,6 @@
 //! `mrrec bench`: calls the benchmarks of `mrrec-bench`; prints JSON.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -67,6 +68,13 @@ pub(crate) struct BenchArgs {
     /// built yet, to measure it in the same run (without: measured only when already built).
     #[arg(long)]
     pub(crate) llama_cpp: bool,
+    /// `prefill` and `llm`: the local models measured (registry ids or GGUF paths), in one run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct"
+    )]
+    pub(crate) bench_models: Vec<String>,
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
@@ -82,7 +90,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         service_rate,
         service_seconds,
         llama_cpp,
+        bench_models,
     } = a;
+    let bench_models: Vec<&str> = bench_models.iter().map(String::as_str).collect();
     let queries = bench_queries;
     let parts: std::collections::BTreeSet<&str> = parts.iter().map(String::as_str).collect();
     let mut out = serde_json::Map::new();
@@ -91,16 +101,19 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         out.insert(
             "prefill".into(),
             mrrec_bench::prefill::prefill(
-                &["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"],
-                llama_cpp,
+                &bench_models,
+                &mrrec_bench::prefill::LlamaCpp {
+                    venv: std::env::var_os("LLAMA_CPP_VENV").map_or_else(
+                        || mrrec_models::home().join("bench/llama-cpp-venv"),
+                        PathBuf::from,
+                    ),
+                    build: llama_cpp,
+                },
             )?,
         );
     }
     if parts.contains("llm") {
-        out.insert(
-            "llm".into(),
-            mrrec_bench::llm(&["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])?,
-        );
+        out.insert("llm".into(), mrrec_bench::llm(&bench_models)?);
     }
     if parts.contains("batched") {
         out.insert(

@@ -12,7 +12,7 @@ pub fn llm(models: &[&str]) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for &id in models {
         let before = resident_bytes();
-        let m = mrrec_llm_local::LocalModel::from_registry(id)?;
+        let m = mrrec_llm_local::LocalModel::open(id)?;
         let text = "The quick brown fox jumps over the lazy dog while the assistant writes notes. "
             .repeat(80);
         let mut ids = m.info().encode(&text)?;

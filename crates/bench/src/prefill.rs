@@ -11,7 +11,7 @@
 //!   the model was converted from (`scripts/llama-cpp-bench.sh`; skipped, and said so, when its
 //!   build is absent and `--llama-cpp` was not given).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -109,10 +109,23 @@ fn kernel(ceiling: Option<f64>) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Where llama.cpp is measured from: the build the script keeps (its virtual environment, by
+/// default `<home>/bench/llama-cpp-venv`; the binary passes `LLAMA_CPP_VENV`), and whether to
+/// build it when absent.
+#[derive(Debug, Clone)]
+pub struct LlamaCpp {
+    /// The virtual environment holding llama-cpp-python.
+    pub venv: PathBuf,
+    /// Build it when absent (about 15 minutes).
+    pub build: bool,
+}
+
 /// llama.cpp's figures for `files`, from `scripts/llama-cpp-bench.sh` (JSON on stdout).
-fn llama_cpp(files: &[PathBuf], threads: usize) -> Result<Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/llama-cpp-bench.sh");
+fn llama_cpp(files: &[PathBuf], threads: usize, venv: &Path) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/llama-cpp-bench.sh");
     let out = Command::new("bash")
+        .env("LLAMA_CPP_VENV", venv)
+        .env("MRREC_HOME", mrrec_models::home())
         .arg(&script)
         .arg("--threads")
         .arg(threads.to_string())
@@ -128,16 +141,8 @@ fn llama_cpp(files: &[PathBuf], threads: usize) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("llama.cpp benchmark output")
 }
 
-/// Whether the llama.cpp build the script keeps is there.
-fn llama_cpp_built() -> bool {
-    let venv = std::env::var_os("LLAMA_CPP_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| mrrec_models::home().join("bench/llama-cpp-venv"));
-    venv.join("bin/python").exists()
-}
-
-/// The whole part (see the module doc). `build_llama_cpp`: build llama.cpp when absent.
-pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
+/// The whole part (see the module doc).
+pub fn prefill(models: &[&str], llama: &LlamaCpp) -> Result<Value> {
     let threads = candle_core::utils::get_num_threads();
     let ceiling_all = ceiling(threads);
     let ceiling_one = ceiling(1);
@@ -149,19 +154,25 @@ pub fn prefill(models: &[&str], build_llama_cpp: bool) -> Result<Value> {
                "how": "16 independent vpdpbusd zmm accumulators per thread, no memory traffic"}),
     );
     out.insert("kernel_1300_rows".into(), kernel(ceiling_all)?);
-    let reference = if build_llama_cpp || llama_cpp_built() {
+    let reference = if llama.build || llama.venv.join("bin/python").exists() {
         let files = models
             .iter()
-            .map(|m| Ok(LocalModel::source_file(m)?))
+            .map(|m| {
+                Ok(if mrrec_llm_local::names_a_file(m) {
+                    PathBuf::from(m)
+                } else {
+                    LocalModel::source_file(m)?
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
-        let r = llama_cpp(&files, threads)?;
+        let r = llama_cpp(&files, threads, &llama.venv)?;
         Some((files, r))
     } else {
         None
     };
     let mut per_model = serde_json::Map::new();
     for (mi, &id) in models.iter().enumerate() {
-        let m = LocalModel::from_registry(id)?;
+        let m = LocalModel::open(id)?;
         let tf = m.transformer();
         let macs_per_token: usize = (0..tf.n_layers())
             .map(|_| {

@@ -13,7 +13,7 @@ use candle_core::Device;
 use crate::Result;
 use mrrec_llm::LlmError;
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
     move |source| LlmError::Io {
         path: path.to_path_buf(),
         source,

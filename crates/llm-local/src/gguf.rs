@@ -34,7 +34,7 @@ pub struct GgufInfo {
     pub eos_token: Option<String>,
 }
 
-fn bad(path: &Path, message: impl Into<String>) -> crate::LocalError {
+pub(crate) fn bad(path: &Path, message: impl Into<String>) -> crate::LocalError {
     crate::LocalError::Llm(LlmError::BadModelFile {
         path: path.to_path_buf(),
         message: message.into(),

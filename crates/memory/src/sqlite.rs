@@ -549,3 +549,63 @@ impl MemoryWrite for SqliteStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A store written before the memory model was recorded opens, reads its entries back with
+    /// no writer, and stores writers from then on.
+    #[test]
+    fn a_store_from_before_writers_gains_the_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE entries (
+                     tenant TEXT NOT NULL, user_id TEXT NOT NULL, id TEXT NOT NULL,
+                     level TEXT NOT NULL, category TEXT, text TEXT NOT NULL,
+                     provenance TEXT NOT NULL, embedding BLOB NOT NULL,
+                     PRIMARY KEY (tenant, user_id, id)) WITHOUT ROWID;
+                 CREATE TABLE query_aspects (
+                     tenant TEXT NOT NULL, qid TEXT NOT NULL, user_id TEXT NOT NULL,
+                     category TEXT NOT NULL, json TEXT NOT NULL,
+                     PRIMARY KEY (tenant, qid)) WITHOUT ROWID;",
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO entries VALUES ('t', 'u', 'p-0', 'pattern', NULL, 'likes tea', '[]', ?1)",
+                params![to_blob(&[1.0, 0.0])],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let o = Owner {
+            tenant: "t",
+            user: "u",
+        };
+        let old = s.entries(o).unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(
+            (old[0].text.as_str(), old[0].writer.as_deref()),
+            ("likes tea", None)
+        );
+        assert_eq!(s.stats("t").unwrap().writers.get("unrecorded"), Some(&1));
+        let mut e = old[0].clone();
+        e.id = "p-1".into();
+        e.writer = Some("m".into());
+        s.put(o, &[e]).unwrap();
+        drop(s);
+        // Opening again finds the column and alters nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        let w: Vec<_> = s
+            .entries(o)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.writer)
+            .collect();
+        assert_eq!(w, vec![None, Some("m".to_string())]);
+    }
+}

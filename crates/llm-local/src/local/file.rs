@@ -3,20 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use mrrec_llm::LlmError;
 
 use super::LocalModel;
-use crate::{LocalError, Result};
+use crate::convert::io;
+use crate::gguf::bad;
+use crate::Result;
 
 /// The prefix of a model id that names a file by its content: `gguf-sha256:<hex>`.
 pub const FILE_ID_PREFIX: &str = "gguf-sha256:";
-
-fn bad(path: &Path, message: impl Into<String>) -> LocalError {
-    LocalError::Llm(LlmError::BadModelFile {
-        path: path.to_path_buf(),
-        message: message.into(),
-    })
-}
 
 /// Whether a `--model` value names a file rather than a registry id: it ends in `.gguf` or has a
 /// path separator ([`LocalModel::open`] also takes an existing file that is no registry id).
@@ -28,21 +22,11 @@ pub fn names_a_file(model: &str) -> bool {
 /// the engine runs, and the file holds every tensor its header lists (a truncated download is
 /// named as such instead of failing inside the tensor library).
 pub fn check_gguf(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        LocalError::Llm(LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
-    })?;
+    let meta = std::fs::metadata(path).map_err(io(path))?;
     if !meta.is_file() {
         return Err(bad(path, "not a file"));
     }
-    let mut f = std::fs::File::open(path).map_err(|e| {
-        LocalError::Llm(LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
-    })?;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
     let content = gguf_file::Content::read(&mut f).map_err(|e| {
         bad(
             path,
@@ -90,18 +74,8 @@ pub fn check_gguf(path: &Path) -> Result<()> {
 /// `<home>/models/files/` by (canonical path, length, modification time) so that a 2 GB file is
 /// hashed once, not at every start.
 fn file_sha256(path: &Path) -> Result<String> {
-    let canonical = std::fs::canonicalize(path).map_err(|e| {
-        LocalError::Llm(LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
-    })?;
-    let meta = std::fs::metadata(&canonical).map_err(|e| {
-        LocalError::Llm(LlmError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
-    })?;
+    let canonical = std::fs::canonicalize(path).map_err(io(path))?;
+    let meta = std::fs::metadata(&canonical).map_err(io(path))?;
     let modified = meta
         .modified()
         .ok()
