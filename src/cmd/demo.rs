@@ -10,7 +10,7 @@ use mrrec_eval::{markdown_table, RunMetrics, RunSpec};
 
 use crate::args::*;
 use crate::cmd::eval::*;
-use crate::cmd::memory::BuildLevel;
+use crate::cmd::memory::{build_levels, BuildLevel, GlobalQueries};
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
@@ -184,9 +184,12 @@ fn demo_assistant(
         adapter: None,
     }
     .context(ws)?;
-    let has = |l: BuildLevel| memory.levels.contains(&l);
-    let writer = if has(BuildLevel::Patterns) || has(BuildLevel::Profile) || has(BuildLevel::Global)
-    {
+    let writes = [
+        BuildLevel::Patterns,
+        BuildLevel::Profile,
+        BuildLevel::Global,
+    ];
+    let writer = if memory.levels.iter().any(|l| writes.contains(l)) {
         if memory.model == model {
             None
         } else {
@@ -207,52 +210,16 @@ fn demo_assistant(
         }),
         ..mrrec_agent::memory::MemoryBuilder::new(ws, &*ctx.store, TENANT)
     };
-    let mut report = mrrec_agent::memory::BuildReport::default();
-    let phase = |what: &str, t: std::time::Instant, report: &mrrec_agent::memory::BuildReport| {
-        eprintln!(
-            "memory: {what} in {:.0}s (LLM so far: {} tokens in, {} out)",
-            t.elapsed().as_secs_f64(),
-            report.usage.prompt_tokens,
-            report.usage.completion_tokens
-        );
-    };
-    let t = std::time::Instant::now();
-    b.build_records(&users, &mut report)?;
-    phase(
-        &format!(
-            "records of {} users (+{})",
-            users.len(),
-            report.records_added
-        ),
-        t,
-        &report,
-    );
-    if has(BuildLevel::Patterns) {
-        let t = std::time::Instant::now();
-        b.build_patterns(&users, &mut report)?;
-        phase(
-            &format!("{} preference patterns", report.patterns_written),
-            t,
-            &report,
-        );
-    }
-    if has(BuildLevel::Profile) {
-        let t = std::time::Instant::now();
-        b.build_profiles(&users, &mut report)?;
-        phase(&format!("{} profiles", report.profiles_written), t, &report);
-    }
-    if has(BuildLevel::Global) && memory.global_queries > 0 {
-        let t = std::time::Instant::now();
-        let qs = ws.dataset.queries.for_purpose(&Purpose::GlobalMemory)?;
-        let qs = &qs[..memory.global_queries.min(qs.len())];
-        b.build_global_aspects(qs, 4, &mut report)?;
-        b.merge_global(Default::default(), &mut report)?;
-        phase(
-            &format!("global aspects from {} training queries", qs.len()),
-            t,
-            &report,
-        );
-    }
+    let report = build_levels(
+        &b,
+        ws,
+        &users,
+        memory.levels,
+        GlobalQueries {
+            first: Some(memory.global_queries),
+            negatives: 4,
+        },
+    )?;
     ctx.store.add_cost(TENANT, &report.cost())?;
     if memory.levels != [BuildLevel::Records] {
         println!(

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
+use mrrec_agent::memory::{BuildReport, MemoryBuilder};
 
 use crate::args::*;
 
@@ -150,8 +151,75 @@ pub(crate) enum MemoryAction {
     },
 }
 
+/// Which training queries global memory is built from.
+pub(crate) struct GlobalQueries {
+    /// The first N (all when `None`).
+    pub(crate) first: Option<usize>,
+    /// Hard negatives per query in step A (clamped to 1–8).
+    pub(crate) negatives: usize,
+}
+
+/// Builds `levels` of `users`' memory in order — records (which the summaries read), patterns,
+/// profiles, global aspects (step A, then the merge) — each phase timed on standard error.
+pub(crate) fn build_levels(
+    b: &MemoryBuilder<'_>,
+    ws: &mrrec_agent::Workspace,
+    users: &[&str],
+    levels: &[BuildLevel],
+    global: GlobalQueries,
+) -> Result<BuildReport> {
+    let has = |l: BuildLevel| levels.contains(&l);
+    let t0 = std::time::Instant::now();
+    let mut report = BuildReport::default();
+    let phase = |what: String, t: std::time::Instant, report: &BuildReport| {
+        eprintln!(
+            "memory: {what} in {:.0}s (LLM so far: {} tokens in, {} out)",
+            t.elapsed().as_secs_f64(),
+            report.usage.prompt_tokens,
+            report.usage.completion_tokens
+        );
+    };
+    if has(BuildLevel::Records) || has(BuildLevel::Patterns) || has(BuildLevel::Profile) {
+        let t = std::time::Instant::now();
+        b.build_records(users, &mut report)?;
+        let n = report.records_added;
+        phase(
+            format!("records of {} users (+{n})", users.len()),
+            t,
+            &report,
+        );
+    }
+    if has(BuildLevel::Patterns) {
+        let t = std::time::Instant::now();
+        b.build_patterns(users, &mut report)?;
+        let n = report.patterns_written;
+        phase(format!("{n} preference patterns"), t, &report);
+    }
+    if has(BuildLevel::Profile) {
+        let t = std::time::Instant::now();
+        b.build_profiles(users, &mut report)?;
+        phase(format!("{} profiles", report.profiles_written), t, &report);
+    }
+    if has(BuildLevel::Global) && global.first != Some(0) {
+        let t = std::time::Instant::now();
+        let qs = ws
+            .dataset
+            .queries
+            .for_purpose(&mrrec_data::Purpose::GlobalMemory)?;
+        let qs = &qs[..global.first.unwrap_or(qs.len()).min(qs.len())];
+        b.build_global_aspects(qs, global.negatives.clamp(1, 8), &mut report)?;
+        b.merge_global(Default::default(), &mut report)?;
+        phase(
+            format!("global aspects of {} training queries", qs.len()),
+            t,
+            &report,
+        );
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
 pub(crate) fn memory(action: MemoryAction) -> Result<()> {
-    use mrrec_agent::memory::{BuildReport, MemoryBuilder};
     use mrrec_embed::TextEmbedder;
     use mrrec_memory::Owner;
     match action {
@@ -207,28 +275,16 @@ pub(crate) fn memory(action: MemoryAction) -> Result<()> {
                 ids.retain(|u| keep.contains(u));
             }
             let ids = &ids[..users.unwrap_or(ids.len()).min(ids.len())];
-            let t0 = std::time::Instant::now();
-            let mut report = BuildReport::default();
-            if has(BuildLevel::Records) || has(BuildLevel::Patterns) || has(BuildLevel::Profile) {
-                // Summaries read the stored records: make sure they are there.
-                b.build_records(ids, &mut report)?;
-            }
-            if has(BuildLevel::Patterns) {
-                b.build_patterns(ids, &mut report)?;
-            }
-            if has(BuildLevel::Profile) {
-                b.build_profiles(ids, &mut report)?;
-            }
-            if has(BuildLevel::Global) {
-                let qs = ws
-                    .dataset
-                    .queries
-                    .for_purpose(&mrrec_data::Purpose::GlobalMemory)?;
-                let qs = &qs[..global_queries.unwrap_or(qs.len()).min(qs.len())];
-                b.build_global_aspects(qs, negatives.clamp(1, 8), &mut report)?;
-                b.merge_global(Default::default(), &mut report)?;
-            }
-            report.seconds = t0.elapsed().as_secs_f64();
+            let report = build_levels(
+                &b,
+                &ws,
+                ids,
+                &levels,
+                GlobalQueries {
+                    first: global_queries,
+                    negatives,
+                },
+            )?;
             st.add_cost(tenant, &report.cost())?;
             if report.faithful.1 > 0 {
                 println!(
