@@ -32,19 +32,36 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "2",
         "--model",
         "smollm2-135m-instruct",
+        "--global-queries",
+        "2",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("Example request:"), "{stdout}");
-    // The assistant part: mrrec beside dense on the same seeded queries, with a paired test.
+    // The assistant part: the users' whole memory built phase by phase, then mrrec beside
+    // dense, hybrid and llm-rewrite on the same seeded queries, with a paired test against each.
+    for phase in [
+        "memory: records of",
+        "preference patterns in",
+        "profiles in",
+        "global aspects of 2 training queries in",
+    ] {
+        assert!(stderr.contains(phase), "{phase}\n{stderr}");
+    }
+    assert!(
+        stdout.contains("Memory (smollm2-135m-instruct):"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("The assistant (smollm2-135m-instruct, guided) on 2 seeded queries"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("| mrrec@guided (simple_query) |"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("A = mrrec@guided"), "{stdout}");
+    for row in ["mrrec@guided", "llm-rewrite@guided", "hybrid", "dense"] {
+        assert!(
+            stdout.contains(&format!("| {row} (simple_query) |")),
+            "{row}\n{stdout}"
+        );
+    }
+    assert_eq!(stdout.matches("A = mrrec@guided").count(), 3, "{stdout}");
     for m in ["bm25", "dense", "hybrid"] {
         for f in ["simple_query", "query"] {
             let row = format!("{m} ({f})");
@@ -96,6 +113,8 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         "2",
         "--model",
         "smollm2-135m-instruct",
+        "--global-queries",
+        "2",
     ]);
     assert!(ok, "{stderr}");
     assert!(
