@@ -46,26 +46,7 @@ pub(crate) fn blocked_attention(
             });
         }
         let p = Tensor::from_vec(p, (1, n_kv, rep * b, kv_end), q.device())?;
-        // Probabilities × values over keys in blocks at absolute positions (multiples of
-        // `block`), summed in key order: the matrix library chooses how to split a long inner
-        // dimension by its length and the CPU's caches (an AMD Zen 4 split 478 keys otherwise
-        // than 384), so one product over all the keys would sum a position's values in an order
-        // that depends on how the prompt was chunked. Each block is short enough to be summed
-        // whole, and the keys past a row's position carry exact zeros.
-        let mut acc: Option<Tensor> = None;
-        for k0 in (0..kv_end).step_by(block) {
-            let kn = block.min(kv_end - k0);
-            let part = p
-                .narrow(3, k0, kn)?
-                .contiguous()?
-                .matmul(&vb.narrow(2, k0, kn)?.contiguous()?)?;
-            acc = Some(match acc {
-                Some(a) => (a + part)?,
-                None => part,
-            });
-        }
-        let o = acc.expect("a block has at least one key");
-        outs.push(o.reshape((1, n_kv, rep, b, d))?);
+        outs.push(p.matmul(&vb)?.reshape((1, n_kv, rep, b, d))?);
     }
     Tensor::cat(&outs, 3)?.reshape((1, n_head, t, d))
 }
