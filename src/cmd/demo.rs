@@ -231,8 +231,8 @@ fn demo_assistant(
     let mut rows = Vec::new();
     for method in ["dense", "hybrid", "llm-rewrite", "mrrec"] {
         let dir = out.join(format!("{method}-assistant-{n}"));
-        let c = method.starts_with("llm-").then_some(&ctx);
-        let c = if method == "mrrec" { Some(&ctx) } else { c };
+        // The LLM methods borrow the model and the store; dense and hybrid need neither.
+        let c = matches!(method, "llm-rewrite" | "mrrec").then_some(&ctx);
         let m = restarting(&dir, || {
             let job = EvalJob {
                 method,

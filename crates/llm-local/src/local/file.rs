@@ -123,7 +123,7 @@ impl LocalModel {
     }
 
     /// A GGUF file from disk (a user's Qwen2.5-3B-Instruct, say), checked first ([`check_gguf`]),
-    /// converted to Q8_0 once into `<home>/models/files/<sha256>/` when it holds slower
+    /// converted to Q8_0 once into `<home>/models/files/<first 16 hex of its sha256>/` when it holds slower
     /// quantisations. Its id is `gguf-sha256:<the file's sha256>` (plus the conversion's tag when
     /// converted), so caches and provenance name the content, not the path.
     pub fn from_file(path: &Path) -> Result<Self> {
