@@ -9,13 +9,14 @@ use clap::Args;
 use crate::args::*;
 
 /// The benchmark parts (`--parts`).
-const PARTS: [&str; 15] = [
+const PARTS: [&str; 16] = [
     "embed",
     "search",
     "bm25",
     "ingest",
     "llm",
     "prefill",
+    "attention",
     "constrained",
     "batched",
     "profile",
@@ -112,6 +113,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             )?,
         );
     }
+    if parts.contains("attention") {
+        out.insert("attention".into(), mrrec_bench::attention_kernel()?);
+    }
     if parts.contains("llm") {
         out.insert("llm".into(), mrrec_bench::llm(&bench_models)?);
     }
@@ -134,7 +138,14 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         );
     }
     // The model parts alone need no catalogue.
-    const MODEL_ONLY: [&str; 5] = ["prefill", "llm", "batched", "profile", "constrained"];
+    const MODEL_ONLY: [&str; 6] = [
+        "prefill",
+        "attention",
+        "llm",
+        "batched",
+        "profile",
+        "constrained",
+    ];
     if parts.iter().all(|p| MODEL_ONLY.contains(p)) {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());

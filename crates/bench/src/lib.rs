@@ -1,6 +1,7 @@
 //! `mrrec bench`: throughput and latency of the foundation, as ratios against baselines measured
 //! in the same run. Writes JSON; BENCHMARKS.md records results.
 
+mod attention;
 pub mod hostile;
 mod llm;
 pub mod load;
@@ -9,6 +10,7 @@ mod retrieval;
 mod service;
 mod train;
 
+pub use attention::attention_kernel;
 pub use llm::*;
 /// A PostgreSQL cluster started for a benchmark and removed after (`--memory-store pg-throwaway`).
 pub use mrrec_memory::pgtest::TestCluster as ThrowawayPostgres;

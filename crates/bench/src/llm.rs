@@ -34,6 +34,20 @@ pub fn llm(models: &[&str]) -> Result<Value> {
         let decode_s = (t.elapsed().as_secs_f64() - one).max(1e-9);
         let decoded = g.ids.len().saturating_sub(1).max(1) as f64; // the first token came with the prefill
         let (decode, prefill) = (decoded / decode_s, 1000.0 / prefill_s);
+        // Decoding after a 1,000-token prompt (an assistant turn's length): attention reads every
+        // key at each step.
+        let tf = m.transformer();
+        let mut cache = tf.new_cache();
+        let mut tok = argmax(&tf.prefill(&ids, &mut cache)?.to_vec1()?);
+        let t = Instant::now();
+        for _ in 0..32 {
+            tok = argmax(
+                &tf.decode_batch(&[tok], &mut [&mut cache])?
+                    .get(0)?
+                    .to_vec1()?,
+            );
+        }
+        let decode_1k = 32.0 / t.elapsed().as_secs_f64();
         let (_, ref_dec, ref_pre) =
             reference
                 .iter()
@@ -44,11 +58,20 @@ pub fn llm(models: &[&str]) -> Result<Value> {
             "resident_bytes_model_and_1k_context": resident_bytes().saturating_sub(before),
             "decoded_tokens": decoded,
             "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill,
+            "decode_after_1k_prompt_tokens_per_s": decode_1k,
             "llama_cpp_decode": ref_dec, "llama_cpp_prefill": ref_pre,
             "decode_ratio_vs_llama_cpp": decode / ref_dec, "prefill_ratio_vs_llama_cpp": prefill / ref_pre,
         }));
     }
     Ok(Value::Object(out))
+}
+
+/// The index of the largest logit.
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }
 
 /// Per-token cost of JSON-schema-constrained decoding against free decoding, same model, prompt

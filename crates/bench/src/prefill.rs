@@ -22,7 +22,7 @@ use mrrec_llm_local::LocalModel;
 use serde_json::{json, Value};
 
 /// Median of `reps` timings of `f` (after one warm-up call).
-fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn timed(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut v = Vec::with_capacity(reps);
     for _ in 0..reps {

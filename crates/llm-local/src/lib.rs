@@ -17,6 +17,7 @@ pub mod q8;
 mod switches;
 mod template;
 
+pub use attention::{attention, KvLayer, Shape as AttentionShape};
 pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};
 pub use constrain::{ConstraintCompiler, TokenSet};
 pub use convert::{ensure_q8_0, ensure_q8_0_in, requantize_gguf, CONVERSION_TAG};

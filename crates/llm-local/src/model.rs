@@ -3,9 +3,10 @@
 //! advance together, so the weight matrices are read once per step for all of them.
 //!
 //! Projections run our packed Q8_0 kernel ([`crate::q8`]) where the CPU has AVX512-VNNI (else
-//! candle's); both are row-independent, and attention is computed per sequence with the same
-//! shapes in batched and single-stream decoding, so a sequence's tokens do not depend on what it is
-//! batched with.
+//! candle's); both are row-independent, and attention ([`crate::attention`]) computes every row
+//! of a sequence by the same operations whatever else is computed with it, so a sequence's tokens
+//! do not depend on what it is batched with, nor (with the packed kernel) on how its prompt was
+//! split into prefills.
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
-use crate::attention::{blocked_attention, ATTENTION_BLOCK};
+use crate::attention::{attention, KvLayer, Shape};
 pub use crate::lora::LoraAdapter;
 use crate::q8::{self, PackedQ8};
 use crate::Result;
@@ -129,15 +130,18 @@ pub struct Transformer {
 /// One sequence's keys and values per layer, and how many positions they hold. Clone to fork.
 #[derive(Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<KvLayer>,
     /// Positions already in the cache.
     pub pos: usize,
 }
 
 impl KvCache {
-    /// The keys and values of layer `i` (1, kv heads, positions, head dim), once filled.
-    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
-        self.layers.get(i).and_then(Option::as_ref)
+    /// The keys and values of layer `i` as (n_kv, positions, head dim) arrays, once filled.
+    pub fn layer(&self, i: usize) -> Option<(Vec<f32>, Vec<f32>)> {
+        self.layers
+            .get(i)
+            .filter(|l| !l.is_empty())
+            .map(KvLayer::to_arrays)
     }
 
     /// Keeps the first `n` positions (a shared prompt prefix).
@@ -146,19 +150,15 @@ impl KvCache {
             return Ok(());
         }
         for l in self.layers.iter_mut() {
-            if let Some((k, v)) = l.take() {
-                *l = if n == 0 {
-                    None
-                } else {
-                    Some((
-                        k.narrow(2, 0, n)?.contiguous()?,
-                        v.narrow(2, 0, n)?.contiguous()?,
-                    ))
-                };
-            }
+            l.truncate(n);
         }
         self.pos = n;
         Ok(())
+    }
+
+    /// Heap bytes its keys and values hold.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(KvLayer::bytes).sum()
     }
 }
 
@@ -434,7 +434,7 @@ impl Transformer {
     /// A cache with no positions.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
-            layers: vec![None; self.layers.len()],
+            layers: vec![KvLayer::new(self.n_kv, self.head_dim); self.layers.len()],
             pos: 0,
         }
     }
@@ -450,13 +450,14 @@ impl Transformer {
         }
     }
 
-    /// Attention of one sequence: `q, k, v` are (1, t, heads·dim) rows of that sequence.
+    /// Attention of one sequence: `q, k, v` are (1, t, heads·dim) rows of that sequence; its
+    /// keys and values are appended to `cache`, which holds `pos` positions before.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut KvLayer,
         pos: usize,
     ) -> candle_core::Result<Tensor> {
         let (_, t, _) = q.dims3()?;
@@ -466,37 +467,26 @@ impl Transformer {
         let k = k
             .reshape((1, t, self.n_kv, self.head_dim))?
             .transpose(1, 2)?;
-        let v = v
-            .reshape((1, t, self.n_kv, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
-        let (k, v) = match cache.as_ref() {
-            Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        if t > 1 {
-            return blocked_attention(&q, &k, &v, pos, self.n_kv, ATTENTION_BLOCK)?
-                .transpose(1, 2)?
-                .reshape((1, t, self.n_head * self.head_dim));
+        if cache.len() != pos {
+            candle_core::bail!("cache of {} positions at position {pos}", cache.len());
         }
-        // Grouped-query attention without copying the keys and values per query head: the `rep`
-        // query heads that share a key/value head are stacked as rows of one matrix (head
-        // h = g·rep + r reads key/value head g, as `repeat_kv` would lay it out). Copying the
-        // cache `rep` times per token was most of a long-context decoding step.
-        let rep = self.n_head / self.n_kv;
-        let qg = q
-            .contiguous()?
-            .reshape((1, self.n_kv, rep * t, self.head_dim))?;
-        // One new position (decoding) sees every key: no mask.
-        let att = (qg.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        att.matmul(&v)?
-            .reshape((1, self.n_head, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, t, self.n_head * self.head_dim))
+        with_rows(&k, |k, _, _| {
+            with_rows(v, |v, _, _| {
+                cache.append(k, v, t);
+                Ok(())
+            })
+        })?;
+        let shape = Shape {
+            n_head: self.n_head,
+            n_kv: self.n_kv,
+            t,
+            pos,
+            d: self.head_dim,
+        };
+        let out = with_rows(&q, |q, _, _| Ok(attention(q, cache, shape)))?;
+        Tensor::from_vec(out, (1, t, self.n_head * self.head_dim), q.device())
     }
 
     fn qkv(
