@@ -58,6 +58,9 @@ enum Command {
     /// Train the assistant's policy with GRPO on `train` queries (LoRA on a local model);
     /// resumable: rerun the same command after an interruption.
     Train(cmd::train::TrainCmd),
+    /// Sample G trajectories per `train` query with a local model, score them with the training
+    /// rewards and write them as JSONL (token ids, log-probabilities, text, rewards); resumable.
+    Rollouts(cmd::train::RolloutsCmd),
     /// Manage the service's API keys (stored hashed).
     Keys {
         #[command(subcommand)]
@@ -127,6 +130,7 @@ fn main() -> Result<()> {
         Command::ServeLlm(a) => cmd::serve::serve_llm(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Rollouts(a) => cmd::train::rollouts(a),
         Command::Keys { action } => cmd::serve::keys(action),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Demo(a) => cmd::demo::run(a),

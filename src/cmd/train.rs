@@ -110,24 +110,7 @@ fn train_cmd(
             )),
         })
         .collect::<Result<Vec<_>>>()?;
-    let w: Vec<f64> = args
-        .reward_weights
-        .split(',')
-        .map(|x| x.trim().parse::<f64>())
-        .collect::<std::result::Result<_, _>>()
-        .ok()
-        .filter(|w: &Vec<f64>| w.len() == 3 && w.iter().all(|x| x.is_finite()))
-        .with_context(|| {
-            format!(
-                "--reward-weights {:?}: three numbers, R_format,R_rec,R_mem",
-                args.reward_weights
-            )
-        })?;
-    let weights = mrrec_agent::rewards::RewardWeights {
-        format: w[0],
-        rec: w[1],
-        mem: w[2],
-    };
+    let weights = reward_weights(&args.reward_weights)?;
     let ws = data.open()?;
     let cfg = assistant.config()?;
     let store = open_store(&ws, assistant.store.clone())?;
@@ -221,6 +204,215 @@ fn train_cmd(
             .map_or("-".into(), |(v, s)| format!("{v:.4} (step {s})")),
         if st.stopped { " (stopped early)" } else { "" },
         args.out.display()
+    );
+    Ok(())
+}
+
+/// `--reward-weights`: three numbers, R_format,R_rec,R_mem.
+fn reward_weights(text: &str) -> Result<mrrec_agent::rewards::RewardWeights> {
+    let w: Vec<f64> = text
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()
+        .filter(|w: &Vec<f64>| w.len() == 3 && w.iter().all(|x| x.is_finite()))
+        .with_context(|| {
+            format!("--reward-weights {text:?}: three numbers, R_format,R_rec,R_mem")
+        })?;
+    Ok(mrrec_agent::rewards::RewardWeights {
+        format: w[0],
+        rec: w[1],
+        mem: w[2],
+    })
+}
+
+#[derive(Args)]
+pub(crate) struct RolloutsCmd {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) assistant: AssistantArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
+    /// The trajectories file (JSONL, one trajectory per line); rerun the same command to continue
+    /// an interrupted run.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Trajectories per query (G).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) group: usize,
+    /// Use a seeded subset of this many `train` queries.
+    #[arg(long)]
+    pub(crate) train_limit: Option<usize>,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) temperature: f64,
+    /// Seed of the subset and of the sampling (each query's seed also depends on its id).
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Reward weights: R_format, R_rec, R_mem.
+    #[arg(long, default_value = "0.1,5,0.1")]
+    pub(crate) reward_weights: String,
+    /// Run a group's trajectories one after another instead of decoding them together.
+    #[arg(long)]
+    pub(crate) sequential_rollouts: bool,
+}
+
+/// `mrrec rollouts`: G sampled trajectories per `train` query, scored with the training rewards,
+/// written to a JSONL file a group at a time (resumable).
+pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
+    use mrrec_train::trajectories::{query_seed, summarise, RolloutsFile, TrajectoryRecord};
+    if a.assistant.llm.llm_url.is_some() {
+        bail!("`mrrec rollouts` records each call's token ids and log-probabilities, which needs a local model (--model ID or a GGUF path); recording a server's trajectories is not supported yet");
+    }
+    anyhow::ensure!(a.group >= 1, "--group must be at least 1");
+    let weights = reward_weights(&a.reward_weights)?;
+    let ws = a.data.open()?;
+    let cfg = a.assistant.config()?;
+    let store = open_store(&ws, a.assistant.store.clone())?;
+    let tenant = &a.tenant.tenant;
+    let local = mrrec_agent::backend::local_with_adapter(
+        &a.assistant.llm.model,
+        a.assistant.adapter.as_deref(),
+    )?;
+    let model_id = mrrec_llm::ChatModel::id(&local).to_string();
+    // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
+    let all = ws
+        .dataset
+        .queries
+        .for_purpose(&mrrec_data::Purpose::Training)?;
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    if let Some(n) = a.train_limit.filter(|&n| n < all.len()) {
+        use rand::seq::SliceRandom;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed);
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort();
+    }
+    let queries: Vec<&mrrec_data::LabeledQuery> = idx.into_iter().map(|i| all[i]).collect();
+    let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
+    if reopened.dropped_lines > 0 {
+        eprintln!(
+            "{}: dropped {} line(s) an interrupted run left incomplete",
+            a.out.display(),
+            reopened.dropped_lines
+        );
+    }
+    if let Some(r) = reopened.groups.values().flatten().next() {
+        anyhow::ensure!(
+            r.model == model_id && r.temperature == a.temperature,
+            "{} holds trajectories of {} at temperature {}, not {model_id} at {}: use another --out",
+            a.out.display(),
+            r.model,
+            r.temperature,
+            a.temperature
+        );
+    }
+    let todo: Vec<&&mrrec_data::LabeledQuery> = queries
+        .iter()
+        .filter(|q| !reopened.groups.contains_key(&q.query().qid))
+        .collect();
+    let mut users: Vec<&str> = todo.iter().map(|q| q.query().user_id.as_str()).collect();
+    users.sort();
+    users.dedup();
+    let b = mrrec_agent::memory::MemoryBuilder {
+        progress: true,
+        ..mrrec_agent::memory::MemoryBuilder::new(&ws, &*store, tenant)
+    };
+    let mut report = mrrec_agent::memory::BuildReport::default();
+    b.build_records(&users, &mut report)?;
+    eprintln!(
+        "{} train queries: {} done before, {} to sample ({} trajectories each) with {model_id}",
+        queries.len(),
+        queries.len() - todo.len(),
+        todo.len(),
+        a.group
+    );
+    let roll = mrrec_train::rollout::Rollouts {
+        ws: &ws,
+        store: &*store,
+        tenant,
+        local: &local,
+        cfg,
+        temperature: a.temperature,
+        weights,
+    };
+    let t0 = std::time::Instant::now();
+    let mut written: Vec<Vec<TrajectoryRecord>> = Vec::new();
+    let mut skipped = 0usize;
+    for (k, q) in todo.iter().enumerate() {
+        let query = q.query();
+        let request = query.simple_query.as_deref().unwrap_or(&query.query);
+        let Some(target) = ws.catalogue().position(q.target()) else {
+            skipped += 1;
+            continue;
+        };
+        let seed = query_seed(a.seed, &query.qid);
+        let t = std::time::Instant::now();
+        let g = roll.group(
+            &query.user_id,
+            request,
+            query.category.as_deref(),
+            target,
+            a.group,
+            seed,
+            !a.sequential_rollouts,
+        )?;
+        let records: Vec<TrajectoryRecord> = g
+            .iter()
+            .enumerate()
+            .map(|(j, tr)| {
+                TrajectoryRecord::new(
+                    tr,
+                    &query.qid,
+                    &query.user_id,
+                    request,
+                    query.category.as_deref(),
+                    (j, a.group),
+                    seed.wrapping_add(1000 * j as u64),
+                    &model_id,
+                    a.temperature,
+                    &|ids| local.decode(ids).unwrap_or_default(),
+                )
+            })
+            .collect();
+        file.append(&records)?;
+        let totals: Vec<String> = records
+            .iter()
+            .map(|r| format!("{:.2}", r.rewards.total))
+            .collect();
+        eprintln!(
+            "[{}/{}] {}: rewards {} ({:.1} s)",
+            k + 1,
+            todo.len(),
+            query.qid,
+            totals.join(" "),
+            t.elapsed().as_secs_f64()
+        );
+        written.push(records);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let new = summarise(written.iter().map(Vec::as_slice));
+    let whole = summarise(
+        reopened
+            .groups
+            .values()
+            .map(Vec::as_slice)
+            .chain(written.iter().map(Vec::as_slice)),
+    );
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "file": a.out,
+            "model": model_id,
+            "this_run": {"summary": new, "seconds": secs,
+                         "skipped_target_not_in_catalogue": skipped},
+            "file_total": whole,
+        }))?
+    );
+    eprintln!(
+        "{} groups sampled in {secs:.1} s; tokens in {} / out {}",
+        new.groups, new.tokens_in, new.tokens_out
     );
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod grpo;
 pub mod policy;
 pub mod rollout;
 pub mod trainer;
+pub mod trajectories;
 
 pub use grpo::{group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, TokenBatch};
 pub use policy::{LoraConfig, LowerCache, Policy, Shape};

@@ -1,0 +1,393 @@
+//! Trajectories as data (`mrrec rollouts`): each sampled trajectory of a `train` query written as
+//! one JSON line — the query, the model and seed that wrote it, its rewards (the same as
+//! training's), and every model call's exact prompt ids, sampled ids, their log-probabilities,
+//! which of them a constraint restricted, and the decoded text — so that fine-tuning, selection
+//! and distillation read what the model did without re-tokenising.
+//!
+//! A file is appended a whole group at a time and synced; [`RolloutsFile::open`] reads back the
+//! complete groups, drops a torn last line or an incomplete group (a killed run), and reports
+//! what it dropped, so rerunning the same command continues where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::Trajectory;
+use crate::{Context, Result, TrainError};
+use mrrec_agent::rewards::Rewards;
+
+/// One model call of a trajectory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Prompt token ids (controller text and tool results: never trained on).
+    pub prompt: Vec<u32>,
+    /// The sampled ids (the only tokens the model wrote).
+    pub ids: Vec<u32>,
+    /// Their log-probabilities when sampled (renormalised under a constraint).
+    pub logprobs: Vec<f32>,
+    /// Per sampled id, whether a constraint restricted the choice (the allowed sets are a
+    /// function of the request's constraint and the ids before, so they are not stored).
+    pub constrained: Vec<bool>,
+    /// The sampled ids decoded.
+    pub text: String,
+}
+
+/// One trajectory: a line of a rollouts file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrajectoryRecord {
+    /// The `train` query.
+    pub qid: String,
+    /// Its user.
+    pub user: String,
+    /// The request the assistant answered.
+    pub request: String,
+    /// Its category.
+    pub category: Option<String>,
+    /// Position in its group, and the group's size.
+    pub index: usize,
+    /// Trajectories per group.
+    pub group: usize,
+    /// The seed its model calls sampled from (call `i`: `seed + i`).
+    pub seed: u64,
+    /// The model that wrote it (registry id or `gguf-sha256:…`, adapter included).
+    pub model: String,
+    /// The sampling temperature.
+    pub temperature: f64,
+    /// The loop's mode (`guided` or `free`).
+    pub mode: String,
+    /// Its rewards, as training computes them.
+    pub rewards: Rewards,
+    /// The loop fell back to the request (no parsed profile).
+    pub fallback: bool,
+    /// Memory-tool calls that returned memories.
+    pub memory_calls_ok: usize,
+    /// The model calls, in order.
+    pub calls: Vec<CallRecord>,
+}
+
+impl TrajectoryRecord {
+    /// The record of trajectory `index` of a group; `decode` turns sampled ids into text.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        t: &Trajectory,
+        qid: &str,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        (index, group): (usize, usize),
+        seed: u64,
+        model: &str,
+        temperature: f64,
+        decode: &dyn Fn(&[u32]) -> String,
+    ) -> Self {
+        TrajectoryRecord {
+            qid: qid.into(),
+            user: user.into(),
+            request: request.into(),
+            category: category.map(str::to_string),
+            index,
+            group,
+            seed,
+            model: model.into(),
+            temperature,
+            mode: t
+                .answer
+                .trace
+                .mode
+                .and_then(|m| serde_json::to_value(m).ok())
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "none".into()),
+            rewards: t.rewards.clone(),
+            fallback: t.answer.trace.fallback,
+            memory_calls_ok: t
+                .answer
+                .trace
+                .tool_calls
+                .iter()
+                .filter(|c| c.ok && c.error.is_none())
+                .count(),
+            calls: t
+                .segments
+                .iter()
+                .map(|s| CallRecord {
+                    prompt: s.prompt.clone(),
+                    ids: s.ids.clone(),
+                    logprobs: s.logprobs.clone(),
+                    constrained: s.masks.iter().map(Option::is_some).collect(),
+                    text: decode(&s.ids),
+                })
+                .collect(),
+        }
+    }
+
+    /// Prompt tokens and sampled tokens over its calls.
+    pub fn tokens(&self) -> (usize, usize) {
+        self.calls
+            .iter()
+            .fold((0, 0), |(i, o), c| (i + c.prompt.len(), o + c.ids.len()))
+    }
+}
+
+/// What a rollouts file held when opened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reopened {
+    /// Complete groups, by query id: their records in index order.
+    pub groups: BTreeMap<String, Vec<TrajectoryRecord>>,
+    /// Lines dropped (a torn last line, an incomplete group's lines).
+    pub dropped_lines: usize,
+}
+
+/// A rollouts file (JSONL), appended a group at a time.
+pub struct RolloutsFile {
+    path: PathBuf,
+}
+
+impl RolloutsFile {
+    /// Opens (or creates) `path` for trajectories of groups of `group`: reads back its complete
+    /// groups and rewrites it without what a killed run left half-written. A line that is not a
+    /// record anywhere but at the end, or a record of another group size, is an error naming the
+    /// line (the file is not ours to rewrite).
+    pub fn open(path: &Path, group: usize) -> Result<(Self, Reopened)> {
+        let mut out = Reopened::default();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let torn_end = !text.is_empty() && !text.ends_with('\n');
+        let mut by_qid: BTreeMap<String, Vec<TrajectoryRecord>> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let last = i + 1 == lines.len();
+            match serde_json::from_str::<TrajectoryRecord>(line) {
+                Ok(r) if !(last && torn_end) => {
+                    if r.group != group {
+                        return Err(TrainError::Invalid(format!(
+                            "{}:{}: a trajectory of a group of {}, not {group}: use another --out or --group {}",
+                            path.display(),
+                            i + 1,
+                            r.group,
+                            r.group
+                        )));
+                    }
+                    if !by_qid.contains_key(&r.qid) {
+                        order.push(r.qid.clone());
+                    }
+                    by_qid.entry(r.qid.clone()).or_default().push(r);
+                }
+                _ if last => out.dropped_lines += 1,
+                Err(e) => {
+                    return Err(TrainError::Invalid(format!(
+                        "{}:{}: not a trajectory record: {e}",
+                        path.display(),
+                        i + 1
+                    )))
+                }
+                Ok(_) => unreachable!("a parsed non-last line"),
+            }
+        }
+        let mut kept = String::new();
+        for qid in order {
+            let mut rs = by_qid.remove(&qid).unwrap_or_default();
+            rs.sort_by_key(|r| r.index);
+            let complete = rs.len() == group && rs.iter().enumerate().all(|(i, r)| r.index == i);
+            if !complete {
+                out.dropped_lines += rs.len();
+                continue;
+            }
+            for r in &rs {
+                kept.push_str(&serde_json::to_string(r)?);
+                kept.push('\n');
+            }
+            out.groups.insert(qid, rs);
+        }
+        if out.dropped_lines > 0 {
+            let tmp = path.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+        }
+        Ok((
+            RolloutsFile {
+                path: path.to_path_buf(),
+            },
+            out,
+        ))
+    }
+
+    /// Appends a group's records and syncs the file.
+    pub fn append(&self, records: &[TrajectoryRecord]) -> Result<()> {
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_data())
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+/// A stable per-query seed: FNV-1a of the query id, mixed with the run's seed, so a query samples
+/// the same trajectories whatever subset or order it is drawn in.
+pub fn query_seed(seed: u64, qid: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in qid.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Summary of a set of groups: what selection and training can expect from them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RolloutsSummary {
+    /// Groups.
+    pub groups: usize,
+    /// Trajectories.
+    pub trajectories: usize,
+    /// Mean total reward.
+    pub mean_reward: f64,
+    /// Share of trajectories with a parsed profile (R_format = 1).
+    pub parsed: f64,
+    /// Share of trajectories whose target ranked within the reward's depth (R_rec > 0).
+    pub rec_nonzero: f64,
+    /// Share of groups where no trajectory earned R_rec > 0 (no ranking signal at all).
+    pub groups_rec_zero: f64,
+    /// Share of groups whose totals are all equal (GRPO learns nothing from them).
+    pub groups_flat: f64,
+    /// Prompt tokens and sampled tokens.
+    pub tokens_in: usize,
+    /// Sampled tokens.
+    pub tokens_out: usize,
+}
+
+/// The summary of `groups`.
+pub fn summarise<'a>(groups: impl IntoIterator<Item = &'a [TrajectoryRecord]>) -> RolloutsSummary {
+    let mut s = RolloutsSummary::default();
+    let (mut reward, mut parsed, mut rec) = (0.0, 0usize, 0usize);
+    let (mut zero, mut flat) = (0usize, 0usize);
+    for g in groups {
+        s.groups += 1;
+        for r in g {
+            s.trajectories += 1;
+            reward += r.rewards.total;
+            parsed += usize::from(r.rewards.format > 0.0);
+            rec += usize::from(r.rewards.rec > 0.0);
+            let (i, o) = r.tokens();
+            s.tokens_in += i;
+            s.tokens_out += o;
+        }
+        zero += usize::from(g.iter().all(|r| r.rewards.rec <= 0.0));
+        flat += usize::from(
+            g.windows(2)
+                .all(|w| w[0].rewards.total == w[1].rewards.total),
+        );
+    }
+    let n = s.trajectories.max(1) as f64;
+    let gn = s.groups.max(1) as f64;
+    s.mean_reward = reward / n;
+    s.parsed = parsed as f64 / n;
+    s.rec_nonzero = rec as f64 / n;
+    s.groups_rec_zero = zero as f64 / gn;
+    s.groups_flat = flat as f64 / gn;
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record(qid: &str, index: usize, group: usize, total: f64) -> TrajectoryRecord {
+        TrajectoryRecord {
+            qid: qid.into(),
+            user: "u1".into(),
+            request: "a warm scarf".into(),
+            category: None,
+            index,
+            group,
+            seed: 7,
+            model: "m".into(),
+            temperature: 1.0,
+            mode: "guided".into(),
+            rewards: Rewards {
+                format: 1.0,
+                rec: total,
+                mem: 0.0,
+                total,
+                target_rank: None,
+                profile: Some("a scarf".into()),
+            },
+            fallback: false,
+            memory_calls_ok: 1,
+            calls: vec![CallRecord {
+                prompt: vec![1, 2, 3],
+                ids: vec![4, 5],
+                logprobs: vec![-0.5, -1.0],
+                constrained: vec![true, false],
+                text: "hi".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_reopened_file_keeps_complete_groups_and_drops_what_a_kill_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let (f, first) = RolloutsFile::open(&path, 2).unwrap();
+        assert_eq!(first, Reopened::default());
+        let a = [record("q1", 0, 2, 0.0), record("q1", 1, 2, 1.0)];
+        f.append(&a).unwrap();
+        // A killed run: one line of the next group, and half of a third line.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&serde_json::to_string(&record("q2", 0, 2, 0.5)).unwrap());
+        text.push('\n');
+        let torn = serde_json::to_string(&record("q2", 1, 2, 0.5)).unwrap();
+        text.push_str(&torn[..torn.len() / 2]);
+        std::fs::write(&path, text).unwrap();
+        let (f, again) = RolloutsFile::open(&path, 2).unwrap();
+        assert_eq!(again.dropped_lines, 2);
+        assert_eq!(again.groups.len(), 1);
+        assert_eq!(again.groups["q1"], a.to_vec());
+        // The file now holds exactly the complete group; appending continues it.
+        f.append(&[record("q2", 0, 2, 0.5), record("q2", 1, 2, 0.5)])
+            .unwrap();
+        let (_, last) = RolloutsFile::open(&path, 2).unwrap();
+        assert_eq!((last.groups.len(), last.dropped_lines), (2, 0));
+        // Another group size, or a broken line in the middle, is an error naming the line.
+        let e = RolloutsFile::open(&path, 3).err().unwrap().to_string();
+        assert!(e.contains("r.jsonl:1") && e.contains("group of 2"), "{e}");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.insert_str(0, "{not json}\n");
+        std::fs::write(&path, text).unwrap();
+        let e = RolloutsFile::open(&path, 2).err().unwrap().to_string();
+        assert!(e.contains("r.jsonl:1: not a trajectory record"), "{e}");
+    }
+
+    #[test]
+    fn the_summary_counts_groups_without_signal() {
+        let g1 = vec![record("q1", 0, 2, 0.0), record("q1", 1, 2, 0.0)];
+        let g2 = vec![record("q2", 0, 2, 0.0), record("q2", 1, 2, 2.0)];
+        let s = summarise([g1.as_slice(), g2.as_slice()]);
+        assert_eq!((s.groups, s.trajectories), (2, 4));
+        assert_eq!((s.groups_rec_zero, s.groups_flat), (0.5, 0.5));
+        assert_eq!((s.rec_nonzero, s.mean_reward), (0.25, 0.5));
+        assert_eq!((s.tokens_in, s.tokens_out), (12, 8));
+    }
+
+    #[test]
+    fn query_seeds_are_stable_and_differ_by_query_and_run() {
+        assert_eq!(query_seed(42, "q1"), query_seed(42, "q1"));
+        assert_ne!(query_seed(42, "q1"), query_seed(42, "q2"));
+        assert_ne!(query_seed(42, "q1"), query_seed(43, "q1"));
+    }
+}
