@@ -446,6 +446,19 @@ async fn memory_over_http_adds_once_shows_and_forgets() {
         r["rec"].as_f64().unwrap() > 0.5,
         "the item's own title ranks it high: {text}"
     );
+    // A deeper R_rec cut is accepted; a cut that would search the catalogue a million deep is not.
+    for (cutoffs, want) in [(json!([100, 3000]), 200), (json!([100, 1_000_000]), 400)] {
+        let (status, text) = call(
+            &c,
+            "POST",
+            &format!("{}/reward", s.base),
+            Some(KEY_A),
+            Some(json!({"target": items[0], "profile": title,
+                        "weights": {"format": 0.1, "rec": 5, "mem": 0.1, "rec_cutoffs": cutoffs}})),
+        )
+        .await;
+        assert_eq!(status, want, "{text}");
+    }
     let (status, text) = call(
         &c,
         "DELETE",

@@ -94,6 +94,7 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
         "r_rec",
         "r_mem",
         "flat_groups",
+        "rec_zero_groups",
         "tokens",
         "seconds",
         "peak_rss",

@@ -66,6 +66,10 @@ pub(crate) struct TrainArgs {
     /// Reward weights: R_format, R_rec, R_mem.
     #[arg(long, default_value = "0.1,5,0.1")]
     pub(crate) reward_weights: String,
+    /// R_rec's two NDCG cutoffs (the paper's 100,1000; e.g. 100,3000 gives profiles that rank
+    /// the target below 1,000 a signal).
+    #[arg(long, default_value = "100,1000")]
+    pub(crate) rec_cutoffs: String,
 }
 
 #[derive(Args)]
@@ -110,7 +114,7 @@ fn train_cmd(
             )),
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = reward_weights(&args.reward_weights)?;
+    let weights = reward_weights(&args.reward_weights, &args.rec_cutoffs)?;
     let ws = data.open()?;
     let cfg = assistant.config()?;
     let store = open_store(&ws, assistant.store.clone())?;
@@ -208,8 +212,8 @@ fn train_cmd(
     Ok(())
 }
 
-/// `--reward-weights`: three numbers, R_format,R_rec,R_mem.
-fn reward_weights(text: &str) -> Result<mrrec_agent::rewards::RewardWeights> {
+/// `--reward-weights` (three numbers, R_format,R_rec,R_mem) and `--rec-cutoffs` (two).
+fn reward_weights(text: &str, cutoffs: &str) -> Result<mrrec_agent::rewards::RewardWeights> {
     let w: Vec<f64> = text
         .split(',')
         .map(|x| x.trim().parse::<f64>())
@@ -219,11 +223,22 @@ fn reward_weights(text: &str) -> Result<mrrec_agent::rewards::RewardWeights> {
         .with_context(|| {
             format!("--reward-weights {text:?}: three numbers, R_format,R_rec,R_mem")
         })?;
-    Ok(mrrec_agent::rewards::RewardWeights {
+    let c: Vec<usize> = cutoffs
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()
+        .filter(|c: &Vec<usize>| c.len() == 2)
+        .with_context(|| format!("--rec-cutoffs {cutoffs:?}: two whole numbers, e.g. 100,1000"))?;
+    let w = mrrec_agent::rewards::RewardWeights {
         format: w[0],
         rec: w[1],
         mem: w[2],
-    })
+        rec_cutoffs: [c[0], c[1]],
+    };
+    w.check()
+        .map_err(|e| anyhow::anyhow!("--reward-weights / --rec-cutoffs: {e}"))?;
+    Ok(w)
 }
 
 #[derive(Args)]
@@ -253,6 +268,10 @@ pub(crate) struct RolloutsCmd {
     /// Reward weights: R_format, R_rec, R_mem.
     #[arg(long, default_value = "0.1,5,0.1")]
     pub(crate) reward_weights: String,
+    /// R_rec's two NDCG cutoffs (the paper's 100,1000; e.g. 100,3000 gives profiles that rank
+    /// the target below 1,000 a signal).
+    #[arg(long, default_value = "100,1000")]
+    pub(crate) rec_cutoffs: String,
     /// Run a group's trajectories one after another instead of decoding them together.
     #[arg(long)]
     pub(crate) sequential_rollouts: bool,
@@ -266,7 +285,7 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
         bail!("`mrrec rollouts` records each call's token ids and log-probabilities, which needs a local model (--model ID or a GGUF path); recording a server's trajectories is not supported yet");
     }
     anyhow::ensure!(a.group >= 1, "--group must be at least 1");
-    let weights = reward_weights(&a.reward_weights)?;
+    let weights = reward_weights(&a.reward_weights, &a.rec_cutoffs)?;
     let ws = a.data.open()?;
     let cfg = a.assistant.config()?;
     let store = open_store(&ws, a.assistant.store.clone())?;

@@ -15,8 +15,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::Shop;
 
-/// Depth the target is looked for (the deepest cut of R_rec).
+/// Depth the target is looked for with the paper's cutoffs (the deepest cut of R_rec).
 pub const REWARD_DEPTH: usize = 1000;
+
+/// The paper's R_rec cutoffs: NDCG@100 + NDCG@1000.
+pub const PAPER_CUTOFFS: [usize; 2] = [100, 1000];
+
+/// The deepest cutoff a caller may ask for (the target is searched that deep per trajectory).
+pub const MAX_CUTOFF: usize = 10_000;
+
+fn paper_cutoffs() -> [usize; 2] {
+    PAPER_CUTOFFS
+}
 
 /// Weights of the three components.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -27,6 +37,10 @@ pub struct RewardWeights {
     pub rec: f64,
     /// Weight of R_mem.
     pub mem: f64,
+    /// R_rec = NDCG@a + NDCG@b: the paper's 100 and 1000 by default; a deeper cut (Rec-R1
+    /// trains with NDCG at 3,000) gives a profile that ranks the target at 2,000 a signal.
+    #[serde(default = "paper_cutoffs")]
+    pub rec_cutoffs: [usize; 2],
 }
 
 impl Default for RewardWeights {
@@ -35,7 +49,36 @@ impl Default for RewardWeights {
             format: 0.1,
             rec: 5.0,
             mem: 0.1,
+            rec_cutoffs: PAPER_CUTOFFS,
         }
+    }
+}
+
+impl RewardWeights {
+    /// Checks the weights are finite and the cutoffs within 1..=[`MAX_CUTOFF`].
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if ![self.format, self.rec, self.mem]
+            .iter()
+            .all(|w| w.is_finite())
+        {
+            return Err("weights must be finite".into());
+        }
+        if !self
+            .rec_cutoffs
+            .iter()
+            .all(|&c| (1..=MAX_CUTOFF).contains(&c))
+        {
+            return Err(format!(
+                "R_rec cutoffs {:?} must be within 1..={MAX_CUTOFF}",
+                self.rec_cutoffs
+            ));
+        }
+        Ok(())
+    }
+
+    /// How deep the target is searched: the deeper cutoff.
+    pub fn depth(&self) -> usize {
+        self.rec_cutoffs[0].max(self.rec_cutoffs[1])
     }
 }
 
@@ -59,7 +102,12 @@ pub struct Rewards {
 
 /// R_rec of a target at `rank`: NDCG@1000 + NDCG@100 with one relevant item.
 pub fn r_rec(rank: Option<usize>) -> f64 {
-    ndcg_at(rank, 1000) + ndcg_at(rank, 100)
+    r_rec_at(rank, PAPER_CUTOFFS)
+}
+
+/// R_rec with other cutoffs: NDCG@a + NDCG@b.
+pub fn r_rec_at(rank: Option<usize>, cutoffs: [usize; 2]) -> f64 {
+    ndcg_at(rank, cutoffs[1]) + ndcg_at(rank, cutoffs[0])
 }
 
 /// The final object of a free-mode response: the last `\boxed{...}` that parses with a
@@ -91,7 +139,7 @@ pub fn combine(
 ) -> Rewards {
     let format = if profile.is_some() { 1.0 } else { 0.0 };
     let rec = if profile.is_some() {
-        r_rec(target_rank)
+        r_rec_at(target_rank, w.rec_cutoffs)
     } else {
         0.0
     };
@@ -109,13 +157,23 @@ pub fn combine(
 /// 1-based rank of catalogue item `target` when the catalogue is ranked by `text` (dense, as
 /// the assistant ranks), within [`REWARD_DEPTH`].
 pub fn target_rank(shop: &Shop, text: &str, target: u32) -> Result<Option<usize>> {
+    target_rank_within(shop, text, target, REWARD_DEPTH)
+}
+
+/// [`target_rank`] within `depth`.
+pub fn target_rank_within(
+    shop: &Shop,
+    text: &str,
+    target: u32,
+    depth: usize,
+) -> Result<Option<usize>> {
     let v = shop.embedder.embed(&[text])?.remove(0);
     let hits = shop.dense.search(
         &SearchQuery {
             text,
             vector: Some(&v),
         },
-        REWARD_DEPTH,
+        depth,
     )?;
     Ok(hits.iter().position(|h| h.item == target).map(|p| p + 1))
 }
@@ -129,7 +187,7 @@ pub fn reward(
     memory_calls_ok: usize,
 ) -> Result<Rewards> {
     let rank = match &profile {
-        Some(p) => target_rank(shop, p, target)?,
+        Some(p) => target_rank_within(shop, p, target, w.depth())?,
         None => None,
     };
     Ok(combine(w, profile, rank, memory_calls_ok))
@@ -156,6 +214,27 @@ mod tests {
         assert!((r.rec - 1.0 / 501f64.log2()).abs() < 1e-12);
         // Not found, or no profile: R_rec = 0 (no fallback to the request).
         assert_eq!(combine(&w, Some("x".into()), None, 0).rec, 0.0);
+        // A deeper cut: a target at 2,000 scores zero with the paper's, not with 100 + 3,000.
+        assert_eq!(combine(&w, Some("x".into()), Some(2000), 0).rec, 0.0);
+        let deep = RewardWeights {
+            rec_cutoffs: [100, 3000],
+            ..w
+        };
+        let r = combine(&deep, Some("x".into()), Some(2000), 0);
+        assert!((r.rec - 1.0 / (2001f64).log2()).abs() < 1e-12, "{}", r.rec);
+        assert_eq!(deep.depth(), 3000);
+        assert!(deep.check().is_ok());
+        assert!(RewardWeights {
+            rec_cutoffs: [100, 1_000_000],
+            ..w
+        }
+        .check()
+        .is_err());
+        assert!(RewardWeights { rec: f64::NAN, ..w }.check().is_err());
+        // Old settings files (without cutoffs) read as the paper's.
+        let old: RewardWeights =
+            serde_json::from_str(r#"{"format": 0.1, "rec": 5, "mem": 0.1}"#).unwrap();
+        assert_eq!(old, w);
         let r = combine(&w, None, Some(1), 1);
         assert_eq!(
             (r.format, r.rec, r.mem, r.target_rank),

@@ -123,6 +123,9 @@ pub struct StepLog {
     pub flat_groups: usize,
     /// Groups in the step.
     pub groups: usize,
+    /// Groups where no trajectory earned R_rec > 0 (the target below every cutoff).
+    #[serde(default)]
+    pub rec_zero_groups: usize,
     /// The loss (None when every group was flat).
     pub loss: Option<f64>,
     /// Gradient norm before clipping.
@@ -369,6 +372,10 @@ impl Trainer<'_> {
             // share can be back-propagated on its own and the gradients summed: only one
             // segment's graph is alive at a time (memory), and the result is the same.
             let mut flat = 0;
+            let rec_zero = groups
+                .iter()
+                .filter(|(_, g)| g.iter().all(|t| t.rewards.rec <= 0.0))
+                .count();
             let (mut rf, mut rr, mut rm, mut rt, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
             let mut work: Vec<(&mrrec_llm_local::Segment, f32)> = Vec::new();
             for (qid, g) in &groups {
@@ -456,6 +463,7 @@ impl Trainer<'_> {
                 r_rec: rr / nn,
                 r_mem: rm / nn,
                 flat_groups: flat,
+                rec_zero_groups: rec_zero,
                 groups: groups.len(),
                 loss: loss_v,
                 grad_norm: norm,

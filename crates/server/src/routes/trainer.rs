@@ -140,12 +140,7 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
         }
     };
     let weights = b.weights.unwrap_or_default();
-    if ![weights.format, weights.rec, weights.mem]
-        .iter()
-        .all(|w| w.is_finite())
-    {
-        return Err(ApiError::bad("weights must be finite"));
-    }
+    weights.check().map_err(ApiError::bad)?;
     Ok(RewardRequest {
         target: b.target,
         profile,
