@@ -122,3 +122,166 @@ fn rollouts_write_train_trajectories_and_resume() {
     let (ok, _, stderr) = rollouts(&out, &store, "2");
     assert!(!ok && stderr.contains("use another --out"), "{stderr}");
 }
+
+fn sft(
+    run: &std::path::Path,
+    store: &std::path::Path,
+    file: &std::path::Path,
+) -> (bool, String, String) {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["train".into(), "--data".into(), common::mini().into()];
+    args.extend(
+        [
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-items",
+            "300",
+            "--steps",
+            "1",
+            "--queries-per-step",
+            "1",
+            "--val-queries",
+            "1",
+            "--val-every",
+            "1",
+            "--patience",
+            "0",
+            "--lora-layers",
+            "2",
+            "--lr",
+            "1e-3",
+            "--store",
+        ]
+        .map(Into::into),
+    );
+    args.push(store.into());
+    args.push("--out".into());
+    args.push(run.into());
+    args.push("--sft".into());
+    args.push(file.into());
+    common::mrrec(&args)
+}
+
+/// Rewrites every record of a rollouts file through `f`.
+fn rewrite(path: &std::path::Path, f: impl Fn(&mut serde_json::Value)) {
+    let text: String = lines(path)
+        .into_iter()
+        .map(|mut v| {
+            f(&mut v);
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let (ok, _, stderr) = rollouts(&file, &store, "1");
+    assert!(ok, "{stderr}");
+    let fingerprint = lines(&file)[0]["tokenizer"].clone();
+    assert_eq!(fingerprint.as_str().unwrap().len(), 16);
+    // The tiny model rarely ranks a target: make trajectory 1 of the group the clear best, so that
+    // it beats the greedy answer and is the one chosen.
+    rewrite(&file, |v| {
+        if v["index"] == 1 {
+            v["rewards"]["format"] = 1.0.into();
+            v["rewards"]["rec"] = 2.0.into();
+            v["rewards"]["total"] = 100.0.into();
+        }
+    });
+    let run = dir.path().join("run");
+    let (ok, _, stderr) = sft(&run, &store, &file);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("1 of 1 groups kept"), "{stderr}");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(step["step"], 1);
+    assert!(step["tokens"].as_u64().unwrap() > 0, "{step}");
+    assert!(step["loss"].as_f64().unwrap().is_finite(), "{step}");
+    assert_eq!(
+        step["reward"], 100.0,
+        "the chosen trajectory's reward: {step}"
+    );
+    // The adapter says what it learnt.
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&run.join("adapter.safetensors")).unwrap();
+    assert_eq!(ad.metadata["mrrec.trained_by"], "sft");
+    let source: serde_json::Value = serde_json::from_str(&ad.metadata["mrrec.sft"]).unwrap();
+    assert_eq!(
+        (source["kept"].clone(), source["groups"].clone()),
+        (1.into(), 1.into())
+    );
+
+    // Another run starting from that adapter (--init-adapter) validates where the first ended.
+    let second = dir.path().join("second");
+    let (ok, _, stderr2) = common::mrrec(&[
+        std::ffi::OsString::from("train"),
+        "--data".into(),
+        common::mini().into(),
+        "--model".into(),
+        "smollm2-135m-instruct".into(),
+        "--max-items".into(),
+        "300".into(),
+        "--steps".into(),
+        "0".into(),
+        "--val-queries".into(),
+        "1".into(),
+        "--lora-layers".into(),
+        "2".into(),
+        "--store".into(),
+        store.clone().into(),
+        "--out".into(),
+        second.clone().into(),
+        "--init-adapter".into(),
+        run.join("adapter.safetensors").into(),
+    ]);
+    assert!(ok, "{stderr2}");
+    // It holds the same factors (nothing trained: 0 steps).
+    let again =
+        mrrec_llm_local::model::LoraAdapter::load(&second.join("adapter.safetensors")).unwrap();
+    let mut compared = 0;
+    for l in 0..64 {
+        for p in mrrec_llm_local::model::Proj::ALL {
+            if let (Some((a1, b1)), Some((a2, b2))) = (ad.get(l, p), again.get(l, p)) {
+                let flat = |t: &candle_core::Tensor| -> Vec<f32> {
+                    t.flatten_all().unwrap().to_vec1().unwrap()
+                };
+                assert_eq!(
+                    (flat(a1), flat(b1)),
+                    (flat(a2), flat(b2)),
+                    "blk.{l}.{}",
+                    p.name()
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 0);
+    let ended = step["val_ndcg100"].as_f64().unwrap();
+    assert!(
+        stderr2.contains(&format!("validation N@100 before training: {ended:.4}")),
+        "{ended}: {stderr2}"
+    );
+
+    // Resuming the run with another file is refused.
+    rewrite(&file, |v| v["request"] = "changed".into());
+    let (ok, _, stderr) = sft(&run, &store, &file);
+    assert!(!ok && stderr.contains("sft"), "{stderr}");
+    // A file whose token ids come from another tokenizer, or that holds a `val` query, is refused.
+    let other = dir.path().join("other-run");
+    rewrite(&file, |v| v["tokenizer"] = "0123456789abcdef".into());
+    let (ok, _, stderr) = sft(&other, &store, &file);
+    assert!(!ok && stderr.contains("tokenizer"), "{stderr}");
+    let val_qid = splits()
+        .into_iter()
+        .find(|(_, s)| s == "val")
+        .map(|(q, _)| q)
+        .unwrap();
+    rewrite(&file, |v| {
+        v["tokenizer"] = fingerprint.clone();
+        v["qid"] = val_qid.clone().into();
+    });
+    let (ok, _, stderr) = sft(&other, &store, &file);
+    assert!(!ok && stderr.contains("not a `train` query"), "{stderr}");
+}

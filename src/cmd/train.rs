@@ -66,6 +66,14 @@ pub(crate) struct TrainArgs {
     /// Reward weights: R_format, R_rec, R_mem.
     #[arg(long, default_value = "0.1,5,0.1")]
     pub(crate) reward_weights: String,
+    /// Supervised fine-tuning instead of GRPO: learn the chosen trajectories of this rollouts
+    /// file (`mrrec rollouts`, by this model or one with the same tokenizer — a distillation
+    /// teacher): per query the best of G when it beats this model's greedy answer.
+    #[arg(long)]
+    pub(crate) sft: Option<PathBuf>,
+    /// Start from this adapter (e.g. GRPO after fine-tuning); a checkpoint in --out wins.
+    #[arg(long)]
+    pub(crate) init_adapter: Option<PathBuf>,
     /// R_rec's two NDCG cutoffs (the paper's 100,1000; e.g. 100,3000 gives profiles that rank
     /// the target below 1,000 a signal).
     #[arg(long, default_value = "100,1000")]
@@ -119,6 +127,9 @@ fn train_cmd(
     let cfg = assistant.config()?;
     let store = open_store(&ws, assistant.store.clone())?;
     let local = mrrec_agent::backend::local_with_adapter(&assistant.llm.model, None)?;
+    if assistant.adapter.is_some() {
+        bail!("`mrrec train` takes --init-adapter to start from an adapter (--adapter is for answering)");
+    }
     let lora = mrrec_train::LoraConfig {
         rank: args.lora_rank,
         alpha: args.lora_alpha,
@@ -127,6 +138,14 @@ fn train_cmd(
         seed: args.seed,
     };
     let policy = mrrec_train::Policy::from_gguf(&local.info().path, lora)?;
+    if let Some(p) = &args.init_adapter {
+        let ad = mrrec_llm_local::model::LoraAdapter::load(p)
+            .with_context(|| format!("reading the adapter {}", p.display()))?;
+        policy
+            .load_adapter(&ad)
+            .with_context(|| format!("--init-adapter {}", p.display()))?;
+        local.transformer().set_lora(Some(std::sync::Arc::new(ad)));
+    }
     let pick = |split: mrrec_data::Split,
                 n: Option<usize>|
      -> Result<Vec<&mrrec_data::LabeledQuery>> {
@@ -168,6 +187,12 @@ fn train_cmd(
         users.len(),
         report.records_added
     );
+    let sft = match &args.sft {
+        Some(path) => Some(sft_examples(
+            path, &ws, &*store, tenant, &local, &cfg, weights,
+        )?),
+        None => None,
+    };
     let t = mrrec_train::trainer::Trainer {
         ws: &ws,
         store: &*store,
@@ -198,6 +223,7 @@ fn train_cmd(
         },
         out: args.out.clone(),
         progress: true,
+        sft,
     };
     let st = t.run(&train_q, &val_q)?;
     println!(
@@ -295,6 +321,7 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
         a.assistant.adapter.as_deref(),
     )?;
     let model_id = mrrec_llm::ChatModel::id(&local).to_string();
+    let fingerprint = local.info().tokenizer_fingerprint();
     // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
     let all = ws
         .dataset
@@ -389,7 +416,7 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
                     query.category.as_deref(),
                     (j, a.group),
                     seed.wrapping_add(1000 * j as u64),
-                    &model_id,
+                    (&model_id, &fingerprint),
                     a.temperature,
                     &|ids| local.decode(ids).unwrap_or_default(),
                 )
@@ -434,4 +461,123 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
         new.groups, new.tokens_in, new.tokens_out
     );
     Ok(())
+}
+
+/// The fine-tuning examples of a rollouts file: its complete groups, checked (`train` queries
+/// only, the policy's tokenizer), each query's greedy answer scored as the bar, and per query the
+/// best trajectory of G kept when it beats it.
+fn sft_examples(
+    path: &std::path::Path,
+    ws: &mrrec_agent::Workspace,
+    store: &dyn mrrec_memory::MemoryRead,
+    tenant: &str,
+    local: &mrrec_llm_local::LocalModel,
+    cfg: &mrrec_agent::assistant::AssistantConfig,
+    weights: mrrec_agent::rewards::RewardWeights,
+) -> Result<mrrec_train::trainer::Sft> {
+    use mrrec_train::trajectories::{segments_of, select_best, RolloutsFile, TrajectoryRecord};
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let first: TrajectoryRecord = text
+        .lines()
+        .next()
+        .with_context(|| format!("{}: no trajectories", path.display()))
+        .and_then(|l| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:1: not a trajectory record", path.display()))
+        })?;
+    let (_, file) = RolloutsFile::open(path, first.group)?;
+    let fingerprint = local.info().tokenizer_fingerprint();
+    let train: std::collections::HashMap<&str, &mrrec_data::LabeledQuery> = ws
+        .dataset
+        .queries
+        .for_purpose(&mrrec_data::Purpose::Training)?
+        .into_iter()
+        .map(|q| (q.query().qid.as_str(), q))
+        .collect();
+    let mut teachers = std::collections::BTreeSet::new();
+    for r in file.groups.values().flatten() {
+        anyhow::ensure!(
+            r.tokenizer == fingerprint,
+            "{}: query {} was written by {} whose tokenizer ({}) is not this model's ({fingerprint}): its token ids cannot train it",
+            path.display(),
+            r.qid,
+            r.model,
+            if r.tokenizer.is_empty() { "unrecorded" } else { &r.tokenizer }
+        );
+        anyhow::ensure!(
+            train.contains_key(r.qid.as_str()),
+            "{}: query {} is not a `train` query of this data: only `train` queries are trained on",
+            path.display(),
+            r.qid
+        );
+        teachers.insert(r.model.clone());
+    }
+    // The bar: this model's greedy answer to each query, scored with the training rewards.
+    let assistant = mrrec_agent::assistant::Assistant {
+        shop: ws.shop(),
+        store,
+        tenant,
+        llm: local,
+        cfg: cfg.clone(),
+        observer: None,
+    };
+    let t0 = std::time::Instant::now();
+    let (mut tin, mut tout) = (0u64, 0u64);
+    let mut greedy = std::collections::HashMap::new();
+    for (k, qid) in file.groups.keys().enumerate() {
+        let q = train[qid.as_str()];
+        let query = q.query();
+        let request = query.simple_query.as_deref().unwrap_or(&query.query);
+        let Some(target) = ws.catalogue().position(q.target()) else {
+            continue;
+        };
+        let a = assistant.answer(&query.user_id, request, query.category.as_deref(), 10)?;
+        tin += a.trace.usage.prompt_tokens;
+        tout += a.trace.usage.completion_tokens;
+        let profile = (!a.trace.fallback)
+            .then(|| a.trace.profile.clone())
+            .flatten();
+        let calls = a
+            .trace
+            .tool_calls
+            .iter()
+            .filter(|c| c.ok && c.error.is_none())
+            .count();
+        let r = mrrec_agent::rewards::reward(&ws.shop(), &weights, profile, target, calls)?;
+        greedy.insert(qid.clone(), r.total);
+        eprintln!(
+            "greedy bar {}/{}: {qid} {:.3} ({tin} tokens in, {tout} out, {:.0} s)",
+            k + 1,
+            file.groups.len(),
+            r.total,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let kept = select_best(&file.groups, &|q| greedy.get(q).copied());
+    eprintln!(
+        "{}: {} of {} groups kept (best of {} over the greedy answer)",
+        path.display(),
+        kept.len(),
+        file.groups.len(),
+        first.group
+    );
+    let examples = kept
+        .iter()
+        .map(|r| mrrec_train::trainer::SftExample {
+            qid: r.qid.clone(),
+            segments: segments_of(r),
+            rewards: r.rewards.clone(),
+        })
+        .collect();
+    let source = serde_json::json!({
+        "file": path,
+        "sha256": mrrec_agent::workspace::files_sha256(&[path])?,
+        "groups": file.groups.len(),
+        "kept": kept.len(),
+        "selection": "per query the best of G when it beats the greedy answer's reward",
+        "written_by": teachers,
+        "tokenizer": fingerprint,
+    });
+    Ok(mrrec_train::trainer::Sft { examples, source })
 }

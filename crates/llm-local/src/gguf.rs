@@ -146,6 +146,27 @@ pub fn tokenizer_json_from_gguf(
 }
 
 impl GgufInfo {
+    /// The first 16 hex digits of the sha256 of the vocabulary (every token's text, by id, special
+    /// tokens included): two models whose token ids mean the same text have the same fingerprint,
+    /// so trajectories written by one can train the other.
+    pub fn tokenizer_fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut vocab: Vec<(u32, String)> = self
+            .tokenizer
+            .get_vocab(true)
+            .into_iter()
+            .map(|(t, i)| (i, t))
+            .collect();
+        vocab.sort();
+        let mut h = sha2::Sha256::new();
+        for (i, t) in &vocab {
+            h.update(i.to_le_bytes());
+            h.update((t.len() as u32).to_le_bytes());
+            h.update(t.as_bytes());
+        }
+        hex::encode(h.finalize())[..16].to_string()
+    }
+
     /// Reads the header of `path` (tensors are not loaded).
     pub fn read(path: &Path) -> Result<(Self, Content)> {
         let mut f = std::fs::File::open(path).map_err(|e| {

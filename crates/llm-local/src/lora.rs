@@ -17,6 +17,8 @@ pub struct LoraAdapter {
     pub alpha: f32,
     /// Rank.
     pub rank: usize,
+    /// What the adapter was trained on and how (kept in the file's safetensors metadata).
+    pub metadata: std::collections::BTreeMap<String, String>,
     deltas: std::collections::HashMap<(usize, Proj), (Tensor, Tensor)>,
 }
 
@@ -26,6 +28,7 @@ impl LoraAdapter {
         LoraAdapter {
             alpha,
             rank,
+            metadata: Default::default(),
             deltas: Default::default(),
         }
     }
@@ -41,7 +44,7 @@ impl LoraAdapter {
     }
 
     /// Writes the adapter as safetensors (`blk.{i}.{proj}.lora_a` / `.lora_b`, plus `lora.alpha`
-    /// and `lora.rank` scalars).
+    /// and `lora.rank` scalars; [`LoraAdapter::metadata`] as the file's metadata).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
         for ((l, p), (a, b)) in &self.deltas {
@@ -56,7 +59,18 @@ impl LoraAdapter {
             "lora.rank".into(),
             Tensor::new(&[self.rank as f32], &Device::Cpu)?,
         );
-        candle_core::safetensors::save(&map, path)?;
+        let metadata: std::collections::HashMap<String, String> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        safetensors::serialize_to_file(map, (!metadata.is_empty()).then_some(metadata), path)
+            .map_err(|e| {
+                crate::LocalError::Llm(LlmError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
         Ok(())
     }
 
@@ -77,6 +91,20 @@ impl LoraAdapter {
                 .map_err(Into::into)
         };
         let mut ad = LoraAdapter::new(scalar("lora.rank")? as usize, scalar("lora.alpha")?);
+        let bytes = std::fs::read(path).map_err(|e| {
+            crate::LocalError::Llm(LlmError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
+        })?;
+        if let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) {
+            ad.metadata = meta
+                .metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+        }
         for (name, a) in &map {
             let Some(rest) = name
                 .strip_prefix("blk.")

@@ -164,9 +164,52 @@ pub struct Trainer<'a> {
     pub out: PathBuf,
     /// Print progress.
     pub progress: bool,
+    /// Supervised fine-tuning on chosen trajectories instead of GRPO rollouts.
+    pub sft: Option<Sft>,
+}
+
+/// One chosen trajectory to fine-tune on.
+#[derive(Debug, Clone)]
+pub struct SftExample {
+    /// Its query.
+    pub qid: String,
+    /// Its model calls (prompt ids never trained on; sampled ids learnt).
+    pub segments: Vec<mrrec_llm_local::Segment>,
+    /// Its rewards when sampled (logged as the step's rewards).
+    pub rewards: mrrec_agent::rewards::Rewards,
+}
+
+/// Supervised fine-tuning: the examples, and what they are (saved in `train.json`, so a resume
+/// with another file is refused, and in the adapter's metadata).
+#[derive(Debug, Clone)]
+pub struct Sft {
+    /// The chosen trajectories.
+    pub examples: Vec<SftExample>,
+    /// Where they came from and how they were chosen.
+    pub source: serde_json::Value,
 }
 
 impl Trainer<'_> {
+    /// The adapter as saved: its metadata says how it was trained and on what.
+    fn adapter_to_save(&self) -> Result<mrrec_llm_local::model::LoraAdapter> {
+        let mut ad = self.policy.adapter()?;
+        let m = &mut ad.metadata;
+        m.insert(
+            "mrrec.trained_by".into(),
+            if self.sft.is_some() { "sft" } else { "grpo" }.into(),
+        );
+        m.insert(
+            "mrrec.base_model".into(),
+            mrrec_llm::ChatModel::id(self.local).to_string(),
+        );
+        m.insert("mrrec.lora".into(), format!("{:?}", self.policy.lora_cfg));
+        m.insert("mrrec.train".into(), serde_json::to_string(&self.train)?);
+        if let Some(sft) = &self.sft {
+            m.insert("mrrec.sft".into(), sft.source.to_string());
+        }
+        Ok(ad)
+    }
+
     fn apply_adapter(&self) -> Result<()> {
         self.local
             .transformer()
@@ -224,8 +267,7 @@ impl Trainer<'_> {
     fn save(&self, opt: &AdamW, state: &TrainState) -> Result<()> {
         let tmp = self.out.join("checkpoint.tmp");
         std::fs::create_dir_all(&tmp)?;
-        self.policy
-            .adapter()?
+        self.adapter_to_save()?
             .save(&tmp.join("adapter.safetensors"))?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
@@ -242,10 +284,18 @@ impl Trainer<'_> {
 
     /// Runs (or resumes) the training; returns the final state.
     pub fn run(&self, train: &[&LabeledQuery], val: &[&LabeledQuery]) -> Result<TrainState> {
-        if train.is_empty() {
-            return Err(TrainError::Invalid(
-                "no training queries (split `train`)".into(),
-            ));
+        match &self.sft {
+            Some(s) if s.examples.is_empty() => {
+                return Err(TrainError::Invalid(
+                    "no trajectory was selected for fine-tuning".into(),
+                ))
+            }
+            None if train.is_empty() => {
+                return Err(TrainError::Invalid(
+                    "no training queries (split `train`)".into(),
+                ))
+            }
+            _ => {}
         }
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
@@ -255,7 +305,10 @@ impl Trainer<'_> {
             steps: 0,
             ..self.train.clone()
         };
-        let cfg_json = json!({"train": fixed, "assistant": self.cfg, "model": self.local.info().path, "lora": format!("{:?}", self.policy.lora_cfg)});
+        let mut cfg_json = json!({"train": fixed, "assistant": self.cfg, "model": self.local.info().path, "lora": format!("{:?}", self.policy.lora_cfg)});
+        if let Some(sft) = &self.sft {
+            cfg_json["sft"] = sft.source.clone();
+        }
         if cfg_path.exists() {
             let mut old: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)
@@ -273,7 +326,7 @@ impl Trainer<'_> {
                 }
             }
             if old != cfg_json {
-                let differ: Vec<&str> = ["train", "assistant", "model", "lora"]
+                let differ: Vec<&str> = ["train", "assistant", "model", "lora", "sft"]
                     .into_iter()
                     .filter(|k| old.get(k) != cfg_json.get(k))
                     .collect();
@@ -329,8 +382,9 @@ impl Trainer<'_> {
             state.best = Some((v, 0));
             self.save(&opt, &state)?;
         }
-        // The query order: a seeded shuffle, repeated per epoch.
-        let mut order: Vec<usize> = (0..train.len()).collect();
+        // The query (or, fine-tuning, example) order: a seeded shuffle, repeated per epoch.
+        let mut order: Vec<usize> =
+            (0..self.sft.as_ref().map_or(train.len(), |s| s.examples.len())).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.train.seed);
         order.shuffle(&mut rng);
         let roll = Rollouts {
@@ -347,8 +401,13 @@ impl Trainer<'_> {
             self.apply_adapter()?;
             let t0 = Instant::now();
             let mut groups = Vec::new();
+            let mut chosen: Vec<&SftExample> = Vec::new();
             for k in 0..self.train.queries_per_step {
                 let qi = order[((step - 1) * self.train.queries_per_step + k) % order.len()];
+                if let Some(sft) = &self.sft {
+                    chosen.push(&sft.examples[qi]);
+                    continue;
+                }
                 let q = train[qi];
                 let query = q.query();
                 let request = query.simple_query.as_deref().unwrap_or(&query.query);
@@ -378,6 +437,19 @@ impl Trainer<'_> {
                 .count();
             let (mut rf, mut rr, mut rm, mut rt, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
             let mut work: Vec<(&mrrec_llm_local::Segment, f32)> = Vec::new();
+            // Supervised fine-tuning: every kept trajectory's tokens with advantage 1 — with the
+            // old log-probabilities the current ones (ratio 1, no clipping) the GRPO loss's
+            // gradient is exactly the negative log-likelihood's, KL term included.
+            for ex in &chosen {
+                rf += ex.rewards.format;
+                rr += ex.rewards.rec;
+                rm += ex.rewards.mem;
+                rt += ex.rewards.total;
+                n += 1;
+                for seg in ex.segments.iter().filter(|s| !s.ids.is_empty()) {
+                    work.push((seg, 1.0));
+                }
+            }
             for (qid, g) in &groups {
                 let log = group_log(qid, g);
                 for t in g {
@@ -489,8 +561,7 @@ impl Trainer<'_> {
                     _ => {
                         state.best = Some((v, step));
                         state.since_best = 0;
-                        self.policy
-                            .adapter()?
+                        self.adapter_to_save()?
                             .save(&self.out.join("best-adapter.safetensors"))?;
                     }
                 }
@@ -525,8 +596,7 @@ impl Trainer<'_> {
                 );
             }
         }
-        self.policy
-            .adapter()?
+        self.adapter_to_save()?
             .save(&self.out.join("adapter.safetensors"))?;
         self.save(&opt, &state)?;
         Ok(state)

@@ -53,6 +53,9 @@ pub struct TrajectoryRecord {
     pub seed: u64,
     /// The model that wrote it (registry id or `gguf-sha256:…`, adapter included).
     pub model: String,
+    /// Its tokenizer's fingerprint ([`mrrec_llm_local::GgufInfo::tokenizer_fingerprint`]): the
+    /// ids train only a model with the same one.
+    pub tokenizer: String,
     /// The sampling temperature.
     pub temperature: f64,
     /// The loop's mode (`guided` or `free`).
@@ -78,7 +81,7 @@ impl TrajectoryRecord {
         category: Option<&str>,
         (index, group): (usize, usize),
         seed: u64,
-        model: &str,
+        (model, tokenizer): (&str, &str),
         temperature: f64,
         decode: &dyn Fn(&[u32]) -> String,
     ) -> Self {
@@ -91,6 +94,7 @@ impl TrajectoryRecord {
             group,
             seed,
             model: model.into(),
+            tokenizer: tokenizer.into(),
             temperature,
             mode: t
                 .answer
@@ -302,6 +306,49 @@ pub fn summarise<'a>(groups: impl IntoIterator<Item = &'a [TrajectoryRecord]>) -
     s
 }
 
+/// Rejection sampling: per group (in query-id order) the trajectory with the highest total reward
+/// — the lowest index among ties —, kept when it has a parsed profile and beats `baseline` of its
+/// query (the greedy answer's reward; a query without one keeps its best when it earned any
+/// R_rec). Deterministic: the same file and baselines select the same trajectories.
+pub fn select_best<'a>(
+    groups: &'a BTreeMap<String, Vec<TrajectoryRecord>>,
+    baseline: &dyn Fn(&str) -> Option<f64>,
+) -> Vec<&'a TrajectoryRecord> {
+    groups
+        .iter()
+        .filter_map(|(qid, g)| {
+            let best = g.iter().reduce(|a, b| {
+                if b.rewards.total > a.rewards.total {
+                    b
+                } else {
+                    a
+                }
+            })?;
+            let beats = match baseline(qid) {
+                Some(b) => best.rewards.total > b,
+                None => best.rewards.rec > 0.0,
+            };
+            (best.rewards.format > 0.0 && beats).then_some(best)
+        })
+        .collect()
+}
+
+/// The model-written part of a record's calls as [`mrrec_llm_local::Segment`]s for the loss:
+/// prompt ids (never trained on), sampled ids, their recorded log-probabilities, no constraint
+/// masks (supervised fine-tuning learns the tokens under the whole vocabulary).
+pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
+    r.calls
+        .iter()
+        .filter(|c| !c.ids.is_empty())
+        .map(|c| mrrec_llm_local::Segment {
+            prompt: c.prompt.clone(),
+            ids: c.ids.clone(),
+            logprobs: c.logprobs.clone(),
+            masks: vec![None; c.ids.len()],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -317,6 +364,7 @@ mod tests {
             group,
             seed: 7,
             model: "m".into(),
+            tokenizer: "t".into(),
             temperature: 1.0,
             mode: "guided".into(),
             rewards: Rewards {
@@ -382,6 +430,35 @@ mod tests {
         assert_eq!((s.groups_rec_zero, s.groups_flat), (0.5, 0.5));
         assert_eq!((s.rec_nonzero, s.mean_reward), (0.25, 0.5));
         assert_eq!((s.tokens_in, s.tokens_out), (12, 8));
+    }
+
+    #[test]
+    fn selection_keeps_the_best_of_a_group_when_it_beats_the_greedy_answer() {
+        let mut groups = BTreeMap::new();
+        groups.insert(
+            "q1".to_string(),
+            vec![
+                record("q1", 0, 3, 0.5),
+                record("q1", 1, 3, 2.0),
+                record("q1", 2, 3, 2.0),
+            ],
+        );
+        groups.insert("q2".to_string(), vec![record("q2", 0, 1, 0.3)]);
+        groups.insert("q3".to_string(), vec![record("q3", 0, 1, 0.0)]);
+        let greedy = |q: &str| match q {
+            "q1" => Some(1.0),
+            "q2" => Some(0.3),
+            _ => None,
+        };
+        let kept = select_best(&groups, &greedy);
+        // q1: the first of the two best; q2 ties the greedy answer; q3 earned no R_rec.
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].qid.as_str(), kept[0].index), ("q1", 1));
+        assert_eq!(select_best(&groups, &greedy), kept);
+        let segs = segments_of(kept[0]);
+        assert_eq!(segs.len(), 1);
+        assert_eq!((segs[0].prompt.len(), segs[0].ids.len()), (3, 2));
+        assert!(segs[0].masks.iter().all(Option::is_none));
     }
 
     #[test]
