@@ -199,7 +199,11 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
     let step: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert_eq!(step["step"], 1);
     assert!(step["tokens"].as_u64().unwrap() > 0, "{step}");
-    assert!(step["loss"].as_f64().unwrap().is_finite(), "{step}");
+    let nll = step["loss"].as_f64().unwrap();
+    assert!(
+        nll.is_finite() && nll > 0.0,
+        "the chosen tokens' negative log-likelihood: {step}"
+    );
     assert_eq!(
         step["reward"], 100.0,
         "the chosen trajectory's reward: {step}"

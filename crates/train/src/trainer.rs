@@ -126,7 +126,8 @@ pub struct StepLog {
     /// Groups where no trajectory earned R_rec > 0 (the target below every cutoff).
     #[serde(default)]
     pub rec_zero_groups: usize,
-    /// The loss (None when every group was flat).
+    /// The loss (None when every group was flat); fine-tuning: the mean negative
+    /// log-likelihood of the chosen tokens before the update.
     pub loss: Option<f64>,
     /// Gradient norm before clipping.
     pub grad_norm: Option<f64>,
@@ -505,6 +506,7 @@ impl Trainer<'_> {
                     // Old log-probabilities: the training model's own, before this update.
                     let old: Vec<f32> = lp.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?;
                     let len = old.len();
+                    let old_sum: f64 = old.iter().map(|&x| x as f64).sum();
                     let b = TokenBatch {
                         old,
                         reference,
@@ -513,7 +515,13 @@ impl Trainer<'_> {
                     };
                     let (l, _) = grpo_loss(&[lp], &[b], &self.train.grpo)?;
                     let l = (l * (len as f64 / tokens as f64))?;
-                    total_loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                    total_loss += if self.sft.is_some() {
+                        // Fine-tuning logs the mean negative log-likelihood of the tokens (the
+                        // surrogate is −1 at ratio 1 whatever the model).
+                        -old_sum / tokens as f64
+                    } else {
+                        l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?
+                    };
                     t_fwd += t1.elapsed().as_secs_f64();
                     let t2 = Instant::now();
                     acc = Some(opt.grads(&l, acc)?);
