@@ -146,23 +146,13 @@ fn train_cmd(
             .with_context(|| format!("--init-adapter {}", p.display()))?;
         local.transformer().set_lora(Some(std::sync::Arc::new(ad)));
     }
-    let pick = |split: mrrec_data::Split,
-                n: Option<usize>|
-     -> Result<Vec<&mrrec_data::LabeledQuery>> {
-        let all = ws
-            .dataset
-            .queries
-            .for_purpose(&mrrec_data::Purpose::Evaluate(vec![split]))?;
-        // A seeded subset, in file order.
-        let mut idx: Vec<usize> = (0..all.len()).collect();
-        if let Some(n) = n.filter(|&n| n < all.len()) {
-            use rand::seq::SliceRandom;
-            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed);
-            idx.shuffle(&mut rng);
-            idx.truncate(n);
-            idx.sort();
-        }
-        Ok(idx.into_iter().map(|i| all[i]).collect())
+    let pick = |split: mrrec_data::Split, n: Option<usize>| {
+        seeded_subset(
+            &ws,
+            &mrrec_data::Purpose::Evaluate(vec![split]),
+            n,
+            args.seed,
+        )
     };
     let train_q = pick(mrrec_data::Split::Train, args.train_limit)?;
     let val_q = pick(mrrec_data::Split::Val, Some(args.val_queries))?;
@@ -323,19 +313,7 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
     let model_id = mrrec_llm::ChatModel::id(&local).to_string();
     let fingerprint = local.info().tokenizer_fingerprint();
     // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
-    let all = ws
-        .dataset
-        .queries
-        .for_purpose(&mrrec_data::Purpose::Training)?;
-    let mut idx: Vec<usize> = (0..all.len()).collect();
-    if let Some(n) = a.train_limit.filter(|&n| n < all.len()) {
-        use rand::seq::SliceRandom;
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(a.seed);
-        idx.shuffle(&mut rng);
-        idx.truncate(n);
-        idx.sort();
-    }
-    let queries: Vec<&mrrec_data::LabeledQuery> = idx.into_iter().map(|i| all[i]).collect();
+    let queries = seeded_subset(&ws, &mrrec_data::Purpose::Training, a.train_limit, a.seed)?;
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
     if reopened.dropped_lines > 0 {
         eprintln!(
@@ -580,4 +558,23 @@ fn sft_examples(
         "tokenizer": fingerprint,
     });
     Ok(mrrec_train::trainer::Sft { examples, source })
+}
+
+/// The queries `purpose` admits, or a seeded subset of `n` of them, in file order.
+fn seeded_subset<'w>(
+    ws: &'w mrrec_agent::Workspace,
+    purpose: &mrrec_data::Purpose,
+    n: Option<usize>,
+    seed: u64,
+) -> Result<Vec<&'w mrrec_data::LabeledQuery>> {
+    let all = ws.dataset.queries.for_purpose(purpose)?;
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    if let Some(n) = n.filter(|&n| n < all.len()) {
+        use rand::seq::SliceRandom;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort();
+    }
+    Ok(idx.into_iter().map(|i| all[i]).collect())
 }
