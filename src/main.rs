@@ -73,15 +73,30 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
 }
 
-/// At most two malloc arenas (unless `MALLOC_ARENA_MAX` says otherwise): with glibc's default of
-/// 8 per core, the threads of batched rollouts and validation each kept freed training buffers in
-/// their own arena — a SmolLM2 training process peaked at 14.2 GB, 4.9 GB with two arenas.
-fn limit_malloc_arenas() {
+/// glibc's malloc, tuned for the model's large temporaries (unless the `MALLOC_*` variables
+/// say otherwise):
+/// - at most two arenas: with the default of 8 per core, the threads of batched rollouts and
+///   validation each kept freed training buffers in their own arena — a SmolLM2 training
+///   process peaked at 14.2 GB, 4.9 GB with two arenas;
+/// - blocks up to 256 MiB from the heap, not from `mmap`, and up to 512 MiB of freed memory kept:
+///   by default every activation of a prefill (a 1,000-token prompt's MLP rows are 36 MB) was a
+///   fresh mapping, faulted in and zeroed page by page, then unmapped — Qwen 0.5B prefilled at
+///   320–335 tokens/s that way and at 415–480 with the heap reused (BENCHMARKS.md).
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    {
+        let unset = |v: &str| std::env::var_os(v).is_none();
         // SAFETY: called first thing in `main`, before any other thread exists.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            if unset("MALLOC_ARENA_MAX") {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            if unset("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+            }
+            if unset("MALLOC_TRIM_THRESHOLD_") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+            }
         }
     }
 }
@@ -107,7 +122,7 @@ fn read_environment() -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    limit_malloc_arenas();
+    tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MRREC_LOG")

@@ -85,9 +85,14 @@ pub fn attention_kernel() -> Result<Value> {
             let k = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev)?;
             let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1()?) };
-            let qs = flat(&q)?;
+            // Ours takes the projections' rows: (positions, heads, d).
+            let qs = flat(&q.transpose(1, 2)?)?;
             let mut cache = KvLayer::new(n_kv, d);
-            cache.append(&flat(&k)?, &flat(&v.transpose(1, 2)?)?, pos + t);
+            cache.append(
+                &flat(&k.transpose(1, 2)?)?,
+                &flat(&v.transpose(1, 2)?)?,
+                pos + t,
+            );
             let reps = if t == 1 { 200 } else { 5 };
             let ours = timed(reps, || {
                 std::hint::black_box(attention(&qs, &cache, s));

@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use crate::vector::exp;
+
 /// Positions per key block of the cache (one vector of scores).
 const KB: usize = 16;
 /// Query rows per work item (they share every key and value read).
@@ -60,7 +62,8 @@ impl KvLayer {
         self.len == 0
     }
 
-    /// Appends `t` positions: `k` (n_kv, t, d) after RoPE, `v` (t, n_kv, d).
+    /// Appends `t` positions: `k` (t, n_kv, d) after RoPE, `v` (t, n_kv, d) — the rows of the
+    /// key and value projections as they come.
     pub fn append(&mut self, k: &[f32], v: &[f32], t: usize) {
         let (n_kv, d) = (self.n_kv, self.d);
         assert_eq!(k.len(), n_kv * t * d, "key shape");
@@ -72,7 +75,7 @@ impl KvLayer {
             for i in 0..t {
                 let p = self.len + i;
                 let base = (p / KB * n_kv + g) * d * KB + p % KB;
-                for (c, &x) in k[(g * t + i) * d..][..d].iter().enumerate() {
+                for (c, &x) in k[(i * n_kv + g) * d..][..d].iter().enumerate() {
                     self.keys[base + c * KB] = x;
                 }
             }
@@ -139,7 +142,7 @@ pub struct Shape {
 }
 
 /// Causal attention of the last `t` positions of `cache` (which holds `pos + t`). `q`:
-/// (n_head, t, d) after RoPE. Returns (t, n_head · d): each position's heads side by side, as
+/// (t, n_head, d) after RoPE (the query projection's rows as they come). Returns (t, n_head · d): each position's heads side by side, as
 /// the output projection reads them.
 pub fn attention(q: &[f32], cache: &KvLayer, s: Shape) -> Vec<f32> {
     let Shape {
@@ -239,9 +242,7 @@ impl Tile<'_> {
     /// [`avx512::scores`] (the same chains of multiply-adds, more of them in flight).
     #[inline(always)]
     fn compute(&self, avx512: bool) -> Vec<f32> {
-        let Shape {
-            n_head, t, pos, d, ..
-        } = self.s;
+        let Shape { n_head, pos, d, .. } = self.s;
         let rep = n_head / self.s.n_kv;
         let n = self.n;
         // Row j of the tile: query head h at position i; it reaches keys 0..limit[j].
@@ -250,7 +251,7 @@ impl Tile<'_> {
         for j in 0..n {
             let (i, r) = ((self.r0 + j) / rep, (self.r0 + j) % rep);
             limit[j] = pos + i + 1;
-            qrow[j] = ((self.g * rep + r) * t + i) * d;
+            qrow[j] = (i * n_head + self.g * rep + r) * d;
         }
         let keys = limit[..n].iter().copied().max().unwrap_or(0);
         let stride = keys.div_ceil(KB) * KB;
@@ -547,32 +548,6 @@ fn softmax(s: &mut [f32], scale: f32) {
     }
 }
 
-/// `e^x` for `x ≤ 0` (softmax arguments): `2^n · e^r` with `r = x − n·ln 2` in
-/// `[−ln 2/2, ln 2/2]` and Cephes' degree-5 polynomial (relative error ≈ 2e-7); 0 below −87.
-/// Plain arithmetic and bit operations only, so it vectorises and gives the same bits in every
-/// copy.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 · 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut y = 1.987_569_1e-4f32;
-    y = y.mul_add(r, 1.398_199_9e-3);
-    y = y.mul_add(r, 8.333_452e-3);
-    y = y.mul_add(r, 4.166_579_6e-2);
-    y = y.mul_add(r, 1.666_666_5e-1);
-    y = y.mul_add(r, 0.5);
-    let y = y.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -591,8 +566,8 @@ mod tests {
             .collect()
     }
 
-    /// Causal grouped-query attention written out in f64: (t, n_head, d). `k`, `v`: (n_kv,
-    /// pos + t, d).
+    /// Causal grouped-query attention written out in f64: (t, n_head, d). `q`: (t, n_head, d);
+    /// `k`, `v`: (n_kv, pos + t, d).
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: Shape) -> Vec<f64> {
         let Shape {
             n_head,
@@ -606,7 +581,7 @@ mod tests {
         for h in 0..n_head {
             let g = h / rep;
             for i in 0..t {
-                let qi = &q[(h * t + i) * d..][..d];
+                let qi = &q[(i * n_head + h) * d..][..d];
                 let sc: Vec<f64> = (0..=pos + i)
                     .map(|j| {
                         let kj = &k[(g * l + j) * d..][..d];
@@ -648,7 +623,7 @@ mod tests {
         for &t in cuts {
             let (from, to) = (c.len(), c.len() + t);
             c.append(
-                &span(k, n_kv, all, d, from, to),
+                &position_major(&span(k, n_kv, all, d, from, to), n_kv, t, d),
                 &position_major(&span(v, n_kv, all, d, from, to), n_kv, t, d),
                 t,
             );
@@ -728,7 +703,7 @@ mod tests {
                     let next = cache(&k, &v, n_kv, all, d, &[pos + t]);
                     let (nk, nv) = next.to_arrays();
                     kv.append(
-                        &span(&nk, n_kv, pos + t, d, pos, pos + t),
+                        &position_major(&span(&nk, n_kv, pos + t, d, pos, pos + t), n_kv, t, d),
                         &position_major(&span(&nv, n_kv, pos + t, d, pos, pos + t), n_kv, t, d),
                         t,
                     );
@@ -739,7 +714,8 @@ mod tests {
                         pos,
                         d,
                     };
-                    pieces.extend(attention(&span(&q, n_head, all, d, pos, pos + t), &kv, s));
+                    let rows = &q[pos * n_head * d..(pos + t) * n_head * d];
+                    pieces.extend(attention(rows, &kv, s));
                     pos += t;
                 }
                 assert_eq!(pos, all);
@@ -817,24 +793,11 @@ mod tests {
         );
         let (rk, rv) = kv.to_arrays();
         cut.append(
-            &span(&rk, n_kv, all, d, 21, all),
+            &position_major(&span(&rk, n_kv, all, d, 21, all), n_kv, all - 21, d),
             &position_major(&span(&rv, n_kv, all, d, 21, all), n_kv, all - 21, d),
             all - 21,
         );
         assert_eq!((&cut.keys, &cut.values), (&kv.keys, &kv.values));
-    }
-
-    #[test]
-    fn exp_is_within_a_few_ulps_where_softmax_uses_it() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod model;
 pub mod q8;
 mod switches;
 mod template;
+mod vector;
 
 pub use attention::{attention, KvLayer, Shape as AttentionShape};
 pub use batcher::{BatchStats, Batcher, SegmentModel, Worker, MAX_BATCH};

@@ -18,6 +18,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 use crate::attention::{attention, KvLayer, Shape};
 pub use crate::lora::LoraAdapter;
 use crate::q8::{self, PackedQ8};
+use crate::vector::silu_mul;
 use crate::Result;
 use mrrec_llm::LlmError;
 
@@ -104,8 +105,9 @@ pub struct Transformer {
     n_kv: usize,
     head_dim: usize,
     neox: bool,
-    cos: Tensor,
-    sin: Tensor,
+    /// `cos(p · θ_i)` and `sin(p · θ_i)` for every position `p` of the window and `i < d/2`.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     device: Device,
     /// Context window.
     pub context_length: usize,
@@ -285,11 +287,9 @@ impl Transformer {
             .step_by(2)
             .map(|i| 1.0 / freq_base.powf(i as f32 / head_dim as f32))
             .collect();
-        let theta = Tensor::new(theta.as_slice(), &device)?;
-        let idx = Tensor::arange(0, context_length as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((context_length, 1))?;
-        let freqs = idx.matmul(&theta.reshape((1, head_dim / 2))?)?;
+        let freqs: Vec<f32> = (0..context_length)
+            .flat_map(|p| theta.iter().map(move |t| p as f32 * t))
+            .collect();
         Ok(Transformer {
             embed,
             layers,
@@ -299,8 +299,8 @@ impl Transformer {
             n_kv,
             head_dim,
             neox: arch == "qwen2",
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            rope_cos: freqs.iter().map(|f| f.cos()).collect(),
+            rope_sin: freqs.iter().map(|f| f.sin()).collect(),
             device,
             context_length,
             hidden_size: hidden,
@@ -439,54 +439,84 @@ impl Transformer {
         }
     }
 
-    fn rope(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let (_, _, t, _) = x.dims4()?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        if self.neox {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    /// Rotates one row of heads (`heads · d` values) to position `p` in place: NeoX halves for
+    /// qwen2, interleaved pairs for llama (candle's `rope` / `rope_i` arithmetic).
+    fn rope_row(&self, x: &mut [f32], p: usize) {
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        let cos = &self.rope_cos[p * half..][..half];
+        let sin = &self.rope_sin[p * half..][..half];
+        for head in x.chunks_exact_mut(d) {
+            if self.neox {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x1 * sin[i] + x2 * cos[i];
+                }
+            } else {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x1, x2) = (pair[0], pair[1]);
+                    pair[0] = x1 * cos[i] - x2 * sin[i];
+                    pair[1] = x1 * sin[i] + x2 * cos[i];
+                }
+            }
         }
     }
 
-    /// Attention of one sequence: `q, k, v` are (1, t, heads·dim) rows of that sequence; its
-    /// keys and values are appended to `cache`, which holds `pos` positions before.
-    fn attend(
+    /// Attention of layer `li` for every sequence of a pass at once. `q`, `k`, `v` hold the
+    /// projections' rows of all the sequences, `counts[s]` rows of sequence `s` after those of
+    /// the ones before it (any leading dimensions, rows last but one). Each row is rotated at its
+    /// own position, the keys and values are appended to each sequence's cache (which holds
+    /// `cache.pos` positions of this layer before), and each sequence attends over its own cache.
+    /// Returns the rows in the same order and shape as `q`. No per-sequence tensor operation:
+    /// a decoding step of many sequences costs the same few tensor calls as one.
+    fn attend_all(
         &self,
+        li: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cache: &mut KvLayer,
-        pos: usize,
+        caches: &mut [&mut KvCache],
+        counts: &[usize],
     ) -> candle_core::Result<Tensor> {
-        let (_, t, _) = q.dims3()?;
-        let q = q
-            .reshape((1, t, self.n_head, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((1, t, self.n_kv, self.head_dim))?
-            .transpose(1, 2)?;
-        let q = self.rope(&q, pos)?;
-        let k = self.rope(&k, pos)?;
-        if cache.len() != pos {
-            candle_core::bail!("cache of {} positions at position {pos}", cache.len());
+        let (hq, hk) = (self.n_head * self.head_dim, self.n_kv * self.head_dim);
+        let shape = q.dims().to_vec();
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let rows: usize = counts.iter().sum();
+        if q.len() != rows * hq || k.len() != rows * hk {
+            candle_core::bail!("attention: {rows} rows of {} queries", q.len());
         }
-        with_rows(&k, |k, _, _| {
-            with_rows(v, |v, _, _| {
-                cache.append(k, v, t);
-                Ok(())
-            })
+        let mut out = vec![0f32; rows * hq];
+        with_rows(v, |v, _, _| {
+            let mut off = 0;
+            for (cache, &t) in caches.iter_mut().zip(counts) {
+                let pos = cache.pos;
+                let Some(layer) = cache.layers.get_mut(li) else {
+                    candle_core::bail!("a cache without layer {li}");
+                };
+                if layer.len() != pos {
+                    candle_core::bail!("cache of {} positions at position {pos}", layer.len());
+                }
+                for i in 0..t {
+                    self.rope_row(&mut q[(off + i) * hq..][..hq], pos + i);
+                    self.rope_row(&mut k[(off + i) * hk..][..hk], pos + i);
+                }
+                layer.append(&k[off * hk..][..t * hk], &v[off * hk..][..t * hk], t);
+                let shape = Shape {
+                    n_head: self.n_head,
+                    n_kv: self.n_kv,
+                    t,
+                    pos,
+                    d: self.head_dim,
+                };
+                let o = attention(&q[off * hq..][..t * hq], layer, shape);
+                out[off * hq..][..t * hq].copy_from_slice(&o);
+                off += t;
+            }
+            Ok(())
         })?;
-        let shape = Shape {
-            n_head: self.n_head,
-            n_kv: self.n_kv,
-            t,
-            pos,
-            d: self.head_dim,
-        };
-        let out = with_rows(&q, |q, _, _| Ok(attention(q, cache, shape)))?;
-        Tensor::from_vec(out, (1, t, self.n_head * self.head_dim), q.device())
+        Tensor::from_vec(out, shape, &self.device)
     }
 
     fn qkv(
@@ -513,9 +543,11 @@ impl Transformer {
         let h = l.ffn_norm.forward(x)?;
         let hq = self.quantised_for(li, &[Proj::Gate, Proj::Up], &h, mode)?;
         let hq = hq.as_ref();
-        let g = candle_nn::ops::silu(&self.proj(li, Proj::Gate, &l.gate, &h, hq, mode)?)?;
+        let g = self.proj(li, Proj::Gate, &l.gate, &h, hq, mode)?;
         let u = self.proj(li, Proj::Up, &l.up, &h, hq, mode)?;
-        self.proj(li, Proj::Down, &l.down, &(g * u)?, None, mode)
+        let gu = with_rows(&g, |g, _, _| with_rows(&u, |u, _, _| Ok(silu_mul(g, u))))?;
+        let gu = Tensor::from_vec(gu, g.dims(), &self.device)?;
+        self.proj(li, Proj::Down, &l.down, &gu, None, mode)
     }
 
     fn check(&self, cache: &KvCache, new: usize) -> Result<()> {
@@ -556,29 +588,13 @@ impl Transformer {
             self.check(c, t.len())?;
         }
         let all: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        let counts: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         let ids = Tensor::new(all.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?; // (1, Σt, hidden)
         for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
             let (q, k, v) = self.qkv(li, l, &h, Mode::Prompt)?;
-            let mut ys = Vec::with_capacity(tokens.len());
-            let mut off = 0;
-            for (t, cache) in tokens.iter().zip(caches.iter_mut()) {
-                let pos = cache.pos;
-                ys.push(self.attend(
-                    &q.narrow(1, off, t.len())?,
-                    &k.narrow(1, off, t.len())?,
-                    &v.narrow(1, off, t.len())?,
-                    &mut cache.layers[li],
-                    pos,
-                )?);
-                off += t.len();
-            }
-            let y = if ys.len() == 1 {
-                ys.swap_remove(0)
-            } else {
-                Tensor::cat(&ys, 1)?
-            };
+            let y = self.attend_all(li, &q, &k, &v, caches, &counts)?;
             x = (self.proj(li, Proj::O, &l.wo, &y, None, Mode::Prompt)? + x)?;
             x = (self.mlp(li, l, &x, Mode::Prompt)? + x)?;
         }
@@ -602,10 +618,10 @@ impl Transformer {
         self.check(&cache, tokens.len())?;
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
-        for (li, (l, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
             let (q, k, v) = self.qkv(li, l, &h, Mode::Exact)?;
-            let y = self.attend(&q, &k, &v, slot, 0)?;
+            let y = self.attend_all(li, &q, &k, &v, &mut [&mut cache], &[tokens.len()])?;
             x = (self.proj(li, Proj::O, &l.wo, &y, None, Mode::Exact)? + x)?;
             x = (self.mlp(li, l, &x, Mode::Exact)? + x)?;
         }
@@ -626,23 +642,12 @@ impl Transformer {
             self.check(c, 1)?;
         }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?; // (b, 1)
+        let ones = vec![1usize; b];
         let mut x = self.embed.forward(&ids)?; // (b, 1, hidden)
         for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
             let (q, k, v) = self.qkv(li, l, &h, Mode::Decode)?;
-            let mut ys = Vec::with_capacity(b);
-            for (s, cache) in caches.iter_mut().enumerate() {
-                let pos = cache.pos;
-                let y = self.attend(
-                    &q.narrow(0, s, 1)?,
-                    &k.narrow(0, s, 1)?,
-                    &v.narrow(0, s, 1)?,
-                    &mut cache.layers[li],
-                    pos,
-                )?;
-                ys.push(y);
-            }
-            let y = Tensor::cat(&ys, 0)?;
+            let y = self.attend_all(li, &q, &k, &v, caches, &ones)?;
             x = (self.proj(li, Proj::O, &l.wo, &y, None, Mode::Decode)? + x)?;
             x = (self.mlp(li, l, &x, Mode::Decode)? + x)?;
         }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
 use crate::constrain::{apply_mask, ConstraintCompiler};
@@ -104,6 +104,13 @@ fn sampler(s: &Sampling, seed: u64) -> LogitsProcessor {
         }
     };
     LogitsProcessor::from_sampling(seed, sampling)
+}
+
+/// The log-probability (temperature 1) of `token` under a row of logits, as decoding records it.
+fn logprob(logits: &Tensor, token: u32) -> Result<f32> {
+    let v = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    let x = v.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    Ok(x - crate::vector::log_sum_exp(&v))
 }
 
 impl LocalModel {
@@ -245,7 +252,12 @@ impl LocalModel {
     /// Picks the next token of one sequence from its logits; marks it done when it stops.
     fn step(&self, q: &mut Seq<'_>) -> Result<()> {
         mrrec_llm::check_cancel(q.cancel.as_ref())?;
-        let mut logits = q.logits.to_dtype(candle_core::DType::F32)?;
+        // One copy of the row; the mask and the hook edit it in place; the chosen token's
+        // log-probability is `v[next] − ln Σ e^v` (one pass, no whole log-softmax).
+        let mut v = q
+            .logits
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
         let mut allowed = None;
         if let Some(m) = q.matcher.as_mut() {
             if m.is_stopped() {
@@ -255,17 +267,15 @@ impl LocalModel {
             let mask = m
                 .compute_mask()
                 .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
-            let mut v = logits.to_vec1::<f32>()?;
             apply_mask(&mut v, &mask);
             allowed = Some(crate::TokenSet::from_mask(&mask, v.len()));
-            logits = Tensor::new(v, logits.device())?;
         }
         if let Some(h) = q.hook.as_mut() {
-            let mut v = logits.to_vec1::<f32>()?;
             h(&q.ids, &mut v);
-            logits = Tensor::new(v, logits.device())?;
         }
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let lse = crate::vector::log_sum_exp(&v);
+        let n = v.len();
+        let logits = Tensor::from_vec(v.clone(), n, q.logits.device())?;
         let penalised = if q.s.repetition_penalty != 1.0 && !q.ids.is_empty() {
             let start = q.ids.len().saturating_sub(q.s.repeat_last_n);
             candle_transformers::utils::apply_repeat_penalty(
@@ -286,7 +296,7 @@ impl LocalModel {
                 .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
         }
         q.logprobs
-            .push(logp.get(next as usize)?.to_scalar::<f32>()?);
+            .push(v.get(next as usize).map_or(f32::NEG_INFINITY, |x| x - lse));
         q.masks.push(allowed);
         q.ids.push(next);
         q.text = self.decode(&q.ids)?;
@@ -473,9 +483,7 @@ impl LocalModel {
         let mut logits = self.model.prefill(prompt, &mut cache)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (i, &t) in tokens.iter().enumerate() {
-            let logp =
-                candle_nn::ops::log_softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
-            out.push(logp.get(t as usize)?.to_scalar::<f32>()?);
+            out.push(logprob(&logits, t)?);
             if i + 1 < tokens.len() {
                 logits = self.model.decode_batch(&[t], &mut [&mut cache])?.get(0)?;
             }
@@ -486,12 +494,7 @@ impl LocalModel {
     /// The model's log-probability (temperature 1) of `next` after a fresh prefill of `prefix`.
     pub fn logprob_of_next(&self, prefix: &[u32], next: u32) -> Result<f32> {
         let mut cache = self.model.new_cache();
-        let logits = self
-            .model
-            .prefill(prefix, &mut cache)?
-            .to_dtype(candle_core::DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        Ok(logp.get(next as usize)?.to_scalar::<f32>()?)
+        logprob(&self.model.prefill(prefix, &mut cache)?, next)
     }
 
     /// A request's sequence, ready to decode: refused if already cancelled or too long for the
