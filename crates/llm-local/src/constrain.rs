@@ -142,9 +142,41 @@ impl TokenSet {
 
 /// Sets every disallowed logit to −∞ (tokens beyond the mask's length are disallowed too).
 pub(crate) fn apply_mask(logits: &mut [f32], mask: &toktrie::SimpleVob) {
-    for (i, l) in logits.iter_mut().enumerate() {
-        if !mask.is_allowed(i as u32) {
-            *l = f32::NEG_INFINITY;
+    // A word of the mask at a time: most words of a constrained step allow nothing.
+    let words = mask.as_slice();
+    for (i, chunk) in logits.chunks_mut(32).enumerate() {
+        match words.get(i).copied().unwrap_or(0) {
+            0 => chunk.fill(f32::NEG_INFINITY),
+            u32::MAX => {}
+            w => {
+                for (b, l) in chunk.iter_mut().enumerate() {
+                    if w & (1 << b) == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mask_keeps_exactly_the_allowed_logits() {
+        // Words that allow nothing, everything, and some; a vocabulary that ends mid-word and
+        // runs past the mask.
+        let n = 32 * 6 + 7;
+        let mut mask = toktrie::SimpleVob::alloc(32 * 6);
+        for i in (32..64).chain([70, 71, 100, 191]) {
+            mask.set(i, true);
+        }
+        let mut logits: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        apply_mask(&mut logits, &mask);
+        for (i, l) in logits.iter().enumerate() {
+            let allowed = i < 32 * 6 && mask.is_allowed(i as u32);
+            assert_eq!(*l, if allowed { i as f32 } else { f32::NEG_INFINITY }, "{i}");
         }
     }
 }
