@@ -25,8 +25,9 @@ pub(crate) struct LlmArgs {
     #[arg(long, env = "MRREC_LLM_BASE_URL")]
     pub(crate) llm_url: Option<String>,
     /// Requests per LLM batch (memory builds; in `eval`, queries answered together); also the
-    /// unit a killed build or eval loses at most.
-    #[arg(long, default_value_t = 8)]
+    /// unit a killed build or eval loses at most. Answers do not depend on it (every sequence
+    /// computes the same bits whatever it is batched with); 16 decodes ~15% faster than 8.
+    #[arg(long, default_value_t = 16)]
     pub(crate) batch: usize,
 }
 

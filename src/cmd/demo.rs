@@ -171,7 +171,7 @@ fn demo_assistant(
         llm: LlmArgs {
             model: model.to_string(),
             llm_url: None,
-            batch: 8,
+            batch: 16,
         },
         mode: LoopMode::Guided,
         store: None,

@@ -89,7 +89,7 @@ pub(crate) fn eval_one(
     } = job;
     let m = method_for(ws, method, ctx)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
-    // in batches of `--batch` (default 8) queries answered together (their model calls decode
+    // in batches of `--batch` (default 16) queries answered together (their model calls decode
     // as one batch); a killed run loses at most one batch's outcomes, and their model answers
     // are replayed from the response cache.
     let (run_name, batch, prompts) = match ctx {

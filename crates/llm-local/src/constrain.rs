@@ -176,7 +176,11 @@ mod tests {
         apply_mask(&mut logits, &mask);
         for (i, l) in logits.iter().enumerate() {
             let allowed = i < 32 * 6 && mask.is_allowed(i as u32);
-            assert_eq!(*l, if allowed { i as f32 } else { f32::NEG_INFINITY }, "{i}");
+            assert_eq!(
+                *l,
+                if allowed { i as f32 } else { f32::NEG_INFINITY },
+                "{i}"
+            );
         }
     }
 }
