@@ -513,16 +513,7 @@ fn sft_examples(
         let a = assistant.answer(&query.user_id, request, query.category.as_deref(), 10)?;
         tin += a.trace.usage.prompt_tokens;
         tout += a.trace.usage.completion_tokens;
-        let profile = (!a.trace.fallback)
-            .then(|| a.trace.profile.clone())
-            .flatten();
-        let calls = a
-            .trace
-            .tool_calls
-            .iter()
-            .filter(|c| c.ok && c.error.is_none())
-            .count();
-        let r = mrrec_agent::rewards::reward(&ws.shop(), &weights, profile, target, calls)?;
+        let r = mrrec_agent::rewards::reward_of(&ws.shop(), &weights, &a.trace, target)?;
         greedy.insert(qid.clone(), r.total);
         eprintln!(
             "greedy bar {}/{}: {qid} {:.3} ({tin} tokens in, {tout} out, {:.0} s)",

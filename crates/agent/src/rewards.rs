@@ -193,10 +193,49 @@ pub fn reward(
     Ok(combine(w, profile, rank, memory_calls_ok))
 }
 
+/// The rewards of an answer's trace for a target (what rollouts, the SFT selection and its greedy
+/// bar all score with).
+pub fn reward_of(
+    shop: &Shop,
+    w: &RewardWeights,
+    trace: &crate::assistant::Trace,
+    target: u32,
+) -> Result<Rewards> {
+    reward(
+        shop,
+        w,
+        trace.rewarded_profile(),
+        target,
+        trace.memory_calls_ok(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn an_answer_is_rewarded_for_its_own_profile_and_its_good_memory_calls() {
+        use crate::assistant::{ToolCallTrace, Trace};
+        let call = |ok: bool, error: Option<&str>| ToolCallTrace {
+            ok,
+            error: error.map(str::to_string),
+            ..Default::default()
+        };
+        let mut t = Trace::default();
+        t.profile = Some("a red kite".into());
+        t.tool_calls = vec![
+            call(true, None),
+            call(false, None),
+            call(true, Some("timeout")),
+        ];
+        assert_eq!(t.rewarded_profile().as_deref(), Some("a red kite"));
+        assert_eq!(t.memory_calls_ok(), 1);
+        // A fallback to the request is not the model's profile: nothing to score.
+        t.fallback = true;
+        assert_eq!(t.rewarded_profile(), None);
+    }
 
     #[test]
     fn components_follow_the_paper() {

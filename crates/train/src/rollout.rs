@@ -173,25 +173,8 @@ impl Rollouts<'_> {
             observer: None,
         };
         let answer = a.answer(user, request, category, 10)?;
-        // No fallback inside rewards: a trajectory without a parsed profile gets R_rec = 0.
-        let profile = if answer.trace.fallback {
-            None
-        } else {
-            answer.trace.profile.clone()
-        };
-        let calls_ok = answer
-            .trace
-            .tool_calls
-            .iter()
-            .filter(|c| c.ok && c.error.is_none())
-            .count();
-        let rewards = mrrec_agent::rewards::reward(
-            &self.ws.shop(),
-            &self.weights,
-            profile,
-            target,
-            calls_ok,
-        )?;
+        let rewards =
+            mrrec_agent::rewards::reward_of(&self.ws.shop(), &self.weights, &answer.trace, target)?;
         Ok(Trajectory {
             segments: rec.take(),
             answer,

@@ -105,13 +105,7 @@ impl TrajectoryRecord {
                 .unwrap_or_else(|| "none".into()),
             rewards: t.rewards.clone(),
             fallback: t.answer.trace.fallback,
-            memory_calls_ok: t
-                .answer
-                .trace
-                .tool_calls
-                .iter()
-                .filter(|c| c.ok && c.error.is_none())
-                .count(),
+            memory_calls_ok: t.answer.trace.memory_calls_ok(),
             calls: t
                 .segments
                 .iter()

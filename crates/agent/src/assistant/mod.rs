@@ -226,6 +226,22 @@ pub struct Trace {
     embedded: Vec<(String, Vec<f32>)>,
 }
 
+impl Trace {
+    /// The profile the rewards score: none when the answer fell back to the request (no fallback
+    /// inside rewards — a trajectory without a parsed profile gets R_rec = 0).
+    pub fn rewarded_profile(&self) -> Option<String> {
+        (!self.fallback).then(|| self.profile.clone()).flatten()
+    }
+
+    /// Memory-tool calls that returned without an error (R_mem's count).
+    pub fn memory_calls_ok(&self) -> usize {
+        self.tool_calls
+            .iter()
+            .filter(|c| c.ok && c.error.is_none())
+            .count()
+    }
+}
+
 /// An answer: the ranked items and how they were found.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Answer {
