@@ -86,9 +86,18 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         out.path().join("bm25-query").to_str().unwrap(),
         "--rounds",
         "300",
+        "--data",
+        data.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(table.contains("| N@100 |"), "{table}");
+    // … and per history length: the three buckets hold every one of the 62 queries.
+    assert!(table.contains("| past reviews |"), "{table}");
+    let in_buckets: usize = ["≤ 4", "5–9", "≥ 10"]
+        .iter()
+        .map(|b| parse_cell(&table, b, 1) as usize)
+        .sum();
+    assert_eq!(in_buckets, 62, "{table}");
     // A run folder written by an older version (a setting it did not have): the demo owns its
     // folders, so it starts that run again instead of refusing.
     let spec_path = out.path().join("mrrec-assistant-2/run.json");

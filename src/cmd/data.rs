@@ -133,6 +133,14 @@ pub(crate) struct CompareArgs {
     /// Seed.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
+    /// The data the runs were made on (for the per-history-length table: each user's number of
+    /// past reviews; skipped with a note when it cannot be read).
+    #[arg(
+        long,
+        env = "MRREC_DATA",
+        default_value = "../shared/data/amazon23-mini"
+    )]
+    pub(crate) data: PathBuf,
 }
 
 pub(crate) fn search(a: SearchArgs) -> Result<()> {
@@ -187,8 +195,36 @@ pub(crate) fn report(a: ReportArgs) -> Result<()> {
 }
 
 pub(crate) fn compare(a: CompareArgs) -> Result<()> {
-    let CompareArgs { a, b, rounds, seed } = a;
+    let CompareArgs {
+        a,
+        b,
+        rounds,
+        seed,
+        data,
+    } = a;
     let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
     print!("{table}");
+    // Memory should matter most for users with long histories: the same comparison per bucket.
+    let opts = mrrec_data::LoadOptions::default();
+    match mrrec_data::Dataset::load(&data, None, &opts) {
+        Ok(ds) => {
+            let by = mrrec_eval::compare_runs_by(
+                &a,
+                &b,
+                rounds,
+                seed,
+                "past reviews",
+                &mrrec_eval::HISTORY_BUCKETS,
+                &|q| {
+                    Some(mrrec_eval::history_bucket(ds.histories.of(&q.user_id).len()).to_string())
+                },
+            )?;
+            print!(
+                "\nPer history length (the asking user's reviews in {}):\n\n{by}",
+                data.display()
+            );
+        }
+        Err(e) => println!("\n(no per-history-length table: {e})"),
+    }
     Ok(())
 }

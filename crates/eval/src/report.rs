@@ -122,6 +122,77 @@ pub fn compare_runs(
     Ok((rows, s))
 }
 
+/// History-length buckets of the paper's users (past reviews): where memory can matter.
+pub const HISTORY_BUCKETS: [&str; 3] = ["≤ 4", "5–9", "≥ 10"];
+
+/// The bucket of a user with `n` past reviews.
+pub fn history_bucket(n: usize) -> &'static str {
+    match n {
+        0..=4 => HISTORY_BUCKETS[0],
+        5..=9 => HISTORY_BUCKETS[1],
+        _ => HISTORY_BUCKETS[2],
+    }
+}
+
+/// [`compare_runs`] per group of queries (e.g. the asking user's history length): for each group
+/// in `groups`, the paired N@100 and MRR differences (bootstrap over that group's users) of the
+/// queries both runs answered. `group_of` names a query's group (`None`: left out).
+pub fn compare_runs_by(
+    a: &Path,
+    b: &Path,
+    rounds: usize,
+    seed: u64,
+    title: &str,
+    groups: &[&str],
+    group_of: &dyn Fn(&crate::QueryOutcome) -> Option<String>,
+) -> Result<String> {
+    let (_, oa) = load_run(a)?;
+    let (_, ob) = load_run(b)?;
+    let mut s = format!(
+        "| {title} | queries | N@100 A | N@100 B | A − B [95% CI] | p | MRR A − B [95% CI] | p |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for g in groups {
+        let pick = |o: &[crate::QueryOutcome], m: Metric| -> HashMap<String, (String, f64)> {
+            o.iter()
+                .filter(|q| group_of(q).as_deref() == Some(*g))
+                .map(|q| (q.qid.clone(), (q.user_id.clone(), m.of(q.rank))))
+                .collect()
+        };
+        let n = paired(
+            &pick(&oa, Metric::Ndcg(100)),
+            &pick(&ob, Metric::Ndcg(100)),
+            rounds,
+            seed,
+        );
+        let r = paired(
+            &pick(&oa, Metric::Mrr),
+            &pick(&ob, Metric::Mrr),
+            rounds,
+            seed,
+        );
+        if n.n == 0 {
+            let _ = writeln!(s, "| {g} | 0 | – | – | – | – | – | – |");
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "| {g} | {} | {:.3} | {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {:+.3} [{:+.3}, {:+.3}] | {:.4} |",
+            n.n,
+            n.mean_a,
+            n.mean_b,
+            n.diff.mean,
+            n.diff.lo,
+            n.diff.hi,
+            n.p_value,
+            r.diff.mean,
+            r.diff.lo,
+            r.diff.hi,
+            r.p_value
+        );
+    }
+    Ok(s)
+}
+
 const PALETTE: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 ];

@@ -205,6 +205,23 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
             .all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0),
         "{text}"
     );
+    // … per group too: every query in one group, none in the other.
+    let by = compare_runs_by(
+        dir.path(),
+        dir.path(),
+        200,
+        1,
+        "group",
+        &["all", "none"],
+        &|_| Some("all".to_string()),
+    )
+    .unwrap();
+    assert!(by.contains("| none | 0 |"), "{by}");
+    assert!(
+        by.lines()
+            .any(|l| l.starts_with("| all |") && l.contains("+0.000 [+0.000, +0.000] | 1.0000")),
+        "{by}"
+    );
     // Two runs of the same method are told apart by their folders, in comparisons and reports.
     let folder = dir
         .path()
