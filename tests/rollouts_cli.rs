@@ -8,27 +8,34 @@ mod common;
 
 use std::collections::HashMap;
 
-fn rollouts(out: &std::path::Path, store: &std::path::Path, limit: &str) -> (bool, String, String) {
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["rollouts".into(), "--data".into(), common::mini().into()];
-    args.extend(
-        [
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-            "--group",
-            "2",
-            "--train-limit",
-            limit,
-            "--store",
-        ]
-        .map(Into::into),
-    );
-    args.push(store.into());
-    args.push("--out".into());
-    args.push(out.into());
+/// `mrrec COMMAND` on the mini data with the tiny model and a 300-item slice, its memory in
+/// `store`, its output at `out`, then `rest`.
+fn tiny(
+    command: &str,
+    store: &std::path::Path,
+    out: &std::path::Path,
+    rest: &[&std::ffi::OsStr],
+) -> (bool, String, String) {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        command.into(),
+        "--data".into(),
+        common::mini().into(),
+        "--model".into(),
+        "smollm2-135m-instruct".into(),
+        "--max-items".into(),
+        "300".into(),
+        "--store".into(),
+        store.into(),
+        "--out".into(),
+        out.into(),
+    ];
+    args.extend(rest.iter().map(|a| a.to_os_string()));
     common::mrrec(&args)
+}
+
+fn rollouts(out: &std::path::Path, store: &std::path::Path, limit: &str) -> (bool, String, String) {
+    let rest = ["--group", "2", "--train-limit", limit].map(std::ffi::OsStr::new);
+    tiny("rollouts", store, out, &rest)
 }
 
 /// qid → split of the mini data set's queries.
@@ -128,38 +135,27 @@ fn sft(
     store: &std::path::Path,
     file: &std::path::Path,
 ) -> (bool, String, String) {
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["train".into(), "--data".into(), common::mini().into()];
-    args.extend(
-        [
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-            "--steps",
-            "1",
-            "--queries-per-step",
-            "1",
-            "--val-queries",
-            "1",
-            "--val-every",
-            "1",
-            "--patience",
-            "0",
-            "--lora-layers",
-            "2",
-            "--lr",
-            "1e-3",
-            "--store",
-        ]
-        .map(Into::into),
-    );
-    args.push(store.into());
-    args.push("--out".into());
-    args.push(run.into());
-    args.push("--sft".into());
-    args.push(file.into());
-    common::mrrec(&args)
+    let mut rest = [
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--val-queries",
+        "1",
+        "--val-every",
+        "1",
+        "--patience",
+        "0",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--sft",
+    ]
+    .map(std::ffi::OsStr::new)
+    .to_vec();
+    rest.push(file.as_os_str());
+    tiny("train", store, run, &rest)
 }
 
 /// Rewrites every record of a rollouts file through `f`.
@@ -219,27 +215,19 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
 
     // Another run starting from that adapter (--init-adapter) validates where the first ended.
     let second = dir.path().join("second");
-    let (ok, _, stderr2) = common::mrrec(&[
-        std::ffi::OsString::from("train"),
-        "--data".into(),
-        common::mini().into(),
-        "--model".into(),
-        "smollm2-135m-instruct".into(),
-        "--max-items".into(),
-        "300".into(),
-        "--steps".into(),
-        "0".into(),
-        "--val-queries".into(),
-        "1".into(),
-        "--lora-layers".into(),
-        "2".into(),
-        "--store".into(),
-        store.clone().into(),
-        "--out".into(),
-        second.clone().into(),
-        "--init-adapter".into(),
-        run.join("adapter.safetensors").into(),
-    ]);
+    let init = run.join("adapter.safetensors");
+    let rest = [
+        "--steps",
+        "0",
+        "--val-queries",
+        "1",
+        "--lora-layers",
+        "2",
+        "--init-adapter",
+    ]
+    .map(std::ffi::OsStr::new);
+    let rest: Vec<&std::ffi::OsStr> = rest.into_iter().chain([init.as_os_str()]).collect();
+    let (ok, _, stderr2) = tiny("train", &store, &second, &rest);
     assert!(ok, "{stderr2}");
     // It holds the same factors (nothing trained: 0 steps).
     let again =

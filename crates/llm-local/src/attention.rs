@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::vector::exp;
+use crate::vector::{exp, tree_sum};
 
 /// Positions per key block of the cache (one vector of scores).
 const KB: usize = 16;
@@ -535,14 +535,7 @@ fn softmax(s: &mut [f32], scale: f32) {
         *x = exp(*x - max);
         sums[l] += *x;
     }
-    let mut w = KB / 2;
-    while w > 0 {
-        for l in 0..w {
-            sums[l] += sums[l + w];
-        }
-        w /= 2;
-    }
-    let inv = 1.0 / sums[0];
+    let inv = 1.0 / tree_sum(sums);
     for x in s.iter_mut() {
         *x *= inv;
     }
@@ -552,19 +545,7 @@ fn softmax(s: &mut [f32], scale: f32) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::vector::test_values as values;
 
     /// Causal grouped-query attention written out in f64: (t, n_head, d). `q`: (t, n_head, d);
     /// `k`, `v`: (n_kv, pos + t, d).

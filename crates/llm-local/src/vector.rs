@@ -133,7 +133,7 @@ fn silu_mul_into(g: &[f32], u: &[f32], out: &mut [f32]) {
 
 /// `x / (1 + e^−x)`, candle's arithmetic.
 #[inline(always)]
-pub(crate) fn silu(x: f32) -> f32 {
+fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
@@ -163,23 +163,25 @@ pub(crate) fn exp(x: f32) -> f32 {
     y * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
 }
 
+/// Deterministic pseudo-random values in [-1, 1), for this crate's kernel tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::test_values as values;
     use super::*;
-
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn exp_is_within_a_few_ulps_where_softmax_uses_it() {

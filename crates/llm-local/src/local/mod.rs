@@ -275,18 +275,18 @@ impl LocalModel {
         }
         let lse = crate::vector::log_sum_exp(&v);
         let n = v.len();
-        let logits = Tensor::from_vec(v.clone(), n, q.logits.device())?;
-        let penalised = if q.s.repetition_penalty != 1.0 && !q.ids.is_empty() {
+        let logits = Tensor::from_vec(v, n, q.logits.device())?;
+        let next = if q.s.repetition_penalty != 1.0 && !q.ids.is_empty() {
             let start = q.ids.len().saturating_sub(q.s.repeat_last_n);
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                q.s.repetition_penalty,
-                &q.ids[start..],
-            )?
+            q.sampler
+                .sample(&candle_transformers::utils::apply_repeat_penalty(
+                    &logits,
+                    q.s.repetition_penalty,
+                    &q.ids[start..],
+                )?)?
         } else {
-            logits
+            q.sampler.sample(&logits)?
         };
-        let next = q.sampler.sample(&penalised)?;
         if self.info.stop_ids.contains(&next) {
             q.done = Some(FinishReason::Stop);
             return Ok(());
@@ -295,8 +295,9 @@ impl LocalModel {
             m.consume_token(next)
                 .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
         }
+        // The log-probability before the penalty (the model's, as training recomputes it).
         q.logprobs
-            .push(v.get(next as usize).map_or(f32::NEG_INFINITY, |x| x - lse));
+            .push(logits.get(next as usize)?.to_scalar::<f32>()? - lse);
         q.masks.push(allowed);
         q.ids.push(next);
         q.text = self.decode(&q.ids)?;
