@@ -152,7 +152,8 @@ impl PackedQ8 {
     pub fn matmul_quantised(&self, q: &Quantised) -> Vec<f32> {
         assert_eq!(q.kb * QK, self.k, "activation width");
         let (m, n) = (q.m, self.n);
-        let mut out = vec![0f32; m * n];
+        // Not zeroed first: every element is written below (`n` is a whole number of tiles).
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
         let groups = (n / TILE_N).div_ceil(GEMM_T);
         let chunks = m.div_ceil(ROW_CHUNK);
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -171,6 +172,8 @@ impl PackedQ8 {
         } else {
             candle_core::utils::barrier_pool().execute_chunked(groups * chunks, work);
         }
+        // SAFETY: the items covered rows 0..m × tiles 0..n/16, every float of the capacity.
+        unsafe { out.set_len(m * n) };
         out
     }
 
@@ -387,10 +390,11 @@ mod kernel {
             let half = _mm512_set1_ps(0.499_999_97);
             let sign = _mm512_set1_epi32(i32::MIN);
             let round = |v: __m512| {
-                let h = _mm512_or_ps(
-                    half,
-                    _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), sign)),
-                );
+                // (An integer `or`: the float one needs AVX512DQ, and was a call per block.)
+                let h = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(half),
+                    _mm512_and_si512(_mm512_castps_si512(v), sign),
+                ));
                 _mm512_cvttps_epi32(_mm512_add_ps(v, h))
             };
             let qa = round(_mm512_mul_ps(a, idv));

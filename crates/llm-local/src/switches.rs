@@ -1,4 +1,4 @@
-//! The engine's A/B switches (our packed kernel, the f32 prefill copies, prompt-prefix reuse):
+//! The engine's A/B switches (our packed kernel, the f32 prefill copies, prompt-prefix reuse, vector `expf`):
 //! chosen once per process. The binary reads them from the environment ([`Switches::from_env`])
 //! and installs them with [`configure`]; a library user may install their own. A process that
 //! installs none gets [`Switches::from_env`] on first use (so the crate's tests can force the
@@ -16,6 +16,9 @@ pub struct Switches {
     pub dense_prefill: bool,
     /// Reuse the keys and values of a remembered prompt prefix (`MRREC_PREFIX_REUSE=0`: off).
     pub prefix_reuse: bool,
+    /// SiLU's `expf` in vectors with glibc's bits (`MRREC_VECTOR_EXPF=0`: the C library per
+    /// element; the same answers, slower).
+    pub vector_expf: bool,
 }
 
 impl Default for Switches {
@@ -24,6 +27,7 @@ impl Default for Switches {
             q8_kernel: true,
             dense_prefill: true,
             prefix_reuse: true,
+            vector_expf: true,
         }
     }
 }
@@ -36,6 +40,7 @@ impl Switches {
             q8_kernel: on("MRREC_Q8_KERNEL"),
             dense_prefill: on("MRREC_DENSE_PREFILL"),
             prefix_reuse: on("MRREC_PREFIX_REUSE"),
+            vector_expf: on("MRREC_VECTOR_EXPF"),
         }
     }
 }
