@@ -277,3 +277,119 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
     let (ok, _, stderr) = sft(&other, &store, &file);
     assert!(!ok && stderr.contains("not a `train` query"), "{stderr}");
 }
+
+#[test]
+fn the_controller_distils_into_the_free_loop_from_guided_trajectories() {
+    use mrrec_llm::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let (ok, _, stderr) = rollouts(&file, &store, "2");
+    assert!(ok, "{stderr}");
+    let records: Vec<mrrec_train::trajectories::TrajectoryRecord> = lines(&file)
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    // Every guided trajectory with a parsed profile and clean calls is also written as the free
+    // loop: system, request, (call, tool response)…, boxed answer.
+    let with = records.iter().filter(|r| !r.free_form.is_empty()).count();
+    assert!(with > 0, "no free form in {} records", records.len());
+    let local = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    for r in records.iter().filter(|r| !r.free_form.is_empty()) {
+        assert_eq!(r.mode, "guided");
+        assert_eq!(r.free_form.len() % 2, 1);
+        assert_eq!(r.free_form.last().unwrap().role, Role::Assistant);
+        let segs = mrrec_train::trajectories::free_segments(r, &local).unwrap();
+        let said: Vec<&str> = r
+            .free_form
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| m.content.as_str())
+            .collect();
+        assert_eq!(segs.len(), said.len());
+        for (k, (seg, text)) in segs.iter().zip(&said).enumerate() {
+            // Only the model's turns carry loss: the ids are exactly the turn's text (and the
+            // end of turn after the last); the system, request and tool turns are all prompt.
+            let written = local.decode(&seg.ids).unwrap();
+            let expected = if k + 1 == said.len() {
+                format!("{text}<|im_end|>")
+            } else {
+                text.to_string()
+            };
+            assert_eq!(written, expected);
+            for m in r.free_form.iter().filter(|m| m.role != Role::Assistant) {
+                let tail: String = m
+                    .content
+                    .chars()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                assert!(
+                    !written.contains(&tail),
+                    "a {:?} turn leaked into the loss: {tail}",
+                    m.role
+                );
+            }
+            let prompt = local.decode(&seg.prompt).unwrap();
+            assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+            assert!(prompt.contains(&format!("Request: {}", r.request)));
+        }
+        // The final turn reads back as the answer that was scored.
+        let v = mrrec_llm::parse::boxed_json(said.last().unwrap()).unwrap();
+        let (profile, _) = mrrec_agent::assistant::read_final(&v).unwrap();
+        assert_eq!(Some(profile), r.rewards.profile);
+    }
+    // Make one trajectory the clear best so that it is kept, then fine-tune the free loop on it.
+    let chosen = records
+        .iter()
+        .find(|r| !r.free_form.is_empty())
+        .map(|r| (r.qid.clone(), r.index))
+        .unwrap();
+    rewrite(&file, |v| {
+        if v["qid"] == chosen.0.as_str() && v["index"] == chosen.1 {
+            v["rewards"]["rec"] = 2.0.into();
+            v["rewards"]["total"] = 100.0.into();
+        }
+    });
+    let run = dir.path().join("run");
+    let rest = [
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--val-queries",
+        "1",
+        "--val-every",
+        "1",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--mode",
+        "free",
+        "--sft-as-free",
+        "--sft",
+    ]
+    .map(std::ffi::OsStr::new);
+    let rest: Vec<&std::ffi::OsStr> = rest.into_iter().chain([file.as_os_str()]).collect();
+    let (ok, _, stderr) = tiny("train", &store, &run, &rest);
+    assert!(ok, "{stderr}");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    // (The untrained tiny model's free answers score nothing, so every group beats that bar and
+    // the step may have drawn either query's best.)
+    assert!(step["reward"].as_f64().unwrap() > 0.0, "{step}");
+    assert!(step["tokens"].as_u64().unwrap() > 0, "{step}");
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&run.join("adapter.safetensors")).unwrap();
+    let source: serde_json::Value = serde_json::from_str(&ad.metadata["mrrec.sft"]).unwrap();
+    assert!(source["kept"].as_u64().unwrap() >= 1, "{source}");
+    assert!(
+        source["as"].as_str().unwrap().starts_with("free loop"),
+        "{source}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["assistant"]["mode"], "free");
+}

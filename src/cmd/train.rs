@@ -71,6 +71,13 @@ pub(crate) struct TrainArgs {
     /// teacher): per query the best of G when it beats this model's greedy answer.
     #[arg(long)]
     pub(crate) sft: Option<PathBuf>,
+    /// With --sft: learn the kept guided trajectories as the paper's free loop (the controller's
+    /// openings written as the model's own text: reasoning, `<tool_call>…</tool_call>`, the tool's
+    /// response as the next turn, `\boxed{…}`), re-tokenised from their text with this model's
+    /// template — distilling the controller into the model; pair with `--mode free`. Records from
+    /// a model with another tokenizer are accepted (they are text here).
+    #[arg(long, requires = "sft")]
+    pub(crate) sft_as_free: bool,
     /// Start from this adapter (e.g. GRPO after fine-tuning); a checkpoint in --out wins.
     #[arg(long)]
     pub(crate) init_adapter: Option<PathBuf>,
@@ -179,7 +186,14 @@ fn train_cmd(
     );
     let sft = match &args.sft {
         Some(path) => Some(sft_examples(
-            path, &ws, &*store, tenant, &local, &cfg, weights,
+            path,
+            args.sft_as_free,
+            &ws,
+            &*store,
+            tenant,
+            &local,
+            &cfg,
+            weights,
         )?),
         None => None,
     };
@@ -443,9 +457,12 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
 
 /// The fine-tuning examples of a rollouts file: its complete groups, checked (`train` queries
 /// only, the policy's tokenizer), each query's greedy answer scored as the bar, and per query the
-/// best trajectory of G kept when it beats it.
+/// best trajectory of G kept when it beats it. `as_free`: only trajectories with a free form
+/// compete, and the kept ones are learnt as that free form, re-tokenised.
+#[allow(clippy::too_many_arguments)]
 fn sft_examples(
     path: &std::path::Path,
+    as_free: bool,
     ws: &mrrec_agent::Workspace,
     store: &dyn mrrec_memory::MemoryRead,
     tenant: &str,
@@ -453,7 +470,9 @@ fn sft_examples(
     cfg: &mrrec_agent::assistant::AssistantConfig,
     weights: mrrec_agent::rewards::RewardWeights,
 ) -> Result<mrrec_train::trainer::Sft> {
-    use mrrec_train::trajectories::{segments_of, select_best, RolloutsFile, TrajectoryRecord};
+    use mrrec_train::trajectories::{
+        free_segments, segments_of, select_best, RolloutsFile, TrajectoryRecord,
+    };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let first: TrajectoryRecord = text
@@ -464,7 +483,7 @@ fn sft_examples(
             serde_json::from_str(l)
                 .with_context(|| format!("{}:1: not a trajectory record", path.display()))
         })?;
-    let (_, file) = RolloutsFile::open(path, first.group)?;
+    let (_, mut file) = RolloutsFile::open(path, first.group)?;
     let fingerprint = local.info().tokenizer_fingerprint();
     let train: std::collections::HashMap<&str, &mrrec_data::LabeledQuery> = ws
         .dataset
@@ -476,7 +495,7 @@ fn sft_examples(
     let mut teachers = std::collections::BTreeSet::new();
     for r in file.groups.values().flatten() {
         anyhow::ensure!(
-            r.tokenizer == fingerprint,
+            as_free || r.tokenizer == fingerprint,
             "{}: query {} was written by {} whose tokenizer ({}) is not this model's ({fingerprint}): its token ids cannot train it",
             path.display(),
             r.qid,
@@ -490,6 +509,19 @@ fn sft_examples(
             r.qid
         );
         teachers.insert(r.model.clone());
+    }
+    let mut without_free_form = 0;
+    if as_free {
+        for g in file.groups.values_mut() {
+            let n = g.len();
+            g.retain(|r| !r.free_form.is_empty());
+            without_free_form += n - g.len();
+        }
+        file.groups.retain(|_, g| !g.is_empty());
+        eprintln!(
+            "{}: {without_free_form} trajectories without a free form (free-mode records, fallbacks, broken calls) left out",
+            path.display()
+        );
     }
     // The bar: this model's greedy answer to each query, scored with the training rewards.
     let assistant = mrrec_agent::assistant::Assistant {
@@ -533,12 +565,18 @@ fn sft_examples(
     );
     let examples = kept
         .iter()
-        .map(|r| mrrec_train::trainer::SftExample {
-            qid: r.qid.clone(),
-            segments: segments_of(r),
-            rewards: r.rewards.clone(),
+        .map(|r| {
+            Ok(mrrec_train::trainer::SftExample {
+                qid: r.qid.clone(),
+                segments: if as_free {
+                    free_segments(r, local)?
+                } else {
+                    segments_of(r)
+                },
+                rewards: r.rewards.clone(),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let source = serde_json::json!({
         "file": path,
         "sha256": mrrec_agent::workspace::files_sha256(&[path])?,
@@ -547,6 +585,12 @@ fn sft_examples(
         "selection": "per query the best of G when it beats the greedy answer's reward",
         "written_by": teachers,
         "tokenizer": fingerprint,
+        "as": if as_free {
+            "free loop (guided trajectories' free form, re-tokenised from text with this model's template)"
+        } else {
+            "the recorded token ids of each model call"
+        },
+        "left_out_without_free_form": without_free_form,
     });
     Ok(mrrec_train::trainer::Sft { examples, source })
 }

@@ -186,10 +186,7 @@ mod glibc_expf {
     }
 
     /// `uint(2^(i/32)) − (i << 47)`: adding `k << 47` gives `2^(k/32)`'s bits.
-    #[cfg_attr(
-        not(all(target_arch = "x86_64", target_env = "gnu")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(all(target_arch = "x86_64", target_env = "gnu")), allow(dead_code))]
     pub(super) const TABLE: [u64; 32] = [
         0x3ff0000000000000,
         0x3fefd9b0d3158574,
@@ -567,7 +564,8 @@ mod tests {
                     .map(|i| f32::from_bits(i as u32))
                     .collect();
                 let want: Vec<f32> = x.iter().map(|v| v.exp()).collect();
-                let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                let same =
+                    |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
                 let mut bad = 0u64;
                 let mut got = vec![0f32; x.len()];
                 let mut copies = vec![1u8];
@@ -593,7 +591,10 @@ mod tests {
                 bad
             })
             .sum();
-        assert_eq!(mismatches, 0, "inputs whose e^x differs from the C library's");
+        assert_eq!(
+            mismatches, 0,
+            "inputs whose e^x differs from the C library's"
+        );
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct TrajectoryRecord {
     pub memory_calls_ok: usize,
     /// The model calls, in order.
     pub calls: Vec<CallRecord>,
+    /// A guided trajectory written as the paper's free loop (the controller's openings as the
+    /// model's own text; [`mrrec_agent::assistant::free_conversation`]): what distilling the
+    /// controller into the model learns (`mrrec train --sft F --sft-as-free`). Empty for free
+    /// trajectories and for answers with nothing to learn from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free_form: Vec<mrrec_llm::Message>,
 }
 
 impl TrajectoryRecord {
@@ -117,6 +123,12 @@ impl TrajectoryRecord {
                     text: decode(&s.ids),
                 })
                 .collect(),
+            free_form: match t.answer.trace.mode {
+                Some(mrrec_agent::assistant::Mode::Guided) => {
+                    mrrec_agent::assistant::free_conversation(&t.answer.trace).unwrap_or_default()
+                }
+                _ => Vec::new(),
+            },
         }
     }
 
@@ -343,6 +355,56 @@ pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
         .collect()
 }
 
+/// A record's [`TrajectoryRecord::free_form`] turns as [`mrrec_llm_local::Segment`]s for the
+/// loss, re-tokenised from text with `model`'s own template and tokenizer (so a teacher with
+/// another tokenizer can train it): per assistant turn, the prompt is the turns before it
+/// rendered as the free loop renders them (generation prompt included) — system, user and tool
+/// turns are never trained on — and the ids are the turn's text, followed on the last turn by the
+/// template's end of turn (the free loop stops the others at `</tool_call>`). Empty when the
+/// record has no free form.
+pub fn free_segments(
+    r: &TrajectoryRecord,
+    model: &mrrec_llm_local::LocalModel,
+) -> Result<Vec<mrrec_llm_local::Segment>> {
+    let info = model.info();
+    let end = ["<|im_end|>", "<|eot_id|>", "<|end|>"]
+        .iter()
+        .filter_map(|t| info.tokenizer.token_to_id(t))
+        .find(|id| info.stop_ids.contains(id))
+        .or_else(|| info.stop_ids.first().copied());
+    let last = r
+        .free_form
+        .iter()
+        .rposition(|m| m.role == mrrec_llm::Role::Assistant);
+    let mut out = Vec::new();
+    for (i, m) in r.free_form.iter().enumerate() {
+        if m.role != mrrec_llm::Role::Assistant {
+            continue;
+        }
+        let req = mrrec_llm::ChatRequest {
+            messages: r.free_form[..i].to_vec(),
+            ..Default::default()
+        };
+        let prompt = model
+            .prompt(&req)
+            .and_then(|p| info.encode(&p))
+            .map_err(|e| TrainError::Invalid(format!("query {}: {e}", r.qid)))?;
+        let mut ids = info
+            .encode(&m.content)
+            .map_err(|e| TrainError::Invalid(format!("query {}: {e}", r.qid)))?;
+        if Some(i) == last {
+            ids.extend(end);
+        }
+        out.push(mrrec_llm_local::Segment {
+            prompt,
+            logprobs: vec![0.0; ids.len()],
+            masks: vec![None; ids.len()],
+            ids,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -378,6 +440,7 @@ mod tests {
                 constrained: vec![true, false],
                 text: "hi".into(),
             }],
+            free_form: Vec::new(),
         }
     }
 

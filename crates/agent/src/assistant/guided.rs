@@ -9,6 +9,13 @@ use serde_json::json;
 use super::*;
 use crate::prompts::assistant::*;
 
+/// The controller's opening of the reasoning segment, with the memory tool and without.
+pub(super) const THINK_MEMORY: &str = "Which of the user's preferences matter here: ";
+pub(super) const THINK_PLAIN: &str = "What matters for this request: ";
+/// The controller's opening of a memory-tool call (the model writes the arguments).
+pub(super) const TOOL_OPEN: &str =
+    "\n<tool_call>\n{\"name\": \"memory_retrieval_tool\", \"arguments\": ";
+
 impl Assistant<'_> {
     pub(super) fn guided(
         &self,
@@ -28,11 +35,7 @@ impl Assistant<'_> {
             .map(|(_, t)| estimate_tokens(t))
             .sum::<u64>();
         // 1. A bounded reasoning segment.
-        let think = if with_tool {
-            "Which of the user's preferences matter here: "
-        } else {
-            "What matters for this request: "
-        };
+        let think = if with_tool { THINK_MEMORY } else { THINK_PLAIN };
         let req = ChatRequest {
             messages: messages.clone(),
             assistant_prefix: Some(think.into()),
@@ -59,7 +62,7 @@ impl Assistant<'_> {
         let mut retrieved: Vec<String> = Vec::new();
         if with_tool {
             for _ in 0..self.cfg.guided_calls {
-                let open = "\n<tool_call>\n{\"name\": \"memory_retrieval_tool\", \"arguments\": ";
+                let open = TOOL_OPEN;
                 let req = ChatRequest {
                     messages: messages.clone(),
                     assistant_prefix: Some(format!("{said}{open}")),

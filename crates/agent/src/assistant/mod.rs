@@ -17,6 +17,8 @@
 mod free;
 mod guided;
 
+pub use free::free_conversation;
+
 use crate::error::Result;
 use mrrec_index::{ItemIndex, SearchQuery};
 use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling, Usage};
