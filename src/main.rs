@@ -58,9 +58,13 @@ enum Command {
     /// Train the assistant's policy with GRPO on `train` queries (LoRA on a local model);
     /// resumable: rerun the same command after an interruption.
     Train(cmd::train::TrainCmd),
-    /// Sample G trajectories per `train` query with a local model, score them with the training
-    /// rewards and write them as JSONL (token ids, log-probabilities, text, rewards); resumable.
+    /// Sample G trajectories per `train` query with a local model (token ids, log-probabilities,
+    /// text) or a server (`--llm-url`: text only, e.g. a teacher to distil), score them with the
+    /// training rewards and write them as JSONL; resumable.
     Rollouts(cmd::train::RolloutsCmd),
+    /// Expert iteration in one command: rounds of rollouts with the current adapter, selection
+    /// of the samples that beat its greedy answers, and fine-tuning from it; resumable.
+    Iterate(cmd::train::IterateCmd),
     /// Manage the service's API keys (stored hashed).
     Keys {
         #[command(subcommand)]
@@ -146,6 +150,7 @@ fn main() -> Result<()> {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Rollouts(a) => cmd::train::rollouts(a),
+        Command::Iterate(a) => cmd::train::iterate(a),
         Command::Keys { action } => cmd::serve::keys(action),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Demo(a) => cmd::demo::run(a),

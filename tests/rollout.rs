@@ -39,7 +39,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         ws: &ws,
         store: &st,
         tenant: "default",
-        local: &local,
+        sampler: mrrec_train::rollout::Sampler::Local(&local),
         cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
         weights: RewardWeights::default(),

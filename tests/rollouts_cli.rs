@@ -8,14 +8,14 @@ mod common;
 
 use std::collections::HashMap;
 
-/// `mrrec COMMAND` on the mini data with the tiny model and a 300-item slice, its memory in
-/// `store`, its output at `out`, then `rest`.
-fn tiny(
+/// The arguments of `mrrec COMMAND` on the mini data with the tiny model and a 300-item slice,
+/// its memory in `store`, its output at `out`, then `rest`.
+fn tiny_args(
     command: &str,
     store: &std::path::Path,
     out: &std::path::Path,
     rest: &[&std::ffi::OsStr],
-) -> (bool, String, String) {
+) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec![
         command.into(),
         "--data".into(),
@@ -30,7 +30,17 @@ fn tiny(
         out.into(),
     ];
     args.extend(rest.iter().map(|a| a.to_os_string()));
-    common::mrrec(&args)
+    args
+}
+
+/// Runs `mrrec COMMAND` as [`tiny_args`] spells it.
+fn tiny(
+    command: &str,
+    store: &std::path::Path,
+    out: &std::path::Path,
+    rest: &[&std::ffi::OsStr],
+) -> (bool, String, String) {
+    common::mrrec(&tiny_args(command, store, out, rest))
 }
 
 fn rollouts(out: &std::path::Path, store: &std::path::Path, limit: &str) -> (bool, String, String) {
@@ -130,32 +140,61 @@ fn rollouts_write_train_trajectories_and_resume() {
     assert!(!ok && stderr.contains("use another --out"), "{stderr}");
 }
 
+/// One fine-tuning step on one example, validated on one query: the short run most tests need.
+const ONE_STEP: [&str; 14] = [
+    "--steps",
+    "1",
+    "--queries-per-step",
+    "1",
+    "--val-queries",
+    "1",
+    "--val-every",
+    "1",
+    "--patience",
+    "0",
+    "--lora-layers",
+    "2",
+    "--lr",
+    "1e-3",
+];
+
+/// The arguments of `mrrec train --sft FILE` with `options` into `run`.
+fn sft_args(
+    run: &std::path::Path,
+    store: &std::path::Path,
+    file: &std::path::Path,
+    options: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let mut rest: Vec<&std::ffi::OsStr> = options.iter().map(std::ffi::OsStr::new).collect();
+    rest.push("--sft".as_ref());
+    rest.push(file.as_os_str());
+    tiny_args("train", store, run, &rest)
+}
+
+/// `mrrec train --sft FILE` with `options` into `run`.
 fn sft(
     run: &std::path::Path,
     store: &std::path::Path,
     file: &std::path::Path,
+    options: &[&str],
 ) -> (bool, String, String) {
-    let mut rest = [
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "1",
-        "--val-queries",
-        "1",
-        "--val-every",
-        "1",
-        "--patience",
-        "0",
-        "--lora-layers",
-        "2",
-        "--lr",
-        "1e-3",
-        "--sft",
-    ]
-    .map(std::ffi::OsStr::new)
-    .to_vec();
-    rest.push(file.as_os_str());
-    tiny("train", store, run, &rest)
+    common::mrrec(&sft_args(run, store, file, options))
+}
+
+/// Every LoRA factor pair of an adapter file, by layer and projection.
+fn factors(path: &std::path::Path) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let ad = mrrec_llm_local::model::LoraAdapter::load(path).unwrap();
+    let flat =
+        |t: &candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mut all = Vec::new();
+    for l in 0..64 {
+        for p in mrrec_llm_local::model::Proj::ALL {
+            if let Some((a, b)) = ad.get(l, p) {
+                all.push((format!("blk.{l}.{}", p.name()), flat(a), flat(b)));
+            }
+        }
+    }
+    all
 }
 
 /// Rewrites every record of a rollouts file through `f`.
@@ -188,7 +227,7 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
         }
     });
     let run = dir.path().join("run");
-    let (ok, _, stderr) = sft(&run, &store, &file);
+    let (ok, _, stderr) = sft(&run, &store, &file, &ONE_STEP);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("1 of 1 groups kept"), "{stderr}");
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
@@ -230,26 +269,9 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
     let (ok, _, stderr2) = tiny("train", &store, &second, &rest);
     assert!(ok, "{stderr2}");
     // It holds the same factors (nothing trained: 0 steps).
-    let again =
-        mrrec_llm_local::model::LoraAdapter::load(&second.join("adapter.safetensors")).unwrap();
-    let mut compared = 0;
-    for l in 0..64 {
-        for p in mrrec_llm_local::model::Proj::ALL {
-            if let (Some((a1, b1)), Some((a2, b2))) = (ad.get(l, p), again.get(l, p)) {
-                let flat = |t: &candle_core::Tensor| -> Vec<f32> {
-                    t.flatten_all().unwrap().to_vec1().unwrap()
-                };
-                assert_eq!(
-                    (flat(a1), flat(b1)),
-                    (flat(a2), flat(b2)),
-                    "blk.{l}.{}",
-                    p.name()
-                );
-                compared += 1;
-            }
-        }
-    }
-    assert!(compared > 0);
+    let again = factors(&second.join("adapter.safetensors"));
+    assert!(!again.is_empty());
+    assert_eq!(factors(&run.join("adapter.safetensors")), again);
     let ended = step["val_ndcg100"].as_f64().unwrap();
     assert!(
         stderr2.contains(&format!("validation N@100 before training: {ended:.4}")),
@@ -258,12 +280,12 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
 
     // Resuming the run with another file is refused.
     rewrite(&file, |v| v["request"] = "changed".into());
-    let (ok, _, stderr) = sft(&run, &store, &file);
+    let (ok, _, stderr) = sft(&run, &store, &file, &ONE_STEP);
     assert!(!ok && stderr.contains("sft"), "{stderr}");
     // A file whose token ids come from another tokenizer, or that holds a `val` query, is refused.
     let other = dir.path().join("other-run");
     rewrite(&file, |v| v["tokenizer"] = "0123456789abcdef".into());
-    let (ok, _, stderr) = sft(&other, &store, &file);
+    let (ok, _, stderr) = sft(&other, &store, &file, &ONE_STEP);
     assert!(!ok && stderr.contains("tokenizer"), "{stderr}");
     let val_qid = splits()
         .into_iter()
@@ -274,7 +296,7 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
         v["tokenizer"] = fingerprint.clone();
         v["qid"] = val_qid.clone().into();
     });
-    let (ok, _, stderr) = sft(&other, &store, &file);
+    let (ok, _, stderr) = sft(&other, &store, &file, &ONE_STEP);
     assert!(!ok && stderr.contains("not a `train` query"), "{stderr}");
 }
 
@@ -354,27 +376,11 @@ fn the_controller_distils_into_the_free_loop_from_guided_trajectories() {
         }
     });
     let run = dir.path().join("run");
-    let rest = [
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "1",
-        "--val-queries",
-        "1",
-        "--val-every",
-        "1",
-        "--lora-layers",
-        "2",
-        "--lr",
-        "1e-3",
-        "--mode",
-        "free",
-        "--sft-as-free",
-        "--sft",
-    ]
-    .map(std::ffi::OsStr::new);
-    let rest: Vec<&std::ffi::OsStr> = rest.into_iter().chain([file.as_os_str()]).collect();
-    let (ok, _, stderr) = tiny("train", &store, &run, &rest);
+    let options: Vec<&str> = ONE_STEP
+        .into_iter()
+        .chain(["--mode", "free", "--sft-as-free"])
+        .collect();
+    let (ok, _, stderr) = sft(&run, &store, &file, &options);
     assert!(ok, "{stderr}");
     let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
     let step: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
@@ -392,4 +398,304 @@ fn the_controller_distils_into_the_free_loop_from_guided_trajectories() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("train.json")).unwrap()).unwrap();
     assert_eq!(cfg["assistant"]["mode"], "free");
+}
+
+/// The toy task: fine-tuning the free loop on the chosen guided trajectories of two
+/// `train` queries raises the reward the model's own greedy free-mode answers earn on them — from
+/// the bar `train --sft` measures first (the untrained tiny model's free answers do not parse) to
+/// what greedy rollouts with the adapter score. Real model, real rewards, nothing rewritten.
+#[test]
+fn fine_tuning_on_chosen_trajectories_raises_the_greedy_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let rest =
+        ["--group", "2", "--train-limit", "2", "--temperature", "0.5"].map(std::ffi::OsStr::new);
+    let (ok, _, stderr) = tiny("rollouts", &store, &file, &rest);
+    assert!(ok, "{stderr}");
+    let run = dir.path().join("run");
+    let options = [
+        "--steps",
+        "10",
+        "--queries-per-step",
+        "2",
+        "--lr",
+        "1e-2",
+        "--kl",
+        "0",
+        "--lora-layers",
+        "4",
+        "--lora-targets",
+        "q,k,v,o,gate,up,down",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+        "--mode",
+        "free",
+        "--sft-as-free",
+    ];
+    let (ok, _, stderr) = sft(&run, &store, &file, &options);
+    assert!(ok, "{stderr}");
+    // "greedy bar k/n: QID REWARD (…)": the untrained model's greedy free answer per query.
+    let before: Vec<f64> = stderr
+        .lines()
+        .filter(|l| l.starts_with("greedy bar "))
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(before.len(), 2, "{stderr}");
+    let before = before.iter().sum::<f64>() / 2.0;
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert!(last["loss"].as_f64().unwrap() < 0.5, "not learnt: {last}");
+    // The same two queries answered greedily in free mode with the adapter.
+    let adapter = run.join("adapter.safetensors");
+    let rest: Vec<&std::ffi::OsStr> = [
+        "--group",
+        "1",
+        "--temperature",
+        "0",
+        "--train-limit",
+        "2",
+        "--mode",
+        "free",
+        "--adapter",
+    ]
+    .into_iter()
+    .map(std::ffi::OsStr::new)
+    .chain([adapter.as_os_str()])
+    .collect();
+    let (ok, stdout, stderr) = tiny("rollouts", &store, &dir.path().join("after.jsonl"), &rest);
+    assert!(ok, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let after = &summary["this_run"]["summary"];
+    assert_eq!(after["trajectories"], 2, "{summary}");
+    assert!(
+        after["mean_reward"].as_f64().unwrap() > before + 1.0,
+        "greedy reward {before} before fine-tuning, {after} after"
+    );
+    assert!(after["parsed"].as_f64().unwrap() > 0.0, "{after}");
+}
+
+/// A fine-tuning run killed after its first step and run again ends with the same adapter, bit
+/// for bit, and the same log, as a run that was never interrupted.
+#[test]
+fn a_killed_fine_tuning_run_resumes_to_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let (ok, _, stderr) = rollouts(&file, &store, "1");
+    assert!(ok, "{stderr}");
+    let options = [
+        "--steps",
+        "3",
+        "--queries-per-step",
+        "1",
+        "--lr",
+        "1e-3",
+        "--lora-layers",
+        "2",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+        "--mode",
+        "free",
+        "--sft-as-free",
+    ];
+    let whole = dir.path().join("whole");
+    let (ok, _, stderr) = sft(&whole, &store, &file, &options);
+    assert!(ok, "{stderr}");
+
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args(sft_args(&killed, &store, &file, &options))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = killed.join("log.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(t0.elapsed().as_secs() < 900, "no step logged");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, _, stderr) = sft(&killed, &store, &file, &options);
+    assert!(ok, "{stderr}");
+
+    let a = factors(&whole.join("adapter.safetensors"));
+    assert!(!a.is_empty());
+    assert_eq!(a, factors(&killed.join("adapter.safetensors")));
+    let losses = |run: &std::path::Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(run.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(losses(&whole).len(), 3);
+    assert_eq!(losses(&whole), losses(&killed));
+}
+
+/// Trajectories sampled from a server (here `mrrec`'s own OpenAI-compatible server over the real
+/// tiny model, as a teacher served elsewhere would be): text only — each call's text, the free
+/// form, the tokens the server reported — so plain fine-tuning refuses them (no token ids) and
+/// `--sft-as-free` learns them re-tokenised.
+#[test]
+fn a_servers_trajectories_are_recorded_as_text_and_distilled_re_tokenised() {
+    let model = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let url = mrrec_server::llm::spawn_loopback(std::sync::Arc::new(model)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let rest = [
+        "--llm-url",
+        &url,
+        "--mode",
+        "guided",
+        "--group",
+        "2",
+        "--train-limit",
+        "2",
+    ]
+    .map(std::ffi::OsStr::new);
+    let (ok, stdout, stderr) = tiny("rollouts", &store, &file, &rest);
+    assert!(ok, "{stderr}");
+    let records = lines(&file);
+    assert_eq!(records.len(), 4, "2 queries × G = 2");
+    let splits = splits();
+    for r in &records {
+        assert_eq!(splits[r["qid"].as_str().unwrap()], "train", "{r}");
+        assert_eq!(r["model"], format!("openai:smollm2-135m-instruct@{url}"));
+        assert_eq!(r["tokenizer"], "");
+        let calls = r["calls"].as_array().unwrap();
+        assert!(!calls.is_empty(), "{r}");
+        for c in calls {
+            assert!(c["ids"].as_array().unwrap().is_empty());
+            assert!(!c["text"].as_str().unwrap().is_empty(), "{r}");
+        }
+        assert!(r["reported_tokens"][1].as_u64().unwrap() > 0, "{r}");
+    }
+    // Each trajectory sampled with its own seed: the two of a group differ.
+    assert_ne!(records[0]["calls"], records[1]["calls"]);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(summary["file_total"]["tokens_out"].as_u64().unwrap() > 0);
+    // Plain fine-tuning needs the sampled ids; the free form re-tokenised trains the student.
+    let (ok, _, stderr) = sft(&dir.path().join("plain"), &store, &file, &ONE_STEP);
+    assert!(!ok && stderr.contains("unrecorded"), "{stderr}");
+    if records.iter().any(|r| r.get("free_form").is_some()) {
+        let run = dir.path().join("run");
+        let options: Vec<&str> = ONE_STEP
+            .into_iter()
+            .chain(["--mode", "free", "--sft-as-free"])
+            .collect();
+        let (ok, _, stderr) = sft(&run, &store, &file, &options);
+        assert!(ok, "{stderr}");
+        let ad =
+            mrrec_llm_local::model::LoraAdapter::load(&run.join("adapter.safetensors")).unwrap();
+        let source: serde_json::Value = serde_json::from_str(&ad.metadata["mrrec.sft"]).unwrap();
+        assert_eq!(
+            source["written_by"][0],
+            format!("openai:smollm2-135m-instruct@{url}")
+        );
+    }
+}
+
+/// `mrrec iterate`: round 1 continues the rollouts file already in its folder (one trajectory
+/// made the clear best, so it is kept) and fine-tunes on it; round 2 samples with round 1's
+/// adapter; rerunning the finished command redoes nothing.
+#[test]
+fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("m.sqlite");
+    let out = dir.path().join("iter");
+    let first = out.join("round-1").join("rollouts.jsonl");
+    std::fs::create_dir_all(first.parent().unwrap()).unwrap();
+    let (ok, _, stderr) = rollouts(&first, &store, "1");
+    assert!(ok, "{stderr}");
+    rewrite(&first, |v| {
+        if v["index"] == 1 {
+            v["rewards"]["rec"] = 2.0.into();
+            v["rewards"]["total"] = 100.0.into();
+        }
+    });
+    let rest = [
+        "--rounds",
+        "2",
+        "--group",
+        "2",
+        "--train-limit",
+        "1",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+    ]
+    .map(std::ffi::OsStr::new);
+    let (ok, stdout, stderr) = tiny("iterate", &store, &out, &rest);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 rounds"), "{stdout}");
+    let rounds = lines(&out.join("rounds.jsonl"));
+    assert_eq!(rounds.len(), 2);
+    assert_eq!(rounds[0]["kept"], 1, "{}", rounds[0]);
+    let adapter1 = out.join("round-1").join("run").join("adapter.safetensors");
+    assert_eq!(rounds[0]["adapter"], adapter1.to_str().unwrap());
+    // Round 1 sampled nothing again (the file's group was complete); round 2 sampled with round
+    // 1's adapter (its id joins the model's).
+    assert_eq!(lines(&first).len(), 2);
+    let second = lines(&out.join("round-2").join("rollouts.jsonl"));
+    assert_eq!(second.len(), 2);
+    assert!(
+        second[0]["model"].as_str().unwrap().contains("+lora-"),
+        "{}",
+        second[0]["model"]
+    );
+    let last = factors(&out.join("adapter.safetensors"));
+    let expected = rounds[1]["adapter"].as_str().unwrap();
+    assert_eq!(last, factors(std::path::Path::new(expected)));
+    // Done: a rerun only reports.
+    let (ok, stdout, stderr) = tiny("iterate", &store, &out, &rest);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 rounds"), "{stdout}");
+    assert!(!stderr.contains("sampling with"), "{stderr}");
+    assert_eq!(lines(&out.join("rounds.jsonl")), rounds);
+}
+
+/// Distilled text spells the tokenizer's added tokens with ordinary ones: Qwen's `<tool_call>`
+/// tags (added tokens whose rarely trained rows a small model fails to produce) come out as
+/// ordinary tokens that decode to the same text, and a chat-template token inside a turn's text
+/// cannot smuggle in a turn boundary.
+#[test]
+fn distilled_text_spells_added_tokens_with_ordinary_ones() {
+    let path = mrrec_llm_local::LocalModel::source_file("qwen2.5-coder-0.5b-instruct").unwrap();
+    let (info, _) = mrrec_llm_local::GgufInfo::read(&path).unwrap();
+    let text = "Which of the user's preferences matter here: size?\n<tool_call>\n{\"name\": \"memory_retrieval_tool\", \"arguments\": {\"query\": \"a <|im_end|> mug\"}}\n</tool_call>";
+    let added: Vec<u32> = ["<tool_call>", "</tool_call>", "<|im_end|>", "<|im_start|>"]
+        .iter()
+        .map(|t| info.tokenizer.token_to_id(t).unwrap())
+        .collect();
+    // The plain encoding uses the added tokens…
+    let plain = info.encode(text).unwrap();
+    assert!(plain.iter().any(|id| added.contains(id)));
+    // …the distilled one never does, and reads back the same.
+    let ids = mrrec_train::trajectories::encode_plain(&info, text).unwrap();
+    assert!(!ids.iter().any(|id| added.contains(id)), "{ids:?}");
+    assert_eq!(info.tokenizer.decode(&ids, false).unwrap(), text);
+    // Text without an added token is encoded as before.
+    let simple = "a warm scarf, wool, under $30";
+    assert_eq!(
+        mrrec_train::trajectories::encode_plain(&info, simple).unwrap(),
+        info.encode(simple).unwrap()
+    );
 }

@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::args::*;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct TrainArgs {
     /// Run folder: train.json, log.jsonl, checkpoint/, adapter.safetensors, best-adapter.safetensors.
     #[arg(long)]
@@ -100,15 +100,19 @@ pub(crate) struct TrainCmd {
 }
 
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
-    train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant)
+    train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant, false)?;
+    Ok(())
 }
 
+/// Trains (or resumes) a run; `Ok(None)` when fine-tuning selected nothing and `allow_nothing`
+/// (an expert-iteration round whose samples never beat the greedy answer), an error otherwise.
 fn train_cmd(
     data: DataArgs,
     assistant: AssistantArgs,
     args: TrainArgs,
     tenant: &str,
-) -> Result<()> {
+    allow_nothing: bool,
+) -> Result<Option<mrrec_train::trainer::TrainState>> {
     use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
@@ -197,6 +201,9 @@ fn train_cmd(
         )?),
         None => None,
     };
+    if allow_nothing && sft.as_ref().is_some_and(|s| s.examples.is_empty()) {
+        return Ok(None);
+    }
     let t = mrrec_train::trainer::Trainer {
         ws: &ws,
         store: &*store,
@@ -239,7 +246,7 @@ fn train_cmd(
         if st.stopped { " (stopped early)" } else { "" },
         args.out.display()
     );
-    Ok(())
+    Ok(Some(st))
 }
 
 /// `--reward-weights` (three numbers, R_format,R_rec,R_mem) and `--rec-cutoffs` (two).
@@ -310,22 +317,58 @@ pub(crate) struct RolloutsCmd {
 /// `mrrec rollouts`: G sampled trajectories per `train` query, scored with the training rewards,
 /// written to a JSONL file a group at a time (resumable).
 pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
+    let summary = sample_rollouts(a)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// Samples (or continues) a rollouts file; returns what `mrrec rollouts` prints.
+fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
     use mrrec_train::trajectories::{query_seed, summarise, RolloutsFile, TrajectoryRecord};
-    if a.assistant.llm.llm_url.is_some() {
-        bail!("`mrrec rollouts` records each call's token ids and log-probabilities, which needs a local model (--model ID or a GGUF path); recording a server's trajectories is not supported yet");
-    }
     anyhow::ensure!(a.group >= 1, "--group must be at least 1");
     let weights = reward_weights(&a.reward_weights, &a.rec_cutoffs)?;
     let ws = a.data.open()?;
     let cfg = a.assistant.config()?;
     let store = open_store(&ws, a.assistant.store.clone())?;
     let tenant = &a.tenant.tenant;
-    let local = mrrec_agent::backend::local_with_adapter(
-        &a.assistant.llm.model,
-        a.assistant.adapter.as_deref(),
-    )?;
-    let model_id = mrrec_llm::ChatModel::id(&local).to_string();
-    let fingerprint = local.info().tokenizer_fingerprint();
+    // A local model records every call's ids and log-probabilities; a server (a teacher served
+    // elsewhere) gives text only: its records carry each call's text, the trace's free form and
+    // the tokens it reported, and train a student only re-tokenised (`train --sft-as-free`).
+    let (local, server) = match a.assistant.llm.llm_url.as_deref() {
+        Some(url) => {
+            if a.assistant.adapter.is_some() {
+                bail!("--adapter applies to a local model; a server (--llm-url) serves its own weights");
+            }
+            let m = mrrec_agent::backend::chat_model(
+                &a.assistant.llm.model,
+                Some(url),
+                server_options()?,
+            )?;
+            (None, Some(m))
+        }
+        None => (
+            Some(mrrec_agent::backend::local_with_adapter(
+                &a.assistant.llm.model,
+                a.assistant.adapter.as_deref(),
+            )?),
+            None,
+        ),
+    };
+    let (sampler, model_id, fingerprint) = if let Some(l) = &local {
+        (
+            mrrec_train::rollout::Sampler::Local(l),
+            mrrec_llm::ChatModel::id(l).to_string(),
+            l.info().tokenizer_fingerprint(),
+        )
+    } else if let Some(m) = &server {
+        (
+            mrrec_train::rollout::Sampler::Server(m.as_ref()),
+            m.id().to_string(),
+            String::new(),
+        )
+    } else {
+        bail!("no model to sample with: --model ID, a GGUF path, or --llm-url");
+    };
     // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
     let queries = seeded_subset(&ws, &mrrec_data::Purpose::Training, a.train_limit, a.seed)?;
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
@@ -370,7 +413,7 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
         ws: &ws,
         store: &*store,
         tenant,
-        local: &local,
+        sampler,
         cfg,
         temperature: a.temperature,
         weights,
@@ -410,7 +453,12 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
                     seed.wrapping_add(1000 * j as u64),
                     (&model_id, &fingerprint),
                     a.temperature,
-                    &|ids| local.decode(ids).unwrap_or_default(),
+                    &|ids| {
+                        local
+                            .as_ref()
+                            .and_then(|l| l.decode(ids).ok())
+                            .unwrap_or_default()
+                    },
                 )
             })
             .collect();
@@ -438,20 +486,164 @@ pub(crate) fn rollouts(a: RolloutsCmd) -> Result<()> {
             .map(Vec::as_slice)
             .chain(written.iter().map(Vec::as_slice)),
     );
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::json!({
-            "file": a.out,
-            "model": model_id,
-            "this_run": {"summary": new, "seconds": secs,
-                         "skipped_target_not_in_catalogue": skipped},
-            "file_total": whole,
-        }))?
-    );
     eprintln!(
         "{} groups sampled in {secs:.1} s; tokens in {} / out {}",
         new.groups, new.tokens_in, new.tokens_out
     );
+    Ok(serde_json::json!({
+        "file": a.out,
+        "model": model_id,
+        "this_run": {"summary": new, "seconds": secs,
+                     "skipped_target_not_in_catalogue": skipped},
+        "file_total": whole,
+    }))
+}
+
+#[derive(Args)]
+pub(crate) struct IterateCmd {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) assistant: AssistantArgs,
+    /// Each round's fine-tuning (`--out` is the iteration's folder; `--group`, `--temperature`,
+    /// `--train-limit`, `--seed`, `--reward-weights` and `--rec-cutoffs` also drive the sampling;
+    /// `--init-adapter` is where round 1 samples and starts from).
+    #[command(flatten)]
+    pub(crate) train: TrainArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
+    /// Rounds of sample → select → fine-tune.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) rounds: usize,
+}
+
+/// `mrrec iterate`: expert iteration in one command. Round r samples G trajectories per `train`
+/// query with the adapter of round r − 1 (`OUT/round-r/rollouts.jsonl`), keeps per query the best
+/// that beats that adapter's greedy answer, and fine-tunes from that adapter (`OUT/round-r/run`).
+/// A round whose samples never beat the greedy answers keeps the adapter it started from. Every
+/// finished round appends a line to `OUT/rounds.jsonl`; rerun the same command after an
+/// interruption (a finished round is not redone, an unfinished one resumes). The last adapter is
+/// copied to `OUT/adapter.safetensors`.
+pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
+    anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    if a.train.sft.is_some() {
+        bail!("`mrrec iterate` writes each round's trajectories itself: drop --sft (use `mrrec train --sft` to learn a given file)");
+    }
+    if a.assistant.adapter.is_some() {
+        bail!("`mrrec iterate` starts from --init-adapter (--adapter is for answering)");
+    }
+    let out = a.train.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let rounds_path = out.join("rounds.jsonl");
+    let done: Vec<serde_json::Value> = match std::fs::read_to_string(&rounds_path) {
+        Ok(t) => t
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| {
+                    format!("{}:{}: not a round record", rounds_path.display(), i + 1)
+                })
+            })
+            .collect::<Result<_>>()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", rounds_path.display())),
+    };
+    let mut adapter: Option<PathBuf> = match done.last() {
+        Some(r) => r["adapter"].as_str().map(PathBuf::from),
+        None => a.train.init_adapter.clone(),
+    };
+    for round in done.len() + 1..=a.rounds {
+        let dir = out.join(format!("round-{round}"));
+        eprintln!(
+            "round {round}/{}: sampling with {}",
+            a.rounds,
+            adapter
+                .as_ref()
+                .map_or("the base model".into(), |p| p.display().to_string())
+        );
+        let t0 = std::time::Instant::now();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join("rollouts.jsonl");
+        let mut sampler = a.assistant.clone();
+        sampler.adapter = adapter.clone();
+        let sampled = sample_rollouts(RolloutsCmd {
+            data: a.data.clone(),
+            assistant: sampler,
+            tenant: a.tenant.clone(),
+            out: file.clone(),
+            group: a.train.group,
+            train_limit: a.train.train_limit,
+            temperature: a.train.temperature,
+            seed: a.train.seed,
+            reward_weights: a.train.reward_weights.clone(),
+            rec_cutoffs: a.train.rec_cutoffs.clone(),
+            sequential_rollouts: a.train.sequential_rollouts,
+        })?;
+        let run = dir.join("run");
+        let mut train = a.train.clone();
+        train.out = run.clone();
+        train.sft = Some(file.clone());
+        train.init_adapter = adapter.clone();
+        let state = train_cmd(
+            a.data.clone(),
+            a.assistant.clone(),
+            train,
+            &a.tenant.tenant,
+            true,
+        )?;
+        let kept = match &state {
+            Some(_) => {
+                adapter = Some(run.join("adapter.safetensors"));
+                let cfg: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(run.join("train.json"))
+                        .with_context(|| format!("reading {}", run.join("train.json").display()))?,
+                )?;
+                cfg["sft"]["kept"].as_u64().unwrap_or(0)
+            }
+            None => {
+                eprintln!("round {round}: no sample beat the greedy answer; the adapter stays");
+                0
+            }
+        };
+        let line = serde_json::json!({
+            "round": round,
+            "sampled": sampled["file_total"],
+            "kept": kept,
+            "steps": state.as_ref().map(|s| s.step),
+            "adapter": adapter,
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&rounds_path)
+                .with_context(|| format!("writing {}", rounds_path.display()))?;
+            writeln!(f, "{line}")?;
+            f.sync_all()?;
+        }
+        eprintln!(
+            "round {round}/{}: mean sampled reward {:.3}, {kept} kept, {:.0} s",
+            a.rounds,
+            sampled["file_total"]["mean_reward"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let last = out.join("adapter.safetensors");
+    match &adapter {
+        Some(p) => {
+            std::fs::copy(p, &last)
+                .with_context(|| format!("copying {} to {}", p.display(), last.display()))?;
+            println!("{} rounds; adapter in {}", a.rounds, last.display());
+        }
+        None => println!(
+            "{} rounds; no round kept a trajectory: no adapter written",
+            a.rounds
+        ),
+    }
     Ok(())
 }
 

@@ -69,7 +69,7 @@ pub fn rollouts(
         ws,
         store,
         tenant,
-        local: &local,
+        sampler: mrrec_train::rollout::Sampler::Local(&local),
         cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
         weights: mrrec_agent::rewards::RewardWeights::default(),

@@ -71,6 +71,59 @@ impl ChatModel for Recording<'_> {
     }
 }
 
+/// Any chat model — a server behind an OpenAI-compatible API — sampled at `temperature`, call
+/// `i` with seed `seed + i` (servers that honour a seed repeat themselves). A server returns text,
+/// not token ids, so nothing is recorded beyond the answer's trace.
+pub struct Sampled<'a> {
+    llm: &'a dyn ChatModel,
+    temperature: f64,
+    seed: u64,
+    calls: AtomicU64,
+}
+
+impl<'a> Sampled<'a> {
+    /// Samples calls to `llm`; call `i` with seed `seed + i`.
+    pub fn new(llm: &'a dyn ChatModel, temperature: f64, seed: u64) -> Self {
+        Sampled {
+            llm,
+            temperature,
+            seed,
+            calls: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ChatModel for Sampled<'_> {
+    fn id(&self) -> &str {
+        self.llm.id()
+    }
+
+    fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> mrrec_llm::Result<ChatResponse> {
+        let i = self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut r = req.clone();
+        r.sampling.temperature = self.temperature;
+        r.sampling.top_p = 1.0;
+        r.sampling.seed = self.seed.wrapping_add(i);
+        r.sampling.repetition_penalty = 1.0;
+        self.llm.chat_stream(&r, on_text)
+    }
+}
+
+/// What samples the trajectories.
+#[derive(Clone, Copy)]
+pub enum Sampler<'a> {
+    /// The policy's local model (with the current adapter applied): every call recorded as a
+    /// [`Segment`] (ids, log-probabilities, masks).
+    Local(&'a LocalModel),
+    /// Any chat model, e.g. a teacher served elsewhere: text only (the trace), no segments —
+    /// trainable only as text re-tokenised by the student (`--sft-as-free`).
+    Server(&'a dyn ChatModel),
+}
+
 /// One trajectory.
 #[derive(Debug, Clone)]
 pub struct Trajectory {
@@ -107,8 +160,8 @@ pub struct Rollouts<'a> {
     pub store: &'a dyn MemoryRead,
     /// Tenant of the users.
     pub tenant: &'a str,
-    /// The policy's inference model (with the current adapter applied).
-    pub local: &'a LocalModel,
+    /// The model that samples.
+    pub sampler: Sampler<'a>,
     /// The assistant's settings (mode, levels, lengths).
     pub cfg: AssistantConfig,
     /// Sampling temperature.
@@ -135,12 +188,29 @@ impl Rollouts<'_> {
         seed: u64,
         batched: bool,
     ) -> Result<Vec<Trajectory>> {
+        let local = match self.sampler {
+            Sampler::Local(l) => l,
+            Sampler::Server(llm) => {
+                return (0..g)
+                    .map(|j| {
+                        let s =
+                            Sampled::new(llm, self.temperature, seed.wrapping_add(1000 * j as u64));
+                        let (answer, rewards) = self.answer(&s, user, request, category, target)?;
+                        Ok(Trajectory {
+                            segments: Vec::new(),
+                            answer,
+                            rewards,
+                        })
+                    })
+                    .collect();
+            }
+        };
         if !batched || g < 2 {
             return (0..g)
-                .map(|j| self.trajectory(self.local, user, request, category, target, seed, j))
+                .map(|j| self.trajectory(local, user, request, category, target, seed, j))
                 .collect();
         }
-        Batcher::new(self.local)
+        Batcher::new(local)
             .map(g, |w, j| {
                 self.trajectory(w, user, request, category, target, seed, j)
             })
@@ -164,22 +234,35 @@ impl Rollouts<'_> {
         j: usize,
     ) -> Result<Trajectory> {
         let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64));
+        let (answer, rewards) = self.answer(&rec, user, request, category, target)?;
+        Ok(Trajectory {
+            segments: rec.take(),
+            answer,
+            rewards,
+        })
+    }
+
+    /// The assistant's answer with `llm` and its reward.
+    fn answer(
+        &self,
+        llm: &dyn ChatModel,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        target: u32,
+    ) -> Result<(Answer, Rewards)> {
         let a = Assistant {
             shop: self.ws.shop(),
             store: self.store,
             tenant: self.tenant,
-            llm: &rec,
+            llm,
             cfg: self.cfg.clone(),
             observer: None,
         };
         let answer = a.answer(user, request, category, 10)?;
         let rewards =
             mrrec_agent::rewards::reward_of(&self.ws.shop(), &self.weights, &answer.trace, target)?;
-        Ok(Trajectory {
-            segments: rec.take(),
-            answer,
-            rewards,
-        })
+        Ok((answer, rewards))
     }
 }
 

@@ -392,7 +392,7 @@ impl Trainer<'_> {
             ws: self.ws,
             store: self.store,
             tenant: self.tenant,
-            local: self.local,
+            sampler: crate::rollout::Sampler::Local(self.local),
             cfg: self.cfg.clone(),
             temperature: self.train.temperature,
             weights: self.train.weights,

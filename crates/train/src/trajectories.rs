@@ -74,6 +74,10 @@ pub struct TrajectoryRecord {
     /// trajectories and for answers with nothing to learn from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub free_form: Vec<mrrec_llm::Message>,
+    /// Prompt and generated tokens as the model reported them, for calls recorded as text only
+    /// (a server's: no ids); absent when the calls carry their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_tokens: Option<[u64; 2]>,
 }
 
 impl TrajectoryRecord {
@@ -112,17 +116,36 @@ impl TrajectoryRecord {
             rewards: t.rewards.clone(),
             fallback: t.answer.trace.fallback,
             memory_calls_ok: t.answer.trace.memory_calls_ok(),
-            calls: t
-                .segments
-                .iter()
-                .map(|s| CallRecord {
-                    prompt: s.prompt.clone(),
-                    ids: s.ids.clone(),
-                    logprobs: s.logprobs.clone(),
-                    constrained: s.masks.iter().map(Option::is_some).collect(),
-                    text: decode(&s.ids),
-                })
-                .collect(),
+            // A server's calls are text only: each output of the trace, without ids.
+            calls: if t.segments.is_empty() {
+                t.answer
+                    .trace
+                    .outputs
+                    .iter()
+                    .map(|o| CallRecord {
+                        prompt: Vec::new(),
+                        ids: Vec::new(),
+                        logprobs: Vec::new(),
+                        constrained: Vec::new(),
+                        text: o.clone(),
+                    })
+                    .collect()
+            } else {
+                t.segments
+                    .iter()
+                    .map(|s| CallRecord {
+                        prompt: s.prompt.clone(),
+                        ids: s.ids.clone(),
+                        logprobs: s.logprobs.clone(),
+                        constrained: s.masks.iter().map(Option::is_some).collect(),
+                        text: decode(&s.ids),
+                    })
+                    .collect()
+            },
+            reported_tokens: t.segments.is_empty().then(|| {
+                let u = &t.answer.trace.usage;
+                [u.prompt_tokens, u.completion_tokens]
+            }),
             free_form: match t.answer.trace.mode {
                 Some(mrrec_agent::assistant::Mode::Guided) => {
                     mrrec_agent::assistant::free_conversation(&t.answer.trace).unwrap_or_default()
@@ -134,6 +157,9 @@ impl TrajectoryRecord {
 
     /// Prompt tokens and sampled tokens over its calls.
     pub fn tokens(&self) -> (usize, usize) {
+        if let Some([i, o]) = self.reported_tokens {
+            return (i as usize, o as usize);
+        }
         self.calls
             .iter()
             .fold((0, 0), |(i, o), c| (i + c.prompt.len(), o + c.ids.len()))
@@ -361,7 +387,9 @@ pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
 /// rendered as the free loop renders them (generation prompt included) — system, user and tool
 /// turns are never trained on — and the ids are the turn's text, followed on the last turn by the
 /// template's end of turn (the free loop stops the others at `</tool_call>`). Empty when the
-/// record has no free form.
+/// record has no free form. The segments' `logprobs` are zeros (re-tokenised text was never
+/// sampled): supervised fine-tuning recomputes them from the policy and never reads these; they
+/// are not for GRPO, whose ratio needs the sampling log-probabilities.
 pub fn free_segments(
     r: &TrajectoryRecord,
     model: &mrrec_llm_local::LocalModel,
@@ -389,8 +417,7 @@ pub fn free_segments(
             .prompt(&req)
             .and_then(|p| info.encode(&p))
             .map_err(|e| TrainError::Invalid(format!("query {}: {e}", r.qid)))?;
-        let mut ids = info
-            .encode(&m.content)
+        let mut ids = encode_plain(info, &m.content)
             .map_err(|e| TrainError::Invalid(format!("query {}: {e}", r.qid)))?;
         if Some(i) == last {
             ids.extend(end);
@@ -403,6 +430,43 @@ pub fn free_segments(
         });
     }
     Ok(out)
+}
+
+/// `text` as ids, with every added token of the tokenizer that appears in it (Qwen's
+/// `<tool_call>` and `</tool_call>`, or a chat-template token inside a model's text) spelled with
+/// ordinary tokens — its first character, then the rest — so that the same text decodes back
+/// but a model learns to write the tags with tokens it knows. Measured: the 0.5B distilled with
+/// `<tool_call>` as Qwen's added token wrote `<|im_start|>` or `cbd` in its place on every `val`
+/// query (its rarely trained row of the tied embedding loses to neighbours), so no call parsed.
+pub fn encode_plain(
+    info: &mrrec_llm_local::GgufInfo,
+    text: &str,
+) -> std::result::Result<Vec<u32>, mrrec_llm_local::LocalError> {
+    let added: Vec<String> = info
+        .tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|t| t.content)
+        .filter(|c| c.chars().count() > 1 && text.contains(c.as_str()))
+        .collect();
+    let mut ids = Vec::new();
+    let mut rest = text;
+    loop {
+        // The earliest added token in what is left (the longest where two start together).
+        let next = added
+            .iter()
+            .filter_map(|a| rest.find(a.as_str()).map(|p| (p, a)))
+            .min_by_key(|(p, a)| (*p, std::cmp::Reverse(a.len())));
+        let Some((p, a)) = next else {
+            ids.extend(info.encode(rest)?);
+            return Ok(ids);
+        };
+        let cut = a.chars().next().map_or(0, char::len_utf8);
+        for piece in [&rest[..p], &a[..cut], &a[cut..]] {
+            ids.extend(info.encode(piece)?);
+        }
+        rest = &rest[p + a.len()..];
+    }
 }
 
 #[cfg(test)]
@@ -441,6 +505,7 @@ mod tests {
                 text: "hi".into(),
             }],
             free_form: Vec::new(),
+            reported_tokens: None,
         }
     }
 
