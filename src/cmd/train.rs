@@ -104,15 +104,16 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
     Ok(())
 }
 
-/// Trains (or resumes) a run; `Ok(None)` when fine-tuning selected nothing and `allow_nothing`
-/// (an expert-iteration round whose samples never beat the greedy answer), an error otherwise.
+/// Trains (or resumes) a run; returns its final state and, fine-tuning, how many trajectories
+/// were kept. `Ok(None)` when fine-tuning selected nothing and `allow_nothing` (an
+/// expert-iteration round whose samples never beat the greedy answer), an error otherwise.
 fn train_cmd(
     data: DataArgs,
     assistant: AssistantArgs,
     args: TrainArgs,
     tenant: &str,
     allow_nothing: bool,
-) -> Result<Option<mrrec_train::trainer::TrainState>> {
+) -> Result<Option<(mrrec_train::trainer::TrainState, usize)>> {
     use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
@@ -201,7 +202,8 @@ fn train_cmd(
         )?),
         None => None,
     };
-    if allow_nothing && sft.as_ref().is_some_and(|s| s.examples.is_empty()) {
+    let kept = sft.as_ref().map_or(0, |s| s.examples.len());
+    if allow_nothing && sft.is_some() && kept == 0 {
         return Ok(None);
     }
     let t = mrrec_train::trainer::Trainer {
@@ -246,7 +248,7 @@ fn train_cmd(
         if st.stopped { " (stopped early)" } else { "" },
         args.out.display()
     );
-    Ok(Some(st))
+    Ok(Some((st, kept)))
 }
 
 /// `--reward-weights` (three numbers, R_format,R_rec,R_mem) and `--rec-cutoffs` (two).
@@ -334,40 +336,37 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
     // A local model records every call's ids and log-probabilities; a server (a teacher served
     // elsewhere) gives text only: its records carry each call's text, the trace's free form and
     // the tokens it reported, and train a student only re-tokenised (`train --sft-as-free`).
-    let (local, server) = match a.assistant.llm.llm_url.as_deref() {
+    enum Model {
+        Local(Box<mrrec_llm_local::LocalModel>),
+        Server(Box<dyn mrrec_llm::ChatModel>),
+    }
+    let model = match a.assistant.llm.llm_url.as_deref() {
         Some(url) => {
             if a.assistant.adapter.is_some() {
                 bail!("--adapter applies to a local model; a server (--llm-url) serves its own weights");
             }
-            let m = mrrec_agent::backend::chat_model(
+            Model::Server(mrrec_agent::backend::chat_model(
                 &a.assistant.llm.model,
                 Some(url),
                 server_options()?,
-            )?;
-            (None, Some(m))
+            )?)
         }
-        None => (
-            Some(mrrec_agent::backend::local_with_adapter(
-                &a.assistant.llm.model,
-                a.assistant.adapter.as_deref(),
-            )?),
-            None,
-        ),
+        None => Model::Local(Box::new(mrrec_agent::backend::local_with_adapter(
+            &a.assistant.llm.model,
+            a.assistant.adapter.as_deref(),
+        )?)),
     };
-    let (sampler, model_id, fingerprint) = if let Some(l) = &local {
-        (
-            mrrec_train::rollout::Sampler::Local(l),
-            mrrec_llm::ChatModel::id(l).to_string(),
+    let (sampler, model_id, fingerprint) = match &model {
+        Model::Local(l) => (
+            mrrec_train::rollout::Sampler::Local(l.as_ref()),
+            mrrec_llm::ChatModel::id(l.as_ref()).to_string(),
             l.info().tokenizer_fingerprint(),
-        )
-    } else if let Some(m) = &server {
-        (
+        ),
+        Model::Server(m) => (
             mrrec_train::rollout::Sampler::Server(m.as_ref()),
             m.id().to_string(),
             String::new(),
-        )
-    } else {
-        bail!("no model to sample with: --model ID, a GGUF path, or --llm-url");
+        ),
     };
     // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
     let queries = seeded_subset(&ws, &mrrec_data::Purpose::Training, a.train_limit, a.seed)?;
@@ -453,11 +452,9 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
                     seed.wrapping_add(1000 * j as u64),
                     (&model_id, &fingerprint),
                     a.temperature,
-                    &|ids| {
-                        local
-                            .as_ref()
-                            .and_then(|l| l.decode(ids).ok())
-                            .unwrap_or_default()
+                    &|ids| match &model {
+                        Model::Local(l) => l.decode(ids).unwrap_or_default(),
+                        Model::Server(_) => String::new(),
                     },
                 )
             })
@@ -584,32 +581,28 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
         train.out = run.clone();
         train.sft = Some(file.clone());
         train.init_adapter = adapter.clone();
-        let state = train_cmd(
+        let trained = train_cmd(
             a.data.clone(),
             a.assistant.clone(),
             train,
             &a.tenant.tenant,
             true,
         )?;
-        let kept = match &state {
-            Some(_) => {
+        let (steps, kept) = match trained {
+            Some((state, kept)) => {
                 adapter = Some(run.join("adapter.safetensors"));
-                let cfg: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(run.join("train.json"))
-                        .with_context(|| format!("reading {}", run.join("train.json").display()))?,
-                )?;
-                cfg["sft"]["kept"].as_u64().unwrap_or(0)
+                (Some(state.step), kept)
             }
             None => {
                 eprintln!("round {round}: no sample beat the greedy answer; the adapter stays");
-                0
+                (None, 0)
             }
         };
         let line = serde_json::json!({
             "round": round,
             "sampled": sampled["file_total"],
             "kept": kept,
-            "steps": state.as_ref().map(|s| s.step),
+            "steps": steps,
             "adapter": adapter,
             "seconds": t0.elapsed().as_secs_f64(),
         });

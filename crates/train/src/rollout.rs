@@ -16,6 +16,18 @@ use mrrec_agent::assistant::{Answer, Assistant, AssistantConfig};
 use mrrec_agent::rewards::{RewardWeights, Rewards};
 use mrrec_agent::Workspace;
 
+/// `req` as a rollout samples it: at `temperature` with `seed`, the whole distribution (top-p 1)
+/// and no repetition penalty — so the recorded log-probabilities are those of the distribution
+/// sampled from.
+fn rollout_request(req: &ChatRequest, temperature: f64, seed: u64) -> ChatRequest {
+    let mut r = req.clone();
+    r.sampling.temperature = temperature;
+    r.sampling.top_p = 1.0;
+    r.sampling.seed = seed;
+    r.sampling.repetition_penalty = 1.0;
+    r
+}
+
 /// A local model (alone or a [`Batcher`]'s worker) that samples every call at `temperature`
 /// with its own seed and records it.
 pub struct Recording<'a> {
@@ -55,13 +67,7 @@ impl ChatModel for Recording<'_> {
         on_text: &mut dyn FnMut(&str),
     ) -> mrrec_llm::Result<ChatResponse> {
         let i = self.calls.fetch_add(1, Ordering::SeqCst);
-        let mut r = req.clone();
-        r.sampling.temperature = self.temperature;
-        r.sampling.top_p = 1.0;
-        r.sampling.seed = self.seed.wrapping_add(i);
-        // The recorded log-probabilities are those of the distribution sampled from: no
-        // repetition penalty in rollouts.
-        r.sampling.repetition_penalty = 1.0;
+        let r = rollout_request(req, self.temperature, self.seed.wrapping_add(i));
         let (resp, seg) = self.local.chat_segment(&r, on_text)?;
         self.segments
             .lock()
@@ -104,11 +110,7 @@ impl ChatModel for Sampled<'_> {
         on_text: &mut dyn FnMut(&str),
     ) -> mrrec_llm::Result<ChatResponse> {
         let i = self.calls.fetch_add(1, Ordering::SeqCst);
-        let mut r = req.clone();
-        r.sampling.temperature = self.temperature;
-        r.sampling.top_p = 1.0;
-        r.sampling.seed = self.seed.wrapping_add(i);
-        r.sampling.repetition_penalty = 1.0;
+        let r = rollout_request(req, self.temperature, self.seed.wrapping_add(i));
         self.llm.chat_stream(&r, on_text)
     }
 }
