@@ -1,6 +1,6 @@
 //! `mrrec train` end to end with the real tiny model: a step, an interruption, a resume that
 //! continues at the next step, a refused resume with other settings, and the adapter used by
-//! `mrrec recommend --adapter`.
+//! `mrrec recommend --adapter` and `mrrec demo --adapter`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -181,4 +181,47 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
         base["trace"]["outputs"], with["trace"]["outputs"],
         "the adapter did not change the answer: {base} vs {with}"
     );
+    // The demo runs the assistant with an adapter in free mode; llm-rewrite, its baseline,
+    // answers with the plain model (and guided), so the table shows what the adapter adds.
+    let demo = dir.path().join("demo");
+    let (ok, stdout, err) = common::mrrec(&[
+        "demo",
+        "--data",
+        common::mini().to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--out",
+        demo.to_str().unwrap(),
+        "--assistant",
+        "1",
+        "--levels",
+        "records",
+        "--model",
+        "smollm2-135m-instruct",
+        "--mode",
+        "free",
+        "--adapter",
+        strong_path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let who = format!(
+        "The assistant (smollm2-135m-instruct + adapter {}, free) on 1 seeded queries",
+        strong_path.display()
+    );
+    assert!(stdout.contains(&who), "{stdout}");
+    for row in ["mrrec@free", "llm-rewrite@guided"] {
+        assert!(
+            stdout.contains(&format!("| {row} (simple_query) |")),
+            "{row}\n{stdout}"
+        );
+    }
+    let llm = |run: &str| -> String {
+        let spec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(demo.join(run).join("run.json")).unwrap(),
+        )
+        .unwrap();
+        spec["settings"]["llm"].as_str().unwrap().to_string()
+    };
+    assert!(llm("mrrec-assistant-1").contains("+lora-"));
+    assert!(!llm("llm-rewrite-assistant-1").contains("lora"));
 }

@@ -30,6 +30,15 @@ pub(crate) struct DemoArgs {
     /// Local model the assistant uses (registry id or GGUF path).
     #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
     pub(crate) model: String,
+    /// How the assistant's loop is driven (`free`: the model runs the paper's loop itself, as
+    /// an adapter distilled from the controller does).
+    #[arg(long, value_enum, default_value = "guided")]
+    pub(crate) mode: LoopMode,
+    /// A LoRA adapter from `mrrec train` / `mrrec iterate` for the assistant's model. Only the
+    /// assistant uses it: the memory is written and llm-rewrite answers with the plain model, so
+    /// the comparison shows what the adapter adds.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
     /// The model that writes the users' patterns and profiles and the global aspects (registry
     /// id or GGUF path); default: the assistant's.
     #[arg(long)]
@@ -54,6 +63,8 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         out,
         assistant,
         model,
+        mode,
+        adapter,
         memory_model,
         levels,
         global_queries,
@@ -120,13 +131,58 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
             levels: &levels,
             global_queries,
         };
-        demo_assistant(&ws, &splits, assistant, &model, &memory, &out)?;
+        let who = DemoAssistant {
+            model: &model,
+            mode,
+            adapter: adapter.as_deref(),
+        };
+        demo_assistant(&ws, &splits, assistant, &who, &memory, &out)?;
     }
     println!(
         "\nRun folders (metrics.json, per_query.jsonl, table.md, recall.svg) under {}",
         out.display()
     );
     Ok(())
+}
+
+/// The assistant the demo runs: its model, loop mode and adapter.
+struct DemoAssistant<'a> {
+    model: &'a str,
+    mode: LoopMode,
+    adapter: Option<&'a Path>,
+}
+
+impl DemoAssistant<'_> {
+    fn args(&self, mode: LoopMode, adapter: Option<&Path>) -> AssistantArgs {
+        AssistantArgs {
+            llm: LlmArgs {
+                model: self.model.to_string(),
+                llm_url: None,
+                batch: 16,
+            },
+            mode,
+            store: None,
+            hybrid_rank: false,
+            guided_calls: 1,
+            min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
+            min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
+            no_global: false,
+            global_min_support: mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
+            adapter: adapter.map(Path::to_path_buf),
+        }
+    }
+
+    /// How the summary names it, e.g. `qwen2.5-coder-0.5b-instruct + adapter run/adapter.safetensors, free`.
+    fn describe(&self) -> String {
+        let mode = match self.mode {
+            LoopMode::Free => "free",
+            LoopMode::Auto | LoopMode::Guided => "guided",
+        };
+        match self.adapter {
+            Some(a) => format!("{} + adapter {}, {mode}", self.model, a.display()),
+            None => format!("{}, {mode}", self.model),
+        }
+    }
 }
 
 /// What memory the demo builds, and with which model.
@@ -137,16 +193,18 @@ struct DemoMemory<'a> {
 }
 
 /// The demo's assistant part: the memory of the users of `n` seeded queries (records, then the
-/// levels asked for, each phase timed), then `mrrec` (guided) and the strongest baselines on
-/// those queries, with the paired comparisons.
+/// levels asked for, each phase timed), then `mrrec` and the strongest baselines on those
+/// queries, with the paired comparisons. With an adapter, two contexts: the plain model writes
+/// the memory and answers llm-rewrite, the adapted one answers `mrrec`.
 fn demo_assistant(
     ws: &Workspace,
     splits: &[Split],
     n: usize,
-    model: &str,
+    who: &DemoAssistant<'_>,
     memory: &DemoMemory<'_>,
     out: &Path,
 ) -> Result<()> {
+    let model = who.model;
     let queries = ws
         .dataset
         .queries
@@ -167,23 +225,20 @@ fn demo_assistant(
     let mut users: Vec<&str> = picked.iter().map(|q| q.query().user_id.as_str()).collect();
     users.sort();
     users.dedup();
-    let ctx = AssistantArgs {
-        llm: LlmArgs {
-            model: model.to_string(),
-            llm_url: None,
-            batch: 16,
-        },
-        mode: LoopMode::Guided,
-        store: None,
-        hybrid_rank: false,
-        guided_calls: 1,
-        min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
-        min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,
-        no_global: false,
-        global_min_support: mrrec_agent::assistant::DEFAULT_GLOBAL_MIN_SUPPORT,
-        adapter: None,
-    }
-    .context(ws)?;
+    let ctx = who
+        .args(
+            if who.adapter.is_some() {
+                LoopMode::Guided
+            } else {
+                who.mode
+            },
+            None,
+        )
+        .context(ws)?;
+    let adapted = match who.adapter {
+        Some(a) => Some(who.args(who.mode, Some(a)).context(ws)?),
+        None => None,
+    };
     let writes = [
         BuildLevel::Patterns,
         BuildLevel::Profile,
@@ -232,7 +287,11 @@ fn demo_assistant(
     for method in ["dense", "hybrid", "llm-rewrite", "mrrec"] {
         let dir = out.join(format!("{method}-assistant-{n}"));
         // The LLM methods borrow the model and the store; dense and hybrid need neither.
-        let c = matches!(method, "llm-rewrite" | "mrrec").then_some(&ctx);
+        let c = match method {
+            "mrrec" => Some(adapted.as_ref().unwrap_or(&ctx)),
+            "llm-rewrite" => Some(&ctx),
+            _ => None,
+        };
         let m = restarting(&dir, || {
             let job = EvalJob {
                 method,
@@ -252,7 +311,8 @@ fn demo_assistant(
         .map(|(_, m)| (format!("{} (simple_query)", m.spec.method), m))
         .collect();
     println!(
-        "\nThe assistant ({model}, guided) on {n} seeded queries, against the query-only baselines on the same queries:\n"
+        "\nThe assistant ({}) on {n} seeded queries, against the query-only baselines on the same queries:\n",
+        who.describe()
     );
     print!("{}", markdown_table(&refs, true));
     let (mrrec_dir, mrrec_run) = rows.last().expect("mrrec ran");
