@@ -668,8 +668,94 @@ fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
     let (ok, stdout, stderr) = tiny("iterate", &store, &out, &rest);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("2 rounds"), "{stdout}");
-    assert!(!stderr.contains("sampling with"), "{stderr}");
+    assert!(!stderr.contains(": sampling ("), "{stderr}");
     assert_eq!(lines(&out.join("rounds.jsonl")), rounds);
+}
+
+/// `iterate --sft-as-free` distils the controller, then iterates on the student's own loop:
+/// round 1 samples guided trajectories (the controller teaching) and learns their free form;
+/// round 2 samples the free loop with round 1's adapter, and those records — the free loop
+/// already, in the student's own token ids — compete with its greedy answer and are learnt.
+#[test]
+fn expert_iteration_distils_the_controller_then_iterates_on_the_free_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("m.sqlite");
+    let out = dir.path().join("iter");
+    let round = |r: usize| out.join(format!("round-{r}"));
+    let first = round(1).join("rollouts.jsonl");
+    std::fs::create_dir_all(round(1)).unwrap();
+    let (ok, _, stderr) = rollouts(&first, &store, "1");
+    assert!(ok, "{stderr}");
+    // One sample of each round beats any greedy answer (and is well formed, as selection asks),
+    // so each round keeps one.
+    let best = |v: &mut serde_json::Value| {
+        if v["index"] == 1 {
+            v["rewards"]["total"] = 100.0.into();
+            v["rewards"]["format"] = 1.0.into();
+        }
+    };
+    rewrite(&first, best);
+    let rest = [
+        "--rounds",
+        "2",
+        "--sft-as-free",
+        "--group",
+        "2",
+        "--train-limit",
+        "1",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+    ]
+    .map(std::ffi::OsStr::new);
+    let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("round 1/2: sampling (Guided mode) with the base model"),
+        "{stderr}"
+    );
+    let rounds = lines(&out.join("rounds.jsonl"));
+    assert_eq!(rounds[0]["kept"], 1, "{}", rounds[0]);
+    let learnt = |r: usize| -> serde_json::Value {
+        let t = std::fs::read_to_string(round(r).join("run").join("train.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&t).unwrap()
+    };
+    assert_eq!(learnt(1)["assistant"]["mode"], "free");
+    assert!(lines(&first).iter().all(|v| v["mode"] == "guided"));
+    let second = round(2).join("rollouts.jsonl");
+    let sampled = lines(&second);
+    assert_eq!(sampled.len(), 2);
+    for v in &sampled {
+        assert_eq!(v["mode"], "free", "{v}");
+        assert!(v["model"].as_str().unwrap().contains("+lora-"), "{v}");
+    }
+    // Round 2 again, with one of its free-loop samples the best: it is kept and learnt.
+    rewrite(&second, best);
+    std::fs::write(out.join("rounds.jsonl"), format!("{}\n", rounds[0])).unwrap();
+    std::fs::remove_dir_all(round(2).join("run")).ok();
+    let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("round 2/2: sampling (Free mode) with"),
+        "{stderr}"
+    );
+    assert_eq!(lines(&second).len(), 2, "round 2 sampled again");
+    let rounds = lines(&out.join("rounds.jsonl"));
+    assert_eq!(rounds[1]["kept"], 1, "{}", rounds[1]);
+    let adapter2 = round(2).join("run").join("adapter.safetensors");
+    assert_eq!(rounds[1]["adapter"], adapter2.to_str().unwrap());
+    let source = &learnt(2)["sft"];
+    assert_eq!(source["left_out_without_free_form"], 0, "{source}");
+    assert_eq!(source["kept"], 1, "{source}");
 }
 
 /// Distilled text spells the tokenizer's added tokens with ordinary ones: Qwen's `<tool_call>`

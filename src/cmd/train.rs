@@ -75,8 +75,11 @@ pub(crate) struct TrainArgs {
     /// openings written as the model's own text: reasoning, `<tool_call>…</tool_call>`, the tool's
     /// response as the next turn, `\boxed{…}`), re-tokenised from their text with this model's
     /// template — distilling the controller into the model; pair with `--mode free`. Records from
-    /// a model with another tokenizer are accepted (they are text here).
-    #[arg(long, requires = "sft")]
+    /// a model with another tokenizer are accepted (they are text here). Free-mode records of this
+    /// model's tokenizer are already the free loop: learnt from their own token ids. In `mrrec
+    /// iterate`: round 1 samples the controller (guided), later rounds the free loop with the
+    /// current adapter.
+    #[arg(long)]
     pub(crate) sft_as_free: bool,
     /// Start from this adapter (e.g. GRPO after fine-tuning); a checkpoint in --out wins.
     #[arg(long)]
@@ -100,6 +103,9 @@ pub(crate) struct TrainCmd {
 }
 
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
+    if a.train.sft_as_free && a.train.sft.is_none() {
+        bail!("--sft-as-free says how to learn a rollouts file: give it with --sft FILE");
+    }
     train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant, false)?;
     Ok(())
 }
@@ -520,7 +526,10 @@ pub(crate) struct IterateCmd {
 /// A round whose samples never beat the greedy answers keeps the adapter it started from. Every
 /// finished round appends a line to `OUT/rounds.jsonl`; rerun the same command after an
 /// interruption (a finished round is not redone, an unfinished one resumes). The last adapter is
-/// copied to `OUT/adapter.safetensors`.
+/// copied to `OUT/adapter.safetensors`. With `--sft-as-free` it distils the controller and then
+/// iterates on the student's own loop: a round without an adapter samples guided trajectories
+/// and learns their free form; a round with one samples the free loop with it (its records are
+/// the free loop already); every round trains in free mode.
 pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
     anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
     if a.train.sft.is_some() {
@@ -551,9 +560,20 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
     };
     for round in done.len() + 1..=a.rounds {
         let dir = out.join(format!("round-{round}"));
+        let mut sampler = a.assistant.clone();
+        sampler.adapter = adapter.clone();
+        if a.train.sft_as_free {
+            // Distillation: the controller teaches until there is a student to run the loop.
+            sampler.mode = if adapter.is_some() {
+                LoopMode::Free
+            } else {
+                LoopMode::Guided
+            };
+        }
         eprintln!(
-            "round {round}/{}: sampling with {}",
+            "round {round}/{}: sampling ({:?} mode) with {}",
             a.rounds,
+            sampler.config()?.mode,
             adapter
                 .as_ref()
                 .map_or("the base model".into(), |p| p.display().to_string())
@@ -561,8 +581,6 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
         let t0 = std::time::Instant::now();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = dir.join("rollouts.jsonl");
-        let mut sampler = a.assistant.clone();
-        sampler.adapter = adapter.clone();
         let sampled = sample_rollouts(RolloutsCmd {
             data: a.data.clone(),
             assistant: sampler,
@@ -581,13 +599,11 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
         train.out = run.clone();
         train.sft = Some(file.clone());
         train.init_adapter = adapter.clone();
-        let trained = train_cmd(
-            a.data.clone(),
-            a.assistant.clone(),
-            train,
-            &a.tenant.tenant,
-            true,
-        )?;
+        let mut learner = a.assistant.clone();
+        if a.train.sft_as_free {
+            learner.mode = LoopMode::Free;
+        }
+        let trained = train_cmd(a.data.clone(), learner, train, &a.tenant.tenant, true)?;
         let (steps, kept) = match trained {
             Some((state, kept)) => {
                 adapter = Some(run.join("adapter.safetensors"));
@@ -696,15 +712,19 @@ fn sft_examples(
         teachers.insert(r.model.clone());
     }
     let mut without_free_form = 0;
+    // A free-mode record of this tokenizer is the free loop already, in its own token ids.
+    let own_free_loop = |r: &TrajectoryRecord| {
+        r.mode == "free" && r.tokenizer == fingerprint && r.reported_tokens.is_none()
+    };
     if as_free {
         for g in file.groups.values_mut() {
             let n = g.len();
-            g.retain(|r| !r.free_form.is_empty());
+            g.retain(|r| !r.free_form.is_empty() || own_free_loop(r));
             without_free_form += n - g.len();
         }
         file.groups.retain(|_, g| !g.is_empty());
         eprintln!(
-            "{}: {without_free_form} trajectories without a free form (free-mode records, fallbacks, broken calls) left out",
+            "{}: {without_free_form} trajectories without a free form (guided fallbacks or broken calls, another model's free loop) left out",
             path.display()
         );
     }
@@ -753,7 +773,9 @@ fn sft_examples(
         .map(|r| {
             Ok(mrrec_train::trainer::SftExample {
                 qid: r.qid.clone(),
-                segments: if as_free {
+                segments: if as_free && r.free_form.is_empty() {
+                    segments_of(r)
+                } else if as_free {
                     free_segments(r, local)?
                 } else {
                     segments_of(r)
@@ -771,7 +793,7 @@ fn sft_examples(
         "written_by": teachers,
         "tokenizer": fingerprint,
         "as": if as_free {
-            "free loop (guided trajectories' free form, re-tokenised from text with this model's template)"
+            "free loop (guided trajectories' free form, re-tokenised from text with this model's template; free-mode trajectories of this tokenizer as their own token ids)"
         } else {
             "the recorded token ids of each model call"
         },
