@@ -477,3 +477,40 @@ fn qwen_decodes_to_the_same_tokens_alone_and_in_a_batch() {
         }
     }
 }
+
+/// A call that ends with the model's end-of-turn token records that token last in its training
+/// segment (the decision to stop is the model's, and training learns it), with its sampling
+/// log-probability, alone and batched alike; a call cut by `max_tokens` records no end.
+#[test]
+fn a_segment_ends_with_the_sampled_end_of_turn_token() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let req = |max_tokens| ChatRequest {
+        messages: vec![Message::user("Name a fruit. Answer with one word.")],
+        sampling: Sampling {
+            max_tokens,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (resp, seg) = m.chat_segment(&req(64), &mut |_| {}).unwrap();
+    assert_eq!(resp.finish_reason, FinishReason::Stop, "{:?}", resp.text);
+    let (&last, written) = seg.ids.split_last().unwrap();
+    assert!(m.info().stop_ids.contains(&last), "{:?}", seg.ids);
+    assert_eq!(m.decode(written).unwrap(), resp.text);
+    assert_eq!(seg.ids.len(), seg.logprobs.len());
+    assert_eq!(seg.ids.len(), seg.masks.len());
+    let lp = *seg.logprobs.last().unwrap();
+    assert!(
+        lp.is_finite() && lp <= 0.0 && lp > -2.0,
+        "greedy end's log p {lp}"
+    );
+    let batched = m.chat_segments(&[req(64), req(64)]);
+    for b in batched {
+        assert_eq!(b.unwrap().1, seg);
+    }
+    // Cut by the length limit: every id decodes to the text, no end token.
+    let (resp, seg) = m.chat_segment(&req(1), &mut |_| {}).unwrap();
+    assert_eq!(resp.finish_reason, FinishReason::Length);
+    assert_eq!(seg.ids.len(), 1);
+    assert!(!m.info().stop_ids.contains(&seg.ids[0]));
+}

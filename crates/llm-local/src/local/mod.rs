@@ -38,10 +38,14 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// Per sampled token: the tokens the constraint allowed (`None` when unconstrained).
     pub masks: Vec<Option<crate::TokenSet>>,
+    /// The end-of-turn token, when the model sampled one (not in `ids` or `text`), with its
+    /// log-probability and mask: the model's decision to stop, which training learns too.
+    pub end: Option<(u32, f32, Option<crate::TokenSet>)>,
 }
 
 /// One model call of an agent loop, as training needs it: the exact prompt ids, the sampled ids
-/// (the only tokens the policy wrote), their log-probabilities and the constraint masks.
+/// (the only tokens the policy wrote, the end-of-turn token included when the model sampled
+/// one), their log-probabilities and the constraint masks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
     /// Prompt token ids (controller text and tool responses included: never trained on).
@@ -52,6 +56,25 @@ pub struct Segment {
     pub logprobs: Vec<f32>,
     /// Per sampled id, the allowed set under a constraint.
     pub masks: Vec<Option<crate::TokenSet>>,
+}
+
+impl Segment {
+    /// A call's segment: its prompt and what it generated, the sampled end-of-turn token last.
+    pub fn of(prompt: Vec<u32>, g: &Generation) -> Segment {
+        let (mut ids, mut logprobs, mut masks) =
+            (g.ids.clone(), g.logprobs.clone(), g.masks.clone());
+        if let Some((id, lp, mask)) = &g.end {
+            ids.push(*id);
+            logprobs.push(*lp);
+            masks.push(mask.clone());
+        }
+        Segment {
+            prompt,
+            ids,
+            logprobs,
+            masks,
+        }
+    }
 }
 
 /// A local GGUF chat model.
@@ -76,6 +99,8 @@ struct Seq<'a> {
     ids: Vec<u32>,
     logprobs: Vec<f32>,
     masks: Vec<Option<crate::TokenSet>>,
+    /// The sampled end-of-turn token ([`Generation::end`]).
+    end: Option<(u32, f32, Option<crate::TokenSet>)>,
     text: String,
     emitted: usize,
     done: Option<FinishReason>,
@@ -239,6 +264,7 @@ impl LocalModel {
             ids: Vec::new(),
             logprobs: Vec::new(),
             masks: Vec::new(),
+            end: None,
             text: String::new(),
             emitted: 0,
             done: None,
@@ -288,6 +314,8 @@ impl LocalModel {
             q.sampler.sample(&logits)?
         };
         if self.info.stop_ids.contains(&next) {
+            let lp = logits.get(next as usize)?.to_scalar::<f32>()? - lse;
+            q.end = Some((next, lp, allowed));
             q.done = Some(FinishReason::Stop);
             return Ok(());
         }
@@ -372,6 +400,7 @@ impl LocalModel {
             text: q.text,
             finish_reason: q.done.unwrap_or(FinishReason::Length),
             masks: q.masks,
+            end: q.end,
         })
     }
 
@@ -550,12 +579,7 @@ impl LocalModel {
         let mut seqs = vec![self.start(&ids, req, Some(on_text))?];
         self.run(&mut seqs)?;
         let g = Self::finish(seqs.remove(0))?;
-        let seg = Segment {
-            prompt: ids.clone(),
-            ids: g.ids.clone(),
-            logprobs: g.logprobs.clone(),
-            masks: g.masks.clone(),
-        };
+        let seg = Segment::of(ids.clone(), &g);
         Ok((self.response(req, ids.len(), g, t0), seg))
     }
 
@@ -603,12 +627,7 @@ impl LocalModel {
             let n = started.len().max(1) as f64;
             for ((i, ids), q) in started.into_iter().zip(seqs) {
                 out[i] = Some(Self::finish(q).map(|g| {
-                    let seg = Segment {
-                        prompt: ids.clone(),
-                        ids: g.ids.clone(),
-                        logprobs: g.logprobs.clone(),
-                        masks: g.masks.clone(),
-                    };
+                    let seg = Segment::of(ids.clone(), &g);
                     let mut resp = self.response(&reqs[i], ids.len(), g, t0);
                     resp.usage.seconds /= n;
                     (resp, seg)
