@@ -773,9 +773,9 @@ fn sft_examples(
         .map(|r| {
             Ok(mrrec_train::trainer::SftExample {
                 qid: r.qid.clone(),
-                segments: if as_free && r.free_form.is_empty() {
-                    segments_of(r)
-                } else if as_free {
+                // A free form is re-tokenised; anything else (plain fine-tuning, or a free-mode
+                // record of this tokenizer) is learnt as its recorded ids.
+                segments: if as_free && !r.free_form.is_empty() {
                     free_segments(r, local)?
                 } else {
                     segments_of(r)
