@@ -140,6 +140,35 @@ fn rollouts_write_train_trajectories_and_resume() {
     assert!(!ok && stderr.contains("use another --out"), "{stderr}");
 }
 
+/// `mrrec iterate`'s options in the iteration tests: two rounds of two trajectories of one query,
+/// one step each, no validation; then `extra`.
+fn iterate_args(extra: &[&'static str]) -> Vec<&'static std::ffi::OsStr> {
+    let base = [
+        "--rounds",
+        "2",
+        "--group",
+        "2",
+        "--train-limit",
+        "1",
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+    ];
+    base.iter()
+        .chain(extra)
+        .map(|a| std::ffi::OsStr::new(*a))
+        .collect()
+}
+
 /// One fine-tuning step on one example, validated on one query: the short run most tests need.
 const ONE_STEP: [&str; 14] = [
     "--steps",
@@ -622,27 +651,7 @@ fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
             v["rewards"]["total"] = 100.0.into();
         }
     });
-    let rest = [
-        "--rounds",
-        "2",
-        "--group",
-        "2",
-        "--train-limit",
-        "1",
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "1",
-        "--lora-layers",
-        "2",
-        "--lr",
-        "1e-3",
-        "--val-every",
-        "0",
-        "--val-queries",
-        "0",
-    ]
-    .map(std::ffi::OsStr::new);
+    let rest = iterate_args(&[]);
     let (ok, stdout, stderr) = tiny("iterate", &store, &out, &rest);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("2 rounds"), "{stdout}");
@@ -695,32 +704,11 @@ fn expert_iteration_distils_the_controller_then_iterates_on_the_free_loop() {
         }
     };
     rewrite(&first, best);
-    let rest = [
-        "--rounds",
-        "2",
-        "--sft-as-free",
-        "--group",
-        "2",
-        "--train-limit",
-        "1",
-        "--steps",
-        "1",
-        "--queries-per-step",
-        "1",
-        "--lora-layers",
-        "2",
-        "--lr",
-        "1e-3",
-        "--val-every",
-        "0",
-        "--val-queries",
-        "0",
-    ]
-    .map(std::ffi::OsStr::new);
+    let rest = iterate_args(&["--sft-as-free"]);
     let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
     assert!(ok, "{stderr}");
     assert!(
-        stderr.contains("round 1/2: sampling (Guided mode) with the base model"),
+        stderr.contains("round 1/2: sampling (guided mode) with the base model"),
         "{stderr}"
     );
     let rounds = lines(&out.join("rounds.jsonl"));
@@ -745,7 +733,7 @@ fn expert_iteration_distils_the_controller_then_iterates_on_the_free_loop() {
     let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
     assert!(ok, "{stderr}");
     assert!(
-        stderr.contains("round 2/2: sampling (Free mode) with"),
+        stderr.contains("round 2/2: sampling (free mode) with"),
         "{stderr}"
     );
     assert_eq!(lines(&second).len(), 2, "round 2 sampled again");

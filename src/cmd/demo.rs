@@ -173,14 +173,10 @@ impl DemoAssistant<'_> {
     }
 
     /// How the summary names it, e.g. `qwen2.5-coder-0.5b-instruct + adapter run/adapter.safetensors, free`.
-    fn describe(&self) -> String {
-        let mode = match self.mode {
-            LoopMode::Free => "free",
-            LoopMode::Auto | LoopMode::Guided => "guided",
-        };
+    fn describe(&self, mode: mrrec_agent::assistant::Mode) -> String {
         match self.adapter {
-            Some(a) => format!("{} + adapter {}, {mode}", self.model, a.display()),
-            None => format!("{}, {mode}", self.model),
+            Some(a) => format!("{} + adapter {}, {}", self.model, a.display(), mode.name()),
+            None => format!("{}, {}", self.model, mode.name()),
         }
     }
 }
@@ -225,20 +221,17 @@ fn demo_assistant(
     let mut users: Vec<&str> = picked.iter().map(|q| q.query().user_id.as_str()).collect();
     users.sort();
     users.dedup();
-    let ctx = who
-        .args(
-            if who.adapter.is_some() {
-                LoopMode::Guided
-            } else {
-                who.mode
-            },
-            None,
-        )
-        .context(ws)?;
+    // Without an adapter one context answers both; with one, the baseline stays the default.
+    let plain_mode = match who.adapter {
+        Some(_) => LoopMode::Guided,
+        None => who.mode,
+    };
+    let ctx = who.args(plain_mode, None).context(ws)?;
     let adapted = match who.adapter {
         Some(a) => Some(who.args(who.mode, Some(a)).context(ws)?),
         None => None,
     };
+    let answering = adapted.as_ref().unwrap_or(&ctx);
     let writes = [
         BuildLevel::Patterns,
         BuildLevel::Profile,
@@ -288,7 +281,7 @@ fn demo_assistant(
         let dir = out.join(format!("{method}-assistant-{n}"));
         // The LLM methods borrow the model and the store; dense and hybrid need neither.
         let c = match method {
-            "mrrec" => Some(adapted.as_ref().unwrap_or(&ctx)),
+            "mrrec" => Some(answering),
             "llm-rewrite" => Some(&ctx),
             _ => None,
         };
@@ -312,7 +305,7 @@ fn demo_assistant(
         .collect();
     println!(
         "\nThe assistant ({}) on {n} seeded queries, against the query-only baselines on the same queries:\n",
-        who.describe()
+        who.describe(answering.cfg.mode)
     );
     print!("{}", markdown_table(&refs, true));
     let (mrrec_dir, mrrec_run) = rows.last().expect("mrrec ran");

@@ -94,10 +94,7 @@ pub(crate) fn eval_one(
     // are replayed from the response cache.
     let (run_name, batch, prompts) = match ctx {
         Some(c) if mrrec_agent::methods::llm_method(method, &c.cfg).is_some() => (
-            format!(
-                "{method}@{}",
-                serde_json::to_value(c.cfg.mode)?.as_str().unwrap_or("?")
-            ),
+            format!("{method}@{}", c.cfg.mode.name()),
             c.batch,
             format!(
                 "{} / {} / {}",

@@ -571,9 +571,9 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             };
         }
         eprintln!(
-            "round {round}/{}: sampling ({:?} mode) with {}",
+            "round {round}/{}: sampling ({} mode) with {}",
             a.rounds,
-            sampler.config()?.mode,
+            sampler.config()?.mode.name(),
             adapter
                 .as_ref()
                 .map_or("the base model".into(), |p| p.display().to_string())

@@ -110,9 +110,8 @@ impl TrajectoryRecord {
                 .answer
                 .trace
                 .mode
-                .and_then(|m| serde_json::to_value(m).ok())
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "none".into()),
+                .map_or("none", mrrec_agent::assistant::Mode::name)
+                .into(),
             rewards: t.rewards.clone(),
             fallback: t.answer.trace.fallback,
             memory_calls_ok: t.answer.trace.memory_calls_ok(),

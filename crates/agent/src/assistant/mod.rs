@@ -38,6 +38,16 @@ pub enum Mode {
     Guided,
 }
 
+impl Mode {
+    /// Its name, as runs, records and the command line spell it (`free`, `guided`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Free => "free",
+            Mode::Guided => "guided",
+        }
+    }
+}
+
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

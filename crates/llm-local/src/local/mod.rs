@@ -313,8 +313,9 @@ impl LocalModel {
         } else {
             q.sampler.sample(&logits)?
         };
+        // The log-probability before the penalty (the model's, as training recomputes it).
+        let lp = logits.get(next as usize)?.to_scalar::<f32>()? - lse;
         if self.info.stop_ids.contains(&next) {
-            let lp = logits.get(next as usize)?.to_scalar::<f32>()? - lse;
             q.end = Some((next, lp, allowed));
             q.done = Some(FinishReason::Stop);
             return Ok(());
@@ -323,9 +324,7 @@ impl LocalModel {
             m.consume_token(next)
                 .map_err(|e| crate::LocalError::Llm(LlmError::Constraint(e.to_string())))?;
         }
-        // The log-probability before the penalty (the model's, as training recomputes it).
-        q.logprobs
-            .push(logits.get(next as usize)?.to_scalar::<f32>()? - lse);
+        q.logprobs.push(lp);
         q.masks.push(allowed);
         q.ids.push(next);
         q.text = self.decode(&q.ids)?;
