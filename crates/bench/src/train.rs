@@ -5,43 +5,72 @@ use crate::*;
 /// The training model's cost per trajectory segment as the prompt and the response grow: one
 /// forward with the adapter and the reference pass (sharing the frozen lower layers), then the
 /// backward of the summed log-probabilities — what a GRPO step does per segment (a step costs
-/// G × segments × this). Real weights of `model`, LoRA r8 on q,v of the top 4 layers.
+/// G × segments × this). Real weights of `model`, LoRA r8 on q,v of the top 4 layers. Each
+/// segment is measured with attention's softmax composed from tensor operations (the baseline)
+/// and as one operation (`causal_softmax`, the default), with the resident memory the live graph
+/// holds after the forward, and their ratios.
 pub fn grpo(model: &str) -> Result<Value> {
     let local = mrrec_llm_local::LocalModel::from_registry(model)?;
-    let policy =
+    let mut policy =
         mrrec_train::Policy::from_gguf(&local.info().path, mrrec_train::LoraConfig::default())?;
     let text = "A user asks for a soft plush toy for a toddler. Memories: bought a wooden train set, rated 5/5; prefers washable fabrics. ";
     let ids = local.info().encode(text)?;
     let mut out = Vec::new();
-    for (prompt, response) in [(256usize, 32usize), (256, 128), (512, 128), (1024, 128)] {
+    for (prompt, response) in [
+        (256usize, 32usize),
+        (256, 128),
+        (512, 128),
+        (1024, 128),
+        (1536, 128),
+    ] {
         let n = prompt + response;
         let toks: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
-        let mut cache = mrrec_train::LowerCache::new(2);
-        let t0 = Instant::now();
-        let (lp, _) =
-            policy.token_logprobs_with_reference(&toks, prompt, &[], 64, Some(&mut cache))?;
-        let fwd = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let _ = lp.sum_all()?.backward()?;
-        let bwd = t1.elapsed().as_secs_f64();
-        // Another response to the same prompt (the next trajectory of a group): the frozen
-        // lower layers run on the response only.
-        let mut other = toks[..prompt].to_vec();
-        other.extend(toks[prompt..].iter().rev());
-        let t2 = Instant::now();
-        let (lp2, _) =
-            policy.token_logprobs_with_reference(&other, prompt, &[], 64, Some(&mut cache))?;
-        let fwd_shared = t2.elapsed().as_secs_f64();
-        drop(lp2);
+        let mut by = serde_json::Map::new();
+        for (name, fused) in [("composed", false), ("fused", true)] {
+            policy.set_fused_softmax(fused);
+            let mut cache = mrrec_train::LowerCache::new(2);
+            let before = resident_bytes();
+            let t0 = Instant::now();
+            let (lp, _) =
+                policy.token_logprobs_with_reference(&toks, prompt, &[], 64, Some(&mut cache))?;
+            let fwd = t0.elapsed().as_secs_f64();
+            let graph = resident_bytes().saturating_sub(before);
+            let t1 = Instant::now();
+            let _ = lp.sum_all()?.backward()?;
+            let bwd = t1.elapsed().as_secs_f64();
+            drop(lp);
+            // Another response to the same prompt (the next trajectory of a group): the frozen
+            // lower layers run on the response only.
+            let mut other = toks[..prompt].to_vec();
+            other.extend(toks[prompt..].iter().rev());
+            let t2 = Instant::now();
+            let (lp2, _) =
+                policy.token_logprobs_with_reference(&other, prompt, &[], 64, Some(&mut cache))?;
+            let fwd_shared = t2.elapsed().as_secs_f64();
+            drop(lp2);
+            eprintln!("grpo {model} ({name} softmax): prompt {prompt} + response {response}: forward {fwd:.2} s, backward {bwd:.2} s, graph {} MB", graph >> 20);
+            by.insert(
+                name.into(),
+                json!({
+                    "forward_s": fwd, "backward_s": bwd, "graph_bytes": graph,
+                    "forward_shared_prompt_s": fwd_shared,
+                    "forward_ratio_shared_vs_full": fwd_shared / fwd,
+                    "tokens_per_s": n as f64 / (fwd + bwd),
+                }),
+            );
+        }
+        let (c, f) = (&by["composed"], &by["fused"]);
+        let secs = |v: &Value| {
+            v["forward_s"].as_f64().unwrap_or(0.0) + v["backward_s"].as_f64().unwrap_or(0.0)
+        };
+        let bytes = |v: &Value| v["graph_bytes"].as_f64().unwrap_or(0.0);
         out.push(json!({
             "prompt": prompt, "response": response,
-            "forward_s": fwd, "backward_s": bwd,
-            "forward_shared_prompt_s": fwd_shared,
-            "forward_ratio_shared_vs_full": fwd_shared / fwd,
-            "tokens_per_s": n as f64 / (fwd + bwd),
-            "peak_rss": resident_bytes(),
+            "composed": c, "fused": f,
+            "ratio_time_fused_vs_composed": secs(f) / secs(c).max(1e-9),
+            "ratio_graph_bytes_fused_vs_composed": bytes(f) / bytes(c).max(1.0),
+            "peak_rss": status_bytes("VmHWM:"),
         }));
-        eprintln!("grpo {model}: prompt {prompt} + response {response}: forward {fwd:.2} s, backward {bwd:.2} s");
     }
     Ok(json!({"model": model, "segments": out}))
 }

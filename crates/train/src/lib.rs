@@ -9,6 +9,7 @@
 pub mod grpo;
 pub mod policy;
 pub mod rollout;
+pub mod softmax;
 pub mod trainer;
 pub mod trajectories;
 

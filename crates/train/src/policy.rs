@@ -113,6 +113,9 @@ pub struct Policy {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Attention's softmax as one operation ([`crate::softmax::causal_softmax`], the default)
+    /// or composed from tensor operations (the baseline benchmarks compare it with).
+    fused_softmax: bool,
 }
 
 fn bad(path: &Path, m: impl Into<String>) -> TrainError {
@@ -294,7 +297,15 @@ impl Policy {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
             device,
+            fused_softmax: true,
         })
+    }
+
+    /// Computes attention's softmax composed from tensor operations (`false`: the way before
+    /// [`crate::softmax::causal_softmax`], for benchmarks) or as one operation (`true`, the
+    /// default). Both give the same values and gradients up to rounding.
+    pub fn set_fused_softmax(&mut self, fused: bool) {
+        self.fused_softmax = fused;
     }
 
     /// The trainable parameters, in a fixed order: (name, var).
@@ -402,15 +413,15 @@ impl Policy {
 
     /// Causal attention of the rows `offset..offset + t` (q, k, v: (t, width)) over `past`
     /// keys and values of positions `0..offset` (rotated, (kv heads, offset, head dim)) and
-    /// their own, under `mask` ([`Policy::mask`]`(t, offset)`, built once per pass). Returns the
-    /// output and this block's keys and values, past included.
+    /// their own, each row seeing the positions up to its own ([`crate::softmax::causal_softmax`],
+    /// which keeps 2 rather than 6 attention-sized tensors in the graph). Returns the output
+    /// and this block's keys and values, past included.
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         past: Option<&(Tensor, Tensor)>,
-        mask: &Tensor,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let (t, _) = q.dims2()?;
         let offset = past.map_or(Ok(0), |(k, _)| k.dim(1))?;
@@ -440,20 +451,14 @@ impl Policy {
                 .reshape((nh, all, hd))
         };
         let (ke, ve) = (expand(&k)?, expand(&v)?);
-        let att = (q.matmul(&ke.t()?)? / (hd as f64).sqrt())?;
-        let att = att.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let softmax = if self.fused_softmax {
+            crate::softmax::causal_softmax
+        } else {
+            crate::softmax::composed_causal_softmax
+        };
+        let att = softmax(&q.matmul(&ke.t()?)?, 1.0 / (hd as f64).sqrt())?;
         let y = att.matmul(&ve)?.transpose(0, 1)?.reshape((t, nh * hd))?;
         Ok((y, (k, v)))
-    }
-
-    /// The causal mask of rows `offset..offset + t` over columns `0..offset + t`.
-    fn mask(&self, t: usize, offset: usize) -> candle_core::Result<Tensor> {
-        let all = offset + t;
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..all).map(move |j| if j > offset + i { -1e9 } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(m, (t, all), &self.device)?.to_dtype(self.dtype)
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -478,7 +483,6 @@ impl Policy {
         li: usize,
         x: Tensor,
         past: Option<&(Tensor, Tensor)>,
-        mask: &Tensor,
         lora: bool,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let l = &self.layers[li];
@@ -486,7 +490,7 @@ impl Policy {
         let q = self.proj(li, Proj::Q, l, &h, lora)?;
         let k = self.proj(li, Proj::K, l, &h, lora)?;
         let v = self.proj(li, Proj::V, l, &h, lora)?;
-        let (y, kv) = self.attention(&q, &k, &v, past, mask)?;
+        let (y, kv) = self.attention(&q, &k, &v, past)?;
         let x = (self.proj(li, Proj::O, l, &y, lora)? + x)?;
         let h = self.rms(&x, &l.ffn_norm)?;
         let g = self.proj(li, Proj::Gate, l, &h, lora)?.silu()?;
@@ -508,7 +512,6 @@ impl Policy {
         let hit = hit.filter(|_| reuse > 0);
         let ids = Tensor::new(&tokens[reuse..], &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mask = self.mask(tokens.len() - reuse, reuse)?;
         let mut kvs = Vec::with_capacity(upto);
         for li in 0..upto {
             let past = match hit {
@@ -518,7 +521,7 @@ impl Policy {
                 }
                 None => None,
             };
-            let (y, kv) = self.layer(li, x, past.as_ref(), &mask, false)?;
+            let (y, kv) = self.layer(li, x, past.as_ref(), false)?;
             x = y;
             kvs.push(kv);
         }
@@ -541,9 +544,8 @@ impl Policy {
 
     /// Layers from `from` up and the final norm, on the residual stream `x`.
     fn upper(&self, mut x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
-        let mask = self.mask(x.dim(0)?, 0)?;
         for li in from..self.shape.layers {
-            x = self.layer(li, x, None, &mask, lora)?.0;
+            x = self.layer(li, x, None, lora)?.0;
         }
         Ok(self.rms(&x, &self.norm)?)
     }

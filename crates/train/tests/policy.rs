@@ -263,9 +263,13 @@ fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
         layers: 2,
         ..all_lora(2, 5)
     };
-    let p = Policy::random(shape, lora, DType::F64, 11).unwrap();
+    let p = Policy::random(shape.clone(), lora.clone(), DType::F64, 11).unwrap();
     perturb_b(&p, 3, 0.3);
     assert_eq!(p.first_adapted(), 2, "two frozen layers below the adapter");
+    // The same policy with attention's softmax composed from tensor operations (the baseline).
+    let mut composed = Policy::random(shape, lora, DType::F64, 11).unwrap();
+    perturb_b(&composed, 3, 0.3);
+    composed.set_fused_softmax(false);
     let prompt = [1u32, 5, 7, 2, 9, 3, 3, 8, 0, 4];
     let seqs: Vec<(Vec<u32>, usize)> = vec![
         ([&prompt[..], &[6, 1, 2]].concat(), 10), // first trajectory
@@ -276,15 +280,15 @@ fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
         (vec![4, 4, 4, 1, 2], 2),                 // nothing shared
     ];
     let allowed = vec![None, Some(set(&[1, 2, 6, 10]))];
-    let params: Vec<Var> = p.params().into_iter().map(|(_, v)| v).collect();
-    let run = |cache: Option<&mut LowerCache>, toks: &[u32], from: usize| {
+    let run = |p: &Policy, cache: Option<&mut LowerCache>, toks: &[u32], from: usize| {
         let (lp, reference) = p
             .token_logprobs_with_reference(toks, from, &allowed, 3, cache)
             .unwrap();
         let grads = lp.sum_all().unwrap().backward().unwrap();
-        let g: Vec<Vec<f64>> = params
+        let g: Vec<Vec<f64>> = p
+            .params()
             .iter()
-            .map(|v| {
+            .map(|(_, v)| {
                 grads
                     .get(v.as_tensor())
                     .unwrap()
@@ -294,19 +298,30 @@ fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
                     .unwrap()
             })
             .collect();
+        let reference: Vec<f64> = reference.iter().map(|&x| f64::from(x)).collect();
         (lp.to_vec1::<f64>().unwrap(), reference, g)
     };
-    let mut cache = LowerCache::new(3);
+    let close = |a: &[f64], b: &[f64], tol: f64, what: &str| {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < tol, "{what}: {x} vs {y}");
+        }
+    };
+    let (mut cache, mut composed_cache) = (LowerCache::new(3), LowerCache::new(3));
     for (toks, from) in &seqs {
-        let (a, ra, ga) = run(None, toks, *from);
-        let (b, rb, gb) = run(Some(&mut cache), toks, *from);
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-10, "{toks:?}: {x} vs {y}");
-        }
+        let (a, ra, ga) = run(&p, None, toks, *from);
+        let (b, rb, gb) = run(&p, Some(&mut cache), toks, *from);
+        close(&a, &b, 1e-10, "cached log-probability");
         assert_eq!(ra, rb);
-        for (x, y) in ga.iter().flatten().zip(gb.iter().flatten()) {
-            assert!((x - y).abs() < 1e-9, "gradient {x} vs {y}");
-        }
+        close(&ga.concat(), &gb.concat(), 1e-9, "cached gradient");
+        let (c, rc, gc) = run(&composed, Some(&mut composed_cache), toks, *from);
+        close(&a, &c, 1e-10, "composed softmax's log-probability");
+        close(&ra, &rc, 1e-5, "composed softmax's reference");
+        close(
+            &ga.concat(),
+            &gc.concat(),
+            1e-9,
+            "composed softmax's gradient",
+        );
     }
     // Reused: the prompt, the first call, six tokens, then the repeated sequence found inside
     // the extended one (all but its last token, which is always computed) — of 69 tokens.
