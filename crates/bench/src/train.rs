@@ -26,7 +26,8 @@ pub fn grpo(model: &str) -> Result<Value> {
         let n = prompt + response;
         let toks: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
         let mut by = serde_json::Map::new();
-        for (name, fused) in [("composed", false), ("fused", true)] {
+        // Fused first: memory the allocator keeps after one run can only flatter the second.
+        for (name, fused) in [("fused", true), ("composed", false)] {
             policy.set_fused_softmax(fused);
             let mut cache = mrrec_train::LowerCache::new(2);
             let before = resident_bytes();
