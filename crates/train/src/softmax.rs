@@ -83,18 +83,37 @@ impl Real for f64 {
     }
 }
 
-/// The rows of a contiguous (…, t, all) layout: (row length, rows per matrix, the data).
-fn rows<'a, T>(src: &'a [T], layout: &Layout) -> candle_core::Result<(usize, usize, &'a [T])> {
+/// The data and (row length, rows per matrix) of a contiguous (…, t, all) layout.
+fn rows<'a, T>(src: &'a [T], layout: &Layout) -> candle_core::Result<(&'a [T], usize, usize)> {
     let Some((a, b)) = layout.contiguous_offsets() else {
         candle_core::bail!("causal softmax: the input must be contiguous")
     };
     let dims = layout.shape().dims();
-    Ok((dims[dims.len() - 1], dims[dims.len() - 2], &src[a..b]))
+    Ok((&src[a..b], dims[dims.len() - 1], dims[dims.len() - 2]))
 }
 
-/// How many rows a parallel task takes (a few thousand entries or more each).
-fn rows_per_task(all: usize) -> usize {
-    (16_384 / all.max(1)).max(1)
+/// A new (…, t, all) buffer of `len` entries, zero where masked, whose rows `f` fills in
+/// parallel: `f(start, d)` gets the row's offset in the flat data and its `d`, cut to the
+/// columns that row sees (`all − t + i + 1` for row `i` of a matrix).
+fn each_row<T: Real>(
+    len: usize,
+    all: usize,
+    t: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> CpuStorage {
+    use rayon::prelude::*;
+    let mut dst = vec![T::zero(); len];
+    // A few thousand entries or more per parallel task.
+    let per = (16_384 / all.max(1)).max(1);
+    dst.par_chunks_mut(all * per)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (r, d) in chunk.chunks_mut(all).enumerate() {
+                let row = task * per + r;
+                f(row * all, &mut d[..all - t + row % t + 1]);
+            }
+        });
+    T::to_cpu_storage_owned(dst)
 }
 
 struct CausalSoftmax {
@@ -103,36 +122,25 @@ struct CausalSoftmax {
 
 impl CausalSoftmax {
     fn forward<T: Real>(&self, src: &[T], layout: &Layout) -> candle_core::Result<CpuStorage> {
-        use rayon::prelude::*;
-        let (all, t, src) = rows(src, layout)?;
-        let offset = all - t;
+        let (src, all, t) = rows(src, layout)?;
         let s = T::of(self.scale);
-        let mut dst = vec![T::zero(); src.len()];
-        let per = rows_per_task(all);
-        dst.par_chunks_mut(all * per)
-            .zip(src.par_chunks(all * per))
-            .enumerate()
-            .for_each(|(task, (dst, src))| {
-                for (r, (d, x)) in dst.chunks_mut(all).zip(src.chunks(all)).enumerate() {
-                    let seen = offset + (task * per + r) % t + 1;
-                    let (d, x) = (&mut d[..seen], &x[..seen]);
-                    let mut max = x[0] * s;
-                    for &v in &x[1..] {
-                        if v * s > max {
-                            max = v * s;
-                        }
-                    }
-                    let mut sum = T::zero();
-                    for (d, &v) in d.iter_mut().zip(x) {
-                        *d = (v * s - max).exp();
-                        sum += *d;
-                    }
-                    for d in d.iter_mut() {
-                        *d /= sum;
-                    }
+        Ok(each_row(src.len(), all, t, |start, d: &mut [T]| {
+            let x = &src[start..start + d.len()];
+            let mut max = x[0] * s;
+            for &v in &x[1..] {
+                if v * s > max {
+                    max = v * s;
                 }
-            });
-        Ok(T::to_cpu_storage_owned(dst))
+            }
+            let mut sum = T::zero();
+            for (d, &v) in d.iter_mut().zip(x) {
+                *d = (v * s - max).exp();
+                sum += *d;
+            }
+            for d in d.iter_mut() {
+                *d /= sum;
+            }
+        }))
     }
 }
 
@@ -172,9 +180,8 @@ impl CausalSoftmaxGrad {
         g: &[T],
         lg: &Layout,
     ) -> candle_core::Result<CpuStorage> {
-        use rayon::prelude::*;
-        let (all, t, p) = rows(p, lp)?;
-        let (_, _, g) = rows(g, lg)?;
+        let (p, all, t) = rows(p, lp)?;
+        let (g, _, _) = rows(g, lg)?;
         if p.len() != g.len() {
             candle_core::bail!(
                 "causal softmax gradient: {} vs {} entries",
@@ -182,28 +189,17 @@ impl CausalSoftmaxGrad {
                 g.len()
             )
         }
-        let offset = all - t;
         let s = T::of(self.scale);
-        let mut dst = vec![T::zero(); p.len()];
-        let per = rows_per_task(all);
-        dst.par_chunks_mut(all * per)
-            .zip(p.par_chunks(all * per).zip(g.par_chunks(all * per)))
-            .enumerate()
-            .for_each(|(task, (dst, (p, g)))| {
-                let rows = dst.chunks_mut(all).zip(p.chunks(all).zip(g.chunks(all)));
-                for (r, (d, (p, g))) in rows.enumerate() {
-                    let seen = offset + (task * per + r) % t + 1;
-                    let (d, p, g) = (&mut d[..seen], &p[..seen], &g[..seen]);
-                    let mut dot = T::zero();
-                    for (&p, &g) in p.iter().zip(g) {
-                        dot += p * g;
-                    }
-                    for (d, (&p, &g)) in d.iter_mut().zip(p.iter().zip(g)) {
-                        *d = s * p * (g - dot);
-                    }
-                }
-            });
-        Ok(T::to_cpu_storage_owned(dst))
+        Ok(each_row(p.len(), all, t, |start, d: &mut [T]| {
+            let (p, g) = (&p[start..start + d.len()], &g[start..start + d.len()]);
+            let mut dot = T::zero();
+            for (&p, &g) in p.iter().zip(g) {
+                dot += p * g;
+            }
+            for (d, (&p, &g)) in d.iter_mut().zip(p.iter().zip(g)) {
+                *d = s * p * (g - dot);
+            }
+        }))
     }
 }
 
@@ -225,95 +221,5 @@ impl CustomOp2 for CausalSoftmaxGrad {
             _ => candle_core::bail!("causal softmax gradient: f32 or f64, the same for both"),
         };
         Ok((out, lp.shape().clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
-
-    fn random(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-3.0..3.0)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// Shapes: a prompt alone (t = all), new tokens after a cached prefix (all > t), one token,
-    /// rows spanning several parallel tasks.
-    const SHAPES: [[usize; 3]; 4] = [[3, 7, 7], [2, 5, 9], [4, 1, 6], [2, 300, 320]];
-
-    #[test]
-    fn equals_the_composed_softmax_and_masks_the_future() {
-        for (k, dims) in SHAPES.iter().enumerate() {
-            for dtype in [DType::F32, DType::F64] {
-                let x = random(dims, k as u64, dtype);
-                let a = causal_softmax(&x, 0.125).unwrap();
-                let b = composed_causal_softmax(&x, 0.125).unwrap();
-                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
-                assert!(max_diff(&a, &b) < tol, "{dims:?} {dtype:?}");
-                let (t, all) = (dims[1], dims[2]);
-                let p: Vec<Vec<Vec<f64>>> = a.to_dtype(DType::F64).unwrap().to_vec3().unwrap();
-                for head in &p {
-                    for (i, row) in head.iter().enumerate() {
-                        let seen = all - t + i + 1;
-                        assert!(
-                            row[seen..].iter().all(|&v| v == 0.0),
-                            "row {i} sees the future"
-                        );
-                        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn its_gradient_equals_the_composed_ones() {
-        for (k, dims) in SHAPES.iter().enumerate() {
-            let x = Var::from_tensor(&random(dims, 10 + k as u64, DType::F64)).unwrap();
-            // A loss that weighs every output differently.
-            let w = random(dims, 20 + k as u64, DType::F64);
-            let grad = |f: fn(&Tensor, f64) -> candle_core::Result<Tensor>| {
-                let loss = (f(x.as_tensor(), 0.3).unwrap() * &w)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
-                loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
-            };
-            let (a, b) = (grad(causal_softmax), grad(composed_causal_softmax));
-            assert!(max_diff(&a, &b) < 1e-12, "{dims:?}: {}", max_diff(&a, &b));
-        }
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_compute() {
-        let wide = random(&[2, 5, 3], 1, DType::F32);
-        assert!(causal_softmax(&wide, 1.0).is_err());
-        let ints = Tensor::zeros((2, 2), DType::U32, &Device::Cpu).unwrap();
-        assert!(causal_softmax(&ints, 1.0).is_err());
     }
 }

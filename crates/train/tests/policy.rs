@@ -1,12 +1,13 @@
 //! The differentiable policy against the inference model (logits, with and without an
 //! adapter), gradients against finite differences, chunked and constrained log-probabilities,
-//! the GRPO objective (advantages, masks), a real learning test on a toy verifiable task, and
-//! checkpoint → resume.
+//! attention's fused causal softmax against the composed one, the GRPO objective (advantages,
+//! masks), a real learning test on a toy verifiable task, and checkpoint → resume.
 
 #![allow(clippy::unwrap_used)]
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use mrrec_llm_local::model::Proj;
+use mrrec_train::softmax::{causal_softmax, composed_causal_softmax};
 use mrrec_train::{
     group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, LowerCache, Policy,
     Shape, TokenBatch,
@@ -61,16 +62,18 @@ fn set(ids: &[u32]) -> mrrec_llm_local::TokenSet {
     mrrec_llm_local::TokenSet::from_fn(12, |i| ids.contains(&i))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
         .abs()
         .unwrap()
         .flatten_all()
         .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
         .max(0)
         .unwrap()
-        .to_scalar::<f32>()
+        .to_scalar::<f64>()
         .unwrap()
 }
 
@@ -327,6 +330,79 @@ fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
     // the extended one (all but its last token, which is always computed) — of 69 tokens.
     assert_eq!(cache.total_tokens, 69);
     assert_eq!(cache.hits_tokens, 10 + 13 + 6 + 12);
+}
+
+fn random_tensor(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| rand::Rng::gen_range(&mut rng, -3.0..3.0))
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Shapes: a prompt alone (t = all), new tokens after a cached prefix (all > t), one token,
+/// rows spanning several parallel tasks.
+const SHAPES: [[usize; 3]; 4] = [[3, 7, 7], [2, 5, 9], [4, 1, 6], [2, 300, 320]];
+
+#[test]
+fn equals_the_composed_softmax_and_masks_the_future() {
+    for (k, dims) in SHAPES.iter().enumerate() {
+        for dtype in [DType::F32, DType::F64] {
+            let x = random_tensor(dims, k as u64, dtype);
+            let a = causal_softmax(&x, 0.125).unwrap();
+            let b = composed_causal_softmax(&x, 0.125).unwrap();
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+            assert!(max_abs_diff(&a, &b) < tol, "{dims:?} {dtype:?}");
+            let (t, all) = (dims[1], dims[2]);
+            let p: Vec<Vec<Vec<f64>>> = a.to_dtype(DType::F64).unwrap().to_vec3().unwrap();
+            for head in &p {
+                for (i, row) in head.iter().enumerate() {
+                    let seen = all - t + i + 1;
+                    assert!(
+                        row[seen..].iter().all(|&v| v == 0.0),
+                        "row {i} sees the future"
+                    );
+                    assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn its_gradient_equals_the_composed_ones() {
+    for (k, dims) in SHAPES.iter().enumerate() {
+        let x = Var::from_tensor(&random_tensor(dims, 10 + k as u64, DType::F64)).unwrap();
+        // A loss that weighs every output differently.
+        let w = random_tensor(dims, 20 + k as u64, DType::F64);
+        let grad = |f: fn(&Tensor, f64) -> candle_core::Result<Tensor>| {
+            let loss = (f(x.as_tensor(), 0.3).unwrap() * &w)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+        };
+        let (a, b) = (grad(causal_softmax), grad(composed_causal_softmax));
+        assert!(
+            max_abs_diff(&a, &b) < 1e-12,
+            "{dims:?}: {}",
+            max_abs_diff(&a, &b)
+        );
+    }
+}
+
+#[test]
+fn refuses_what_it_cannot_compute() {
+    let wide = random_tensor(&[2, 5, 3], 1, DType::F32);
+    assert!(causal_softmax(&wide, 1.0).is_err());
+    let ints = Tensor::zeros((2, 2), DType::U32, &Device::Cpu).unwrap();
+    assert!(causal_softmax(&ints, 1.0).is_err());
 }
 
 #[test]
