@@ -729,3 +729,73 @@ fn the_memory_tool_drops_entries_below_the_floor() {
     assert!(none.ok && none.results.is_empty());
     assert!(text.contains("no memories"), "{text}");
 }
+
+/// Coverage tells, per user of a run, whether the memory a method reads exists: records for
+/// users with a history, and patterns and profile written with no pending build mark; users
+/// without a history are cold starts, not gaps; repeats count once.
+#[test]
+fn coverage_names_users_whose_memory_was_never_built() {
+    use mrrec_agent::memory::coverage;
+    use mrrec_memory::Stale;
+    let ws = workspace();
+    let users = ws.dataset.histories.user_ids();
+    let (built, stale, none) = (users[0], users[1], users[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let st = SqliteStore::open(&dir.path().join("m.sqlite")).unwrap();
+    let put = |user: &str, es: &[MemoryEntry]| st.put(Owner { tenant: "t", user }, es).unwrap();
+    put(
+        built,
+        &[
+            entry(&Words, "r-1", Level::Record, "Bought a kite."),
+            entry(&Words, "p-0", Level::Pattern, "Likes kites."),
+            entry(&Words, "u-0", Level::Profile, "Flies kites."),
+        ],
+    );
+    put(
+        stale,
+        &[entry(&Words, "r-1", Level::Record, "Bought a puzzle.")],
+    );
+    st.mark_stale(
+        "t",
+        &[Stale::pattern(stale, "Toys & Games"), Stale::profile(stale)],
+    )
+    .unwrap();
+    // Another tenant's marks and entries say nothing about this one's.
+    st.mark_stale("other", &[Stale::profile(built)]).unwrap();
+    let asked = [built, stale, none, "no-such-user", built];
+    let all = coverage(&ws.dataset.histories, &st, "t", &asked, &Level::ALL).unwrap();
+    assert_eq!(all.users, 4);
+    assert_eq!(all.no_history, 1);
+    assert_eq!(all.without_records, vec![none.to_string()]);
+    assert_eq!(all.unsummarised, vec![stale.to_string()]);
+    assert!(!all.complete());
+    assert_eq!(
+        all.summary(),
+        "4 users: 1 with the memory read, 1 without records, 1 without up-to-date patterns/profile, 1 without history"
+    );
+    // Records alone: the stale summaries do not matter.
+    let records = coverage(&ws.dataset.histories, &st, "t", &asked, &[Level::Record]).unwrap();
+    assert!(records.unsummarised.is_empty());
+    assert_eq!(records.without_records, vec![none.to_string()]);
+    // A method that reads no stored memory is always covered.
+    let nothing = coverage(&ws.dataset.histories, &st, "t", &asked, &[]).unwrap();
+    assert!(nothing.complete());
+    // Building the missing levels completes it.
+    put(
+        none,
+        &[entry(&Words, "r-1", Level::Record, "Bought blocks.")],
+    );
+    st.replace(
+        Owner {
+            tenant: "t",
+            user: stale,
+        },
+        &[],
+        &[entry(&Words, "u-0", Level::Profile, "Solves puzzles.")],
+        &[Stale::pattern(stale, "Toys & Games"), Stale::profile(stale)],
+        &[],
+    )
+    .unwrap();
+    let after = coverage(&ws.dataset.histories, &st, "t", &asked, &Level::ALL).unwrap();
+    assert!(after.complete(), "{after:?}");
+}

@@ -56,6 +56,37 @@ fn every_llm_method_runs_from_eval_and_the_report_reads_them() {
             out.to_str().unwrap(),
         ]));
         assert!(ok, "{method}: {err}");
+        // Only records were built: a method that reads patterns or profiles is told (and the
+        // run records) that its users' memory is incomplete; one reading records alone or no
+        // stored memory is not.
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        let coverage = run["provenance"]["memory_coverage"].as_str();
+        match method {
+            "dense" | "llm-rewrite" | "naive-memory" | "mrrec-no-local" => {
+                assert_eq!(coverage, None, "{method}");
+                assert!(!err.contains("warning:"), "{method}: {err}");
+            }
+            "mrrec-records-only" => {
+                assert_eq!(
+                    coverage,
+                    Some("2 users: 2 with the memory read, 0 without records, 0 without up-to-date patterns/profile")
+                );
+                assert!(!err.contains("warning:"), "{method}: {err}");
+            }
+            _ => {
+                assert_eq!(
+                    coverage,
+                    Some("2 users: 0 with the memory read, 0 without records, 2 without up-to-date patterns/profile"),
+                    "{method}"
+                );
+                assert!(
+                    err.contains(&format!("warning: {method}@guided on val: the memory of 2 of 2 users is missing or out of date"))
+                        && err.contains("mrrec memory build --for-split val --levels records,patterns,profile"),
+                    "{method}: {err}"
+                );
+            }
+        }
         if method != "dense" {
             assert!(
                 stdout.contains(&format!("| {method}@guided (simple_query) |")),

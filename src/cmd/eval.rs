@@ -53,6 +53,37 @@ pub(crate) fn method_for<'a>(
     })
 }
 
+/// Warns on stderr when some users' memory is missing or out of date, naming who and the
+/// command that builds it.
+pub(crate) fn warn_coverage(cov: &mrrec_agent::memory::Coverage, what: &str, splits: &[Split]) {
+    if cov.complete() {
+        return;
+    }
+    let mut who: Vec<&str> = cov
+        .without_records
+        .iter()
+        .chain(&cov.unsummarised)
+        .map(String::as_str)
+        .collect();
+    who.truncate(3);
+    eprintln!(
+        "warning: {what}: the memory of {} of {} users is missing or out of date ({}; e.g. {}); they answer with less memory than the method reads. Build it first: mrrec memory build --for-split {} --levels records,patterns,profile",
+        cov.incomplete(),
+        cov.users,
+        cov.summary(),
+        who.join(", "),
+        split_label(splits)
+    );
+}
+
+fn split_label(splits: &[Split]) -> String {
+    splits
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub(crate) fn git_commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -142,7 +173,7 @@ pub(crate) fn eval_one(
         let text: Vec<String> = writers.iter().map(|(w, n)| format!("{w}: {n}")).collect();
         provenance.insert("memory_writers".into(), text.join(", "));
     }
-    let spec = RunSpec {
+    let mut spec = RunSpec {
         method: run_name.clone(),
         query_field: field,
         splits: splits.to_vec(),
@@ -153,6 +184,30 @@ pub(crate) fn eval_one(
         settings: m.settings(),
         provenance,
     };
+    // Whether the memory the method reads exists for the users it answers: a user whose
+    // memory was never built answers memory-free, and a comparison with a memory-free method
+    // then understates what memory adds.
+    if let Some(c) = ctx {
+        let levels = mrrec_agent::methods::memory_levels(method, &c.cfg).unwrap_or_default();
+        if !levels.is_empty() {
+            let (picked, _) = mrrec_eval::run::select_queries(queries.clone(), &spec);
+            let users: Vec<&str> = picked.iter().map(|q| q.query().user_id.as_str()).collect();
+            let cov = mrrec_agent::memory::coverage(
+                &ws.dataset.histories,
+                c.store.as_ref(),
+                &c.tenant,
+                &users,
+                &levels,
+            )?;
+            warn_coverage(
+                &cov,
+                &format!("{run_name} on {}", split_label(splits)),
+                splits,
+            );
+            spec.provenance
+                .insert("memory_coverage".into(), cov.summary());
+        }
+    }
     let mut pb = mrrec_agent::progress::Progress::new(&format!("eval {run_name} on {field}"), true);
     let metrics = mrrec_eval::run_eval(
         m.as_ref(),

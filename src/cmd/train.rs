@@ -188,6 +188,20 @@ fn train_cmd(
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;
+    for (qs, split) in [
+        (&train_q, mrrec_data::Split::Train),
+        (&val_q, mrrec_data::Split::Val),
+    ] {
+        let users: Vec<&str> = qs.iter().map(|q| q.query().user_id.as_str()).collect();
+        let cov = mrrec_agent::memory::coverage(
+            &ws.dataset.histories,
+            &*store,
+            tenant,
+            &users,
+            &cfg.levels,
+        )?;
+        crate::cmd::eval::warn_coverage(&cov, &format!("training's {split} queries"), &[split]);
+    }
     eprintln!(
         "{} training queries, {} validation queries, {} users (+{} records)",
         train_q.len(),
@@ -407,6 +421,9 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;
+    let cov =
+        mrrec_agent::memory::coverage(&ws.dataset.histories, &*store, tenant, &users, &cfg.levels)?;
+    crate::cmd::eval::warn_coverage(&cov, "rollouts", &[mrrec_data::Split::Train]);
     eprintln!(
         "{} train queries: {} done before, {} to sample ({} trajectories each) with {model_id}",
         queries.len(),

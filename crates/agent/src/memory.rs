@@ -805,3 +805,101 @@ pub fn review_from_json(mut v: serde_json::Value, user: &str, at: &str) -> Resul
     }
     Ok(r)
 }
+
+/// How much of the memory a method reads exists for the users of a run — what `mrrec eval`,
+/// `train` and `rollouts` check before they answer, since a user whose memory was never built
+/// answers as if memory-free and dilutes any comparison of memory against none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Distinct users looked at.
+    pub users: usize,
+    /// Of them, users without any past review (cold start: no memory to build).
+    pub no_history: usize,
+    /// Users with a history but no record entries (when records are read).
+    pub without_records: Vec<String>,
+    /// Users with records whose patterns or profile were never written or are out of date
+    /// (a pending build mark; when patterns or profiles are read).
+    pub unsummarised: Vec<String>,
+}
+
+impl Coverage {
+    /// Whether every user with a history has every level read, up to date.
+    pub fn complete(&self) -> bool {
+        self.without_records.is_empty() && self.unsummarised.is_empty()
+    }
+
+    /// One line for logs and a run's provenance.
+    pub fn summary(&self) -> String {
+        let built = self.users - self.no_history - self.incomplete();
+        let mut s = format!(
+            "{} users: {built} with the memory read, {} without records, {} without up-to-date patterns/profile",
+            self.users,
+            self.without_records.len(),
+            self.unsummarised.len()
+        );
+        if self.no_history > 0 {
+            s.push_str(&format!(", {} without history", self.no_history));
+        }
+        s
+    }
+
+    /// Users with a history whose memory is incomplete.
+    pub fn incomplete(&self) -> usize {
+        self.without_records.len() + self.unsummarised.len()
+    }
+}
+
+/// The [`Coverage`] of `levels` for `users` (repeats counted once) in `tenant`'s memory.
+/// Records count as present when the user has any record entry; patterns and profiles when
+/// the user has records and no pending pattern or profile mark (a summary whose every segment
+/// was dropped as unfaithful counts as written).
+pub fn coverage(
+    histories: &mrrec_data::Histories,
+    store: &dyn mrrec_memory::MemoryRead,
+    tenant: &str,
+    users: &[&str],
+    levels: &[Level],
+) -> Result<Coverage> {
+    let users: BTreeSet<&str> = users.iter().copied().collect();
+    let summaries = levels
+        .iter()
+        .any(|l| matches!(l, Level::Pattern | Level::Profile));
+    let pending: HashSet<String> = if summaries {
+        store
+            .stale(tenant, None)?
+            .into_iter()
+            .filter(|m| match m {
+                Stale::Pattern { .. } => levels.contains(&Level::Pattern),
+                Stale::Profile { .. } => levels.contains(&Level::Profile),
+                Stale::Global { .. } => false,
+            })
+            .filter_map(|m| m.user().map(str::to_string))
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let mut c = Coverage {
+        users: users.len(),
+        ..Default::default()
+    };
+    if levels.is_empty() {
+        return Ok(c);
+    }
+    for u in users {
+        if histories.of(u).is_empty() {
+            c.no_history += 1;
+            continue;
+        }
+        let has_records = store
+            .entries(Owner { tenant, user: u })?
+            .iter()
+            .any(|e| e.level == Level::Record);
+        if !has_records {
+            // Summaries are written from records: without them nothing is built.
+            c.without_records.push(u.to_string());
+        } else if pending.contains(u) {
+            c.unsummarised.push(u.to_string());
+        }
+    }
+    Ok(c)
+}

@@ -190,6 +190,20 @@ pub fn llm_method(
     Some((kind, c))
 }
 
+/// The levels of the user's stored memory an LLM method reads (none for `llm-rewrite` and
+/// `naive-memory`, which reads the dataset's history itself; `None` for an unknown name).
+pub fn memory_levels(
+    name: &str,
+    base: &crate::assistant::AssistantConfig,
+) -> Option<Vec<mrrec_memory::Level>> {
+    let (kind, c) = llm_method(name, base)?;
+    Some(match kind {
+        LlmKind::Rewrite | LlmKind::NaiveMemory => vec![],
+        LlmKind::StaticMemory => vec![mrrec_memory::Level::Profile],
+        LlmKind::Assistant => c.levels,
+    })
+}
+
 impl LlmMethod<'_> {
     fn answer_one(
         &self,

@@ -123,6 +123,7 @@ impl RunSpec {
         s.provenance.remove("query_batch");
         // The memory may be built further between resumptions.
         s.provenance.remove("memory_writers");
+        s.provenance.remove("memory_coverage");
         s
     }
 }
