@@ -138,6 +138,13 @@ fn every_llm_method_runs_from_eval_and_the_report_reads_them() {
     assert!(md.contains("| dense |"), "{md}");
     assert!(md.contains("Best by N@100"), "{md}");
     assert!(md.contains("memory tokens / query"), "{md}");
+    // The runs that read summaries which were never written are flagged.
+    assert!(md.contains("**Incomplete memory**"), "{md}");
+    assert!(
+        md.contains("- mrrec@guided: 2 users: 0 with the memory read"),
+        "{md}"
+    );
+    assert!(!md.contains("- mrrec-records-only@guided:"), "{md}");
     assert!(rep.join("report.md").exists());
     assert!(std::fs::read_to_string(rep.join("n100-simple_query.svg"))
         .unwrap()

@@ -527,6 +527,23 @@ pub fn report_runs(
                 None => md.push_str(" – | – | – | – | – | – | – | – |\n"),
             }
         }
+        // Runs whose users' memory was incomplete when they ran (`memory_coverage`): their
+        // comparison with memory-free methods understates what memory adds.
+        let partial: Vec<String> = group
+            .iter()
+            .filter_map(|r| {
+                let c = r.1.spec.provenance.get("memory_coverage")?;
+                (!c.contains(" 0 without records, 0 without up-to-date"))
+                    .then(|| format!("- {}: {c}", name(r)))
+            })
+            .collect();
+        if !partial.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n**Incomplete memory** when these runs answered (users with a history but no records, or patterns/profile not written):\n\n{}",
+                partial.join("\n")
+            );
+        }
         // Per category, N@100.
         let mut cats: Vec<&String> = group.iter().flat_map(|r| r.1.per_category.keys()).collect();
         cats.sort();
