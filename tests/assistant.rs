@@ -799,3 +799,60 @@ fn coverage_names_users_whose_memory_was_never_built() {
     let after = coverage(&ws.dataset.histories, &st, "t", &asked, &Level::ALL).unwrap();
     assert!(after.complete(), "{after:?}");
 }
+
+/// A user whose every pattern segment is dropped as unfaithful gets no profile: the profile's
+/// mark is settled (not left pending for every later build, nor reported as missing memory),
+/// an older profile is removed, and no profile request is sent.
+#[test]
+fn a_user_without_kept_patterns_gets_no_profile_and_no_pending_mark() {
+    let ws = workspace();
+    let user = ws.dataset.histories.user_ids()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let st = SqliteStore::open(&dir.path().join("m.sqlite")).unwrap();
+    // Every summary names a brand and a price the records never state.
+    let invented = "Buys only Zorblax gadgets priced at 98765 dollars.";
+    let llm = Scripted::new(&[invented; 16]);
+    let b = MemoryBuilder {
+        llm: Some(&llm),
+        ..MemoryBuilder::new(&ws, &st, "default")
+    };
+    let mut report = BuildReport::default();
+    b.build_records(&[user], &mut report).unwrap();
+    let old = MemoryEntry {
+        level: Level::Profile,
+        ..common::server::entry(&ws, "u-0", "An earlier profile.")
+    };
+    st.put(
+        Owner {
+            tenant: "default",
+            user,
+        },
+        &[old],
+    )
+    .unwrap();
+    b.build_patterns(&[user], &mut report).unwrap();
+    let pattern_calls = llm.requests().len();
+    assert!(pattern_calls >= 1);
+    assert!(report.unfaithful_segments_dropped >= pattern_calls);
+    b.build_profiles(&[user], &mut report).unwrap();
+    assert_eq!(
+        llm.requests().len(),
+        pattern_calls,
+        "a profile request was sent"
+    );
+    let levels: Vec<Level> = st
+        .entries(Owner {
+            tenant: "default",
+            user,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|e| e.level)
+        .collect();
+    assert!(levels.iter().all(|l| *l == Level::Record), "{levels:?}");
+    assert!(st.stale("default", None).unwrap().is_empty());
+    let cov =
+        mrrec_agent::memory::coverage(&ws.dataset.histories, &st, "default", &[user], &Level::ALL)
+            .unwrap();
+    assert!(cov.complete(), "{cov:?}");
+}

@@ -442,7 +442,8 @@ impl<'a> MemoryBuilder<'a> {
         )
     }
 
-    /// Rewrites the stale profiles of `users` from their current patterns.
+    /// Rewrites the stale profiles of `users` from their current patterns; a user left without
+    /// any pattern (every segment dropped as unfaithful) keeps no profile, and the mark is settled.
     pub fn build_profiles(&self, users: &[&str], report: &mut BuildReport) -> Result<()> {
         let stale: HashSet<String> = self
             .store
@@ -463,6 +464,21 @@ impl<'a> MemoryBuilder<'a> {
                 by_cat.entry(cat_of(e)).or_default().push(&e.text);
             }
             if by_cat.is_empty() {
+                // Every pattern segment was dropped as unfaithful (or none was ever kept):
+                // there is nothing to describe the user from. An older profile no longer
+                // stands on anything, and the mark is settled rather than left pending for
+                // every later build.
+                self.write_segments(
+                    Rewrite {
+                        user: u,
+                        segs: vec![],
+                        source: "",
+                        replaces: |e: &MemoryEntry| e.level == Level::Profile,
+                        done: Stale::profile(u),
+                        mark: &[],
+                    },
+                    report,
+                )?;
                 continue;
             }
             let pairs: Vec<(String, String)> =
