@@ -62,6 +62,11 @@ enum Command {
     /// text) or a server (`--llm-url`: text only, e.g. a teacher to distil), score them with the
     /// training rewards and write them as JSONL; resumable.
     Rollouts(cmd::train::RolloutsCmd),
+    /// More `train` requests from the `train` users' earlier purchases: each review rated 4+
+    /// with history before it becomes a request (written by the model from the review), asked
+    /// by the user as they were then — a snapshot whose history ends before the purchase —,
+    /// written as a new data directory for `memory build`, `rollouts`, `train` and `iterate`.
+    DeriveQueries(cmd::train::DeriveQueriesCmd),
     /// Expert iteration in one command: rounds of rollouts with the current adapter, selection
     /// of the samples that beat its greedy answers, and fine-tuning from it; resumable.
     Iterate(cmd::train::IterateCmd),
@@ -150,6 +155,7 @@ fn main() -> Result<()> {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Rollouts(a) => cmd::train::rollouts(a),
+        Command::DeriveQueries(a) => cmd::train::derive_queries(a),
         Command::Iterate(a) => cmd::train::iterate(a),
         Command::Keys { action } => cmd::serve::keys(action),
         Command::Bench(a) => cmd::bench::run(a),

@@ -773,3 +773,84 @@ fn distilled_text_spells_added_tokens_with_ordinary_ones() {
         info.encode(simple).unwrap()
     );
 }
+
+/// `mrrec derive-queries` with the real tiny model: a data directory of `train` rows only, the
+/// derived ones asked by snapshot users whose history — and so the memory built from it — ends
+/// before the purchase the request must find (`memory build` reads that file like any other).
+#[test]
+fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("derived");
+    let (ok, stdout, stderr) = common::mrrec(&[
+        "derive-queries".as_ref(),
+        "--data".as_ref(),
+        common::mini().as_os_str(),
+        "--model".as_ref(),
+        "smollm2-135m-instruct".as_ref(),
+        "--users".as_ref(),
+        "8".as_ref(),
+        "--per-user".as_ref(),
+        "1".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("targets: 8 train users"), "{stderr}");
+    assert!(
+        stdout.contains("derived, each asked by its own snapshot user"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tokens in"), "{stdout}");
+    let source = splits();
+    let text = std::fs::read_to_string(out.join("queries.csv")).unwrap();
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let h = r.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|c| c == n).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+    assert!(rows.iter().all(|x| &x[col("split")] == "train"));
+    let derived: Vec<&csv::StringRecord> = rows
+        .iter()
+        .filter(|x| x[col("qid")].starts_with("d-"))
+        .collect();
+    assert!(
+        !derived.is_empty(),
+        "the tiny model wrote no usable request"
+    );
+    assert_eq!(
+        rows.len() - derived.len(),
+        source.values().filter(|s| *s == "train").count()
+    );
+    // Each snapshot's history in the new reviews file ends strictly before its target.
+    let reviews = std::fs::read_to_string(out.join("reviews.jsonl")).unwrap();
+    let history = |user: &str| -> Vec<serde_json::Value> {
+        reviews
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["user_id"] == user)
+            .collect()
+    };
+    let d = derived[0];
+    let snapshot = d[col("user_id")].to_string();
+    let (at, target) = (
+        d[col("timestamp")].parse::<i64>().unwrap(),
+        d[col("item_id")].to_string(),
+    );
+    assert!(snapshot.ends_with(&format!("@{at}")), "{snapshot}");
+    let h = history(&snapshot);
+    assert!(h.len() >= 2);
+    assert!(h.iter().all(|v| v["timestamp"].as_i64().unwrap() < at));
+    assert!(h.iter().all(|v| v["parent_asin"] != target.as_str()));
+    // A second run into the same directory is refused, naming it.
+    let (ok, _, stderr) = common::mrrec(&[
+        "derive-queries".as_ref(),
+        "--data".as_ref(),
+        common::mini().as_os_str(),
+        "--model".as_ref(),
+        "smollm2-135m-instruct".as_ref(),
+        "--users".as_ref(),
+        "1".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+}

@@ -837,3 +837,97 @@ fn seeded_subset<'w>(
     }
     Ok(idx.into_iter().map(|i| all[i]).collect())
 }
+
+#[derive(Args)]
+pub(crate) struct DeriveQueriesCmd {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// The model that writes the requests.
+    #[command(flatten)]
+    pub(crate) llm: LlmArgs,
+    /// The new data directory (must not hold a data set yet).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Targets per `train` user, the latest first.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) per_user: usize,
+    /// Reviews the user must have written before a target (the memory its request reads).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) min_history: usize,
+    /// Lowest rating of a target.
+    #[arg(long, default_value_t = 4.0)]
+    pub(crate) min_rating: f32,
+    /// Only the first N `train` users (sorted by id).
+    #[arg(long)]
+    pub(crate) users: Option<usize>,
+}
+
+/// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases,
+/// each asked by the user as they were then (see `mrrec_data::derive`), written as a new data
+/// directory that `memory build`, `rollouts`, `train` and `iterate` read like any other.
+pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
+    use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions};
+    a.data.check_dir()?;
+    let ds = mrrec_data::Dataset::load(
+        &a.data.data,
+        a.data.queries.as_deref(),
+        &mrrec_data::LoadOptions {
+            strict: a.data.strict,
+            ..Default::default()
+        },
+    )?;
+    for r in &ds.reports {
+        eprintln!("{r}");
+    }
+    let items = mrrec_data::DatasetFiles::discover(&a.data.data)?.items;
+    let opts = DeriveOptions {
+        per_user: a.per_user,
+        min_history: a.min_history,
+        min_rating: a.min_rating,
+        max_users: a.users,
+    };
+    let (targets, report) = derive_targets(&ds, &opts)?;
+    eprintln!("targets: {report}");
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "no review of a `train` user qualifies ({report}); lower --min-history or --min-rating"
+    );
+    let llm = mrrec_agent::backend::cached_chat_model(
+        &a.llm.model,
+        a.llm.llm_url.as_deref(),
+        server_options()?,
+    )?;
+    let started = std::time::Instant::now();
+    let (written, wr) = mrrec_agent::memory::write_derived_queries(
+        &llm,
+        &ds.catalogue,
+        &targets,
+        a.llm.batch,
+        true,
+    );
+    let pairs: Vec<_> = written.into_iter().map(|(i, q)| (&targets[i], q)).collect();
+    write_dataset(&a.out, &items, &ds, &pairs)?;
+    let refused: Vec<String> = wr
+        .refused
+        .iter()
+        .map(|(why, n)| format!("{n} {why}"))
+        .collect();
+    println!(
+        "{}: {} train queries of the source + {} derived, each asked by its own snapshot user (refused: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
+        a.out.display(),
+        ds.queries.for_purpose(&mrrec_data::Purpose::Training)?.len(),
+        pairs.len(),
+        if refused.is_empty() { "none".into() } else { refused.join(", ") },
+        a.llm.model,
+        wr.usage.prompt_tokens,
+        wr.usage.completion_tokens,
+        wr.usage.seconds,
+        started.elapsed().as_secs_f64(),
+        mrrec_agent::prompts::DERIVE_PROMPT_VERSION
+    );
+    println!(
+        "next: mrrec memory build --data {0} --for-split train --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      mrrec train --data {0} ...  |  mrrec rollouts --data {0} ...",
+        a.out.display()
+    );
+    Ok(())
+}

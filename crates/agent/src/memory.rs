@@ -919,3 +919,86 @@ pub fn coverage(
     }
     Ok(c)
 }
+
+/// What [`write_derived_queries`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DerivedWriteReport {
+    /// Requests written and kept.
+    pub written: usize,
+    /// Answers refused, by reason (unparsable, naming the product, a model error).
+    pub refused: BTreeMap<String, usize>,
+    /// LLM tokens and time.
+    pub usage: Usage,
+}
+
+/// Writes the request of every derived training target with `llm` (greedy, in batches of
+/// `batch`, cached like every other call): `(index into targets, request)` for the answers that
+/// parse and do not name the product; the rest are counted by reason.
+pub fn write_derived_queries(
+    llm: &dyn ChatModel,
+    catalogue: &mrrec_data::Catalogue,
+    targets: &[mrrec_data::derive::DerivedTarget],
+    batch: usize,
+    progress: bool,
+) -> (
+    Vec<(usize, mrrec_data::derive::DerivedQuery)>,
+    DerivedWriteReport,
+) {
+    let mut report = DerivedWriteReport::default();
+    let mut out = Vec::new();
+    let mut pb = Progress::new("writing training requests", progress);
+    let title = |t: &mrrec_data::derive::DerivedTarget| {
+        catalogue
+            .by_id(&t.review.parent_asin)
+            .map(|i| (i.title.clone(), i.main_category.clone()))
+            .unwrap_or_default()
+    };
+    let idx: Vec<usize> = (0..targets.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let reqs: Vec<ChatRequest> = chunk
+            .iter()
+            .map(|&i| {
+                let t = &targets[i];
+                let (name, cat) = title(t);
+                prompts::derive::query_request(
+                    &name,
+                    cat.as_deref(),
+                    &t.review.title,
+                    &t.review.text,
+                    t.review.rating,
+                )
+            })
+            .collect();
+        for (&i, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+            let refuse = |why: String, report: &mut DerivedWriteReport| {
+                *report.refused.entry(why).or_default() += 1;
+            };
+            match r {
+                Err(e) => refuse(format!("model error: {e}"), &mut report),
+                Ok(r) => {
+                    report.usage.add(&r.usage);
+                    match prompts::derive::parse_queries(
+                        &r.text,
+                        &title(&targets[i]).0,
+                        &format!("{} {}", targets[i].review.title, targets[i].review.text),
+                    ) {
+                        Ok(q) => {
+                            report.written += 1;
+                            out.push((i, q));
+                        }
+                        Err(why) if why.starts_with("no JSON") => {
+                            refuse("unparsable".into(), &mut report)
+                        }
+                        Err(why) => refuse(why, &mut report),
+                    }
+                }
+            }
+        }
+        pb.set(
+            out.len() + report.refused.values().sum::<usize>(),
+            targets.len(),
+        );
+    }
+    pb.finish();
+    (out, report)
+}

@@ -10,6 +10,7 @@
 
 mod catalogue;
 mod dataset;
+pub mod derive;
 mod error;
 mod lines;
 mod queries;

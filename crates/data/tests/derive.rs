@@ -1,0 +1,228 @@
+//! Training queries derived from `train` users' histories: which reviews become targets, that a
+//! snapshot's history ends strictly before its target, that no `val` user is touched, and that
+//! the written directory loads as a data set whose every row is `train`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions, DerivedQuery};
+use mrrec_data::{Dataset, LoadOptions, Purpose, Split};
+
+fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn review(user: &str, item: &str, rating: u8, t: i64) -> String {
+    format!(
+        r#"{{"user_id":"{user}","parent_asin":"{item}","rating":{rating},"title":"t{item}","text":"about {item}","timestamp":{t}}}"#
+    )
+}
+
+/// Items I1–I9 (Toys & Games, I9 Books); `tom` (train) and `vera` (val) with histories.
+fn toy(dir: &Path) -> Dataset {
+    let mut meta = String::new();
+    for i in 1..=9 {
+        let cat = if i == 9 { "Books" } else { "Toys & Games" };
+        meta.push_str(&format!(
+            "{{\"parent_asin\":\"I{i}\",\"title\":\"Item number {i}\",\"main_category\":\"{cat}\"}}\n"
+        ));
+    }
+    write(dir, "meta.jsonl", &meta);
+    let reviews = [
+        // tom: I1 (5★), I2 (2★), I3 (5★), I1 again (5★), I4 (4★), I5 (5★, his query's target)
+        review("tom", "I1", 5, 10),
+        review("tom", "I2", 2, 20),
+        review("tom", "I3", 5, 30),
+        review("tom", "I1", 5, 40),
+        review("tom", "I4", 4, 50),
+        review("tom", "I9", 5, 55),
+        review("tom", "I5", 5, 60),
+        // vera: plenty of history, but a val user.
+        review("vera", "I6", 5, 10),
+        review("vera", "I7", 5, 20),
+        review("vera", "I8", 5, 30),
+    ]
+    .join("\n");
+    write(dir, "reviews.jsonl", &reviews);
+    write(
+        dir,
+        "queries.csv",
+        "qid,query,item_id,user_id,ori_rating,ori_review,simple_query,category,timestamp,split\n\
+         q1,I want toys,I5,tom,5,great,toys please,Toys_and_Games,70,train\n\
+         q2,I want more,I6,vera,5,fine,more please,Toys_and_Games,70,val\n\
+         q3,A toy,I3,vera,5,ok,a toy,Toys_and_Games,35,aspect\n",
+    );
+    Dataset::load(dir, None, &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn targets_are_train_users_earlier_good_purchases_with_history_before_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = toy(dir.path());
+    let opts = DeriveOptions {
+        per_user: 5,
+        min_history: 2,
+        min_rating: 4.0,
+        max_users: None,
+    };
+    let (targets, report) = derive_targets(&ds, &opts).unwrap();
+    // Latest first: I9 (55), I4 (50); I5 is his query's target, I1@40 repeats an earlier item,
+    // I3@30 has 2 reviews before it and qualifies; I2 is rated 2; I1@10 has no history.
+    let got: Vec<(&str, &str, usize)> = targets
+        .iter()
+        .map(|t| {
+            (
+                t.snapshot.as_str(),
+                t.review.parent_asin.as_str(),
+                t.history.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("tom@55", "I9", 5),
+            ("tom@50", "I4", 4),
+            ("tom@30", "I3", 2)
+        ]
+    );
+    assert!(
+        targets.iter().all(|t| t.user_id == "tom"),
+        "a val user was used"
+    );
+    for t in &targets {
+        assert!(t.history.iter().all(|r| r.timestamp < t.review.timestamp));
+    }
+    // The scenario comes from the train and aspect queries whose targets share the category.
+    assert_eq!(targets[1].category.as_deref(), Some("Toys_and_Games"));
+    assert_eq!(targets[0].category, None, "no query names a Books scenario");
+    assert_eq!(report.users, 1);
+    assert_eq!(report.reviews, 7);
+    assert_eq!(report.targets, 3);
+    assert_eq!(report.skipped["rated below the minimum"], 1);
+    assert_eq!(
+        report.skipped["of an item reviewed earlier or asked for"],
+        2
+    );
+    assert_eq!(report.skipped["with too little history before them"], 1);
+    // Per user and minimum history are honoured; the same input gives the same targets.
+    let (two, _) = derive_targets(
+        &ds,
+        &DeriveOptions {
+            per_user: 2,
+            min_history: 3,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[1].review.parent_asin, "I4");
+    assert_eq!(derive_targets(&ds, &opts).unwrap().0, targets);
+    // No train user left: nothing.
+    let none = DeriveOptions {
+        max_users: Some(0),
+        ..opts
+    };
+    assert!(derive_targets(&ds, &none).unwrap().0.is_empty());
+}
+
+#[test]
+fn the_written_directory_is_a_training_data_set_of_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = toy(dir.path());
+    let (targets, _) = derive_targets(&ds, &DeriveOptions::default()).unwrap();
+    let written: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            (
+                t,
+                DerivedQuery {
+                    query: format!("I need something, with \"quotes\", like {}", t.snapshot),
+                    simple_query: "Something for play?".into(),
+                },
+            )
+        })
+        .collect();
+    let out = dir.path().join("derived");
+    write_dataset(&out, &dir.path().join("meta.jsonl"), &ds, &written).unwrap();
+    let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
+    assert_eq!(d.catalogue.len(), ds.catalogue.len());
+    assert!(
+        d.reports.iter().all(|r| r.total_skipped() == 0),
+        "{:?}",
+        d.reports
+    );
+    // Every row is train: the source's train row, then the derived ones.
+    let rows = d.queries.for_purpose(&Purpose::Training).unwrap();
+    assert_eq!(rows.len(), d.queries.len());
+    let ids: Vec<&str> = rows.iter().map(|q| q.query().qid.as_str()).collect();
+    assert_eq!(ids, ["q1", "d-1", "d-2"]);
+    assert!(rows.iter().all(|q| q.query().split == Some(Split::Train)));
+    let d1 = rows[1];
+    assert_eq!(d1.query().user_id, "tom@55");
+    assert_eq!(d1.target(), "I9");
+    assert_eq!(d1.query().timestamp, Some(55));
+    assert_eq!(
+        d1.query().simple_query.as_deref(),
+        Some("Something for play?")
+    );
+    assert!(d1.query().query.contains("\"quotes\""));
+    // The snapshot's history is the user's reviews strictly before the target; no val user.
+    let h: Vec<i64> = d
+        .histories
+        .of("tom@55")
+        .iter()
+        .map(|r| r.timestamp)
+        .collect();
+    assert_eq!(h, [10, 20, 30, 40, 50]);
+    assert_eq!(d.histories.of("tom").len(), 7);
+    assert!(d.histories.of("vera").is_empty());
+    // A second write into the same directory is refused.
+    let err = write_dataset(&out, &dir.path().join("meta.jsonl"), &ds, &written).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+#[test]
+fn a_query_file_without_splits_derives_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    toy(dir.path());
+    write(
+        dir.path(),
+        "queries.csv",
+        "qid,query,item_id,user_id\nq1,I want toys,I5,tom\n",
+    );
+    let ds = Dataset::load(dir.path(), None, &LoadOptions::default()).unwrap();
+    let err = derive_targets(&ds, &DeriveOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("split"), "{err}");
+}
+
+/// On the real mini set: only train users, every snapshot's history strictly earlier, and the
+/// snapshot ids never collide with real users.
+#[test]
+fn on_the_mini_set_only_train_users_give_targets() {
+    let mini = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/amazon23-mini");
+    let mini = std::env::var_os("MRREC_SHARED")
+        .map(|s| PathBuf::from(s).join("data/amazon23-mini"))
+        .unwrap_or(mini);
+    let ds = Dataset::load(&mini, None, &LoadOptions::default()).unwrap();
+    let (targets, report) = derive_targets(&ds, &DeriveOptions::default()).unwrap();
+    let train: std::collections::HashSet<&str> = ds
+        .queries
+        .for_purpose(&Purpose::Training)
+        .unwrap()
+        .iter()
+        .map(|q| q.query().user_id.as_str())
+        .collect();
+    assert_eq!(report.users, train.len());
+    assert!(report.targets > 50, "{report}");
+    for t in &targets {
+        assert!(train.contains(t.user_id.as_str()));
+        assert!(!ds.histories.contains(&t.snapshot));
+        assert!(t.history.len() >= 2);
+        assert!(t.history.iter().all(|r| r.timestamp < t.review.timestamp));
+        assert!(t.review.rating >= 4.0);
+    }
+}
