@@ -781,19 +781,22 @@ fn distilled_text_spells_added_tokens_with_ordinary_ones() {
 fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("derived");
-    let (ok, stdout, stderr) = common::mrrec(&[
-        "derive-queries".as_ref(),
-        "--data".as_ref(),
-        common::mini().as_os_str(),
-        "--model".as_ref(),
-        "smollm2-135m-instruct".as_ref(),
-        "--users".as_ref(),
-        "8".as_ref(),
-        "--per-user".as_ref(),
-        "1".as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+    // `mrrec derive-queries` on the mini data with the tiny model into `out`, then `rest`.
+    let mini = common::mini();
+    let derive = |rest: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "derive-queries".as_ref(),
+            "--data".as_ref(),
+            mini.as_os_str(),
+            "--model".as_ref(),
+            "smollm2-135m-instruct".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        args.extend(rest.iter().map(std::ffi::OsStr::new));
+        common::mrrec(&args)
+    };
+    let (ok, stdout, stderr) = derive(&["--users", "8", "--per-user", "1"]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("targets: 8 train users"), "{stderr}");
     assert!(
@@ -841,16 +844,6 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     assert!(h.iter().all(|v| v["timestamp"].as_i64().unwrap() < at));
     assert!(h.iter().all(|v| v["parent_asin"] != target.as_str()));
     // A second run into the same directory is refused, naming it.
-    let (ok, _, stderr) = common::mrrec(&[
-        "derive-queries".as_ref(),
-        "--data".as_ref(),
-        common::mini().as_os_str(),
-        "--model".as_ref(),
-        "smollm2-135m-instruct".as_ref(),
-        "--users".as_ref(),
-        "1".as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+    let (ok, _, stderr) = derive(&["--users", "1"]);
     assert!(!ok && stderr.contains("already exists"), "{stderr}");
 }

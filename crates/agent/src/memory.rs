@@ -866,7 +866,7 @@ impl Coverage {
 }
 
 /// The [`Coverage`] of `levels` for `users` (repeats counted once) in `tenant`'s memory.
-/// Records count as present when the user has any record entry; patterns and profiles when
+/// Records count as present when the user has any entry; patterns and profiles when
 /// the user has records and no pending pattern or profile mark (a summary whose every segment
 /// was dropped as unfaithful counts as written).
 pub fn coverage(
@@ -906,11 +906,9 @@ pub fn coverage(
             c.no_history += 1;
             continue;
         }
-        let has_records = store
-            .entries(Owner { tenant, user: u })?
-            .iter()
-            .any(|e| e.level == Level::Record);
-        if !has_records {
+        // Records come first and summaries are written from them, so a user with any entry
+        // has records (one `EXISTS` query instead of reading every entry and its vector).
+        if !store.has_entries(Owner { tenant, user: u })? {
             // Summaries are written from records: without them nothing is built.
             c.without_records.push(u.to_string());
         } else if pending.contains(u) {
@@ -948,10 +946,11 @@ pub fn write_derived_queries(
     let mut out = Vec::new();
     let mut pb = Progress::new("writing training requests", progress);
     let title = |t: &mrrec_data::derive::DerivedTarget| {
-        catalogue
-            .by_id(&t.review.parent_asin)
-            .map(|i| (i.title.clone(), i.main_category.clone()))
-            .unwrap_or_default()
+        let item = catalogue.by_id(&t.review.parent_asin);
+        (
+            item.map_or("", |i| i.title.as_str()),
+            item.and_then(|i| i.main_category.as_deref()),
+        )
     };
     let idx: Vec<usize> = (0..targets.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {
@@ -961,8 +960,8 @@ pub fn write_derived_queries(
                 let t = &targets[i];
                 let (name, cat) = title(t);
                 prompts::derive::query_request(
-                    &name,
-                    cat.as_deref(),
+                    name,
+                    cat,
                     &t.review.title,
                     &t.review.text,
                     t.review.rating,
@@ -979,7 +978,7 @@ pub fn write_derived_queries(
                     report.usage.add(&r.usage);
                     match prompts::derive::parse_queries(
                         &r.text,
-                        &title(&targets[i]).0,
+                        title(&targets[i]).0,
                         &format!("{} {}", targets[i].review.title, targets[i].review.text),
                     ) {
                         Ok(q) => {

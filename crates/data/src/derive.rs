@@ -213,8 +213,14 @@ pub fn write_dataset(
     ds: &Dataset,
     written: &[(&DerivedTarget, DerivedQuery)],
 ) -> Result<()> {
+    let items = std::fs::canonicalize(items).map_err(|e| DataError::io(items, e))?;
+    let meta = if items.extension().is_some_and(|e| e == "gz") {
+        "meta.jsonl.gz"
+    } else {
+        "meta.jsonl"
+    };
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    for name in ["queries.csv", "reviews.jsonl", "meta.jsonl"] {
+    for name in ["queries.csv", "reviews.jsonl", meta] {
         let p = dir.join(name);
         if p.exists() || p.is_symlink() {
             return Err(DataError::Invalid {
@@ -224,13 +230,7 @@ pub fn write_dataset(
             });
         }
     }
-    let items = std::fs::canonicalize(items).map_err(|e| DataError::io(items, e))?;
-    let meta = dir.join(if items.extension().is_some_and(|e| e == "gz") {
-        "meta.jsonl.gz"
-    } else {
-        "meta.jsonl"
-    });
-    link_or_copy(&items, &meta)?;
+    link_or_copy(&items, &dir.join(meta))?;
     let train = ds.queries.for_purpose(&Purpose::Training)?;
     // Reviews: every train user's history as the source has it, then each snapshot's.
     let path = dir.join("reviews.jsonl");
