@@ -856,3 +856,98 @@ fn a_user_without_kept_patterns_gets_no_profile_and_no_pending_mark() {
             .unwrap();
     assert!(cov.complete(), "{cov:?}");
 }
+
+/// Derived training requests: an answer that names the product gets one repair turn that
+/// quotes the words back after the model's own answer and is kept when the second answer is
+/// clean; one that copies the review twice is refused with its reason; the counts say which.
+#[test]
+fn derived_requests_get_a_repair_turn_that_quotes_the_refused_words() {
+    let item = |id: &str, title: &str| Item {
+        id: id.into(),
+        title: title.into(),
+        main_category: Some("Electronics".into()),
+        text: title.into(),
+    };
+    let (cat, _) = Catalogue::from_items([
+        item("A", "Sony Wireless Noise Canceling Headphones"),
+        item("B", "Stainless Steel Water Bottle"),
+        item("C", "USB C Charging Cable"),
+    ]);
+    let review = |asin: &str, text: &str| mrrec_data::Review {
+        user_id: "u".into(),
+        parent_asin: asin.into(),
+        rating: 5.0,
+        title: "Good".into(),
+        text: text.into(),
+        timestamp: 1,
+        verified_purchase: None,
+    };
+    let target = |asin: &str, text: &str| mrrec_data::derive::DerivedTarget {
+        user_id: "u".into(),
+        snapshot: format!("u@{asin}"),
+        review: review(asin, text),
+        history: vec![],
+        category: None,
+    };
+    let targets = [
+        target("A", "They block the engine noise on every flight I take."),
+        target(
+            "B",
+            "Keeps my water cold through a whole hot day at the beach.",
+        ),
+        target(
+            "C",
+            "It charges my phone fast and the cord never frays at all.",
+        ),
+    ];
+    let ok = |q: &str| format!(r#"{{"query": "{q}", "simple_query": "What should I buy?"}}"#);
+    let named = ok("I want wireless noise canceling headphones for my trips.");
+    let copied = ok("Something that charges my phone fast and the cord never frays.");
+    let llm = Scripted::new(&[
+        // first round, in target order
+        &named,
+        &ok("I need a bottle that keeps drinks cold all day outdoors."),
+        &copied,
+        // repairs: A is now clean, C copies again
+        &ok("I fly often and want quiet over the engine on long trips."),
+        &copied,
+    ]);
+    let (kept, report) =
+        mrrec_agent::memory::write_derived_queries(&llm, &cat, &targets, 8, 1, false);
+    let idx: Vec<usize> = kept.iter().map(|k| k.0).collect();
+    assert_eq!(idx, [0, 1]);
+    assert!(kept[0].1.query.starts_with("I fly often"));
+    assert_eq!((report.written, report.repaired), (2, 1));
+    assert_eq!(report.refused_first["the request names the product"], 1);
+    assert_eq!(report.refused_first["the request copies the review"], 1);
+    assert_eq!(report.refused.len(), 1);
+    assert_eq!(report.refused["the request copies the review"], 1);
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 5);
+    // The repair of A: its first answer as the assistant's turn, the title words quoted.
+    let repair = &reqs[3];
+    assert_eq!(repair.messages.len(), 4);
+    assert_eq!(repair.messages[2].content, named);
+    assert!(
+        repair.messages[3]
+            .content
+            .contains("\"wireless noise canceling headphones\""),
+        "{}",
+        repair.messages[3].content
+    );
+    assert!(reqs[4].messages[3].content.contains("copies the review"));
+    // No repair turns: both refused answers stay refused.
+    let llm = Scripted::new(&[
+        &named,
+        &ok("A cold drink bottle for the beach, please."),
+        &copied,
+    ]);
+    let (kept, report) =
+        mrrec_agent::memory::write_derived_queries(&llm, &cat, &targets, 2, 0, false);
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (report.repaired, report.refused.values().sum::<usize>()),
+        (0, 2)
+    );
+    assert_eq!(llm.requests().len(), 3);
+}

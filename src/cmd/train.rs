@@ -860,6 +860,10 @@ pub(crate) struct DeriveQueriesCmd {
     /// Only the first N `train` users (sorted by id).
     #[arg(long)]
     pub(crate) users: Option<usize>,
+    /// Repair turns for a refused request: the model sees its answer and the words it must
+    /// not repeat (the product's title, the review) and writes it again.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) repairs: usize,
 }
 
 /// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases,
@@ -903,21 +907,27 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         &ds.catalogue,
         &targets,
         a.llm.batch,
+        a.repairs,
         true,
     );
     let pairs: Vec<_> = written.into_iter().map(|(i, q)| (&targets[i], q)).collect();
     write_dataset(&a.out, &items, &ds, &pairs)?;
-    let refused: Vec<String> = wr
-        .refused
-        .iter()
-        .map(|(why, n)| format!("{n} {why}"))
-        .collect();
+    let counts = |m: &std::collections::BTreeMap<String, usize>| {
+        let v: Vec<String> = m.iter().map(|(why, n)| format!("{n} {why}")).collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
     println!(
-        "{}: {} train queries of the source + {} derived, each asked by its own snapshot user (refused: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
+        "{}: {} train queries of the source + {} derived ({} of them after a repair turn), each asked by its own snapshot user (first answers refused: {}; refused in the end: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
         a.out.display(),
         ds.queries.for_purpose(&mrrec_data::Purpose::Training)?.len(),
         pairs.len(),
-        if refused.is_empty() { "none".into() } else { refused.join(", ") },
+        wr.repaired,
+        counts(&wr.refused_first),
+        counts(&wr.refused),
         a.llm.model,
         wr.usage.prompt_tokens,
         wr.usage.completion_tokens,

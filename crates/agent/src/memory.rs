@@ -923,7 +923,12 @@ pub fn coverage(
 pub struct DerivedWriteReport {
     /// Requests written and kept.
     pub written: usize,
-    /// Answers refused, by reason (unparsable, naming the product, a model error).
+    /// Of them, kept only after a repair turn.
+    pub repaired: usize,
+    /// First answers refused, by reason (before any repair).
+    pub refused_first: BTreeMap<String, usize>,
+    /// Targets finally refused, by the reason of their last answer (unparsable, naming the
+    /// product, copying the review, a model error).
     pub refused: BTreeMap<String, usize>,
     /// LLM tokens and time.
     pub usage: Usage,
@@ -931,12 +936,15 @@ pub struct DerivedWriteReport {
 
 /// Writes the request of every derived training target with `llm` (greedy, in batches of
 /// `batch`, cached like every other call): `(index into targets, request)` for the answers that
-/// parse and do not name the product; the rest are counted by reason.
+/// parse, do not name the product and do not copy the review. A refused answer gets up to
+/// `repairs` repair turns ([`prompts::derive::repair_request`]: its own answer and the words it
+/// must not repeat); the targets still refused are counted by reason.
 pub fn write_derived_queries(
     llm: &dyn ChatModel,
     catalogue: &mrrec_data::Catalogue,
     targets: &[mrrec_data::derive::DerivedTarget],
     batch: usize,
+    repairs: usize,
     progress: bool,
 ) -> (
     Vec<(usize, mrrec_data::derive::DerivedQuery)>,
@@ -945,59 +953,78 @@ pub fn write_derived_queries(
     let mut report = DerivedWriteReport::default();
     let mut out = Vec::new();
     let mut pb = Progress::new("writing training requests", progress);
-    let title = |t: &mrrec_data::derive::DerivedTarget| {
+    let item = |t: &mrrec_data::derive::DerivedTarget| {
         let item = catalogue.by_id(&t.review.parent_asin);
         (
             item.map_or("", |i| i.title.as_str()),
             item.and_then(|i| i.main_category.as_deref()),
         )
     };
-    let idx: Vec<usize> = (0..targets.len()).collect();
-    for chunk in idx.chunks(batch.max(1)) {
-        let reqs: Vec<ChatRequest> = chunk
-            .iter()
-            .map(|&i| {
-                let t = &targets[i];
-                let (name, cat) = title(t);
-                prompts::derive::query_request(
-                    name,
-                    cat,
-                    &t.review.title,
-                    &t.review.text,
-                    t.review.rating,
-                )
-            })
-            .collect();
-        for (&i, r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
-            let refuse = |why: String, report: &mut DerivedWriteReport| {
-                *report.refused.entry(why).or_default() += 1;
-            };
-            match r {
-                Err(e) => refuse(format!("model error: {e}"), &mut report),
-                Ok(r) => {
-                    report.usage.add(&r.usage);
-                    match prompts::derive::parse_queries(
-                        &r.text,
-                        title(&targets[i]).0,
-                        &format!("{} {}", targets[i].review.title, targets[i].review.text),
-                    ) {
-                        Ok(q) => {
-                            report.written += 1;
-                            out.push((i, q));
+    // (target, the request to send, repair turns used)
+    let mut pending: Vec<(usize, ChatRequest, usize)> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (name, cat) = item(t);
+            let r = prompts::derive::query_request(
+                name,
+                cat,
+                &t.review.title,
+                &t.review.text,
+                t.review.rating,
+            );
+            (i, r, 0)
+        })
+        .collect();
+    let mut done = 0;
+    while !pending.is_empty() {
+        let mut next = Vec::new();
+        for chunk in pending.chunks(batch.max(1)) {
+            let reqs: Vec<ChatRequest> = chunk.iter().map(|c| c.1.clone()).collect();
+            for ((i, req, turn), r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
+                let t = &targets[*i];
+                let r = match r {
+                    Err(e) => {
+                        *report
+                            .refused
+                            .entry(format!("model error: {e}"))
+                            .or_default() += 1;
+                        done += 1;
+                        continue;
+                    }
+                    Ok(r) => r,
+                };
+                report.usage.add(&r.usage);
+                let review = format!("{} {}", t.review.title, t.review.text);
+                match prompts::derive::parse_queries(&r.text, item(t).0, &review) {
+                    Ok(q) => {
+                        report.written += 1;
+                        report.repaired += usize::from(*turn > 0);
+                        out.push((*i, q));
+                        done += 1;
+                    }
+                    Err(why) => {
+                        if *turn == 0 {
+                            *report
+                                .refused_first
+                                .entry(why.reason.to_string())
+                                .or_default() += 1;
                         }
-                        Err(why) if why.starts_with("no JSON") => {
-                            refuse("unparsable".into(), &mut report)
+                        if *turn < repairs {
+                            let again = prompts::derive::repair_request(req, &r.text, &why);
+                            next.push((*i, again, turn + 1));
+                        } else {
+                            *report.refused.entry(why.reason.to_string()).or_default() += 1;
+                            done += 1;
                         }
-                        Err(why) => refuse(why, &mut report),
                     }
                 }
             }
+            pb.set(done, targets.len());
         }
-        pb.set(
-            out.len() + report.refused.values().sum::<usize>(),
-            targets.len(),
-        );
+        pending = next;
     }
     pb.finish();
+    out.sort_by_key(|(i, _)| *i);
     (out, report)
 }

@@ -71,44 +71,91 @@ fn words(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether `text` repeats `n` consecutive words of `source`.
-fn shares_run(text: &str, source: &str, n: usize) -> bool {
+/// The first run of `n` consecutive words of `source` that `text` repeats (lower-cased words
+/// joined by spaces).
+fn shared_run(text: &str, source: &str, n: usize) -> Option<String> {
     let (s, x) = (words(source), words(text));
     let runs: std::collections::HashSet<&[String]> = s.windows(n).collect();
-    x.windows(n).any(|w| runs.contains(w))
+    x.windows(n).find(|w| runs.contains(w)).map(|w| w.join(" "))
 }
 
 /// Whether `text` repeats four consecutive words of `title`.
 pub fn names_the_product(text: &str, title: &str) -> bool {
-    shares_run(text, title, 4)
+    shared_run(text, title, 4).is_some()
+}
+
+/// Why an answer was refused: a reason (the key it is counted under) and the words that made
+/// it so, when some did — what a repair turn quotes back to the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// "unparsable", "outside the schema", "an empty request", "the request names the product"
+    /// or "the request copies the review".
+    pub reason: &'static str,
+    /// The parser's message, or the repeated words.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.reason, self.detail)
+    }
 }
 
 /// Parses and checks an answer: both texts present and within the schema, neither naming the
 /// product by a run of four title words nor copying the review (a run of six of its words: a
 /// request is what the shopper wanted, not what they wrote after).
-pub fn parse_queries(text: &str, title: &str, review: &str) -> Result<DerivedQuery, String> {
+pub fn parse_queries(text: &str, title: &str, review: &str) -> Result<DerivedQuery, Refusal> {
+    let refuse = |reason, detail: String| Refusal { reason, detail };
     let v = mrrec_llm::parse::parse_json_lenient(text).ok_or_else(|| {
-        format!(
-            "no JSON object in {:?}",
-            text.chars().take(120).collect::<String>()
+        refuse(
+            "unparsable",
+            format!(
+                "no JSON object in {:?}",
+                text.chars().take(120).collect::<String>()
+            ),
         )
     })?;
-    mrrec_llm::validate(&query_schema(), &v, "")?;
+    mrrec_llm::validate(&query_schema(), &v, "").map_err(|e| refuse("outside the schema", e))?;
     let get = |k: &str| v[k].as_str().unwrap_or_default().trim().to_string();
     let q = DerivedQuery {
         query: get("query"),
         simple_query: get("simple_query"),
     };
     if q.query.is_empty() || q.simple_query.is_empty() {
-        return Err("an empty request".into());
+        return Err(refuse("an empty request", String::new()));
     }
-    if names_the_product(&q.query, title) || names_the_product(&q.simple_query, title) {
-        return Err("the request names the product".into());
+    let both = |source: &str, n| {
+        shared_run(&q.query, source, n).or_else(|| shared_run(&q.simple_query, source, n))
+    };
+    if let Some(run) = both(title, 4) {
+        return Err(refuse("the request names the product", run));
     }
-    if shares_run(&q.query, review, 6) || shares_run(&q.simple_query, review, 6) {
-        return Err("the request copies the review".into());
+    if let Some(run) = both(review, 6) {
+        return Err(refuse("the request copies the review", run));
     }
     Ok(q)
+}
+
+/// The repair turn after a refused answer: the conversation so far, the model's answer, and
+/// what was wrong with it — the words it must not repeat quoted — asking for the request again.
+pub fn repair_request(first: &ChatRequest, answer: &str, why: &Refusal) -> ChatRequest {
+    let fix = match why.reason {
+        "the request names the product" => format!(
+            "It names the product (\"{}\"). Describe the need instead, in your own plain words, without the product's name, brand, model or the words of its title.",
+            why.detail
+        ),
+        "the request copies the review" => format!(
+            "It copies the review (\"{}\"). Say what the customer wanted before buying, in new words, not what they wrote afterwards.",
+            why.detail
+        ),
+        _ => format!("It is not a valid answer ({}).", why.detail),
+    };
+    let mut r = first.clone();
+    r.messages.push(Message::assistant(answer));
+    r.messages.push(Message::user(format!(
+        "{fix} Answer as {{\"query\": \"...\", \"simple_query\": \"...\"}}."
+    )));
+    r
 }
 
 #[cfg(test)]
@@ -123,10 +170,18 @@ mod tests {
         let q = parse_queries(ok, title, review).unwrap();
         assert_eq!(q.simple_query, "What are good headphones for flights?");
         let named = r#"{"query": "I want the wireless noise canceling headphones everyone likes.", "simple_query": "Any headphones for flights?"}"#;
-        assert_eq!(
-            parse_queries(named, title, review).unwrap_err(),
-            "the request names the product"
-        );
+        let why = parse_queries(named, title, review).unwrap_err();
+        assert_eq!(why.reason, "the request names the product");
+        assert_eq!(why.detail, "wireless noise canceling headphones");
+        // The repair turn quotes the words back after the model's own answer.
+        let first = query_request(title, Some("Electronics"), "Quiet", review, 5.0);
+        let again = repair_request(&first, named, &why);
+        assert_eq!(again.messages.len(), 4);
+        assert_eq!(again.messages[2].content, named);
+        assert!(again.messages[3]
+            .content
+            .contains("\"wireless noise canceling headphones\""));
+        assert_eq!(again.constraint, first.constraint);
         assert!(parse_queries("no json here", title, review).is_err());
         assert!(parse_queries(
             r#"{"query": "short", "simple_query": "What headphones?"}"#,
@@ -135,10 +190,9 @@ mod tests {
         )
         .is_err());
         let copied = r#"{"query": "Headphones I can wear for ten hours and my ears never hurt.", "simple_query": "Which headphones are comfortable?"}"#;
-        assert_eq!(
-            parse_queries(copied, title, review).unwrap_err(),
-            "the request copies the review"
-        );
+        let why = parse_queries(copied, title, review).unwrap_err();
+        assert_eq!(why.reason, "the request copies the review");
+        assert_eq!(why.detail, "for ten hours and my ears");
         assert!(names_the_product("a SONY wh 1000xm4 wireless pair", title));
         assert!(!names_the_product("wireless headphones", title));
         // The request carries the version and keeps the data inside its tags.
