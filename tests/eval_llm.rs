@@ -62,9 +62,10 @@ fn every_llm_method_runs_from_eval_and_the_report_reads_them() {
         let run: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
         let coverage = run["provenance"]["memory_coverage"].as_str();
+        let incomplete = run["provenance"]["memory_incomplete"].as_str();
         match method {
             "dense" | "llm-rewrite" | "naive-memory" | "mrrec-no-local" => {
-                assert_eq!(coverage, None, "{method}");
+                assert_eq!((coverage, incomplete), (None, None), "{method}");
                 assert!(!err.contains("warning:"), "{method}: {err}");
             }
             "mrrec-records-only" => {
@@ -72,6 +73,7 @@ fn every_llm_method_runs_from_eval_and_the_report_reads_them() {
                     coverage,
                     Some("2 users: 2 with the memory read, 0 without records, 0 without up-to-date patterns/profile")
                 );
+                assert_eq!(incomplete, Some("0"));
                 assert!(!err.contains("warning:"), "{method}: {err}");
             }
             _ => {
@@ -80,6 +82,7 @@ fn every_llm_method_runs_from_eval_and_the_report_reads_them() {
                     Some("2 users: 0 with the memory read, 0 without records, 2 without up-to-date patterns/profile"),
                     "{method}"
                 );
+                assert_eq!(incomplete, Some("2"), "{method}");
                 assert!(
                     err.contains(&format!("warning: {method}@guided on val: the memory of 2 of 2 users is missing or out of date"))
                         && err.contains("mrrec memory build --for-split val --levels records,patterns,profile"),

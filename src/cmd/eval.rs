@@ -206,6 +206,8 @@ pub(crate) fn eval_one(
             );
             spec.provenance
                 .insert("memory_coverage".into(), cov.summary());
+            spec.provenance
+                .insert("memory_incomplete".into(), cov.incomplete().to_string());
         }
     }
     let mut pb = mrrec_agent::progress::Progress::new(&format!("eval {run_name} on {field}"), true);

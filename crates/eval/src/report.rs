@@ -532,9 +532,15 @@ pub fn report_runs(
         let partial: Vec<String> = group
             .iter()
             .filter_map(|r| {
-                let c = r.1.spec.provenance.get("memory_coverage")?;
-                (!c.contains(" 0 without records, 0 without up-to-date"))
-                    .then(|| format!("- {}: {c}", name(r)))
+                let p = &r.1.spec.provenance;
+                let c = p.get("memory_coverage")?;
+                // `memory_incomplete` (users with a history and incomplete memory); runs
+                // written before it carry only the summary line.
+                let incomplete = match p.get("memory_incomplete") {
+                    Some(n) => n != "0",
+                    None => !c.contains(" 0 without records, 0 without up-to-date"),
+                };
+                incomplete.then(|| format!("- {}: {c}", name(r)))
             })
             .collect();
         if !partial.is_empty() {

@@ -124,6 +124,7 @@ impl RunSpec {
         // The memory may be built further between resumptions.
         s.provenance.remove("memory_writers");
         s.provenance.remove("memory_coverage");
+        s.provenance.remove("memory_incomplete");
         s
     }
 }
