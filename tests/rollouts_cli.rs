@@ -800,7 +800,8 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     assert!(ok, "{stderr}");
     assert!(stderr.contains("targets: 8 train users"), "{stderr}");
     assert!(
-        stdout.contains("derived, each asked by its own snapshot user"),
+        stdout.contains("of them after a repair turn), each asked by its own snapshot user")
+            && stdout.contains("refused in the end: "),
         "{stdout}"
     );
     assert!(stdout.contains("tokens in"), "{stdout}");
