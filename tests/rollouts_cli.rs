@@ -847,4 +847,10 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     // A second run into the same directory is refused, naming it.
     let (ok, _, stderr) = derive(&["--users", "1"]);
     assert!(!ok && stderr.contains("already exists"), "{stderr}");
+    // A slice of the catalogue is refused rather than ignored.
+    let (ok, _, stderr) = derive(&["--users", "1", "--max-items", "100"]);
+    assert!(
+        !ok && stderr.contains("--max-items does not apply here"),
+        "{stderr}"
+    );
 }

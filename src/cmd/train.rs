@@ -871,6 +871,11 @@ pub(crate) struct DeriveQueriesCmd {
 /// directory that `memory build`, `rollouts`, `train` and `iterate` read like any other.
 pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
     use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions};
+    anyhow::ensure!(
+        a.data.max_items.is_none(),
+        "derive-queries writes a data directory that links the whole item file, so --max-items does not apply here: pass it to the commands that read {}",
+        a.out.display()
+    );
     a.data.check_dir()?;
     let ds = mrrec_data::Dataset::load(
         &a.data.data,
