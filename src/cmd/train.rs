@@ -866,8 +866,8 @@ pub(crate) struct DeriveQueriesCmd {
     pub(crate) repairs: usize,
     /// Withhold the product's title from the writer (it sees the category and the review):
     /// it cannot copy a name it does not see. Answers are still checked against the title.
-    /// Check what it writes: the 0.5B, without the title, mostly asks "What would you like to
-    /// buy?" (BENCHMARKS.md, session 20).
+    /// Check what it writes: the 0.5B, without the title, writes generic questions ("What
+    /// would you like to buy?"; BENCHMARKS.md, session 20).
     #[arg(long)]
     pub(crate) hide_title: bool,
 }
