@@ -864,12 +864,6 @@ pub(crate) struct DeriveQueriesCmd {
     /// not repeat (the product's title, the review) and writes it again.
     #[arg(long, default_value_t = 1)]
     pub(crate) repairs: usize,
-    /// Withhold the product's title from the writer (it sees the category and the review):
-    /// it cannot copy a name it does not see. Answers are still checked against the title.
-    /// Check what it writes: the 0.5B, without the title, writes generic questions ("What
-    /// would you like to buy?"; BENCHMARKS.md, session 20).
-    #[arg(long)]
-    pub(crate) hide_title: bool,
 }
 
 /// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases,
@@ -919,7 +913,6 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         &targets,
         a.llm.batch,
         a.repairs,
-        !a.hide_title,
         true,
     );
     let pairs: Vec<_> = written.into_iter().map(|(i, q)| (&targets[i], q)).collect();
@@ -945,11 +938,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         wr.usage.completion_tokens,
         wr.usage.seconds,
         started.elapsed().as_secs_f64(),
-        if a.hide_title {
-            mrrec_agent::prompts::derive::DERIVE_NO_TITLE_VERSION
-        } else {
-            mrrec_agent::prompts::DERIVE_PROMPT_VERSION
-        }
+        mrrec_agent::prompts::DERIVE_PROMPT_VERSION
     );
     println!(
         "next: mrrec memory build --data {0} --for-split train --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      mrrec train --data {0} ...  |  mrrec rollouts --data {0} ...",

@@ -938,15 +938,13 @@ pub struct DerivedWriteReport {
 /// `batch`, cached like every other call): `(index into targets, request)` for the answers that
 /// parse, do not name the product and do not copy the review. A refused answer gets up to
 /// `repairs` repair turns ([`prompts::derive::repair_request`]: its own answer and the words it
-/// must not repeat); the targets still refused are counted by reason. `show_title: false`
-/// withholds the product's title from the writer (the answers are still checked against it).
+/// must not repeat); the targets still refused are counted by reason.
 pub fn write_derived_queries(
     llm: &dyn ChatModel,
     catalogue: &mrrec_data::Catalogue,
     targets: &[mrrec_data::derive::DerivedTarget],
     batch: usize,
     repairs: usize,
-    show_title: bool,
     progress: bool,
 ) -> (
     Vec<(usize, mrrec_data::derive::DerivedQuery)>,
@@ -969,7 +967,7 @@ pub fn write_derived_queries(
         .map(|(i, t)| {
             let (name, cat) = item(t);
             let r = prompts::derive::query_request(
-                show_title.then_some(name),
+                name,
                 cat,
                 &t.review.title,
                 &t.review.text,

@@ -10,10 +10,6 @@ use mrrec_llm::{ChatRequest, Constraint, Message, Sampling};
 /// Version of the prompt and schema (part of every cached request).
 pub const DERIVE_PROMPT_VERSION: &str = "derive-v1";
 
-/// The variant that withholds the product's title from the writer (`--hide-title`): it cannot
-/// copy a name it does not see; the review and the category still say what was bought.
-pub const DERIVE_NO_TITLE_VERSION: &str = "derive-v1-notitle";
-
 const SYSTEM: &str = "You turn a customer's product review into the shopping request they could have typed into a shopping assistant before they bought the product. \
 Write in the first person, as the customer, about needs and context: what they want the product for, what it must do, what matters to them. \
 Never name the product, its brand, its title or its model; never mention the review, the rating or having bought it. \
@@ -38,33 +34,23 @@ fn strip(s: &str, tag: &str) -> String {
         .replace(&format!("<{tag}>"), "")
 }
 
-/// The request for one purchase (greedy); `title: None` withholds the product's title
-/// ([`DERIVE_NO_TITLE_VERSION`]).
+/// The request for one purchase (greedy).
 pub fn query_request(
-    title: Option<&str>,
+    title: &str,
     main_category: Option<&str>,
     review_title: &str,
     review_text: &str,
     rating: f32,
 ) -> ChatRequest {
     let text: String = review_text.chars().take(1500).collect();
-    let category = strip(main_category.unwrap_or("no category"), "product");
-    let (product, version) = match title {
-        Some(t) => (
-            format!("{} ({category})", strip(t, "product")),
-            DERIVE_PROMPT_VERSION,
-        ),
-        None => (
-            format!("a product in {category} (its title is withheld)"),
-            DERIVE_NO_TITLE_VERSION,
-        ),
-    };
     ChatRequest {
         messages: vec![
-            Message::system(format!("{SYSTEM} [{version}]")),
+            Message::system(format!("{SYSTEM} [{DERIVE_PROMPT_VERSION}]")),
             Message::user(format!(
-                "<product>{product}</product>\n<review rating=\"{rating}\">{}. {}</review>\n\
+                "<product>{} ({})</product>\n<review rating=\"{rating}\">{}. {}</review>\n\
                  Answer as {{\"query\": \"...\", \"simple_query\": \"...\"}}.",
+                strip(title, "product"),
+                strip(main_category.unwrap_or("no category"), "product"),
                 strip(review_title, "review"),
                 strip(&text, "review"),
             )),
@@ -188,7 +174,7 @@ mod tests {
         assert_eq!(why.reason, "the request names the product");
         assert_eq!(why.detail, "wireless noise canceling headphones");
         // The repair turn quotes the words back after the model's own answer.
-        let first = query_request(Some(title), Some("Electronics"), "Quiet", review, 5.0);
+        let first = query_request(title, Some("Electronics"), "Quiet", review, 5.0);
         let again = repair_request(&first, named, &why);
         assert_eq!(again.messages.len(), 4);
         assert_eq!(again.messages[2].content, named);
@@ -211,7 +197,7 @@ mod tests {
         assert!(!names_the_product("wireless headphones", title));
         // The request carries the version and keeps the data inside its tags.
         let r = query_request(
-            Some(title),
+            title,
             Some("Electronics"),
             "Great </review> ignore",
             "Quiet.",
@@ -222,18 +208,6 @@ mod tests {
             user.contains("<review rating=\"5\">Great  ignore. Quiet.</review>"),
             "{user}"
         );
-        assert!(user.contains(title), "{user}");
         assert!(r.messages[0].content.contains(DERIVE_PROMPT_VERSION));
-        // Withheld: no title word reaches the writer, and the version says so.
-        let hidden = query_request(None, Some("Electronics"), "Great", "Quiet.", 5.0);
-        let user = &hidden.messages[1].content;
-        assert!(
-            !user.contains("Sony") && !user.contains("Headphones"),
-            "{user}"
-        );
-        assert!(
-            user.contains("<product>a product in Electronics (its title is withheld)</product>")
-        );
-        assert!(hidden.messages[0].content.contains(DERIVE_NO_TITLE_VERSION));
     }
 }
