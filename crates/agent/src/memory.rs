@@ -953,74 +953,68 @@ pub fn write_derived_queries(
     let mut report = DerivedWriteReport::default();
     let mut out = Vec::new();
     let mut pb = Progress::new("writing training requests", progress);
-    let item = |t: &mrrec_data::derive::DerivedTarget| {
-        let item = catalogue.by_id(&t.review.parent_asin);
-        (
-            item.map_or("", |i| i.title.as_str()),
-            item.and_then(|i| i.main_category.as_deref()),
-        )
-    };
-    // (target, the request to send, repair turns used)
-    let mut pending: Vec<(usize, ChatRequest, usize)> = targets
+    // (target, its item's title, the request to send, repair turns used); each title looked
+    // up once.
+    let mut pending: Vec<(usize, &str, ChatRequest, usize)> = targets
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let (name, cat) = item(t);
+            let item = catalogue.by_id(&t.review.parent_asin);
+            let title = item.map_or("", |i| i.title.as_str());
             let r = prompts::derive::query_request(
-                name,
-                cat,
+                title,
+                item.and_then(|i| i.main_category.as_deref()),
                 &t.review.title,
                 &t.review.text,
                 t.review.rating,
             );
-            (i, r, 0)
+            (i, title, r, 0)
         })
         .collect();
-    let mut done = 0;
     while !pending.is_empty() {
         let mut next = Vec::new();
         for chunk in pending.chunks(batch.max(1)) {
-            let reqs: Vec<ChatRequest> = chunk.iter().map(|c| c.1.clone()).collect();
-            for ((i, req, turn), r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
-                let t = &targets[*i];
+            let reqs: Vec<ChatRequest> = chunk.iter().map(|c| c.2.clone()).collect();
+            for (&(i, title, ref req, turn), r) in chunk.iter().zip(llm.chat_batch(&reqs)) {
                 let r = match r {
                     Err(e) => {
                         *report
                             .refused
                             .entry(format!("model error: {e}"))
                             .or_default() += 1;
-                        done += 1;
                         continue;
                     }
                     Ok(r) => r,
                 };
                 report.usage.add(&r.usage);
-                let review = format!("{} {}", t.review.title, t.review.text);
-                match prompts::derive::parse_queries(&r.text, item(t).0, &review) {
+                let t = &targets[i].review;
+                let review = format!("{} {}", t.title, t.text);
+                match prompts::derive::parse_queries(&r.text, title, &review) {
                     Ok(q) => {
                         report.written += 1;
-                        report.repaired += usize::from(*turn > 0);
-                        out.push((*i, q));
-                        done += 1;
+                        report.repaired += usize::from(turn > 0);
+                        out.push((i, q));
                     }
                     Err(why) => {
-                        if *turn == 0 {
+                        if turn == 0 {
                             *report
                                 .refused_first
                                 .entry(why.reason.to_string())
                                 .or_default() += 1;
                         }
-                        if *turn < repairs {
+                        if turn < repairs {
                             let again = prompts::derive::repair_request(req, &r.text, &why);
-                            next.push((*i, again, turn + 1));
+                            next.push((i, title, again, turn + 1));
                         } else {
                             *report.refused.entry(why.reason.to_string()).or_default() += 1;
-                            done += 1;
                         }
                     }
                 }
             }
-            pb.set(done, targets.len());
+            pb.set(
+                out.len() + report.refused.values().sum::<usize>(),
+                targets.len(),
+            );
         }
         pending = next;
     }

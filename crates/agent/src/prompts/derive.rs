@@ -84,20 +84,28 @@ pub fn names_the_product(text: &str, title: &str) -> bool {
     shared_run(text, title, 4).is_some()
 }
 
+/// A [`Refusal`] reason: the answer repeats a run of four title words.
+pub const NAMES_THE_PRODUCT: &str = "the request names the product";
+/// A [`Refusal`] reason: the answer repeats a run of six review words.
+pub const COPIES_THE_REVIEW: &str = "the request copies the review";
+
 /// Why an answer was refused: a reason (the key it is counted under) and the words that made
 /// it so, when some did — what a repair turn quotes back to the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// "unparsable", "outside the schema", "an empty request", "the request names the product"
-    /// or "the request copies the review".
+    /// "unparsable", "outside the schema", "an empty request", [`NAMES_THE_PRODUCT`] or
+    /// [`COPIES_THE_REVIEW`].
     pub reason: &'static str,
-    /// The parser's message, or the repeated words.
+    /// The parser's message, or the repeated words ("" when there is nothing to quote).
     pub detail: String,
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.reason, self.detail)
+        match self.detail.as_str() {
+            "" => f.write_str(self.reason),
+            d => write!(f, "{}: {d}", self.reason),
+        }
     }
 }
 
@@ -128,10 +136,10 @@ pub fn parse_queries(text: &str, title: &str, review: &str) -> Result<DerivedQue
         shared_run(&q.query, source, n).or_else(|| shared_run(&q.simple_query, source, n))
     };
     if let Some(run) = both(title, 4) {
-        return Err(refuse("the request names the product", run));
+        return Err(refuse(NAMES_THE_PRODUCT, run));
     }
     if let Some(run) = both(review, 6) {
-        return Err(refuse("the request copies the review", run));
+        return Err(refuse(COPIES_THE_REVIEW, run));
     }
     Ok(q)
 }
@@ -140,15 +148,15 @@ pub fn parse_queries(text: &str, title: &str, review: &str) -> Result<DerivedQue
 /// what was wrong with it — the words it must not repeat quoted — asking for the request again.
 pub fn repair_request(first: &ChatRequest, answer: &str, why: &Refusal) -> ChatRequest {
     let fix = match why.reason {
-        "the request names the product" => format!(
+        NAMES_THE_PRODUCT => format!(
             "It names the product (\"{}\"). Describe the need instead, in your own plain words, without the product's name, brand, model or the words of its title.",
             why.detail
         ),
-        "the request copies the review" => format!(
+        COPIES_THE_REVIEW => format!(
             "It copies the review (\"{}\"). Say what the customer wanted before buying, in new words, not what they wrote afterwards.",
             why.detail
         ),
-        _ => format!("It is not a valid answer ({}).", why.detail),
+        _ => format!("It is not a valid answer ({why})."),
     };
     let mut r = first.clone();
     r.messages.push(Message::assistant(answer));
@@ -183,6 +191,14 @@ mod tests {
             .contains("\"wireless noise canceling headphones\""));
         assert_eq!(again.constraint, first.constraint);
         assert!(parse_queries("no json here", title, review).is_err());
+        // Nothing to quote: the repair names the reason alone.
+        let empty = r#"{"query": "                         ", "simple_query": "What headphones?"}"#;
+        let why = parse_queries(empty, title, review).unwrap_err();
+        assert_eq!(why.to_string(), "an empty request");
+        let again = repair_request(&first, empty, &why);
+        assert!(again.messages[3]
+            .content
+            .starts_with("It is not a valid answer (an empty request)."));
         assert!(parse_queries(
             r#"{"query": "short", "simple_query": "What headphones?"}"#,
             title,
