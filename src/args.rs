@@ -96,6 +96,11 @@ pub(crate) struct AssistantArgs {
     /// Rank with BM25 + dense fusion instead of dense alone.
     #[arg(long)]
     pub(crate) hybrid_rank: bool,
+    /// Rank by the reciprocal-rank fusion (c = 60) of the profile's ranking and the request's
+    /// own, instead of the profile's alone (the paper's): the request keeps what the shopper
+    /// said, the profile adds what the memory and the reasoning inferred.
+    #[arg(long)]
+    pub(crate) fuse_request: bool,
     /// Tool calls the controller opens in guided mode.
     #[arg(long, default_value_t = 1)]
     pub(crate) guided_calls: usize,
@@ -140,6 +145,7 @@ impl AssistantArgs {
         Ok(mrrec_agent::assistant::AssistantConfig {
             mode,
             hybrid: self.hybrid_rank,
+            fuse_request: self.fuse_request,
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
             min_profile_similarity: self.min_profile_similarity,

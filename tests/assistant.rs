@@ -353,6 +353,54 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
 }
 
 #[test]
+fn fusing_the_request_ranks_by_the_profile_and_the_request_together() {
+    let ws = fakes();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&ws.embedder, dir.path());
+    let (request, profile) = ("a kite for my kid", "A wooden puzzle of blocks");
+    let answer = |fuse_request: bool, replies: &[&str]| {
+        let m = Scripted::new(replies);
+        let cfg = AssistantConfig {
+            fuse_request,
+            ..free()
+        };
+        scripted(ws.shop(), &st, &m, cfg)
+            .answer("alice", request, None, 10)
+            .unwrap()
+    };
+    let boxed =
+        format!("\\boxed{{\"ideal_item_profile\": \"{profile}\", \"useful_memory_ids\": []}}");
+    let ids = |items: &[(u32, f32)]| items.iter().map(|x| x.0).collect::<Vec<_>>();
+    let by = |text: &str| ws.shop().search_dense(text, 30).unwrap();
+    let alone = answer(false, &[boxed.as_str()]);
+    let fused = answer(true, &[boxed.as_str()]);
+    // Alone: the profile's own top 10 (the paper's ranking).
+    let profile_top: Vec<u32> = by(profile).iter().take(10).map(|h| h.item).collect();
+    assert_eq!(ids(&alone.items), profile_top);
+    // Fused: reciprocal-rank fusion (c = 60) of the profile's and the request's rankings, which
+    // here differ (blocks and puzzles vs kites), so the fused list holds some of each.
+    let expected: Vec<u32> = mrrec_index::rrf(&[by(profile), by(request)], 60.0, 10)
+        .iter()
+        .map(|h| h.item)
+        .collect();
+    assert_eq!(ids(&fused.items), expected);
+    assert_ne!(ids(&fused.items), profile_top);
+    let kind = |i: u32| ws.catalogue.items()[i as usize].title.clone();
+    assert!(fused.items.iter().any(|x| kind(x.0).starts_with("kite")));
+    assert!(fused
+        .items
+        .iter()
+        .any(|x| kind(x.0).starts_with("wooden blocks")));
+    // The profile is still what the answer ranked with; only the ranking read the request too.
+    assert_eq!(fused.ranked_with, profile);
+    // No profile (the answer fell back to the request): nothing to fuse, the request alone.
+    let fell_back = answer(true, &["I am not sure.", "Still no box here {"]);
+    assert!(fell_back.trace.fallback);
+    let request_top: Vec<u32> = by(request).iter().take(10).map(|h| h.item).collect();
+    assert_eq!(ids(&fell_back.items), request_top);
+}
+
+#[test]
 fn too_many_tool_calls_are_cut_at_the_limit() {
     let ws = fakes();
     let dir = tempfile::tempdir().unwrap();

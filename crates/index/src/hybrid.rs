@@ -63,6 +63,25 @@ impl HybridIndex {
     }
 }
 
+/// Reciprocal-rank fusion of ranked lists: each item scores Σ 1 / (c + its 1-based rank) over the
+/// lists it appears in; the best `k`, ties by item id. Used by [`HybridIndex`] and by anything
+/// that fuses rankings of different texts (the assistant's profile with its request).
+pub fn rrf(parts: &[Vec<Hit>], c: f32, k: usize) -> Vec<Hit> {
+    let mut fused: HashMap<u32, f32> = HashMap::new();
+    for part in parts {
+        for (rank, h) in part.iter().enumerate() {
+            *fused.entry(h.item).or_insert(0.0) += 1.0 / (c + rank as f32 + 1.0);
+        }
+    }
+    let mut hits: Vec<Hit> = fused
+        .into_iter()
+        .map(|(item, score)| Hit { item, score })
+        .collect();
+    sort_hits(&mut hits);
+    hits.truncate(k);
+    hits
+}
+
 impl ItemIndex for HybridIndex {
     fn kind(&self) -> &'static str {
         "hybrid"
@@ -78,19 +97,11 @@ impl ItemIndex for HybridIndex {
             return Ok(Vec::new());
         }
         let depth = self.params.depth.max(k);
-        let mut fused: HashMap<u32, f32> = HashMap::new();
-        for part in [&self.lexical, &self.dense] {
-            for (rank, h) in part.search(query, depth)?.iter().enumerate() {
-                *fused.entry(h.item).or_insert(0.0) += 1.0 / (self.params.c + rank as f32 + 1.0);
-            }
-        }
-        let mut hits: Vec<Hit> = fused
-            .into_iter()
-            .map(|(item, score)| Hit { item, score })
-            .collect();
-        sort_hits(&mut hits);
-        hits.truncate(k);
-        Ok(hits)
+        let parts = [
+            self.lexical.search(query, depth)?,
+            self.dense.search(query, depth)?,
+        ];
+        Ok(rrf(&parts, self.params.c, k))
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
@@ -100,5 +111,27 @@ impl ItemIndex for HybridIndex {
         let pp = dir.join("hybrid.json");
         std::fs::write(&pp, serde_json::to_vec(&self.params).unwrap_or_default())
             .map_err(io_err(&pp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(items: &[u32]) -> Vec<Hit> {
+        items.iter().map(|&item| Hit { item, score: 0.0 }).collect()
+    }
+
+    #[test]
+    fn rrf_rewards_agreement_and_breaks_ties_by_item() {
+        // 7 is second in both lists: 2 / 62 beats 1 / 61 for the lists' leaders alone.
+        let fused = rrf(&[list(&[5, 7, 9]), list(&[3, 7])], 60.0, 10);
+        let items: Vec<u32> = fused.iter().map(|h| h.item).collect();
+        assert_eq!(items, [7, 3, 5, 9]);
+        assert!((fused[0].score - 2.0 / 62.0).abs() < 1e-7);
+        // 3 and 5 tie (both first once): the smaller id first.
+        assert_eq!(fused[1].score, fused[2].score);
+        assert_eq!(rrf(&[list(&[5, 7, 9]), list(&[3, 7])], 60.0, 2).len(), 2);
+        assert!(rrf(&[], 60.0, 5).is_empty());
     }
 }

@@ -20,7 +20,7 @@ mod guided;
 pub use free::free_conversation;
 
 use crate::error::Result;
-use mrrec_index::{ItemIndex, SearchQuery};
+use mrrec_index::{Hit, HybridParams, ItemIndex, SearchQuery};
 use mrrec_llm::{ChatModel, ChatRequest, Message, Sampling, Usage};
 use mrrec_memory::{Level, MemoryRead, Owner};
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,10 @@ pub struct AssistantConfig {
     pub answer_tokens: usize,
     /// Rank with the hybrid index (BM25 + dense) instead of dense alone.
     pub hybrid: bool,
+    /// Rank by the reciprocal-rank fusion of the profile's ranking and the request's own (each
+    /// dense, or each hybrid with `hybrid`); false ranks by the profile alone, as the paper does.
+    #[serde(default)]
+    pub fuse_request: bool,
     /// The tool drops entries less similar than this to the call's text (0 keeps the paper's
     /// plain top-k).
     #[serde(default)]
@@ -167,6 +171,7 @@ impl Default for AssistantConfig {
             reasoning_tokens: 80,
             answer_tokens: 120,
             hybrid: false,
+            fuse_request: false,
             min_memory_score: DEFAULT_MIN_MEMORY_SCORE,
             min_profile_similarity: DEFAULT_MIN_PROFILE_SIMILARITY,
         }
@@ -541,7 +546,7 @@ impl<'a> Assistant<'a> {
             cited: trace.cited.clone(),
             fallback: trace.fallback,
         });
-        let items = self.rank(&ranked_with, k, &mut trace)?;
+        let items = self.rank(&ranked_with, request, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
             items,
@@ -638,7 +643,7 @@ impl<'a> Assistant<'a> {
             cited: trace.cited.clone(),
             fallback: trace.fallback,
         });
-        let items = self.rank(&ranked_with, k, &mut trace)?;
+        let items = self.rank(&ranked_with, request, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
             items,
@@ -646,21 +651,43 @@ impl<'a> Assistant<'a> {
         })
     }
 
-    /// Ranks the whole catalogue by a text (dense by default, hybrid when configured).
-    pub fn rank(&self, text: &str, k: usize, trace: &mut Trace) -> Result<Vec<(u32, f32)>> {
+    /// Ranks the whole catalogue by a text (dense by default, hybrid when configured), fused
+    /// with the request's own ranking when [`AssistantConfig::fuse_request`] is set and the text
+    /// is not the request itself.
+    pub fn rank(
+        &self,
+        text: &str,
+        request: &str,
+        k: usize,
+        trace: &mut Trace,
+    ) -> Result<Vec<(u32, f32)>> {
         let t = std::time::Instant::now();
+        let hits = if self.cfg.fuse_request && text != request {
+            let depth = HybridParams::default().depth.max(k);
+            let parts = [
+                self.search(text, depth, trace)?,
+                self.search(request, depth, trace)?,
+            ];
+            mrrec_index::rrf(&parts, HybridParams::default().c, k)
+        } else {
+            self.search(text, k, trace)?
+        };
+        trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(hits.into_iter().map(|h| (h.item, h.score)).collect())
+    }
+
+    /// The `k` best items for one text, from the dense index or the hybrid one.
+    fn search(&self, text: &str, k: usize, trace: &mut Trace) -> Result<Vec<Hit>> {
         let v = self.embed(text, trace)?;
         let q = SearchQuery {
             text,
             vector: Some(&v),
         };
-        let hits = if self.cfg.hybrid {
+        Ok(if self.cfg.hybrid {
             self.shop.hybrid().search(&q, k)?
         } else {
             self.shop.dense.search(&q, k)?
-        };
-        trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
-        Ok(hits.into_iter().map(|h| (h.item, h.score)).collect())
+        })
     }
 
     /// Cosine similarity of two texts' embeddings (they are unit length).
