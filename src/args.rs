@@ -96,11 +96,12 @@ pub(crate) struct AssistantArgs {
     /// Rank with BM25 + dense fusion instead of dense alone.
     #[arg(long)]
     pub(crate) hybrid_rank: bool,
-    /// Rank by the reciprocal-rank fusion (c = 60) of the profile's ranking and the request's
-    /// own, instead of the profile's alone (the paper's): the request keeps what the shopper
-    /// said, the profile adds what the memory and the reasoning inferred.
-    #[arg(long)]
-    pub(crate) fuse_request: bool,
+    /// The request beside the profile in the ranking: `none` ranks the profile alone (the
+    /// paper's); `fuse` the reciprocal-rank fusion (c = 60) of the profile's ranking and the
+    /// request's own; `join` the request and the profile as one text. The request keeps what the
+    /// shopper said, the profile adds what the memory and the reasoning inferred.
+    #[arg(long, value_enum, default_value_t = RankRequest::None)]
+    pub(crate) rank_request: RankRequest,
     /// Tool calls the controller opens in guided mode.
     #[arg(long, default_value_t = 1)]
     pub(crate) guided_calls: usize,
@@ -145,7 +146,11 @@ impl AssistantArgs {
         Ok(mrrec_agent::assistant::AssistantConfig {
             mode,
             hybrid: self.hybrid_rank,
-            fuse_request: self.fuse_request,
+            rank_request: match self.rank_request {
+                RankRequest::None => mrrec_agent::assistant::RequestInRanking::None,
+                RankRequest::Fuse => mrrec_agent::assistant::RequestInRanking::Fuse,
+                RankRequest::Join => mrrec_agent::assistant::RequestInRanking::Join,
+            },
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
             min_profile_similarity: self.min_profile_similarity,
@@ -207,6 +212,17 @@ impl DataArgs {
         }
         Ok(())
     }
+}
+
+/// The request beside the profile in the ranking (`--rank-request`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RankRequest {
+    /// The profile alone (the paper's).
+    None,
+    /// Reciprocal-rank fusion of the profile's and the request's rankings.
+    Fuse,
+    /// The request and the profile ranked as one text.
+    Join,
 }
 
 /// How the assistant's loop is driven.

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use mrrec_agent::assistant::{Assistant, AssistantConfig, Mode};
+use mrrec_agent::assistant::{Assistant, AssistantConfig, Mode, RequestInRanking};
 use mrrec_agent::memory::{BuildReport, MemoryBuilder};
 use mrrec_agent::{Shop, Workspace, WorkspaceOptions};
 use mrrec_data::{Catalogue, Histories, Item};
@@ -353,15 +353,15 @@ fn malformed_answers_get_one_repair_then_fall_back_to_the_request() {
 }
 
 #[test]
-fn fusing_the_request_ranks_by_the_profile_and_the_request_together() {
+fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
     let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
     let st = store(&ws.embedder, dir.path());
     let (request, profile) = ("a kite for my kid", "A wooden puzzle of blocks");
-    let answer = |fuse_request: bool, replies: &[&str]| {
+    let answer = |rank_request: RequestInRanking, replies: &[&str]| {
         let m = Scripted::new(replies);
         let cfg = AssistantConfig {
-            fuse_request,
+            rank_request,
             ..free()
         };
         scripted(ws.shop(), &st, &m, cfg)
@@ -372,8 +372,8 @@ fn fusing_the_request_ranks_by_the_profile_and_the_request_together() {
         format!("\\boxed{{\"ideal_item_profile\": \"{profile}\", \"useful_memory_ids\": []}}");
     let ids = |items: &[(u32, f32)]| items.iter().map(|x| x.0).collect::<Vec<_>>();
     let by = |text: &str| ws.shop().search_dense(text, 30).unwrap();
-    let alone = answer(false, &[boxed.as_str()]);
-    let fused = answer(true, &[boxed.as_str()]);
+    let alone = answer(RequestInRanking::None, &[boxed.as_str()]);
+    let fused = answer(RequestInRanking::Fuse, &[boxed.as_str()]);
     // Alone: the profile's own top 10 (the paper's ranking).
     let profile_top: Vec<u32> = by(profile).iter().take(10).map(|h| h.item).collect();
     assert_eq!(ids(&alone.items), profile_top);
@@ -393,11 +393,23 @@ fn fusing_the_request_ranks_by_the_profile_and_the_request_together() {
         .any(|x| kind(x.0).starts_with("wooden blocks")));
     // The profile is still what the answer ranked with; only the ranking read the request too.
     assert_eq!(fused.ranked_with, profile);
-    // No profile (the answer fell back to the request): nothing to fuse, the request alone.
-    let fell_back = answer(true, &["I am not sure.", "Still no box here {"]);
-    assert!(fell_back.trace.fallback);
+    // Joined: one ranking of the request followed by the profile.
+    let joined = answer(RequestInRanking::Join, &[boxed.as_str()]);
+    let joined_top: Vec<u32> = by(&format!("{request} {profile}"))
+        .iter()
+        .take(10)
+        .map(|h| h.item)
+        .collect();
+    assert_eq!(ids(&joined.items), joined_top);
+    assert_ne!(joined_top, profile_top);
+    assert_eq!(joined.ranked_with, profile);
+    // No profile (the answer fell back to the request): the request alone, either way.
     let request_top: Vec<u32> = by(request).iter().take(10).map(|h| h.item).collect();
-    assert_eq!(ids(&fell_back.items), request_top);
+    for how in [RequestInRanking::Fuse, RequestInRanking::Join] {
+        let fell_back = answer(how, &["I am not sure.", "Still no box here {"]);
+        assert!(fell_back.trace.fallback);
+        assert_eq!(ids(&fell_back.items), request_top);
+    }
 }
 
 #[test]

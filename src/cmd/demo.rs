@@ -163,7 +163,7 @@ impl DemoAssistant<'_> {
             mode,
             store: None,
             hybrid_rank: false,
-            fuse_request: false,
+            rank_request: RankRequest::None,
             guided_calls: 1,
             min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
             min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,

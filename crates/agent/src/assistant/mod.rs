@@ -38,6 +38,19 @@ pub enum Mode {
     Guided,
 }
 
+/// How the request itself enters the ranking beside the profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestInRanking {
+    /// The profile alone is ranked (the paper's).
+    #[default]
+    None,
+    /// Reciprocal-rank fusion of the profile's ranking and the request's own.
+    Fuse,
+    /// One ranking of the request and the profile joined as one text (query expansion).
+    Join,
+}
+
 impl Mode {
     /// Its name, as runs, records and the command line spell it (`free`, `guided`).
     pub fn name(self) -> &'static str {
@@ -85,10 +98,10 @@ pub struct AssistantConfig {
     pub answer_tokens: usize,
     /// Rank with the hybrid index (BM25 + dense) instead of dense alone.
     pub hybrid: bool,
-    /// Rank by the reciprocal-rank fusion of the profile's ranking and the request's own (each
-    /// dense, or each hybrid with `hybrid`); false ranks by the profile alone, as the paper does.
+    /// Whether and how the request is ranked beside the profile (each ranking dense, or hybrid
+    /// with `hybrid`); by default the profile alone, as the paper does.
     #[serde(default)]
-    pub fuse_request: bool,
+    pub rank_request: RequestInRanking,
     /// The tool drops entries less similar than this to the call's text (0 keeps the paper's
     /// plain top-k).
     #[serde(default)]
@@ -171,7 +184,7 @@ impl Default for AssistantConfig {
             reasoning_tokens: 80,
             answer_tokens: 120,
             hybrid: false,
-            fuse_request: false,
+            rank_request: RequestInRanking::None,
             min_memory_score: DEFAULT_MIN_MEMORY_SCORE,
             min_profile_similarity: DEFAULT_MIN_PROFILE_SIMILARITY,
         }
@@ -651,9 +664,9 @@ impl<'a> Assistant<'a> {
         })
     }
 
-    /// Ranks the whole catalogue by a text (dense by default, hybrid when configured), fused
-    /// with the request's own ranking when [`AssistantConfig::fuse_request`] is set and the text
-    /// is not the request itself.
+    /// Ranks the whole catalogue by a text (dense by default, hybrid when configured), with the
+    /// request beside it as [`AssistantConfig::rank_request`] says (unless the text is the
+    /// request itself: a fallback ranks the request alone).
     pub fn rank(
         &self,
         text: &str,
@@ -662,15 +675,19 @@ impl<'a> Assistant<'a> {
         trace: &mut Trace,
     ) -> Result<Vec<(u32, f32)>> {
         let t = std::time::Instant::now();
-        let hits = if self.cfg.fuse_request && text != request {
-            let depth = HybridParams::default().depth.max(k);
-            let parts = [
-                self.search(text, depth, trace)?,
-                self.search(request, depth, trace)?,
-            ];
-            mrrec_index::rrf(&parts, HybridParams::default().c, k)
-        } else {
-            self.search(text, k, trace)?
+        let hits = match self.cfg.rank_request {
+            RequestInRanking::Fuse if text != request => {
+                let depth = HybridParams::default().depth.max(k);
+                let parts = [
+                    self.search(text, depth, trace)?,
+                    self.search(request, depth, trace)?,
+                ];
+                mrrec_index::rrf(&parts, HybridParams::default().c, k)
+            }
+            RequestInRanking::Join if text != request => {
+                self.search(&format!("{request} {text}"), k, trace)?
+            }
+            _ => self.search(text, k, trace)?,
         };
         trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
         Ok(hits.into_iter().map(|h| (h.item, h.score)).collect())
