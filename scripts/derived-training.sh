@@ -12,10 +12,12 @@
 #   PER_USER [2]  GROUP [4]  STEPS [24]  QPS [4] (queries a step)  LR [1e-3]  SEED [42]
 #   SELECT [rs]   rs: the 0.5B's own rollouts (rejection sampling); distil: the writer's
 #
-# Costs on a 2-core AVX512-VNNI machine (sessions 16-20): the demo's home 16 min, the rest of
-# the memory 18, derived requests 20-40, the snapshots' memory 4, rollouts ~3 s a trajectory
-# (0.5B; ~11 s with the 1.5B), the greedy bar ~6 s a query, a 4-example step 2-4 min, an eval of
-# the 62 `val` queries 3 min. Each step prints its time; everything is cached under $MRREC_HOME.
+# Costs on a 2-core AVX512-VNNI machine (sessions 16-21): the demo's home 16-20 min, the rest of
+# the memory 15-18, derived requests 20-40, the snapshots' memory 4, rollouts ~7 s a group of 4
+# on 2 threads (0.5B; ~11 s a trajectory with the 1.5B), the greedy bar ~3 s a query, a
+# 4-example step ~1 min on 2 threads alone (2-4 min beside other work), an eval of the 62 `val`
+# queries 1-3 min. Session 21: rollouts, SFT and evals about an hour (BENCHMARKS.md). Each step
+# prints its time; everything is cached under $MRREC_HOME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/derived}"
