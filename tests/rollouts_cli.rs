@@ -552,6 +552,11 @@ fn a_killed_fine_tuning_run_resumes_to_the_same_adapter() {
     child.wait().unwrap();
     let (ok, _, stderr) = sft(&killed, &store, &file, &options);
     assert!(ok, "{stderr}");
+    // The bar (the greedy answer) was measured by the whole run: replayed, not decoded again.
+    assert!(
+        stderr.contains("greedy bar: 1 of 1 answers replayed from the LLM cache"),
+        "{stderr}"
+    );
 
     let a = factors(&whole.join("adapter.safetensors"));
     assert!(!a.is_empty());

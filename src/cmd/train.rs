@@ -745,17 +745,24 @@ fn sft_examples(
             path.display()
         );
     }
-    // The bar: this model's greedy answer to each query, scored with the training rewards.
+    // The bar: this model's greedy answer to each query, scored with the training rewards. The
+    // answers go through the shared response cache (keyed by the model with its adapter), so a
+    // second run over the same queries, or an eval of the same model before, replays them.
+    let cached = mrrec_llm::CachedChatModel::open(
+        local,
+        &mrrec_agent::backend::llm_cache_path(),
+        mrrec_llm::CachePolicy::All,
+    )?;
     let assistant = mrrec_agent::assistant::Assistant {
         shop: ws.shop(),
         store,
         tenant,
-        llm: local,
+        llm: &cached,
         cfg: cfg.clone(),
         observer: None,
     };
     let t0 = std::time::Instant::now();
-    let (mut tin, mut tout) = (0u64, 0u64);
+    let (mut tin, mut tout, mut replayed) = (0u64, 0u64, 0usize);
     let mut greedy = std::collections::HashMap::new();
     for (k, qid) in file.groups.keys().enumerate() {
         let q = train[qid.as_str()];
@@ -767,6 +774,8 @@ fn sft_examples(
         let a = assistant.answer(&query.user_id, request, query.category.as_deref(), 10)?;
         tin += a.trace.usage.prompt_tokens;
         tout += a.trace.usage.completion_tokens;
+        // A replayed answer costs no model time.
+        replayed += usize::from(a.trace.usage.seconds == 0.0);
         let r = mrrec_agent::rewards::reward_of(&ws.shop(), &weights, &a.trace, target)?;
         greedy.insert(qid.clone(), r.total);
         eprintln!(
@@ -775,6 +784,12 @@ fn sft_examples(
             file.groups.len(),
             r.total,
             t0.elapsed().as_secs_f64()
+        );
+    }
+    if !greedy.is_empty() {
+        eprintln!(
+            "greedy bar: {replayed} of {} answers replayed from the LLM cache",
+            greedy.len()
         );
     }
     let kept = select_best(&file.groups, &|q| greedy.get(q).copied());

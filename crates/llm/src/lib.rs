@@ -281,46 +281,32 @@ pub trait ChatModel: Send + Sync {
     }
 }
 
-impl<T: ChatModel + ?Sized> ChatModel for Box<T> {
-    fn id(&self) -> &str {
-        (**self).id()
-    }
-    fn chat_stream(
-        &self,
-        req: &ChatRequest,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<ChatResponse> {
-        (**self).chat_stream(req, on_text)
-    }
-    fn chat(&self, req: &ChatRequest) -> Result<ChatResponse> {
-        (**self).chat(req)
-    }
-    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
-        (**self).chat_batch(reqs)
-    }
-    fn ready(&self) -> Result<()> {
-        (**self).ready()
-    }
+/// A box, a shared pointer or a borrow of a chat model is that chat model (so a cache or an
+/// assistant can hold any of them).
+macro_rules! delegate_chat_model {
+    ($($ptr:ty),*) => {$(
+        impl<T: ChatModel + ?Sized> ChatModel for $ptr {
+            fn id(&self) -> &str {
+                (**self).id()
+            }
+            fn chat_stream(
+                &self,
+                req: &ChatRequest,
+                on_text: &mut dyn FnMut(&str),
+            ) -> Result<ChatResponse> {
+                (**self).chat_stream(req, on_text)
+            }
+            fn chat(&self, req: &ChatRequest) -> Result<ChatResponse> {
+                (**self).chat(req)
+            }
+            fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+                (**self).chat_batch(reqs)
+            }
+            fn ready(&self) -> Result<()> {
+                (**self).ready()
+            }
+        }
+    )*};
 }
 
-impl<T: ChatModel + ?Sized> ChatModel for std::sync::Arc<T> {
-    fn id(&self) -> &str {
-        (**self).id()
-    }
-    fn chat_stream(
-        &self,
-        req: &ChatRequest,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<ChatResponse> {
-        (**self).chat_stream(req, on_text)
-    }
-    fn chat(&self, req: &ChatRequest) -> Result<ChatResponse> {
-        (**self).chat(req)
-    }
-    fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
-        (**self).chat_batch(reqs)
-    }
-    fn ready(&self) -> Result<()> {
-        (**self).ready()
-    }
-}
+delegate_chat_model!(Box<T>, std::sync::Arc<T>, &T);
