@@ -403,6 +403,19 @@ fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
     assert_eq!(ids(&joined.items), joined_top);
     assert_ne!(joined_top, profile_top);
     assert_eq!(joined.ranked_with, profile);
+    // A run's settings name the choice only when it is not the default (the paper's ranking),
+    // so runs recorded before the option existed keep their identity.
+    let settings = |rank_request| {
+        serde_json::to_value(AssistantConfig {
+            rank_request,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    assert!(settings(RequestInRanking::None)
+        .get("rank_request")
+        .is_none());
+    assert_eq!(settings(RequestInRanking::Fuse)["rank_request"], "fuse");
     // No profile (the answer fell back to the request): the request alone, either way.
     let request_top: Vec<u32> = by(request).iter().take(10).map(|h| h.item).collect();
     for how in [RequestInRanking::Fuse, RequestInRanking::Join] {

@@ -51,6 +51,13 @@ pub enum RequestInRanking {
     Join,
 }
 
+impl RequestInRanking {
+    /// True for the paper's ranking (the profile alone).
+    pub fn is_profile_alone(&self) -> bool {
+        *self == RequestInRanking::None
+    }
+}
+
 impl Mode {
     /// Its name, as runs, records and the command line spell it (`free`, `guided`).
     pub fn name(self) -> &'static str {
@@ -99,8 +106,9 @@ pub struct AssistantConfig {
     /// Rank with the hybrid index (BM25 + dense) instead of dense alone.
     pub hybrid: bool,
     /// Whether and how the request is ranked beside the profile (each ranking dense, or hybrid
-    /// with `hybrid`); by default the profile alone, as the paper does.
-    #[serde(default)]
+    /// with `hybrid`); by default the profile alone, as the paper does. Not written when it is
+    /// the default, so runs recorded before it existed keep their identity.
+    #[serde(default, skip_serializing_if = "RequestInRanking::is_profile_alone")]
     pub rank_request: RequestInRanking,
     /// The tool drops entries less similar than this to the call's text (0 keeps the paper's
     /// plain top-k).
