@@ -858,4 +858,10 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
         !ok && stderr.contains("--max-items does not apply here"),
         "{stderr}"
     );
+    // `aspect` users cannot be derived for (their targets are in their histories).
+    let (ok, _, stderr) = derive(&["--users", "1", "--split", "aspect"]);
+    assert!(
+        !ok && stderr.contains("derive for train, val or test"),
+        "{stderr}"
+    );
 }

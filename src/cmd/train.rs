@@ -863,16 +863,20 @@ pub(crate) struct DeriveQueriesCmd {
     /// The new data directory (must not hold a data set yet).
     #[arg(long)]
     pub(crate) out: PathBuf,
-    /// Targets per `train` user, the latest first.
+    /// Targets per user, the latest first.
     #[arg(long, default_value_t = 2)]
     pub(crate) per_user: usize,
+    /// Whose earlier purchases: `train` users' (more training requests) or `val`/`test` users'
+    /// (a larger evaluation set: the directory's rows are all that split, never trainable).
+    #[arg(long, default_value = "train")]
+    pub(crate) split: mrrec_data::Split,
     /// Reviews the user must have written before a target (the memory its request reads).
     #[arg(long, default_value_t = 2)]
     pub(crate) min_history: usize,
     /// Lowest rating of a target.
     #[arg(long, default_value_t = 4.0)]
     pub(crate) min_rating: f32,
-    /// Only the first N `train` users (sorted by id).
+    /// Only the first N users (sorted by id).
     #[arg(long)]
     pub(crate) users: Option<usize>,
     /// Repair turns for a refused request: the model sees its answer and the words it must
@@ -909,12 +913,14 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         min_history: a.min_history,
         min_rating: a.min_rating,
         max_users: a.users,
+        split: a.split,
     };
     let (targets, report) = derive_targets(&ds, &opts)?;
     eprintln!("targets: {report}");
     anyhow::ensure!(
         !targets.is_empty(),
-        "no review of a `train` user qualifies ({report}); lower --min-history or --min-rating"
+        "no review of a `{}` user qualifies ({report}); lower --min-history or --min-rating",
+        a.split
     );
     let llm = mrrec_agent::backend::cached_chat_model(
         &a.llm.model,
@@ -931,7 +937,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         true,
     );
     let pairs: Vec<_> = written.into_iter().map(|(i, q)| (&targets[i], q)).collect();
-    write_dataset(&a.out, &items, &ds, &pairs)?;
+    write_dataset(&a.out, &items, &ds, a.split, &pairs)?;
     let counts = |m: &std::collections::BTreeMap<String, usize>| {
         let v: Vec<String> = m.iter().map(|(why, n)| format!("{n} {why}")).collect();
         if v.is_empty() {
@@ -941,9 +947,14 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         }
     };
     println!(
-        "{}: {} train queries of the source + {} derived ({} of them after a repair turn), each asked by its own snapshot user (first answers refused: {}; refused in the end: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
+        "{}: {} {} queries of the source + {} derived ({} of them after a repair turn), each asked by its own snapshot user (first answers refused: {}; refused in the end: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
         a.out.display(),
-        ds.queries.for_purpose(&mrrec_data::Purpose::Training)?.len(),
+        ds.queries
+            .all()
+            .iter()
+            .filter(|q| q.query().split == Some(a.split))
+            .count(),
+        a.split,
         pairs.len(),
         wr.repaired,
         counts(&wr.refused_first),
@@ -955,9 +966,17 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         started.elapsed().as_secs_f64(),
         mrrec_agent::prompts::DERIVE_PROMPT_VERSION
     );
+    let then = if a.split == mrrec_data::Split::Train {
+        "mrrec train --data {0} ...  |  mrrec rollouts --data {0} ..."
+    } else {
+        "mrrec eval --data {0} --split {1} ...  (paired by query id with runs on the source: mrrec compare)"
+    };
     println!(
-        "next: mrrec memory build --data {0} --for-split train --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      mrrec train --data {0} ...  |  mrrec rollouts --data {0} ...",
-        a.out.display()
+        "next: mrrec memory build --data {0} --for-split {1} --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      {2}",
+        a.out.display(),
+        a.split,
+        then.replace("{0}", &a.out.display().to_string())
+            .replace("{1}", &a.split.to_string())
     );
     Ok(())
 }

@@ -952,7 +952,7 @@ pub fn write_derived_queries(
 ) {
     let mut report = DerivedWriteReport::default();
     let mut out = Vec::new();
-    let mut pb = Progress::new("writing training requests", progress);
+    let mut pb = Progress::new("writing requests", progress);
     // (target, its item's title, the request to send, repair turns used); each title looked
     // up once.
     let mut pending: Vec<(usize, &str, ChatRequest, usize)> = targets

@@ -1,4 +1,5 @@
-//! More training queries from the training users' own histories, without a leak.
+//! More queries from the users' own histories, without a leak: training requests from the
+//! `train` users' earlier purchases, or a larger evaluation set from the `val` (or `test`) users'.
 //!
 //! A data set has one query per user, so GRPO and fine-tuning see as many requests as there are
 //! `train` users (106 in the mini set). Each of those users' earlier well-rated reviews is a
@@ -16,14 +17,20 @@
 //! source's item metadata (linked, so the catalogue, its fingerprint and its indexes are the
 //! source's), `reviews.jsonl` with the `train` users' histories and the snapshots', and
 //! `queries.csv` with the source's `train` rows and the derived ones, every row `train`.
+//!
+//! With [`DeriveOptions::split`] `val` (or `test`) the same is done for that split's users: the
+//! directory's rows are all `val`, so it can be evaluated (62 real requests and the derived
+//! ones, paired by query id with runs on the source) and never trained on — [`Purpose::Training`]
+//! admits `train` rows only. Reviews that are an `aspect` query's target are passed over there
+//! too: global memory read the request written from them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use crate::{DataError, Dataset, Purpose, Result, Review};
+use crate::{DataError, Dataset, LabeledQuery, Purpose, Result, Review, Split};
 
-/// Which reviews become training targets.
+/// Which reviews become targets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeriveOptions {
     /// Targets per user, the latest first.
@@ -32,8 +39,11 @@ pub struct DeriveOptions {
     pub min_history: usize,
     /// Lowest rating of a target (a purchase the user was glad of, as C4's queries are).
     pub min_rating: f32,
-    /// Only the first this many `train` users (by id); all when `None`.
+    /// Only the first this many users (by id); all when `None`.
     pub max_users: Option<usize>,
+    /// Whose purchases: the `train` users' (training requests, the default) or the `val` or
+    /// `test` users' (a larger evaluation set, never trainable). `aspect` is refused.
+    pub split: Split,
 }
 
 impl Default for DeriveOptions {
@@ -43,14 +53,15 @@ impl Default for DeriveOptions {
             min_history: 2,
             min_rating: 4.0,
             max_users: None,
+            split: Split::Train,
         }
     }
 }
 
-/// One purchase that becomes a training request.
+/// One purchase that becomes a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DerivedTarget {
-    /// The `train` user it comes from.
+    /// The user it comes from.
     pub user_id: String,
     /// The asking user: the snapshot `{user}@{timestamp}`.
     pub snapshot: String,
@@ -66,8 +77,10 @@ pub struct DerivedTarget {
 /// What [`derive_targets`] looked at and why it passed reviews over.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeriveReport {
-    /// `train` users looked at.
+    /// Users looked at.
     pub users: usize,
+    /// Their split.
+    pub split: Option<Split>,
     /// Their reviews looked at.
     pub reviews: usize,
     /// Targets chosen.
@@ -78,9 +91,10 @@ pub struct DeriveReport {
 
 impl std::fmt::Display for DeriveReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let split = self.split.map_or("source".to_string(), |s| s.to_string());
         write!(
             f,
-            "{} train users, {} reviews: {} targets",
+            "{} {split} users, {} reviews: {} targets",
             self.users, self.reviews, self.targets
         )?;
         for (why, n) in &self.skipped {
@@ -95,18 +109,47 @@ pub fn snapshot_id(user: &str, timestamp: i64) -> String {
     format!("{user}@{timestamp}")
 }
 
-/// Picks the training targets of `ds` (see the module docs), users in id order, each user's
-/// latest targets first. Errors when the query file has no `split` column.
+/// The source rows whose users a derivation for `split` reads: `train` rows through
+/// [`Purpose::Training`], `val`/`test` rows through [`Purpose::Evaluate`]; `aspect` is refused.
+fn source_rows(ds: &Dataset, split: Split) -> Result<Vec<&LabeledQuery>> {
+    match split {
+        Split::Train => ds.queries.for_purpose(&Purpose::Training),
+        Split::Val | Split::Test => ds.queries.for_purpose(&Purpose::Evaluate(vec![split])),
+        Split::Aspect => Err(DataError::QueriesNotAllowed(
+            "queries cannot be derived for `aspect` users: derive for train, val or test".into(),
+        )),
+    }
+}
+
+/// Picks the targets of `ds` (see the module docs), users of `opts.split` in id order, each
+/// user's latest targets first. Errors when the query file has no `split` column.
 pub fn derive_targets(
     ds: &Dataset,
     opts: &DeriveOptions,
 ) -> Result<(Vec<DerivedTarget>, DeriveReport)> {
-    let train = ds.queries.for_purpose(&Purpose::Training)?;
+    let rows = source_rows(ds, opts.split)?;
+    if rows.iter().any(|q| q.query().split != Some(opts.split)) {
+        return Err(DataError::QueriesNotAllowed(
+            "queries can be derived only from a query file with a `split` column".into(),
+        ));
+    }
     let scenario = scenarios(ds)?;
-    // Each train user's query targets and the moment of their first query: nothing at or
-    // after it is used.
+    // Outside training, the targets of `aspect` rows are passed over: global memory was built
+    // from the requests written from them.
+    let aspect_targets: HashSet<(&str, &str)> = if opts.split == Split::Train {
+        HashSet::new()
+    } else {
+        ds.queries
+            .all()
+            .iter()
+            .filter(|q| q.query().split == Some(Split::Aspect))
+            .map(|q| (q.query().user_id.as_str(), q.target()))
+            .collect()
+    };
+    // Each user's query targets and the moment of their first query: nothing at or after it
+    // is used.
     let mut users: BTreeMap<&str, (HashSet<&str>, Option<i64>)> = BTreeMap::new();
-    for q in &train {
+    for q in &rows {
         let e = users.entry(q.query().user_id.as_str()).or_default();
         e.0.insert(q.target());
         e.1 = match (e.1, q.query().timestamp) {
@@ -120,6 +163,7 @@ pub fn derive_targets(
         .collect();
     let mut report = DeriveReport {
         users: users.len(),
+        split: Some(opts.split),
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -148,6 +192,13 @@ pub fn derive_targets(
                 || earlier.iter().any(|e| e.parent_asin == r.parent_asin)
             {
                 skip("of an item reviewed earlier or asked for", &mut report);
+                continue;
+            }
+            if aspect_targets.contains(&(user, r.parent_asin.as_str())) {
+                skip(
+                    "the target of an aspect query (read by global memory)",
+                    &mut report,
+                );
                 continue;
             }
             let category = ds
@@ -204,13 +255,15 @@ pub struct DerivedQuery {
 }
 
 /// Writes `dir` as a data directory (see the module docs): `meta.jsonl` linked to the source's
-/// item file `items`, `reviews.jsonl` and `queries.csv`. `written` pairs each target with its
-/// request; derived rows get the ids `d-1`, `d-2`, … in that order. Refuses a directory that
-/// already holds a query or review file.
+/// item file `items`, `reviews.jsonl` and `queries.csv` — the source's rows of `split` and the
+/// derived ones, every row `split` (the split the targets were derived for). `written` pairs
+/// each target with its request; derived rows get the ids `d-1`, `d-2`, … in that order.
+/// Refuses a directory that already holds a query or review file.
 pub fn write_dataset(
     dir: &Path,
     items: &Path,
     ds: &Dataset,
+    split: Split,
     written: &[(&DerivedTarget, DerivedQuery)],
 ) -> Result<()> {
     let items = std::fs::canonicalize(items).map_err(|e| DataError::io(items, e))?;
@@ -230,13 +283,14 @@ pub fn write_dataset(
             });
         }
     }
+    let rows = source_rows(ds, split)?;
     link_or_copy(&items, &dir.join(meta))?;
-    let train = ds.queries.for_purpose(&Purpose::Training)?;
-    // Reviews: every train user's history as the source has it, then each snapshot's.
+    let label = split.to_string();
+    // Reviews: every source user's history as the source has it, then each snapshot's.
     let path = dir.join("reviews.jsonl");
     let mut w =
         std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| DataError::io(&path, e))?);
-    let mut users: Vec<&str> = train.iter().map(|q| q.query().user_id.as_str()).collect();
+    let mut users: Vec<&str> = rows.iter().map(|q| q.query().user_id.as_str()).collect();
     users.sort_unstable();
     users.dedup();
     let io = |e: std::io::Error| DataError::io(&path, e);
@@ -265,7 +319,7 @@ pub fn write_dataset(
         }
     }
     w.flush().map_err(io)?;
-    // Queries: the source's train rows, then the derived ones.
+    // Queries: the source's rows, then the derived ones.
     let path = dir.join("queries.csv");
     let csv_err = |e: csv::Error| DataError::Invalid {
         path: path.clone(),
@@ -286,7 +340,7 @@ pub fn write_dataset(
         "split",
     ])
     .map_err(csv_err)?;
-    for q in &train {
+    for q in &rows {
         let x = q.query();
         w.write_record([
             x.qid.as_str(),
@@ -301,7 +355,7 @@ pub fn write_dataset(
             x.simple_query.as_deref().unwrap_or(""),
             x.category.as_deref().unwrap_or(""),
             &x.timestamp.map(|t| t.to_string()).unwrap_or_default(),
-            "train",
+            &label,
         ])
         .map_err(csv_err)?;
     }
@@ -317,7 +371,7 @@ pub fn write_dataset(
             &q.simple_query,
             t.category.as_deref().unwrap_or(""),
             &r.timestamp.to_string(),
-            "train",
+            &label,
         ])
         .map_err(csv_err)?;
     }

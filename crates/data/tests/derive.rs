@@ -1,6 +1,7 @@
 //! Training queries derived from `train` users' histories: which reviews become targets, that a
 //! snapshot's history ends strictly before its target, that no `val` user is touched, and that
-//! the written directory loads as a data set whose every row is `train`.
+//! the written directory loads as a data set whose every row is `train` — and, derived for `val`,
+//! a data set whose every row is `val`, never admitted for training.
 
 #![allow(clippy::unwrap_used)]
 
@@ -67,6 +68,7 @@ fn targets_are_train_users_earlier_good_purchases_with_history_before_them() {
         min_history: 2,
         min_rating: 4.0,
         max_users: None,
+        split: Split::Train,
     };
     let (targets, report) = derive_targets(&ds, &opts).unwrap();
     // Latest first: I9 (55), I4 (50); I5 is his query's target, I1@40 repeats an earlier item,
@@ -147,7 +149,14 @@ fn the_written_directory_is_a_training_data_set_of_snapshots() {
         })
         .collect();
     let out = dir.path().join("derived");
-    write_dataset(&out, &dir.path().join("meta.jsonl"), &ds, &written).unwrap();
+    write_dataset(
+        &out,
+        &dir.path().join("meta.jsonl"),
+        &ds,
+        Split::Train,
+        &written,
+    )
+    .unwrap();
     let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
     assert_eq!(d.catalogue.len(), ds.catalogue.len());
     assert!(
@@ -181,8 +190,124 @@ fn the_written_directory_is_a_training_data_set_of_snapshots() {
     assert_eq!(d.histories.of("tom").len(), 7);
     assert!(d.histories.of("vera").is_empty());
     // A second write into the same directory is refused.
-    let err = write_dataset(&out, &dir.path().join("meta.jsonl"), &ds, &written).unwrap_err();
+    let err = write_dataset(
+        &out,
+        &dir.path().join("meta.jsonl"),
+        &ds,
+        Split::Train,
+        &written,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+/// Derived for `val`: only the `val` users' purchases, the targets of `aspect` rows passed over
+/// (global memory read their requests), and a directory of `val` rows that training refuses.
+#[test]
+fn derived_for_val_it_is_an_evaluation_set_that_never_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    toy(dir.path());
+    // vera: I6 (10), I7 (20), I8 (30), I3 (40), I2 (50); her query asks for I6 at 70, and an
+    // aspect row was written from her I3 review.
+    let mut reviews = std::fs::read_to_string(dir.path().join("reviews.jsonl")).unwrap();
+    reviews.push('\n');
+    reviews.push_str(&[review("vera", "I3", 5, 40), review("vera", "I2", 5, 50)].join("\n"));
+    write(dir.path(), "reviews.jsonl", &reviews);
+    write(
+        dir.path(),
+        "queries.csv",
+        "qid,query,item_id,user_id,ori_rating,ori_review,simple_query,category,timestamp,split\n\
+         q1,I want toys,I5,tom,5,great,toys please,Toys_and_Games,70,train\n\
+         q2,I want more,I6,vera,5,fine,more please,Toys_and_Games,70,val\n\
+         q3,A toy,I3,vera,5,ok,a toy,Toys_and_Games,40,aspect\n",
+    );
+    let ds = Dataset::load(dir.path(), None, &LoadOptions::default()).unwrap();
+    let opts = DeriveOptions {
+        per_user: 5,
+        split: Split::Val,
+        ..DeriveOptions::default()
+    };
+    let (targets, report) = derive_targets(&ds, &opts).unwrap();
+    let got: Vec<(&str, &str)> = targets
+        .iter()
+        .map(|t| (t.snapshot.as_str(), t.review.parent_asin.as_str()))
+        .collect();
+    // I2@50 and I8@30 qualify; I3@40 is the aspect row's target; I7 has one review before it;
+    // I6 is her query's target. Tom (train) is never looked at.
+    assert_eq!(got, [("vera@50", "I2"), ("vera@30", "I8")]);
+    assert_eq!(report.users, 1);
+    assert_eq!(report.split, Some(Split::Val));
+    assert_eq!(
+        report.skipped["the target of an aspect query (read by global memory)"],
+        1
+    );
+    assert!(report.to_string().starts_with("1 val users"), "{report}");
+    // Training derives the same way as before: the aspect rule is for evaluation sets only.
+    let (train, _) = derive_targets(
+        &ds,
+        &DeriveOptions {
+            split: Split::Train,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert!(train.iter().all(|t| t.user_id == "tom") && !train.is_empty());
+    // The written directory: vera's val row and the derived ones, all val; nothing trains.
+    let written: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            (
+                t,
+                DerivedQuery {
+                    query: "I need a toy".into(),
+                    simple_query: "A toy?".into(),
+                },
+            )
+        })
+        .collect();
+    let out = dir.path().join("derived-val");
+    write_dataset(
+        &out,
+        &dir.path().join("meta.jsonl"),
+        &ds,
+        Split::Val,
+        &written,
+    )
+    .unwrap();
+    let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
+    let rows = d
+        .queries
+        .for_purpose(&Purpose::Evaluate(vec![Split::Val]))
+        .unwrap();
+    let ids: Vec<&str> = rows.iter().map(|q| q.query().qid.as_str()).collect();
+    assert_eq!(ids, ["q2", "d-1", "d-2"]);
+    assert_eq!(rows.len(), d.queries.len());
+    assert!(d
+        .queries
+        .for_purpose(&Purpose::Training)
+        .unwrap()
+        .is_empty());
+    assert!(
+        d.histories.of("tom").is_empty(),
+        "a train user's history was copied"
+    );
+    let h: Vec<i64> = d
+        .histories
+        .of("vera@50")
+        .iter()
+        .map(|r| r.timestamp)
+        .collect();
+    assert_eq!(h, [10, 20, 30, 40]);
+    // `aspect` users cannot be derived for.
+    let err = derive_targets(
+        &ds,
+        &DeriveOptions {
+            split: Split::Aspect,
+            ..opts
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("aspect"), "{err}");
 }
 
 #[test]
@@ -199,10 +324,10 @@ fn a_query_file_without_splits_derives_nothing() {
     assert!(err.to_string().contains("split"), "{err}");
 }
 
-/// On the real mini set: only train users, every snapshot's history strictly earlier, and the
-/// snapshot ids never collide with real users.
+/// On the real mini set: only train users (only val users for `val`), every snapshot's history
+/// strictly earlier, and the snapshot ids never collide with real users.
 #[test]
-fn on_the_mini_set_only_train_users_give_targets() {
+fn on_the_mini_set_only_the_chosen_splits_users_give_targets() {
     let mini = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/amazon23-mini");
     let mini = std::env::var_os("MRREC_SHARED")
         .map(|s| PathBuf::from(s).join("data/amazon23-mini"))
@@ -224,5 +349,32 @@ fn on_the_mini_set_only_train_users_give_targets() {
         assert!(t.history.len() >= 2);
         assert!(t.history.iter().all(|r| r.timestamp < t.review.timestamp));
         assert!(t.review.rating >= 4.0);
+    }
+    // For `val`: only val users, and no target an aspect row was written from.
+    let opts = DeriveOptions {
+        split: Split::Val,
+        ..DeriveOptions::default()
+    };
+    let (targets, report) = derive_targets(&ds, &opts).unwrap();
+    let val: std::collections::HashSet<&str> = ds
+        .queries
+        .for_purpose(&Purpose::Evaluate(vec![Split::Val]))
+        .unwrap()
+        .iter()
+        .map(|q| q.query().user_id.as_str())
+        .collect();
+    let aspects: std::collections::HashSet<(&str, &str)> = ds
+        .queries
+        .all()
+        .iter()
+        .filter(|q| q.query().split == Some(Split::Aspect))
+        .map(|q| (q.query().user_id.as_str(), q.target()))
+        .collect();
+    assert_eq!(report.users, val.len());
+    assert!(report.targets > 50, "{report}");
+    for t in &targets {
+        assert!(val.contains(t.user_id.as_str()) && !train.contains(t.user_id.as_str()));
+        assert!(!aspects.contains(&(t.user_id.as_str(), t.review.parent_asin.as_str())));
+        assert!(t.history.iter().all(|r| r.timestamp < t.review.timestamp));
     }
 }
