@@ -200,6 +200,27 @@ impl DataArgs {
         Ok(ws)
     }
 
+    /// Refuses, before any index or model is loaded, a query file without `train` rows (a
+    /// directory `derive-queries --split val` wrote is for evaluation): `command` reads only
+    /// those. A missing or split-less file is left to the normal load to report.
+    pub(crate) fn ensure_train_rows(&self, command: &str) -> Result<()> {
+        self.check_dir()?;
+        let files = mrrec_data::DatasetFiles::discover(&self.data)?;
+        let Some(path) = self.queries.clone().or(files.queries) else {
+            return Ok(());
+        };
+        let (q, _) = mrrec_data::QuerySet::load(&path, None, &Default::default())?;
+        let Ok(rows) = q.for_purpose(&mrrec_data::Purpose::Training) else {
+            return Ok(());
+        };
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "{}: no `train` queries: {command} reads `train` rows only (a directory written by `derive-queries --split val` is for evaluation)",
+            path.display()
+        );
+        Ok(())
+    }
+
     pub(crate) fn check_dir(&self) -> Result<()> {
         if !self.data.is_dir() {
             bail!(

@@ -66,6 +66,7 @@ enum Command {
     /// with history before it becomes a request (written by the model from the review), asked
     /// by the user as they were then — a snapshot whose history ends before the purchase —,
     /// written as a new data directory for `memory build`, `rollouts`, `train` and `iterate`.
+    /// With `--split val`: the same from the `val` users' purchases, a larger evaluation set.
     DeriveQueries(cmd::train::DeriveQueriesCmd),
     /// Expert iteration in one command: rounds of rollouts with the current adapter, selection
     /// of the samples that beat its greedy answers, and fine-tuning from it; resumable.

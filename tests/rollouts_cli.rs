@@ -781,7 +781,8 @@ fn distilled_text_spells_added_tokens_with_ordinary_ones() {
 
 /// `mrrec derive-queries` with the real tiny model: a data directory of `train` rows only, the
 /// derived ones asked by snapshot users whose history — and so the memory built from it — ends
-/// before the purchase the request must find (`memory build` reads that file like any other).
+/// before the purchase the request must find (`memory build` reads that file like any other);
+/// derived for `val`, a directory of `val` rows that rollouts refuse.
 #[test]
 fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target() {
     let dir = tempfile::tempdir().unwrap();
@@ -856,6 +857,59 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     let (ok, _, stderr) = derive(&["--users", "1", "--max-items", "100"]);
     assert!(
         !ok && stderr.contains("--max-items does not apply here"),
+        "{stderr}"
+    );
+    // Derived for `val`: every row `val` (the source's and any derived), and rollouts refuse it.
+    let val_out = dir.path().join("derived-val");
+    let (ok, stdout, stderr) = common::mrrec(
+        &[
+            "derive-queries",
+            "--data",
+            mini.to_str().unwrap(),
+            "--model",
+            "smollm2-135m-instruct",
+            "--split",
+            "val",
+            "--users",
+            "2",
+            "--per-user",
+            "1",
+            "--out",
+            val_out.to_str().unwrap(),
+        ]
+        .map(std::ffi::OsStr::new),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("targets: 2 val users"), "{stderr}");
+    assert!(stdout.contains("--for-split val"), "{stdout}");
+    let text = std::fs::read_to_string(val_out.join("queries.csv")).unwrap();
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let split = r
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|c| c == "split")
+        .unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+    assert_eq!(
+        rows.iter().filter(|x| !x[0].starts_with("d-")).count(),
+        source.values().filter(|s| *s == "val").count()
+    );
+    assert!(rows.iter().all(|x| &x[split] == "val"));
+    let (ok, _, stderr) = common::mrrec(
+        &[
+            "rollouts",
+            "--data",
+            val_out.to_str().unwrap(),
+            "--model",
+            "smollm2-135m-instruct",
+            "--out",
+            dir.path().join("r.jsonl").to_str().unwrap(),
+        ]
+        .map(std::ffi::OsStr::new),
+    );
+    assert!(
+        !ok && stderr.contains("no `train` queries: `mrrec rollouts` reads `train` rows only"),
         "{stderr}"
     );
     // `aspect` users cannot be derived for (their targets are in their histories).

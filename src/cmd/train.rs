@@ -124,6 +124,7 @@ fn train_cmd(
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }
+    data.ensure_train_rows("`mrrec train`")?;
     let targets = args
         .lora_targets
         .split(',')
@@ -349,10 +350,13 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
     use mrrec_train::trajectories::{query_seed, summarise, RolloutsFile, TrajectoryRecord};
     anyhow::ensure!(a.group >= 1, "--group must be at least 1");
     let weights = reward_weights(&a.reward_weights, &a.rec_cutoffs)?;
+    a.data.ensure_train_rows("`mrrec rollouts`")?;
     let ws = a.data.open()?;
     let cfg = a.assistant.config()?;
     let store = open_store(&ws, a.assistant.store.clone())?;
     let tenant = &a.tenant.tenant;
+    // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
+    let queries = seeded_subset(&ws, &mrrec_data::Purpose::Training, a.train_limit, a.seed)?;
     // A local model records every call's ids and log-probabilities; a server (a teacher served
     // elsewhere) gives text only: its records carry each call's text, the trace's free form and
     // the tokens it reported, and train a student only re-tokenised (`train --sft-as-free`).
@@ -388,8 +392,6 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
             String::new(),
         ),
     };
-    // Training's purpose admits `train` rows only (never `val`, `aspect` or held-out ones).
-    let queries = seeded_subset(&ws, &mrrec_data::Purpose::Training, a.train_limit, a.seed)?;
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
     if reopened.dropped_lines > 0 {
         eprintln!(
@@ -885,9 +887,10 @@ pub(crate) struct DeriveQueriesCmd {
     pub(crate) repairs: usize,
 }
 
-/// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases,
-/// each asked by the user as they were then (see `mrrec_data::derive`), written as a new data
-/// directory that `memory build`, `rollouts`, `train` and `iterate` read like any other.
+/// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases (or
+/// a larger `val`/`test` evaluation set from those users'), each asked by the user as they were
+/// then (see `mrrec_data::derive`), written as a new data directory that `memory build`,
+/// `rollouts`, `train` and `iterate` (or, for `val`, `eval` and `compare`) read like any other.
 pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
     use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions};
     anyhow::ensure!(
@@ -966,17 +969,18 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         started.elapsed().as_secs_f64(),
         mrrec_agent::prompts::DERIVE_PROMPT_VERSION
     );
+    let out = a.out.display();
     let then = if a.split == mrrec_data::Split::Train {
-        "mrrec train --data {0} ...  |  mrrec rollouts --data {0} ..."
+        format!("mrrec train --data {out} ...  |  mrrec rollouts --data {out} ...")
     } else {
-        "mrrec eval --data {0} --split {1} ...  (paired by query id with runs on the source: mrrec compare)"
+        format!(
+            "mrrec eval --data {out} --split {} ...  (paired by query id with runs on the source: mrrec compare)",
+            a.split
+        )
     };
     println!(
-        "next: mrrec memory build --data {0} --for-split {1} --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      {2}",
-        a.out.display(),
-        a.split,
-        then.replace("{0}", &a.out.display().to_string())
-            .replace("{1}", &a.split.to_string())
+        "next: mrrec memory build --data {out} --for-split {} --levels records,patterns,profile  (the snapshots' memory; no global level: build global aspects on the source data)\n      {then}",
+        a.split
     );
     Ok(())
 }
