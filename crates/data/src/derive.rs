@@ -19,10 +19,10 @@
 //! `queries.csv` with the source's `train` rows and the derived ones, every row `train`.
 //!
 //! With [`DeriveOptions::split`] `val` (or `test`) the same is done for that split's users: the
-//! directory's rows are all `val`, so it can be evaluated (62 real requests and the derived
-//! ones, paired by query id with runs on the source) and never trained on — [`Purpose::Training`]
-//! admits `train` rows only. Reviews that are an `aspect` query's target are passed over there
-//! too: global memory read the request written from them.
+//! directory's rows are all that split, so it can be evaluated (the source's own requests and
+//! the derived ones, paired by query id with runs on the source) and never trained on —
+//! [`Purpose::Training`] admits `train` rows only. Reviews that are an `aspect` query's target
+//! are passed over there too: global memory read the request written from them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
