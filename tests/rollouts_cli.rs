@@ -789,7 +789,7 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     let out = dir.path().join("derived");
     // `mrrec derive-queries` on the mini data with the tiny model into `out`, then `rest`.
     let mini = common::mini();
-    let derive = |rest: &[&str]| {
+    let derive_into = |out: &std::path::Path, rest: &[&str]| {
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "derive-queries".as_ref(),
             "--data".as_ref(),
@@ -802,6 +802,15 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
         args.extend(rest.iter().map(std::ffi::OsStr::new));
         common::mrrec(&args)
     };
+    let derive = |rest: &[&str]| derive_into(&out, rest);
+    // The rows of a written query file and the position of each column.
+    let read_rows = |dir: &std::path::Path| {
+        let text = std::fs::read_to_string(dir.join("queries.csv")).unwrap();
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let h = r.headers().unwrap().clone();
+        let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+        (h, rows)
+    };
     let (ok, stdout, stderr) = derive(&["--users", "8", "--per-user", "1"]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("targets: 8 train users"), "{stderr}");
@@ -812,11 +821,8 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     );
     assert!(stdout.contains("tokens in"), "{stdout}");
     let source = splits();
-    let text = std::fs::read_to_string(out.join("queries.csv")).unwrap();
-    let mut r = csv::Reader::from_reader(text.as_bytes());
-    let h = r.headers().unwrap().clone();
+    let (h, rows) = read_rows(&out);
     let col = |n: &str| h.iter().position(|c| c == n).unwrap();
-    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
     assert!(rows.iter().all(|x| &x[col("split")] == "train"));
     let derived: Vec<&csv::StringRecord> = rows
         .iter()
@@ -861,36 +867,15 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
     );
     // Derived for `val`: every row `val` (the source's and any derived), and rollouts refuse it.
     let val_out = dir.path().join("derived-val");
-    let (ok, stdout, stderr) = common::mrrec(
-        &[
-            "derive-queries",
-            "--data",
-            mini.to_str().unwrap(),
-            "--model",
-            "smollm2-135m-instruct",
-            "--split",
-            "val",
-            "--users",
-            "2",
-            "--per-user",
-            "1",
-            "--out",
-            val_out.to_str().unwrap(),
-        ]
-        .map(std::ffi::OsStr::new),
+    let (ok, stdout, stderr) = derive_into(
+        &val_out,
+        &["--split", "val", "--users", "2", "--per-user", "1"],
     );
     assert!(ok, "{stderr}");
     assert!(stderr.contains("targets: 2 val users"), "{stderr}");
     assert!(stdout.contains("--for-split val"), "{stdout}");
-    let text = std::fs::read_to_string(val_out.join("queries.csv")).unwrap();
-    let mut r = csv::Reader::from_reader(text.as_bytes());
-    let split = r
-        .headers()
-        .unwrap()
-        .iter()
-        .position(|c| c == "split")
-        .unwrap();
-    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+    let (h, rows) = read_rows(&val_out);
+    let split = h.iter().position(|c| c == "split").unwrap();
     assert_eq!(
         rows.iter().filter(|x| !x[0].starts_with("d-")).count(),
         source.values().filter(|s| *s == "val").count()

@@ -892,7 +892,7 @@ pub(crate) struct DeriveQueriesCmd {
 /// then (see `mrrec_data::derive`), written as a new data directory that `memory build`,
 /// `rollouts`, `train` and `iterate` (or, for `val`, `eval` and `compare`) read like any other.
 pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
-    use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions};
+    use mrrec_data::derive::{derive_targets, source_rows, write_dataset, DeriveOptions};
     anyhow::ensure!(
         a.data.max_items.is_none(),
         "derive-queries writes a data directory that links the whole item file, so --max-items does not apply here: pass it to the commands that read {}",
@@ -952,11 +952,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
     println!(
         "{}: {} {} queries of the source + {} derived ({} of them after a repair turn), each asked by its own snapshot user (first answers refused: {}; refused in the end: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
         a.out.display(),
-        ds.queries
-            .all()
-            .iter()
-            .filter(|q| q.query().split == Some(a.split))
-            .count(),
+        source_rows(&ds, a.split)?.len(),
         a.split,
         pairs.len(),
         wr.repaired,

@@ -109,16 +109,26 @@ pub fn snapshot_id(user: &str, timestamp: i64) -> String {
     format!("{user}@{timestamp}")
 }
 
-/// The source rows whose users a derivation for `split` reads: `train` rows through
-/// [`Purpose::Training`], `val`/`test` rows through [`Purpose::Evaluate`]; `aspect` is refused.
-fn source_rows(ds: &Dataset, split: Split) -> Result<Vec<&LabeledQuery>> {
-    match split {
-        Split::Train => ds.queries.for_purpose(&Purpose::Training),
-        Split::Val | Split::Test => ds.queries.for_purpose(&Purpose::Evaluate(vec![split])),
-        Split::Aspect => Err(DataError::QueriesNotAllowed(
-            "queries cannot be derived for `aspect` users: derive for train, val or test".into(),
-        )),
+/// The source rows whose users a derivation for `split` reads (and that the written directory
+/// keeps): `train` rows through [`Purpose::Training`], `val`/`test` rows through
+/// [`Purpose::Evaluate`]; `aspect` is refused, and so is a query file without a `split` column.
+pub fn source_rows(ds: &Dataset, split: Split) -> Result<Vec<&LabeledQuery>> {
+    let rows = match split {
+        Split::Train => ds.queries.for_purpose(&Purpose::Training)?,
+        Split::Val | Split::Test => ds.queries.for_purpose(&Purpose::Evaluate(vec![split]))?,
+        Split::Aspect => {
+            return Err(DataError::QueriesNotAllowed(
+                "queries cannot be derived for `aspect` users: derive for train, val or test"
+                    .into(),
+            ))
+        }
+    };
+    if rows.iter().any(|q| q.query().split != Some(split)) {
+        return Err(DataError::QueriesNotAllowed(
+            "queries can be derived only from a query file with a `split` column".into(),
+        ));
     }
+    Ok(rows)
 }
 
 /// Picks the targets of `ds` (see the module docs), users of `opts.split` in id order, each
@@ -128,11 +138,6 @@ pub fn derive_targets(
     opts: &DeriveOptions,
 ) -> Result<(Vec<DerivedTarget>, DeriveReport)> {
     let rows = source_rows(ds, opts.split)?;
-    if rows.iter().any(|q| q.query().split != Some(opts.split)) {
-        return Err(DataError::QueriesNotAllowed(
-            "queries can be derived only from a query file with a `split` column".into(),
-        ));
-    }
     let scenario = scenarios(ds)?;
     // Outside training, the targets of `aspect` rows are passed over: global memory was built
     // from the requests written from them.

@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use mrrec_data::derive::{derive_targets, write_dataset, DeriveOptions, DerivedQuery};
+use mrrec_data::derive::{
+    derive_targets, write_dataset, DeriveOptions, DerivedQuery, DerivedTarget,
+};
 use mrrec_data::{Dataset, LoadOptions, Purpose, Split};
 
 fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -57,6 +59,33 @@ fn toy(dir: &Path) -> Dataset {
          q3,A toy,I3,vera,5,ok,a toy,Toys_and_Games,35,aspect\n",
     );
     Dataset::load(dir, None, &LoadOptions::default()).unwrap()
+}
+
+/// Writes `targets` with requests from `query` as a derived directory `dir/name` for `split`
+/// (the item file linked from `dir`).
+fn write_derived(
+    dir: &Path,
+    name: &str,
+    ds: &Dataset,
+    split: Split,
+    targets: &[DerivedTarget],
+    query: impl Fn(&DerivedTarget) -> String,
+) -> mrrec_data::Result<PathBuf> {
+    let written: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            (
+                t,
+                DerivedQuery {
+                    query: query(t),
+                    simple_query: "Something for play?".into(),
+                },
+            )
+        })
+        .collect();
+    let out = dir.join(name);
+    write_dataset(&out, &dir.join("meta.jsonl"), ds, split, &written)?;
+    Ok(out)
 }
 
 #[test]
@@ -136,27 +165,9 @@ fn the_written_directory_is_a_training_data_set_of_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let ds = toy(dir.path());
     let (targets, _) = derive_targets(&ds, &DeriveOptions::default()).unwrap();
-    let written: Vec<_> = targets
-        .iter()
-        .map(|t| {
-            (
-                t,
-                DerivedQuery {
-                    query: format!("I need something, with \"quotes\", like {}", t.snapshot),
-                    simple_query: "Something for play?".into(),
-                },
-            )
-        })
-        .collect();
-    let out = dir.path().join("derived");
-    write_dataset(
-        &out,
-        &dir.path().join("meta.jsonl"),
-        &ds,
-        Split::Train,
-        &written,
-    )
-    .unwrap();
+    let query =
+        |t: &DerivedTarget| format!("I need something, with \"quotes\", like {}", t.snapshot);
+    let out = write_derived(dir.path(), "derived", &ds, Split::Train, &targets, query).unwrap();
     let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
     assert_eq!(d.catalogue.len(), ds.catalogue.len());
     assert!(
@@ -190,14 +201,7 @@ fn the_written_directory_is_a_training_data_set_of_snapshots() {
     assert_eq!(d.histories.of("tom").len(), 7);
     assert!(d.histories.of("vera").is_empty());
     // A second write into the same directory is refused.
-    let err = write_dataset(
-        &out,
-        &dir.path().join("meta.jsonl"),
-        &ds,
-        Split::Train,
-        &written,
-    )
-    .unwrap_err();
+    let err = write_derived(dir.path(), "derived", &ds, Split::Train, &targets, query).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
 }
 
@@ -253,26 +257,9 @@ fn derived_for_val_it_is_an_evaluation_set_that_never_trains() {
     .unwrap();
     assert!(train.iter().all(|t| t.user_id == "tom") && !train.is_empty());
     // The written directory: vera's val row and the derived ones, all val; nothing trains.
-    let written: Vec<_> = targets
-        .iter()
-        .map(|t| {
-            (
-                t,
-                DerivedQuery {
-                    query: "I need a toy".into(),
-                    simple_query: "A toy?".into(),
-                },
-            )
-        })
-        .collect();
-    let out = dir.path().join("derived-val");
-    write_dataset(
-        &out,
-        &dir.path().join("meta.jsonl"),
-        &ds,
-        Split::Val,
-        &written,
-    )
+    let out = write_derived(dir.path(), "derived-val", &ds, Split::Val, &targets, |_| {
+        "I need a toy".into()
+    })
     .unwrap();
     let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
     let rows = d
