@@ -99,7 +99,8 @@ pub(crate) struct AssistantArgs {
     /// The request beside the profile in the ranking: `none` ranks the profile alone (the
     /// paper's); `fuse` the reciprocal-rank fusion (c = 60) of the profile's ranking and the
     /// request's own; `join` the request and the profile as one text. The request keeps what the
-    /// shopper said, the profile adds what the memory and the reasoning inferred.
+    /// shopper said, the profile adds what the memory and the reasoning inferred. `rollouts`,
+    /// `train` and `iterate` reward the ranking these flags set (with `--hybrid-rank`).
     #[arg(long, value_enum, default_value_t = RankRequest::None)]
     pub(crate) rank_request: RankRequest,
     /// Tool calls the controller opens in guided mode.

@@ -426,6 +426,70 @@ fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
 }
 
 #[test]
+fn rewards_rank_the_target_as_the_answer_was_ranked() {
+    use mrrec_agent::rewards::{reward, reward_of, RewardWeights};
+    let ws = fakes();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&ws.embedder, dir.path());
+    let (request, profile) = ("a kite for my kid", "A wooden puzzle of blocks");
+    let boxed =
+        format!("\\boxed{{\"ideal_item_profile\": \"{profile}\", \"useful_memory_ids\": []}}");
+    let w = RewardWeights::default();
+    let mut names = Vec::new();
+    for hybrid in [false, true] {
+        for how in [
+            RequestInRanking::None,
+            RequestInRanking::Fuse,
+            RequestInRanking::Join,
+        ] {
+            let m = Scripted::new(&[boxed.as_str()]);
+            let cfg = AssistantConfig {
+                rank_request: how,
+                hybrid,
+                ..free()
+            };
+            let a = scripted(ws.shop(), &st, &m, cfg);
+            let ans = a.answer("alice", request, None, 30).unwrap();
+            names.push(a.ranking().name());
+            // Every item the user was shown is rewarded at the place it was shown.
+            for (pos, &(item, _)) in ans.items.iter().enumerate() {
+                let r = reward_of(&a.ranking(), &w, &ans.trace, item).unwrap();
+                assert_eq!(r.target_rank, Some(pos + 1), "{how:?} hybrid {hybrid}");
+                assert_eq!(r.profile.as_deref(), Some(profile));
+            }
+            // The paper's ranking is the profile alone, dense: what `/reward` scores.
+            if how == RequestInRanking::None && !hybrid {
+                let item = ans.items[3].0;
+                let paper = reward(&ws.shop(), &w, Some(profile.into()), item, 0).unwrap();
+                assert_eq!(paper.target_rank, Some(4));
+            }
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            mrrec_agent::assistant::PAPER_RANKING,
+            "profile+request/dense",
+            "request+profile/dense",
+            "profile/hybrid",
+            "profile+request/hybrid",
+            "request+profile/hybrid"
+        ]
+    );
+    // A fallback (no profile) earns nothing, however the answer was ranked.
+    let m = Scripted::new(&["I am not sure.", "Still no box here {"]);
+    let cfg = AssistantConfig {
+        rank_request: RequestInRanking::Fuse,
+        ..free()
+    };
+    let a = scripted(ws.shop(), &st, &m, cfg);
+    let ans = a.answer("alice", request, None, 30).unwrap();
+    assert!(ans.trace.fallback);
+    let r = reward_of(&a.ranking(), &w, &ans.trace, ans.items[0].0).unwrap();
+    assert_eq!((r.rec, r.target_rank), (0.0, None));
+}
+
+#[test]
 fn too_many_tool_calls_are_cut_at_the_limit() {
     let ws = fakes();
     let dir = tempfile::tempdir().unwrap();

@@ -132,6 +132,30 @@ fn rollouts_write_train_trajectories_and_resume() {
     assert_eq!(summary["file_total"]["groups"], 3);
     assert!(summary["this_run"]["summary"]["groups"].as_u64().unwrap() <= 1);
 
+    // The rewards rank as the assistant is told to: the paper's ranking is not written, another
+    // is named in every record, and one file never mixes them.
+    assert!(first.iter().all(|r| r.get("ranking").is_none()));
+    let fused = ["--rank-request", "fuse", "--hybrid-rank"].map(std::ffi::OsStr::new);
+    let args = |limit| {
+        let mut a = vec![std::ffi::OsStr::new("--group"), "2".as_ref()];
+        a.extend(["--train-limit".as_ref(), std::ffi::OsStr::new(limit)]);
+        a.extend(fused);
+        a
+    };
+    let (ok, _, stderr) = tiny("rollouts", &store, &out, &args("2"));
+    assert!(
+        !ok && stderr.contains("rewarded by the profile/dense ranking"),
+        "{stderr}"
+    );
+    let out_fused = dir.path().join("fused.jsonl");
+    let (ok, _, stderr) = tiny("rollouts", &store, &out_fused, &args("1"));
+    assert!(ok, "{stderr}");
+    let fused_records = lines(&out_fused);
+    assert_eq!(fused_records.len(), 2);
+    assert!(fused_records
+        .iter()
+        .all(|r| r["ranking"] == "profile+request/hybrid"));
+
     // Another model's file is refused.
     let mut text = std::fs::read_to_string(&out).unwrap();
     text = text.replace("\"model\":\"smollm2-135m-instruct\"", "\"model\":\"other\"");
@@ -311,8 +335,21 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
     rewrite(&file, |v| v["request"] = "changed".into());
     let (ok, _, stderr) = sft(&run, &store, &file, &ONE_STEP);
     assert!(!ok && stderr.contains("sft"), "{stderr}");
-    // A file whose token ids come from another tokenizer, or that holds a `val` query, is refused.
+    // A file whose token ids come from another tokenizer, or that holds a `val` query, or whose
+    // rewards ranked otherwise than this run's greedy bar would, is refused.
     let other = dir.path().join("other-run");
+    let fused: Vec<&str> = ONE_STEP
+        .iter()
+        .copied()
+        .chain(["--rank-request", "fuse"])
+        .collect();
+    let (ok, _, stderr) = sft(&other, &store, &file, &fused);
+    assert!(
+        !ok && stderr.contains(
+            "rewarded by the profile/dense ranking, but this run ranks by profile+request/dense"
+        ),
+        "{stderr}"
+    );
     rewrite(&file, |v| v["tokenizer"] = "0123456789abcdef".into());
     let (ok, _, stderr) = sft(&other, &store, &file, &ONE_STEP);
     assert!(!ok && stderr.contains("tokenizer"), "{stderr}");

@@ -392,6 +392,7 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
             String::new(),
         ),
     };
+    let ranking = mrrec_agent::assistant::Ranking::of(ws.shop(), &cfg).name();
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
     if reopened.dropped_lines > 0 {
         eprintln!(
@@ -408,6 +409,12 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
             r.model,
             r.temperature,
             a.temperature
+        );
+        anyhow::ensure!(
+            r.ranking == ranking,
+            "{} holds trajectories rewarded by the {} ranking, not {ranking} (--rank-request, --hybrid-rank): use another --out",
+            a.out.display(),
+            r.ranking
         );
     }
     let todo: Vec<&&mrrec_data::LabeledQuery> = queries
@@ -476,7 +483,7 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
                     (j, a.group),
                     seed.wrapping_add(1000 * j as u64),
                     (&model_id, &fingerprint),
-                    a.temperature,
+                    (a.temperature, &ranking),
                     &|ids| match &model {
                         Model::Local(l) => l.decode(ids).unwrap_or_default(),
                         Model::Server(_) => String::new(),
@@ -713,7 +720,16 @@ fn sft_examples(
         .map(|q| (q.query().qid.as_str(), q))
         .collect();
     let mut teachers = std::collections::BTreeSet::new();
+    // The greedy bar is scored with this run's ranking: the trajectories must have been too.
+    let ranking = mrrec_agent::assistant::Ranking::of(ws.shop(), cfg).name();
     for r in file.groups.values().flatten() {
+        anyhow::ensure!(
+            r.ranking == ranking,
+            "{}: query {} was rewarded by the {} ranking, but this run ranks by {ranking}: pass the --rank-request / --hybrid-rank the rollouts used",
+            path.display(),
+            r.qid,
+            r.ranking
+        );
         anyhow::ensure!(
             as_free || r.tokenizer == fingerprint,
             "{}: query {} was written by {} whose tokenizer ({}) is not this model's ({fingerprint}): its token ids cannot train it",
@@ -778,7 +794,7 @@ fn sft_examples(
         tout += a.trace.usage.completion_tokens;
         // A replayed answer costs no model time.
         replayed += usize::from(a.trace.usage.seconds == 0.0);
-        let r = mrrec_agent::rewards::reward_of(&ws.shop(), &weights, &a.trace, target)?;
+        let r = mrrec_agent::rewards::reward_of(&assistant.ranking(), &weights, &a.trace, target)?;
         greedy.insert(qid.clone(), r.total);
         eprintln!(
             "greedy bar {}/{}: {qid} {:.3} ({tin} tokens in, {tout} out, {:.0} s)",

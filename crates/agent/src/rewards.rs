@@ -5,7 +5,10 @@
 //! - R_format ∈ {0, 1}: the final `\boxed{...}` object (or, in guided mode, the constrained
 //!   final object) parses with a non-empty `ideal_item_profile` and a `useful_memory_ids` list;
 //! - R_rec = NDCG@1000 + NDCG@100 of the target item in the ranking the profile produces, and 0
-//!   when no profile can be extracted (no fallback to the request inside rewards);
+//!   when no profile can be extracted (no fallback to the request inside rewards). The ranking is
+//!   the one the assistant serves ([`crate::assistant::Ranking`]): the profile alone by dense
+//!   retrieval by default (the paper's); with `hybrid` or `rank_request` set, that ranking, so
+//!   training scores what a user would be shown;
 //! - R_mem ∈ {0, 1}: at least one successful memory call.
 
 use crate::error::Result;
@@ -14,9 +17,6 @@ use mrrec_index::SearchQuery;
 use serde::{Deserialize, Serialize};
 
 use crate::Shop;
-
-/// Depth the target is looked for with the paper's cutoffs (the deepest cut of R_rec).
-pub const REWARD_DEPTH: usize = 1000;
 
 /// The paper's R_rec cutoffs: NDCG@100 + NDCG@1000.
 pub const PAPER_CUTOFFS: [usize; 2] = [100, 1000];
@@ -154,13 +154,8 @@ pub fn combine(
     }
 }
 
-/// 1-based rank of catalogue item `target` when the catalogue is ranked by `text` (dense, as
-/// the assistant ranks), within [`REWARD_DEPTH`].
-pub fn target_rank(shop: &Shop, text: &str, target: u32) -> Result<Option<usize>> {
-    target_rank_within(shop, text, target, REWARD_DEPTH)
-}
-
-/// [`target_rank`] within `depth`.
+/// 1-based rank of catalogue item `target` when the catalogue is ranked by the profile `text`
+/// alone, dense (the paper's ranking; what the `/reward` endpoint scores), within `depth`.
 pub fn target_rank_within(
     shop: &Shop,
     text: &str,
@@ -178,7 +173,8 @@ pub fn target_rank_within(
     Ok(hits.iter().position(|h| h.item == target).map(|p| p + 1))
 }
 
-/// The reward of a trajectory whose final object is `profile` (None when none parsed).
+/// The reward of a trajectory whose final object is `profile` (None when none parsed), the
+/// profile ranked alone, dense (the paper's ranking).
 pub fn reward(
     shop: &Shop,
     w: &RewardWeights,
@@ -194,20 +190,20 @@ pub fn reward(
 }
 
 /// The rewards of an answer's trace for a target (what rollouts, the SFT selection and its greedy
-/// bar all score with).
+/// bar all score with), the target ranked as `ranking` ranks: the assistant's own
+/// ([`crate::assistant::Assistant::ranking`]).
 pub fn reward_of(
-    shop: &Shop,
+    ranking: &crate::assistant::Ranking,
     w: &RewardWeights,
     trace: &crate::assistant::Trace,
     target: u32,
 ) -> Result<Rewards> {
-    reward(
-        shop,
-        w,
-        trace.rewarded_profile(),
-        target,
-        trace.memory_calls_ok(),
-    )
+    let profile = trace.rewarded_profile();
+    let rank = match &profile {
+        Some(p) => ranking.target_rank(p, &trace.request, target, w.depth(), trace)?,
+        None => None,
+    };
+    Ok(combine(w, profile, rank, trace.memory_calls_ok()))
 }
 
 #[cfg(test)]

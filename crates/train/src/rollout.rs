@@ -263,7 +263,7 @@ impl Rollouts<'_> {
         };
         let answer = a.answer(user, request, category, 10)?;
         let rewards =
-            mrrec_agent::rewards::reward_of(&self.ws.shop(), &self.weights, &answer.trace, target)?;
+            mrrec_agent::rewards::reward_of(&a.ranking(), &self.weights, &answer.trace, target)?;
         Ok((answer, rewards))
     }
 }

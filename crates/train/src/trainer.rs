@@ -251,8 +251,15 @@ impl Trainer<'_> {
                 let Some(target) = self.ws.catalogue().position(q.target()) else {
                     continue;
                 };
-                let rank =
-                    mrrec_agent::rewards::target_rank(&self.ws.shop(), &ans.ranked_with, target)?;
+                // Ranked as the assistant serves it (the paper's profile alone by default).
+                let ranking = mrrec_agent::assistant::Ranking::of(self.ws.shop(), &self.cfg);
+                let rank = ranking.target_rank(
+                    &ans.ranked_with,
+                    &ans.trace.request,
+                    target,
+                    100,
+                    &ans.trace,
+                )?;
                 sum += mrrec_eval::metrics::ndcg_at(rank, 100);
             }
             done += chunk.len();

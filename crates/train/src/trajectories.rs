@@ -62,6 +62,10 @@ pub struct TrajectoryRecord {
     pub mode: String,
     /// Its rewards, as training computes them.
     pub rewards: Rewards,
+    /// The ranking R_rec scored ([`mrrec_agent::assistant::Ranking::name`]); written only when
+    /// it is not the paper's, so earlier files read as the paper's.
+    #[serde(default = "paper_ranking", skip_serializing_if = "is_paper_ranking")]
+    pub ranking: String,
     /// The loop fell back to the request (no parsed profile).
     pub fallback: bool,
     /// Memory-tool calls that returned memories.
@@ -80,6 +84,14 @@ pub struct TrajectoryRecord {
     pub reported_tokens: Option<[u64; 2]>,
 }
 
+fn paper_ranking() -> String {
+    mrrec_agent::assistant::PAPER_RANKING.into()
+}
+
+fn is_paper_ranking(r: &String) -> bool {
+    r == mrrec_agent::assistant::PAPER_RANKING
+}
+
 impl TrajectoryRecord {
     /// The record of trajectory `index` of a group; `decode` turns sampled ids into text.
     #[allow(clippy::too_many_arguments)]
@@ -92,7 +104,7 @@ impl TrajectoryRecord {
         (index, group): (usize, usize),
         seed: u64,
         (model, tokenizer): (&str, &str),
-        temperature: f64,
+        (temperature, ranking): (f64, &str),
         decode: &dyn Fn(&[u32]) -> String,
     ) -> Self {
         TrajectoryRecord {
@@ -113,6 +125,7 @@ impl TrajectoryRecord {
                 .map_or("none", mrrec_agent::assistant::Mode::name)
                 .into(),
             rewards: t.rewards.clone(),
+            ranking: ranking.into(),
             fallback: t.answer.trace.fallback,
             memory_calls_ok: t.answer.trace.memory_calls_ok(),
             // A server's calls are text only: each output of the trace, without ids.
@@ -494,6 +507,7 @@ mod tests {
                 target_rank: None,
                 profile: Some("a scarf".into()),
             },
+            ranking: paper_ranking(),
             fallback: false,
             memory_calls_ok: 1,
             calls: vec![CallRecord {

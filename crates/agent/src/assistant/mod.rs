@@ -672,6 +672,74 @@ impl<'a> Assistant<'a> {
         })
     }
 
+    /// How this assistant ranks the catalogue.
+    pub fn ranking(&self) -> Ranking<'a> {
+        Ranking::of(self.shop, &self.cfg)
+    }
+
+    /// Ranks the whole catalogue by a text: [`Ranking::rank`] with this assistant's settings.
+    pub fn rank(
+        &self,
+        text: &str,
+        request: &str,
+        k: usize,
+        trace: &mut Trace,
+    ) -> Result<Vec<(u32, f32)>> {
+        self.ranking().rank(text, request, k, trace)
+    }
+
+    /// Cosine similarity of two texts' embeddings (they are unit length).
+    fn similarity(&self, a: &str, b: &str, trace: &mut Trace) -> Result<f32> {
+        let t = std::time::Instant::now();
+        let r = self.ranking();
+        let (va, vb) = (r.embed(a, trace)?, r.embed(b, trace)?);
+        trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
+        Ok(va.iter().zip(&vb).map(|(x, y)| x * y).sum())
+    }
+
+    /// The embedding of `text`, computed once per answer.
+    fn embed(&self, text: &str, trace: &mut Trace) -> Result<Vec<f32>> {
+        self.ranking().embed(text, trace)
+    }
+}
+
+/// The name of the paper's ranking (the profile alone, dense): [`Ranking::name`] by default.
+pub const PAPER_RANKING: &str = "profile/dense";
+
+/// How an answer's text becomes a ranking of the whole catalogue: the one place the assistant
+/// ranks, and the place its rewards and validation rank the same way (so training scores the
+/// ranking a user is served).
+
+#[derive(Clone, Copy)]
+pub struct Ranking<'a> {
+    shop: crate::Shop<'a>,
+    hybrid: bool,
+    request: RequestInRanking,
+}
+
+impl<'a> Ranking<'a> {
+    /// The ranking an assistant with `cfg` serves ([`AssistantConfig::hybrid`],
+    /// [`AssistantConfig::rank_request`]).
+    pub fn of(shop: crate::Shop<'a>, cfg: &AssistantConfig) -> Self {
+        Ranking {
+            shop,
+            hybrid: cfg.hybrid,
+            request: cfg.rank_request,
+        }
+    }
+
+    /// Its name, as trajectory records store it: `profile/dense` (the paper's), or which texts
+    /// are ranked (`profile`, `profile+request` fused, `request+profile` joined) and by which
+    /// index (`dense`, `hybrid`).
+    pub fn name(&self) -> String {
+        let texts = match self.request {
+            RequestInRanking::None => "profile",
+            RequestInRanking::Fuse => "profile+request",
+            RequestInRanking::Join => "request+profile",
+        };
+        format!("{texts}/{}", if self.hybrid { "hybrid" } else { "dense" })
+    }
+
     /// Ranks the whole catalogue by a text (dense by default, hybrid when configured), with the
     /// request beside it as [`AssistantConfig::rank_request`] says (unless the text is the
     /// request itself: a fallback ranks the request alone).
@@ -683,7 +751,7 @@ impl<'a> Assistant<'a> {
         trace: &mut Trace,
     ) -> Result<Vec<(u32, f32)>> {
         let t = std::time::Instant::now();
-        let hits = match self.cfg.rank_request {
+        let hits = match self.request {
             RequestInRanking::Fuse if text != request => {
                 let depth = HybridParams::default().depth.max(k);
                 let parts = [
@@ -701,6 +769,25 @@ impl<'a> Assistant<'a> {
         Ok(hits.into_iter().map(|h| (h.item, h.score)).collect())
     }
 
+    /// 1-based rank of catalogue item `target` among the first `depth` of [`Ranking::rank`]
+    /// (None below it). `trace` is the answer's: its embeddings are reused and its timings left
+    /// as they were.
+    pub fn target_rank(
+        &self,
+        text: &str,
+        request: &str,
+        target: u32,
+        depth: usize,
+        trace: &Trace,
+    ) -> Result<Option<usize>> {
+        let mut scratch = Trace {
+            embedded: trace.embedded.clone(),
+            ..Trace::default()
+        };
+        let hits = self.rank(text, request, depth, &mut scratch)?;
+        Ok(hits.iter().position(|&(i, _)| i == target).map(|p| p + 1))
+    }
+
     /// The `k` best items for one text, from the dense index or the hybrid one.
     fn search(&self, text: &str, k: usize, trace: &mut Trace) -> Result<Vec<Hit>> {
         let v = self.embed(text, trace)?;
@@ -708,19 +795,11 @@ impl<'a> Assistant<'a> {
             text,
             vector: Some(&v),
         };
-        Ok(if self.cfg.hybrid {
+        Ok(if self.hybrid {
             self.shop.hybrid().search(&q, k)?
         } else {
             self.shop.dense.search(&q, k)?
         })
-    }
-
-    /// Cosine similarity of two texts' embeddings (they are unit length).
-    fn similarity(&self, a: &str, b: &str, trace: &mut Trace) -> Result<f32> {
-        let t = std::time::Instant::now();
-        let (va, vb) = (self.embed(a, trace)?, self.embed(b, trace)?);
-        trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
-        Ok(va.iter().zip(&vb).map(|(x, y)| x * y).sum())
     }
 
     /// The embedding of `text`, computed once per answer (the request serves the global
