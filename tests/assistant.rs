@@ -427,7 +427,7 @@ fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
 
 #[test]
 fn rewards_rank_the_target_as_the_answer_was_ranked() {
-    use mrrec_agent::rewards::{reward, reward_of, RewardWeights};
+    use mrrec_agent::rewards::{reward_of, RewardWeights};
     let ws = fakes();
     let dir = tempfile::tempdir().unwrap();
     let st = store(&ws.embedder, dir.path());
@@ -457,11 +457,16 @@ fn rewards_rank_the_target_as_the_answer_was_ranked() {
                 assert_eq!(r.target_rank, Some(pos + 1), "{how:?} hybrid {hybrid}");
                 assert_eq!(r.profile.as_deref(), Some(profile));
             }
-            // The paper's ranking is the profile alone, dense: what `/reward` scores.
+            // The paper's ranking is the profile alone, dense.
             if how == RequestInRanking::None && !hybrid {
-                let item = ans.items[3].0;
-                let paper = reward(&ws.shop(), &w, Some(profile.into()), item, 0).unwrap();
-                assert_eq!(paper.target_rank, Some(4));
+                let dense: Vec<u32> = ws
+                    .shop()
+                    .search_dense(profile, 30)
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.item)
+                    .collect();
+                assert_eq!(ans.items.iter().map(|x| x.0).collect::<Vec<_>>(), dense);
             }
         }
     }

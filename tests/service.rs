@@ -446,6 +446,49 @@ async fn memory_over_http_adds_once_shows_and_forgets() {
         r["rec"].as_f64().unwrap() > 0.5,
         "the item's own title ranks it high: {text}"
     );
+    assert_eq!(r["ranking"], "profile/dense", "{text}");
+    // The target ranked as the assistant would serve it: beside the request (which must then be
+    // given), or by the hybrid index.
+    for (extra, want, ranking) in [
+        (
+            json!({"rank_request": "fuse", "request": "a gift"}),
+            200,
+            "profile+request/dense",
+        ),
+        (
+            json!({"rank_request": "join", "request": "a gift", "hybrid": true}),
+            200,
+            "request+profile/hybrid",
+        ),
+        (json!({"hybrid": true}), 200, "profile/hybrid"),
+        (json!({"rank_request": "fuse"}), 400, ""),
+        (
+            json!({"rank_request": "sideways", "request": "a gift"}),
+            400,
+            "",
+        ),
+    ] {
+        let mut body = json!({"target": items[0], "profile": title});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, text) = call(
+            &c,
+            "POST",
+            &format!("{}/reward", s.base),
+            Some(KEY_A),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, want, "{extra}: {text}");
+        if want == 200 {
+            let r: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(r["ranking"], ranking, "{text}");
+            assert!(r["target_rank"].as_u64().is_some(), "{text}");
+        } else {
+            assert!(text.contains("request"), "{text}");
+        }
+    }
     // A deeper R_rec cut is accepted; a cut that would search the catalogue a million deep is not.
     for (cutoffs, want) in [(json!([100, 3000]), 200), (json!([100, 1_000_000]), 400)] {
         let (status, text) = call(

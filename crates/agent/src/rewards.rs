@@ -13,10 +13,7 @@
 
 use crate::error::Result;
 use mrrec_eval::metrics::ndcg_at;
-use mrrec_index::SearchQuery;
 use serde::{Deserialize, Serialize};
-
-use crate::Shop;
 
 /// The paper's R_rec cutoffs: NDCG@100 + NDCG@1000.
 pub const PAPER_CUTOFFS: [usize; 2] = [100, 1000];
@@ -152,41 +149,6 @@ pub fn combine(
         target_rank: if profile.is_some() { target_rank } else { None },
         profile,
     }
-}
-
-/// 1-based rank of catalogue item `target` when the catalogue is ranked by the profile `text`
-/// alone, dense (the paper's ranking; what the `/reward` endpoint scores), within `depth`.
-pub fn target_rank_within(
-    shop: &Shop,
-    text: &str,
-    target: u32,
-    depth: usize,
-) -> Result<Option<usize>> {
-    let v = shop.embedder.embed(&[text])?.remove(0);
-    let hits = shop.dense.search(
-        &SearchQuery {
-            text,
-            vector: Some(&v),
-        },
-        depth,
-    )?;
-    Ok(hits.iter().position(|h| h.item == target).map(|p| p + 1))
-}
-
-/// The reward of a trajectory whose final object is `profile` (None when none parsed), the
-/// profile ranked alone, dense (the paper's ranking).
-pub fn reward(
-    shop: &Shop,
-    w: &RewardWeights,
-    profile: Option<String>,
-    target: u32,
-    memory_calls_ok: usize,
-) -> Result<Rewards> {
-    let rank = match &profile {
-        Some(p) => target_rank_within(shop, p, target, w.depth())?,
-        None => None,
-    };
-    Ok(combine(w, profile, rank, memory_calls_ok))
 }
 
 /// The rewards of an answer's trace for a target (what rollouts, the SFT selection and its greedy

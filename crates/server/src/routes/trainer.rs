@@ -96,6 +96,13 @@ pub(crate) struct RewardBody {
     pub(crate) memory_calls_ok: Option<usize>,
     #[serde(default)]
     pub(crate) weights: Option<mrrec_agent::rewards::RewardWeights>,
+    /// The request the trajectory answered: ranked beside the profile with `rank_request`.
+    #[serde(default)]
+    pub(crate) request: Option<String>,
+    #[serde(default)]
+    pub(crate) rank_request: mrrec_agent::assistant::RequestInRanking,
+    #[serde(default)]
+    pub(crate) hybrid: bool,
 }
 
 /// A reward request, read: the target id, the profile (None when none parses), successful
@@ -110,6 +117,11 @@ pub struct RewardRequest {
     pub memory_calls_ok: usize,
     /// Weights.
     pub weights: mrrec_agent::rewards::RewardWeights,
+    /// How the target is ranked: the assistant's `hybrid` and `rank_request` (the paper's
+    /// profile alone, dense, by default).
+    pub ranking: mrrec_agent::assistant::AssistantConfig,
+    /// The request beside the profile (empty when the ranking does not read it).
+    pub request: String,
 }
 
 /// Parses and checks a reward body.
@@ -141,11 +153,29 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
     };
     let weights = b.weights.unwrap_or_default();
     weights.check().map_err(ApiError::bad)?;
+    let request = match (b.rank_request.is_profile_alone(), b.request) {
+        (_, Some(r)) if r.len() > cfg.max_text_chars => {
+            return Err(ApiError::bad("`request` is too long"))
+        }
+        (true, r) => r.unwrap_or_default(),
+        (false, Some(r)) if !r.trim().is_empty() => r,
+        (false, _) => {
+            return Err(ApiError::bad(
+                "`rank_request` ranks the request beside the profile: give `request`",
+            ))
+        }
+    };
     Ok(RewardRequest {
         target: b.target,
         profile,
         memory_calls_ok: b.memory_calls_ok.unwrap_or(calls),
         weights,
+        ranking: mrrec_agent::assistant::AssistantConfig {
+            hybrid: b.hybrid,
+            rank_request: b.rank_request,
+            ..Default::default()
+        },
+        request,
     })
 }
 
@@ -159,14 +189,30 @@ pub(crate) async fn reward(
         profile,
         memory_calls_ok: calls,
         weights: w,
+        ranking,
+        request,
     } = parse_reward(&body_bytes(body)?, &svc.cfg)?;
     let target = svc
         .ws
         .catalogue()
         .position(&target)
         .ok_or_else(|| ApiError::bad(format!("target {target:?} is not in the catalogue")))?;
-    let r = svc
-        .cpu(move |s| mrrec_agent::rewards::reward(&s.ws.shop(), &w, profile, target, calls))
+    let (r, name) = svc
+        .cpu(move |s| {
+            let ranking = mrrec_agent::assistant::Ranking::of(s.ws.shop(), &ranking);
+            let rank = match &profile {
+                Some(p) => {
+                    ranking.target_rank(p, &request, target, w.depth(), &Default::default())?
+                }
+                None => None,
+            };
+            Ok((
+                mrrec_agent::rewards::combine(&w, profile, rank, calls),
+                ranking.name(),
+            ))
+        })
         .await?;
-    Ok(Json(json!(r)).into_response())
+    let mut v = json!(r);
+    v["ranking"] = json!(name);
+    Ok(Json(v).into_response())
 }
