@@ -137,20 +137,6 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             mrrec_bench::constrained("qwen2.5-coder-0.5b-instruct")?,
         );
     }
-    // The model parts alone need no catalogue.
-    const MODEL_ONLY: [&str; 6] = [
-        "prefill",
-        "attention",
-        "llm",
-        "batched",
-        "profile",
-        "constrained",
-    ];
-    if parts.iter().all(|p| MODEL_ONLY.contains(p)) {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
-    let ws = Arc::new(data.open()?);
     if parts.contains("grpo") {
         let mut g = serde_json::Map::new();
         for m in ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"] {
@@ -158,6 +144,21 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         }
         out.insert("grpo".into(), serde_json::Value::Object(g));
     }
+    // The model parts alone need no catalogue.
+    const MODEL_ONLY: [&str; 7] = [
+        "prefill",
+        "attention",
+        "llm",
+        "batched",
+        "profile",
+        "constrained",
+        "grpo",
+    ];
+    if parts.iter().all(|p| MODEL_ONLY.contains(p)) {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let ws = Arc::new(data.open()?);
     if parts.contains("rollout") {
         let store = open_store(&ws, None)?;
         let mut g = Vec::new();
