@@ -709,7 +709,6 @@ pub const PAPER_RANKING: &str = "profile/dense";
 /// How an answer's text becomes a ranking of the whole catalogue: the one place the assistant
 /// ranks, and the place its rewards and validation rank the same way (so training scores the
 /// ranking a user is served).
-
 #[derive(Clone, Copy)]
 pub struct Ranking<'a> {
     shop: crate::Shop<'a>,
