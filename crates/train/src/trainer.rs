@@ -222,6 +222,8 @@ impl Trainer<'_> {
     /// time are answered together (a thread each, their model calls decoded as one batch).
     pub fn validate(&self, queries: &[&LabeledQuery]) -> Result<f64> {
         self.apply_adapter()?;
+        // Ranked as the assistant serves it (the paper's profile alone by default).
+        let ranking = mrrec_agent::assistant::Ranking::of(self.ws.shop(), &self.cfg);
         let mut sum = 0.0;
         let t0 = Instant::now();
         let (mut tin, mut tout) = (0u64, 0u64);
@@ -251,8 +253,6 @@ impl Trainer<'_> {
                 let Some(target) = self.ws.catalogue().position(q.target()) else {
                     continue;
                 };
-                // Ranked as the assistant serves it (the paper's profile alone by default).
-                let ranking = mrrec_agent::assistant::Ranking::of(self.ws.shop(), &self.cfg);
                 let rank = ranking.target_rank(
                     &ans.ranked_with,
                     &ans.trace.request,

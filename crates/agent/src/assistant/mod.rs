@@ -493,7 +493,7 @@ impl<'a> Assistant<'a> {
             return Ok(());
         };
         let t = std::time::Instant::now();
-        let v = self.embed(request, trace)?;
+        let v = self.ranking().embed(request, trace)?;
         for (a, _) in self.store.global(
             self.tenant,
             c,
@@ -567,7 +567,7 @@ impl<'a> Assistant<'a> {
             cited: trace.cited.clone(),
             fallback: trace.fallback,
         });
-        let items = self.rank(&ranked_with, request, k, &mut trace)?;
+        let items = self.ranking().rank(&ranked_with, request, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
             items,
@@ -664,7 +664,7 @@ impl<'a> Assistant<'a> {
             cited: trace.cited.clone(),
             fallback: trace.fallback,
         });
-        let items = self.rank(&ranked_with, request, k, &mut trace)?;
+        let items = self.ranking().rank(&ranked_with, request, k, &mut trace)?;
         Ok(Answer {
             ranked_with,
             items,
@@ -677,17 +677,6 @@ impl<'a> Assistant<'a> {
         Ranking::of(self.shop, &self.cfg)
     }
 
-    /// Ranks the whole catalogue by a text: [`Ranking::rank`] with this assistant's settings.
-    pub fn rank(
-        &self,
-        text: &str,
-        request: &str,
-        k: usize,
-        trace: &mut Trace,
-    ) -> Result<Vec<(u32, f32)>> {
-        self.ranking().rank(text, request, k, trace)
-    }
-
     /// Cosine similarity of two texts' embeddings (they are unit length).
     fn similarity(&self, a: &str, b: &str, trace: &mut Trace) -> Result<f32> {
         let t = std::time::Instant::now();
@@ -695,11 +684,6 @@ impl<'a> Assistant<'a> {
         let (va, vb) = (r.embed(a, trace)?, r.embed(b, trace)?);
         trace.ranking_ms += t.elapsed().as_secs_f64() * 1e3;
         Ok(va.iter().zip(&vb).map(|(x, y)| x * y).sum())
-    }
-
-    /// The embedding of `text`, computed once per answer.
-    fn embed(&self, text: &str, trace: &mut Trace) -> Result<Vec<f32>> {
-        self.ranking().embed(text, trace)
     }
 }
 
