@@ -43,6 +43,7 @@ fn guided_rollouts_record_what_the_policy_sampled() {
         cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
         weights: RewardWeights::default(),
+        greedy_calls: 0,
     };
     let target = ws.catalogue().position(q.target()).unwrap();
     let query = q.query();

@@ -156,6 +156,41 @@ fn rollouts_write_train_trajectories_and_resume() {
         .iter()
         .all(|r| r["ranking"] == "profile+request/hybrid"));
 
+    // `--sample answer`: the reasoning and the memory call decoded greedily (the same in every
+    // trajectory of a group, whatever its seed), only the profile sampled; the record says how
+    // many calls were greedy, and one file never mixes the two kinds.
+    let answer_args = |sample: &'static str| {
+        let mut a = vec![std::ffi::OsStr::new("--group"), "2".as_ref()];
+        a.extend(["--train-limit", "1", "--sample", sample].map(std::ffi::OsStr::new));
+        a
+    };
+    let out_answer = dir.path().join("answer.jsonl");
+    let (ok, _, stderr) = tiny("rollouts", &store, &out_answer, &answer_args("answer"));
+    assert!(ok, "{stderr}");
+    let answer = lines(&out_answer);
+    assert_eq!(answer.len(), 2);
+    assert_ne!(answer[0]["seed"], answer[1]["seed"]);
+    for r in &answer {
+        assert_eq!(r["greedy_calls"], 2, "reasoning + one memory call");
+        assert!(r["calls"].as_array().unwrap().len() >= 3);
+    }
+    for c in 0..2 {
+        assert_eq!(
+            answer[0]["calls"][c]["ids"], answer[1]["calls"][c]["ids"],
+            "call {c} is greedy"
+        );
+    }
+    assert!(first.iter().all(|r| r.get("greedy_calls").is_none()));
+    let (ok, _, stderr) = tiny("rollouts", &store, &out_answer, &answer_args("all"));
+    assert!(
+        !ok && stderr.contains("leading greedy call(s), not 0"),
+        "{stderr}"
+    );
+    let mut free = answer_args("answer");
+    free.extend(["--mode", "free"].map(std::ffi::OsStr::new));
+    let (ok, _, stderr) = tiny("rollouts", &store, &dir.path().join("free.jsonl"), &free);
+    assert!(!ok && stderr.contains("--sample answer"), "{stderr}");
+
     // Another model's file is refused.
     let mut text = std::fs::read_to_string(&out).unwrap();
     text = text.replace("\"model\":\"smollm2-135m-instruct\"", "\"model\":\"other\"");

@@ -335,6 +335,21 @@ pub(crate) struct RolloutsCmd {
     /// Run a group's trajectories one after another instead of decoding them together.
     #[arg(long)]
     pub(crate) sequential_rollouts: bool,
+    /// Which calls are sampled: `all` (GRPO's rollouts), or `answer` — the guided loop's
+    /// reasoning and memory calls decoded greedily, as the assistant answers, and only the final
+    /// profile sampled, so that a group differs from the greedy answer only in its profile
+    /// (fine-tuning then learns the sampled profile in the context the model will see).
+    #[arg(long, value_enum, default_value_t = SampleCalls::All)]
+    pub(crate) sample: SampleCalls,
+}
+
+/// Which calls of a trajectory `mrrec rollouts` samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SampleCalls {
+    /// Every call.
+    All,
+    /// The guided loop's answer only.
+    Answer,
 }
 
 /// `mrrec rollouts`: G sampled trajectories per `train` query, scored with the training rewards,
@@ -393,6 +408,12 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
         ),
     };
     let ranking = mrrec_agent::assistant::Ranking::of(ws.shop(), &cfg).name();
+    let greedy_calls = match a.sample {
+        SampleCalls::All => 0,
+        SampleCalls::Answer => mrrec_train::rollout::answer_only(&cfg).context(
+            "--sample answer samples the guided loop's final profile: the free loop's answer is whichever turn ends it (use --mode guided, or --sample all)",
+        )?,
+    };
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
     if reopened.dropped_lines > 0 {
         eprintln!(
@@ -415,6 +436,12 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
             "{} holds trajectories rewarded by the {} ranking, not {ranking} (--rank-request, --hybrid-rank): use another --out",
             a.out.display(),
             r.ranking
+        );
+        anyhow::ensure!(
+            r.greedy_calls == greedy_calls,
+            "{} holds trajectories with {} leading greedy call(s), not {greedy_calls} (--sample, --guided-calls): use another --out",
+            a.out.display(),
+            r.greedy_calls
         );
     }
     let todo: Vec<&&mrrec_data::LabeledQuery> = queries
@@ -448,6 +475,7 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
         cfg,
         temperature: a.temperature,
         weights,
+        greedy_calls,
     };
     let t0 = std::time::Instant::now();
     let mut written: Vec<Vec<TrajectoryRecord>> = Vec::new();
@@ -619,6 +647,7 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             reward_weights: a.train.reward_weights.clone(),
             rec_cutoffs: a.train.rec_cutoffs.clone(),
             sequential_rollouts: a.train.sequential_rollouts,
+            sample: SampleCalls::All,
         })?;
         let run = dir.join("run");
         let mut train = a.train.clone();
@@ -797,7 +826,7 @@ fn sft_examples(
         let r = mrrec_agent::rewards::reward_of(&assistant.ranking(), &weights, &a.trace, target)?;
         greedy.insert(qid.clone(), r.total);
         eprintln!(
-            "greedy bar {}/{}: {qid} {:.3} ({tin} tokens in, {tout} out, {:.0} s)",
+            "greedy bar {}/{}: {qid} {:.6} ({tin} tokens in, {tout} out, {:.0} s)",
             k + 1,
             file.groups.len(),
             r.total,
@@ -811,12 +840,19 @@ fn sft_examples(
         );
     }
     let kept = select_best(&file.groups, &|q| greedy.get(q).copied());
+    let degenerate = file
+        .groups
+        .values()
+        .flatten()
+        .filter(|r| mrrec_train::trajectories::degenerate(r))
+        .count();
     eprintln!(
-        "{}: {} of {} groups kept (best of {} over the greedy answer)",
+        "{}: {} of {} groups kept (best of {} over the greedy answer); {degenerate} of {} samples never chosen (letters from a script neither the request nor the memories use)",
         path.display(),
         kept.len(),
         file.groups.len(),
-        first.group
+        first.group,
+        file.groups.values().map(Vec::len).sum::<usize>()
     );
     let examples = kept
         .iter()
@@ -839,7 +875,13 @@ fn sft_examples(
         "sha256": mrrec_agent::workspace::files_sha256(&[path])?,
         "groups": file.groups.len(),
         "kept": kept.len(),
-        "selection": "per query the best of G when it beats the greedy answer's reward",
+        "selection": "per query the best of G (never one whose profile writes letters from a script neither the request nor the memories use) when it beats the greedy answer's reward",
+        "degenerate_samples": degenerate,
+        "sampled": if first.greedy_calls > 0 {
+            format!("the calls after the first {} (decoded greedily, context only)", first.greedy_calls)
+        } else {
+            "every call".into()
+        },
         "written_by": teachers,
         "tokenizer": fingerprint,
         "as": if as_free {

@@ -103,6 +103,7 @@ pub fn rollouts(
         cfg: mrrec_agent::assistant::AssistantConfig::default(),
         temperature: 1.0,
         weights: mrrec_agent::rewards::RewardWeights::default(),
+        greedy_calls: 0,
     };
     let mut rows = Vec::new();
     let (mut tot_seq, mut tot_bat) = ((0usize, 0f64), (0usize, 0f64));

@@ -29,11 +29,13 @@ fn rollout_request(req: &ChatRequest, temperature: f64, seed: u64) -> ChatReques
 }
 
 /// A local model (alone or a [`Batcher`]'s worker) that samples every call at `temperature`
-/// with its own seed and records it.
+/// with its own seed — after the first [`Recording::greedy_first`] calls, which it decodes as the
+/// assistant asked (greedily) — and records it.
 pub struct Recording<'a> {
     local: &'a dyn SegmentModel,
     temperature: f64,
     seed: u64,
+    greedy: u64,
     calls: AtomicU64,
     segments: Mutex<Vec<Segment>>,
 }
@@ -45,9 +47,18 @@ impl<'a> Recording<'a> {
             local,
             temperature,
             seed,
+            greedy: 0,
             calls: AtomicU64::new(0),
             segments: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Decodes the first `n` calls as the assistant's request says (greedily, its own repetition
+    /// penalty) instead of sampling them: a group then shares the greedy answer's reasoning and
+    /// memory calls and differs only in what follows.
+    pub fn greedy_first(mut self, n: usize) -> Self {
+        self.greedy = n as u64;
+        self
     }
 
     /// The calls recorded so far, in order (and forgets them).
@@ -67,7 +78,11 @@ impl ChatModel for Recording<'_> {
         on_text: &mut dyn FnMut(&str),
     ) -> mrrec_llm::Result<ChatResponse> {
         let i = self.calls.fetch_add(1, Ordering::SeqCst);
-        let r = rollout_request(req, self.temperature, self.seed.wrapping_add(i));
+        let r = if i < self.greedy {
+            req.clone()
+        } else {
+            rollout_request(req, self.temperature, self.seed.wrapping_add(i))
+        };
         let (resp, seg) = self.local.chat_segment(&r, on_text)?;
         self.segments
             .lock()
@@ -84,6 +99,7 @@ pub struct Sampled<'a> {
     llm: &'a dyn ChatModel,
     temperature: f64,
     seed: u64,
+    greedy: u64,
     calls: AtomicU64,
 }
 
@@ -94,8 +110,15 @@ impl<'a> Sampled<'a> {
             llm,
             temperature,
             seed,
+            greedy: 0,
             calls: AtomicU64::new(0),
         }
+    }
+
+    /// As [`Recording::greedy_first`]: the first `n` calls as the assistant asked them.
+    pub fn greedy_first(mut self, n: usize) -> Self {
+        self.greedy = n as u64;
+        self
     }
 }
 
@@ -110,6 +133,9 @@ impl ChatModel for Sampled<'_> {
         on_text: &mut dyn FnMut(&str),
     ) -> mrrec_llm::Result<ChatResponse> {
         let i = self.calls.fetch_add(1, Ordering::SeqCst);
+        if i < self.greedy {
+            return self.llm.chat_stream(req, on_text);
+        }
         let r = rollout_request(req, self.temperature, self.seed.wrapping_add(i));
         self.llm.chat_stream(&r, on_text)
     }
@@ -135,6 +161,8 @@ pub struct Trajectory {
     pub answer: Answer,
     /// Its reward.
     pub rewards: Rewards,
+    /// Its leading calls decoded greedily ([`Rollouts::greedy_calls`]).
+    pub greedy_calls: usize,
 }
 
 /// Summary of a group for logs.
@@ -170,6 +198,23 @@ pub struct Rollouts<'a> {
     pub temperature: f64,
     /// Reward weights.
     pub weights: RewardWeights,
+    /// Leading calls of each trajectory decoded as the assistant asks (greedily) rather than
+    /// sampled: 0 samples every call (GRPO's rollouts); [`answer_only`] samples the guided
+    /// loop's answer alone.
+    pub greedy_calls: usize,
+}
+
+/// The guided loop's calls before its answer — the reasoning, then one per memory-tool call —
+/// so that a [`Rollouts`] with this many `greedy_calls` samples only the final profile (and any
+/// repair after it); `None` for the free loop, whose answer is whichever turn ends it.
+pub fn answer_only(cfg: &AssistantConfig) -> Option<usize> {
+    match cfg.mode {
+        mrrec_agent::assistant::Mode::Guided => {
+            let with_tool = !cfg.levels.is_empty() && cfg.guided_calls > 0;
+            Some(1 + if with_tool { cfg.guided_calls } else { 0 })
+        }
+        _ => None,
+    }
 }
 
 impl Rollouts<'_> {
@@ -196,12 +241,14 @@ impl Rollouts<'_> {
                 return (0..g)
                     .map(|j| {
                         let s =
-                            Sampled::new(llm, self.temperature, seed.wrapping_add(1000 * j as u64));
+                            Sampled::new(llm, self.temperature, seed.wrapping_add(1000 * j as u64))
+                                .greedy_first(self.greedy_calls);
                         let (answer, rewards) = self.answer(&s, user, request, category, target)?;
                         Ok(Trajectory {
                             segments: Vec::new(),
                             answer,
                             rewards,
+                            greedy_calls: self.greedy_calls,
                         })
                     })
                     .collect();
@@ -235,12 +282,14 @@ impl Rollouts<'_> {
         seed: u64,
         j: usize,
     ) -> Result<Trajectory> {
-        let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64));
+        let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64))
+            .greedy_first(self.greedy_calls);
         let (answer, rewards) = self.answer(&rec, user, request, category, target)?;
         Ok(Trajectory {
             segments: rec.take(),
             answer,
             rewards,
+            greedy_calls: self.greedy_calls,
         })
     }
 

@@ -403,6 +403,7 @@ impl Trainer<'_> {
             cfg: self.cfg.clone(),
             temperature: self.train.temperature,
             weights: self.train.weights,
+            greedy_calls: 0,
         };
         while state.step < self.train.steps && !state.stopped {
             let step = state.step + 1;

@@ -66,6 +66,11 @@ pub struct TrajectoryRecord {
     /// it is not the paper's, so earlier files read as the paper's.
     #[serde(default = "paper_ranking", skip_serializing_if = "is_paper_ranking")]
     pub ranking: String,
+    /// How many leading calls were decoded greedily, as the assistant answers (`rollouts
+    /// --sample answer`: the reasoning and the memory calls), the rest sampled; 0 (not written)
+    /// when every call was sampled. Fine-tuning learns the sampled calls only.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub greedy_calls: usize,
     /// The loop fell back to the request (no parsed profile).
     pub fallback: bool,
     /// Memory-tool calls that returned memories.
@@ -86,6 +91,10 @@ pub struct TrajectoryRecord {
 
 fn paper_ranking() -> String {
     mrrec_agent::assistant::PAPER_RANKING.into()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_paper_ranking(r: &String) -> bool {
@@ -126,6 +135,7 @@ impl TrajectoryRecord {
                 .into(),
             rewards: t.rewards.clone(),
             ranking: ranking.into(),
+            greedy_calls: t.greedy_calls,
             fallback: t.answer.trace.fallback,
             memory_calls_ok: t.answer.trace.memory_calls_ok(),
             // A server's calls are text only: each output of the trace, without ids.
@@ -350,10 +360,44 @@ pub fn summarise<'a>(groups: impl IntoIterator<Item = &'a [TrajectoryRecord]>) -
     s
 }
 
+/// The letters of `text` from a Unicode block (128 code points beyond Latin) that `context`
+/// never uses: the tail tokens a small model samples at temperature 1 (measured on the 0.5B's
+/// `train` rollouts: 12% of sampled profiles of English requests carry Chinese or Korean
+/// characters, e.g. "White fountain pen 표정 ink"). Language-neutral: a request in Chinese
+/// makes Chinese letters its own.
+pub fn foreign_letters(text: &str, context: &str) -> usize {
+    let block = |c: char| c as u32 >> 7;
+    let beyond_latin = |c: &char| c.is_alphabetic() && (*c as u32) > 0x24F;
+    let known: std::collections::HashSet<u32> =
+        context.chars().filter(beyond_latin).map(block).collect();
+    text.chars()
+        .filter(beyond_latin)
+        .filter(|c| !known.contains(&block(*c)))
+        .count()
+}
+
+/// A sampled answer not worth imitating whatever its reward: its profile writes letters from a
+/// script that neither the request nor anything the model was shown (the free form's turns:
+/// memories, aspects) uses ([`foreign_letters`]).
+pub fn degenerate(r: &TrajectoryRecord) -> bool {
+    let Some(profile) = r.rewards.profile.as_deref() else {
+        return false;
+    };
+    let mut context = r.request.clone();
+    for m in &r.free_form {
+        if m.role != mrrec_llm::Role::Assistant {
+            context.push('\n');
+            context.push_str(&m.content);
+        }
+    }
+    foreign_letters(profile, &context) > 0
+}
+
 /// Rejection sampling: per group (in query-id order) the trajectory with the highest total reward
-/// — the lowest index among ties —, kept when it has a parsed profile and beats `baseline` of its
-/// query (the greedy answer's reward; a query without one keeps its best when it earned any
-/// R_rec). Deterministic: the same file and baselines select the same trajectories.
+/// — the lowest index among ties — among those not [`degenerate`], kept when it has a parsed
+/// profile and beats `baseline` of its query (the greedy answer's reward; a query without one
+/// keeps its best when it earned any R_rec). Deterministic: the same file and baselines select
+/// the same trajectories.
 pub fn select_best<'a>(
     groups: &'a BTreeMap<String, Vec<TrajectoryRecord>>,
     baseline: &dyn Fn(&str) -> Option<f64>,
@@ -361,7 +405,7 @@ pub fn select_best<'a>(
     groups
         .iter()
         .filter_map(|(qid, g)| {
-            let best = g.iter().reduce(|a, b| {
+            let best = g.iter().filter(|r| !degenerate(r)).reduce(|a, b| {
                 if b.rewards.total > a.rewards.total {
                     b
                 } else {
@@ -377,12 +421,15 @@ pub fn select_best<'a>(
         .collect()
 }
 
-/// The model-written part of a record's calls as [`mrrec_llm_local::Segment`]s for the loss:
-/// prompt ids (never trained on), sampled ids, their recorded log-probabilities, no constraint
-/// masks (supervised fine-tuning learns the tokens under the whole vocabulary).
+/// The model-written part of a record's sampled calls as [`mrrec_llm_local::Segment`]s for the
+/// loss: prompt ids (never trained on), sampled ids, their recorded log-probabilities, no
+/// constraint masks (supervised fine-tuning learns the tokens under the whole vocabulary). The
+/// [`TrajectoryRecord::greedy_calls`] leading calls — the model's own greedy answer, which the
+/// selection did not choose among — are context only.
 pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
     r.calls
         .iter()
+        .skip(r.greedy_calls)
         .filter(|c| !c.ids.is_empty())
         .map(|c| mrrec_llm_local::Segment {
             prompt: c.prompt.clone(),
@@ -508,6 +555,7 @@ mod tests {
                 profile: Some("a scarf".into()),
             },
             ranking: paper_ranking(),
+            greedy_calls: 0,
             fallback: false,
             memory_calls_ok: 1,
             calls: vec![CallRecord {
@@ -594,6 +642,62 @@ mod tests {
         assert_eq!(segs.len(), 1);
         assert_eq!((segs[0].prompt.len(), segs[0].ids.len()), (3, 2));
         assert!(segs[0].masks.iter().all(Option::is_none));
+        // A record whose first call was decoded greedily learns only the calls after it; an
+        // older line without the field reads as all sampled.
+        let mut two = kept[0].clone();
+        two.calls.push(CallRecord {
+            prompt: vec![1, 2, 3, 4, 5],
+            ids: vec![6, 7, 8],
+            logprobs: vec![-0.1; 3],
+            constrained: vec![false; 3],
+            text: "yes".into(),
+        });
+        assert_eq!(segments_of(&two).len(), 2);
+        two.greedy_calls = 1;
+        let segs = segments_of(&two);
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0].ids, vec![6, 7, 8]);
+        let line = serde_json::to_value(&two).unwrap();
+        assert_eq!(line["greedy_calls"], 1);
+        let mut old = serde_json::to_value(kept[0]).unwrap();
+        assert!(old.get("greedy_calls").is_none());
+        old.as_object_mut().unwrap().remove("greedy_calls");
+        let old: TrajectoryRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old.greedy_calls, 0);
+    }
+
+    #[test]
+    fn samples_in_a_script_nobody_used_are_never_chosen() {
+        assert_eq!(
+            foreign_letters("White fountain pen 표정 ink", "a fountain pen"),
+            2
+        );
+        assert_eq!(foreign_letters("Café crème, naïve", "coffee"), 0, "Latin");
+        assert_eq!(
+            foreign_letters("一个保温杯", "推荐一个保温杯"),
+            0,
+            "the request's script"
+        );
+        assert_eq!(
+            foreign_letters("Kids' kit — 10 × 12 cm", ""),
+            0,
+            "no letters"
+        );
+        let mut groups = BTreeMap::new();
+        let mut bad = record("q1", 1, 2, 3.0);
+        bad.rewards.profile = Some("Scarf 刺绣 pattern".into());
+        groups.insert("q1".to_string(), vec![record("q1", 0, 2, 2.0), bad.clone()]);
+        let kept = select_best(&groups, &|_| Some(1.0));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            kept[0].index, 0,
+            "the best clean sample, not the degenerate one"
+        );
+        // A memory in that script, shown to the model, makes it the model's to use.
+        bad.free_form = vec![mrrec_llm::Message::user("<memory>刺绣 scarf</memory>")];
+        assert!(!degenerate(&bad));
+        groups.insert("q1".to_string(), vec![record("q1", 0, 2, 2.0), bad]);
+        assert_eq!(select_best(&groups, &|_| Some(1.0))[0].index, 1);
     }
 
     #[test]
