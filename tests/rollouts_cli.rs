@@ -297,6 +297,71 @@ fn rewrite(path: &std::path::Path, f: impl Fn(&mut serde_json::Value)) {
     std::fs::write(path, text).unwrap();
 }
 
+/// `--sample answer` then `train --sft --sft-anchor`: a query none of whose samples beats the
+/// greedy answer teaches that greedy answer (decoded again with its token ids), so fine-tuning has
+/// an example there too; the adapter counts its anchors; the flag needs `--sft` and is not a free
+/// form's.
+#[test]
+fn anchors_teach_the_greedy_answer_where_no_sample_beat_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, store) = (dir.path().join("r.jsonl"), dir.path().join("m.sqlite"));
+    let rest = ["--group", "2", "--train-limit", "1", "--sample", "answer"];
+    let (ok, _, stderr) = tiny("rollouts", &store, &file, &rest.map(std::ffi::OsStr::new));
+    assert!(ok, "{stderr}");
+    rewrite(&file, |v| {
+        v["rewards"]["rec"] = 0.0.into();
+        v["rewards"]["total"] = 0.0.into();
+    });
+    let options = [
+        "--steps",
+        "1",
+        "--queries-per-step",
+        "1",
+        "--val-queries",
+        "0",
+        "--val-every",
+        "0",
+        "--lora-layers",
+        "2",
+        "--lr",
+        "1e-3",
+        "--sft-anchor",
+    ];
+    let run = dir.path().join("run");
+    let (ok, _, stderr) = sft(&run, &store, &file, &options);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("0 of 1 groups kept"), "{stderr}");
+    assert!(stderr.contains(": 1 anchors"), "{stderr}");
+    let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(step["tokens"].as_u64().unwrap() > 0, "{step}");
+    assert!(step["loss"].as_f64().unwrap().is_finite(), "{step}");
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&run.join("adapter.safetensors")).unwrap();
+    let source: serde_json::Value = serde_json::from_str(&ad.metadata["mrrec.sft"]).unwrap();
+    assert_eq!(
+        (source["kept"].clone(), source["anchors"].clone()),
+        (0.into(), 1.into())
+    );
+    assert!(
+        source["sampled"].as_str().unwrap().contains("first 2"),
+        "{source}"
+    );
+    let mut free = options.to_vec();
+    free.push("--sft-as-free");
+    let (ok, _, stderr) = sft(&dir.path().join("free"), &store, &file, &free);
+    assert!(!ok && stderr.contains("drop one of"), "{stderr}");
+    let (ok, _, stderr) = tiny(
+        "train",
+        &store,
+        &dir.path().join("none"),
+        &["--sft-anchor"].map(std::ffi::OsStr::new),
+    );
+    assert!(
+        !ok && stderr.contains("give it with --sft FILE"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
     let dir = tempfile::tempdir().unwrap();

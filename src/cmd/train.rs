@@ -81,6 +81,11 @@ pub(crate) struct TrainArgs {
     /// current adapter.
     #[arg(long)]
     pub(crate) sft_as_free: bool,
+    /// With --sft: every query whose samples do not beat the greedy answer teaches that greedy
+    /// answer (its calls after the file's greedy ones, decoded again with their token ids), so
+    /// that imitating the kept samples does not move the model where it already answered best.
+    #[arg(long)]
+    pub(crate) sft_anchor: bool,
     /// Start from this adapter (e.g. GRPO after fine-tuning); a checkpoint in --out wins.
     #[arg(long)]
     pub(crate) init_adapter: Option<PathBuf>,
@@ -103,8 +108,11 @@ pub(crate) struct TrainCmd {
 }
 
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
-    if a.train.sft_as_free && a.train.sft.is_none() {
-        bail!("--sft-as-free says how to learn a rollouts file: give it with --sft FILE");
+    if (a.train.sft_as_free || a.train.sft_anchor) && a.train.sft.is_none() {
+        bail!("--sft-as-free and --sft-anchor say how to learn a rollouts file: give it with --sft FILE");
+    }
+    if a.train.sft_as_free && a.train.sft_anchor {
+        bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
     }
     train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant, false)?;
     Ok(())
@@ -213,7 +221,7 @@ fn train_cmd(
     let sft = match &args.sft {
         Some(path) => Some(sft_examples(
             path,
-            args.sft_as_free,
+            (args.sft_as_free, args.sft_anchor),
             &ws,
             &*store,
             tenant,
@@ -592,6 +600,9 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
     if a.assistant.adapter.is_some() {
         bail!("`mrrec iterate` starts from --init-adapter (--adapter is for answering)");
     }
+    if a.train.sft_as_free && a.train.sft_anchor {
+        bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
+    }
     let out = a.train.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let rounds_path = out.join("rounds.jsonl");
@@ -714,11 +725,12 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
 /// The fine-tuning examples of a rollouts file: its complete groups, checked (`train` queries
 /// only, the policy's tokenizer), each query's greedy answer scored as the bar, and per query the
 /// best trajectory of G kept when it beats it. `as_free`: only trajectories with a free form
-/// compete, and the kept ones are learnt as that free form, re-tokenised.
+/// compete, and the kept ones are learnt as that free form, re-tokenised. `anchor`: every other
+/// query (its greedy answer parsed) teaches its greedy answer.
 #[allow(clippy::too_many_arguments)]
 fn sft_examples(
     path: &std::path::Path,
-    as_free: bool,
+    (as_free, anchor): (bool, bool),
     ws: &mrrec_agent::Workspace,
     store: &dyn mrrec_memory::MemoryRead,
     tenant: &str,
@@ -854,7 +866,7 @@ fn sft_examples(
         first.group,
         file.groups.values().map(Vec::len).sum::<usize>()
     );
-    let examples = kept
+    let mut examples = kept
         .iter()
         .map(|r| {
             Ok(mrrec_train::trainer::SftExample {
@@ -870,6 +882,85 @@ fn sft_examples(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let anchors = if anchor {
+        let chosen: std::collections::HashSet<&str> = kept.iter().map(|r| r.qid.as_str()).collect();
+        let rest: Vec<&String> = file
+            .groups
+            .keys()
+            .filter(|q| !chosen.contains(q.as_str()))
+            .collect();
+        // The greedy answer again, now with its token ids: every call decoded as the assistant
+        // asks it (the same answer as the bar's, which the cache replayed as text).
+        let roll = mrrec_train::rollout::Rollouts {
+            ws,
+            store,
+            tenant,
+            sampler: mrrec_train::rollout::Sampler::Local(local),
+            cfg: cfg.clone(),
+            temperature: 0.0,
+            weights,
+            greedy_calls: usize::MAX,
+        };
+        let t0 = std::time::Instant::now();
+        let mut n = 0;
+        for (k, qid) in rest.iter().enumerate() {
+            let q = train[qid.as_str()];
+            let query = q.query();
+            let request = query.simple_query.as_deref().unwrap_or(&query.query);
+            let Some(target) = ws.catalogue().position(q.target()) else {
+                continue;
+            };
+            let Some(t) = roll
+                .group(
+                    &query.user_id,
+                    request,
+                    query.category.as_deref(),
+                    target,
+                    1,
+                    0,
+                    false,
+                )?
+                .pop()
+            else {
+                continue;
+            };
+            if t.rewards.format <= 0.0 || t.answer.trace.fallback {
+                continue;
+            }
+            let segments: Vec<mrrec_llm_local::Segment> = t
+                .segments
+                .into_iter()
+                .skip(first.greedy_calls)
+                .filter(|s| !s.ids.is_empty())
+                .map(|s| mrrec_llm_local::Segment {
+                    masks: vec![None; s.ids.len()],
+                    ..s
+                })
+                .collect();
+            if segments.is_empty() {
+                continue;
+            }
+            examples.push(mrrec_train::trainer::SftExample {
+                qid: (*qid).clone(),
+                segments,
+                rewards: t.rewards,
+            });
+            n += 1;
+            eprintln!(
+                "anchor {}/{}: {qid} ({:.0} s)",
+                k + 1,
+                rest.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        eprintln!(
+            "{}: {n} anchors (queries whose samples did not beat the greedy answer teach it)",
+            path.display()
+        );
+        n
+    } else {
+        0
+    };
     let source = serde_json::json!({
         "file": path,
         "sha256": mrrec_agent::workspace::files_sha256(&[path])?,
@@ -877,6 +968,7 @@ fn sft_examples(
         "kept": kept.len(),
         "selection": "per query the best of G (never one whose profile writes letters from a script neither the request nor the memories use) when it beats the greedy answer's reward",
         "degenerate_samples": degenerate,
+        "anchors": anchors,
         "sampled": if first.greedy_calls > 0 {
             format!("the calls after the first {} (decoded greedily, context only)", first.greedy_calls)
         } else {
