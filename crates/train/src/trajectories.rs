@@ -68,7 +68,8 @@ pub struct TrajectoryRecord {
     pub ranking: String,
     /// How many leading calls were decoded greedily, as the assistant answers (`rollouts
     /// --sample answer`: the reasoning and the memory calls), the rest sampled; 0 (not written)
-    /// when every call was sampled. Fine-tuning learns the sampled calls only.
+    /// when every call was sampled. Fine-tuning learns the sampled calls only (learnt as a free
+    /// form, `--sft-as-free`, the whole conversation).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub greedy_calls: usize,
     /// The loop fell back to the request (no parsed profile).
