@@ -823,6 +823,32 @@ fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
     assert_eq!(lines(&out.join("rounds.jsonl")), rounds);
 }
 
+/// `iterate --sample answer`: each round's rollouts sample only the profile (the record says
+/// its greedy calls); it cannot go with `--sft-as-free`, whose later rounds sample the free loop.
+#[test]
+fn expert_iteration_can_sample_only_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("m.sqlite");
+    let out = dir.path().join("iter");
+    let mut rest = iterate_args(&["--sample", "answer"]);
+    let (ok, _, stderr) = tiny(
+        "iterate",
+        &store,
+        &out,
+        &[rest.clone(), vec!["--sft-as-free".as_ref()]].concat(),
+    );
+    assert!(!ok && stderr.contains("drop one of them"), "{stderr}");
+    rest[1] = "1".as_ref();
+    let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
+    assert!(ok, "{stderr}");
+    let sampled = lines(&out.join("round-1").join("rollouts.jsonl"));
+    assert_eq!(sampled.len(), 2);
+    assert!(
+        sampled.iter().all(|v| v["greedy_calls"] == 2),
+        "{sampled:?}"
+    );
+}
+
 /// `iterate --sft-as-free` distils the controller, then iterates on the student's own loop:
 /// round 1 samples guided trajectories (the controller teaching) and learns their free form;
 /// round 2 samples the free loop with round 1's adapter, and those records — the free loop

@@ -580,6 +580,9 @@ pub(crate) struct IterateCmd {
     /// Rounds of sample → select → fine-tune.
     #[arg(long, default_value_t = 2)]
     pub(crate) rounds: usize,
+    /// Which calls each round samples (as `mrrec rollouts --sample`).
+    #[arg(long, value_enum, default_value_t = SampleCalls::All)]
+    pub(crate) sample: SampleCalls,
 }
 
 /// `mrrec iterate`: expert iteration in one command. Round r samples G trajectories per `train`
@@ -602,6 +605,9 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
     }
     if a.train.sft_as_free && a.train.sft_anchor {
         bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
+    }
+    if a.train.sft_as_free && a.sample == SampleCalls::Answer {
+        bail!("--sample answer samples the guided loop's profile, but --sft-as-free's later rounds sample the free loop: drop one of them");
     }
     let out = a.train.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -658,7 +664,7 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             reward_weights: a.train.reward_weights.clone(),
             rec_cutoffs: a.train.rec_cutoffs.clone(),
             sequential_rollouts: a.train.sequential_rollouts,
-            sample: SampleCalls::All,
+            sample: a.sample,
         })?;
         let run = dir.join("run");
         let mut train = a.train.clone();
