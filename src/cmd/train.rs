@@ -107,13 +107,19 @@ pub(crate) struct TrainCmd {
     pub(crate) tenant: TenantArg,
 }
 
+/// `--sft-anchor` learns the greedy answer's own token ids: never with a free form.
+fn check_anchor(train: &TrainArgs) -> Result<()> {
+    if train.sft_as_free && train.sft_anchor {
+        bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
+    }
+    Ok(())
+}
+
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
     if (a.train.sft_as_free || a.train.sft_anchor) && a.train.sft.is_none() {
         bail!("--sft-as-free and --sft-anchor say how to learn a rollouts file: give it with --sft FILE");
     }
-    if a.train.sft_as_free && a.train.sft_anchor {
-        bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
-    }
+    check_anchor(&a.train)?;
     train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant, false)?;
     Ok(())
 }
@@ -603,9 +609,7 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
     if a.assistant.adapter.is_some() {
         bail!("`mrrec iterate` starts from --init-adapter (--adapter is for answering)");
     }
-    if a.train.sft_as_free && a.train.sft_anchor {
-        bail!("--sft-anchor learns the greedy answer's own token ids, not a free form: drop one of --sft-anchor, --sft-as-free");
-    }
+    check_anchor(&a.train)?;
     if a.train.sft_as_free && a.sample == SampleCalls::Answer {
         bail!("--sample answer samples the guided loop's profile, but --sft-as-free's later rounds sample the free loop: drop one of them");
     }
@@ -933,16 +937,7 @@ fn sft_examples(
             if t.rewards.format <= 0.0 || t.answer.trace.fallback {
                 continue;
             }
-            let segments: Vec<mrrec_llm_local::Segment> = t
-                .segments
-                .into_iter()
-                .skip(first.greedy_calls)
-                .filter(|s| !s.ids.is_empty())
-                .map(|s| mrrec_llm_local::Segment {
-                    masks: vec![None; s.ids.len()],
-                    ..s
-                })
-                .collect();
+            let segments = mrrec_train::trajectories::learnable(t.segments, first.greedy_calls);
             if segments.is_empty() {
                 continue;
             }

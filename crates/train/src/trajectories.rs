@@ -423,20 +423,35 @@ pub fn select_best<'a>(
 }
 
 /// The model-written part of a record's sampled calls as [`mrrec_llm_local::Segment`]s for the
-/// loss: prompt ids (never trained on), sampled ids, their recorded log-probabilities, no
-/// constraint masks (supervised fine-tuning learns the tokens under the whole vocabulary). The
-/// [`TrajectoryRecord::greedy_calls`] leading calls — the model's own greedy answer, which the
-/// selection did not choose among — are context only.
+/// loss ([`learnable`]): prompt ids (never trained on), sampled ids, their recorded
+/// log-probabilities.
 pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
-    r.calls
-        .iter()
-        .skip(r.greedy_calls)
-        .filter(|c| !c.ids.is_empty())
-        .map(|c| mrrec_llm_local::Segment {
+    learnable(
+        r.calls.iter().map(|c| mrrec_llm_local::Segment {
             prompt: c.prompt.clone(),
             ids: c.ids.clone(),
             logprobs: c.logprobs.clone(),
             masks: vec![None; c.ids.len()],
+        }),
+        r.greedy_calls,
+    )
+}
+
+/// What supervised fine-tuning learns of a trajectory's calls: those after its `greedy_calls`
+/// leading ones (the model's own greedy answer, which the selection did not choose among:
+/// context only) that wrote anything, without constraint masks (the tokens are learnt under the
+/// whole vocabulary).
+pub fn learnable(
+    calls: impl IntoIterator<Item = mrrec_llm_local::Segment>,
+    greedy_calls: usize,
+) -> Vec<mrrec_llm_local::Segment> {
+    calls
+        .into_iter()
+        .skip(greedy_calls)
+        .filter(|s| !s.ids.is_empty())
+        .map(|s| mrrec_llm_local::Segment {
+            masks: vec![None; s.ids.len()],
+            ..s
         })
         .collect()
 }
