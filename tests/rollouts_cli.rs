@@ -92,6 +92,13 @@ fn rollouts_write_train_trajectories_and_resume() {
             let n = c["ids"].as_array().unwrap().len();
             assert_eq!(c["logprobs"].as_array().unwrap().len(), n);
             assert_eq!(c["constrained"].as_array().unwrap().len(), n);
+            // A constrained call records its constraint (fine-tuning replays it); others none.
+            let restricted = c["constrained"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b == true);
+            assert_eq!(c.get("constraint").is_some(), restricted, "{c}");
             assert!(!c["prompt"].as_array().unwrap().is_empty());
             assert!(c["logprobs"]
                 .as_array()
@@ -404,6 +411,8 @@ fn fine_tuning_learns_the_chosen_trajectories_of_a_rollouts_file() {
         (source["kept"].clone(), source["groups"].clone()),
         (1.into(), 1.into())
     );
+    // Its constrained calls were learnt over the sets their recorded constraints allowed.
+    assert_eq!(source["constrained_calls_learnt_unconstrained"], 0);
 
     // Another run starting from that adapter (--init-adapter) validates where the first ended.
     let second = dir.path().join("second");

@@ -876,6 +876,13 @@ fn sft_examples(
         first.group,
         file.groups.values().map(Vec::len).sum::<usize>()
     );
+    // A constrained call is learnt over the sets its recorded constraint allowed, as sampled.
+    let replay = |c: &mrrec_llm::Constraint, ids: &[u32]| {
+        local
+            .constraint_masks(c, ids)
+            .map_err(mrrec_train::TrainError::from)
+    };
+    let mut unreplayed = 0;
     let mut examples = kept
         .iter()
         .map(|r| {
@@ -886,12 +893,21 @@ fn sft_examples(
                 segments: if as_free && !r.free_form.is_empty() {
                     free_segments(r, local)?
                 } else {
-                    segments_of(r)
+                    let (segments, n) =
+                        segments_of(r, &replay).with_context(|| format!("{}", path.display()))?;
+                    unreplayed += n;
+                    segments
                 },
                 rewards: r.rewards.clone(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if unreplayed > 0 {
+        eprintln!(
+            "{}: {unreplayed} constrained call(s) recorded without their constraint (written before constraints were recorded): learnt under the whole vocabulary",
+            path.display()
+        );
+    }
     let anchors = if anchor {
         let chosen: std::collections::HashSet<&str> = kept.iter().map(|r| r.qid.as_str()).collect();
         let rest: Vec<&String> = file
@@ -970,6 +986,7 @@ fn sft_examples(
         "selection": "per query the best of G (never one whose profile writes letters from a script neither the request nor the memories use) when it beats the greedy answer's reward",
         "degenerate_samples": degenerate,
         "anchors": anchors,
+        "constrained_calls_learnt_unconstrained": unreplayed,
         "sampled": if first.greedy_calls > 0 {
             format!("the calls after the first {} (decoded greedily, context only)", first.greedy_calls)
         } else {

@@ -115,6 +115,8 @@ pub struct Transformer {
     pub hidden_size: usize,
     /// Width of the MLP.
     pub intermediate_size: usize,
+    /// Rows of the output layer: the logits' length (at least the tokenizer's vocabulary).
+    pub n_vocab: usize,
     lora: std::sync::RwLock<Option<std::sync::Arc<LoraAdapter>>>,
     lora_generation: std::sync::atomic::AtomicU64,
     /// Per layer, per projection (in [`Proj::ALL`] order): the transposed f32 weight that prompt
@@ -230,6 +232,7 @@ impl Transformer {
             Err(_) => embed_q,
         };
         let output_packed = PackedQ8::from_qtensor(&output_q);
+        let n_vocab = output_q.shape().dims()[0];
         let output = QMatMul::from_qtensor(output_q)?;
         let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps)?;
         let mut layers = Vec::with_capacity(n_layers);
@@ -305,6 +308,7 @@ impl Transformer {
             context_length,
             hidden_size: hidden,
             intermediate_size,
+            n_vocab,
             lora: std::sync::RwLock::new(None),
             lora_generation: std::sync::atomic::AtomicU64::new(0),
             dense,

@@ -128,3 +128,45 @@ fn constrained_logprobs_are_renormalised_over_allowed_tokens() {
     }
     assert!(!free.ids.is_empty());
 }
+
+/// What fine-tuning replays: the allowed sets of a constrained call's ids, computed again from
+/// its constraint, are exactly those decoding recorded while it sampled them — the end-of-turn
+/// token included — and ids the constraint never allowed are refused, naming the position.
+#[test]
+fn replayed_constraint_masks_equal_the_sampled_ones() {
+    let m = model();
+    let c = Constraint::JsonSchema(json!({
+        "type": "object",
+        "properties": {
+            "ideal_item_profile": {"type": "string", "minLength": 5, "maxLength": 60},
+            "useful_memory_ids": {"type": "array", "items": {"type": "string", "enum": ["u1-p-1"]}, "maxItems": 1}
+        },
+        "required": ["ideal_item_profile", "useful_memory_ids"],
+        "additionalProperties": false
+    }));
+    let mut checked = 0;
+    for seed in 0..3 {
+        let (resp, seg) = m
+            .chat_segment(&req("Describe a warm scarf.", c.clone(), seed), &mut |_| {})
+            .unwrap();
+        if resp.finish_reason != FinishReason::Stop {
+            continue;
+        }
+        let replayed = m.constraint_masks(&c, &seg.ids).unwrap();
+        assert_eq!(replayed.len(), seg.ids.len());
+        for (i, (r, s)) in replayed.iter().zip(&seg.masks).enumerate() {
+            assert_eq!(Some(r), s.as_ref(), "token {i} of {}", seg.ids.len());
+            assert!(r.contains(seg.ids[i]));
+        }
+        // Forced structure: the first token's set is small, the profile's text nearly free.
+        assert!(replayed[0].count() < 100, "{}", replayed[0].count());
+        checked += 1;
+    }
+    assert!(checked > 0, "no sample ended by itself");
+    let not_json = m.info().encode("hello").unwrap();
+    let e = m.constraint_masks(&c, &not_json).err().unwrap().to_string();
+    assert!(
+        e.contains("token 0 of") && e.contains("not one the constraint allows"),
+        "{e}"
+    );
+}

@@ -37,7 +37,7 @@ pub struct Recording<'a> {
     seed: u64,
     greedy: u64,
     calls: AtomicU64,
-    segments: Mutex<Vec<Segment>>,
+    segments: Mutex<Vec<(Segment, Option<mrrec_llm::Constraint>)>>,
 }
 
 impl<'a> Recording<'a> {
@@ -61,9 +61,12 @@ impl<'a> Recording<'a> {
         self
     }
 
-    /// The calls recorded so far, in order (and forgets them).
-    pub fn take(&self) -> Vec<Segment> {
+    /// The calls recorded so far, in order, each with the constraint it was decoded under (and
+    /// forgets them).
+    pub fn take(&self) -> (Vec<Segment>, Vec<Option<mrrec_llm::Constraint>>) {
         std::mem::take(&mut *self.segments.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .unzip()
     }
 }
 
@@ -87,7 +90,7 @@ impl ChatModel for Recording<'_> {
         self.segments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(seg);
+            .push((seg, r.constraint.clone()));
         Ok(resp)
     }
 }
@@ -157,6 +160,9 @@ pub enum Sampler<'a> {
 pub struct Trajectory {
     /// The model calls.
     pub segments: Vec<Segment>,
+    /// Per call (as `segments`), the constraint it was decoded under: what fine-tuning replays
+    /// to renormalise a recorded call as it was sampled.
+    pub constraints: Vec<Option<mrrec_llm::Constraint>>,
     /// The answer (trace included).
     pub answer: Answer,
     /// Its reward.
@@ -246,6 +252,7 @@ impl Rollouts<'_> {
                         let (answer, rewards) = self.answer(&s, user, request, category, target)?;
                         Ok(Trajectory {
                             segments: Vec::new(),
+                            constraints: Vec::new(),
                             answer,
                             rewards,
                             greedy_calls: self.greedy_calls,
@@ -285,8 +292,10 @@ impl Rollouts<'_> {
         let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64))
             .greedy_first(self.greedy_calls);
         let (answer, rewards) = self.answer(&rec, user, request, category, target)?;
+        let (segments, constraints) = rec.take();
         Ok(Trajectory {
-            segments: rec.take(),
+            segments,
+            constraints,
             answer,
             rewards,
             greedy_calls: self.greedy_calls,

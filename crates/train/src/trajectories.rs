@@ -30,6 +30,11 @@ pub struct CallRecord {
     /// Per sampled id, whether a constraint restricted the choice (the allowed sets are a
     /// function of the request's constraint and the ids before, so they are not stored).
     pub constrained: Vec<bool>,
+    /// The constraint the call was decoded under (not written when none): fine-tuning replays
+    /// it over `ids` for the allowed sets ([`segments_of`]). Files written before it was
+    /// recorded (session 25) lack it; their calls are learnt under the whole vocabulary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<mrrec_llm::Constraint>,
     /// The sampled ids decoded.
     pub text: String,
 }
@@ -150,17 +155,20 @@ impl TrajectoryRecord {
                         ids: Vec::new(),
                         logprobs: Vec::new(),
                         constrained: Vec::new(),
+                        constraint: None,
                         text: o.clone(),
                     })
                     .collect()
             } else {
                 t.segments
                     .iter()
-                    .map(|s| CallRecord {
+                    .enumerate()
+                    .map(|(i, s)| CallRecord {
                         prompt: s.prompt.clone(),
                         ids: s.ids.clone(),
                         logprobs: s.logprobs.clone(),
                         constrained: s.masks.iter().map(Option::is_some).collect(),
+                        constraint: t.constraints.get(i).cloned().flatten(),
                         text: decode(&s.ids),
                     })
                     .collect()
@@ -422,25 +430,61 @@ pub fn select_best<'a>(
         .collect()
 }
 
+/// The allowed sets of a call's ids under its constraint, replayed
+/// ([`mrrec_llm_local::LocalModel::constraint_masks`]).
+pub type Replay<'a> =
+    dyn Fn(&mrrec_llm::Constraint, &[u32]) -> Result<Vec<mrrec_llm_local::TokenSet>> + 'a;
+
 /// The model-written part of a record's sampled calls as [`mrrec_llm_local::Segment`]s for the
 /// loss ([`learnable`]): prompt ids (never trained on), sampled ids, their recorded
-/// log-probabilities.
-pub fn segments_of(r: &TrajectoryRecord) -> Vec<mrrec_llm_local::Segment> {
-    learnable(
-        r.calls.iter().map(|c| mrrec_llm_local::Segment {
-            prompt: c.prompt.clone(),
-            ids: c.ids.clone(),
-            logprobs: c.logprobs.clone(),
-            masks: vec![None; c.ids.len()],
-        }),
-        r.greedy_calls,
-    )
+/// log-probabilities, and — for a call recorded with its constraint — the allowed set of each
+/// id, replayed by `replay`, so that the loss renormalises over what the constraint allowed,
+/// as sampling did (a call recorded without one is learnt under the whole vocabulary). Also
+/// returns how many learnt calls had no constraint recorded although a constraint restricted
+/// them (files written before constraints were recorded).
+pub fn segments_of(
+    r: &TrajectoryRecord,
+    replay: &Replay<'_>,
+) -> Result<(Vec<mrrec_llm_local::Segment>, usize)> {
+    let mut unreplayed = 0;
+    let calls = r
+        .calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let learnt = i >= r.greedy_calls && !c.ids.is_empty();
+            let masks = match (&c.constraint, learnt) {
+                (Some(k), true) => replay(k, &c.ids)
+                    .map_err(|e| {
+                        TrainError::Invalid(format!(
+                            "query {} trajectory {} call {}: its ids under its recorded constraint: {e}",
+                            r.qid, r.index, i + 1
+                        ))
+                    })?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+                (None, true) if c.constrained.iter().any(|&b| b) => {
+                    unreplayed += 1;
+                    vec![None; c.ids.len()]
+                }
+                _ => vec![None; c.ids.len()],
+            };
+            Ok(mrrec_llm_local::Segment {
+                prompt: c.prompt.clone(),
+                ids: c.ids.clone(),
+                logprobs: c.logprobs.clone(),
+                masks,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((learnable(calls, r.greedy_calls), unreplayed))
 }
 
 /// What supervised fine-tuning learns of a trajectory's calls: those after its `greedy_calls`
 /// leading ones (the model's own greedy answer, which the selection did not choose among:
-/// context only) that wrote anything, without constraint masks (the tokens are learnt under the
-/// whole vocabulary).
+/// context only) that wrote anything, each with its masks (a constrained call's tokens are
+/// learnt renormalised over the allowed sets, as they were sampled).
 pub fn learnable(
     calls: impl IntoIterator<Item = mrrec_llm_local::Segment>,
     greedy_calls: usize,
@@ -449,10 +493,6 @@ pub fn learnable(
         .into_iter()
         .skip(greedy_calls)
         .filter(|s| !s.ids.is_empty())
-        .map(|s| mrrec_llm_local::Segment {
-            masks: vec![None; s.ids.len()],
-            ..s
-        })
         .collect()
 }
 
@@ -579,6 +619,7 @@ mod tests {
                 ids: vec![4, 5],
                 logprobs: vec![-0.5, -1.0],
                 constrained: vec![true, false],
+                constraint: None,
                 text: "hi".into(),
             }],
             free_form: Vec::new(),
@@ -654,8 +695,14 @@ mod tests {
         assert_eq!(kept.len(), 1);
         assert_eq!((kept[0].qid.as_str(), kept[0].index), ("q1", 1));
         assert_eq!(select_best(&groups, &greedy), kept);
-        let segs = segments_of(kept[0]);
+        let never = |_: &mrrec_llm::Constraint, _: &[u32]| -> Result<Vec<_>> {
+            panic!("no call of these records carries its constraint")
+        };
+        // The call was constrained but its constraint was not recorded (an older file): learnt
+        // under the whole vocabulary, and counted.
+        let (segs, unreplayed) = segments_of(kept[0], &never).unwrap();
         assert_eq!(segs.len(), 1);
+        assert_eq!(unreplayed, 1);
         assert_eq!((segs[0].prompt.len(), segs[0].ids.len()), (3, 2));
         assert!(segs[0].masks.iter().all(Option::is_none));
         // A record whose first call was decoded greedily learns only the calls after it; an
@@ -665,16 +712,46 @@ mod tests {
             prompt: vec![1, 2, 3, 4, 5],
             ids: vec![6, 7, 8],
             logprobs: vec![-0.1; 3],
-            constrained: vec![false; 3],
+            constrained: vec![true; 3],
+            constraint: Some(mrrec_llm::Constraint::Regex("yes".into())),
             text: "yes".into(),
         });
-        assert_eq!(segments_of(&two).len(), 2);
+        // A call with its constraint recorded learns each id over the set replayed for it.
+        let replay = |c: &mrrec_llm::Constraint, ids: &[u32]| -> Result<Vec<_>> {
+            assert_eq!(c, &mrrec_llm::Constraint::Regex("yes".into()));
+            Ok(ids
+                .iter()
+                .map(|&id| mrrec_llm_local::TokenSet::from_fn(10, |t| t == id || t == 9))
+                .collect())
+        };
+        let (segs, unreplayed) = segments_of(&two, &replay).unwrap();
+        assert_eq!((segs.len(), unreplayed), (2, 1));
+        assert!(segs[1]
+            .masks
+            .iter()
+            .all(|m| m.as_ref().is_some_and(|m| m.count() == 2)));
+        assert!(segs[1].masks[0].as_ref().unwrap().contains(6));
+        // A replay that fails names the query, trajectory and call.
+        let refuse = |_: &mrrec_llm::Constraint, _: &[u32]| -> Result<Vec<_>> {
+            Err(TrainError::Invalid("token 0 is not allowed".into()))
+        };
+        let e = segments_of(&two, &refuse).err().unwrap().to_string();
+        assert!(
+            e.contains("query q1 trajectory 1 call 2") && e.contains("not allowed"),
+            "{e}"
+        );
         two.greedy_calls = 1;
-        let segs = segments_of(&two);
-        assert_eq!(segs.len(), 1);
+        // The greedy call is context only: neither learnt nor replayed.
+        let (segs, unreplayed) = segments_of(&two, &replay).unwrap();
+        assert_eq!((segs.len(), unreplayed), (1, 0));
         assert_eq!(segs[0].ids, vec![6, 7, 8]);
+        assert!(segments_of(&two, &refuse).is_err());
         let line = serde_json::to_value(&two).unwrap();
         assert_eq!(line["greedy_calls"], 1);
+        assert!(line["calls"][0].get("constraint").is_none());
+        assert_eq!(line["calls"][1]["constraint"]["regex"], "yes");
+        let back: TrajectoryRecord = serde_json::from_value(line).unwrap();
+        assert_eq!(back, two);
         let mut old = serde_json::to_value(kept[0]).unwrap();
         assert!(old.get("greedy_calls").is_none());
         old.as_object_mut().unwrap().remove("greedy_calls");

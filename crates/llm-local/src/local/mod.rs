@@ -200,6 +200,46 @@ impl LocalModel {
         &self.model
     }
 
+    /// The allowed set at each of `ids` as constrained decoding under `c` computed it when it
+    /// wrote them (the end-of-turn token included): the masks of a call recorded without them,
+    /// replayed, so that fine-tuning renormalises exactly as sampling did. An error names the
+    /// first position whose token the constraint did not allow (those ids were not written under
+    /// `c`).
+    pub fn constraint_masks(&self, c: &Constraint, ids: &[u32]) -> Result<Vec<crate::TokenSet>> {
+        let n = self.model.n_vocab;
+        let mut m = self.compiler(n)?.matcher(c)?;
+        let err = |e: String| crate::LocalError::Llm(LlmError::Constraint(e));
+        let mut masks = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            if m.is_stopped() {
+                return Err(err(format!(
+                    "the constraint had ended before token {i} of {} (id {id})",
+                    ids.len()
+                )));
+            }
+            let mask = m.compute_mask().map_err(|e| err(e.to_string()))?;
+            let set = crate::TokenSet::from_mask(&mask, n);
+            if !set.contains(id) {
+                return Err(err(format!(
+                    "token {i} of {} (id {id}) is not one the constraint allows there",
+                    ids.len()
+                )));
+            }
+            masks.push(set);
+            if self.info.stop_ids.contains(&id) {
+                if i + 1 < ids.len() {
+                    return Err(err(format!(
+                        "an end-of-turn token at {i} of {} ids",
+                        ids.len()
+                    )));
+                }
+                break;
+            }
+            m.consume_token(id).map_err(|e| err(e.to_string()))?;
+        }
+        Ok(masks)
+    }
+
     /// Renders a request into the prompt text (template + assistant prefix).
     pub fn prompt(&self, req: &ChatRequest) -> Result<String> {
         let tmpl = self.template.as_ref().ok_or_else(|| {
