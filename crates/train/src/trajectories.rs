@@ -218,6 +218,10 @@ impl RolloutsFile {
     /// line (the file is not ours to rewrite).
     pub fn open(path: &Path, group: usize) -> Result<(Self, Reopened)> {
         let mut out = Reopened::default();
+        // A new file's folder is made now, before any sampling (not at the first append).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -630,8 +634,10 @@ mod tests {
     #[test]
     fn a_reopened_file_keeps_complete_groups_and_drops_what_a_kill_left() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.jsonl");
+        // The folder of a new file is made on opening.
+        let path = dir.path().join("runs/r.jsonl");
         let (f, first) = RolloutsFile::open(&path, 2).unwrap();
+        assert!(path.parent().unwrap().is_dir());
         assert_eq!(first, Reopened::default());
         let a = [record("q1", 0, 2, 0.0), record("q1", 1, 2, 1.0)];
         f.append(&a).unwrap();
