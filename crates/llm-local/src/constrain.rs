@@ -48,7 +48,7 @@ pub struct ConstraintCompiler {
     factory: ParserFactory,
 }
 
-fn cerr(e: impl std::fmt::Display) -> crate::LocalError {
+pub(crate) fn cerr(e: impl std::fmt::Display) -> crate::LocalError {
     crate::LocalError::Llm(LlmError::Constraint(e.to_string()))
 }
 

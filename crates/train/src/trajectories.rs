@@ -451,14 +451,10 @@ pub fn segments_of(
     replay: &Replay<'_>,
 ) -> Result<(Vec<mrrec_llm_local::Segment>, usize)> {
     let mut unreplayed = 0;
-    let calls = r
-        .calls
-        .iter()
-        .enumerate()
+    let segments = learnt(r.calls.iter().enumerate(), r.greedy_calls, |(_, c)| &c.ids)
         .map(|(i, c)| {
-            let learnt = i >= r.greedy_calls && !c.ids.is_empty();
-            let masks = match (&c.constraint, learnt) {
-                (Some(k), true) => replay(k, &c.ids)
+            let masks = match &c.constraint {
+                Some(k) => replay(k, &c.ids)
                     .map_err(|e| {
                         TrainError::Invalid(format!(
                             "query {} trajectory {} call {}: its ids under its recorded constraint: {e}",
@@ -468,11 +464,10 @@ pub fn segments_of(
                     .into_iter()
                     .map(Some)
                     .collect(),
-                (None, true) if c.constrained.iter().any(|&b| b) => {
-                    unreplayed += 1;
+                None => {
+                    unreplayed += usize::from(c.constrained.iter().any(|&b| b));
                     vec![None; c.ids.len()]
                 }
-                _ => vec![None; c.ids.len()],
             };
             Ok(mrrec_llm_local::Segment {
                 prompt: c.prompt.clone(),
@@ -482,7 +477,7 @@ pub fn segments_of(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((learnable(calls, r.greedy_calls), unreplayed))
+    Ok((segments, unreplayed))
 }
 
 /// What supervised fine-tuning learns of a trajectory's calls: those after its `greedy_calls`
@@ -493,11 +488,19 @@ pub fn learnable(
     calls: impl IntoIterator<Item = mrrec_llm_local::Segment>,
     greedy_calls: usize,
 ) -> Vec<mrrec_llm_local::Segment> {
+    learnt(calls, greedy_calls, |s| &s.ids).collect()
+}
+
+/// The one rule of [`learnable`] over any form of a call (`ids`: what it wrote).
+fn learnt<T>(
+    calls: impl IntoIterator<Item = T>,
+    greedy_calls: usize,
+    ids: impl Fn(&T) -> &[u32],
+) -> impl Iterator<Item = T> {
     calls
         .into_iter()
         .skip(greedy_calls)
-        .filter(|s| !s.ids.is_empty())
-        .collect()
+        .filter(move |c| !ids(c).is_empty())
 }
 
 /// A record's [`TrajectoryRecord::free_form`] turns as [`mrrec_llm_local::Segment`]s for the

@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
-use crate::constrain::{apply_mask, ConstraintCompiler};
+use crate::constrain::{apply_mask, cerr, ConstraintCompiler};
 use crate::gguf::GgufInfo;
 use crate::model::{KvCache, Transformer};
 use crate::template::ChatTemplate;
@@ -208,34 +208,24 @@ impl LocalModel {
     pub fn constraint_masks(&self, c: &Constraint, ids: &[u32]) -> Result<Vec<crate::TokenSet>> {
         let n = self.model.n_vocab;
         let mut m = self.compiler(n)?.matcher(c)?;
-        let err = |e: String| crate::LocalError::Llm(LlmError::Constraint(e));
         let mut masks = Vec::with_capacity(ids.len());
         for (i, &id) in ids.iter().enumerate() {
+            let at = format!("token {i} of {} (id {id})", ids.len());
             if m.is_stopped() {
-                return Err(err(format!(
-                    "the constraint had ended before token {i} of {} (id {id})",
-                    ids.len()
-                )));
+                return Err(cerr(format!("the constraint had ended before {at}")));
             }
-            let mask = m.compute_mask().map_err(|e| err(e.to_string()))?;
-            let set = crate::TokenSet::from_mask(&mask, n);
+            let set = crate::TokenSet::from_mask(&m.compute_mask().map_err(cerr)?, n);
             if !set.contains(id) {
-                return Err(err(format!(
-                    "token {i} of {} (id {id}) is not one the constraint allows there",
-                    ids.len()
-                )));
+                return Err(cerr(format!("{at} is not one the constraint allows there")));
             }
             masks.push(set);
             if self.info.stop_ids.contains(&id) {
                 if i + 1 < ids.len() {
-                    return Err(err(format!(
-                        "an end-of-turn token at {i} of {} ids",
-                        ids.len()
-                    )));
+                    return Err(cerr(format!("{at} ends the turn before the last id")));
                 }
                 break;
             }
-            m.consume_token(id).map_err(|e| err(e.to_string()))?;
+            m.consume_token(id).map_err(cerr)?;
         }
         Ok(masks)
     }
