@@ -37,7 +37,7 @@ pub struct Recording<'a> {
     seed: u64,
     greedy: u64,
     calls: AtomicU64,
-    segments: Mutex<Vec<(Segment, Option<mrrec_llm::Constraint>)>>,
+    segments: Mutex<Vec<Segment>>,
 }
 
 impl<'a> Recording<'a> {
@@ -63,10 +63,8 @@ impl<'a> Recording<'a> {
 
     /// The calls recorded so far, in order, each with the constraint it was decoded under (and
     /// forgets them).
-    pub fn take(&self) -> (Vec<Segment>, Vec<Option<mrrec_llm::Constraint>>) {
+    pub fn take(&self) -> Vec<Segment> {
         std::mem::take(&mut *self.segments.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .unzip()
     }
 }
 
@@ -90,7 +88,7 @@ impl ChatModel for Recording<'_> {
         self.segments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((seg, r.constraint.clone()));
+            .push(seg);
         Ok(resp)
     }
 }
@@ -160,9 +158,6 @@ pub enum Sampler<'a> {
 pub struct Trajectory {
     /// The model calls.
     pub segments: Vec<Segment>,
-    /// Per call (as `segments`), the constraint it was decoded under: what fine-tuning replays
-    /// to renormalise a recorded call as it was sampled.
-    pub constraints: Vec<Option<mrrec_llm::Constraint>>,
     /// The answer (trace included).
     pub answer: Answer,
     /// Its reward.
@@ -252,7 +247,6 @@ impl Rollouts<'_> {
                         let (answer, rewards) = self.answer(&s, user, request, category, target)?;
                         Ok(Trajectory {
                             segments: Vec::new(),
-                            constraints: Vec::new(),
                             answer,
                             rewards,
                             greedy_calls: self.greedy_calls,
@@ -292,10 +286,8 @@ impl Rollouts<'_> {
         let rec = Recording::new(model, self.temperature, seed.wrapping_add(1000 * j as u64))
             .greedy_first(self.greedy_calls);
         let (answer, rewards) = self.answer(&rec, user, request, category, target)?;
-        let (segments, constraints) = rec.take();
         Ok(Trajectory {
-            segments,
-            constraints,
+            segments: rec.take(),
             answer,
             rewards,
             greedy_calls: self.greedy_calls,

@@ -162,13 +162,12 @@ impl TrajectoryRecord {
             } else {
                 t.segments
                     .iter()
-                    .enumerate()
-                    .map(|(i, s)| CallRecord {
+                    .map(|s| CallRecord {
                         prompt: s.prompt.clone(),
                         ids: s.ids.clone(),
                         logprobs: s.logprobs.clone(),
                         constrained: s.masks.iter().map(Option::is_some).collect(),
-                        constraint: t.constraints.get(i).cloned().flatten(),
+                        constraint: s.constraint.clone(),
                         text: decode(&s.ids),
                     })
                     .collect()
@@ -474,6 +473,7 @@ pub fn segments_of(
                 ids: c.ids.clone(),
                 logprobs: c.logprobs.clone(),
                 masks,
+                constraint: c.constraint.clone(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -548,6 +548,7 @@ pub fn free_segments(
             prompt,
             logprobs: vec![0.0; ids.len()],
             masks: vec![None; ids.len()],
+            constraint: None,
             ids,
         });
     }

@@ -56,11 +56,19 @@ pub struct Segment {
     pub logprobs: Vec<f32>,
     /// Per sampled id, the allowed set under a constraint.
     pub masks: Vec<Option<crate::TokenSet>>,
+    /// The constraint the call was decoded under, if any: what fine-tuning replays over recorded
+    /// ids to rebuild `masks` ([`LocalModel::constraint_masks`]).
+    pub constraint: Option<mrrec_llm::Constraint>,
 }
 
 impl Segment {
-    /// A call's segment: its prompt and what it generated, the sampled end-of-turn token last.
-    pub fn of(prompt: Vec<u32>, g: &Generation) -> Segment {
+    /// A call's segment: its prompt and what it generated under `constraint`, the sampled
+    /// end-of-turn token last.
+    pub fn of(
+        prompt: Vec<u32>,
+        g: &Generation,
+        constraint: Option<mrrec_llm::Constraint>,
+    ) -> Segment {
         let (mut ids, mut logprobs, mut masks) =
             (g.ids.clone(), g.logprobs.clone(), g.masks.clone());
         if let Some((id, lp, mask)) = &g.end {
@@ -73,6 +81,7 @@ impl Segment {
             ids,
             logprobs,
             masks,
+            constraint,
         }
     }
 }
@@ -608,7 +617,7 @@ impl LocalModel {
         let mut seqs = vec![self.start(&ids, req, Some(on_text))?];
         self.run(&mut seqs)?;
         let g = Self::finish(seqs.remove(0))?;
-        let seg = Segment::of(ids.clone(), &g);
+        let seg = Segment::of(ids.clone(), &g, req.constraint.clone());
         Ok((self.response(req, ids.len(), g, t0), seg))
     }
 
@@ -656,7 +665,7 @@ impl LocalModel {
             let n = started.len().max(1) as f64;
             for ((i, ids), q) in started.into_iter().zip(seqs) {
                 out[i] = Some(Self::finish(q).map(|g| {
-                    let seg = Segment::of(ids.clone(), &g);
+                    let seg = Segment::of(ids.clone(), &g, reqs[i].constraint.clone());
                     let mut resp = self.response(&reqs[i], ids.len(), g, t0);
                     resp.usage.seconds /= n;
                     (resp, seg)
