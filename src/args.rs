@@ -103,6 +103,10 @@ pub(crate) struct AssistantArgs {
     /// `train` and `iterate` reward the ranking these flags set (with `--hybrid-rank`).
     #[arg(long, value_enum, default_value_t = RankRequest::None)]
     pub(crate) rank_request: RankRequest,
+    /// With `--rank-request fuse`: the profile ranking's weight in the fusion (the request's is
+    /// 1). Below 1 the request leads and the profile reorders what it ranks alike.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) profile_weight: f32,
     /// Tool calls the controller opens in guided mode.
     #[arg(long, default_value_t = 1)]
     pub(crate) guided_calls: usize,
@@ -139,6 +143,15 @@ pub(crate) struct LlmContext {
 
 impl AssistantArgs {
     pub(crate) fn config(&self) -> Result<mrrec_agent::assistant::AssistantConfig> {
+        anyhow::ensure!(
+            self.profile_weight.is_finite() && self.profile_weight >= 0.0,
+            "--profile-weight must be a number ≥ 0, not {}",
+            self.profile_weight
+        );
+        anyhow::ensure!(
+            self.profile_weight == 1.0 || self.rank_request == RankRequest::Fuse,
+            "--profile-weight weighs the profile in the fusion: pass --rank-request fuse"
+        );
         let mode = match self.mode {
             LoopMode::Auto if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
             LoopMode::Auto | LoopMode::Guided => mrrec_agent::assistant::Mode::Guided,
@@ -152,6 +165,7 @@ impl AssistantArgs {
                 RankRequest::Fuse => mrrec_agent::assistant::RequestInRanking::Fuse,
                 RankRequest::Join => mrrec_agent::assistant::RequestInRanking::Join,
             },
+            profile_weight: self.profile_weight,
             guided_calls: self.guided_calls,
             min_memory_score: self.min_memory_score,
             min_profile_similarity: self.min_profile_similarity,
@@ -162,6 +176,8 @@ impl AssistantArgs {
     }
 
     pub(crate) fn context(&self, ws: &Workspace) -> Result<LlmContext> {
+        // Flags first: a wrong one is reported before the store and the model are opened.
+        let cfg = self.config()?;
         Ok(LlmContext {
             tenant: TENANT.to_string(),
             store: open_store(ws, self.store.clone())?,
@@ -171,7 +187,7 @@ impl AssistantArgs {
                 server_options()?,
                 self.adapter.as_deref(),
             )?,
-            cfg: self.config()?,
+            cfg,
             batch: self.llm.batch.max(1),
         })
     }

@@ -481,6 +481,29 @@ fn rewards_rank_the_target_as_the_answer_was_ranked() {
             "request+profile/hybrid"
         ]
     );
+    // A fused profile weighing 0 serves the request's own ranking (the profile's items that the
+    // request does not rank follow), names its weight, and is rewarded where it was shown.
+    let m = Scripted::new(&[boxed.as_str()]);
+    let cfg = AssistantConfig {
+        rank_request: RequestInRanking::Fuse,
+        profile_weight: 0.0,
+        ..free()
+    };
+    let a = scripted(ws.shop(), &st, &m, cfg);
+    let ans = a.answer("alice", request, None, 5).unwrap();
+    assert_eq!(a.ranking().name(), "profile*0+request/dense");
+    let alone: Vec<u32> = ws
+        .shop()
+        .search_dense(request, 5)
+        .unwrap()
+        .iter()
+        .map(|h| h.item)
+        .collect();
+    assert_eq!(ans.items.iter().map(|x| x.0).collect::<Vec<_>>(), alone);
+    for (pos, &(item, _)) in ans.items.iter().enumerate() {
+        let r = reward_of(&a.ranking(), &w, &ans.trace, item).unwrap();
+        assert_eq!(r.target_rank, Some(pos + 1));
+    }
     // A fallback (no profile) earns nothing, however the answer was ranked.
     let m = Scripted::new(&["I am not sure.", "Still no box here {"]);
     let cfg = AssistantConfig {

@@ -179,6 +179,33 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
             && stderr.contains("possible values: bm25, dense, hybrid"),
         "{stderr}"
     );
+    // The profile's weight is a weight in the fusion: refused without it, and refused negative,
+    // before any model is opened.
+    for (flags, says) in [
+        (&["--profile-weight", "0.5"][..], "pass --rank-request fuse"),
+        (
+            &["--rank-request", "fuse", "--profile-weight=-1"][..],
+            "--profile-weight must be a number ≥ 0, not -1",
+        ),
+    ] {
+        let mut args = vec![
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--max-items",
+            "200",
+            "--method",
+            "mrrec",
+            "--model",
+            "no-such-model",
+            "--out",
+            out.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        let (ok, _, stderr) = mrrec(&args);
+        assert!(!ok);
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }
 
 #[test]

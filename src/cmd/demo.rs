@@ -164,6 +164,7 @@ impl DemoAssistant<'_> {
             store: None,
             hybrid_rank: false,
             rank_request: RankRequest::None,
+            profile_weight: 1.0,
             guided_calls: 1,
             min_memory_score: mrrec_agent::assistant::DEFAULT_MIN_MEMORY_SCORE,
             min_profile_similarity: mrrec_agent::assistant::DEFAULT_MIN_PROFILE_SIMILARITY,

@@ -67,10 +67,19 @@ impl HybridIndex {
 /// lists it appears in; the best `k`, ties by item id. Used by [`HybridIndex`] and by anything
 /// that fuses rankings of different texts (the assistant's profile with its request).
 pub fn rrf(parts: &[Vec<Hit>], c: f32, k: usize) -> Vec<Hit> {
+    fuse(parts.iter().map(|p| (p.as_slice(), 1.0)), c, k)
+}
+
+/// [`rrf`] with a weight per list: an item scores Σ w / (c + its 1-based rank).
+pub fn weighted_rrf(parts: &[(Vec<Hit>, f32)], c: f32, k: usize) -> Vec<Hit> {
+    fuse(parts.iter().map(|(p, w)| (p.as_slice(), *w)), c, k)
+}
+
+fn fuse<'a>(parts: impl Iterator<Item = (&'a [Hit], f32)>, c: f32, k: usize) -> Vec<Hit> {
     let mut fused: HashMap<u32, f32> = HashMap::new();
-    for part in parts {
+    for (part, w) in parts {
         for (rank, h) in part.iter().enumerate() {
-            *fused.entry(h.item).or_insert(0.0) += 1.0 / (c + rank as f32 + 1.0);
+            *fused.entry(h.item).or_insert(0.0) += w / (c + rank as f32 + 1.0);
         }
     }
     let mut hits: Vec<Hit> = fused
@@ -133,5 +142,29 @@ mod tests {
         assert_eq!(fused[1].score, fused[2].score);
         assert_eq!(rrf(&[list(&[5, 7, 9]), list(&[3, 7])], 60.0, 2).len(), 2);
         assert!(rrf(&[], 60.0, 5).is_empty());
+    }
+
+    #[test]
+    fn weighted_rrf_lets_the_heavier_list_lead_and_weight_one_is_rrf() {
+        let (a, b) = (list(&[5, 7, 9]), list(&[3, 7, 9]));
+        let ids = |h: Vec<Hit>| h.into_iter().map(|h| h.item).collect::<Vec<_>>();
+        assert_eq!(
+            weighted_rrf(&[(a.clone(), 1.0), (b.clone(), 1.0)], 60.0, 10),
+            rrf(&[a.clone(), b.clone()], 60.0, 10)
+        );
+        // b weighs four times a: b's first item leads a's, shared items keep the top.
+        assert_eq!(
+            ids(weighted_rrf(
+                &[(a.clone(), 0.25), (b.clone(), 1.0)],
+                60.0,
+                10
+            )),
+            vec![7, 9, 3, 5]
+        );
+        // Weight 0 is b alone (a's items that b lacks score 0 and follow, by id).
+        assert_eq!(
+            ids(weighted_rrf(&[(a, 0.0), (b, 1.0)], 60.0, 3)),
+            vec![3, 7, 9]
+        );
     }
 }

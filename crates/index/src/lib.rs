@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub use bm25::Bm25Index;
 pub use exact::ExactIndex;
 pub use hnsw::{HnswIndex, HnswParams};
-pub use hybrid::{rrf, HybridIndex, HybridParams};
+pub use hybrid::{rrf, weighted_rrf, HybridIndex, HybridParams};
 pub use simd::{dot, read_bandwidth};
 
 /// Errors of the index layer.

@@ -110,6 +110,11 @@ pub struct AssistantConfig {
     /// the default, so runs recorded before it existed keep their identity.
     #[serde(default, skip_serializing_if = "RequestInRanking::is_profile_alone")]
     pub rank_request: RequestInRanking,
+    /// With [`RequestInRanking::Fuse`], the profile's weight in the reciprocal-rank fusion (the
+    /// request's is 1): 1 counts both rankings alike, below 1 lets the request lead and the
+    /// profile reorder near-ties. Not written when 1, so earlier runs keep their identity.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub profile_weight: f32,
     /// The tool drops entries less similar than this to the call's text (0 keeps the paper's
     /// plain top-k).
     #[serde(default)]
@@ -174,6 +179,14 @@ pub const DEFAULT_MIN_PROFILE_SIMILARITY: f32 = 0.5;
 /// N@100 by .068 on 62 val queries); an aspect needs two queries behind it to be shown.
 pub const DEFAULT_GLOBAL_MIN_SUPPORT: usize = 2;
 
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(w: &f32) -> bool {
+    *w == 1.0
+}
+
 fn default_global_min_support() -> usize {
     DEFAULT_GLOBAL_MIN_SUPPORT
 }
@@ -193,6 +206,7 @@ impl Default for AssistantConfig {
             answer_tokens: 120,
             hybrid: false,
             rank_request: RequestInRanking::None,
+            profile_weight: 1.0,
             min_memory_score: DEFAULT_MIN_MEMORY_SCORE,
             min_profile_similarity: DEFAULT_MIN_PROFILE_SIMILARITY,
         }
@@ -698,6 +712,7 @@ pub struct Ranking<'a> {
     shop: crate::Shop<'a>,
     hybrid: bool,
     request: RequestInRanking,
+    profile_weight: f32,
 }
 
 impl<'a> Ranking<'a> {
@@ -708,17 +723,22 @@ impl<'a> Ranking<'a> {
             shop,
             hybrid: cfg.hybrid,
             request: cfg.rank_request,
+            profile_weight: cfg.profile_weight,
         }
     }
 
     /// Its name, as trajectory records store it: `profile/dense` (the paper's), or which texts
     /// are ranked (`profile`, `profile+request` fused, `request+profile` joined) and by which
-    /// index (`dense`, `hybrid`).
+    /// index (`dense`, `hybrid`); a fusion whose profile weight is not 1 names it
+    /// (`profile*0.5+request`).
     pub fn name(&self) -> String {
         let texts = match self.request {
-            RequestInRanking::None => "profile",
-            RequestInRanking::Fuse => "profile+request",
-            RequestInRanking::Join => "request+profile",
+            RequestInRanking::None => "profile".to_string(),
+            RequestInRanking::Fuse if self.profile_weight != 1.0 => {
+                format!("profile*{}+request", self.profile_weight)
+            }
+            RequestInRanking::Fuse => "profile+request".to_string(),
+            RequestInRanking::Join => "request+profile".to_string(),
         };
         format!("{texts}/{}", if self.hybrid { "hybrid" } else { "dense" })
     }
@@ -738,10 +758,10 @@ impl<'a> Ranking<'a> {
             RequestInRanking::Fuse if text != request => {
                 let depth = HybridParams::default().depth.max(k);
                 let parts = [
-                    self.search(text, depth, trace)?,
-                    self.search(request, depth, trace)?,
+                    (self.search(text, depth, trace)?, self.profile_weight),
+                    (self.search(request, depth, trace)?, 1.0),
                 ];
-                mrrec_index::rrf(&parts, HybridParams::default().c, k)
+                mrrec_index::weighted_rrf(&parts, HybridParams::default().c, k)
             }
             RequestInRanking::Join if text != request => {
                 self.search(&format!("{request} {text}"), k, trace)?
