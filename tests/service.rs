@@ -461,6 +461,17 @@ async fn memory_over_http_adds_once_shows_and_forgets() {
             "request+profile/hybrid",
         ),
         (json!({"hybrid": true}), 200, "profile/hybrid"),
+        (
+            json!({"rank_request": "fuse", "request": "a gift", "profile_weight": 0.5}),
+            200,
+            "profile*0.5+request/dense",
+        ),
+        (json!({"profile_weight": 0.5}), 400, ""),
+        (
+            json!({"rank_request": "fuse", "request": "a gift", "profile_weight": -1}),
+            400,
+            "",
+        ),
         (json!({"rank_request": "fuse"}), 400, ""),
         (
             json!({"rank_request": "sideways", "request": "a gift"}),

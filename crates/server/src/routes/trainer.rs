@@ -103,6 +103,9 @@ pub(crate) struct RewardBody {
     pub(crate) rank_request: mrrec_agent::assistant::RequestInRanking,
     #[serde(default)]
     pub(crate) hybrid: bool,
+    /// With `rank_request: fuse`, the profile ranking's weight in the fusion (`--profile-weight`).
+    #[serde(default)]
+    pub(crate) profile_weight: Option<f32>,
 }
 
 /// A reward request, read: the target id, the profile (None when none parses), successful
@@ -153,6 +156,20 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
     };
     let weights = b.weights.unwrap_or_default();
     weights.check().map_err(ApiError::bad)?;
+    let profile_weight = match b.profile_weight {
+        None => 1.0,
+        Some(w) if !(w.is_finite() && w >= 0.0) => {
+            return Err(ApiError::bad(
+                "`profile_weight` must be a number ≥ 0 (the request's weight is 1)",
+            ))
+        }
+        Some(w) if w != 1.0 && b.rank_request != mrrec_agent::assistant::RequestInRanking::Fuse => {
+            return Err(ApiError::bad(
+                "`profile_weight` weighs the profile beside the request: give `rank_request: fuse`",
+            ))
+        }
+        Some(w) => w,
+    };
     let request = match (b.rank_request.is_profile_alone(), b.request) {
         (_, Some(r)) if r.len() > cfg.max_text_chars => {
             return Err(ApiError::bad("`request` is too long"))
@@ -173,6 +190,7 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
         ranking: mrrec_agent::assistant::AssistantConfig {
             hybrid: b.hybrid,
             rank_request: b.rank_request,
+            profile_weight,
             ..Default::default()
         },
         request,
