@@ -809,6 +809,7 @@ fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
     let rounds = lines(&out.join("rounds.jsonl"));
     assert_eq!(rounds.len(), 2);
     assert_eq!(rounds[0]["kept"], 1, "{}", rounds[0]);
+    assert_eq!(rounds[0]["anchors"], 0, "{}", rounds[0]);
     let adapter1 = out.join("round-1").join("run").join("adapter.safetensors");
     assert_eq!(rounds[0]["adapter"], adapter1.to_str().unwrap());
     // Round 1 sampled nothing again (the file's group was complete); round 2 sampled with round
@@ -834,6 +835,7 @@ fn expert_iteration_samples_with_each_rounds_adapter_and_resumes() {
 
 /// `iterate --sample answer`: each round's rollouts sample only the profile (the record says
 /// its greedy calls); it cannot go with `--sft-as-free`, whose later rounds sample the free loop.
+/// A round none of whose samples beats the greedy answer keeps its adapter, anchors or not.
 #[test]
 fn expert_iteration_can_sample_only_the_answer() {
     let dir = tempfile::tempdir().unwrap();
@@ -848,6 +850,7 @@ fn expert_iteration_can_sample_only_the_answer() {
     );
     assert!(!ok && stderr.contains("drop one of them"), "{stderr}");
     rest[1] = "1".as_ref();
+    rest.push("--sft-anchor".as_ref());
     let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
     assert!(ok, "{stderr}");
     let sampled = lines(&out.join("round-1").join("rollouts.jsonl"));
@@ -855,6 +858,27 @@ fn expert_iteration_can_sample_only_the_answer() {
     assert!(
         sampled.iter().all(|v| v["greedy_calls"] == 2),
         "{sampled:?}"
+    );
+    // Neither sample beat the greedy answer: with --sft-anchor the round still learns nothing
+    // (its anchor would only teach what the model already answers) and the adapter stays.
+    let rounds = lines(&out.join("rounds.jsonl"));
+    assert_eq!(
+        (
+            &rounds[0]["kept"],
+            &rounds[0]["steps"],
+            &rounds[0]["adapter"]
+        ),
+        (
+            &0.into(),
+            &serde_json::Value::Null,
+            &serde_json::Value::Null
+        ),
+        "{}",
+        rounds[0]
+    );
+    assert!(
+        stderr.contains("no sample beat the greedy answer"),
+        "{stderr}"
     );
 }
 

@@ -124,16 +124,17 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
     Ok(())
 }
 
-/// Trains (or resumes) a run; returns its final state and, fine-tuning, how many trajectories
-/// were kept. `Ok(None)` when fine-tuning selected nothing and `allow_nothing` (an
-/// expert-iteration round whose samples never beat the greedy answer), an error otherwise.
+/// Trains (or resumes) a run; returns its final state and, fine-tuning, how many samples were
+/// kept and how many greedy answers anchored (`--sft-anchor`). `Ok(None)` when fine-tuning kept
+/// no sample and `allow_nothing` (an expert-iteration round whose samples never beat the greedy
+/// answer, anchors or not), an error when there is nothing at all to learn.
 fn train_cmd(
     data: DataArgs,
     assistant: AssistantArgs,
     args: TrainArgs,
     tenant: &str,
     allow_nothing: bool,
-) -> Result<Option<(mrrec_train::trainer::TrainState, usize)>> {
+) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
     use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
@@ -237,7 +238,11 @@ fn train_cmd(
         )?),
         None => None,
     };
-    let kept = sft.as_ref().map_or(0, |s| s.examples.len());
+    // Chosen samples and anchors (the greedy answers taught where no sample beat them).
+    let count = |k: &str| sft.as_ref().and_then(|s| s.source[k].as_u64()).unwrap_or(0) as usize;
+    let (kept, anchors) = (count("kept"), count("anchors"));
+    // A round whose samples never beat the greedy answers has nothing to learn: anchors alone
+    // would only teach the model what it already answers.
     if allow_nothing && sft.is_some() && kept == 0 {
         return Ok(None);
     }
@@ -283,7 +288,7 @@ fn train_cmd(
         if st.stopped { " (stopped early)" } else { "" },
         args.out.display()
     );
-    Ok(Some((st, kept)))
+    Ok(Some((st, kept, anchors)))
 }
 
 /// `--reward-weights` (three numbers, R_format,R_rec,R_mem) and `--rec-cutoffs` (two).
@@ -680,20 +685,21 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             learner.mode = LoopMode::Free;
         }
         let trained = train_cmd(a.data.clone(), learner, train, &a.tenant.tenant, true)?;
-        let (steps, kept) = match trained {
-            Some((state, kept)) => {
+        let (steps, kept, anchors) = match trained {
+            Some((state, kept, anchors)) => {
                 adapter = Some(run.join("adapter.safetensors"));
-                (Some(state.step), kept)
+                (Some(state.step), kept, anchors)
             }
             None => {
                 eprintln!("round {round}: no sample beat the greedy answer; the adapter stays");
-                (None, 0)
+                (None, 0, 0)
             }
         };
         let line = serde_json::json!({
             "round": round,
             "sampled": sampled["file_total"],
             "kept": kept,
+            "anchors": anchors,
             "steps": steps,
             "adapter": adapter,
             "seconds": t0.elapsed().as_secs_f64(),
@@ -709,7 +715,7 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             f.sync_all()?;
         }
         eprintln!(
-            "round {round}/{}: mean sampled reward {:.3}, {kept} kept, {:.0} s",
+            "round {round}/{}: mean sampled reward {:.3}, {kept} kept, {anchors} anchors, {:.0} s",
             a.rounds,
             sampled["file_total"]["mean_reward"]
                 .as_f64()
