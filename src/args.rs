@@ -143,15 +143,6 @@ pub(crate) struct LlmContext {
 
 impl AssistantArgs {
     pub(crate) fn config(&self) -> Result<mrrec_agent::assistant::AssistantConfig> {
-        anyhow::ensure!(
-            self.profile_weight.is_finite() && self.profile_weight >= 0.0,
-            "--profile-weight must be a number ≥ 0, not {}",
-            self.profile_weight
-        );
-        anyhow::ensure!(
-            self.profile_weight == 1.0 || self.rank_request == RankRequest::Fuse,
-            "--profile-weight weighs the profile in the fusion: pass --rank-request fuse"
-        );
         let mode = match self.mode {
             LoopMode::Auto if self.llm.llm_url.is_some() => mrrec_agent::assistant::Mode::Free,
             LoopMode::Auto | LoopMode::Guided => mrrec_agent::assistant::Mode::Guided,
@@ -172,6 +163,11 @@ impl AssistantArgs {
             use_global: !self.no_global,
             global_min_support: self.global_min_support,
             ..Default::default()
+        })
+        .and_then(|c| {
+            c.check_ranking()
+                .map_err(|e| anyhow::anyhow!("--profile-weight: {e}"))?;
+            Ok(c)
         })
     }
 

@@ -182,10 +182,13 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
     // The profile's weight is a weight in the fusion: refused without it, and refused negative,
     // before any model is opened.
     for (flags, says) in [
-        (&["--profile-weight", "0.5"][..], "pass --rank-request fuse"),
+        (
+            &["--profile-weight", "0.5"][..],
+            "--profile-weight: the profile weight weighs the profile beside the request",
+        ),
         (
             &["--rank-request", "fuse", "--profile-weight=-1"][..],
-            "--profile-weight must be a number ≥ 0, not -1",
+            "--profile-weight: the profile weight must be a number ≥ 0 (the request's is 1), not -1",
         ),
     ] {
         let mut args = vec![

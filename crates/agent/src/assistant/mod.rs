@@ -191,6 +191,27 @@ fn default_global_min_support() -> usize {
     DEFAULT_GLOBAL_MIN_SUPPORT
 }
 
+impl AssistantConfig {
+    /// Checks the ranking's settings: the profile weight is a number ≥ 0 and, when not 1, weighs
+    /// a fusion ([`RequestInRanking::Fuse`]). The message names the setting as `profile weight`;
+    /// callers say which flag or field carries it.
+    pub fn check_ranking(&self) -> std::result::Result<(), String> {
+        let w = self.profile_weight;
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(format!(
+                "the profile weight must be a number ≥ 0 (the request's is 1), not {w}"
+            ));
+        }
+        if w != 1.0 && self.rank_request != RequestInRanking::Fuse {
+            return Err(
+                "the profile weight weighs the profile beside the request: rank the request fused (fuse)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for AssistantConfig {
     fn default() -> Self {
         AssistantConfig {

@@ -156,20 +156,6 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
     };
     let weights = b.weights.unwrap_or_default();
     weights.check().map_err(ApiError::bad)?;
-    let profile_weight = match b.profile_weight {
-        None => 1.0,
-        Some(w) if !(w.is_finite() && w >= 0.0) => {
-            return Err(ApiError::bad(
-                "`profile_weight` must be a number ≥ 0 (the request's weight is 1)",
-            ))
-        }
-        Some(w) if w != 1.0 && b.rank_request != mrrec_agent::assistant::RequestInRanking::Fuse => {
-            return Err(ApiError::bad(
-                "`profile_weight` weighs the profile beside the request: give `rank_request: fuse`",
-            ))
-        }
-        Some(w) => w,
-    };
     let request = match (b.rank_request.is_profile_alone(), b.request) {
         (_, Some(r)) if r.len() > cfg.max_text_chars => {
             return Err(ApiError::bad("`request` is too long"))
@@ -182,17 +168,21 @@ pub fn parse_reward(body: &[u8], cfg: &ServiceConfig) -> Result<RewardRequest, A
             ))
         }
     };
+    let ranking = mrrec_agent::assistant::AssistantConfig {
+        hybrid: b.hybrid,
+        rank_request: b.rank_request,
+        profile_weight: b.profile_weight.unwrap_or(1.0),
+        ..Default::default()
+    };
+    ranking
+        .check_ranking()
+        .map_err(|e| ApiError::bad(format!("`profile_weight`: {e}")))?;
     Ok(RewardRequest {
         target: b.target,
         profile,
         memory_calls_ok: b.memory_calls_ok.unwrap_or(calls),
         weights,
-        ranking: mrrec_agent::assistant::AssistantConfig {
-            hybrid: b.hybrid,
-            rank_request: b.rank_request,
-            profile_weight,
-            ..Default::default()
-        },
+        ranking,
         request,
     })
 }
