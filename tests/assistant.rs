@@ -436,16 +436,26 @@ fn rewards_rank_the_target_as_the_answer_was_ranked() {
         format!("\\boxed{{\"ideal_item_profile\": \"{profile}\", \"useful_memory_ids\": []}}");
     let w = RewardWeights::default();
     let mut names = Vec::new();
+    let dense = |text: &str| -> Vec<u32> {
+        ws.shop()
+            .search_dense(text, 30)
+            .unwrap()
+            .iter()
+            .map(|h| h.item)
+            .collect()
+    };
     for hybrid in [false, true] {
-        for how in [
-            RequestInRanking::None,
-            RequestInRanking::Fuse,
-            RequestInRanking::Join,
+        for (how, profile_weight) in [
+            (RequestInRanking::None, 1.0),
+            (RequestInRanking::Fuse, 1.0),
+            (RequestInRanking::Join, 1.0),
+            (RequestInRanking::Fuse, 0.0),
         ] {
             let m = Scripted::new(&[boxed.as_str()]);
             let cfg = AssistantConfig {
                 rank_request: how,
                 hybrid,
+                profile_weight,
                 ..free()
             };
             let a = scripted(ws.shop(), &st, &m, cfg);
@@ -457,16 +467,14 @@ fn rewards_rank_the_target_as_the_answer_was_ranked() {
                 assert_eq!(r.target_rank, Some(pos + 1), "{how:?} hybrid {hybrid}");
                 assert_eq!(r.profile.as_deref(), Some(profile));
             }
-            // The paper's ranking is the profile alone, dense.
-            if how == RequestInRanking::None && !hybrid {
-                let dense: Vec<u32> = ws
-                    .shop()
-                    .search_dense(profile, 30)
-                    .unwrap()
-                    .iter()
-                    .map(|h| h.item)
-                    .collect();
-                assert_eq!(ans.items.iter().map(|x| x.0).collect::<Vec<_>>(), dense);
+            let served: Vec<u32> = ans.items.iter().map(|x| x.0).collect();
+            // The paper's ranking is the profile alone, dense; a fused profile weighing 0 serves
+            // the request's own ranking.
+            if !hybrid && how == RequestInRanking::None {
+                assert_eq!(served, dense(profile));
+            }
+            if !hybrid && profile_weight == 0.0 {
+                assert_eq!(served, dense(request));
             }
         }
     }
@@ -476,34 +484,13 @@ fn rewards_rank_the_target_as_the_answer_was_ranked() {
             mrrec_agent::assistant::PAPER_RANKING,
             "profile+request/dense",
             "request+profile/dense",
+            "profile*0+request/dense",
             "profile/hybrid",
             "profile+request/hybrid",
-            "request+profile/hybrid"
+            "request+profile/hybrid",
+            "profile*0+request/hybrid"
         ]
     );
-    // A fused profile weighing 0 serves the request's own ranking (the profile's items that the
-    // request does not rank follow), names its weight, and is rewarded where it was shown.
-    let m = Scripted::new(&[boxed.as_str()]);
-    let cfg = AssistantConfig {
-        rank_request: RequestInRanking::Fuse,
-        profile_weight: 0.0,
-        ..free()
-    };
-    let a = scripted(ws.shop(), &st, &m, cfg);
-    let ans = a.answer("alice", request, None, 5).unwrap();
-    assert_eq!(a.ranking().name(), "profile*0+request/dense");
-    let alone: Vec<u32> = ws
-        .shop()
-        .search_dense(request, 5)
-        .unwrap()
-        .iter()
-        .map(|h| h.item)
-        .collect();
-    assert_eq!(ans.items.iter().map(|x| x.0).collect::<Vec<_>>(), alone);
-    for (pos, &(item, _)) in ans.items.iter().enumerate() {
-        let r = reward_of(&a.ranking(), &w, &ans.trace, item).unwrap();
-        assert_eq!(r.target_rank, Some(pos + 1));
-    }
     // A fallback (no profile) earns nothing, however the answer was ranked.
     let m = Scripted::new(&["I am not sure.", "Still no box here {"]);
     let cfg = AssistantConfig {

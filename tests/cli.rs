@@ -144,36 +144,28 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
 fn eval_refuses_aspect_queries_and_unknown_methods() {
     let data = mini();
     let out = tempfile::tempdir().unwrap();
-    let (ok, _, stderr) = mrrec(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--max-items",
-        "200",
-        "--method",
-        "bm25",
-        "--split",
-        "aspect",
-        "--out",
-        out.path().to_str().unwrap(),
-    ]);
-    assert!(!ok);
+    // `eval` on the mini data with `extra`: it must fail; its stderr.
+    let refused = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--max-items",
+            "200",
+            "--out",
+            out.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = mrrec(&args);
+        assert!(!ok, "{extra:?}: {stderr}");
+        stderr
+    };
+    let stderr = refused(&["--method", "bm25", "--split", "aspect"]);
     assert!(
         stderr.contains("`aspect` queries cannot be evaluated"),
         "{stderr}"
     );
-    let (ok, _, stderr) = mrrec(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--max-items",
-        "200",
-        "--method",
-        "magic",
-        "--out",
-        out.path().to_str().unwrap(),
-    ]);
-    assert!(!ok);
+    let stderr = refused(&["--method", "magic"]);
     assert!(
         stderr.contains("invalid value 'magic' for '--method <METHOD>'")
             && stderr.contains("possible values: bm25, dense, hybrid"),
@@ -181,6 +173,7 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
     );
     // The profile's weight is a weight in the fusion: refused without it, and refused negative,
     // before any model is opened.
+    let mrrec_method = ["--method", "mrrec", "--model", "no-such-model"];
     for (flags, says) in [
         (
             &["--profile-weight", "0.5"][..],
@@ -191,22 +184,7 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
             "--profile-weight: the profile weight must be a number ≥ 0 (the request's is 1), not -1",
         ),
     ] {
-        let mut args = vec![
-            "eval",
-            "--data",
-            data.to_str().unwrap(),
-            "--max-items",
-            "200",
-            "--method",
-            "mrrec",
-            "--model",
-            "no-such-model",
-            "--out",
-            out.path().to_str().unwrap(),
-        ];
-        args.extend_from_slice(flags);
-        let (ok, _, stderr) = mrrec(&args);
-        assert!(!ok);
+        let stderr = refused(&[&mrrec_method[..], flags].concat());
         assert!(stderr.contains(says), "{stderr}");
     }
 }
