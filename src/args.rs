@@ -77,9 +77,65 @@ pub(crate) struct EvalArgs {
     #[arg(long)]
     pub(crate) out: PathBuf,
     #[command(flatten)]
+    pub(crate) history: HistoryArgs,
+    #[command(flatten)]
     pub(crate) assistant: AssistantArgs,
     #[command(flatten)]
     pub(crate) tenant: TenantArg,
+}
+
+/// `--history-recent`: a number of items, or `all`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Recent {
+    All,
+    Last(usize),
+}
+
+fn parse_recent(s: &str) -> Result<Recent, String> {
+    if s == "all" {
+        return Ok(Recent::All);
+    }
+    s.parse()
+        .map(Recent::Last)
+        .map_err(|_| format!("expected a number of items or `all`, got {s:?}"))
+}
+
+/// How `--method hybrid-history` weighs the user's past items.
+#[derive(Args, Clone)]
+pub(crate) struct HistoryArgs {
+    /// `hybrid-history`: the weight of the ranking by the user's past items (the mean of their
+    /// texts' embeddings) in the fusion with the request's hybrid ranking, whose weight is 1
+    /// [default: 0.1].
+    #[arg(long)]
+    pub(crate) history_weight: Option<f32>,
+    /// `hybrid-history`: only the user's last this many items before the request [default: 5;
+    /// `--history-recent all` for every item].
+    #[arg(long, value_parser = parse_recent)]
+    pub(crate) history_recent: Option<Recent>,
+}
+
+impl HistoryArgs {
+    /// The checked parameters for `method` (the flags are refused with any other method).
+    pub(crate) fn params(&self, method: &str) -> anyhow::Result<mrrec_agent::shop::HistoryParams> {
+        let given = self.history_weight.is_some() || self.history_recent.is_some();
+        if given && method != "hybrid-history" {
+            anyhow::bail!(
+                "--history-weight and --history-recent set how `--method hybrid-history` weighs a user's past items; method {method} does not read them"
+            );
+        }
+        let default = mrrec_agent::shop::HistoryParams::default();
+        let p = mrrec_agent::shop::HistoryParams {
+            weight: self.history_weight.unwrap_or(default.weight),
+            recent: match self.history_recent {
+                None => default.recent,
+                Some(Recent::All) => None,
+                Some(Recent::Last(n)) => Some(n),
+            },
+        };
+        p.check()
+            .map_err(|(field, why)| anyhow::anyhow!("--history-{field}: {why}"))?;
+        Ok(p)
+    }
 }
 
 #[derive(Args, Clone)]

@@ -426,6 +426,135 @@ fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
 }
 
 #[test]
+fn the_history_ranking_fuses_the_users_items_before_the_request() {
+    use mrrec_agent::shop::HistoryParams;
+    use mrrec_eval::Method;
+    let mut ws = fakes();
+    let review = |i: usize, timestamp: i64| mrrec_data::Review {
+        user_id: "bob".into(),
+        parent_asin: format!("B{i:09}"),
+        rating: 5.0,
+        title: String::new(),
+        text: String::new(),
+        timestamp,
+        verified_purchase: None,
+    };
+    // Bob bought two kites (5, 11) before the request's time and a puzzle (3) after it.
+    ws.histories = Histories::from_reviews([review(5, 100), review(11, 200), review(3, 900)]);
+    let shop = ws.shop();
+    let unit = |ids: &[usize]| {
+        let texts: Vec<&str> = ids
+            .iter()
+            .map(|&i| ws.catalogue.items()[i].text.as_str())
+            .collect();
+        let vs = Words.embed(&texts).unwrap();
+        let mut m = vec![0f32; 64];
+        for v in &vs {
+            m.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+        }
+        let n = m.iter().map(|x| x * x).sum::<f32>().sqrt();
+        m.iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+    // The taste vector reads only the items before the request, the last `recent` of them.
+    let h = shop
+        .history_vector("bob", Some(500), None)
+        .unwrap()
+        .unwrap();
+    assert!(close(&h, &unit(&[5, 11])));
+    let last = shop
+        .history_vector("bob", Some(500), Some(1))
+        .unwrap()
+        .unwrap();
+    assert!(close(&last, &unit(&[11])));
+    assert!(close(
+        &shop.history_vector("bob", None, None).unwrap().unwrap(),
+        &unit(&[5, 11, 3])
+    ));
+    assert!(shop
+        .history_vector("bob", Some(50), None)
+        .unwrap()
+        .is_none());
+    assert!(shop.history_vector("nobody", None, None).unwrap().is_none());
+    // The ranking: the request's hybrid ranking fused with the history's dense one.
+    let request = "a toy for children";
+    let query = |user: &str| mrrec_data::Query {
+        qid: "q".into(),
+        user_id: user.into(),
+        query: request.into(),
+        simple_query: Some(request.into()),
+        category: None,
+        timestamp: Some(500),
+        split: None,
+    };
+    let ids = |hits: Vec<mrrec_index::Hit>| hits.into_iter().map(|h| h.item).collect::<Vec<_>>();
+    let v = Words.embed(&[request]).unwrap().remove(0);
+    let sq = mrrec_index::SearchQuery {
+        text: request,
+        vector: Some(&v),
+    };
+    let alone = ids(shop.hybrid().search(&sq, 10).unwrap());
+    let weighted = |weight, recent| HistoryParams { weight, recent };
+    let with = |user: &str, p| {
+        ids(shop
+            .rank_with_history(&query(user), request, p, 10)
+            .unwrap())
+    };
+    let expected = ids(mrrec_index::weighted_rrf(
+        &[
+            (shop.hybrid().search(&sq, 1000).unwrap(), 1.0),
+            (
+                ws.dense
+                    .search(&mrrec_index::SearchQuery::vector(&h), 1000)
+                    .unwrap(),
+                2.0,
+            ),
+        ],
+        60.0,
+        10,
+    ));
+    let fused = with("bob", weighted(2.0, None));
+    assert_eq!(fused, expected);
+    assert_ne!(fused, alone);
+    // The past kites pull kites up.
+    let kites = |r: &[u32]| {
+        r.iter()
+            .filter(|&&i| ws.catalogue.items()[i as usize].title.starts_with("kite"))
+            .count()
+    };
+    assert!(kites(&fused) > kites(&alone), "{fused:?} vs {alone:?}");
+    // Weight 0, no history before the request, or an unknown user: the request's ranking.
+    assert_eq!(with("bob", weighted(0.0, None)), alone);
+    assert_eq!(with("nobody", weighted(2.0, None)), alone);
+    let early = mrrec_data::Query {
+        timestamp: Some(50),
+        ..query("bob")
+    };
+    assert_eq!(
+        ids(shop
+            .rank_with_history(&early, request, weighted(2.0, None), 10)
+            .unwrap()),
+        alone
+    );
+    // As an eval method: the same ranking, its settings recorded.
+    let m = mrrec_agent::methods::HistoryMethod {
+        shop,
+        params: weighted(2.0, Some(1)),
+    };
+    let q = query("bob");
+    let out = m
+        .answer(&[&q], mrrec_data::QueryField::SimpleQuery, 10)
+        .unwrap();
+    assert_eq!(out[0].ranking, with("bob", weighted(2.0, Some(1))));
+    assert_eq!(m.settings()["history"]["recent"], 1);
+    // Parameters a caller cannot mean are refused, naming the field.
+    assert_eq!(weighted(-1.0, None).check().unwrap_err().0, "weight");
+    assert_eq!(weighted(f32::NAN, None).check().unwrap_err().0, "weight");
+    assert_eq!(weighted(1.0, Some(0)).check().unwrap_err().0, "recent");
+    assert!(HistoryParams::default().check().is_ok());
+}
+
+#[test]
 fn rewards_rank_the_target_as_the_answer_was_ranked() {
     use mrrec_agent::rewards::{reward_of, RewardWeights};
     let ws = fakes();

@@ -62,7 +62,7 @@ fn demo_on_a_slice_prints_the_table_for_every_baseline_and_field() {
         );
     }
     assert_eq!(stdout.matches("A = mrrec@guided").count(), 3, "{stdout}");
-    for m in ["bm25", "dense", "hybrid"] {
+    for m in ["bm25", "dense", "hybrid", "hybrid-history"] {
         for f in ["simple_query", "query"] {
             let row = format!("{m} ({f})");
             let n100 = parse_cell(&stdout, &row, 3);
@@ -185,6 +185,28 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
         ),
     ] {
         let stderr = refused(&[&mrrec_method[..], flags].concat());
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    // The history's weight and depth: checked, and only with the method that reads them.
+    for (flags, says) in [
+        (
+            &["--method", "hybrid-history", "--history-weight=-1"][..],
+            "--history-weight: must be finite and >= 0, got -1",
+        ),
+        (
+            &["--method", "hybrid-history", "--history-recent", "0"][..],
+            "--history-recent: must be at least 1",
+        ),
+        (
+            &["--method", "hybrid-history", "--history-recent", "most"][..],
+            "expected a number of items or `all`, got \"most\"",
+        ),
+        (
+            &["--method", "hybrid", "--history-weight", "0.5"][..],
+            "method hybrid does not read them",
+        ),
+    ] {
+        let stderr = refused(flags);
         assert!(stderr.contains(says), "{stderr}");
     }
 }

@@ -151,7 +151,7 @@ pub(crate) fn search(a: SearchArgs) -> Result<()> {
         k,
     } = a;
     let ws = data.open()?;
-    let m = method_for(&ws, &method, None)?;
+    let m = method_for(&ws, &method, None, Default::default())?;
     let q = mrrec_data::Query {
         qid: "cli".into(),
         user_id: String::new(),

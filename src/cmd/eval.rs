@@ -14,6 +14,7 @@ pub(crate) fn method_for<'a>(
     ws: &'a Workspace,
     name: &str,
     ctx: Option<&'a LlmContext>,
+    history: mrrec_agent::shop::HistoryParams,
 ) -> Result<Box<dyn Method + 'a>> {
     if let Some(ctx) = ctx {
         if let Some((kind, cfg)) = mrrec_agent::methods::llm_method(name, &ctx.cfg) {
@@ -44,6 +45,10 @@ pub(crate) fn method_for<'a>(
             name: "hybrid".into(),
             embedder: ws.embedder.clone(),
             index: Arc::new(ws.hybrid()),
+        }),
+        "hybrid-history" => Box::new(mrrec_agent::methods::HistoryMethod {
+            shop: ws.shop(),
+            params: history,
         }),
         other => bail!(
             "unknown method {other:?}; available: {}, {}",
@@ -103,6 +108,8 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) limit: Option<usize>,
     pub(crate) seed: u64,
     pub(crate) out: &'a Path,
+    /// How `hybrid-history` weighs the user's past items.
+    pub(crate) history: mrrec_agent::shop::HistoryParams,
 }
 
 pub(crate) fn eval_one(
@@ -117,8 +124,9 @@ pub(crate) fn eval_one(
         limit,
         seed,
         out,
+        history,
     } = job;
-    let m = method_for(ws, method, ctx)?;
+    let m = method_for(ws, method, ctx, history)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
     // in batches of `--batch` (default 16) queries answered together (their model calls decode
     // as one batch); a killed run loses at most one batch's outcomes, and their model answers
@@ -276,6 +284,7 @@ pub(crate) fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 }
 
 pub(crate) fn run(a: EvalArgs) -> Result<()> {
+    let history = a.history.params(&a.method)?;
     let ws = a.data.open()?;
     let field: QueryField = a.query_field.into();
     let splits = splits(&a.split);
@@ -296,6 +305,7 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
             limit: a.limit,
             seed: a.seed,
             out: &a.out,
+            history,
         },
     )?;
     print!(

@@ -1,5 +1,6 @@
-//! Query-only retrieval methods for `mrrec eval`: `bm25`, `dense`, `hybrid`. LLM and memory
-//! methods register beside them as later layers land.
+//! The methods of `mrrec eval`: the query-only retrieval baselines `bm25`, `dense`, `hybrid`;
+//! `hybrid-history`, the request's hybrid ranking fused with the user's past items (memory without
+//! an LLM); and the LLM methods — the baselines and MR.Rec with its ablations.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use rayon::prelude::*;
 
 /// Names `mrrec eval --method` accepts.
 pub fn method_names() -> &'static [&'static str] {
-    &["bm25", "dense", "hybrid"]
+    &["bm25", "dense", "hybrid", "hybrid-history"]
 }
 
 /// An agent error as a method error: a cancellation stays a cancellation.
@@ -105,6 +106,51 @@ impl Method for DenseMethod {
                         k,
                     )
                     .map_err(MethodError::failed)?;
+                Ok(MethodAnswer {
+                    ranking: hits.iter().map(|h| h.item).collect(),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+}
+
+/// `hybrid-history`: the request's hybrid ranking fused with the dense ranking of the user's past
+/// items ([`crate::Shop::rank_with_history`]). No LLM, no memory store: it tells whether a user's
+/// history says anything about what they ask for that the request does not.
+pub struct HistoryMethod<'a> {
+    /// The catalogue, histories, embedder and indexes.
+    pub shop: crate::Shop<'a>,
+    /// How the history is weighed.
+    pub params: crate::shop::HistoryParams,
+}
+
+impl Method for HistoryMethod<'_> {
+    fn name(&self) -> &str {
+        "hybrid-history"
+    }
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "embedder": self.shop.embedder.model_id(),
+            "index": "hybrid",
+            "history": self.params,
+        })
+    }
+    fn answer(
+        &self,
+        queries: &[&Query],
+        field: QueryField,
+        k: usize,
+    ) -> Result<Vec<MethodAnswer>, MethodError> {
+        let texts = texts(queries, field)?;
+        queries
+            .iter()
+            .zip(&texts)
+            .map(|(q, t)| {
+                let hits = self
+                    .shop
+                    .rank_with_history(q, t, self.params, k)
+                    .map_err(method_error)?;
                 Ok(MethodAnswer {
                     ranking: hits.iter().map(|h| h.item).collect(),
                     ..Default::default()
