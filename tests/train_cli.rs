@@ -225,3 +225,95 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     assert!(llm("mrrec-assistant-1").contains("+lora-"));
     assert!(!llm("llm-rewrite-assistant-1").contains("lora"));
 }
+
+#[test]
+fn grpo_can_sample_and_learn_only_the_guided_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let run = |out: &str, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+            .args([
+                "train",
+                "--model",
+                "smollm2-135m-instruct",
+                "--max-items",
+                "300",
+            ])
+            .arg("--data")
+            .arg(common::mini())
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args([
+                "--group",
+                "4",
+                "--queries-per-step",
+                "1",
+                "--train-limit",
+                "1",
+                "--val-every",
+                "0",
+                "--val-queries",
+                "0",
+                "--lora-layers",
+                "2",
+                "--steps",
+                "1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        (o.status.success(), err)
+    };
+    let step = |out: &str| -> serde_json::Value {
+        let log = std::fs::read_to_string(dir.path().join(out).join("log.jsonl")).unwrap();
+        serde_json::from_str(log.lines().next().unwrap()).unwrap()
+    };
+    let config = |out: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(out).join("train.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (ok, err) = run("answer", &["--mode", "guided", "--sample", "answer"]);
+    assert!(ok, "{err}");
+    let (ok, err) = run("all", &["--mode", "guided"]);
+    assert!(ok, "{err}");
+    // Guided with the memory tool: the reasoning and the tool call are decoded greedily and not
+    // learnt, so a trajectory adds its profile call (and a repair, if one was asked) to the loss,
+    // where sampling every call adds at least three.
+    let (answer, all) = (step("answer"), step("all"));
+    for (s, lo, hi) in [(&answer, 1, 2), (&all, 3, 6)] {
+        let learnt = s["groups"].as_u64().unwrap() - s["flat_groups"].as_u64().unwrap();
+        let calls = s["calls"].as_u64().unwrap();
+        assert!(
+            calls >= lo * 4 * learnt && calls <= hi * 4 * learnt,
+            "{calls} calls learnt in {learnt} groups of 4: {s}"
+        );
+    }
+    assert_eq!(config("answer")["train"]["greedy_calls"], 2);
+    assert!(config("all")["train"].get("greedy_calls").is_none());
+    // What the flag cannot mean: a fine-tuning file (it says what it sampled), the free loop.
+    for (extra, says) in [
+        (
+            &[
+                "--mode",
+                "guided",
+                "--sample",
+                "answer",
+                "--sft",
+                "nothing.jsonl",
+            ][..],
+            "fine-tuning learns what its rollouts file sampled",
+        ),
+        (
+            &["--sample", "answer", "--mode", "free"][..],
+            "the free loop's answer is whichever turn ends it",
+        ),
+    ] {
+        let (ok, err) = run("refused", extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+    }
+}

@@ -105,6 +105,11 @@ pub(crate) struct TrainCmd {
     pub(crate) train: TrainArgs,
     #[command(flatten)]
     pub(crate) tenant: TenantArg,
+    /// GRPO: which calls each rollout samples and the loss learns — `answer`: only the guided
+    /// loop's final profile, in the context of the greedy reasoning and memory calls (as
+    /// `mrrec rollouts --sample answer`); `all`: every call.
+    #[arg(long, value_enum, default_value_t = SampleCalls::All)]
+    pub(crate) sample: SampleCalls,
 }
 
 /// `--sft-anchor` learns the greedy answer's own token ids: never with a free form.
@@ -120,7 +125,17 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
         bail!("--sft-as-free and --sft-anchor say how to learn a rollouts file: give it with --sft FILE");
     }
     check_anchor(&a.train)?;
-    train_cmd(a.data, a.assistant, a.train, &a.tenant.tenant, false)?;
+    if a.train.sft.is_some() && a.sample == SampleCalls::Answer {
+        bail!("--sample answer says what GRPO's rollouts sample; fine-tuning learns what its rollouts file sampled (`mrrec rollouts --sample`): drop --sample");
+    }
+    train_cmd(
+        a.data,
+        a.assistant,
+        a.train,
+        a.sample,
+        &a.tenant.tenant,
+        false,
+    )?;
     Ok(())
 }
 
@@ -132,6 +147,7 @@ fn train_cmd(
     data: DataArgs,
     assistant: AssistantArgs,
     args: TrainArgs,
+    sample: SampleCalls,
     tenant: &str,
     allow_nothing: bool,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
@@ -157,8 +173,9 @@ fn train_cmd(
         })
         .collect::<Result<Vec<_>>>()?;
     let weights = reward_weights(&args.reward_weights, &args.rec_cutoffs)?;
-    let ws = data.open()?;
     let cfg = assistant.config()?;
+    let greedy_calls = greedy_calls(sample, &cfg)?;
+    let ws = data.open()?;
     let store = open_store(&ws, assistant.store.clone())?;
     let local = mrrec_agent::backend::local_with_adapter(&assistant.llm.model, None)?;
     if assistant.adapter.is_some() {
@@ -271,6 +288,7 @@ fn train_cmd(
             patience: args.patience,
             seed: args.seed,
             weights,
+            greedy_calls,
             batched_rollouts: !args.sequential_rollouts,
             ..Default::default()
         },
@@ -289,6 +307,19 @@ fn train_cmd(
         args.out.display()
     );
     Ok(Some((st, kept, anchors)))
+}
+
+/// The leading calls `--sample` decodes greedily (0: every call sampled).
+fn greedy_calls(
+    sample: SampleCalls,
+    cfg: &mrrec_agent::assistant::AssistantConfig,
+) -> Result<usize> {
+    Ok(match sample {
+        SampleCalls::All => 0,
+        SampleCalls::Answer => mrrec_train::rollout::answer_only(cfg).context(
+            "--sample answer samples the guided loop's final profile: the free loop's answer is whichever turn ends it (use --mode guided, or --sample all)",
+        )?,
+    })
 }
 
 /// `--reward-weights` (three numbers, R_format,R_rec,R_mem) and `--rec-cutoffs` (two).
@@ -427,12 +458,7 @@ fn sample_rollouts(a: RolloutsCmd) -> Result<serde_json::Value> {
         ),
     };
     let ranking = mrrec_agent::assistant::Ranking::of(ws.shop(), &cfg).name();
-    let greedy_calls = match a.sample {
-        SampleCalls::All => 0,
-        SampleCalls::Answer => mrrec_train::rollout::answer_only(&cfg).context(
-            "--sample answer samples the guided loop's final profile: the free loop's answer is whichever turn ends it (use --mode guided, or --sample all)",
-        )?,
-    };
+    let greedy_calls = greedy_calls(a.sample, &cfg)?;
     let (file, reopened) = RolloutsFile::open(&a.out, a.group)?;
     if reopened.dropped_lines > 0 {
         eprintln!(
@@ -684,7 +710,14 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
         if a.train.sft_as_free {
             learner.mode = LoopMode::Free;
         }
-        let trained = train_cmd(a.data.clone(), learner, train, &a.tenant.tenant, true)?;
+        let trained = train_cmd(
+            a.data.clone(),
+            learner,
+            train,
+            SampleCalls::All,
+            &a.tenant.tenant,
+            true,
+        )?;
         let (steps, kept, anchors) = match trained {
             Some((state, kept, anchors)) => {
                 adapter = Some(run.join("adapter.safetensors"));

@@ -58,6 +58,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Rows per chunk of the log-softmax.
     pub logprob_chunk: usize,
+    /// GRPO: the leading calls of every rollout decoded greedily, as the assistant asks, and not
+    /// learnt — [`crate::rollout::answer_only`] samples and learns the guided loop's profile
+    /// alone (`mrrec train --sample answer`); 0 samples and learns every call. Written only
+    /// when not 0, so earlier runs keep their identity.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub greedy_calls: usize,
     /// Decode a group's trajectories together (a thread per trajectory, one batch per model
     /// step); the same tokens as one after another, faster. Not part of a run's identity.
     #[serde(skip, default = "yes")]
@@ -66,6 +72,10 @@ pub struct TrainConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for TrainConfig {
@@ -86,6 +96,7 @@ impl Default for TrainConfig {
             patience: 1,
             seed: 42,
             logprob_chunk: 64,
+            greedy_calls: 0,
             batched_rollouts: true,
         }
     }
@@ -133,6 +144,9 @@ pub struct StepLog {
     pub grad_norm: Option<f64>,
     /// Policy tokens in the loss.
     pub tokens: usize,
+    /// Model calls whose tokens are in the loss (with `greedy_calls`, only the sampled ones).
+    #[serde(default)]
+    pub calls: usize,
     /// Seconds: rollouts, forward, backward, optimiser.
     pub seconds: [f64; 4],
     /// Peak resident memory so far, bytes.
@@ -403,7 +417,7 @@ impl Trainer<'_> {
             cfg: self.cfg.clone(),
             temperature: self.train.temperature,
             weights: self.train.weights,
-            greedy_calls: 0,
+            greedy_calls: self.train.greedy_calls,
         };
         while state.step < self.train.steps && !state.stopped {
             let step = state.step + 1;
@@ -473,7 +487,10 @@ impl Trainer<'_> {
                     continue;
                 };
                 for (t, a) in g.iter().zip(adv) {
-                    for seg in t.segments.iter().filter(|s| !s.ids.is_empty()) {
+                    // The greedy leading calls are the same in every trajectory of the group:
+                    // context, not a choice the advantage rewards.
+                    for seg in crate::trajectories::learnt(&t.segments, t.greedy_calls, |s| &s.ids)
+                    {
                         work.push((seg, a as f32));
                     }
                 }
@@ -556,6 +573,7 @@ impl Trainer<'_> {
                 loss: loss_v,
                 grad_norm: norm,
                 tokens,
+                calls: work.len(),
                 seconds: [t_roll, t_fwd, t_bwd, t_opt],
                 peak_rss: mrrec_agent::progress::status_bytes("VmHWM:"),
                 lower_reused: (lower.hits_tokens - hits0) as f64

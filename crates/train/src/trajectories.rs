@@ -491,8 +491,9 @@ pub fn learnable(
     learnt(calls, greedy_calls, |s| &s.ids).collect()
 }
 
-/// The one rule of [`learnable`] over any form of a call (`ids`: what it wrote).
-fn learnt<T>(
+/// The one rule of [`learnable`] over any form of a call (`ids`: what it wrote); GRPO's loss
+/// reads the same calls of a rollout.
+pub(crate) fn learnt<T>(
     calls: impl IntoIterator<Item = T>,
     greedy_calls: usize,
     ids: impl Fn(&T) -> &[u32],
