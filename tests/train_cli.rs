@@ -8,26 +8,32 @@ mod common;
 
 use std::process::Command;
 
+/// `mrrec train` with the tiny model on 300 items of the mini data, into `out` with `store`.
+fn train_command(out: &std::path::Path, store: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
+    c.args([
+        "train",
+        "--model",
+        "smollm2-135m-instruct",
+        "--max-items",
+        "300",
+    ])
+    .arg("--data")
+    .arg(common::mini())
+    .arg("--store")
+    .arg(store)
+    .arg("--out")
+    .arg(out);
+    c
+}
+
 fn train(
     out: &std::path::Path,
     store: &std::path::Path,
     steps: &str,
     lr: &str,
 ) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-        .args([
-            "train",
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-        ])
-        .arg("--data")
-        .arg(common::mini())
-        .arg("--store")
-        .arg(store)
-        .arg("--out")
-        .arg(out)
+    let o = train_command(out, store)
         .args([
             "--group",
             "2",
@@ -231,20 +237,7 @@ fn grpo_can_sample_and_learn_only_the_guided_answer() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("mem.sqlite");
     let run = |out: &str, extra: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-            .args([
-                "train",
-                "--model",
-                "smollm2-135m-instruct",
-                "--max-items",
-                "300",
-            ])
-            .arg("--data")
-            .arg(common::mini())
-            .arg("--store")
-            .arg(&store)
-            .arg("--out")
-            .arg(dir.path().join(out))
+        let o = train_command(&dir.path().join(out), &store)
             .args([
                 "--group",
                 "4",

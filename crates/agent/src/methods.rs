@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mrrec_data::{Query, QueryField};
 use mrrec_embed::TextEmbedder;
 use mrrec_eval::{Method, MethodAnswer, MethodError};
-use mrrec_index::{ItemIndex, SearchQuery};
+use mrrec_index::{Hit, ItemIndex, SearchQuery};
 use rayon::prelude::*;
 
 /// Names `mrrec eval --method` accepts.
@@ -21,6 +21,14 @@ fn method_error(e: crate::AgentError) -> MethodError {
         MethodError::Cancelled
     } else {
         MethodError::failed(e)
+    }
+}
+
+/// A retrieval method's answer: the hits' items in order, no LLM usage or trace.
+fn ranked(hits: &[Hit]) -> MethodAnswer {
+    MethodAnswer {
+        ranking: hits.iter().map(|h| h.item).collect(),
+        ..Default::default()
     }
 }
 
@@ -57,10 +65,7 @@ impl Method for LexicalMethod {
                     .index
                     .search(&SearchQuery::text(t), k)
                     .map_err(MethodError::failed)?;
-                Ok(MethodAnswer {
-                    ranking: hits.iter().map(|h| h.item).collect(),
-                    ..Default::default()
-                })
+                Ok(ranked(&hits))
             })
             .collect()
     }
@@ -106,10 +111,7 @@ impl Method for DenseMethod {
                         k,
                     )
                     .map_err(MethodError::failed)?;
-                Ok(MethodAnswer {
-                    ranking: hits.iter().map(|h| h.item).collect(),
-                    ..Default::default()
-                })
+                Ok(ranked(&hits))
             })
             .collect()
     }
@@ -151,10 +153,7 @@ impl Method for HistoryMethod<'_> {
                     .shop
                     .rank_with_history(q, t, self.params, k)
                     .map_err(method_error)?;
-                Ok(MethodAnswer {
-                    ranking: hits.iter().map(|h| h.item).collect(),
-                    ..Default::default()
-                })
+                Ok(ranked(&hits))
             })
             .collect()
     }

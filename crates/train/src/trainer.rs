@@ -62,7 +62,7 @@ pub struct TrainConfig {
     /// learnt — [`crate::rollout::answer_only`] samples and learns the guided loop's profile
     /// alone (`mrrec train --sample answer`); 0 samples and learns every call. Written only
     /// when not 0, so earlier runs keep their identity.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::trajectories::is_zero")]
     pub greedy_calls: usize,
     /// Decode a group's trajectories together (a thread per trajectory, one batch per model
     /// step); the same tokens as one after another, faster. Not part of a run's identity.
@@ -72,10 +72,6 @@ pub struct TrainConfig {
 
 fn yes() -> bool {
     true
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 
 impl Default for TrainConfig {

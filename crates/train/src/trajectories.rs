@@ -99,7 +99,7 @@ fn paper_ranking() -> String {
     mrrec_agent::assistant::PAPER_RANKING.into()
 }
 
-fn is_zero(n: &usize) -> bool {
+pub(crate) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
