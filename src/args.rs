@@ -79,9 +79,77 @@ pub(crate) struct EvalArgs {
     #[command(flatten)]
     pub(crate) history: HistoryArgs,
     #[command(flatten)]
+    pub(crate) rerank: RerankArgs,
+    #[command(flatten)]
     pub(crate) assistant: AssistantArgs,
     #[command(flatten)]
     pub(crate) tenant: TenantArg,
+}
+
+/// The re-ranking stage behind any method (`--rerank N`).
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct RerankArgs {
+    /// Re-rank the method's first N items with the LLM as a yes/no judge (the model of
+    /// `--model` / `--llm-url`; a local model: servers cannot score), fused with the method's
+    /// order by reciprocal-rank fusion.
+    #[arg(long, value_name = "N")]
+    pub(crate) rerank: Option<usize>,
+    /// With `--rerank`: the judge's order's weight in the fusion (the method's is 1) [default: 1].
+    #[arg(long)]
+    pub(crate) rerank_weight: Option<f32>,
+    /// With `--rerank`: what the judge reads of the user beside the request [default: none].
+    #[arg(long, value_enum)]
+    pub(crate) rerank_memory: Option<JudgeMemoryArg>,
+}
+
+/// What the judge reads of the user (`--rerank-memory`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum JudgeMemoryArg {
+    /// The request alone.
+    None,
+    /// The user's stored profile.
+    Profile,
+    /// The user's last 10 interactions before the request.
+    Recent,
+}
+
+impl From<JudgeMemoryArg> for mrrec_agent::rerank::JudgeMemory {
+    fn from(m: JudgeMemoryArg) -> Self {
+        match m {
+            JudgeMemoryArg::None => mrrec_agent::rerank::JudgeMemory::None,
+            JudgeMemoryArg::Profile => mrrec_agent::rerank::JudgeMemory::Profile,
+            JudgeMemoryArg::Recent => mrrec_agent::rerank::JudgeMemory::Recent,
+        }
+    }
+}
+
+impl RerankArgs {
+    /// The checked stage, `None` without `--rerank` (its other flags are refused then).
+    pub(crate) fn params(&self) -> anyhow::Result<Option<mrrec_agent::rerank::RerankParams>> {
+        let Some(depth) = self.rerank else {
+            if self.rerank_weight.is_some() || self.rerank_memory.is_some() {
+                anyhow::bail!(
+                    "--rerank-weight and --rerank-memory set the re-ranking stage; add --rerank N"
+                );
+            }
+            return Ok(None);
+        };
+        let default = mrrec_agent::rerank::RerankParams::default();
+        let p = mrrec_agent::rerank::RerankParams {
+            depth,
+            weight: self.rerank_weight.unwrap_or(default.weight),
+            memory: self.rerank_memory.map_or(default.memory, Into::into),
+        };
+        p.check().map_err(|(field, why)| {
+            let flag = if field == "depth" {
+                "--rerank".to_string()
+            } else {
+                format!("--rerank-{field}")
+            };
+            anyhow::anyhow!("{flag}: {why}")
+        })?;
+        Ok(Some(p))
+    }
 }
 
 /// `--history-recent`: a number of items, or `all`.

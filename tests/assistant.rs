@@ -1232,3 +1232,184 @@ fn derived_requests_get_a_repair_turn_that_quotes_the_refused_words() {
     );
     assert_eq!(llm.requests().len(), 3);
 }
+
+/// A judge that likes kites: `Yes` is likely when the product line names one. Records requests.
+struct KiteJudge {
+    seen: Mutex<Vec<ChatRequest>>,
+}
+
+impl ChatModel for KiteJudge {
+    fn id(&self) -> &str {
+        "kite-judge"
+    }
+    fn chat_stream(
+        &self,
+        _req: &ChatRequest,
+        _on_text: &mut dyn FnMut(&str),
+    ) -> mrrec_llm::Result<ChatResponse> {
+        Err(mrrec_llm::LlmError::Engine("a judge only scores".into()))
+    }
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<mrrec_llm::Result<mrrec_llm::ChoiceScores>> {
+        assert_eq!(choices, ["Yes", "No"]);
+        self.seen.lock().unwrap().extend(reqs.iter().cloned());
+        reqs.iter()
+            .map(|r| {
+                let text = &r.messages.last().unwrap().content;
+                let product = text.split("Product: ").nth(1).unwrap_or("");
+                let kite = product.starts_with("kite");
+                Ok(mrrec_llm::ChoiceScores {
+                    logprobs: if kite {
+                        vec![-0.1, -2.4]
+                    } else {
+                        vec![-2.4, -0.1]
+                    },
+                    usage: Usage {
+                        prompt_tokens: 7,
+                        completion_tokens: 0,
+                        seconds: 0.0,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn the_judge_reorders_the_top_of_a_ranking_and_reads_only_the_askers_memory() {
+    use mrrec_agent::rerank::{fuse_judged, JudgeMemory, RerankMethod, RerankParams};
+    use mrrec_eval::Method;
+    let ws = fakes();
+    let shop = ws.shop();
+    let dir = tempfile::tempdir().unwrap();
+    let st = store(&Words, dir.path());
+    let request = "a toy for children";
+    let q = mrrec_data::Query {
+        qid: "q".into(),
+        user_id: "alice".into(),
+        query: request.into(),
+        simple_query: Some(request.into()),
+        category: Some("Toys_and_Games".into()),
+        timestamp: Some(500),
+        split: None,
+    };
+    // The method behind the stage: the request's hybrid ranking (history weight 0).
+    let inner = || -> Box<dyn Method> {
+        Box::new(mrrec_agent::methods::HistoryMethod {
+            shop,
+            params: mrrec_agent::shop::HistoryParams {
+                weight: 0.0,
+                recent: None,
+            },
+        })
+    };
+    let field = mrrec_data::QueryField::SimpleQuery;
+    let alone = inner().answer(&[&q], field, 30).unwrap().remove(0).ranking;
+    let judge = KiteJudge {
+        seen: Mutex::new(vec![]),
+    };
+    let staged = |params: RerankParams| RerankMethod {
+        inner: inner(),
+        name: "hybrid+rerank".into(),
+        llm: &judge,
+        shop,
+        store: &st,
+        tenant: "t",
+        params,
+    };
+    let params = RerankParams {
+        depth: 10,
+        weight: 2.0,
+        memory: JudgeMemory::Profile,
+    };
+    let out = staged(params).answer(&[&q], field, 30).unwrap().remove(0);
+    // The judge read the first 10 items, once each, with the request, the scenario and Alice's
+    // profile — never Bob's memory.
+    let seen = std::mem::take(&mut *judge.seen.lock().unwrap());
+    assert_eq!(seen.len(), 10);
+    let text = all_text(&seen);
+    assert!(text.contains("Parent of a toddler who prefers soft, washable toys."));
+    assert!(text.contains("Toys and Games section") && text.contains(request));
+    assert!(!text.contains("BOB-SECRET"));
+    for (r, &item) in seen.iter().zip(&alone[..10]) {
+        let it = &ws.catalogue.items()[item as usize];
+        assert!(r.messages[1].content.contains(&it.text), "{}", it.text);
+    }
+    // Kites move up within the first 10; everything below stays where it was.
+    let kite = |i: &u32| ws.catalogue.items()[*i as usize].title.starts_with("kite");
+    let mut head = out.ranking[..10].to_vec();
+    let mut was = alone[..10].to_vec();
+    assert_eq!(&out.ranking[10..], &alone[10..]);
+    let first_kite = |r: &[u32]| r.iter().position(kite);
+    assert!(alone[..10].iter().any(kite), "{alone:?}");
+    assert!(first_kite(&head) < first_kite(&was) || first_kite(&was) == Some(0));
+    head.sort_unstable();
+    was.sort_unstable();
+    assert_eq!(head, was);
+    // It is the fusion of the two orders, recorded in the trace with the judge's cost.
+    let scores: Vec<f32> = out.trace.as_ref().unwrap()["rerank"]["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(scores.len(), 10);
+    assert_eq!(out.ranking, fuse_judged(&alone, &scores, 2.0));
+    assert_eq!(
+        out.trace.as_ref().unwrap()["rerank"]["items"][0],
+        ws.catalogue.items()[alone[0] as usize].id.as_str()
+    );
+    assert_eq!(out.usage.prompt_tokens, 70);
+    // Without memory the judge reads the request alone; weight 0 keeps the method's order.
+    let plain = staged(RerankParams {
+        memory: JudgeMemory::None,
+        weight: 0.0,
+        ..params
+    })
+    .answer(&[&q], field, 30)
+    .unwrap()
+    .remove(0);
+    assert_eq!(plain.ranking, alone);
+    assert!(!all_text(&judge.seen.lock().unwrap()).contains("toddler"));
+    // A model that cannot score fails the query with its reason.
+    let echo = mrrec_llm::EchoModel::from_id("echo").unwrap();
+    let m = RerankMethod {
+        llm: &echo,
+        ..staged(params)
+    };
+    let e = m.answer(&[&q], field, 30).unwrap_err().to_string();
+    assert!(e.contains("cannot score answers"), "{e}");
+    // The pure fusion: a heavy judge decides, equal scores keep the order, the tail stays.
+    let r = [5, 6, 7, 8];
+    assert_eq!(fuse_judged(&r, &[0.0, 0.0, 1.0], 100.0), vec![7, 5, 6, 8]);
+    assert_eq!(fuse_judged(&r, &[0.3, 0.3, 0.3], 1.0), r.to_vec());
+    assert_eq!(fuse_judged(&r, &[1.0, 2.0, 3.0], 0.0), r.to_vec());
+    // Settings a caller cannot mean are refused, naming the field.
+    let bad = |p: RerankParams| p.check().unwrap_err().0;
+    assert_eq!(bad(RerankParams { depth: 0, ..params }), "depth");
+    assert_eq!(
+        bad(RerankParams {
+            depth: 201,
+            ..params
+        }),
+        "depth"
+    );
+    assert_eq!(
+        bad(RerankParams {
+            weight: f32::NAN,
+            ..params
+        }),
+        "weight"
+    );
+    assert_eq!(
+        bad(RerankParams {
+            weight: -1.0,
+            ..params
+        }),
+        "weight"
+    );
+    assert!(RerankParams::default().check().is_ok());
+}

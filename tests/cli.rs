@@ -205,6 +205,19 @@ fn eval_refuses_aspect_queries_and_unknown_methods() {
             &["--method", "hybrid", "--history-weight", "0.5"][..],
             "method hybrid does not read them",
         ),
+        // The re-ranking stage's flags: checked before the workspace and the judge load.
+        (
+            &["--method", "hybrid", "--rerank-weight", "2"][..],
+            "--rerank-weight and --rerank-memory set the re-ranking stage; add --rerank N",
+        ),
+        (
+            &["--method", "hybrid", "--rerank", "0"][..],
+            "--rerank: 0 items: the judge reads 1 to 200",
+        ),
+        (
+            &["--method", "hybrid", "--rerank", "20", "--rerank-weight=-1"][..],
+            "--rerank-weight: -1: a weight is a finite number ≥ 0",
+        ),
     ] {
         let stderr = refused(flags);
         assert!(stderr.contains(says), "{stderr}");

@@ -310,3 +310,160 @@ fn grpo_can_sample_and_learn_only_the_guided_answer() {
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn a_judge_learns_yes_for_train_targets_and_reranks_from_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let out = dir.path().join("judge");
+    let judge = |out: &std::path::Path, extra: &[&str]| {
+        let o = train_command(out, &store)
+            .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
+            .args([
+                "--rerank",
+                "5",
+                "--judge-negatives",
+                "2",
+                "--lora-layers",
+                "2",
+            ])
+            .args(["--val-every", "0", "--val-queries", "0", "--kl", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        (o.status.success(), err)
+    };
+    let (ok, err) = judge(&out, &["--steps", "6", "--lr", "1e-2"]);
+    assert!(ok, "{err}");
+    // Each step learns the two queries' target and two negatives each: one token a call.
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    for s in &steps {
+        assert_eq!(
+            (s["calls"].as_u64(), s["tokens"].as_u64()),
+            (Some(6), Some(6)),
+            "{s}"
+        );
+    }
+    let loss = |s: &serde_json::Value| s["loss"].as_f64().unwrap();
+    assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
+    // What it learnt from is recorded in train.json and in the adapter.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sft"]["judge"]["stage"]["depth"], 5);
+    assert_eq!(cfg["sft"]["judge"]["negatives"], 2);
+    assert_eq!(cfg["sft"]["calls"], 6);
+    let adapter = out.join("adapter.safetensors");
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&adapter).unwrap();
+    assert!(ad.metadata["mrrec.sft"].contains("\"judge\""));
+    // `eval --rerank` with and without the adapter on the queries it learnt: the trained judge
+    // prefers the targets to the other items more than the untrained one.
+    let rerank = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let o = dir.path().join(name);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
+        c.args([
+            "eval", "--method", "hybrid", "--rerank", "5", "--split", "train",
+        ])
+        .args([
+            "--limit",
+            "2",
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-items",
+            "300",
+        ])
+        .arg("--data")
+        .arg(common::mini())
+        .arg("--store")
+        .arg(&store)
+        .arg("--out")
+        .arg(&o)
+        .args(extra);
+        let r = c.output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        std::fs::read_to_string(o.join("per_query.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // The target's score minus the mean of the others', over the queries whose target was judged.
+    let margin = |rows: &[serde_json::Value]| -> f64 {
+        let mut m = 0.0;
+        for r in rows {
+            let t = &r["trace"]["rerank"];
+            let items: Vec<&str> = t["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let scores: Vec<f64> = t["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(items.len(), scores.len());
+            if let Some(i) = items
+                .iter()
+                .position(|&x| x == r["target"].as_str().unwrap())
+            {
+                let others: f64 = scores
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, s)| s)
+                    .sum();
+                m += scores[i] - others / (scores.len() - 1) as f64;
+            }
+        }
+        m
+    };
+    let before = rerank("untrained", &[]);
+    let after = rerank("trained", &["--adapter", adapter.to_str().unwrap()]);
+    assert!(
+        before
+            .iter()
+            .any(|r| r["rank"].as_u64().is_some_and(|k| k <= 5)),
+        "no target in the first 5: {before:?}"
+    );
+    assert!(
+        margin(&after) > margin(&before),
+        "{} vs {}",
+        margin(&after),
+        margin(&before)
+    );
+    // What --judge cannot mean, and its flags without it: refused before anything loads.
+    for (extra, says) in [
+        (
+            &["--judge", "--sft", "x.jsonl"][..],
+            "--judge learns the re-ranking judge from `train` targets",
+        ),
+        (
+            &["--judge", "--rerank-weight", "2"][..],
+            "--rerank-weight is the judge's weight when it answers",
+        ),
+        (
+            &["--judge", "--judge-negatives", "0"][..],
+            "--judge-negatives 0",
+        ),
+        (&["--judge", "--rerank", "0"][..], "--rerank: 0 items"),
+        (&["--rerank", "5"][..], "add --judge"),
+    ] {
+        let o = train_command(&dir.path().join("refused"), &store)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+}

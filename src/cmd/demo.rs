@@ -116,6 +116,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
                     seed: 42,
                     out: &dir,
                     history: Default::default(),
+                    rerank: None,
                 };
                 eval_one(&ws, None, job)
             })
@@ -297,6 +298,7 @@ fn demo_assistant(
                 seed: 42,
                 out: &dir,
                 history: Default::default(),
+                rerank: None,
             };
             eval_one(ws, c, job)
         })

@@ -110,6 +110,8 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) out: &'a Path,
     /// How `hybrid-history` weighs the user's past items.
     pub(crate) history: mrrec_agent::shop::HistoryParams,
+    /// The re-ranking stage behind the method, if any (needs the LLM context).
+    pub(crate) rerank: Option<mrrec_agent::rerank::RerankParams>,
 }
 
 pub(crate) fn eval_one(
@@ -125,8 +127,9 @@ pub(crate) fn eval_one(
         seed,
         out,
         history,
+        rerank,
     } = job;
-    let m = method_for(ws, method, ctx, history)?;
+    let mut m = method_for(ws, method, ctx, history)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
     // in batches of `--batch` (default 16) queries answered together (their model calls decode
     // as one batch); a killed run loses at most one batch's outcomes, and their model answers
@@ -143,6 +146,34 @@ pub(crate) fn eval_one(
             ),
         ),
         _ => (method.to_string(), 32, "none".to_string()),
+    };
+    // The re-ranking stage wraps the method: the run is named for both, and its LLM calls
+    // (one prefill per judged item) go in batches of queries like an LLM method's.
+    let (run_name, batch, prompts) = match (rerank, ctx) {
+        (Some(p), Some(c)) => {
+            m = Box::new(mrrec_agent::rerank::RerankMethod {
+                inner: m,
+                name: format!("{method}+rerank{}", p.depth),
+                llm: &c.model,
+                shop: ws.shop(),
+                store: c.store.as_ref(),
+                tenant: &c.tenant,
+                params: p,
+            });
+            (
+                format!("{run_name}+rerank{}", p.depth),
+                batch.min(c.batch),
+                format!(
+                    "{prompts} / {} / {}",
+                    mrrec_agent::rerank::RERANK_PROMPT_VERSION,
+                    mrrec_llm::ChatModel::id(&c.model)
+                ),
+            )
+        }
+        (Some(_), None) => {
+            bail!("--rerank needs the judge model (an internal error: no LLM context)")
+        }
+        (None, _) => (run_name, batch, prompts),
     };
     let queries = ws
         .dataset
@@ -285,10 +316,13 @@ pub(crate) fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 
 pub(crate) fn run(a: EvalArgs) -> Result<()> {
     let history = a.history.params(&a.method)?;
+    let rerank = a.rerank.params()?;
     let ws = a.data.open()?;
     let field: QueryField = a.query_field.into();
     let splits = splits(&a.split);
-    let ctx = if mrrec_agent::methods::llm_method_names().contains(&a.method.as_str()) {
+    let ctx = if rerank.is_some()
+        || mrrec_agent::methods::llm_method_names().contains(&a.method.as_str())
+    {
         let mut c = a.assistant.context(&ws)?;
         c.tenant = a.tenant.tenant.clone();
         Some(c)
@@ -306,6 +340,7 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
             seed: a.seed,
             out: &a.out,
             history,
+            rerank,
         },
     )?;
     print!(

@@ -110,6 +110,18 @@ pub(crate) struct TrainCmd {
     /// `mrrec rollouts --sample answer`); `all`: every call.
     #[arg(long, value_enum, default_value_t = SampleCalls::All)]
     pub(crate) sample: SampleCalls,
+    /// Fine-tune the re-ranking stage's judge instead of the assistant (`mrrec eval --rerank N
+    /// --adapter OUT/adapter.safetensors` uses it): per `train` query, its target is a `Yes`
+    /// and `--judge-negatives` other items of the request's hybrid top `--rerank N` (default 20)
+    /// are a `No`, asked as the stage asks, with the memory of `--rerank-memory`. No validation
+    /// during training (compare with `eval --rerank` on `train`).
+    #[arg(long)]
+    pub(crate) judge: bool,
+    /// With --judge: negatives per query.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) judge_negatives: usize,
+    #[command(flatten)]
+    pub(crate) rerank: RerankArgs,
 }
 
 /// `--sft-anchor` learns the greedy answer's own token ids: never with a free form.
@@ -128,6 +140,7 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
     if a.train.sft.is_some() && a.sample == SampleCalls::Answer {
         bail!("--sample answer says what GRPO's rollouts sample; fine-tuning learns what its rollouts file sampled (`mrrec rollouts --sample`): drop --sample");
     }
+    let judge = judge_data(&a)?;
     train_cmd(
         a.data,
         a.assistant,
@@ -135,8 +148,46 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
         a.sample,
         &a.tenant.tenant,
         false,
+        judge,
     )?;
     Ok(())
+}
+
+/// What `--judge` learns from, checked (`None` without it; its flags are refused then).
+fn judge_data(a: &TrainCmd) -> Result<Option<mrrec_train::judge::JudgeData>> {
+    if !a.judge {
+        if a.rerank.rerank.is_some() || a.rerank.rerank_memory.is_some() {
+            bail!("--rerank and --rerank-memory say which judge `--judge` trains: add --judge");
+        }
+        return Ok(None);
+    }
+    if a.train.sft.is_some() || a.train.sft_as_free || a.train.sft_anchor {
+        bail!("--judge learns the re-ranking judge from `train` targets, not a rollouts file: drop --sft");
+    }
+    if a.sample == SampleCalls::Answer {
+        bail!("--sample answer says what GRPO's rollouts sample; --judge samples nothing: drop --sample");
+    }
+    if a.rerank.rerank_weight.is_some() {
+        bail!("--rerank-weight is the judge's weight when it answers (`eval --rerank-weight`), not in training: drop it");
+    }
+    if a.judge_negatives == 0 {
+        bail!("--judge-negatives 0: the judge needs items to say No to");
+    }
+    let stage = match a.rerank.params()? {
+        Some(p) => p,
+        None => {
+            let mut p = mrrec_agent::rerank::RerankParams::default();
+            if let Some(m) = a.rerank.rerank_memory {
+                p.memory = m.into();
+            }
+            p
+        }
+    };
+    Ok(Some(mrrec_train::judge::JudgeData {
+        stage,
+        negatives: a.judge_negatives,
+        seed: a.train.seed,
+    }))
 }
 
 /// Trains (or resumes) a run; returns its final state and, fine-tuning, how many samples were
@@ -150,6 +201,7 @@ fn train_cmd(
     sample: SampleCalls,
     tenant: &str,
     allow_nothing: bool,
+    judge: Option<mrrec_train::judge::JudgeData>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
     use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
@@ -242,8 +294,11 @@ fn train_cmd(
         users.len(),
         report.records_added
     );
-    let sft = match &args.sft {
-        Some(path) => Some(sft_examples(
+    let sft = match (&args.sft, judge) {
+        (_, Some(j)) => Some(mrrec_train::judge::judge_examples(
+            &ws, &*store, tenant, &local, &train_q, &j,
+        )?),
+        (Some(path), None) => Some(sft_examples(
             path,
             (args.sft_as_free, args.sft_anchor),
             &ws,
@@ -253,7 +308,7 @@ fn train_cmd(
             &cfg,
             weights,
         )?),
-        None => None,
+        (None, None) => None,
     };
     // Chosen samples and anchors (the greedy answers taught where no sample beat them).
     let count = |k: &str| sft.as_ref().and_then(|s| s.source[k].as_u64()).unwrap_or(0) as usize;
@@ -296,7 +351,8 @@ fn train_cmd(
         progress: true,
         sft,
     };
-    let st = t.run(&train_q, &val_q)?;
+    // The judge is not validated by the assistant's answers: compare it with `eval --rerank`.
+    let st = t.run(&train_q, if judge.is_some() { &[] } else { &val_q })?;
     println!(
         "{} steps; validation N@100 {} → best {}{}; adapter in {}",
         st.step,
@@ -717,6 +773,7 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
             SampleCalls::All,
             &a.tenant.tenant,
             true,
+            None,
         )?;
         let (steps, kept, anchors) = match trained {
             Some((state, kept, anchors)) => {

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod methods;
 pub mod progress;
 pub mod prompts;
+pub mod rerank;
 pub mod rewards;
 pub mod shop;
 pub mod workspace;

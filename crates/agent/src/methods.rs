@@ -16,7 +16,7 @@ pub fn method_names() -> &'static [&'static str] {
 }
 
 /// An agent error as a method error: a cancellation stays a cancellation.
-fn method_error(e: crate::AgentError) -> MethodError {
+pub(crate) fn method_error(e: crate::AgentError) -> MethodError {
     if e.is_cancelled() {
         MethodError::Cancelled
     } else {
@@ -269,41 +269,14 @@ impl LlmMethod<'_> {
     }
 
     fn context(&self, q: &Query) -> Result<Option<String>, MethodError> {
-        use mrrec_memory::{Level, Owner};
         let a = &self.assistant;
         Ok(match self.kind {
-            LlmKind::NaiveMemory => {
-                let h = a.shop.histories.before(&q.user_id, q.timestamp);
-                let recent = &h[h.len().saturating_sub(10)..];
-                let lines: Vec<String> = recent
-                    .iter()
-                    .map(|r| format!("- {}", mrrec_memory::record_text(r, a.shop.catalogue)))
-                    .collect();
-                Some(if lines.is_empty() {
-                    "(no earlier interactions)".into()
-                } else {
-                    lines.join("\n")
-                })
-            }
-            LlmKind::StaticMemory => {
-                let es = a
-                    .store
-                    .entries(Owner {
-                        tenant: a.tenant,
-                        user: &q.user_id,
-                    })
-                    .map_err(MethodError::failed)?;
-                let p: Vec<&str> = es
-                    .iter()
-                    .filter(|e| e.level == Level::Profile)
-                    .map(|e| e.text.as_str())
-                    .collect();
-                Some(if p.is_empty() {
-                    "(no profile stored for this user)".into()
-                } else {
-                    p.join(" ")
-                })
-            }
+            LlmKind::NaiveMemory => Some(crate::rerank::recent_interactions(&a.shop, q)),
+            LlmKind::StaticMemory => Some(
+                crate::rerank::stored_profile(a.store, a.tenant, &q.user_id)
+                    .map_err(MethodError::failed)?
+                    .unwrap_or_else(|| "(no profile stored for this user)".into()),
+            ),
             _ => None,
         })
     }

@@ -80,7 +80,7 @@ impl RewardWeights {
 }
 
 /// The components of one trajectory's reward.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rewards {
     /// R_format.
     pub format: f64,

@@ -68,6 +68,19 @@ impl Shop<'_> {
         )?)
     }
 
+    /// Embeds `text` and returns the `k` first items of the hybrid (BM25 + dense) ranking — what
+    /// `mrrec eval --method hybrid` answers.
+    pub fn search_hybrid(&self, text: &str, k: usize) -> Result<Vec<Hit>> {
+        let v = self.embedder.embed(&[text])?.remove(0);
+        Ok(self.hybrid().search(
+            &SearchQuery {
+                text,
+                vector: Some(&v),
+            },
+            k,
+        )?)
+    }
+
     /// A user's taste as one vector, with no LLM: the normalised mean of the unit embeddings of
     /// the texts of their last `recent` items (all with `None`) strictly before `before` — the
     /// items `naive-memory` shows the model. `None` when they have no such item (or the mean is

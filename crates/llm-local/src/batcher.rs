@@ -282,6 +282,19 @@ impl ChatModel for Worker<'_, '_> {
         self.batcher.id()
     }
 
+    /// Scoring does not wait for the batch: it goes to the model itself.
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<Result<mrrec_llm::ChoiceScores>> {
+        match &self.batcher.model {
+            Backend::Local(m) => ChatModel::score_choices(*m, reqs, choices),
+            Backend::Chat(m) => m.score_choices(reqs, choices),
+            Backend::Shared(m) => m.score_choices(reqs, choices),
+        }
+    }
+
     fn ready(&self) -> Result<()> {
         self.batcher.ready()
     }

@@ -514,3 +514,73 @@ fn a_segment_ends_with_the_sampled_end_of_turn_token() {
     assert_eq!(seg.ids.len(), 1);
     assert!(!m.info().stop_ids.contains(&seg.ids[0]));
 }
+
+#[test]
+fn scored_choices_are_the_log_probabilities_of_the_answers_first_token() {
+    let m = LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let ask = |item: &str| ChatRequest {
+        messages: vec![
+            Message::system("You say whether a product suits the shopper."),
+            Message::user(format!(
+                "The shopper wants running shoes for flat feet.\nProduct: {item}\nAnswer Yes or No."
+            )),
+        ],
+        ..Default::default()
+    };
+    let reqs: Vec<ChatRequest> = [
+        "Stability running shoe with arch support",
+        "Cast iron skillet, 12 inch",
+        "Trail running shoe, neutral",
+    ]
+    .iter()
+    .map(|i| ask(i))
+    .collect();
+    let scored = ChatModel::score_choices(&m, &reqs, &["Yes", "No"]);
+    assert_eq!(scored.len(), 3);
+    let yes = m.info().encode("Yes").unwrap()[0];
+    let no = m.info().encode("No").unwrap()[0];
+    for (r, s) in reqs.iter().zip(&scored) {
+        let s = s.as_ref().unwrap();
+        assert_eq!(s.logprobs.len(), 2);
+        assert!(
+            s.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0),
+            "{s:?}"
+        );
+        // The same numbers as a fresh prefill of the whole prompt, alone (the three prompts
+        // share their beginning, which the batch computes once).
+        let ids = m.info().encode(&m.prompt(r).unwrap()).unwrap();
+        assert_eq!(s.usage.prompt_tokens, ids.len() as u64);
+        assert_eq!(s.usage.completion_tokens, 0);
+        for (tok, got) in [yes, no].iter().zip(&s.logprobs) {
+            let alone = m.logprob_of_next(&ids, *tok).unwrap();
+            assert!((alone - got).abs() < 1e-3, "{alone} vs {got}");
+        }
+    }
+    // The three items are scored differently: the judge reads the item.
+    let yes_lp: Vec<f32> = scored
+        .iter()
+        .map(|s| s.as_ref().unwrap().logprobs[0])
+        .collect();
+    assert!(
+        yes_lp.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-3),
+        "{yes_lp:?}"
+    );
+    // A request too long for the window is refused alone; the others are still scored.
+    let mut long = ask("x");
+    long.messages[1].content = "word ".repeat(20_000);
+    let mixed = ChatModel::score_choices(&m, &[reqs[0].clone(), long], &["Yes", "No"]);
+    assert!(mixed[0].is_ok());
+    assert!(
+        matches!(mixed[1], Err(LlmError::ContextOverflow { .. })),
+        "{:?}",
+        mixed[1]
+    );
+    // A backend that cannot score says so, naming the model.
+    let echo = EchoModel::from_id("echo").unwrap();
+    let e = echo
+        .score_choices(&reqs[..1], &["Yes", "No"])
+        .remove(0)
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("echo"), "{e}");
+}

@@ -212,6 +212,15 @@ impl<M: ChatModel> ChatModel for CachedChatModel<M> {
         self.inner.id()
     }
 
+    /// Scores are not cached: scoring costs one prefill, which the model's prefix reuse shares.
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<Result<crate::ChoiceScores>> {
+        self.inner.score_choices(reqs, choices)
+    }
+
     fn ready(&self) -> Result<()> {
         self.inner.ready()
     }

@@ -108,6 +108,17 @@ impl ChatModel for Cancellable<'_> {
         self.inner.id()
     }
 
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<Result<crate::ChoiceScores>> {
+        if self.cancel.is_cancelled() {
+            return reqs.iter().map(|_| Err(LlmError::Cancelled)).collect();
+        }
+        self.inner.score_choices(reqs, choices)
+    }
+
     fn ready(&self) -> Result<()> {
         self.inner.ready()
     }

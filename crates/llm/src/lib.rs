@@ -69,6 +69,9 @@ pub enum LlmError {
     /// The call was cancelled (its [`Cancel`] token) before it finished.
     #[error("cancelled")]
     Cancelled,
+    /// The backend cannot do what was asked (a server cannot score answers, say).
+    #[error("{0}")]
+    Unsupported(String),
     /// A filesystem error, with the path.
     #[error("{path}: {source}")]
     Io {
@@ -259,6 +262,17 @@ pub struct ChatResponse {
     pub usage: Usage,
 }
 
+/// How likely each of a few answers is as the first token of a request's answer: what a yes/no
+/// judge reads instead of generating.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceScores {
+    /// The log-probability (temperature 1, over the whole vocabulary) of each choice's first
+    /// token, in the order the choices were given.
+    pub logprobs: Vec<f32>,
+    /// Cost: the prompt's tokens and the call's share of the time; nothing is generated.
+    pub usage: Usage,
+}
+
 /// A chat model.
 pub trait ChatModel: Send + Sync {
     /// Model id (part of cache keys and provenance).
@@ -278,6 +292,20 @@ pub trait ChatModel: Send + Sync {
     /// server is reachable and not failing; an in-process model is always ready.
     fn ready(&self) -> Result<()> {
         Ok(())
+    }
+    /// Scores `choices` (short answers such as `Yes` / `No`) as the first token of the answer
+    /// to each request, without generating. A backend that cannot score answers
+    /// [`LlmError::Unsupported`] for every request (the default).
+    fn score_choices(&self, reqs: &[ChatRequest], choices: &[&str]) -> Vec<Result<ChoiceScores>> {
+        let _ = choices;
+        reqs.iter()
+            .map(|_| {
+                Err(LlmError::Unsupported(format!(
+                    "the model {} cannot score answers (a local GGUF model can)",
+                    self.id()
+                )))
+            })
+            .collect()
     }
 }
 
@@ -304,6 +332,13 @@ macro_rules! delegate_chat_model {
             }
             fn ready(&self) -> Result<()> {
                 (**self).ready()
+            }
+            fn score_choices(
+                &self,
+                reqs: &[ChatRequest],
+                choices: &[&str],
+            ) -> Vec<Result<ChoiceScores>> {
+                (**self).score_choices(reqs, choices)
             }
         }
     )*};

@@ -7,6 +7,7 @@
 //!   and AdamW with gradient clipping and saveable state.
 
 pub mod grpo;
+pub mod judge;
 pub mod policy;
 pub mod rollout;
 pub mod softmax;

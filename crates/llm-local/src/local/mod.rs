@@ -683,6 +683,84 @@ impl LocalModel {
             .collect()
     }
 
+    /// Scores `choices` as the first token of each request's answer: every prompt is prefilled
+    /// (those sharing a beginning — one judge's questions about many items — compute it once,
+    /// then their new tokens go through as one batch), and the log-probability of each choice's
+    /// first token is read from the logits after the prompt. Nothing is generated. Each result's
+    /// time is an equal share of the batch's.
+    pub fn score_choices_local(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<Result<mrrec_llm::ChoiceScores>> {
+        let t0 = Instant::now();
+        let tokens: Result<Vec<u32>> = choices
+            .iter()
+            .map(|c| {
+                self.info.encode(c)?.first().copied().ok_or_else(|| {
+                    crate::LocalError::Llm(LlmError::Tokenizer(format!(
+                        "the choice {c:?} has no token"
+                    )))
+                })
+            })
+            .collect();
+        let tokens = match tokens {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = e.to_string();
+                return reqs
+                    .iter()
+                    .map(|_| Err(crate::LocalError::Llm(LlmError::Tokenizer(msg.clone()))))
+                    .collect();
+            }
+        };
+        let mut out: Vec<Option<Result<mrrec_llm::ChoiceScores>>> =
+            (0..reqs.len()).map(|_| None).collect();
+        let mut ready: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let mut r1 = r.clone();
+            r1.sampling.max_tokens = 1;
+            let checked = self
+                .prompt(&r1)
+                .and_then(|p| self.info.encode(&p))
+                .and_then(|ids| self.admit(&ids, &r1).map(|()| ids));
+            match checked {
+                Ok(ids) => ready.push((i, ids)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let prompts: Vec<&[u32]> = ready.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prefilled = self.prefill_reusing_many(&prompts);
+        let n = ready.len().max(1) as f64;
+        let seconds = t0.elapsed().as_secs_f64() / n;
+        for ((i, ids), pre) in ready.into_iter().zip(prefilled) {
+            out[i] = Some(pre.and_then(|(_, logits)| {
+                let v = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                let z = crate::vector::log_sum_exp(&v);
+                Ok(mrrec_llm::ChoiceScores {
+                    logprobs: tokens
+                        .iter()
+                        .map(|&t| v.get(t as usize).map_or(f32::NEG_INFINITY, |x| x - z))
+                        .collect(),
+                    usage: Usage {
+                        prompt_tokens: ids.len() as u64,
+                        completion_tokens: 0,
+                        seconds,
+                    },
+                })
+            }));
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                        "no result".into(),
+                    )))
+                })
+            })
+            .collect()
+    }
+
     /// Decodes ids to text (special tokens kept as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.info
@@ -733,6 +811,17 @@ impl ChatModel for LocalModel {
         self.chat_segments(reqs)
             .into_iter()
             .map(|r| r.map(|(resp, _)| resp).map_err(Into::into))
+            .collect()
+    }
+
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<mrrec_llm::Result<mrrec_llm::ChoiceScores>> {
+        self.score_choices_local(reqs, choices)
+            .into_iter()
+            .map(|r| r.map_err(Into::into))
             .collect()
     }
 }
