@@ -90,8 +90,8 @@ pub(crate) struct EvalArgs {
 #[derive(Args, Clone, Debug, Default)]
 pub(crate) struct RerankArgs {
     /// Re-rank the method's first N items with the LLM as a yes/no judge (the model of
-    /// `--model` / `--llm-url`; a local model: servers cannot score), fused with the method's
-    /// order by reciprocal-rank fusion.
+    /// `--model` / `--llm-url`: a local model, or a server that returns `top_logprobs`), fused
+    /// with the method's order by reciprocal-rank fusion.
     #[arg(long, value_name = "N")]
     pub(crate) rerank: Option<usize>,
     /// With `--rerank`: the judge's order's weight in the fusion (the method's is 1) [default: 1].

@@ -301,7 +301,7 @@ pub trait ChatModel: Send + Sync {
         reqs.iter()
             .map(|_| {
                 Err(LlmError::Unsupported(format!(
-                    "the model {} cannot score answers (a local GGUF model can)",
+                    "the model {} cannot score answers (a local GGUF model and an OpenAI-compatible server with log-probabilities can)",
                     self.id()
                 )))
             })

@@ -246,6 +246,32 @@ impl OpenAiModel {
         }
     }
 
+    /// Reading `what` failed: a timeout says how long it waited.
+    fn read_failed(&self, e: &(dyn std::error::Error + 'static), what: &str) -> LlmError {
+        LlmError::Transport {
+            url: self.url(),
+            message: if timed_out(e) {
+                format!("timed out after {:?} reading {what}", self.cfg.timeout)
+            } else {
+                e.to_string()
+            },
+        }
+    }
+
+    /// A non-streamed answer's body as JSON (a timeout while reading it, or a body that is not
+    /// JSON, is said with the URL).
+    fn json_answer(&self, resp: reqwest::blocking::Response) -> Result<Value> {
+        let body = resp
+            .text()
+            .map_err(|e| self.read_failed(&e, "the answer"))?;
+        serde_json::from_str(&body).map_err(|e| {
+            self.bad(format!(
+                "not JSON ({e}): {}",
+                body.chars().take(200).collect::<String>()
+            ))
+        })
+    }
+
     fn bad(&self, message: impl Into<String>) -> LlmError {
         LlmError::BadResponse {
             url: self.url(),
@@ -362,6 +388,65 @@ impl ChatModel for OpenAiModel {
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
         self.chat_batch_impl(reqs)
     }
+
+    /// One completion of one token per request with `logprobs` and `top_logprobs: 20` (vLLM,
+    /// SGLang, llama.cpp's server and OpenAI answer them): a choice's log-probability is that of
+    /// the listed first token equal to it (surrounding spaces ignored); a choice not among the
+    /// 20 gets the smallest listed one (an upper bound). A server that returns no log-probabilities
+    /// is [`LlmError::Unsupported`].
+    fn score_choices(
+        &self,
+        reqs: &[ChatRequest],
+        choices: &[&str],
+    ) -> Vec<Result<crate::ChoiceScores>> {
+        reqs.iter().map(|r| self.score_one(r, choices)).collect()
+    }
+}
+
+impl OpenAiModel {
+    fn score_one(&self, req: &ChatRequest, choices: &[&str]) -> Result<crate::ChoiceScores> {
+        let t0 = Instant::now();
+        let mut body = self.body(req, false);
+        body["max_tokens"] = json!(1);
+        body["temperature"] = json!(0.0);
+        body["logprobs"] = json!(true);
+        body["top_logprobs"] = json!(20);
+        let v = self.json_answer(self.send(&body, req.cancel.as_ref())?)?;
+        let top = v["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                LlmError::Unsupported(format!(
+                    "{}: the server returned no top_logprobs for the answer's first token, so it cannot score answers",
+                    self.url()
+                ))
+            })?;
+        let listed: Vec<(&str, f32)> = top
+            .iter()
+            .filter_map(|t| Some((t["token"].as_str()?, t["logprob"].as_f64()? as f32)))
+            .collect();
+        let floor = listed.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+        if listed.is_empty() {
+            return Err(self.bad("top_logprobs without tokens and log-probabilities"));
+        }
+        let logprobs = choices
+            .iter()
+            .map(|c| {
+                listed
+                    .iter()
+                    .find(|(t, _)| t.trim() == c.trim())
+                    .map_or(floor, |x| x.1)
+            })
+            .collect();
+        Ok(crate::ChoiceScores {
+            logprobs,
+            usage: Usage {
+                prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                completion_tokens: 0,
+                seconds: t0.elapsed().as_secs_f64(),
+            },
+        })
+    }
 }
 
 impl OpenAiModel {
@@ -383,14 +468,7 @@ impl OpenAiModel {
             for line in BufReader::new(resp).lines() {
                 // Dropping the response closes the connection: the server stops generating.
                 crate::cancel::check(req.cancel.as_ref())?;
-                let line = line.map_err(|e| LlmError::Transport {
-                    url: self.url(),
-                    message: if timed_out(&e) {
-                        format!("timed out after {:?} reading the stream", self.cfg.timeout)
-                    } else {
-                        e.to_string()
-                    },
-                })?;
+                let line = line.map_err(|e| self.read_failed(&e, "the stream"))?;
                 let Some(data) = line.strip_prefix("data:").map(str::trim) else {
                     continue;
                 };
@@ -435,20 +513,7 @@ impl OpenAiModel {
                 });
             }
         } else {
-            let body = resp.text().map_err(|e| LlmError::Transport {
-                url: self.url(),
-                message: if timed_out(&e) {
-                    format!("timed out after {:?} reading the answer", self.cfg.timeout)
-                } else {
-                    e.to_string()
-                },
-            })?;
-            let v: Value = serde_json::from_str(&body).map_err(|e| {
-                self.bad(format!(
-                    "not JSON ({e}): {}",
-                    body.chars().take(200).collect::<String>()
-                ))
-            })?;
+            let v = self.json_answer(resp)?;
             let choice = v
                 .get("choices")
                 .and_then(|c| c.get(0))

@@ -316,3 +316,26 @@ fn a_cancelled_stream_stops_reading_and_closes_the_connection() {
     assert!(matches!(out, Err(LlmError::Cancelled)), "{out:?}");
     assert_eq!(n.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_server_scores_answers_by_their_first_tokens_log_probabilities() {
+    let scored = r#"{"choices": [{"message": {"role": "assistant", "content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": -0.2, "top_logprobs": [{"token": "Yes", "logprob": -0.2}, {"token": " No", "logprob": -1.9}, {"token": "Maybe", "logprob": -3.5}]}]}, "finish_reason": "length"}], "usage": {"prompt_tokens": 40, "completion_tokens": 1}}"#;
+    let (url, count) = serve(vec![Reply::Http(200, "application/json", scored.into())]);
+    let m = model(&url, 2000);
+    let out = m.score_choices(&[req(), req()], &["Yes", "No", "Never"]);
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    for s in out {
+        let s = s.unwrap();
+        // " No" is "No" with a space; "Never" is not listed: the smallest listed value bounds it.
+        assert_eq!(s.logprobs, vec![-0.2, -1.9, -3.5]);
+        assert_eq!((s.usage.prompt_tokens, s.usage.completion_tokens), (40, 0));
+    }
+    // A server without log-probabilities cannot score: said, not guessed.
+    let (url, _) = serve(vec![Reply::Http(200, "application/json", OK.into())]);
+    let e = model(&url, 2000)
+        .score_choices(&[req()], &["Yes", "No"])
+        .remove(0)
+        .unwrap_err();
+    assert!(matches!(e, LlmError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("no top_logprobs"), "{e}");
+}
