@@ -80,6 +80,10 @@ pub(crate) struct EvalArgs {
     pub(crate) history: HistoryArgs,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
+    /// Drop from the method's ranking the items the user reviewed before the request (after any
+    /// re-ranking): what a shop would not offer again.
+    #[arg(long)]
+    pub(crate) exclude_seen: bool,
     #[command(flatten)]
     pub(crate) assistant: AssistantArgs,
     #[command(flatten)]

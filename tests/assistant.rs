@@ -425,12 +425,9 @@ fn the_request_can_be_ranked_beside_the_profile_fused_or_joined() {
     }
 }
 
-#[test]
-fn the_history_ranking_fuses_the_users_items_before_the_request() {
-    use mrrec_agent::shop::HistoryParams;
-    use mrrec_eval::Method;
-    let mut ws = fakes();
-    let review = |i: usize, timestamp: i64| mrrec_data::Review {
+/// Bob's 5-star review of the fakes' item `i` at `timestamp`.
+fn bobs(i: usize, timestamp: i64) -> mrrec_data::Review {
+    mrrec_data::Review {
         user_id: "bob".into(),
         parent_asin: format!("B{i:09}"),
         rating: 5.0,
@@ -438,9 +435,16 @@ fn the_history_ranking_fuses_the_users_items_before_the_request() {
         text: String::new(),
         timestamp,
         verified_purchase: None,
-    };
+    }
+}
+
+#[test]
+fn the_history_ranking_fuses_the_users_items_before_the_request() {
+    use mrrec_agent::shop::HistoryParams;
+    use mrrec_eval::Method;
+    let mut ws = fakes();
     // Bob bought two kites (5, 11) before the request's time and a puzzle (3) after it.
-    ws.histories = Histories::from_reviews([review(5, 100), review(11, 200), review(3, 900)]);
+    ws.histories = Histories::from_reviews([bobs(5, 100), bobs(11, 200), bobs(3, 900)]);
     let shop = ws.shop();
     let unit = |ids: &[usize]| {
         let texts: Vec<&str> = ids
@@ -1412,4 +1416,61 @@ fn the_judge_reorders_the_top_of_a_ranking_and_reads_only_the_askers_memory() {
         "weight"
     );
     assert!(RerankParams::default().check().is_ok());
+}
+
+/// Ranks the first `k` catalogue positions in order and remembers the `k` it was asked for.
+struct Positions(std::sync::Arc<Mutex<Vec<usize>>>);
+
+impl mrrec_eval::Method for Positions {
+    fn name(&self) -> &str {
+        "positions"
+    }
+    fn answer(
+        &self,
+        queries: &[&mrrec_data::Query],
+        _field: mrrec_data::QueryField,
+        k: usize,
+    ) -> Result<Vec<mrrec_eval::MethodAnswer>, mrrec_eval::MethodError> {
+        self.0.lock().unwrap().push(k);
+        Ok(queries
+            .iter()
+            .map(|_| mrrec_eval::MethodAnswer {
+                ranking: (0..k as u32).collect(),
+                ..Default::default()
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn excluding_seen_items_drops_only_what_the_user_had_before_the_request() {
+    use mrrec_eval::Method;
+    let mut ws = fakes();
+    // Bob reviewed items 1 and 4 before the request's time, item 2 after it.
+    ws.histories = Histories::from_reviews([bobs(1, 100), bobs(4, 200), bobs(2, 900)]);
+    let q = |user: &str| mrrec_data::Query {
+        qid: "q".into(),
+        user_id: user.into(),
+        query: "a toy".into(),
+        simple_query: Some("a toy".into()),
+        category: None,
+        timestamp: Some(500),
+        split: None,
+    };
+    let asked = std::sync::Arc::new(Mutex::new(vec![]));
+    let m = mrrec_agent::methods::ExcludeSeen {
+        inner: Box::new(Positions(asked.clone())),
+        name: "positions+unseen".into(),
+        shop: ws.shop(),
+    };
+    let field = mrrec_data::QueryField::SimpleQuery;
+    let (bob, alice) = (q("bob"), q("alice"));
+    let out = m.answer(&[&bob, &alice], field, 5).unwrap();
+    // Bob's items before the request are gone, the later one stays; k items remain for both.
+    assert_eq!(out[0].ranking, vec![0, 2, 3, 5, 6]);
+    assert_eq!(out[1].ranking, vec![0, 1, 2, 3, 4]);
+    assert_eq!(m.settings()["exclude_seen"], true);
+    // The method was asked for as many more items as the most any of the batch had seen.
+    m.answer(&[&alice], field, 5).unwrap();
+    assert_eq!(*asked.lock().unwrap(), vec![7, 5]);
 }

@@ -117,6 +117,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
                     out: &dir,
                     history: Default::default(),
                     rerank: None,
+                    exclude_seen: false,
                 };
                 eval_one(&ws, None, job)
             })
@@ -299,6 +300,7 @@ fn demo_assistant(
                 out: &dir,
                 history: Default::default(),
                 rerank: None,
+                exclude_seen: false,
             };
             eval_one(ws, c, job)
         })

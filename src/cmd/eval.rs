@@ -112,6 +112,8 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) history: mrrec_agent::shop::HistoryParams,
     /// The re-ranking stage behind the method, if any (needs the LLM context).
     pub(crate) rerank: Option<mrrec_agent::rerank::RerankParams>,
+    /// Drop the user's past items from the ranking.
+    pub(crate) exclude_seen: bool,
 }
 
 pub(crate) fn eval_one(
@@ -128,6 +130,7 @@ pub(crate) fn eval_one(
         out,
         history,
         rerank,
+        exclude_seen,
     } = job;
     let mut m = method_for(ws, method, ctx, history)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
@@ -174,6 +177,16 @@ pub(crate) fn eval_one(
             bail!("--rerank needs the judge model (an internal error: no LLM context)")
         }
         (None, _) => (run_name, batch, prompts),
+    };
+    let run_name = if exclude_seen {
+        m = Box::new(mrrec_agent::methods::ExcludeSeen {
+            inner: m,
+            name: format!("{run_name}+unseen"),
+            shop: ws.shop(),
+        });
+        format!("{run_name}+unseen")
+    } else {
+        run_name
     };
     let queries = ws
         .dataset
@@ -341,6 +354,7 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
             out: &a.out,
             history,
             rerank,
+            exclude_seen: a.exclude_seen,
         },
     )?;
     print!(

@@ -159,6 +159,54 @@ impl Method for HistoryMethod<'_> {
     }
 }
 
+/// Any method's ranking without the items its user interacted with before the request
+/// (`mrrec eval --exclude-seen`): what a shop does not offer again. The method is asked for as
+/// many more items as the user has past ones, so `k` remain.
+pub struct ExcludeSeen<'a> {
+    /// The method whose ranking is filtered.
+    pub inner: Box<dyn Method + 'a>,
+    /// The run's name.
+    pub name: String,
+    /// The histories and the catalogue.
+    pub shop: crate::Shop<'a>,
+}
+
+impl ExcludeSeen<'_> {
+    /// The catalogue positions of the items `q`'s user reviewed before `q`'s time.
+    pub fn seen(&self, q: &Query) -> std::collections::HashSet<u32> {
+        self.shop
+            .histories
+            .before(&q.user_id, q.timestamp)
+            .iter()
+            .filter_map(|r| self.shop.catalogue.position(&r.parent_asin))
+            .collect()
+    }
+}
+
+impl Method for ExcludeSeen<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({ "method": self.inner.settings(), "exclude_seen": true })
+    }
+    fn answer(
+        &self,
+        queries: &[&Query],
+        field: QueryField,
+        k: usize,
+    ) -> Result<Vec<MethodAnswer>, MethodError> {
+        let seen: Vec<_> = queries.iter().map(|q| self.seen(q)).collect();
+        let more = seen.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut answers = self.inner.answer(queries, field, k + more)?;
+        for (a, s) in answers.iter_mut().zip(&seen) {
+            a.ranking.retain(|i| !s.contains(i));
+            a.ranking.truncate(k);
+        }
+        Ok(answers)
+    }
+}
+
 /// What an LLM method puts in front of the model.
 #[derive(Debug, Clone)]
 pub enum LlmKind {
