@@ -10,9 +10,14 @@ use std::process::Command;
 
 /// `mrrec train` with the tiny model on 300 items of the mini data, into `out` with `store`.
 fn train_command(out: &std::path::Path, store: &std::path::Path) -> Command {
+    tiny_command("train", out, store)
+}
+
+/// `mrrec SUB` with the tiny model on 300 items of the mini data, into `out` with `store`.
+fn tiny_command(sub: &str, out: &std::path::Path, store: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
     c.args([
-        "train",
+        sub,
         "--model",
         "smollm2-135m-instruct",
         "--max-items",
@@ -365,24 +370,10 @@ fn a_judge_learns_yes_for_train_targets_and_reranks_from_eval() {
     // prefers the targets to the other items more than the untrained one.
     let rerank = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
         let o = dir.path().join(name);
-        let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
+        let mut c = tiny_command("eval", &o, &store);
         c.args([
-            "eval", "--method", "hybrid", "--rerank", "5", "--split", "train",
+            "--method", "hybrid", "--rerank", "5", "--split", "train", "--limit", "2",
         ])
-        .args([
-            "--limit",
-            "2",
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-        ])
-        .arg("--data")
-        .arg(common::mini())
-        .arg("--store")
-        .arg(&store)
-        .arg("--out")
-        .arg(&o)
         .args(extra);
         let r = c.output().unwrap();
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));

@@ -34,6 +34,21 @@ pub enum JudgeMemory {
 }
 
 impl JudgeMemory {
+    /// What the judge reads of `q`'s user (`None` without memory, or without a stored profile).
+    pub fn read(
+        self,
+        shop: &crate::Shop<'_>,
+        store: &dyn mrrec_memory::MemoryRead,
+        tenant: &str,
+        q: &Query,
+    ) -> Result<Option<String>> {
+        Ok(match self {
+            JudgeMemory::None => None,
+            JudgeMemory::Recent => Some(recent_interactions(shop, q)),
+            JudgeMemory::Profile => stored_profile(store, tenant, &q.user_id)?,
+        })
+    }
+
     /// The name `--rerank-memory` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -227,15 +242,6 @@ pub struct RerankMethod<'a> {
 }
 
 impl RerankMethod<'_> {
-    /// What the judge reads of `q`'s user.
-    fn memory(&self, q: &Query) -> Result<Option<String>> {
-        Ok(match self.params.memory {
-            JudgeMemory::None => None,
-            JudgeMemory::Recent => Some(recent_interactions(&self.shop, q)),
-            JudgeMemory::Profile => stored_profile(self.store, self.tenant, &q.user_id)?,
-        })
-    }
-
     fn rerank(
         &self,
         q: &Query,
@@ -244,15 +250,22 @@ impl RerankMethod<'_> {
         k: usize,
     ) -> Result<MethodAnswer> {
         let n = self.params.depth.min(ans.ranking.len());
-        let texts_ids: Vec<&str> = ans.ranking[..n]
+        let items: Vec<Option<&mrrec_data::Item>> = ans.ranking[..n]
             .iter()
-            .map(|&i| self.shop.catalogue.get(i).map_or("", |it| it.id.as_str()))
+            .map(|&i| self.shop.catalogue.get(i))
             .collect();
-        let texts: Vec<&str> = ans.ranking[..n]
+        let texts: Vec<&str> = items
             .iter()
-            .map(|&i| self.shop.catalogue.get(i).map_or("", |it| it.text.as_str()))
+            .map(|it| it.map_or("", |it| it.text.as_str()))
             .collect();
-        let memory = self.memory(q)?;
+        let ids: Vec<&str> = items
+            .iter()
+            .map(|it| it.map_or("", |it| it.id.as_str()))
+            .collect();
+        let memory = self
+            .params
+            .memory
+            .read(&self.shop, self.store, self.tenant, q)?;
         let (scores, usage) = judge(
             self.llm,
             request,
@@ -260,27 +273,23 @@ impl RerankMethod<'_> {
             memory.as_deref(),
             &texts,
         )?;
-        let texts_ids: Vec<String> = texts_ids.into_iter().map(String::from).collect();
-        let mut ranking = fuse_judged(&ans.ranking, &scores, self.params.weight);
-        ranking.truncate(k);
-        ans.ranking = ranking;
+        ans.ranking = fuse_judged(&ans.ranking, &scores, self.params.weight);
+        ans.ranking.truncate(k);
         ans.usage.prompt_tokens += usage.prompt_tokens;
         ans.usage.llm_seconds += usage.seconds;
         let stage = serde_json::json!({
-            "rerank": {
-                "depth": n,
-                "items": texts_ids,
-                "scores": scores,
-                "memory_chars": memory.as_ref().map_or(0, |m| m.len()),
-            }
+            "depth": n,
+            "items": ids,
+            "scores": scores,
+            "memory_chars": memory.as_ref().map_or(0, |m| m.len()),
         });
         ans.trace = Some(match ans.trace.take() {
             Some(serde_json::Value::Object(mut o)) => {
-                o.insert("rerank".into(), stage["rerank"].clone());
+                o.insert("rerank".into(), stage);
                 serde_json::Value::Object(o)
             }
-            Some(other) => serde_json::json!({ "method": other, "rerank": stage["rerank"] }),
-            None => stage,
+            Some(other) => serde_json::json!({ "method": other, "rerank": stage }),
+            None => serde_json::json!({ "rerank": stage }),
         });
         Ok(ans)
     }

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 
 use crate::trainer::{Sft, SftExample};
 use crate::{Result, TrainError};
-use mrrec_agent::rerank::{judge_request, JudgeMemory, RerankParams};
+use mrrec_agent::rerank::{judge_request, RerankParams};
 use mrrec_data::LabeledQuery;
 
 /// What the judge learns from.
@@ -65,13 +65,7 @@ pub fn judge_examples(
         ));
         others.shuffle(&mut rng);
         others.truncate(data.negatives);
-        let memory = match data.stage.memory {
-            JudgeMemory::None => None,
-            JudgeMemory::Recent => Some(mrrec_agent::rerank::recent_interactions(&shop, query)),
-            JudgeMemory::Profile => {
-                mrrec_agent::rerank::stored_profile(store, tenant, &query.user_id)?
-            }
-        };
+        let memory = data.stage.memory.read(&shop, store, tenant, query)?;
         let mut segments = Vec::with_capacity(1 + others.len());
         for (item, label) in std::iter::once((target, yes)).chain(others.iter().map(|&i| (i, no))) {
             let text = ws.catalogue().get(item).map_or("", |it| it.text.as_str());

@@ -141,6 +141,19 @@ fn sampler(s: &Sampling, seed: u64) -> LogitsProcessor {
 }
 
 /// The log-probability (temperature 1) of `token` under a row of logits, as decoding records it.
+/// Per-request results, each slot filled by then (an empty one is an error, never a panic).
+fn filled<T>(out: Vec<Option<Result<T>>>) -> Vec<Result<T>> {
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(crate::LocalError::Llm(LlmError::Tokenizer(
+                    "no result".into(),
+                )))
+            })
+        })
+        .collect()
+}
+
 fn logprob(logits: &Tensor, token: u32) -> Result<f32> {
     let v = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
     let x = v.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
@@ -579,6 +592,13 @@ impl LocalModel {
         self.seq_for(req, cache, logits, on_text)
     }
 
+    /// A request's prompt ids, refused when it is already cancelled or too long for the window.
+    fn admitted_ids(&self, req: &ChatRequest) -> Result<Vec<u32>> {
+        let ids = self.info.encode(&self.prompt(req)?)?;
+        self.admit(&ids, req)?;
+        Ok(ids)
+    }
+
     /// Refuses a request already cancelled or too long for the window.
     fn admit(&self, ids: &[u32], req: &ChatRequest) -> Result<()> {
         mrrec_llm::check_cancel(req.cancel.as_ref())?;
@@ -634,11 +654,7 @@ impl LocalModel {
         // Every request's prompt, checked; then their new tokens prefilled as one batch.
         let mut ready: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
-            let checked = self
-                .prompt(r)
-                .and_then(|p| self.info.encode(&p))
-                .and_then(|ids| self.admit(&ids, r).map(|()| ids));
-            match checked {
+            match self.admitted_ids(r) {
                 Ok(ids) => ready.push((i, ids)),
                 Err(e) => out[i] = Some(Err(e)),
             }
@@ -672,15 +688,7 @@ impl LocalModel {
                 }));
             }
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(crate::LocalError::Llm(LlmError::Tokenizer(
-                        "no result".into(),
-                    )))
-                })
-            })
-            .collect()
+        filled(out)
     }
 
     /// Scores `choices` as the first token of each request's answer: every prompt is prefilled
@@ -718,13 +726,14 @@ impl LocalModel {
             (0..reqs.len()).map(|_| None).collect();
         let mut ready: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
-            let mut r1 = r.clone();
-            r1.sampling.max_tokens = 1;
-            let checked = self
-                .prompt(&r1)
-                .and_then(|p| self.info.encode(&p))
-                .and_then(|ids| self.admit(&ids, &r1).map(|()| ids));
-            match checked {
+            let one = ChatRequest {
+                sampling: Sampling {
+                    max_tokens: 1,
+                    ..r.sampling.clone()
+                },
+                ..r.clone()
+            };
+            match self.admitted_ids(&one) {
                 Ok(ids) => ready.push((i, ids)),
                 Err(e) => out[i] = Some(Err(e)),
             }
@@ -750,15 +759,7 @@ impl LocalModel {
                 })
             }));
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(crate::LocalError::Llm(LlmError::Tokenizer(
-                        "no result".into(),
-                    )))
-                })
-            })
-            .collect()
+        filled(out)
     }
 
     /// Decodes ids to text (special tokens kept as text).

@@ -116,15 +116,7 @@ impl LocalModel {
             }
             pending = later;
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(crate::LocalError::Llm(LlmError::Tokenizer(
-                        "no result".into(),
-                    )))
-                })
-            })
-            .collect()
+        filled(out)
     }
 
     /// Prefills the sequences in passes of [`Transformer::prefill_batch`] of at most
