@@ -317,7 +317,7 @@ fn grpo_can_sample_and_learn_only_the_guided_answer() {
 }
 
 #[test]
-fn a_judge_learns_yes_for_train_targets_and_reranks_from_eval() {
+fn a_judge_learns_yes_for_train_targets_reranks_from_eval_and_teaches_a_student() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("mem.sqlite");
     let out = dir.path().join("judge");
@@ -430,6 +430,122 @@ fn a_judge_learns_yes_for_train_targets_and_reranks_from_eval() {
         margin(&after),
         margin(&before)
     );
+    // Distillation: a fresh judge learns the trained judge's scores (its P(Yes) of each item)
+    // instead of the targets. The teacher's scores are kept in the run folder, as the stage's
+    // judge computes them.
+    let student = dir.path().join("student");
+    let (ok, err) = judge(
+        &student,
+        &[
+            "--steps",
+            "6",
+            "--lr",
+            "1e-2",
+            "--judge-teacher",
+            "smollm2-135m-instruct",
+            "--judge-teacher-adapter",
+            adapter.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("teacher: 2 queries scored (0 kept from before)"),
+        "{err}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("train.json")).unwrap())
+            .unwrap();
+    let teacher_id = cfg["sft"]["judge"]["teacher"].as_str().unwrap().to_string();
+    assert!(
+        teacher_id.starts_with("smollm2-135m-instruct+lora-"),
+        "{cfg}"
+    );
+    let kept: Vec<serde_json::Value> = std::fs::read_to_string(student.join("judge-teacher.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 2);
+    // The kept scores are the trained judge's as `eval --rerank --adapter` traced them (the
+    // items both judged: the target and the negatives within the top 5).
+    let mut compared = 0;
+    for k in &kept {
+        assert_eq!(k["teacher"], teacher_id.as_str());
+        assert_eq!(k["items"].as_array().unwrap().len(), 3);
+        let row = after.iter().find(|r| r["qid"] == k["qid"]).unwrap();
+        let t = &row["trace"]["rerank"];
+        for (item, score) in k["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(k["scores"].as_array().unwrap())
+        {
+            if let Some(j) = t["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .position(|x| x == item)
+            {
+                let traced = t["scores"][j].as_f64().unwrap();
+                assert!(
+                    (traced - score.as_f64().unwrap()).abs() < 1e-2,
+                    "{item}: {traced} vs {score}"
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared >= 2, "{kept:?}");
+    // Each step learns every judged item's soft label: the cross-entropy to the teacher falls.
+    let log = std::fs::read_to_string(student.join("log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    assert_eq!(steps[0]["calls"], 6);
+    assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
+    // The student, untrained at first, now prefers the targets as its teacher does.
+    let distilled = rerank(
+        "distilled",
+        &[
+            "--adapter",
+            student.join("adapter.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        margin(&distilled) > margin(&before),
+        "{} vs {}",
+        margin(&distilled),
+        margin(&before)
+    );
+    // Resumed to a longer run, the teacher is not asked again; another teacher is refused.
+    let (ok, err) = judge(
+        &student,
+        &[
+            "--steps",
+            "7",
+            "--lr",
+            "1e-2",
+            "--judge-teacher",
+            "smollm2-135m-instruct",
+            "--judge-teacher-adapter",
+            adapter.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && err.contains("(2 kept from before)"), "{err}");
+    let (ok, err) = judge(
+        &student,
+        &[
+            "--steps",
+            "8",
+            "--lr",
+            "1e-2",
+            "--judge-teacher",
+            "smollm2-135m-instruct",
+        ],
+    );
+    assert!(!ok && err.contains("sft differ"), "{err}");
     // What --judge cannot mean, and its flags without it: refused before anything loads.
     for (extra, says) in [
         (
@@ -446,6 +562,23 @@ fn a_judge_learns_yes_for_train_targets_and_reranks_from_eval() {
         ),
         (&["--judge", "--rerank", "0"][..], "--rerank: 0 items"),
         (&["--rerank", "5"][..], "add --judge"),
+        (&["--judge-teacher", "x"][..], "add --judge"),
+        (
+            &["--judge", "--judge-teacher-url", "http://127.0.0.1:9"][..],
+            "add --judge-teacher MODEL",
+        ),
+        (
+            &[
+                "--judge",
+                "--judge-teacher",
+                "x",
+                "--judge-teacher-url",
+                "http://127.0.0.1:9",
+                "--judge-teacher-adapter",
+                "a.safetensors",
+            ][..],
+            "serves its own weights",
+        ),
     ] {
         let o = train_command(&dir.path().join("refused"), &store)
             .args(extra)

@@ -117,9 +117,24 @@ pub(crate) struct TrainCmd {
     /// during training (compare with `eval --rerank` on `train`).
     #[arg(long)]
     pub(crate) judge: bool,
-    /// With --judge: negatives per query.
+    /// With --judge: negatives per query (with a teacher: the other items judged per query,
+    /// e.g. 19 for the whole top 20).
     #[arg(long, default_value_t = 3)]
     pub(crate) judge_negatives: usize,
+    /// With --judge: distil a teacher judge — each item's label is this model's P(`Yes`) as the
+    /// stage's judge (a registry id or GGUF path; with --judge-teacher-url, the server's model
+    /// name) instead of the query's own target/negative label. Its scores are kept in
+    /// OUT/judge-teacher.jsonl (a resumed run reuses them).
+    #[arg(long, value_name = "MODEL")]
+    pub(crate) judge_teacher: Option<String>,
+    /// With --judge-teacher: the teacher is served by this OpenAI-compatible server (it must
+    /// return `top_logprobs`).
+    #[arg(long, value_name = "URL")]
+    pub(crate) judge_teacher_url: Option<String>,
+    /// With --judge-teacher: the teacher is the local model with this adapter (e.g. a judge
+    /// trained before).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) judge_teacher_adapter: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
 }
@@ -153,11 +168,35 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
     Ok(())
 }
 
+/// The teacher judge of `--judge-teacher`.
+pub(crate) struct TeacherSpec {
+    model: String,
+    url: Option<String>,
+    adapter: Option<PathBuf>,
+}
+
+/// What `--judge` learns: the examples' settings and, distilling, the teacher.
+pub(crate) struct JudgeJob {
+    data: mrrec_train::judge::JudgeData,
+    teacher: Option<TeacherSpec>,
+}
+
 /// What `--judge` learns from, checked (`None` without it; its flags are refused then).
-fn judge_data(a: &TrainCmd) -> Result<Option<mrrec_train::judge::JudgeData>> {
+fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
+    if a.judge_teacher.is_none()
+        && (a.judge_teacher_url.is_some() || a.judge_teacher_adapter.is_some())
+    {
+        bail!("--judge-teacher-url and --judge-teacher-adapter say where the teacher is: add --judge-teacher MODEL");
+    }
+    if a.judge_teacher_url.is_some() && a.judge_teacher_adapter.is_some() {
+        bail!("--judge-teacher-adapter applies to a local teacher; a server (--judge-teacher-url) serves its own weights: drop one");
+    }
     if !a.judge {
         if a.rerank.rerank.is_some() || a.rerank.rerank_memory.is_some() {
             bail!("--rerank and --rerank-memory say which judge `--judge` trains: add --judge");
+        }
+        if a.judge_teacher.is_some() {
+            bail!("--judge-teacher gives the labels of the judge `--judge` trains: add --judge");
         }
         return Ok(None);
     }
@@ -183,10 +222,18 @@ fn judge_data(a: &TrainCmd) -> Result<Option<mrrec_train::judge::JudgeData>> {
             p
         }
     };
-    Ok(Some(mrrec_train::judge::JudgeData {
-        stage,
-        negatives: a.judge_negatives,
-        seed: a.train.seed,
+    Ok(Some(JudgeJob {
+        data: mrrec_train::judge::JudgeData {
+            stage,
+            negatives: a.judge_negatives,
+            seed: a.train.seed,
+            teacher: None,
+        },
+        teacher: a.judge_teacher.as_ref().map(|m| TeacherSpec {
+            model: m.clone(),
+            url: a.judge_teacher_url.clone(),
+            adapter: a.judge_teacher_adapter.clone(),
+        }),
     }))
 }
 
@@ -201,7 +248,7 @@ fn train_cmd(
     sample: SampleCalls,
     tenant: &str,
     allow_nothing: bool,
-    judge: Option<mrrec_train::judge::JudgeData>,
+    judge: Option<JudgeJob>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
     use mrrec_llm_local::model::Proj;
     if assistant.llm.llm_url.is_some() {
@@ -294,10 +341,39 @@ fn train_cmd(
         users.len(),
         report.records_added
     );
+    let judging = judge.is_some();
     let sft = match (&args.sft, judge) {
-        (_, Some(j)) => Some(mrrec_train::judge::judge_examples(
-            &ws, &*store, tenant, &local, &train_q, &j,
-        )?),
+        (_, Some(JudgeJob { mut data, teacher })) => {
+            let teacher = teacher
+                .map(|t| {
+                    mrrec_agent::backend::cached_chat_model_with_adapter(
+                        &t.model,
+                        t.url.as_deref(),
+                        server_options()?,
+                        t.adapter.as_deref(),
+                    )
+                    .with_context(|| format!("the teacher judge {}", t.model))
+                })
+                .transpose()?;
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            let teacher = teacher.as_ref().map(|m| {
+                data.teacher = Some(mrrec_llm::ChatModel::id(m).to_string());
+                mrrec_train::judge::Teacher {
+                    model: m,
+                    scores: Some(args.out.join("judge-teacher.jsonl")),
+                }
+            });
+            Some(mrrec_train::judge::judge_examples(
+                &ws,
+                &*store,
+                tenant,
+                &local,
+                &train_q,
+                &data,
+                teacher.as_ref(),
+            )?)
+        }
         (Some(path), None) => Some(sft_examples(
             path,
             (args.sft_as_free, args.sft_anchor),
@@ -352,7 +428,7 @@ fn train_cmd(
         sft,
     };
     // The judge is not validated by the assistant's answers: compare it with `eval --rerank`.
-    let st = t.run(&train_q, if judge.is_some() { &[] } else { &val_q })?;
+    let st = t.run(&train_q, if judging { &[] } else { &val_q })?;
     println!(
         "{} steps; validation N@100 {} → best {}{}; adapter in {}",
         st.step,
@@ -995,6 +1071,7 @@ fn sft_examples(
                     segments
                 },
                 rewards: r.rewards.clone(),
+                soft: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -1057,6 +1134,7 @@ fn sft_examples(
                 qid: (*qid).clone(),
                 segments,
                 rewards: t.rewards,
+                soft: None,
             });
             n += 1;
             eprintln!(

@@ -116,6 +116,32 @@ pub fn grpo_loss(new: &[Tensor], batch: &[TokenBatch], p: &GrpoParams) -> Result
     Ok(((total / tokens.max(1.0) as f64)?, tokens as usize))
 }
 
+/// The loss of one soft-labelled answer token (a distilled judge): `lp` holds the current
+/// log-probability q of the learnt token within its allowed pair (shape `(1,)`,
+/// differentiable), `p` the label's probability of it; the loss is the two-way cross-entropy
+/// `−p·log q − (1 − p)·log(1 − q)` (minimal, with zero gradient, at q = p), plus `kl ·` the same
+/// low-variance KL estimator as GRPO's when a reference log-probability is given.
+pub fn soft_label_loss(lp: &Tensor, p: f32, reference: Option<&[f32]>, kl: f64) -> Result<Tensor> {
+    if lp.dims() != [1] || !(0.0..=1.0).contains(&p) {
+        return Err(TrainError::Shape(format!(
+            "a soft label is one token's probability in [0, 1]: {p} for {:?} log-probabilities",
+            lp.dims()
+        )));
+    }
+    let p = p as f64;
+    // log(1 − q), kept finite where q rounds to 1.
+    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-12, 1.0)?.log()?;
+    let mut per = ((lp * -p)? + (rest * -(1.0 - p))?)?;
+    if kl > 0.0 {
+        if let Some(r) = reference {
+            let r = Tensor::new(r, lp.device())?.to_dtype(lp.dtype())?;
+            let d = (r - lp)?;
+            per = (per + (((d.exp()? - &d)? - 1.0)? * kl)?)?;
+        }
+    }
+    Ok(per.sum_all()?)
+}
+
 /// AdamW settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {

@@ -1,20 +1,26 @@
 //! Training data for the re-ranking stage's judge (`mrrec train --judge`): per `train` query, the
-//! judge's question about its target (answer `Yes`) and about `negatives` other items of the
-//! request's hybrid top `depth` (answer `No`, a seeded choice), asked exactly as the stage asks at
-//! answer time ([`mrrec_agent::rerank::judge_request`], the same memory), each answer learnt as
-//! one token renormalised over the two answers — the binary cross-entropy of the judge's score
-//! log P(`Yes`) − log P(`No`).
+//! judge's question about its target and about `negatives` other items of the request's hybrid
+//! top `depth` (a seeded choice), asked exactly as the stage asks at answer time
+//! ([`mrrec_agent::rerank::judge_request`], the same memory), each answer learnt as one token
+//! renormalised over the two answers — the binary cross-entropy of the judge's score
+//! log P(`Yes`) − log P(`No`). The labels are the query's own (target `Yes`, the others `No`), or —
+//! distillation — a teacher judge's: each item's label is the teacher's P(`Yes`) over the two
+//! answers (a soft label, [`SftExample::soft`]).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::trainer::{Sft, SftExample};
 use crate::{Result, TrainError};
-use mrrec_agent::rerank::{judge_request, RerankParams};
+use mrrec_agent::rerank::{judge, judge_request, RerankParams};
 use mrrec_data::LabeledQuery;
 
 /// What the judge learns from.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JudgeData {
     /// The stage the judge serves: the depth its negatives come from and the memory it reads.
     pub stage: RerankParams,
@@ -22,11 +28,66 @@ pub struct JudgeData {
     pub negatives: usize,
     /// Seed of the negatives' choice.
     pub seed: u64,
+    /// The teacher judge whose scores are the labels (its model id), `None`: the query's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
 }
 
-/// The judge's examples for `queries` (`train` rows: their targets are the labels), one
-/// [`SftExample`] per query — its target's question first, then the negatives'. A query whose
-/// target is not in the catalogue is skipped and counted in the source's `skipped`.
+/// A judge whose scores become the labels.
+pub struct Teacher<'a> {
+    /// The teacher (any model that scores answers: a local model, an adapter, a server with
+    /// log-probabilities).
+    pub model: &'a dyn mrrec_llm::ChatModel,
+    /// Where its scores are kept (a line per query, appended as they are computed), so that a
+    /// resumed run or a second student reuses them instead of asking again.
+    pub scores: Option<PathBuf>,
+}
+
+/// One query's teacher scores as kept on disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TeacherLine {
+    teacher: String,
+    qid: String,
+    items: Vec<String>,
+    scores: Vec<f32>,
+}
+
+/// The scores kept at `path` by `teacher` (other teachers' lines are ignored; a line that does not
+/// parse is an error naming it).
+fn kept_scores(path: &std::path::Path, teacher: &str) -> Result<HashMap<String, TeacherLine>> {
+    let mut out = HashMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(TrainError::Invalid(format!(
+                "reading {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: TeacherLine = serde_json::from_str(line)
+            .map_err(|e| TrainError::Invalid(format!("{} line {}: {e}", path.display(), i + 1)))?;
+        if l.teacher == teacher {
+            out.insert(l.qid.clone(), l);
+        }
+    }
+    Ok(out)
+}
+
+/// The logistic function: a score log P(`Yes`) − log P(`No`) as P(`Yes`) over the two answers.
+pub fn yes_probability(score: f32) -> f32 {
+    1.0 / (1.0 + (-score).exp())
+}
+
+/// The judge's examples for `queries` (`train` rows: their targets are the labels, unless a
+/// `teacher` gives them), one [`SftExample`] per query — its target's question first, then the
+/// negatives'. A query whose target is not in the catalogue is skipped and counted in the
+/// source's `skipped`.
 pub fn judge_examples(
     ws: &mrrec_agent::Workspace,
     store: &dyn mrrec_memory::MemoryRead,
@@ -34,6 +95,7 @@ pub fn judge_examples(
     local: &mrrec_llm_local::LocalModel,
     queries: &[&LabeledQuery],
     data: &JudgeData,
+    teacher: Option<&Teacher<'_>>,
 ) -> Result<Sft> {
     let shop = ws.shop();
     let answer = |s: &str| -> Result<u32> {
@@ -44,9 +106,27 @@ pub fn judge_examples(
     let (yes, no) = (answer("Yes")?, answer("No")?);
     let n_vocab = local.transformer().n_vocab;
     let two = mrrec_llm_local::TokenSet::from_fn(n_vocab, |t| t == yes || t == no);
+    let teacher_id = teacher.map(|t| t.model.id().to_string());
+    if data.teacher.is_some() && data.teacher != teacher_id {
+        return Err(TrainError::Invalid(format!(
+            "the judge's data names the teacher {:?} but {:?} was given",
+            data.teacher, teacher_id
+        )));
+    }
+    let mut kept = match (teacher, &teacher_id) {
+        (
+            Some(Teacher {
+                scores: Some(p), ..
+            }),
+            Some(id),
+        ) => kept_scores(p, id)?,
+        _ => HashMap::new(),
+    };
     let mut examples = Vec::with_capacity(queries.len());
-    let (mut skipped, mut in_top, mut calls) = (0usize, 0usize, 0usize);
-    for q in queries {
+    let (mut skipped, mut in_top, mut calls, mut reused) = (0usize, 0usize, 0usize, 0usize);
+    let mut usage = mrrec_llm::Usage::default();
+    let t0 = std::time::Instant::now();
+    for (qi, q) in queries.iter().enumerate() {
         let query = q.query();
         let Some(target) = ws.catalogue().position(q.target()) else {
             skipped += 1;
@@ -66,11 +146,89 @@ pub fn judge_examples(
         others.shuffle(&mut rng);
         others.truncate(data.negatives);
         let memory = data.stage.memory.read(&shop, store, tenant, query)?;
-        let mut segments = Vec::with_capacity(1 + others.len());
-        for (item, label) in std::iter::once((target, yes)).chain(others.iter().map(|&i| (i, no))) {
-            let text = ws.catalogue().get(item).map_or("", |it| it.text.as_str());
-            let req = judge_request(request, query.category.as_deref(), memory.as_deref(), text);
+        let items: Vec<u32> = std::iter::once(target).chain(others).collect();
+        let text = |i: u32| ws.catalogue().get(i).map_or("", |it| it.text.as_str());
+        // Soft labels: the teacher's P(`Yes`) of each item, asked as the stage asks.
+        let soft = match (teacher, &teacher_id) {
+            (Some(t), Some(id)) => {
+                let ids: Vec<String> = items
+                    .iter()
+                    .map(|&i| {
+                        ws.catalogue()
+                            .get(i)
+                            .map_or(String::new(), |it| it.id.clone())
+                    })
+                    .collect();
+                let scores = match kept.remove(&query.qid).filter(|l| l.items == ids) {
+                    Some(l) => {
+                        reused += 1;
+                        l.scores
+                    }
+                    None => {
+                        let texts: Vec<&str> = items.iter().map(|&i| text(i)).collect();
+                        let (scores, u) = judge(
+                            t.model,
+                            request,
+                            query.category.as_deref(),
+                            memory.as_deref(),
+                            &texts,
+                        )
+                        .map_err(|e| {
+                            TrainError::Invalid(format!(
+                                "the teacher {id} on query {}: {e}",
+                                query.qid
+                            ))
+                        })?;
+                        usage.add(&u);
+                        if let Some(p) = &t.scores {
+                            let line = serde_json::to_string(&TeacherLine {
+                                teacher: id.clone(),
+                                qid: query.qid.clone(),
+                                items: ids,
+                                scores: scores.clone(),
+                            })?;
+                            let mut f = std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(p)
+                                .map_err(|e| {
+                                    TrainError::Invalid(format!("writing {}: {e}", p.display()))
+                                })?;
+                            writeln!(f, "{line}")?;
+                        }
+                        scores
+                    }
+                };
+                if (qi + 1) % 10 == 0 || qi + 1 == queries.len() {
+                    eprintln!(
+                        "teacher {id}: {}/{} queries ({reused} kept from before), {} tokens in, {:.0}s",
+                        qi + 1,
+                        queries.len(),
+                        usage.prompt_tokens,
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                Some(
+                    scores
+                        .into_iter()
+                        .map(yes_probability)
+                        .collect::<Vec<f32>>(),
+                )
+            }
+            _ => None,
+        };
+        let mut segments = Vec::with_capacity(items.len());
+        for (k, &item) in items.iter().enumerate() {
+            let req = judge_request(
+                request,
+                query.category.as_deref(),
+                memory.as_deref(),
+                text(item),
+            );
             let prompt = local.info().encode(&local.prompt(&req)?)?;
+            // With soft labels every item's learnt token is `Yes`: the loss weighs its
+            // log-probability by the label and the other answer's by one minus it.
+            let label = if soft.is_some() || k == 0 { yes } else { no };
             segments.push(mrrec_llm_local::Segment {
                 prompt,
                 ids: vec![label],
@@ -84,9 +242,10 @@ pub fn judge_examples(
             qid: query.qid.clone(),
             segments,
             rewards: Default::default(),
+            soft,
         });
     }
-    let source = serde_json::json!({
+    let mut source = serde_json::json!({
         "judge": data,
         "prompt": mrrec_agent::rerank::RERANK_PROMPT_VERSION,
         "queries": examples.len(),
@@ -95,5 +254,26 @@ pub fn judge_examples(
         "calls": calls,
         "kept": examples.len(),
     });
+    if teacher.is_some() {
+        let labels: Vec<f32> = examples
+            .iter()
+            .flat_map(|e| e.soft.iter().flatten().copied())
+            .collect();
+        let mean = labels.iter().sum::<f32>() / labels.len().max(1) as f32;
+        let targets: Vec<f32> = examples
+            .iter()
+            .filter_map(|e| e.soft.as_ref()?.first().copied())
+            .collect();
+        source["teacher_mean_yes"] = serde_json::json!(mean);
+        source["teacher_mean_yes_target"] =
+            serde_json::json!(targets.iter().sum::<f32>() / targets.len().max(1) as f32);
+        eprintln!(
+            "teacher: {} queries scored ({reused} kept from before), {} tokens in, {:.0}s; mean P(Yes) {mean:.3}, of targets {:.3}",
+            examples.len(),
+            usage.prompt_tokens,
+            t0.elapsed().as_secs_f64(),
+            source["teacher_mean_yes_target"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(Sft { examples, source })
 }

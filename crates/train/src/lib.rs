@@ -14,7 +14,9 @@ pub mod softmax;
 pub mod trainer;
 pub mod trajectories;
 
-pub use grpo::{group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, TokenBatch};
+pub use grpo::{
+    group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, GrpoParams, TokenBatch,
+};
 pub use policy::{LoraConfig, LowerCache, Policy, Shape};
 
 /// What can go wrong.

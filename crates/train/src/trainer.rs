@@ -188,6 +188,11 @@ pub struct SftExample {
     pub segments: Vec<mrrec_llm_local::Segment>,
     /// Its rewards when sampled (logged as the step's rewards).
     pub rewards: mrrec_agent::rewards::Rewards,
+    /// Soft labels (a distilled judge): per segment, the probability the loss gives its one
+    /// learnt token within its allowed pair (the other token gets the rest) — the two-way
+    /// cross-entropy to a teacher's answer instead of the token's likelihood. `None`: every
+    /// learnt token is the label.
+    pub soft: Option<Vec<f32>>,
 }
 
 /// Supervised fine-tuning: the examples, and what they are (saved in `train.json`, so a resume
@@ -455,7 +460,8 @@ impl Trainer<'_> {
                 .filter(|(_, g)| g.iter().all(|t| t.rewards.rec <= 0.0))
                 .count();
             let (mut rf, mut rr, mut rm, mut rt, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
-            let mut work: Vec<(&mrrec_llm_local::Segment, f32)> = Vec::new();
+            // (segment, advantage, soft label).
+            let mut work: Vec<(&mrrec_llm_local::Segment, f32, Option<f32>)> = Vec::new();
             // Supervised fine-tuning: every kept trajectory's tokens with advantage 1 — with the
             // old log-probabilities the current ones (ratio 1, no clipping) the GRPO loss's
             // gradient is exactly the negative log-likelihood's, KL term included.
@@ -465,8 +471,11 @@ impl Trainer<'_> {
                 rm += ex.rewards.mem;
                 rt += ex.rewards.total;
                 n += 1;
-                for seg in ex.segments.iter().filter(|s| !s.ids.is_empty()) {
-                    work.push((seg, 1.0));
+                for (i, seg) in ex.segments.iter().enumerate() {
+                    if !seg.ids.is_empty() {
+                        let soft = ex.soft.as_ref().and_then(|s| s.get(i).copied());
+                        work.push((seg, 1.0, soft));
+                    }
                 }
             }
             for (qid, g) in &groups {
@@ -487,18 +496,18 @@ impl Trainer<'_> {
                     // context, not a choice the advantage rewards.
                     for seg in crate::trajectories::learnt(&t.segments, t.greedy_calls, |s| &s.ids)
                     {
-                        work.push((seg, a as f32));
+                        work.push((seg, a as f32, None));
                     }
                 }
             }
-            let tokens: usize = work.iter().map(|(s, _)| s.ids.len()).sum();
+            let tokens: usize = work.iter().map(|(s, _, _)| s.ids.len()).sum();
             let (hits0, total0) = (lower.hits_tokens, lower.total_tokens);
             let (mut t_fwd, mut t_bwd, mut t_opt) = (0.0, 0.0, 0.0);
             let (mut loss_v, mut norm) = (None, None);
             if tokens > 0 {
                 let mut acc: Option<Vec<candle_core::Tensor>> = None;
                 let mut total_loss = 0.0;
-                for (seg, a) in &work {
+                for (seg, a, soft) in &work {
                     let t1 = Instant::now();
                     let mut toks = seg.prompt.clone();
                     toks.extend(&seg.ids);
@@ -528,15 +537,30 @@ impl Trainer<'_> {
                     let old: Vec<f32> = lp.detach().to_dtype(candle_core::DType::F32)?.to_vec1()?;
                     let len = old.len();
                     let old_sum: f64 = old.iter().map(|&x| x as f64).sum();
-                    let b = TokenBatch {
-                        old,
-                        reference,
-                        mask: vec![1.0; len],
-                        advantage: *a,
+                    let (l, logged) = if let Some(p) = soft {
+                        // A soft label: the two-way cross-entropy (its value is what is logged).
+                        let l = crate::grpo::soft_label_loss(
+                            &lp,
+                            *p,
+                            reference.as_deref(),
+                            self.train.grpo.kl,
+                        )?;
+                        let l = l.affine(1.0 / tokens as f64, 0.0)?;
+                        let v = l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                        (l, Some(v))
+                    } else {
+                        let b = TokenBatch {
+                            old,
+                            reference,
+                            mask: vec![1.0; len],
+                            advantage: *a,
+                        };
+                        let (l, _) = grpo_loss(&[lp], &[b], &self.train.grpo)?;
+                        ((l * (len as f64 / tokens as f64))?, None)
                     };
-                    let (l, _) = grpo_loss(&[lp], &[b], &self.train.grpo)?;
-                    let l = (l * (len as f64 / tokens as f64))?;
-                    total_loss += if self.sft.is_some() {
+                    total_loss += if let Some(v) = logged {
+                        v
+                    } else if self.sft.is_some() {
                         // Fine-tuning logs the mean negative log-likelihood of the tokens (the
                         // surrogate is −1 at ratio 1 whatever the model).
                         -old_sum / tokens as f64

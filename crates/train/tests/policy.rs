@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use mrrec_llm_local::model::Proj;
 use mrrec_train::softmax::{causal_softmax, composed_causal_softmax};
 use mrrec_train::{
-    group_advantages, grpo_loss, AdamW, AdamWParams, GrpoParams, LoraConfig, LowerCache, Policy,
-    Shape, TokenBatch,
+    group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, GrpoParams, LoraConfig,
+    LowerCache, Policy, Shape, TokenBatch,
 };
 use rand::SeedableRng;
 
@@ -636,4 +636,54 @@ fn tempfile_dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mrrec-train-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn a_soft_label_is_learnt_as_the_two_way_cross_entropy_and_is_still_where_the_model_agrees() {
+    // q: the model's probability of the learnt token within its pair; p: the label's.
+    let case = |q: f64, p: f32, reference: Option<&[f32]>, kl: f64| -> (f64, f64) {
+        let lp = Var::from_tensor(&Tensor::new(&[q.ln()], &Device::Cpu).unwrap()).unwrap();
+        let loss = soft_label_loss(lp.as_tensor(), p, reference, kl).unwrap();
+        let v = loss.to_scalar::<f64>().unwrap();
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(lp.as_tensor())
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        (v, g)
+    };
+    for (q, p) in [
+        (0.3, 0.3f32),
+        (0.3, 0.9),
+        (0.8, 0.1),
+        (0.5, 1.0),
+        (0.5, 0.0),
+    ] {
+        let (v, g) = case(q, p, None, 0.0);
+        let p = p as f64;
+        let want = -p * q.ln()
+            - if p < 1.0 {
+                (1.0 - p) * (1.0 - q).ln()
+            } else {
+                0.0
+            };
+        assert!((v - want).abs() < 1e-9, "q {q} p {p}: {v} vs {want}");
+        // d/d(log q) of the cross-entropy: q·(1 − p)/(1 − q) − p.
+        let dg = q * (1.0 - p) / (1.0 - q) - p;
+        assert!((g - dg).abs() < 1e-9, "q {q} p {p}: {g} vs {dg}");
+    }
+    // Where the model already says what the label says, nothing moves; a higher label pulls up.
+    assert!(case(0.3, 0.3, None, 0.0).1.abs() < 1e-8);
+    assert!(case(0.3, 0.9, None, 0.0).1 < 0.0 && case(0.8, 0.1, None, 0.0).1 > 0.0);
+    // The KL term adds GRPO's estimator; it is zero at the reference.
+    let r = [0.3f64.ln() as f32];
+    assert!((case(0.3, 0.6, Some(&r), 0.5).0 - case(0.3, 0.6, None, 0.0).0).abs() < 1e-6);
+    assert!(case(0.5, 0.6, Some(&r), 0.5).0 > case(0.5, 0.6, None, 0.0).0);
+    // Not a probability, or more than one token: refused.
+    let lp = Tensor::new(&[-0.1f64, -0.2], &Device::Cpu).unwrap();
+    assert!(soft_label_loss(&lp, 0.5, None, 0.0).is_err());
+    let lp = Tensor::new(&[-0.1f64], &Device::Cpu).unwrap();
+    assert!(soft_label_loss(&lp, 1.5, None, 0.0).is_err());
 }
