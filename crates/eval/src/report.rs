@@ -92,7 +92,7 @@ pub fn compare_runs(
     let mut rows = Vec::new();
     let names = labels(&[(a, ma.spec.method.as_str()), (b, mb.spec.method.as_str())]);
     let mut s = format!(
-        "A = {} ({}), B = {} ({})\n\n| metric | A | B | A − B [95% CI] | p | queries |\n|---|---|---|---|---|---|\n",
+        "A = {} ({}), B = {} ({})\n\n| metric | A | B | A − B [95% CI] | p | queries | A > B / A < B |\n|---|---|---|---|---|---|---|\n",
         names[0], ma.spec.query_field, names[1], mb.spec.query_field
     );
     for metric in Metric::paper_columns().into_iter().chain([Metric::Mrr]) {
@@ -107,7 +107,7 @@ pub fn compare_runs(
         let c = paired(&va, &vb, rounds, seed);
         let _ = writeln!(
             s,
-            "| {} | {:.3} | {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} |",
+            "| {} | {:.3} | {:.3} | {:+.3} [{:+.3}, {:+.3}] | {:.4} | {} | {} / {} |",
             metric.name(),
             c.mean_a,
             c.mean_b,
@@ -115,9 +115,22 @@ pub fn compare_runs(
             c.diff.lo,
             c.diff.hi,
             c.p_value,
-            c.n
+            c.n,
+            c.up,
+            c.down
         );
         rows.push((metric, c));
+    }
+    let one_sided: Vec<String> = rows
+        .iter()
+        .filter_map(|(m, c)| Some(format!("{} {}", m.name(), c.one_sided()?)))
+        .collect();
+    if !one_sided.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nEvery query that moved moved one way (A − B: {} 0): the bootstrap p is ~0 at any size and says only that; judge by the size.",
+            one_sided.join(", ")
+        );
     }
     Ok((rows, s))
 }

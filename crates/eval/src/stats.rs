@@ -84,6 +84,24 @@ pub struct PairedComparison {
     pub diff: Estimate,
     /// Two-sided bootstrap p-value for "A and B have the same mean".
     pub p_value: f64,
+    /// Queries where A is above B.
+    #[serde(default)]
+    pub up: usize,
+    /// Queries where A is below B.
+    #[serde(default)]
+    pub down: usize,
+}
+
+impl PairedComparison {
+    /// Every query that moved moved the same way: the bootstrap p-value is then ~0 at any
+    /// size, and says only that nothing moved the other way (`None` otherwise).
+    pub fn one_sided(&self) -> Option<&'static str> {
+        match (self.up, self.down) {
+            (u, 0) if u > 0 => Some("≥"),
+            (0, d) if d > 0 => Some("≤"),
+            _ => None,
+        }
+    }
 }
 
 /// Compares per-query values of A and B, matched by query id, resampling users.
@@ -127,6 +145,8 @@ pub fn paired(
             hi: percentile(&means, 0.975),
         },
         p_value,
+        up: diffs.iter().filter(|&&x| x > 0.0).count(),
+        down: diffs.iter().filter(|&&x| x < 0.0).count(),
     }
 }
 
@@ -162,5 +182,15 @@ mod tests {
         assert!(ab.p_value < 0.01);
         let ac = paired(&a, &c, 1000, 1);
         assert_eq!(ac.p_value, 1.0);
+        // Every query moved up: counted, and said to be one-sided; a tie is neither.
+        assert_eq!((ab.up, ab.down, ab.one_sided()), (100, 0, Some("≥")));
+        assert_eq!((ac.up, ac.down, ac.one_sided()), (0, 0, None));
+        let ba = paired(&b, &a, 1000, 1);
+        assert_eq!((ba.up, ba.down, ba.one_sided()), (0, 100, Some("≤")));
+        // Some up, some down: two-sided.
+        c.insert("q0".into(), ("u0".into(), 0.0));
+        c.insert("q1".into(), ("u1".into(), 1.0));
+        let ac = paired(&a, &c, 1000, 1);
+        assert_eq!((ac.up, ac.down, ac.one_sided()), (1, 1, None));
     }
 }

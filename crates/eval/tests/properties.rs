@@ -202,7 +202,11 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
     let (rows, text) = compare_runs(dir.path(), dir.path(), 200, 1).unwrap();
     assert!(
         rows.iter()
-            .all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0),
+            .all(|(_, c)| c.diff.mean == 0.0 && c.p_value == 1.0 && (c.up, c.down) == (0, 0)),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 20 | 0 / 0 |") && !text.contains("moved one way"),
         "{text}"
     );
     // … per group too: every query in one group, none in the other.

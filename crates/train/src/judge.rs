@@ -52,10 +52,14 @@ struct TeacherLine {
     scores: Vec<f32>,
 }
 
-/// The scores kept at `path` by `teacher` (other teachers' lines are ignored; a line that does not
-/// parse is an error naming it).
-fn kept_scores(path: &std::path::Path, teacher: &str) -> Result<HashMap<String, TeacherLine>> {
-    let mut out = HashMap::new();
+/// The scores kept at `path` by `teacher`, per query and item (other teachers' lines are
+/// ignored; a line that does not parse is an error naming it). An item's score does not depend
+/// on the other items judged with it, so a run with other negatives reuses what it can.
+fn kept_scores(
+    path: &std::path::Path,
+    teacher: &str,
+) -> Result<HashMap<String, HashMap<String, f32>>> {
+    let mut out: HashMap<String, HashMap<String, f32>> = HashMap::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -72,8 +76,19 @@ fn kept_scores(path: &std::path::Path, teacher: &str) -> Result<HashMap<String, 
         }
         let l: TeacherLine = serde_json::from_str(line)
             .map_err(|e| TrainError::Invalid(format!("{} line {}: {e}", path.display(), i + 1)))?;
+        if l.items.len() != l.scores.len() {
+            return Err(TrainError::Invalid(format!(
+                "{} line {}: {} items, {} scores",
+                path.display(),
+                i + 1,
+                l.items.len(),
+                l.scores.len()
+            )));
+        }
         if l.teacher == teacher {
-            out.insert(l.qid.clone(), l);
+            out.entry(l.qid)
+                .or_default()
+                .extend(l.items.into_iter().zip(l.scores));
         }
     }
     Ok(out)
@@ -113,7 +128,7 @@ pub fn judge_examples(
             data.teacher, teacher_id
         )));
     }
-    let mut kept = match (teacher, &teacher_id) {
+    let kept = match (teacher, &teacher_id) {
         (
             Some(Teacher {
                 scores: Some(p), ..
@@ -159,10 +174,13 @@ pub fn judge_examples(
                             .map_or(String::new(), |it| it.id.clone())
                     })
                     .collect();
-                let scores = match kept.remove(&query.qid).filter(|l| l.items == ids) {
-                    Some(l) => {
+                let known: Option<Vec<f32>> = kept
+                    .get(&query.qid)
+                    .and_then(|k| ids.iter().map(|i| k.get(i).copied()).collect());
+                let scores = match known {
+                    Some(s) => {
                         reused += 1;
-                        l.scores
+                        s
                     }
                     None => {
                         let texts: Vec<&str> = items.iter().map(|&i| text(i)).collect();
