@@ -546,6 +546,48 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_and_teaches_a_student(
         ],
     );
     assert!(!ok && err.contains("sft differ"), "{err}");
+    // The teacher's scores are kept per item: a run judging fewer of the same items asks it for
+    // nothing.
+    let fewer = dir.path().join("fewer");
+    std::fs::create_dir_all(&fewer).unwrap();
+    std::fs::copy(
+        student.join("judge-teacher.jsonl"),
+        fewer.join("judge-teacher.jsonl"),
+    )
+    .unwrap();
+    let o = train_command(&fewer, &store)
+        .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
+        .args([
+            "--rerank",
+            "5",
+            "--judge-negatives",
+            "1",
+            "--lora-layers",
+            "2",
+        ])
+        .args([
+            "--val-every",
+            "0",
+            "--val-queries",
+            "0",
+            "--kl",
+            "0",
+            "--steps",
+            "1",
+        ])
+        .args([
+            "--judge-teacher",
+            "smollm2-135m-instruct",
+            "--judge-teacher-adapter",
+        ])
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    let (ok, err) = (o.status.success(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        ok && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
+        "{err}"
+    );
     // What --judge cannot mean, and its flags without it: refused before anything loads.
     for (extra, says) in [
         (
