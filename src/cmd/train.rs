@@ -343,7 +343,7 @@ fn train_cmd(
     );
     let judging = judge.is_some();
     let sft = match (&args.sft, judge) {
-        (_, Some(JudgeJob { mut data, teacher })) => {
+        (_, Some(JudgeJob { data, teacher })) => {
             let teacher = teacher
                 .map(|t| {
                     mrrec_agent::backend::cached_chat_model_with_adapter(
@@ -357,12 +357,9 @@ fn train_cmd(
                 .transpose()?;
             std::fs::create_dir_all(&args.out)
                 .with_context(|| format!("creating {}", args.out.display()))?;
-            let teacher = teacher.as_ref().map(|m| {
-                data.teacher = Some(mrrec_llm::ChatModel::id(m).to_string());
-                mrrec_train::judge::Teacher {
-                    model: m,
-                    scores: Some(args.out.join("judge-teacher.jsonl")),
-                }
+            let teacher = teacher.as_ref().map(|m| mrrec_train::judge::Teacher {
+                model: m,
+                scores: Some(args.out.join("judge-teacher.jsonl")),
             });
             Some(mrrec_train::judge::judge_examples(
                 &ws,

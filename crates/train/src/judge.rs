@@ -29,6 +29,7 @@ pub struct JudgeData {
     /// Seed of the negatives' choice.
     pub seed: u64,
     /// The teacher judge whose scores are the labels (its model id), `None`: the query's own.
+    /// [`judge_examples`] sets it from the teacher it is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<String>,
 }
@@ -122,12 +123,12 @@ pub fn judge_examples(
     let n_vocab = local.transformer().n_vocab;
     let two = mrrec_llm_local::TokenSet::from_fn(n_vocab, |t| t == yes || t == no);
     let teacher_id = teacher.map(|t| t.model.id().to_string());
-    if data.teacher.is_some() && data.teacher != teacher_id {
-        return Err(TrainError::Invalid(format!(
-            "the judge's data names the teacher {:?} but {:?} was given",
-            data.teacher, teacher_id
-        )));
-    }
+    // The teacher is named by the model given (recorded with the data, so a resume with
+    // another teacher is refused).
+    let data = &JudgeData {
+        teacher: teacher_id.clone(),
+        ..data.clone()
+    };
     let kept = match (teacher, &teacher_id) {
         (
             Some(Teacher {
