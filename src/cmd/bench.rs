@@ -9,7 +9,7 @@ use clap::Args;
 use crate::args::*;
 
 /// The benchmark parts (`--parts`).
-const PARTS: [&str; 16] = [
+const PARTS: [&str; 17] = [
     "embed",
     "search",
     "bm25",
@@ -25,6 +25,7 @@ const PARTS: [&str; 16] = [
     "hostile",
     "llmslots",
     "grpo",
+    "judge",
     "rollout",
 ];
 
@@ -144,8 +145,22 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         }
         out.insert("grpo".into(), serde_json::Value::Object(g));
     }
+    if parts.contains("judge") {
+        let mut g = Vec::new();
+        let model = std::env::var("MRREC_BENCH_JUDGE_MODEL")
+            .unwrap_or_else(|_| "qwen2.5-coder-0.5b-instruct".into());
+        let sizes: Vec<usize> = match std::env::var("MRREC_BENCH_JUDGE_ITEMS") {
+            Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+            Err(_) => vec![8, 20],
+        };
+        for items in sizes {
+            g.push(mrrec_bench::judge_step(&model, items)?);
+        }
+        out.insert("judge_step".into(), serde_json::Value::Array(g));
+    }
     // The model parts alone need no catalogue.
-    const MODEL_ONLY: [&str; 7] = [
+    const MODEL_ONLY: [&str; 8] = [
+        "judge",
         "prefill",
         "attention",
         "llm",

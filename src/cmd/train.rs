@@ -27,6 +27,10 @@ pub(crate) struct TrainArgs {
     /// Run a group's trajectories one after another instead of decoding them together.
     #[arg(long)]
     pub(crate) sequential_rollouts: bool,
+    /// Compute the frozen layers below the adapter with the training model's dense f32 copy
+    /// (exact) instead of the inference model's prompt prefill (faster; the default).
+    #[arg(long)]
+    pub(crate) exact_lower: bool,
     /// Rollout temperature.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) temperature: f64,
@@ -417,6 +421,7 @@ fn train_cmd(
             seed: args.seed,
             weights,
             greedy_calls,
+            exact_lower: args.exact_lower,
             batched_rollouts: !args.sequential_rollouts,
             ..Default::default()
         },

@@ -152,3 +152,151 @@ pub fn rollouts(
               "sequential_tokens_per_s": rate(tot_seq), "batched_tokens_per_s": rate(tot_bat),
               "ratio_batched_vs_sequential": rate(tot_bat) / rate(tot_seq)}))
 }
+
+/// One judge-training query's forward and backward on the training model: `items` judge
+/// requests about one shopper's request (real prompts rendered by `model`'s template, product
+/// texts of 40–90 tokens), each scored for its one answer token over {Yes, No}. Measured the
+/// way the trainer did before (each request on its own: the frozen lower layers reuse the
+/// shared beginning, the adapted layers and the backward run per request) and scored together
+/// ([`mrrec_train::Policy::token_logprobs_shared`]: the request's shared beginning through the
+/// adapted layers once, one backward of the summed loss) with the frozen layers from the dense
+/// copy (exact) and from the inference model's prompt prefill (the trainer's default), with the
+/// largest difference of their log-probabilities from the first and the ratios of their times.
+/// LoRA r8 on q,k,v,o of the top 4 layers.
+pub fn judge_step(model: &str, items: usize) -> Result<Value> {
+    let local = mrrec_llm_local::LocalModel::from_registry(model)?;
+    let lora = mrrec_train::LoraConfig {
+        targets: vec![
+            mrrec_llm_local::model::Proj::Q,
+            mrrec_llm_local::model::Proj::K,
+            mrrec_llm_local::model::Proj::V,
+            mrrec_llm_local::model::Proj::O,
+        ],
+        ..mrrec_train::LoraConfig::default()
+    };
+    let policy = mrrec_train::Policy::from_gguf(&local.info().path, lora)?;
+    let words = [
+        "stainless",
+        "steel",
+        "water",
+        "bottle",
+        "insulated",
+        "kids",
+        "wooden",
+        "puzzle",
+        "organic",
+        "cotton",
+        "blanket",
+        "wireless",
+        "charger",
+        "hiking",
+        "boots",
+        "waterproof",
+        "ceramic",
+        "mug",
+        "set",
+        "of",
+        "four",
+        "gift",
+        "box",
+        "durable",
+        "lightweight",
+    ];
+    let enc = |s: &str| -> Result<Vec<u32>> { Ok(local.info().encode(s)?) };
+    let mut seqs = Vec::with_capacity(items);
+    for i in 0..items {
+        let n = 25 + (i * 7) % 35;
+        let item: Vec<&str> = (0..n)
+            .map(|k| words[(i * 5 + k * 3) % words.len()])
+            .collect();
+        let req = mrrec_agent::rerank::judge_request(
+            "a warm blanket for my toddler that survives the washing machine",
+            Some("Baby_Products"),
+            None,
+            &format!(
+                "Title: {}. Features: {}",
+                item[..6].join(" "),
+                item.join(" ")
+            ),
+        );
+        let mut toks = enc(&local.prompt(&req)?)?;
+        let from = toks.len();
+        toks.extend(enc("Yes")?.first().copied());
+        seqs.push((toks, from));
+    }
+    let two = {
+        let (y, n) = (enc("Yes")?[0], enc("No")?[0]);
+        mrrec_llm_local::TokenSet::from_fn(local.transformer().n_vocab, |t| t == y || t == n)
+    };
+    let allowed = vec![Some(two)];
+    let tokens: usize = seqs.iter().map(|(t, _)| t.len()).sum();
+    // Each on its own (a fresh cache, as a new query's first request finds).
+    let mut cache = mrrec_train::LowerCache::new(4);
+    let t0 = Instant::now();
+    let (mut fwd_alone, mut alone) = (0.0, Vec::new());
+    for (toks, from) in &seqs {
+        let t = Instant::now();
+        let lp = policy.token_logprobs_cached(toks, *from, &allowed, true, 64, Some(&mut cache))?;
+        fwd_alone += t.elapsed().as_secs_f64();
+        alone.push(lp.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?[0]);
+        let _ = lp.sum_all()?.backward()?;
+    }
+    let secs_alone = t0.elapsed().as_secs_f64();
+    let peak_alone = status_bytes("VmHWM:");
+    let scored: Vec<mrrec_train::Scored<'_>> = seqs
+        .iter()
+        .map(|(tokens, from)| mrrec_train::Scored {
+            tokens,
+            from: *from,
+            allowed: &allowed,
+        })
+        .collect();
+    // Together: the frozen layers from the dense copy (exact), then from prompt prefill.
+    let mut together = serde_json::Map::new();
+    for name in ["exact", "prefill"] {
+        let mut cache = mrrec_train::LowerCache::new(4);
+        let lower = if name == "exact" {
+            mrrec_train::Lower::Exact(Some(&mut cache))
+        } else {
+            mrrec_train::Lower::Inference(local.transformer())
+        };
+        let t1 = Instant::now();
+        let (lps, _) = policy.token_logprobs_shared(&scored, false, 64, lower)?;
+        let fwd = t1.elapsed().as_secs_f64();
+        let mut diff = 0f32;
+        let mut sum: Option<candle_core::Tensor> = None;
+        for (lp, a) in lps.iter().zip(&alone) {
+            let v = lp.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?[0];
+            diff = diff.max((v - a).abs());
+            let s = lp.sum_all()?;
+            sum = Some(match sum {
+                Some(t) => (t + s)?,
+                None => s,
+            });
+        }
+        if let Some(s) = sum {
+            let _ = s.backward()?;
+        }
+        let secs = t1.elapsed().as_secs_f64();
+        eprintln!(
+            "judge step {model}: {items} requests, {tokens} tokens: alone {secs_alone:.2} s (forward {fwd_alone:.2}), together, {name} frozen layers {secs:.2} s (forward {fwd:.2}): ratio {:.2}, max |Δ log p| {diff:.2e}; peak resident {} MB after alone, {} MB now",
+            secs / secs_alone.max(1e-9),
+            peak_alone >> 20,
+            status_bytes("VmHWM:") >> 20
+        );
+        together.insert(
+            name.into(),
+            json!({
+                "seconds": secs, "forward_s": fwd,
+                "ratio_time_vs_alone": secs / secs_alone.max(1e-9),
+                "max_abs_logprob_difference_vs_alone": diff,
+            }),
+        );
+    }
+    Ok(json!({
+        "model": model, "requests": items, "tokens": tokens,
+        "alone_s": secs_alone, "alone_forward_s": fwd_alone,
+        "together": together,
+        "peak_rss": status_bytes("VmHWM:"),
+    }))
+}

@@ -138,6 +138,23 @@ impl TokenSet {
     pub fn count(&self) -> usize {
         (0..self.len as u32).filter(|&i| self.contains(i)).count()
     }
+
+    /// The tokens in the set, ascending.
+    pub fn ids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, &word) in self.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let id = w * 32 + bits.trailing_zeros() as usize;
+                if id >= self.len {
+                    return out;
+                }
+                out.push(id as u32);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
 }
 
 /// Sets every disallowed logit to −∞ (tokens beyond the mask's length are disallowed too).
@@ -182,5 +199,16 @@ mod tests {
                 "{i}"
             );
         }
+        // The set of the same mask lists exactly its allowed tokens, ascending, none past the
+        // vocabulary (the mask's bits beyond `len` are cut off).
+        for len in [0, 5, 64, 100, 191, 192] {
+            let set = TokenSet::from_mask(&mask, len);
+            let want: Vec<u32> = (0..len as u32).filter(|&i| set.contains(i)).collect();
+            assert_eq!(set.ids(), want, "len {len}");
+            assert_eq!(set.count(), want.len());
+        }
+        let odd = TokenSet::from_fn(70, |i| i % 3 == 0 || i == 69);
+        assert_eq!(odd.ids().len(), 24);
+        assert_eq!(odd.ids().last(), Some(&69));
     }
 }

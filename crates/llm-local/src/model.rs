@@ -576,6 +576,28 @@ impl Transformer {
     /// its own cache. With the packed kernel a sequence's logits are the same bits alone or in a
     /// batch (every other operation is per row or per sequence).
     pub fn prefill_batch(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let x = self.prompt_layers(tokens, caches, self.layers.len())?;
+        let mut lasts = Vec::with_capacity(tokens.len());
+        let mut off = 0;
+        for (t, cache) in tokens.iter().zip(caches.iter_mut()) {
+            cache.pos += t.len();
+            off += t.len();
+            lasts.push(x.narrow(1, off - 1, 1)?);
+        }
+        let last = Tensor::cat(&lasts, 1)?; // (1, sequences, hidden)
+        let logits = self.head(&self.norm.forward(&last)?, Mode::Prompt)?;
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// The residual stream (1, Σt, hidden) entering layer `upto` of every sequence's `tokens`,
+    /// all rows through each projection together, the keys and values of layers below `upto`
+    /// appended to the caches (their positions not advanced). Checks the inputs.
+    fn prompt_layers(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        upto: usize,
+    ) -> Result<Tensor> {
         if tokens.len() != caches.len() || tokens.is_empty() {
             return Err(crate::LocalError::Llm(LlmError::Tokenizer(format!(
                 "{} prompts for {} sequences",
@@ -595,23 +617,39 @@ impl Transformer {
         let counts: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         let ids = Tensor::new(all.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?; // (1, Σt, hidden)
-        for (li, l) in self.layers.iter().enumerate() {
+        for (li, l) in self.layers.iter().enumerate().take(upto) {
             let h = l.attn_norm.forward(&x)?;
             let (q, k, v) = self.qkv(li, l, &h, Mode::Prompt)?;
             let y = self.attend_all(li, &q, &k, &v, caches, &counts)?;
             x = (self.proj(li, Proj::O, &l.wo, &y, None, Mode::Prompt)? + x)?;
             x = (self.mlp(li, l, &x, Mode::Prompt)? + x)?;
         }
-        let mut lasts = Vec::with_capacity(tokens.len());
+        Ok(x)
+    }
+
+    /// The residual stream entering layer `upto` (t, hidden) of each sequence's new `tokens`,
+    /// computed as prompt prefill computes it (the packed kernels, all rows of all sequences
+    /// through each projection together) — the input a training model's adapted upper layers
+    /// take. Appends the keys and values of the layers below `upto` to each cache and advances
+    /// it: fork a cache filled with a shared beginning (`clone`) to continue it several ways.
+    /// A cache filled this way holds no layer from `upto` up, so it serves only this method
+    /// (prefill or decoding from it is refused). Layers below `upto` must carry no adapter.
+    pub fn residual_batch(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        upto: usize,
+    ) -> Result<Vec<Tensor>> {
+        let upto = upto.min(self.layers.len());
+        let x = self.prompt_layers(tokens, caches, upto)?.squeeze(0)?;
+        let mut out = Vec::with_capacity(tokens.len());
         let mut off = 0;
         for (t, cache) in tokens.iter().zip(caches.iter_mut()) {
             cache.pos += t.len();
+            out.push(x.narrow(0, off, t.len())?);
             off += t.len();
-            lasts.push(x.narrow(1, off - 1, 1)?);
         }
-        let last = Tensor::cat(&lasts, 1)?; // (1, sequences, hidden)
-        let logits = self.head(&self.norm.forward(&last)?, Mode::Prompt)?;
-        Ok(logits.squeeze(0)?)
+        Ok(out)
     }
 
     /// Logits at every position of `tokens` (t, vocab) through the dense f32 path only (also the

@@ -17,7 +17,7 @@ pub mod trajectories;
 pub use grpo::{
     group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, GrpoParams, TokenBatch,
 };
-pub use policy::{LoraConfig, LowerCache, Policy, Shape};
+pub use policy::{LoraConfig, Lower, LowerCache, Policy, Scored, Shape};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]

@@ -376,7 +376,7 @@ impl Policy {
         x: &Tensor,
         lora: bool,
     ) -> candle_core::Result<Tensor> {
-        let mut y = x.matmul(&l.w[&p])?;
+        let mut y = frozen_matmul(x, &l.w[&p])?;
         if let Some(b) = l.bias.get(&p) {
             y = y.broadcast_add(b)?;
         }
@@ -543,11 +543,28 @@ impl Policy {
     }
 
     /// Layers from `from` up and the final norm, on the residual stream `x`.
-    fn upper(&self, mut x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
-        for li in from..self.shape.layers {
-            x = self.layer(li, x, None, lora)?.0;
-        }
+    fn upper(&self, x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
+        let (x, _) = self.upper_layers(x, from, lora, None)?;
         Ok(self.rms(&x, &self.norm)?)
+    }
+
+    /// Layers from `from` up (no final norm) on the residual stream `x` of the positions after
+    /// `past`'s (per layer from `from`: keys and values of the positions before), returning
+    /// the stream and each layer's keys and values, past included.
+    fn upper_layers(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        lora: bool,
+        past: Option<&[(Tensor, Tensor)]>,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let mut kvs = Vec::with_capacity(self.shape.layers.saturating_sub(from));
+        for li in from..self.shape.layers {
+            let (y, kv) = self.layer(li, x, past.and_then(|p| p.get(li - from)), lora)?;
+            x = y;
+            kvs.push(kv);
+        }
+        Ok((x, kvs))
     }
 
     /// Final hidden states (t, hidden) of `tokens`; `lora` applies the adapter (off: the
@@ -623,6 +640,144 @@ impl Policy {
         ))
     }
 
+    /// [`Policy::token_logprobs`] of several sequences at once (with the adapter), and with
+    /// `reference` also without it (the reference policy's values, as
+    /// [`Policy::token_logprobs_with_reference`]). The tokens every sequence begins with —
+    /// up to the first scored position's context, e.g. a judge's request before the item, a
+    /// group's prompt — run through the adapted layers once; each sequence's remaining tokens
+    /// attend to that prefix's keys and values, so one backward pass of the summed losses
+    /// carries the prefix's gradient from all of them. Exact: a position's state depends only
+    /// on the positions before it. The frozen lower layers reuse `cache` as
+    /// [`Policy::token_logprobs_cached`] does.
+    pub fn token_logprobs_shared(
+        &self,
+        seqs: &[Scored<'_>],
+        reference: bool,
+        chunk: usize,
+        lower: Lower<'_>,
+    ) -> Result<ScoredMany> {
+        let Some(head) = seqs.first() else {
+            return Ok((Vec::new(), reference.then(Vec::new)));
+        };
+        for s in seqs {
+            self.check_from(s.tokens, s.from)?;
+        }
+        // Shared, and before every sequence's first scored row (which its own pass computes).
+        let shared = seqs
+            .iter()
+            .map(|s| {
+                let common = head
+                    .tokens
+                    .iter()
+                    .zip(s.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                common.min(s.from - 1)
+            })
+            .min()
+            .unwrap_or(0);
+        let first = self.first_adapted();
+        let lowers = match lower {
+            Lower::Exact(mut cache) => seqs
+                .iter()
+                .map(|s| self.lower(s.tokens, first, cache.as_deref_mut()))
+                .collect::<Result<Vec<_>>>()?,
+            Lower::Inference(model) => self.lower_by(model, seqs, first)?,
+        };
+        let pass = |lora: bool| -> Result<Vec<Tensor>> {
+            if shared == 0 || seqs.len() == 1 {
+                return seqs
+                    .iter()
+                    .zip(&lowers)
+                    .map(|(s, x)| {
+                        let h = self.upper(x.clone(), first, lora)?;
+                        self.logprobs_of(&h, s.tokens, s.from, s.allowed, chunk)
+                    })
+                    .collect();
+            }
+            let (_, past) =
+                self.upper_layers(lowers[0].narrow(0, 0, shared)?, first, lora, None)?;
+            seqs.iter()
+                .zip(&lowers)
+                .map(|(s, x)| {
+                    let rest = x.narrow(0, shared, s.tokens.len() - shared)?;
+                    let (h, _) = self.upper_layers(rest, first, lora, Some(&past))?;
+                    let h = self.rms(&h, &self.norm)?;
+                    self.logprobs_of(&h, &s.tokens[shared..], s.from - shared, s.allowed, chunk)
+                })
+                .collect()
+        };
+        let reference = if reference {
+            Some(
+                pass(false)?
+                    .iter()
+                    .map(|t| Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
+        Ok((pass(true)?, reference))
+    }
+
+    /// The residual stream entering layer `upto` of every sequence, from the inference model:
+    /// the beginning all of them share prefilled once (all but each one's last token), then
+    /// every sequence's rest together in one batch from a fork of it.
+    fn lower_by(
+        &self,
+        model: &mrrec_llm_local::model::Transformer,
+        seqs: &[Scored<'_>],
+        upto: usize,
+    ) -> Result<Vec<Tensor>> {
+        if model.n_layers() != self.shape.layers || model.hidden_size != self.shape.hidden {
+            return Err(TrainError::Model(format!(
+                "the inference model ({} layers of {}) is not the policy's ({} of {})",
+                model.n_layers(),
+                model.hidden_size,
+                self.shape.layers,
+                self.shape.hidden
+            )));
+        }
+        let model_err = |e: mrrec_llm_local::LocalError| TrainError::Model(e.to_string());
+        let head = seqs.first().map_or(&[][..], |s| s.tokens);
+        let shared = seqs
+            .iter()
+            .map(|s| {
+                let common = head
+                    .iter()
+                    .zip(s.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                common.min(s.tokens.len() - 1)
+            })
+            .min()
+            .unwrap_or(0);
+        let mut base = model.new_cache();
+        let prefix = if shared > 0 {
+            let x = model
+                .residual_batch(&[&head[..shared]], &mut [&mut base], upto)
+                .map_err(model_err)?;
+            x.into_iter().next()
+        } else {
+            None
+        };
+        let mut caches: Vec<_> = seqs.iter().map(|_| base.clone()).collect();
+        let mut refs: Vec<&mut mrrec_llm_local::model::KvCache> = caches.iter_mut().collect();
+        let rests: Vec<&[u32]> = seqs.iter().map(|s| &s.tokens[shared..]).collect();
+        let xs = model
+            .residual_batch(&rests, &mut refs, upto)
+            .map_err(model_err)?;
+        xs.into_iter()
+            .map(|x| {
+                let x = match &prefix {
+                    Some(p) => Tensor::cat(&[p, &x], 0)?,
+                    None => x,
+                };
+                Ok(x.to_dtype(self.dtype)?.detach())
+            })
+            .collect()
+    }
+
     fn check_from(&self, tokens: &[u32], from: usize) -> Result<()> {
         if from == 0 || from >= tokens.len() {
             return Err(TrainError::Model(format!(
@@ -647,9 +802,43 @@ impl Policy {
         let mut i = 0;
         while i < n {
             let m = chunk.min(n - i);
+            // Rows renormalised over a few tokens (a judge's {Yes, No}, a constrained choice):
+            // the logits of those tokens alone. Equal to the masked full row's, without the
+            // vocabulary-wide product and its gradient (for Qwen 0.5B 545 MB a row).
+            let few: Option<Vec<Vec<u32>>> = (0..m)
+                .map(|r| {
+                    allowed
+                        .get(i + r)
+                        .and_then(Option::as_ref)
+                        .map(mrrec_llm_local::TokenSet::ids)
+                        .filter(|ids| !ids.is_empty() && ids.len() <= FEW_TOKENS)
+                })
+                .collect();
+            if let Some(sets) = few {
+                for (r, set) in sets.into_iter().enumerate() {
+                    let target = tokens[from + i + r];
+                    let k = set.len();
+                    let mut ids = set;
+                    let at = match ids.iter().position(|&x| x == target) {
+                        Some(p) => p,
+                        None => {
+                            ids.push(target);
+                            k
+                        }
+                    };
+                    let cols = self
+                        .output_t
+                        .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 1)?;
+                    let logits = h.narrow(0, from + i + r - 1, 1)?.matmul(&cols)?; // (1, ids)
+                    let picked = logits.narrow(1, at, 1)?.squeeze(1)?;
+                    parts.push((picked - logsumexp(&logits.narrow(1, 0, k)?)?)?);
+                }
+                i += m;
+                continue;
+            }
             // Row r of the chunk predicts tokens[from + i + r] from the hidden state before it.
             let rows = h.narrow(0, from + i - 1, m)?;
-            let logits = rows.matmul(&self.output_t)?; // (m, vocab)
+            let logits = frozen_matmul(&rows, &self.output_t)?; // (m, vocab)
             let targets: Vec<u32> = tokens[from + i..from + i + m].to_vec();
             let tgt = Tensor::new(targets.as_slice(), &self.device)?.unsqueeze(1)?;
             let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
@@ -713,6 +902,92 @@ impl Policy {
         }
         Ok((toks[prompt.len()..].to_vec(), lps))
     }
+}
+
+/// `x · w` for a constant `w` (a frozen projection, the output layer): when `x` carries a
+/// gradient, through [`FrozenMatmul`], whose backward computes `x`'s alone.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        x.contiguous()?.apply_op1(FrozenMatmul(w.clone()))
+    } else {
+        x.matmul(w)
+    }
+}
+
+/// `x · w` (x: (rows, in), w: (in, out)) with the gradient flowing to `x` alone. candle's matmul
+/// also computes the other operand's, an (in, out) product per use — as costly as the forward
+/// product (for the output layer of Qwen 0.5B 545 MB a use) — for a weight nothing learns.
+struct FrozenMatmul(Tensor);
+
+impl FrozenMatmul {
+    fn forward<T: candle_core::WithDType>(
+        &self,
+        v: &[T],
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<Tensor> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen matmul: the input must be contiguous")
+        };
+        Tensor::from_slice(&v[a..b], l.shape(), &Device::Cpu)?.matmul(&self.0)
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let y = match s {
+            CpuStorage::F32(v) => self.forward(v, l)?,
+            CpuStorage::F64(v) => self.forward(v, l)?,
+            _ => candle_core::bail!("frozen matmul: f32 or f64 only"),
+        };
+        let out = match y.dtype() {
+            DType::F64 => CpuStorage::F64(y.flatten_all()?.to_vec1()?),
+            _ => CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        };
+        Ok((out, y.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.0.t()?)?))
+    }
+}
+
+/// Per sequence its log-probabilities (differentiable, with the adapter) and, when asked for,
+/// the reference policy's values ([`Policy::token_logprobs_shared`]).
+pub type ScoredMany = (Vec<Tensor>, Option<Vec<Vec<f32>>>);
+
+/// A scored position renormalised over at most this many tokens computes only their logits.
+const FEW_TOKENS: usize = 64;
+
+/// Where [`Policy::token_logprobs_shared`] takes the frozen layers' residual stream from.
+pub enum Lower<'a> {
+    /// The policy's own dense layers (exact), reusing and filling a cache of recent sequences'
+    /// states if given.
+    Exact(Option<&'a mut LowerCache>),
+    /// The inference model the policy was loaded from, as its prompt prefill computes them
+    /// (quantised kernels: ~3× faster than the dense f32 layers on Qwen 0.5B, and the very
+    /// states generation and scoring start the adapted layers from).
+    Inference(&'a mrrec_llm_local::model::Transformer),
+}
+
+/// One sequence to score ([`Policy::token_logprobs_shared`]): its tokens, the first scored
+/// position, and the scored positions' allowed token sets (as [`Policy::token_logprobs`]).
+#[derive(Clone, Copy)]
+pub struct Scored<'a> {
+    /// The whole sequence.
+    pub tokens: &'a [u32],
+    /// First scored position (1..len).
+    pub from: usize,
+    /// Per scored position, the set it was renormalised over (constrained decoding), if any.
+    pub allowed: &'a [Option<mrrec_llm_local::TokenSet>],
 }
 
 /// The frozen lower layers' state of one sequence: per layer the rotated keys and values

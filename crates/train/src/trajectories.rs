@@ -103,6 +103,10 @@ pub(crate) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 fn is_paper_ranking(r: &String) -> bool {
     r == mrrec_agent::assistant::PAPER_RANKING
 }

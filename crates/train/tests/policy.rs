@@ -10,7 +10,7 @@ use mrrec_llm_local::model::Proj;
 use mrrec_train::softmax::{causal_softmax, composed_causal_softmax};
 use mrrec_train::{
     group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, GrpoParams, LoraConfig,
-    LowerCache, Policy, Shape, TokenBatch,
+    Lower, LowerCache, Policy, Scored, Shape, TokenBatch,
 };
 use rand::SeedableRng;
 
@@ -123,6 +123,139 @@ fn logits_match_the_inference_model_with_and_without_an_adapter() {
     m.transformer().set_lora(None);
 }
 
+/// The frozen layers computed by the inference model's prompt prefill (quantised kernels, the
+/// shared beginning once, the rests in one batch) give the adapted layers the input the dense
+/// copy gives, within quantisation: log-probabilities and gradients agree closely, and equal
+/// the inference model's own scoring with the same adapter.
+#[test]
+fn the_inference_models_frozen_layers_feed_the_adapter_as_the_dense_ones_do() {
+    let m = mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap();
+    let enc = |s: &str| -> Vec<u32> {
+        m.info()
+            .tokenizer
+            .encode(s, false)
+            .unwrap()
+            .get_ids()
+            .to_vec()
+    };
+    let p = Policy::from_gguf(
+        &m.info().path,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Proj::ALL.to_vec(),
+            layers: 3,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    perturb_b(&p, 7, 0.05);
+    let request = enc("The shopper asks for a warm blanket for a toddler. Product: ");
+    let items = [
+        "a fleece throw, machine washable, 50 by 60 inches. Is it what they want? ",
+        "a stainless steel water bottle. Is it what they want? ",
+        "a cotton baby blanket with bears. Is it what they want? ",
+    ];
+    let seqs: Vec<(Vec<u32>, usize)> = items
+        .iter()
+        .map(|t| {
+            let mut s = [&request[..], &enc(t)[..]].concat();
+            let from = s.len();
+            s.extend(enc("Yes"));
+            (s, from - 3)
+        })
+        .collect();
+    let scored: Vec<Scored<'_>> = seqs
+        .iter()
+        .map(|(tokens, from)| Scored {
+            tokens,
+            from: *from,
+            allowed: &[],
+        })
+        .collect();
+    let grads = |lps: &[Tensor]| -> Vec<f32> {
+        let mut sum = lps[0].sum_all().unwrap();
+        for lp in &lps[1..] {
+            sum = (sum + lp.sum_all().unwrap()).unwrap();
+        }
+        let g = sum.backward().unwrap();
+        p.params()
+            .iter()
+            .flat_map(|(_, v)| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (exact, _) = p
+        .token_logprobs_shared(&scored, false, 64, Lower::Exact(None))
+        .unwrap();
+    let (fast, _) = p
+        .token_logprobs_shared(&scored, false, 64, Lower::Inference(m.transformer()))
+        .unwrap();
+    m.transformer()
+        .set_lora(Some(std::sync::Arc::new(p.adapter().unwrap())));
+    for (i, ((e, f), (toks, from))) in exact.iter().zip(&fast).zip(&seqs).enumerate() {
+        let (e, f) = (e.to_vec1::<f32>().unwrap(), f.to_vec1::<f32>().unwrap());
+        assert_eq!(e.len(), toks.len() - from);
+        // The inference model scoring the same tokens with the same adapter.
+        let own = m
+            .score_continuation(&toks[..*from], &toks[*from..])
+            .unwrap();
+        for ((a, b), c) in e.iter().zip(&f).zip(&own) {
+            assert!(
+                (a - b).abs() < 0.2,
+                "sequence {i}: dense {a} vs prefill {b}"
+            );
+            assert!(
+                (b - c).abs() < 0.2,
+                "sequence {i}: {b} vs the model's own {c}"
+            );
+        }
+    }
+    m.transformer().set_lora(None);
+    let (ge, gf) = (grads(&exact), grads(&fast));
+    let norm = |g: &[f32]| g.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = ge.iter().zip(&gf).map(|(a, b)| a - b).collect();
+    assert!(norm(&ge) > 1e-3, "the adapter gets a gradient");
+    assert!(
+        norm(&diff) < 0.05 * norm(&ge),
+        "gradients differ by {} of {}",
+        norm(&diff),
+        norm(&ge)
+    );
+    // Deterministic: the same bits again; alone (another split of the shared beginning) the
+    // same values within float rounding.
+    let (again, _) = p
+        .token_logprobs_shared(&scored, false, 64, Lower::Inference(m.transformer()))
+        .unwrap();
+    let (alone, _) = p
+        .token_logprobs_shared(&scored[1..2], false, 64, Lower::Inference(m.transformer()))
+        .unwrap();
+    for (a, f) in again.iter().zip(&fast) {
+        assert_eq!(a.to_vec1::<f32>().unwrap(), f.to_vec1::<f32>().unwrap());
+    }
+    for (a, b) in alone[0]
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .zip(&fast[1].to_vec1::<f32>().unwrap())
+    {
+        assert!((a - b).abs() < 1e-3, "alone {a} vs in a batch {b}");
+    }
+    // A cache filled below a layer only serves that: prefill from it is refused, not wrong.
+    let t = m.transformer();
+    let mut c = t.new_cache();
+    let x = t.residual_batch(&[&request[..]], &mut [&mut c], 5).unwrap();
+    assert_eq!(x[0].dims(), &[request.len(), t.hidden_size]);
+    assert_eq!(c.pos, request.len());
+    assert!(t.prefill(&enc("more"), &mut c).is_err());
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     for neox in [true, false] {
@@ -231,6 +364,34 @@ fn chunked_and_constrained_logprobs_are_the_log_softmax() {
     let want_c = a - (mx + ((a - mx).exp() + (b - mx).exp()).ln());
     assert!((got[1] - want_c).abs() < 1e-10, "{} vs {want_c}", got[1]);
     assert!((got[0] - want[0]).abs() < 1e-10);
+    // Chunks of one row compute a few-token row from those tokens' logits alone (chunks of four
+    // mix it with a free row and mask the full row): the same values and gradients, also for a
+    // target outside its set (its logit against the set's log-sum-exp, as the mask gives).
+    let outside = vec![None, Some(set(&[9, 1])), Some(set(&[0, 2, 7]))];
+    let grads_of = |lp: &Tensor| -> Vec<f64> {
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        p.params()
+            .iter()
+            .flat_map(|(_, v)| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let masked = p.token_logprobs(&tokens, 2, &outside, true, 4).unwrap();
+    let few = p.token_logprobs(&tokens, 2, &outside, true, 1).unwrap();
+    let (m, f): (Vec<f64>, Vec<f64>) = (masked.to_vec1().unwrap(), few.to_vec1().unwrap());
+    assert!((f[1] - want_c).abs() < 1e-10, "{} vs {want_c}", f[1]);
+    for (a, b) in m.iter().zip(&f) {
+        assert!((a - b).abs() < 1e-10, "masked {a} vs few {b}");
+    }
+    for (a, b) in grads_of(&masked).iter().zip(&grads_of(&few)) {
+        assert!((a - b).abs() < 1e-10, "gradient: masked {a} vs few {b}");
+    }
     // The paired pass: the same values with and without the adapter.
     let (with, reference) = p
         .token_logprobs_with_reference(&tokens, 2, &allowed, 3, None)
@@ -330,6 +491,128 @@ fn a_shared_prefix_gives_the_same_logprobs_and_gradients() {
     // the extended one (all but its last token, which is always computed) — of 69 tokens.
     assert_eq!(cache.total_tokens, 69);
     assert_eq!(cache.hits_tokens, 10 + 13 + 6 + 12);
+}
+
+/// Scoring sequences that begin alike together — the shared beginning through the adapted
+/// layers once, every sequence's rest attending to it — gives each sequence's log-probabilities,
+/// reference values and (summed) gradients as scoring it alone.
+#[test]
+fn sequences_scored_together_equal_each_scored_alone() {
+    let shape = Shape {
+        layers: 4,
+        ..tiny_shape()
+    };
+    let lora = LoraConfig {
+        layers: 2,
+        ..all_lora(2, 5)
+    };
+    let p = Policy::random(shape, lora, DType::F64, 11).unwrap();
+    perturb_b(&p, 3, 0.3);
+    let prompt = [1u32, 5, 7, 2, 9, 3, 3, 8, 0, 4];
+    let yes_no = vec![Some(set(&[1, 2]))];
+    let free = vec![None, None, None];
+    // (tokens, first scored position, allowed sets)
+    let groups: Vec<Vec<(Vec<u32>, usize, &[Option<mrrec_llm_local::TokenSet>])>> = vec![
+        // A judge: one request, items of different lengths, one constrained answer token each.
+        vec![
+            ([&prompt[..], &[6, 11, 1]].concat(), 12, &yes_no[..]),
+            ([&prompt[..], &[10, 2]].concat(), 11, &yes_no[..]),
+            ([&prompt[..], &[6, 6, 6, 6, 2]].concat(), 14, &yes_no[..]),
+        ],
+        // Trajectories of one prompt; the second's scored tokens start inside the shared part
+        // of the others (the shared beginning stops before every first scored position).
+        vec![
+            ([&prompt[..], &[6, 1, 2]].concat(), 10, &free[..]),
+            ([&prompt[..], &[6, 1, 3]].concat(), 10, &free[..]),
+            ([&prompt[..], &[6, 1, 2, 7]].concat(), 11, &free[..]),
+        ],
+        // Nothing shared, and a group of one.
+        vec![
+            (vec![4, 4, 4, 1, 2], 2, &free[..]),
+            (vec![9, 1, 4, 4], 1, &free[..]),
+        ],
+        vec![(prompt.to_vec(), 7, &free[..])],
+    ];
+    let grads = |loss: Tensor| -> Vec<f64> {
+        let g = loss.backward().unwrap();
+        p.params()
+            .iter()
+            .flat_map(|(_, v)| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    for group in &groups {
+        let mut alone = (Vec::new(), Vec::new(), None::<Tensor>);
+        for (toks, from, allowed) in group {
+            let (lp, r) = p
+                .token_logprobs_with_reference(toks, *from, allowed, 2, None)
+                .unwrap();
+            alone.0.push(lp.to_vec1::<f64>().unwrap());
+            alone.1.push(r);
+            let s = lp.sum_all().unwrap();
+            alone.2 = Some(match alone.2 {
+                Some(t) => (t + s).unwrap(),
+                None => s,
+            });
+        }
+        let scored: Vec<Scored<'_>> = group
+            .iter()
+            .map(|(tokens, from, allowed)| Scored {
+                tokens,
+                from: *from,
+                allowed,
+            })
+            .collect();
+        let mut cache = LowerCache::new(2);
+        let (lps, refs) = p
+            .token_logprobs_shared(&scored, true, 2, Lower::Exact(Some(&mut cache)))
+            .unwrap();
+        assert_eq!(lps.len(), group.len());
+        let refs = refs.unwrap();
+        let mut together = None::<Tensor>;
+        for (i, lp) in lps.iter().enumerate() {
+            let v = lp.to_vec1::<f64>().unwrap();
+            assert_eq!(v.len(), group[i].0.len() - group[i].1);
+            for (a, b) in v.iter().zip(&alone.0[i]) {
+                assert!((a - b).abs() < 1e-10, "log-probability {a} vs {b}");
+            }
+            for (a, b) in refs[i].iter().zip(&alone.1[i]) {
+                assert!((a - b).abs() < 1e-5, "reference {a} vs {b}");
+            }
+            let s = lp.sum_all().unwrap();
+            together = Some(match together {
+                Some(t) => (t + s).unwrap(),
+                None => s,
+            });
+        }
+        let (ga, gb) = (grads(alone.2.unwrap()), grads(together.unwrap()));
+        assert!(
+            ga.iter().any(|g| g.abs() > 1e-6),
+            "the adapter gets a gradient"
+        );
+        for (a, b) in ga.iter().zip(&gb) {
+            assert!((a - b).abs() < 1e-9, "gradient {a} vs {b}");
+        }
+    }
+    // Nothing to score is nothing, and a bad sequence is refused as alone.
+    let (none, refs) = p
+        .token_logprobs_shared(&[], true, 2, Lower::Exact(None))
+        .unwrap();
+    assert!(none.is_empty() && refs.unwrap().is_empty());
+    let bad = [Scored {
+        tokens: &prompt,
+        from: 10,
+        allowed: &[],
+    }];
+    assert!(p
+        .token_logprobs_shared(&bad, false, 2, Lower::Exact(None))
+        .is_err());
 }
 
 fn random_tensor(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
