@@ -509,10 +509,11 @@ fn sequences_scored_together_equal_each_scored_alone() {
     let p = Policy::random(shape, lora, DType::F64, 11).unwrap();
     perturb_b(&p, 3, 0.3);
     let prompt = [1u32, 5, 7, 2, 9, 3, 3, 8, 0, 4];
-    let yes_no = vec![Some(set(&[1, 2]))];
-    let free = vec![None, None, None];
+    let yes_no = [Some(set(&[1, 2]))];
+    let free = [None, None, None];
     // (tokens, first scored position, allowed sets)
-    let groups: Vec<Vec<(Vec<u32>, usize, &[Option<mrrec_llm_local::TokenSet>])>> = vec![
+    type Seq<'a> = (Vec<u32>, usize, &'a [Option<mrrec_llm_local::TokenSet>]);
+    let groups: Vec<Vec<Seq<'_>>> = vec![
         // A judge: one request, items of different lengths, one constrained answer token each.
         vec![
             ([&prompt[..], &[6, 11, 1]].concat(), 12, &yes_no[..]),
