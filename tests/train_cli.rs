@@ -317,7 +317,7 @@ fn grpo_can_sample_and_learn_only_the_guided_answer() {
 }
 
 #[test]
-fn a_judge_learns_yes_for_train_targets_reranks_from_eval_and_teaches_a_student() {
+fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_learns_lists() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("mem.sqlite");
     let out = dir.path().join("judge");
@@ -588,6 +588,44 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_and_teaches_a_student(
         ok && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
         "{err}"
     );
+    // Listwise from the targets alone: each query's items are one list whose label is its
+    // target; the loss (a KL divergence, ≥ 0) falls and the judge prefers the targets.
+    let listwise = dir.path().join("listwise");
+    let (ok, err) = judge(
+        &listwise,
+        &["--steps", "6", "--lr", "1e-2", "--judge-listwise"],
+    );
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(listwise.join("train.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["sft"]["judge"]["listwise"], true, "{cfg}");
+    let log = std::fs::read_to_string(listwise.join("log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    assert_eq!(steps[0]["calls"], 6);
+    assert!(steps.iter().all(|s| loss(s) >= -1e-6), "{log}");
+    assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
+    let ranked = rerank(
+        "listwise",
+        &[
+            "--adapter",
+            listwise.join("adapter.safetensors").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        margin(&ranked) > margin(&before),
+        "{} vs {}",
+        margin(&ranked),
+        margin(&before)
+    );
+    // Pointwise runs keep their identity: no `listwise` key in their train.json.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert!(cfg["sft"]["judge"].get("listwise").is_none(), "{cfg}");
     // What --judge cannot mean, and its flags without it: refused before anything loads.
     for (extra, says) in [
         (
@@ -605,6 +643,7 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_and_teaches_a_student(
         (&["--judge", "--rerank", "0"][..], "--rerank: 0 items"),
         (&["--rerank", "5"][..], "add --judge"),
         (&["--judge-teacher", "x"][..], "add --judge"),
+        (&["--judge-listwise"][..], "add --judge"),
         (
             &["--judge", "--judge-teacher-url", "http://127.0.0.1:9"][..],
             "add --judge-teacher MODEL",

@@ -139,6 +139,12 @@ pub(crate) struct TrainCmd {
     /// trained before).
     #[arg(long, value_name = "FILE")]
     pub(crate) judge_teacher_adapter: Option<PathBuf>,
+    /// With --judge: learn each query's judged items as one list — the order (and spacing) of
+    /// the labels' scores within the query, KL(softmax(labels) ‖ softmax(judge scores)) —
+    /// instead of each item's label on its own. Labels: the teacher's P(`Yes`), or without a
+    /// teacher 1 for the target and 0 for the others.
+    #[arg(long)]
+    pub(crate) judge_listwise: bool,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
 }
@@ -202,6 +208,9 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
         if a.judge_teacher.is_some() {
             bail!("--judge-teacher gives the labels of the judge `--judge` trains: add --judge");
         }
+        if a.judge_listwise {
+            bail!("--judge-listwise says how `--judge` learns its labels: add --judge");
+        }
         return Ok(None);
     }
     if a.train.sft.is_some() || a.train.sft_as_free || a.train.sft_anchor {
@@ -232,6 +241,7 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
             negatives: a.judge_negatives,
             seed: a.train.seed,
             teacher: None,
+            listwise: a.judge_listwise,
         },
         teacher: a.judge_teacher.as_ref().map(|m| TeacherSpec {
             model: m.clone(),
@@ -1177,7 +1187,11 @@ fn sft_examples(
         },
         "left_out_without_free_form": without_free_form,
     });
-    Ok(mrrec_train::trainer::Sft { examples, source })
+    Ok(mrrec_train::trainer::Sft {
+        examples,
+        source,
+        listwise: false,
+    })
 }
 
 /// The queries `purpose` admits, or a seeded subset of `n` of them, in file order.

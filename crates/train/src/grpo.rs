@@ -142,6 +142,81 @@ pub fn soft_label_loss(lp: &Tensor, p: f32, reference: Option<&[f32]>, kl: f64) 
     Ok(per.sum_all()?)
 }
 
+/// The listwise loss of one query's soft-labelled judge answers: `lps[i]` holds the current
+/// log-probability q_i of item i's `Yes` within its pair (shape `(1,)`, differentiable), `p[i]` its
+/// label. The student's score of an item is its log-odds s_i = log q_i − log(1 − q_i) (the score the
+/// re-ranking stage orders by), the label's t_i = log p_i − log(1 − p_i) (p clamped to
+/// [1e-6, 1 − 1e-6]: a hard label is a near-one-hot list); the loss is KL(softmax(t) ‖ softmax(s))
+/// over the items — zero, with zero gradient, when the student orders and spaces the items as the
+/// labels do, whatever its level, so only the order within the query is learnt — plus `kl ·` GRPO's
+/// KL estimator per item when reference log-probabilities are given.
+pub fn listwise_soft_loss(
+    lps: &[Tensor],
+    p: &[f32],
+    references: Option<&[Vec<f32>]>,
+    kl: f64,
+) -> Result<Tensor> {
+    if lps.len() != p.len() || lps.len() < 2 {
+        return Err(TrainError::Shape(format!(
+            "a listwise loss needs two or more items with a label each: {} items, {} labels",
+            lps.len(),
+            p.len()
+        )));
+    }
+    if let Some(bad) = lps.iter().find(|lp| lp.dims() != [1]) {
+        return Err(TrainError::Shape(format!(
+            "a listwise item is one token's log-probability, not {:?}",
+            bad.dims()
+        )));
+    }
+    if let Some(bad) = p.iter().find(|x| !(0.0..=1.0).contains(*x)) {
+        return Err(TrainError::Shape(format!(
+            "a soft label is a probability in [0, 1], not {bad}"
+        )));
+    }
+    let lp = Tensor::cat(lps, 0)?; // (n,)
+                                   // log(1 − q), kept finite where q rounds to 1.
+    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-12, 1.0)?.log()?;
+    let s = (&lp - rest)?;
+    let log_q = s.broadcast_sub(&crate::policy::logsumexp(&s.unsqueeze(0)?)?)?;
+    let t: Vec<f64> = p
+        .iter()
+        .map(|&x| {
+            let x = (x as f64).clamp(1e-6, 1.0 - 1e-6);
+            (x / (1.0 - x)).ln()
+        })
+        .collect();
+    let mx = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z = t.iter().map(|x| (x - mx).exp()).sum::<f64>().ln() + mx;
+    let log_p: Vec<f64> = t.iter().map(|x| x - z).collect();
+    let entropy_term: f64 = log_p.iter().map(|l| l.exp() * l).sum();
+    let w = Tensor::new(
+        log_p.iter().map(|l| l.exp()).collect::<Vec<f64>>(),
+        lp.device(),
+    )?
+    .to_dtype(lp.dtype())?;
+    let mut loss = ((log_q * w)?.sum_all()? * -1.0)?.affine(1.0, entropy_term)?;
+    if kl > 0.0 {
+        if let Some(r) = references {
+            let r: Vec<f32> = r
+                .iter()
+                .map(|v| v.first().copied().unwrap_or(0.0))
+                .collect();
+            if r.len() != lps.len() {
+                return Err(TrainError::Shape(format!(
+                    "{} reference log-probabilities for {} items",
+                    r.len(),
+                    lps.len()
+                )));
+            }
+            let r = Tensor::new(r, lp.device())?.to_dtype(lp.dtype())?;
+            let d = (r - &lp)?;
+            loss = (loss + ((((d.exp()? - &d)? - 1.0)? * kl)?.sum_all()?))?;
+        }
+    }
+    Ok(loss)
+}
+
 /// AdamW settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWParams {

@@ -32,6 +32,12 @@ pub struct JudgeData {
     /// [`judge_examples`] sets it from the teacher it is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<String>,
+    /// Learn each query's items as one list ([`crate::grpo::listwise_soft_loss`]: the order of
+    /// the labels' scores within the query) instead of each item's label on its own. The labels
+    /// are the teacher's P(`Yes`), or without a teacher 1 for the target and 0 for the others.
+    /// Written only when set, so earlier runs keep their identity.
+    #[serde(default, skip_serializing_if = "crate::trajectories::is_false")]
+    pub listwise: bool,
 }
 
 /// A judge whose scores become the labels.
@@ -234,6 +240,12 @@ pub fn judge_examples(
                         .collect::<Vec<f32>>(),
                 )
             }
+            // A list without a teacher: the target is the one the shopper took.
+            _ if data.listwise => Some(
+                (0..items.len())
+                    .map(|k| if k == 0 { 1.0 } else { 0.0 })
+                    .collect(),
+            ),
             _ => None,
         };
         let mut segments = Vec::with_capacity(items.len());
@@ -294,5 +306,9 @@ pub fn judge_examples(
             source["teacher_mean_yes_target"].as_f64().unwrap_or(0.0)
         );
     }
-    Ok(Sft { examples, source })
+    Ok(Sft {
+        examples,
+        source,
+        listwise: data.listwise,
+    })
 }

@@ -211,6 +211,9 @@ pub struct Sft {
     pub examples: Vec<SftExample>,
     /// Where they came from and how they were chosen.
     pub source: serde_json::Value,
+    /// Each example's soft-labelled segments are one list, learnt by
+    /// [`crate::grpo::listwise_soft_loss`] (a judge's items of one query).
+    pub listwise: bool,
 }
 
 impl Trainer<'_> {
@@ -473,7 +476,9 @@ impl Trainer<'_> {
             // Supervised fine-tuning: every kept trajectory's tokens with advantage 1 — with the
             // old log-probabilities the current ones (ratio 1, no clipping) the GRPO loss's
             // gradient is exactly the negative log-likelihood's, KL term included.
-            for ex in &chosen {
+            // Per work item, its example's index in the step (fine-tuning).
+            let mut example_of: Vec<usize> = Vec::new();
+            for (e, ex) in chosen.iter().enumerate() {
                 rf += ex.rewards.format;
                 rr += ex.rewards.rec;
                 rm += ex.rewards.mem;
@@ -483,6 +488,7 @@ impl Trainer<'_> {
                     if !seg.ids.is_empty() {
                         let soft = ex.soft.as_ref().and_then(|s| s.get(i).copied());
                         work.push((seg, 1.0, soft));
+                        example_of.push(e);
                     }
                 }
             }
@@ -523,7 +529,15 @@ impl Trainer<'_> {
                 // Segments that begin alike (a judge's items, a group's trajectories) go
                 // through the adapted layers together: their shared beginning once, and one
                 // backward pass of their summed losses.
-                for range in shared_groups(&seqs, SHARED_MIN, SHARED_SUFFIX_TOKENS) {
+                // A list (a listwise judge's query) is one pass whatever its length: its loss
+                // couples its items.
+                let listwise = self.sft.as_ref().is_some_and(|s| s.listwise);
+                let runs = if listwise {
+                    runs_of(&example_of)
+                } else {
+                    shared_groups(&seqs, SHARED_MIN, SHARED_SUFFIX_TOKENS)
+                };
+                for range in runs {
                     let t1 = Instant::now();
                     let scored: Vec<crate::Scored<'_>> = range
                         .clone()
@@ -546,7 +560,31 @@ impl Trainer<'_> {
                         frozen,
                     )?;
                     let mut group_loss: Option<candle_core::Tensor> = None;
-                    for (j, (lp, i)) in lps.into_iter().zip(range).enumerate() {
+                    // A list of one item orders nothing: it adds no loss.
+                    if listwise && range.len() > 1 {
+                        let labels = range
+                            .clone()
+                            .map(|i| {
+                                work[i].2.ok_or_else(|| {
+                                    TrainError::Invalid(
+                                        "a listwise example without soft labels".into(),
+                                    )
+                                })
+                            })
+                            .collect::<Result<Vec<f32>>>()?;
+                        // The mean over the step's lists.
+                        let l = crate::grpo::listwise_soft_loss(
+                            &lps,
+                            &labels,
+                            references.as_deref(),
+                            self.train.grpo.kl,
+                        )?
+                        .affine(1.0 / chosen.len().max(1) as f64, 0.0)?;
+                        total_loss += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                        group_loss = Some(l);
+                    }
+                    let pointwise = if listwise { Vec::new() } else { lps };
+                    for (j, (lp, i)) in pointwise.into_iter().zip(range).enumerate() {
                         let (_, a, soft) = &work[i];
                         let reference = references.as_ref().map(|r| r[j].clone());
                         // Old log-probabilities: the training model's own, before this update.
@@ -686,6 +724,21 @@ const SHARED_MIN: usize = 16;
 /// At most this many tokens after the shared beginning in one pass (the graph of every
 /// sequence of a group is alive until its backward pass).
 const SHARED_SUFFIX_TOKENS: usize = 2048;
+
+/// The ranges of equal consecutive values of `keys` (a step's work items per example).
+fn runs_of(keys: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=keys.len() {
+        if i == keys.len() || keys[i] != keys[start] {
+            if i > start {
+                out.push(start..i);
+            }
+            start = i;
+        }
+    }
+    out
+}
 
 /// Consecutive runs of `seqs` that share at least `min` leading tokens with the run's first
 /// and whose tokens after that shared beginning number at most `budget` (a run has at least
@@ -837,6 +890,8 @@ mod tests {
             shared_groups(&[], 16, 100),
             Vec::<std::ops::Range<usize>>::new()
         );
+        assert_eq!(runs_of(&[0, 0, 0, 1, 2, 2]), vec![0..3, 3..4, 4..6]);
+        assert_eq!(runs_of(&[]), Vec::<std::ops::Range<usize>>::new());
     }
 
     #[test]

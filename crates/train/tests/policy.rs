@@ -971,3 +971,94 @@ fn a_soft_label_is_learnt_as_the_two_way_cross_entropy_and_is_still_where_the_mo
     let lp = Tensor::new(&[-0.1f64], &Device::Cpu).unwrap();
     assert!(soft_label_loss(&lp, 1.5, None, 0.0).is_err());
 }
+
+/// The listwise judge loss: KL(softmax(label log-odds) ‖ softmax(judge log-odds)) over a
+/// query's items — its value and gradient against the closed form, zero with zero gradient
+/// wherever the judge's scores are the labels' shifted by a constant (only the order and
+/// spacing within a query are learnt, not the level), a hard list pulls the target up and the
+/// others down, and malformed lists are refused.
+#[test]
+fn a_listwise_judge_loss_is_the_kl_of_the_lists_softmaxes_and_ignores_the_level() {
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let softmax = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
+        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
+    };
+    let labels = [0.7f32, 0.2, 0.45, 0.05];
+    let t: Vec<f64> = labels.iter().map(|&p| logit(p as f64)).collect();
+    let pt = softmax(&t);
+    let run = |s: &[f64]| -> (f64, Vec<f64>) {
+        // Each item's log q with q = sigmoid(s): the judge's log-odds are s.
+        let vars: Vec<Var> = s
+            .iter()
+            .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
+            .collect();
+        let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let l = mrrec_train::listwise_soft_loss(&lps, &labels, None, 0.0).unwrap();
+        let g = l.backward().unwrap();
+        let grads = vars
+            .iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
+            .collect();
+        (l.to_scalar::<f64>().unwrap(), grads)
+    };
+    for s in [
+        vec![0.3, -1.0, 2.0, 0.1],
+        vec![-2.0, -2.5, -1.0, -4.0],
+        vec![1.5, 1.5, 1.5, 1.5],
+    ] {
+        let (v, g) = run(&s);
+        let ps = softmax(&s);
+        let want: f64 = pt.iter().zip(&ps).map(|(p, q)| p * (p / q).ln()).sum();
+        assert!((v - want).abs() < 1e-9, "{v} vs {want}");
+        for i in 0..s.len() {
+            // d/d log q_i = (softmax(s)_i − P_i) · ds_i/dlog q_i, ds/dlog q = 1 / (1 − q).
+            let want = (ps[i] - pt[i]) / (1.0 - sigmoid(s[i]));
+            assert!((g[i] - want).abs() < 1e-6, "item {i}: {} vs {want}", g[i]);
+        }
+    }
+    // The labels' own log-odds, shifted: nothing to learn.
+    for shift in [0.0, -3.0, 2.5] {
+        let s: Vec<f64> = t.iter().map(|x| x + shift).collect();
+        let (v, g) = run(&s);
+        assert!(v.abs() < 1e-9, "shift {shift}: {v}");
+        assert!(g.iter().all(|x| x.abs() < 1e-6), "shift {shift}: {g:?}");
+    }
+    // A hard list (target first): gradient descent raises the target's score, lowers the rest.
+    let hard = [1.0f32, 0.0, 0.0];
+    let vars: Vec<Var> = [0.0f64, 0.5, -0.5]
+        .iter()
+        .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
+        .collect();
+    let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let l = mrrec_train::listwise_soft_loss(&lps, &hard, None, 0.0).unwrap();
+    let g = l.backward().unwrap();
+    let d: Vec<f64> = vars
+        .iter()
+        .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
+        .collect();
+    assert!(d[0] < 0.0 && d[1] > 0.0 && d[2] > 0.0, "{d:?}");
+    // With β > 0 and a reference equal to the current values, the KL term adds nothing.
+    let refs: Vec<Vec<f32>> = lps
+        .iter()
+        .map(|t| vec![t.to_vec1::<f64>().unwrap()[0] as f32])
+        .collect();
+    let with = mrrec_train::listwise_soft_loss(&lps, &hard, Some(&refs), 0.1).unwrap();
+    assert!((with.to_scalar::<f64>().unwrap() - l.to_scalar::<f64>().unwrap()).abs() < 1e-6);
+    // Refused: one item, a label per item missing, a label outside [0, 1], two tokens.
+    let one = Tensor::new(&[-0.5f64], &Device::Cpu).unwrap();
+    assert!(
+        mrrec_train::listwise_soft_loss(std::slice::from_ref(&one), &[1.0], None, 0.0).is_err()
+    );
+    assert!(
+        mrrec_train::listwise_soft_loss(&[one.clone(), one.clone()], &[1.0], None, 0.0).is_err()
+    );
+    assert!(
+        mrrec_train::listwise_soft_loss(&[one.clone(), one.clone()], &[1.0, 1.5], None, 0.0)
+            .is_err()
+    );
+    let two = Tensor::new(&[-0.5f64, -0.1], &Device::Cpu).unwrap();
+    assert!(mrrec_train::listwise_soft_loss(&[one, two], &[1.0, 0.0], None, 0.0).is_err());
+}
