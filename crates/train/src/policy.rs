@@ -665,15 +665,7 @@ impl Policy {
         // Shared, and before every sequence's first scored row (which its own pass computes).
         let shared = seqs
             .iter()
-            .map(|s| {
-                let common = head
-                    .tokens
-                    .iter()
-                    .zip(s.tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                common.min(s.from - 1)
-            })
+            .map(|s| common_prefix(head.tokens, s.tokens).min(s.from - 1))
             .min()
             .unwrap_or(0);
         let first = self.first_adapted();
@@ -742,14 +734,7 @@ impl Policy {
         let head = seqs.first().map_or(&[][..], |s| s.tokens);
         let shared = seqs
             .iter()
-            .map(|s| {
-                let common = head
-                    .iter()
-                    .zip(s.tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                common.min(s.tokens.len() - 1)
-            })
+            .map(|s| common_prefix(head, s.tokens).min(s.tokens.len() - 1))
             .min()
             .unwrap_or(0);
         let mut base = model.new_cache();
@@ -904,6 +889,11 @@ impl Policy {
     }
 }
 
+/// How many leading tokens `a` and `b` share.
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// `x · w` for a constant `w` (a frozen projection, the output layer): when `x` carries a
 /// gradient, through [`FrozenMatmul`], whose backward computes `x`'s alone.
 fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -1025,15 +1015,7 @@ impl LowerCache {
     fn longest(&self, tokens: &[u32]) -> (usize, Option<&LowerState>) {
         self.states
             .iter()
-            .map(|s| {
-                let n = s
-                    .tokens
-                    .iter()
-                    .zip(tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                (n, Some(s))
-            })
+            .map(|s| (common_prefix(&s.tokens, tokens), Some(s)))
             .max_by_key(|(n, _)| *n)
             .unwrap_or((0, None))
     }

@@ -744,14 +744,13 @@ fn runs_of(keys: &[usize]) -> Vec<std::ops::Range<usize>> {
 /// and whose tokens after that shared beginning number at most `budget` (a run has at least
 /// one sequence, whatever its length).
 fn shared_groups(seqs: &[Vec<u32>], min: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
-    let common = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
     let mut out = Vec::new();
     let mut start = 0;
     while start < seqs.len() {
         let mut end = start + 1;
         let mut shared = seqs[start].len();
         while end < seqs.len() {
-            let s = shared.min(common(&seqs[start], &seqs[end]));
+            let s = shared.min(crate::policy::common_prefix(&seqs[start], &seqs[end]));
             let rest: usize = (start..=end).map(|i| seqs[i].len() - s).sum();
             if s < min || rest > budget {
                 break;

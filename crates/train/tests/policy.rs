@@ -58,6 +58,21 @@ fn perturb_b(p: &Policy, seed: u64, scale: f64) {
     }
 }
 
+/// The training copy of SmolLM2 with a rank-4 adapter on every projection of its top 3 layers.
+fn smollm2_policy(m: &mrrec_llm_local::LocalModel) -> Policy {
+    Policy::from_gguf(
+        &m.info().path,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Proj::ALL.to_vec(),
+            layers: 3,
+            seed: 1,
+        },
+    )
+    .unwrap()
+}
+
 fn set(ids: &[u32]) -> mrrec_llm_local::TokenSet {
     mrrec_llm_local::TokenSet::from_fn(12, |i| ids.contains(&i))
 }
@@ -91,17 +106,7 @@ fn logits_match_the_inference_model_with_and_without_an_adapter() {
         .get_ids()
         .to_vec();
     assert!(tokens.len() > 8);
-    let p = Policy::from_gguf(
-        &m.info().path,
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: Proj::ALL.to_vec(),
-            layers: 3,
-            seed: 1,
-        },
-    )
-    .unwrap();
+    let p = smollm2_policy(&m);
     let reference = m.transformer().logits_dense(&tokens).unwrap();
     let ours = p.logits(&tokens, true).unwrap();
     assert_eq!(ours.dims(), reference.dims());
@@ -138,17 +143,7 @@ fn the_inference_models_frozen_layers_feed_the_adapter_as_the_dense_ones_do() {
             .get_ids()
             .to_vec()
     };
-    let p = Policy::from_gguf(
-        &m.info().path,
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: Proj::ALL.to_vec(),
-            layers: 3,
-            seed: 1,
-        },
-    )
-    .unwrap();
+    let p = smollm2_policy(&m);
     perturb_b(&p, 7, 0.05);
     let request = enc("The shopper asks for a warm blanket for a toddler. Product: ");
     let items = [
