@@ -275,6 +275,182 @@ fn search_ranks_an_items_own_title_first_with_every_index() {
     );
 }
 
+/// `recommend` answers with any method `eval` runs, through the same pipeline: a retrieval
+/// method without loading a model (its ranking is `search`'s), the judge's re-ranking behind it
+/// (the real tiny model: the judged items are the method's first, re-ordered by the fusion of
+/// the two orders, the items below unmoved), the user's past items left out on request, and
+/// refusals that name what is wrong.
+#[test]
+fn recommend_runs_any_method_behind_the_judge_and_without_past_items() {
+    let data = mini();
+    let store = tempfile::tempdir().unwrap();
+    let store_path = store.path().join("memory.sqlite");
+    // A user and an item they reviewed; the request is that item's title, so the item ranks
+    // high for any method that reads only the request.
+    let reviews = std::fs::read_to_string(data.join("reviews.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(reviews.lines().next().unwrap()).unwrap();
+    let user = first["user_id"].as_str().unwrap().to_string();
+    let item = first["parent_asin"].as_str().unwrap().to_string();
+    let seen: Vec<String> = reviews
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["user_id"] == user.as_str())
+        .map(|v| v["parent_asin"].as_str().unwrap().to_string())
+        .collect();
+    let meta = std::fs::read_to_string(data.join("meta.jsonl")).unwrap();
+    let title = meta
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["parent_asin"] == item.as_str())
+        .and_then(|v| v["title"].as_str().map(String::from))
+        .unwrap();
+    let recommend = |extra: &[&str], user: &str| -> (bool, serde_json::Value, String) {
+        let mut args: Vec<&str> = vec![
+            "recommend",
+            "--data",
+            data.to_str().unwrap(),
+            "--max-items",
+            "300",
+            "--store",
+            store_path.to_str().unwrap(),
+            "--model",
+            "smollm2-135m-instruct",
+            "-k",
+            "10",
+            "--json",
+            "--user",
+            user,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&title);
+        let (ok, stdout, stderr) = mrrec(&args);
+        (
+            ok,
+            serde_json::from_str(&stdout).unwrap_or_default(),
+            stderr,
+        )
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A retrieval method: no model, the same ranking as `search`.
+    let (ok, hybrid, stderr) = recommend(&["--method", "hybrid"], &user);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("[no LLM;"), "{stderr}");
+    let h = ids(&hybrid);
+    assert_eq!(h.len(), 10);
+    assert!(h.contains(&item), "{item} not in {h:?}");
+    assert!(hybrid["rerank"].is_null());
+    assert!(hybrid["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["judge"].is_null()));
+    let (ok, stdout, stderr) = mrrec(&[
+        "search",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--method",
+        "hybrid",
+        "-k",
+        "10",
+        &title,
+    ]);
+    assert!(ok, "{stderr}");
+    let searched: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+        .collect();
+    assert_eq!(searched, h, "{stdout}");
+    // The judge re-ranks the first 5: the same 5 items, in the fused order of the method's
+    // order and the judge's scores; the rest unmoved.
+    let (ok, judged, stderr) = recommend(&["--method", "hybrid", "--rerank", "5"], &user);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("[LLM smollm2-135m-instruct") && stderr.contains("tokens in"),
+        "{stderr}"
+    );
+    let r = ids(&judged);
+    let stage = &judged["rerank"];
+    assert_eq!(stage["depth"], 5);
+    let stage_items: Vec<String> = stage["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stage_items, h[..5]);
+    let scores: Vec<f32> = stage["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap() as f32)
+        .collect();
+    assert!(scores.iter().all(|s| s.is_finite()), "{scores:?}");
+    let fused = mrrec_agent::rerank::fuse_judged(&(0..10).collect::<Vec<u32>>(), &scores, 1.0);
+    let expected: Vec<String> = fused.iter().map(|&p| h[p as usize].clone()).collect();
+    assert_eq!(r, expected, "scores {scores:?}");
+    for (i, it) in judged["items"].as_array().unwrap().iter().enumerate() {
+        if i < 5 {
+            let at = h.iter().position(|x| x == &r[i]).unwrap();
+            assert!(
+                (it["judge"].as_f64().unwrap() as f32 - scores[at]).abs() < 1e-6,
+                "{it}"
+            );
+        } else {
+            assert!(it["judge"].is_null(), "{it}");
+        }
+    }
+    // The user's past items left out: the method's ranking without them, still 10 items.
+    let (ok, unseen, stderr) = recommend(&["--method", "hybrid", "--exclude-seen"], &user);
+    assert!(ok, "{stderr}");
+    let u = ids(&unseen);
+    assert_eq!(u.len(), 10);
+    assert!(
+        u.iter().all(|i| !seen.contains(i)),
+        "{u:?} has one of {seen:?}"
+    );
+    let kept: Vec<String> = h.iter().filter(|i| !seen.contains(i)).cloned().collect();
+    assert_eq!(u[..kept.len()], kept[..]);
+    // A request that reads no user answers anyone; one that reads their past refuses a stranger.
+    let (ok, anyone, stderr) = recommend(&["--method", "hybrid"], "nobody-at-all");
+    assert!(ok, "{stderr}");
+    assert_eq!(ids(&anyone), h);
+    for (flags, says) in [
+        (
+            &["--method", "hybrid-history"][..],
+            "unknown user \"nobody-at-all\": no history in the data",
+        ),
+        (
+            &["--method", "hybrid", "--exclude-seen"][..],
+            "reads the user's past items",
+        ),
+        (
+            &[
+                "--method",
+                "hybrid",
+                "--adapter",
+                "/nonexistent.safetensors",
+            ][..],
+            "method hybrid calls no LLM",
+        ),
+        (
+            &["--method", "hybrid", "--rerank-memory", "profile"][..],
+            "add --rerank N",
+        ),
+    ] {
+        let (ok, _, stderr) = recommend(flags, "nobody-at-all");
+        assert!(!ok && stderr.contains(says), "{flags:?}: {stderr}");
+    }
+}
+
 /// The model named on the command line is the model asked of a server, and the key comes from
 /// `OPENAI_API_KEY` when `MRREC_LLM_API_KEY` is unset (both read once, by the binary); the echo
 /// model with a server URL from the environment is an error naming both, never a silent switch.

@@ -116,22 +116,29 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) exclude_seen: bool,
 }
 
-pub(crate) fn eval_one(
-    ws: &Workspace,
-    ctx: Option<&LlmContext>,
-    job: EvalJob<'_>,
-) -> Result<RunMetrics> {
-    let EvalJob {
-        method,
-        field,
-        splits,
-        limit,
-        seed,
-        out,
-        history,
-        rerank,
-        exclude_seen,
-    } = job;
+/// A method as a run answers with it: the method, the re-ranking stage behind it and the
+/// past-items filter after both, with the run's name, batch and prompt versions (`eval` and
+/// `recommend` build the same thing).
+pub(crate) struct Pipeline<'a> {
+    pub(crate) method: Box<dyn Method + 'a>,
+    /// The run's name: the method's, `@mode` for LLM methods, `+rerankN`, `+unseen`.
+    pub(crate) name: String,
+    /// Queries answered together.
+    pub(crate) batch: usize,
+    /// The prompt versions and models the answers depend on.
+    pub(crate) prompts: String,
+}
+
+/// The method `method` with `rerank` behind it and, with `exclude_seen`, the user's past items
+/// dropped from the result.
+pub(crate) fn pipeline<'a>(
+    ws: &'a Workspace,
+    method: &str,
+    ctx: Option<&'a LlmContext>,
+    history: mrrec_agent::shop::HistoryParams,
+    rerank: Option<mrrec_agent::rerank::RerankParams>,
+    exclude_seen: bool,
+) -> Result<Pipeline<'a>> {
     let mut m = method_for(ws, method, ctx, history)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
     // in batches of `--batch` (default 16) queries answered together (their model calls decode
@@ -188,6 +195,36 @@ pub(crate) fn eval_one(
     } else {
         run_name
     };
+    Ok(Pipeline {
+        method: m,
+        name: run_name,
+        batch,
+        prompts,
+    })
+}
+
+pub(crate) fn eval_one(
+    ws: &Workspace,
+    ctx: Option<&LlmContext>,
+    job: EvalJob<'_>,
+) -> Result<RunMetrics> {
+    let EvalJob {
+        method,
+        field,
+        splits,
+        limit,
+        seed,
+        out,
+        history,
+        rerank,
+        exclude_seen,
+    } = job;
+    let Pipeline {
+        method: m,
+        name: run_name,
+        batch,
+        prompts,
+    } = pipeline(ws, method, ctx, history, rerank, exclude_seen)?;
     let queries = ws
         .dataset
         .queries

@@ -1,9 +1,8 @@
 //! `mrrec recommend` (one answer with its trace) and `mrrec chat`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use mrrec_data::QueryField;
-use mrrec_eval::Method;
 
 use crate::args::*;
 use crate::cmd::eval::*;
@@ -22,10 +21,17 @@ pub(crate) struct RecommendArgs {
     /// The store section the request comes from (context only; never a filter).
     #[arg(long)]
     pub(crate) category: Option<String>,
-    /// Method: mrrec (default), an ablation, or a baseline (llm-rewrite, naive-memory,
-    /// static-memory).
-    #[arg(long, default_value = "mrrec", value_parser = clap::builder::PossibleValuesParser::new(mrrec_agent::methods::llm_method_names()))]
+    /// Method: mrrec (default), an ablation, an LLM baseline (llm-rewrite, naive-memory,
+    /// static-memory) or a retrieval one (bm25, dense, hybrid, hybrid-history: no LLM).
+    #[arg(long, default_value = "mrrec", value_parser = method_names())]
     pub(crate) method: String,
+    #[command(flatten)]
+    pub(crate) history: HistoryArgs,
+    #[command(flatten)]
+    pub(crate) rerank: RerankArgs,
+    /// Drop from the result the items the user reviewed before (after any re-ranking).
+    #[arg(long)]
+    pub(crate) exclude_seen: bool,
     /// Items to show.
     #[arg(short, default_value_t = 10)]
     pub(crate) k: usize,
@@ -72,48 +78,79 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         user,
         category,
         method,
+        history,
+        rerank,
+        exclude_seen,
         k,
         json,
         request,
     } = a;
     let (user, method, request) = (user.as_str(), method.as_str(), request.as_str());
     let tenant = tenant.tenant.as_str();
+    // Flags first: a wrong one is reported before any index or model is loaded.
+    let history = history.params(method)?;
+    let rerank = rerank.params()?;
+    let is_llm = mrrec_agent::methods::llm_method_names().contains(&method);
+    if !is_llm && args.adapter.is_some() && rerank.is_none() {
+        bail!("--adapter sets the LLM's weights; method {method} calls no LLM (add --rerank N to re-rank its items with the adapted model as the judge)");
+    }
     let ws = data.open()?;
-    let ctx = args.context(&ws)?;
-    let Some((kind, cfg)) = mrrec_agent::methods::llm_method(method, &ctx.cfg) else {
-        bail!(
-            "unknown method {method:?}; available: {}",
-            mrrec_agent::methods::llm_method_names().join(", ")
-        );
+    // The model and the memory store are opened only when the answer calls the LLM.
+    let ctx = if is_llm || rerank.is_some() {
+        let mut c = args.context(&ws)?;
+        c.tenant = tenant.to_string();
+        Some(c)
+    } else {
+        None
     };
-    let known = ctx
-        .store
-        .has_entries(mrrec_memory::Owner { tenant, user })?;
-    if !known && !ws.dataset.histories.contains(user) {
-        bail!("unknown user {user:?}: no memory in the store and no history in the data (build it with `mrrec memory build`)");
-    }
-    if !known {
-        eprintln!("note: user {user:?} has a history but no memory in the store yet; run `mrrec memory build` for personalised answers");
-    }
-    let assistant = mrrec_agent::assistant::Assistant {
-        shop: ws.shop(),
-        store: &*ctx.store,
-        tenant,
-        llm: &ctx.model,
-        cfg,
-        observer: None,
-    };
-    let t0 = std::time::Instant::now();
-    let ans = match kind {
-        mrrec_agent::methods::LlmKind::Assistant => {
-            assistant.answer(user, request, category.as_deref(), k)?
+    match &ctx {
+        Some(c) => {
+            let known = c.store.has_entries(mrrec_memory::Owner { tenant, user })?;
+            if !known && !ws.dataset.histories.contains(user) {
+                bail!("unknown user {user:?}: no memory in the store and no history in the data (build it with `mrrec memory build`)");
+            }
+            let reads_memory = mrrec_agent::methods::memory_levels(method, &c.cfg)
+                .is_some_and(|l| !l.is_empty())
+                || rerank.is_some_and(|r| r.memory == mrrec_agent::rerank::JudgeMemory::Profile);
+            if !known && reads_memory {
+                eprintln!("note: user {user:?} has a history but no memory in the store yet; run `mrrec memory build` for personalised answers");
+            }
         }
+        // Without the LLM only `hybrid-history` and `--exclude-seen` read the user (their past
+        // items); the others rank the request alone, for anyone.
+        None if (method == "hybrid-history" || exclude_seen)
+            && !ws.dataset.histories.contains(user) =>
+        {
+            bail!("unknown user {user:?}: no history in the data ({method}{} reads the user's past items)", if exclude_seen { " with --exclude-seen" } else { "" });
+        }
+        None => {}
+    }
+    let t0 = std::time::Instant::now();
+    // The assistant alone answers with its full trace and item scores; any other method, or
+    // the assistant behind a re-ranking stage or the past-items filter, goes through the same
+    // pipeline `eval` builds.
+    let assistant_alone = ctx
+        .as_ref()
+        .and_then(|c| mrrec_agent::methods::llm_method(method, &c.cfg))
+        .filter(|(kind, _)| {
+            matches!(kind, mrrec_agent::methods::LlmKind::Assistant)
+                && rerank.is_none()
+                && !exclude_seen
+        });
+    let mut judged: Vec<(String, f32)> = Vec::new();
+    let mut stage: Option<serde_json::Value> = None;
+    let ans = match (assistant_alone, &ctx) {
+        (Some((_, cfg)), Some(c)) => mrrec_agent::assistant::Assistant {
+            shop: ws.shop(),
+            store: &*c.store,
+            tenant,
+            llm: &c.model,
+            cfg,
+            observer: None,
+        }
+        .answer(user, request, category.as_deref(), k)?,
         _ => {
-            let m = mrrec_agent::methods::LlmMethod {
-                name: method.into(),
-                kind,
-                assistant,
-            };
+            let p = pipeline(&ws, method, ctx.as_ref(), history, rerank, exclude_seen)?;
             let q = mrrec_data::Query {
                 qid: "cli".into(),
                 user_id: user.into(),
@@ -123,9 +160,31 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
                 timestamp: None,
                 split: None,
             };
-            let a = m.answer(&[&q], QueryField::Query, k)?.remove(0);
-            let trace: mrrec_agent::assistant::Trace =
-                serde_json::from_value(a.trace.unwrap_or_default()).unwrap_or_default();
+            let a = p
+                .method
+                .answer(&[&q], QueryField::Query, k)?
+                .pop()
+                .context("the method gave no answer")?;
+            let raw = a.trace.unwrap_or_default();
+            if let Some(st) = raw.get("rerank") {
+                let ids = st["items"].as_array().cloned().unwrap_or_default();
+                let scores = st["scores"].as_array().cloned().unwrap_or_default();
+                judged = ids
+                    .iter()
+                    .zip(&scores)
+                    .filter_map(|(i, s)| Some((i.as_str()?.to_string(), s.as_f64()? as f32)))
+                    .collect();
+                stage = Some(st.clone());
+            }
+            // An LLM method's trace is the assistant's; a retrieval method has none.
+            let mut trace: mrrec_agent::assistant::Trace = if is_llm {
+                serde_json::from_value(raw).unwrap_or_default()
+            } else {
+                Default::default()
+            };
+            trace.usage.prompt_tokens = a.usage.prompt_tokens;
+            trace.usage.completion_tokens = a.usage.completion_tokens;
+            trace.usage.seconds = a.usage.llm_seconds;
             mrrec_agent::assistant::Answer {
                 ranked_with: trace.profile.clone().unwrap_or_else(|| request.into()),
                 items: a.ranking.iter().map(|&i| (i, f32::NAN)).collect(),
@@ -140,7 +199,8 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
             .iter()
             .filter_map(|(i, sc)| {
                 ws.catalogue().get(*i).map(|it| {
-                    serde_json::json!({"id": it.id, "title": it.title, "score": if sc.is_finite() { Some(*sc) } else { None }})
+                    let judge = judged.iter().find(|(id, _)| *id == it.id).map(|(_, s)| *s);
+                    serde_json::json!({"id": it.id, "title": it.title, "score": if sc.is_finite() { Some(*sc) } else { None }, "judge": judge})
                 })
             })
             .collect();
@@ -149,12 +209,79 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "user": user, "request": request, "method": method,
                 "ranked_with": ans.ranked_with, "items": items, "trace": ans.trace,
-                "seconds": wall,
+                "rerank": stage, "exclude_seen": exclude_seen, "seconds": wall,
             }))?
         );
+        print_cost(ctx.as_ref(), &ans.trace, wall);
         return Ok(());
     }
     let t = &ans.trace;
+    if is_llm {
+        print_trace(t);
+    } else {
+        println!("method: {method} (retrieval)");
+    }
+    if let Some((st, c)) = stage.as_ref().zip(ctx.as_ref()) {
+        println!(
+            "re-ranked the first {} items with {} as the judge (reads the request{}), fused with the method's order{}; scores below: the judge's log P(Yes) − log P(No)",
+            st["depth"],
+            mrrec_llm::ChatModel::id(&c.model),
+            match rerank.map(|r| r.memory) {
+                Some(mrrec_agent::rerank::JudgeMemory::Profile) => " and the user's stored profile",
+                Some(mrrec_agent::rerank::JudgeMemory::Recent) => " and the user's last 10 items",
+                _ => " alone",
+            },
+            rerank.map(|r| format!(" (weight {})", r.weight)).unwrap_or_default()
+        );
+    }
+    if exclude_seen {
+        println!("without the items the user reviewed before");
+    }
+    println!();
+    let ranked: Vec<(u32, Option<f32>)> = ans
+        .items
+        .iter()
+        .map(|&(i, s)| {
+            let judge = ws
+                .catalogue()
+                .get(i)
+                .and_then(|it| judged.iter().find(|(id, _)| *id == it.id).map(|(_, s)| *s));
+            (
+                i,
+                if stage.is_some() {
+                    judge
+                } else {
+                    s.is_finite().then_some(s)
+                },
+            )
+        })
+        .collect();
+    print_ranked(&ws, &ranked);
+    print_cost(ctx.as_ref(), &ans.trace, wall);
+    Ok(())
+}
+
+/// The answer's cost on stderr: the LLM's tokens and time when one was called.
+fn print_cost(ctx: Option<&LlmContext>, t: &mrrec_agent::assistant::Trace, wall: f64) {
+    let Some(ctx) = ctx else {
+        eprintln!("[no LLM; {wall:.2}s in all]");
+        return;
+    };
+    eprintln!(
+        "[LLM {}: {} tokens in, {} out, {:.1}s; memory {:.1} ms, ranking {:.1} ms; {:.1}s in all]",
+        mrrec_llm::ChatModel::id(&ctx.model),
+        t.usage.prompt_tokens,
+        t.usage.completion_tokens,
+        t.usage.seconds,
+        t.memory_ms,
+        t.ranking_ms,
+        wall
+    );
+}
+
+/// The assistant's trace: its mode, the global aspects, reasoning, tool calls and results, the
+/// profile it wrote and the memories it cited.
+fn print_trace(t: &mrrec_agent::assistant::Trace) {
     println!(
         "mode: {:?}",
         t.mode.unwrap_or(mrrec_agent::assistant::Mode::Guided)
@@ -197,24 +324,6 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
             t.cited, t.cited_valid
         );
     }
-    println!();
-    let ranked: Vec<(u32, Option<f32>)> = ans
-        .items
-        .iter()
-        .map(|&(i, s)| (i, s.is_finite().then_some(s)))
-        .collect();
-    print_ranked(&ws, &ranked);
-    eprintln!(
-        "[LLM {}: {} tokens in, {} out, {:.1}s; memory {:.1} ms, ranking {:.1} ms; {:.1}s in all]",
-        mrrec_llm::ChatModel::id(&ctx.model),
-        t.usage.prompt_tokens,
-        t.usage.completion_tokens,
-        t.usage.seconds,
-        t.memory_ms,
-        t.ranking_ms,
-        wall
-    );
-    Ok(())
 }
 
 pub(crate) fn chat(a: ChatArgs) -> Result<()> {
