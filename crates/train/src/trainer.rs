@@ -695,7 +695,19 @@ impl Trainer<'_> {
             }
             write_plot(&log_path, &self.out.join("plot.svg"))?;
             self.save(&opt, &state)?;
-            if self.progress {
+            let val_text = log
+                .val_ndcg100
+                .map_or(String::new(), |v| format!(", val N@100 {v:.4}"));
+            if self.progress && self.sft.is_some() {
+                // Supervised steps (trajectories, a judge) have a loss and no rewards.
+                eprintln!(
+                    "step {step}/{}: loss {}, {:.0} s forward / {:.0} s backward{val_text}",
+                    self.train.steps,
+                    loss_v.map_or("-".into(), |l| format!("{l:.4}")),
+                    t_fwd,
+                    t_bwd,
+                );
+            } else if self.progress {
                 eprintln!(
                     "step {step}/{}: reward {:.3} (format {:.2}, rec {:.3}, mem {:.2}), flat groups {flat}/{}, loss {}, {:.0} s rollout / {:.0} s forward / {:.0} s backward{}",
                     self.train.steps,
@@ -708,7 +720,7 @@ impl Trainer<'_> {
                     t_roll,
                     t_fwd,
                     t_bwd,
-                    log.val_ndcg100.map_or(String::new(), |v| format!(", val N@100 {v:.4}"))
+                    val_text
                 );
             }
         }
