@@ -249,6 +249,17 @@ async fn answers_come_as_json_or_as_a_stream_of_the_same_work() {
             3
         );
     }
+    // A model that cannot score answers cannot judge: 502 saying so, the slot freed.
+    let (status, text) = call(
+        &c,
+        "POST",
+        &url,
+        Some(KEY_A),
+        Some(json!({"user": "alice", "request": "plush bunny", "method": "hybrid", "rerank": {"depth": 3}})),
+    )
+    .await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("cannot score answers"), "{text}");
     // Metrics saw it all.
     let (_, m) = call(&c, "GET", &format!("{}/metrics", s.base), None, None).await;
     assert!(
@@ -256,6 +267,10 @@ async fn answers_come_as_json_or_as_a_stream_of_the_same_work() {
         "{m}"
     );
     assert!(m.contains("mrrec_answers_total 4"));
+    assert!(
+        m.contains("mrrec_http_requests_total{route=\"/v1/recommend\",status=\"502\"} 1"),
+        "{m}"
+    );
     assert!(m.contains("mrrec_llm_in_flight 0"));
 }
 
@@ -1086,4 +1101,200 @@ async fn every_endpoint_applies_the_same_input_rules_and_a_changed_repost_is_an_
         text.contains("second words") && !text.contains("first words"),
         "{text}"
     );
+}
+
+/// `rerank` in a recommend body: the service's model (the real tiny one, its calls batched)
+/// judges the method's first items yes/no and their order is fused with the method's — for the
+/// retrieval methods and for the assistant, as JSON and streamed; the judge reads the user's
+/// stored profile in the caller's tenant only; bad settings are refused before any work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_judge_re_ranks_the_methods_first_items_in_the_callers_tenant() {
+    let llm: Arc<dyn ChatModel> = Arc::new(
+        tokio::task::spawn_blocking(|| {
+            mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
+        })
+        .await
+        .unwrap(),
+    );
+    let s = start_with(
+        llm.clone(),
+        ServiceConfig {
+            rate_per_key: 0.0,
+            llm_slots: 2,
+            batch_llm: true,
+            assistant: mrrec_agent::assistant::AssistantConfig {
+                reasoning_tokens: 12,
+                answer_tokens: 40,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/v1/recommend", s.base);
+    let request = "a soft plush bunny for a toddler";
+    let ids = |v: &Value, key: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|i| {
+                i.get("id")
+                    .unwrap_or(i)
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{v}"))
+                    .to_string()
+            })
+            .collect()
+    };
+    let ask = |body: Value| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let (status, text) = call(&c, "POST", &url, Some(KEY_A), Some(body)).await;
+            assert_eq!(status, 200, "{text}");
+            serde_json::from_str::<Value>(&text).unwrap()
+        }
+    };
+    // The retrieval method alone is the items search's hybrid ranking.
+    let plain = ask(json!({"user": "alice", "request": request, "k": 8, "method": "hybrid"})).await;
+    let h = ids(&plain, "items");
+    let (_, text) = call(
+        &c,
+        "GET",
+        &format!(
+            "{}/v1/items/search?q={}&k=8&mode=hybrid",
+            s.base,
+            request.replace(' ', "%20")
+        ),
+        Some(KEY_A),
+        None,
+    )
+    .await;
+    assert_eq!(ids(&serde_json::from_str(&text).unwrap(), "items"), h);
+    assert!(plain.get("rerank").is_none());
+    // Behind the judge: the first 5 judged, re-ordered by the fusion; the rest unmoved.
+    let judged = ask(json!({"user": "alice", "request": request, "k": 8, "method": "hybrid", "rerank": {"depth": 5}})).await;
+    let stage = &judged["rerank"];
+    assert_eq!(ids(stage, "items"), h[..5], "{stage}");
+    assert_eq!(stage["depth"], 5);
+    assert_eq!(stage["memory"], "none");
+    assert_eq!(stage["judge"], llm.id());
+    let scores: Vec<f32> = stage["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let order = mrrec_agent::rerank::fuse_judged(&(0..8).collect::<Vec<u32>>(), &scores, 1.0);
+    let expected: Vec<String> = order.iter().map(|&i| h[i as usize].clone()).collect();
+    assert_eq!(ids(&judged, "items"), expected);
+    assert!(judged["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    // The scores are the model's own judgement of those items (asked directly, unbatched).
+    let ws = s.svc.ws.clone();
+    let direct = {
+        let (llm, h) = (llm.clone(), h.clone());
+        tokio::task::spawn_blocking(move || {
+            let texts: Vec<String> = h[..5]
+                .iter()
+                .map(|id| {
+                    let p = ws.catalogue().position(id).unwrap();
+                    ws.catalogue().get(p).unwrap().text.clone()
+                })
+                .collect();
+            let t: Vec<&str> = texts.iter().map(String::as_str).collect();
+            mrrec_agent::rerank::judge(&*llm, request, None, None, &t)
+                .unwrap()
+                .0
+        })
+        .await
+        .unwrap()
+    };
+    for (a, b) in scores.iter().zip(&direct) {
+        assert!((a - b).abs() < 1e-3, "{scores:?} vs {direct:?}");
+    }
+    // The judge reads the caller's tenant only: globex's alice has a profile, acme's has none,
+    // so acme's judge with `profile` reads nothing and judges as with `none`...
+    let profile = |tenant: &'static str, text: &'static str| {
+        let svc = s.svc.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut e = entry(&svc.ws, "p-1", text);
+            e.level = mrrec_memory::Level::Profile;
+            svc.store
+                .put(
+                    Owner {
+                        tenant,
+                        user: "alice",
+                    },
+                    &[e],
+                )
+                .unwrap();
+        })
+    };
+    profile("globex", SECRET).await.unwrap();
+    let with_profile = json!({"user": "alice", "request": request, "k": 8, "method": "hybrid", "rerank": {"depth": 5, "memory": "profile"}});
+    let none_there = ask(with_profile.clone()).await;
+    assert_eq!(none_there["rerank"]["memory"], "profile");
+    assert_eq!(none_there["rerank"]["scores"], stage["scores"]);
+    // ...and once acme's alice has one, it is in the judge's prompt (longer, other scores).
+    profile("acme", "Buys soft toys for a baby; dislikes anything loud.")
+        .await
+        .unwrap();
+    let read = ask(with_profile).await;
+    assert!(
+        read["usage"]["prompt_tokens"].as_u64() > judged["usage"]["prompt_tokens"].as_u64(),
+        "{read}"
+    );
+    assert_ne!(read["rerank"]["scores"], stage["scores"]);
+    // The assistant behind the judge: k items out of the judged ones, its cost with the judge's,
+    // and the stream ends with the same answer.
+    let body = json!({"user": "alice", "request": request, "k": 3, "rerank": {"depth": 5}});
+    let a = ask(body.clone()).await;
+    let got = ids(&a, "items");
+    assert_eq!(got.len(), 3);
+    let judged_ids = ids(&a["rerank"], "items");
+    assert_eq!(judged_ids.len(), 5);
+    assert!(got.iter().all(|i| judged_ids.contains(i)), "{a}");
+    assert!(
+        a["usage"]["prompt_tokens"].as_u64().unwrap()
+            > a["rerank"]["prompt_tokens"].as_u64().unwrap()
+    );
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let resp = c
+        .post(&url)
+        .bearer_auth(KEY_A)
+        .json(&sb)
+        .send()
+        .await
+        .unwrap();
+    let ev = sse_events(&resp.text().await.unwrap());
+    let done = &ev.last().unwrap().1;
+    assert_eq!(ev.last().unwrap().0, "done", "{ev:?}");
+    assert_eq!(done["items"], a["items"]);
+    assert_eq!(done["rerank"]["scores"], a["rerank"]["scores"]);
+    let items_ev = ev.iter().find(|(n, _)| n == "items").unwrap();
+    assert_eq!(items_ev.1["items"], a["items"]);
+    // Bad settings: 400 naming the field, before any work.
+    for (rerank, says) in [
+        (json!({"depth": 0}), "`rerank.depth` must be 1–50"),
+        (json!({"depth": 51}), "`rerank.depth` must be 1–50"),
+        (json!({"weight": -1.0}), "`rerank.weight`"),
+        (json!({"memory": "recent"}), "use \\\"profile\\\""),
+        (json!({"memory": "everything"}), "unknown variant"),
+        (json!({"deep": 3}), "unknown field"),
+    ] {
+        let (status, text) = call(
+            &c,
+            "POST",
+            &url,
+            Some(KEY_A),
+            Some(
+                json!({"user": "alice", "request": request, "method": "hybrid", "rerank": rerank}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 400, "{rerank}: {text}");
+        assert!(text.contains(says), "{rerank}: {text}");
+    }
 }

@@ -128,6 +128,9 @@ pub(crate) fn llm_reason(e: &LlmError) -> String {
         LlmError::BadResponse { .. } => "the language model server sent a malformed answer".into(),
         LlmError::ContextOverflow { .. } => "the request does not fit the model's context".into(),
         LlmError::Cancelled => "the answer was cancelled".into(),
+        // Only answer scoring is unsupported by some backends (the echo model, a server that
+        // returns no log-probabilities): `rerank` needs it.
+        LlmError::Unsupported(_) => "the language model cannot score answers, which `rerank` needs (a local model or a server that returns log-probabilities can)".into(),
         _ => "the language model failed".into(),
     }
 }

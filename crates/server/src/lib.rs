@@ -1,9 +1,10 @@
 //! `mrrec serve`: the assistant as an HTTP service (axum), one app for builders and trainers.
 //!
 //! Routes (documented in `openapi.json`, served at `/openapi.json`):
-//! - `POST /v1/recommend` — `{user, request, k?, category?, method?, mode?, stream?}`; JSON answer
-//!   (items, scores, trace, timing), or with `stream: true` server-sent events as the assistant
-//!   works (`aspects`, `call`, `text`, `tool_call`, `profile`, `items`, `done`, `error`);
+//! - `POST /v1/recommend` — `{user, request, k?, category?, method?, mode?, rerank?, stream?}`;
+//!   JSON answer (items, scores, trace, timing), or with `stream: true` server-sent events as the
+//!   assistant works (`aspects`, `call`, `text`, `tool_call`, `profile`, `items`, `done`,
+//!   `error`); `rerank: {depth?, weight?, memory?}` has the model judge the method's first items;
 //! - `GET /v1/items/search?q=…&k=…&mode=dense|hybrid|bm25`;
 //! - `GET /v1/users`, `GET /v1/users/{user}/memory`, `POST /v1/users/{user}/interactions`,
 //!   `DELETE /v1/users/{user}` — the caller's tenant only;

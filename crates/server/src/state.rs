@@ -103,6 +103,16 @@ pub struct Service {
     pub(crate) workers: AtomicUsize,
 }
 
+/// The re-ranking stage's outcome ([`Service::rerank`]).
+pub(crate) struct Reranked {
+    /// The first `k` items, re-ordered, with their method's scores.
+    pub(crate) items: Vec<(u32, f32)>,
+    /// The judged ids and scores, depth, weight, memory, judge, cost (the response's `rerank`).
+    pub(crate) stage: Value,
+    /// The judge's cost.
+    pub(crate) usage: mrrec_llm::Usage,
+}
+
 /// The service's chat models: the assistant's, and the one that writes memory.
 pub struct Models {
     /// Answers requests.
@@ -167,6 +177,21 @@ impl Service {
         category: Option<&str>,
         k: usize,
     ) -> mrrec_agent::Result<Answer> {
+        self.with_model(cancel, |llm| {
+            let mut a = self.assistant(tenant, cfg, observer);
+            a.llm = llm;
+            a.answer(user, request, category, k)
+        })
+    }
+
+    /// Runs `f` with the service's model as this answer sees it: through a worker of the
+    /// batcher (registered for the call's lifetime) when the service batches, every call
+    /// carrying `cancel`. A cancelled answer is counted.
+    fn with_model<T>(
+        &self,
+        cancel: Cancel,
+        f: impl FnOnce(&dyn ChatModel) -> mrrec_agent::Result<T>,
+    ) -> mrrec_agent::Result<T> {
         let worker = self
             .batcher
             .as_ref()
@@ -176,13 +201,69 @@ impl Service {
             None => &*self.llm,
         };
         let llm = Cancellable::new(model, cancel);
-        let mut a = self.assistant(tenant, cfg, observer);
-        a.llm = &llm;
-        let r = a.answer(user, request, category, k);
+        let r = f(&llm);
         if r.as_ref().is_err_and(AgentError::is_cancelled) {
             self.metrics.reject("cancelled");
         }
         r
+    }
+
+    /// The re-ranking stage on the calling (blocking) thread: the service's model judges the
+    /// first `p.depth` of `items` against the request (and the user's stored profile with
+    /// `JudgeMemory::Profile`, read in `tenant` only), and they are re-ordered by the fusion of
+    /// the two orders ([`mrrec_agent::rerank::fuse_judged`]); each item keeps its method's score.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rerank(
+        &self,
+        tenant: &str,
+        user: &str,
+        request: &str,
+        category: Option<&str>,
+        items: &[(u32, f32)],
+        p: mrrec_agent::rerank::RerankParams,
+        cancel: Cancel,
+        k: usize,
+    ) -> mrrec_agent::Result<Reranked> {
+        use mrrec_agent::rerank::{fuse_judged, judge, stored_profile, JudgeMemory};
+        let n = p.depth.min(items.len());
+        let memory = match p.memory {
+            JudgeMemory::Profile => stored_profile(&*self.store, tenant, user)?,
+            // `parse_recommend` refuses `recent` (the data's histories, not the service's users).
+            JudgeMemory::None | JudgeMemory::Recent => None,
+        };
+        let found: Vec<Option<&mrrec_data::Item>> = items[..n]
+            .iter()
+            .map(|&(i, _)| self.ws.catalogue().get(i))
+            .collect();
+        let texts: Vec<&str> = found
+            .iter()
+            .map(|it| it.map_or("", |it| it.text.as_str()))
+            .collect();
+        let (scores, usage) = self.with_model(cancel, |llm| {
+            judge(llm, request, category, memory.as_deref(), &texts)
+        })?;
+        let ranking: Vec<u32> = items.iter().map(|&(i, _)| i).collect();
+        let score_of: std::collections::HashMap<u32, f32> = items.iter().copied().collect();
+        let mut out: Vec<(u32, f32)> = fuse_judged(&ranking, &scores, p.weight)
+            .into_iter()
+            .map(|i| (i, score_of.get(&i).copied().unwrap_or(f32::NAN)))
+            .collect();
+        out.truncate(k);
+        let stage = json!({
+            "depth": n,
+            "weight": p.weight,
+            "memory": p.memory.name(),
+            "judge": self.llm.id(),
+            "items": found.iter().map(|it| it.map(|it| it.id.as_str())).collect::<Vec<_>>(),
+            "scores": scores,
+            "prompt_tokens": usage.prompt_tokens,
+            "llm_ms": usage.seconds * 1e3,
+        });
+        Ok(Reranked {
+            items: out,
+            stage,
+            usage,
+        })
     }
 
     pub(crate) fn assistant<'a>(
