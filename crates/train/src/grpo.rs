@@ -129,9 +129,10 @@ pub fn soft_label_loss(lp: &Tensor, p: f32, reference: Option<&[f32]>, kl: f64) 
         )));
     }
     let p = p as f64;
-    // log(1 − q), kept finite where q rounds to 1.
-    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-12, 1.0)?.log()?;
-    let mut per = ((lp * -p)? + (rest * -(1.0 - p))?)?;
+    // log(1 − q), in f64 and exact where q is near 1 (the loss keeps its gradient there).
+    let lp64 = lp.to_dtype(DType::F64)?;
+    let rest = crate::policy::log1m_exp(lp)?;
+    let mut per = ((lp64 * -p)? + (rest * -(1.0 - p))?)?.to_dtype(lp.dtype())?;
     if kl > 0.0 {
         if let Some(r) = reference {
             let r = Tensor::new(r, lp.device())?.to_dtype(lp.dtype())?;
@@ -175,9 +176,9 @@ pub fn listwise_soft_loss(
         )));
     }
     let lp = Tensor::cat(lps, 0)?; // (n,)
-                                   // log(1 − q), kept finite where q rounds to 1.
-    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-12, 1.0)?.log()?;
-    let s = (&lp - rest)?;
+                                   // The log-odds log q − log(1 − q), in f64 and exact where q is near 1: a list whose items
+                                   // the judge all but surely accepts is still ordered (the loss keeps its gradient there).
+    let s = (lp.to_dtype(DType::F64)? - crate::policy::log1m_exp(&lp)?)?;
     let log_q = s.broadcast_sub(&crate::policy::logsumexp(&s.unsqueeze(0)?)?)?;
     let t: Vec<f64> = p
         .iter()
@@ -193,9 +194,10 @@ pub fn listwise_soft_loss(
     let w = Tensor::new(
         log_p.iter().map(|l| l.exp()).collect::<Vec<f64>>(),
         lp.device(),
-    )?
-    .to_dtype(lp.dtype())?;
-    let mut loss = ((log_q * w)?.sum_all()? * -1.0)?.affine(1.0, entropy_term)?;
+    )?;
+    let mut loss = ((log_q * w)?.sum_all()? * -1.0)?
+        .affine(1.0, entropy_term)?
+        .to_dtype(lp.dtype())?;
     if kl > 0.0 {
         if let Some(r) = references {
             let r: Vec<f32> = r

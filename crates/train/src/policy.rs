@@ -816,6 +816,20 @@ impl Policy {
                         .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 1)?;
                     let logits = h.narrow(0, from + i + r - 1, 1)?.matmul(&cols)?; // (1, ids)
                     let picked = logits.narrow(1, at, 1)?.squeeze(1)?;
+                    if k == 2 && at < 2 {
+                        // A pair (a judge's Yes / No): −softplus(other − target), exact where
+                        // the target's probability rounds to 1 (1 + e^−d is 1 in f32 beyond a
+                        // log-odds d of 16.6, where the usual log-sum-exp gives exactly 0 and a
+                        // loss on it no gradient). Computed in f64, the log-odds clamped at 80
+                        // so that the value (≈ −e^−80) and its gradients stay finite in f32.
+                        let other = logits.narrow(1, 1 - at, 1)?.squeeze(1)?;
+                        let z = (other - &picked)?
+                            .to_dtype(DType::F64)?
+                            .clamp(-80.0, 80.0)?;
+                        let tail = log1p(&z.abs()?.neg()?.exp()?)?;
+                        parts.push((z.relu()? + tail)?.neg()?.to_dtype(picked.dtype())?);
+                        continue;
+                    }
                     parts.push((picked - logsumexp(&logits.narrow(1, 0, k)?)?)?);
                 }
                 i += m;
@@ -1029,6 +1043,25 @@ impl LowerCache {
 }
 
 /// Row-wise log-sum-exp of (m, n) → (m,), differentiable.
+/// log(1 + t) for t ≥ 0, exact where t is tiny (1 + t rounds to 1 and `log` gives 0): t − t²/2
+/// below 1e-6.
+pub(crate) fn log1p(t: &Tensor) -> candle_core::Result<Tensor> {
+    let series = (t - (t.sqr()? * 0.5)?)?;
+    let direct = t.affine(1.0, 1.0)?.log()?;
+    t.lt(1e-6)?.where_cond(&series, &direct)
+}
+
+/// log(1 − e^x) for log-probabilities x ≤ 0 — the other answer's log-probability of a pair —
+/// in f64, exact where x is tiny (1 − e^x rounds to 0): log(−x) + x/2 above −1e-6. x is
+/// clamped to ≤ −1e-300 (a probability of exactly 1 has no finite answer).
+pub(crate) fn log1m_exp(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F64)?.clamp(f64::MIN, -1e-300)?;
+    let series = (x.neg()?.log()? + (&x * 0.5)?)?;
+    // Clamped so that the branch not taken stays finite (its gradient is masked, not NaN).
+    let direct = x.exp()?.affine(-1.0, 1.0)?.clamp(1e-300, 1.0)?.log()?;
+    x.ge(-1e-6)?.where_cond(&series, &direct)
+}
+
 pub fn logsumexp(x: &Tensor) -> candle_core::Result<Tensor> {
     let mx = x.max_keepdim(D::Minus1)?.detach();
     let s = x.broadcast_sub(&mx)?.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -972,6 +972,74 @@ fn a_soft_label_is_learnt_as_the_two_way_cross_entropy_and_is_still_where_the_mo
 /// wherever the judge's scores are the labels' shifted by a constant (only the order and
 /// spacing within a query are learnt, not the level), a hard list pulls the target up and the
 /// others down, and malformed lists are refused.
+/// Where the judge all but surely answers Yes (log-odds 17 to 60: q rounds to 1 in f32, and
+/// log(1 − q) computed as such is −∞), both judge losses still see each item's log-odds and
+/// keep their gradient: a hard list whose every item is saturated (session 31's run died there,
+/// every item scored alike with no gradient) is still ordered.
+#[test]
+fn judge_losses_keep_their_gradient_where_yes_is_all_but_certain() {
+    let softmax = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
+        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
+    };
+    // log q = −log(1 + e^−s), in f32 as the training graph holds it.
+    let lp = |s: f64| -((-s).exp()).ln_1p();
+    let s = [20.0f64, 35.0, 60.0];
+    let vars: Vec<Var> = s
+        .iter()
+        .map(|&x| Var::new(&[lp(x) as f32], &Device::Cpu).unwrap())
+        .collect();
+    assert!(vars.iter().all(|v| v.to_vec1::<f32>().unwrap()[0] < 0.0));
+    let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let hard = [1.0f32, 0.0, 0.0];
+    let l = mrrec_train::listwise_soft_loss(&lps, &hard, None, 0.0).unwrap();
+    let g = l.backward().unwrap();
+    let t: Vec<f64> = hard
+        .iter()
+        .map(|&p| {
+            let p = (p as f64).clamp(1e-6, 1.0 - 1e-6);
+            (p / (1.0 - p)).ln()
+        })
+        .collect();
+    let (pt, ps) = (softmax(&t), softmax(&s));
+    let want: f64 = pt.iter().zip(&ps).map(|(p, q)| p * (p / q).ln()).sum();
+    let v = l.to_scalar::<f32>().unwrap() as f64;
+    assert!((v - want).abs() < 1e-3 * want.max(1.0), "{v} vs {want}");
+    for (i, var) in vars.iter().enumerate() {
+        // d/ds_i = d/dlog q_i · (1 − q_i), and 1 − q_i = e^−s_i / (1 + e^−s_i).
+        let d_lp = g.get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let d_s = d_lp * (-s[i]).exp() / (1.0 + (-s[i]).exp());
+        let want = ps[i] - pt[i];
+        assert!(
+            (d_s - want).abs() < 1e-3 * want.abs().max(1e-6),
+            "item {i}: {d_s} vs {want}"
+        );
+    }
+    // Descent raises the target (the lowest score) and lowers the others.
+    let d: Vec<f32> = vars
+        .iter()
+        .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0])
+        .collect();
+    assert!(d[0] < 0.0 && d[1] > 0.0 && d[2] > 0.0, "{d:?}");
+    // The pointwise soft label there: −p log q − (1 − p) log(1 − q), with 1 − q = e^−s / (1 + e^−s).
+    let q = Var::new(&[lp(30.0) as f32], &Device::Cpu).unwrap();
+    let l = mrrec_train::soft_label_loss(q.as_tensor(), 0.4, None, 0.0).unwrap();
+    let want = -0.4 * lp(30.0) - 0.6 * (lp(30.0) - 30.0);
+    let v = l.to_scalar::<f32>().unwrap() as f64;
+    assert!((v - want).abs() < 1e-3 * want, "{v} vs {want}");
+    let d_lp = l
+        .backward()
+        .unwrap()
+        .get(q.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
+    // d/ds = q − p at the label p.
+    let d_s = d_lp * (-30.0f64).exp() / (1.0 + (-30.0f64).exp());
+    assert!((d_s - 0.6).abs() < 1e-3, "{d_s}");
+}
+
 #[test]
 fn a_listwise_judge_loss_is_the_kl_of_the_lists_softmaxes_and_ignores_the_level() {
     let logit = |p: f64| (p / (1.0 - p)).ln();
