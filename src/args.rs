@@ -77,6 +77,18 @@ pub(crate) struct EvalArgs {
     #[arg(long)]
     pub(crate) out: PathBuf,
     #[command(flatten)]
+    pub(crate) stages: StageArgs,
+    #[command(flatten)]
+    pub(crate) assistant: AssistantArgs,
+    #[command(flatten)]
+    pub(crate) tenant: TenantArg,
+}
+
+/// What runs with a method (`eval`, `recommend`): how `hybrid-history` weighs the user's past
+/// items, the re-ranking stage behind it, the past-items filter after both.
+#[derive(Args, Clone)]
+pub(crate) struct StageArgs {
+    #[command(flatten)]
     pub(crate) history: HistoryArgs,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
@@ -84,10 +96,25 @@ pub(crate) struct EvalArgs {
     /// re-ranking): what a shop would not offer again.
     #[arg(long)]
     pub(crate) exclude_seen: bool,
-    #[command(flatten)]
-    pub(crate) assistant: AssistantArgs,
-    #[command(flatten)]
-    pub(crate) tenant: TenantArg,
+}
+
+/// [`StageArgs`] checked for a method.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Stages {
+    pub(crate) history: mrrec_agent::shop::HistoryParams,
+    pub(crate) rerank: Option<mrrec_agent::rerank::RerankParams>,
+    pub(crate) exclude_seen: bool,
+}
+
+impl StageArgs {
+    /// The checked stages for `method` (a wrong flag is an error naming it).
+    pub(crate) fn params(&self, method: &str) -> Result<Stages> {
+        Ok(Stages {
+            history: self.history.params(method)?,
+            rerank: self.rerank.params()?,
+            exclude_seen: self.exclude_seen,
+        })
+    }
 }
 
 /// The re-ranking stage behind any method (`--rerank N`).

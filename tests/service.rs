@@ -920,8 +920,9 @@ fn gauge(m: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
+/// The service with the real tiny model, its answers in `slots` slots decoded together, and
+/// short calls (the tests using it are about the service, not the answers' quality).
+async fn start_tiny(slots: usize) -> (Arc<dyn ChatModel>, Server) {
     let llm: Arc<dyn ChatModel> = Arc::new(
         tokio::task::spawn_blocking(|| {
             mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
@@ -930,12 +931,11 @@ async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
         .unwrap(),
     );
     let s = start_with(
-        llm,
+        llm.clone(),
         ServiceConfig {
             rate_per_key: 0.0,
-            llm_slots: 3,
+            llm_slots: slots,
             batch_llm: true,
-            // Short calls: the test is about batching, not about the answers' quality.
             assistant: mrrec_agent::assistant::AssistantConfig {
                 reasoning_tokens: 12,
                 answer_tokens: 40,
@@ -945,6 +945,12 @@ async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
         },
     )
     .await;
+    (llm, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_several_slots_are_decoded_together_and_unchanged() {
+    let (_, s) = start_tiny(3).await;
     let c = client();
     let url = format!("{}/v1/recommend", s.base);
     let requests = [
@@ -1109,28 +1115,7 @@ async fn every_endpoint_applies_the_same_input_rules_and_a_changed_repost_is_an_
 /// stored profile in the caller's tenant only; bad settings are refused before any work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_judge_re_ranks_the_methods_first_items_in_the_callers_tenant() {
-    let llm: Arc<dyn ChatModel> = Arc::new(
-        tokio::task::spawn_blocking(|| {
-            mrrec_llm_local::LocalModel::from_registry("smollm2-135m-instruct").unwrap()
-        })
-        .await
-        .unwrap(),
-    );
-    let s = start_with(
-        llm.clone(),
-        ServiceConfig {
-            rate_per_key: 0.0,
-            llm_slots: 2,
-            batch_llm: true,
-            assistant: mrrec_agent::assistant::AssistantConfig {
-                reasoning_tokens: 12,
-                answer_tokens: 40,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let (llm, s) = start_tiny(2).await;
     let c = client();
     let url = format!("{}/v1/recommend", s.base);
     let request = "a soft plush bunny for a toddler";

@@ -115,9 +115,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
                     limit: None,
                     seed: 42,
                     out: &dir,
-                    history: Default::default(),
-                    rerank: None,
-                    exclude_seen: false,
+                    stages: Default::default(),
                 };
                 eval_one(&ws, None, job)
             })
@@ -298,9 +296,7 @@ fn demo_assistant(
                 limit: Some(n),
                 seed: 42,
                 out: &dir,
-                history: Default::default(),
-                rerank: None,
-                exclude_seen: false,
+                stages: Default::default(),
             };
             eval_one(ws, c, job)
         })

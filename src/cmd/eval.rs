@@ -108,12 +108,8 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) limit: Option<usize>,
     pub(crate) seed: u64,
     pub(crate) out: &'a Path,
-    /// How `hybrid-history` weighs the user's past items.
-    pub(crate) history: mrrec_agent::shop::HistoryParams,
-    /// The re-ranking stage behind the method, if any (needs the LLM context).
-    pub(crate) rerank: Option<mrrec_agent::rerank::RerankParams>,
-    /// Drop the user's past items from the ranking.
-    pub(crate) exclude_seen: bool,
+    /// What runs with the method (a re-ranking stage needs the LLM context).
+    pub(crate) stages: Stages,
 }
 
 /// A method as a run answers with it: the method, the re-ranking stage behind it and the
@@ -129,16 +125,19 @@ pub(crate) struct Pipeline<'a> {
     pub(crate) prompts: String,
 }
 
-/// The method `method` with `rerank` behind it and, with `exclude_seen`, the user's past items
-/// dropped from the result.
+/// The method `method` with `stages.rerank` behind it and, with `stages.exclude_seen`, the
+/// user's past items dropped from the result.
 pub(crate) fn pipeline<'a>(
     ws: &'a Workspace,
     method: &str,
     ctx: Option<&'a LlmContext>,
-    history: mrrec_agent::shop::HistoryParams,
-    rerank: Option<mrrec_agent::rerank::RerankParams>,
-    exclude_seen: bool,
+    stages: Stages,
 ) -> Result<Pipeline<'a>> {
+    let Stages {
+        history,
+        rerank,
+        exclude_seen,
+    } = stages;
     let mut m = method_for(ws, method, ctx, history)?;
     // LLM runs are named with their mode (a free and a guided run are different runs), and go
     // in batches of `--batch` (default 16) queries answered together (their model calls decode
@@ -215,16 +214,14 @@ pub(crate) fn eval_one(
         limit,
         seed,
         out,
-        history,
-        rerank,
-        exclude_seen,
+        stages,
     } = job;
     let Pipeline {
         method: m,
         name: run_name,
         batch,
         prompts,
-    } = pipeline(ws, method, ctx, history, rerank, exclude_seen)?;
+    } = pipeline(ws, method, ctx, stages)?;
     let queries = ws
         .dataset
         .queries
@@ -365,12 +362,11 @@ pub(crate) fn print_ranked(ws: &Workspace, ranked: &[(u32, Option<f32>)]) {
 }
 
 pub(crate) fn run(a: EvalArgs) -> Result<()> {
-    let history = a.history.params(&a.method)?;
-    let rerank = a.rerank.params()?;
+    let stages = a.stages.params(&a.method)?;
     let ws = a.data.open()?;
     let field: QueryField = a.query_field.into();
     let splits = splits(&a.split);
-    let ctx = if rerank.is_some()
+    let ctx = if stages.rerank.is_some()
         || mrrec_agent::methods::llm_method_names().contains(&a.method.as_str())
     {
         let mut c = a.assistant.context(&ws)?;
@@ -389,9 +385,7 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
             limit: a.limit,
             seed: a.seed,
             out: &a.out,
-            history,
-            rerank,
-            exclude_seen: a.exclude_seen,
+            stages,
         },
     )?;
     print!(

@@ -26,12 +26,7 @@ pub(crate) struct RecommendArgs {
     #[arg(long, default_value = "mrrec", value_parser = method_names())]
     pub(crate) method: String,
     #[command(flatten)]
-    pub(crate) history: HistoryArgs,
-    #[command(flatten)]
-    pub(crate) rerank: RerankArgs,
-    /// Drop from the result the items the user reviewed before (after any re-ranking).
-    #[arg(long)]
-    pub(crate) exclude_seen: bool,
+    pub(crate) stages: StageArgs,
     /// Items to show.
     #[arg(short, default_value_t = 10)]
     pub(crate) k: usize,
@@ -78,9 +73,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         user,
         category,
         method,
-        history,
-        rerank,
-        exclude_seen,
+        stages,
         k,
         json,
         request,
@@ -88,8 +81,12 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
     let (user, method, request) = (user.as_str(), method.as_str(), request.as_str());
     let tenant = tenant.tenant.as_str();
     // Flags first: a wrong one is reported before any index or model is loaded.
-    let history = history.params(method)?;
-    let rerank = rerank.params()?;
+    let stages = stages.params(method)?;
+    let Stages {
+        rerank,
+        exclude_seen,
+        ..
+    } = stages;
     let is_llm = mrrec_agent::methods::llm_method_names().contains(&method);
     if !is_llm && args.adapter.is_some() && rerank.is_none() {
         bail!("--adapter sets the LLM's weights; method {method} calls no LLM (add --rerank N to re-rank its items with the adapted model as the judge)");
@@ -137,7 +134,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
                 && rerank.is_none()
                 && !exclude_seen
         });
-    let mut judged: Vec<(String, f32)> = Vec::new();
+    let mut judged: std::collections::HashMap<String, f32> = Default::default();
     let mut stage: Option<serde_json::Value> = None;
     let ans = match (assistant_alone, &ctx) {
         (Some((_, cfg)), Some(c)) => mrrec_agent::assistant::Assistant {
@@ -150,7 +147,7 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         }
         .answer(user, request, category.as_deref(), k)?,
         _ => {
-            let p = pipeline(&ws, method, ctx.as_ref(), history, rerank, exclude_seen)?;
+            let p = pipeline(&ws, method, ctx.as_ref(), stages)?;
             let q = mrrec_data::Query {
                 qid: "cli".into(),
                 user_id: user.into(),
@@ -193,13 +190,22 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         }
     };
     let wall = t0.elapsed().as_secs_f64();
+    // The judge's score of each item shown (those it read).
+    let judge: Vec<Option<f32>> = ans
+        .items
+        .iter()
+        .map(|&(i, _)| {
+            let it = ws.catalogue().get(i)?;
+            judged.get(&it.id).copied()
+        })
+        .collect();
     if json {
         let items: Vec<serde_json::Value> = ans
             .items
             .iter()
-            .filter_map(|(i, sc)| {
+            .zip(&judge)
+            .filter_map(|((i, sc), judge)| {
                 ws.catalogue().get(*i).map(|it| {
-                    let judge = judged.iter().find(|(id, _)| *id == it.id).map(|(_, s)| *s);
                     serde_json::json!({"id": it.id, "title": it.title, "score": if sc.is_finite() { Some(*sc) } else { None }, "judge": judge})
                 })
             })
@@ -238,18 +244,16 @@ pub(crate) fn run(a: RecommendArgs) -> Result<()> {
         println!("without the items the user reviewed before");
     }
     println!();
+    // Scores shown: the judge's when it ran, else the method's own.
     let ranked: Vec<(u32, Option<f32>)> = ans
         .items
         .iter()
-        .map(|&(i, s)| {
-            let judge = ws
-                .catalogue()
-                .get(i)
-                .and_then(|it| judged.iter().find(|(id, _)| *id == it.id).map(|(_, s)| *s));
+        .zip(&judge)
+        .map(|(&(i, s), &j)| {
             (
                 i,
                 if stage.is_some() {
-                    judge
+                    j
                 } else {
                     s.is_finite().then_some(s)
                 },

@@ -190,6 +190,49 @@ pub fn fuse_judged(ranking: &[u32], scores: &[f32], weight: f32) -> Vec<u32> {
     out
 }
 
+/// A ranking after the re-ranking stage ([`judge_ranking`]).
+pub struct Judged {
+    /// The whole ranking, its first `ids.len()` items re-ordered.
+    pub ranking: Vec<u32>,
+    /// The judged items' ids, in the method's order.
+    pub ids: Vec<String>,
+    /// The judge's score of each, same order.
+    pub scores: Vec<f32>,
+    /// The judge's calls' cost.
+    pub usage: mrrec_llm::Usage,
+}
+
+/// The re-ranking stage over `ranking`: `llm` judges its first `p.depth` items of `catalogue`
+/// against the request (and `memory`, when given) and they are re-ordered by
+/// [`fuse_judged`] with weight `p.weight` (what `eval`, `recommend` and the service run).
+pub fn judge_ranking(
+    llm: &dyn ChatModel,
+    catalogue: &mrrec_data::Catalogue,
+    request: &str,
+    category: Option<&str>,
+    memory: Option<&str>,
+    ranking: &[u32],
+    p: RerankParams,
+) -> Result<Judged> {
+    let n = p.depth.min(ranking.len());
+    let items: Vec<Option<&mrrec_data::Item>> =
+        ranking[..n].iter().map(|&i| catalogue.get(i)).collect();
+    let texts: Vec<&str> = items
+        .iter()
+        .map(|it| it.map_or("", |it| it.text.as_str()))
+        .collect();
+    let (scores, usage) = judge(llm, request, category, memory, &texts)?;
+    Ok(Judged {
+        ranking: fuse_judged(ranking, &scores, p.weight),
+        ids: items
+            .iter()
+            .map(|it| it.map_or(String::new(), |it| it.id.clone()))
+            .collect(),
+        scores,
+        usage,
+    })
+}
+
 /// The user's last 10 interactions before `q`'s time, a line each (`naive-memory`'s context, and
 /// the judge's with [`JudgeMemory::Recent`]).
 pub fn recent_interactions(shop: &crate::Shop<'_>, q: &Query) -> String {
@@ -249,38 +292,27 @@ impl RerankMethod<'_> {
         mut ans: MethodAnswer,
         k: usize,
     ) -> Result<MethodAnswer> {
-        let n = self.params.depth.min(ans.ranking.len());
-        let items: Vec<Option<&mrrec_data::Item>> = ans.ranking[..n]
-            .iter()
-            .map(|&i| self.shop.catalogue.get(i))
-            .collect();
-        let texts: Vec<&str> = items
-            .iter()
-            .map(|it| it.map_or("", |it| it.text.as_str()))
-            .collect();
-        let ids: Vec<&str> = items
-            .iter()
-            .map(|it| it.map_or("", |it| it.id.as_str()))
-            .collect();
         let memory = self
             .params
             .memory
             .read(&self.shop, self.store, self.tenant, q)?;
-        let (scores, usage) = judge(
+        let j = judge_ranking(
             self.llm,
+            self.shop.catalogue,
             request,
             q.category.as_deref(),
             memory.as_deref(),
-            &texts,
+            &ans.ranking,
+            self.params,
         )?;
-        ans.ranking = fuse_judged(&ans.ranking, &scores, self.params.weight);
+        ans.ranking = j.ranking;
         ans.ranking.truncate(k);
-        ans.usage.prompt_tokens += usage.prompt_tokens;
-        ans.usage.llm_seconds += usage.seconds;
+        ans.usage.prompt_tokens += j.usage.prompt_tokens;
+        ans.usage.llm_seconds += j.usage.seconds;
         let stage = serde_json::json!({
-            "depth": n,
-            "items": ids,
-            "scores": scores,
+            "depth": j.ids.len(),
+            "items": j.ids,
+            "scores": j.scores,
             "memory_chars": memory.as_ref().map_or(0, |m| m.len()),
         });
         ans.trace = Some(match ans.trace.take() {

@@ -224,41 +224,42 @@ impl Service {
         cancel: Cancel,
         k: usize,
     ) -> mrrec_agent::Result<Reranked> {
-        use mrrec_agent::rerank::{fuse_judged, judge, stored_profile, JudgeMemory};
-        let n = p.depth.min(items.len());
+        use mrrec_agent::rerank::{judge_ranking, stored_profile, JudgeMemory};
         let memory = match p.memory {
             JudgeMemory::Profile => stored_profile(&*self.store, tenant, user)?,
             // `parse_recommend` refuses `recent` (the data's histories, not the service's users).
             JudgeMemory::None | JudgeMemory::Recent => None,
         };
-        let found: Vec<Option<&mrrec_data::Item>> = items[..n]
-            .iter()
-            .map(|&(i, _)| self.ws.catalogue().get(i))
-            .collect();
-        let texts: Vec<&str> = found
-            .iter()
-            .map(|it| it.map_or("", |it| it.text.as_str()))
-            .collect();
-        let (scores, usage) = self.with_model(cancel, |llm| {
-            judge(llm, request, category, memory.as_deref(), &texts)
-        })?;
         let ranking: Vec<u32> = items.iter().map(|&(i, _)| i).collect();
+        let j = self.with_model(cancel, |llm| {
+            judge_ranking(
+                llm,
+                self.ws.catalogue(),
+                request,
+                category,
+                memory.as_deref(),
+                &ranking,
+                p,
+            )
+        })?;
         let score_of: std::collections::HashMap<u32, f32> = items.iter().copied().collect();
-        let mut out: Vec<(u32, f32)> = fuse_judged(&ranking, &scores, p.weight)
-            .into_iter()
-            .map(|i| (i, score_of.get(&i).copied().unwrap_or(f32::NAN)))
+        let out: Vec<(u32, f32)> = j
+            .ranking
+            .iter()
+            .take(k)
+            .map(|&i| (i, score_of.get(&i).copied().unwrap_or(f32::NAN)))
             .collect();
-        out.truncate(k);
         let stage = json!({
-            "depth": n,
+            "depth": j.ids.len(),
             "weight": p.weight,
             "memory": p.memory.name(),
             "judge": self.llm.id(),
-            "items": found.iter().map(|it| it.map(|it| it.id.as_str())).collect::<Vec<_>>(),
-            "scores": scores,
-            "prompt_tokens": usage.prompt_tokens,
-            "llm_ms": usage.seconds * 1e3,
+            "items": j.ids,
+            "scores": j.scores,
+            "prompt_tokens": j.usage.prompt_tokens,
+            "llm_ms": j.usage.seconds * 1e3,
         });
+        let usage = j.usage;
         Ok(Reranked {
             items: out,
             stage,

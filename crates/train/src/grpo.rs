@@ -176,8 +176,9 @@ pub fn listwise_soft_loss(
         )));
     }
     let lp = Tensor::cat(lps, 0)?; // (n,)
-                                   // The log-odds log q − log(1 − q), in f64 and exact where q is near 1: a list whose items
-                                   // the judge all but surely accepts is still ordered (the loss keeps its gradient there).
+
+    // The log-odds log q − log(1 − q), in f64 and exact where q is near 1: a list whose items
+    // the judge all but surely accepts is still ordered (the loss keeps its gradient there).
     let s = (lp.to_dtype(DType::F64)? - crate::policy::log1m_exp(&lp)?)?;
     let log_q = s.broadcast_sub(&crate::policy::logsumexp(&s.unsqueeze(0)?)?)?;
     let t: Vec<f64> = p
