@@ -1175,6 +1175,37 @@ async fn a_judge_re_ranks_the_methods_first_items_in_the_callers_tenant() {
     let expected: Vec<String> = order.iter().map(|&i| h[i as usize].clone()).collect();
     assert_eq!(ids(&judged, "items"), expected);
     assert!(judged["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    // Streamed, a retrieval method's answer is the events every answer ends with: the items,
+    // then the whole answer (re-ranked or not).
+    for (body, answer) in [
+        (
+            json!({"user": "alice", "request": request, "k": 8, "method": "hybrid", "stream": true}),
+            &plain,
+        ),
+        (
+            json!({"user": "alice", "request": request, "k": 8, "method": "hybrid", "rerank": {"depth": 5}, "stream": true}),
+            &judged,
+        ),
+    ] {
+        let resp = c
+            .post(&url)
+            .bearer_auth(KEY_A)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(kind.starts_with("text/event-stream"), "{kind}");
+        let ev = sse_events(&resp.text().await.unwrap());
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["items", "done"], "{ev:?}");
+        assert_eq!(ev[0].1["items"], answer["items"]);
+        assert_eq!(ev[1].1["items"], answer["items"]);
+        assert_eq!(ev[1].1["rerank"]["scores"], answer["rerank"]["scores"]);
+        assert_eq!(ev[1].1["method"], "hybrid");
+    }
+    assert_eq!(plain["usage"]["prompt_tokens"], 0);
     // The scores are the model's own judgement of those items (asked directly, unbatched).
     let ws = s.svc.ws.clone();
     let direct = {

@@ -214,11 +214,14 @@ pub(crate) async fn recommend(
             .await?;
         let items: Vec<(u32, f32)> = hits.iter().map(|h| (h.item, h.score)).collect();
         let Some(p) = rerank else {
-            return Ok(Json(json!({
-                "method": method, "ranked_with": req.request, "items": items_json(&svc.ws, &items),
-                "timing": {"total_ms": t0.elapsed().as_secs_f64() * 1e3},
-            }))
-            .into_response());
+            return Ok(retrieval_answer(
+                json!({
+                    "method": method, "ranked_with": req.request, "items": items_json(&svc.ws, &items),
+                    "timing": {"total_ms": t0.elapsed().as_secs_f64() * 1e3},
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+                }),
+                req.stream,
+            ));
         };
         let permit = svc.llm_gate.enter(&svc.metrics).await?;
         let queue_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -243,17 +246,19 @@ pub(crate) async fn recommend(
         })
         .await?;
         svc.metrics.llm(&usage, false);
-        return Ok(Json(json!({
-            "method": method, "ranked_with": req.request, "items": items_json(&svc.ws, &items),
-            "rerank": stage,
-            "timing": {
-                "total_ms": t0.elapsed().as_secs_f64() * 1e3,
-                "queue_ms": queue_ms,
-                "llm_ms": usage.seconds * 1e3,
-            },
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
-        }))
-        .into_response());
+        return Ok(retrieval_answer(
+            json!({
+                "method": method, "ranked_with": req.request, "items": items_json(&svc.ws, &items),
+                "rerank": stage,
+                "timing": {
+                    "total_ms": t0.elapsed().as_secs_f64() * 1e3,
+                    "queue_ms": queue_ms,
+                    "llm_ms": usage.seconds * 1e3,
+                },
+                "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            }),
+            req.stream,
+        ));
     }
     let (_, mut cfg) = mrrec_agent::methods::llm_method(&method, &svc.cfg.assistant)
         .ok_or_else(|| ApiError::bad(format!("unknown method {method:?}")))?;
@@ -371,6 +376,23 @@ pub(crate) async fn recommend(
         total,
     ))
     .into_response())
+}
+
+/// A retrieval method's answer: one JSON object, or with `stream: true` the events every
+/// streamed answer ends with — `items`, then `done` carrying the whole answer (there is no
+/// reasoning to stream before them).
+fn retrieval_answer(answer: Value, stream: bool) -> Response {
+    if !stream {
+        return Json(answer).into_response();
+    }
+    let events = [
+        sse("items", &json!({"items": answer["items"]})),
+        sse("done", &answer),
+    ];
+    Sse::new(futures_util::stream::iter(
+        events.into_iter().map(Ok::<_, Infallible>),
+    ))
+    .into_response()
 }
 
 /// The assistant's answer with the re-ranking stage behind it when asked (its cost added to the
