@@ -116,7 +116,10 @@ impl ChatModel for Cancellable<'_> {
         if self.cancel.is_cancelled() {
             return reqs.iter().map(|_| Err(LlmError::Cancelled)).collect();
         }
-        self.inner.score_choices(reqs, choices)
+        // The token travels with each request, so that the backend stops mid-way too (a local
+        // model between prefill passes, a server before each request).
+        let reqs: Vec<ChatRequest> = reqs.iter().map(|r| self.with(r)).collect();
+        self.inner.score_choices(&reqs, choices)
     }
 
     fn ready(&self) -> Result<()> {
@@ -181,6 +184,59 @@ mod tests {
         // Another token is untouched.
         let ok = Cancellable::new(&EchoModel::from_id("echo").unwrap(), Cancel::new()).chat(&req());
         assert!(ok.unwrap().text.contains("a red kite"));
+    }
+
+    /// Scores requests one by one, checking each one's token as a server client does; the
+    /// client goes away (`leave` is cancelled) once the first request is answered.
+    struct OneByOne {
+        leave: Cancel,
+    }
+
+    impl ChatModel for OneByOne {
+        fn id(&self) -> &str {
+            "one-by-one"
+        }
+        fn chat_stream(&self, _: &ChatRequest, _: &mut dyn FnMut(&str)) -> Result<ChatResponse> {
+            Err(LlmError::Unsupported("chat".into()))
+        }
+        fn score_choices(
+            &self,
+            reqs: &[ChatRequest],
+            choices: &[&str],
+        ) -> Vec<Result<crate::ChoiceScores>> {
+            reqs.iter()
+                .map(|r| {
+                    crate::check_cancel(r.cancel.as_ref())?;
+                    self.leave.cancel();
+                    Ok(crate::ChoiceScores {
+                        logprobs: vec![-1.0; choices.len()],
+                        usage: Default::default(),
+                    })
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_judgement_stops_mid_way_once_cancelled() {
+        let cancel = Cancel::new();
+        let m = OneByOne {
+            leave: cancel.clone(),
+        };
+        let r = Cancellable::new(&m, cancel).score_choices(&[req(), req(), req()], &["Yes", "No"]);
+        assert!(r[0].is_ok(), "{:?}", r[0]);
+        assert!(
+            r[1..].iter().all(|r| matches!(r, Err(LlmError::Cancelled))),
+            "{r:?}"
+        );
+        // Without the wrapper nothing carries a token: every request is scored.
+        let m = OneByOne {
+            leave: Cancel::new(),
+        };
+        assert!(m
+            .score_choices(&[req(), req()], &["Yes", "No"])
+            .iter()
+            .all(Result::is_ok));
     }
 
     #[test]

@@ -475,7 +475,7 @@ impl LocalModel {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         self.check_window(prompt, s)?;
-        let (cache, logits) = self.prefill_reusing(prompt)?;
+        let (cache, logits) = self.prefill_reusing(prompt, None)?;
         let mut seqs = vec![self.new_seq(cache, logits, s, s.seed, constraint, Some(on_text))?];
         self.run(&mut seqs)?;
         Self::finish(seqs.remove(0))
@@ -490,7 +490,7 @@ impl LocalModel {
         mask: &mut dyn FnMut(&[u32], &mut [f32]),
     ) -> Result<Generation> {
         self.check_window(prompt, s)?;
-        let (cache, logits) = self.prefill_reusing(prompt)?;
+        let (cache, logits) = self.prefill_reusing(prompt, None)?;
         let mut seq = self.new_seq(cache, logits, s, s.seed, None, None)?;
         seq.hook = Some(mask);
         let mut seqs = vec![seq];
@@ -515,7 +515,7 @@ impl LocalModel {
         let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let logits = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            self.prefill_grouped(&rows, &mut refs)?
+            self.prefill_grouped(&rows, &mut refs, &|| false)?
         };
         let mut seqs = Vec::with_capacity(prompts.len());
         for ((cache, si), l) in caches.into_iter().zip(s).zip(logits) {
@@ -588,7 +588,7 @@ impl LocalModel {
         on_text: Option<&'a mut dyn FnMut(&str)>,
     ) -> Result<Seq<'a>> {
         self.admit(ids, req)?;
-        let (cache, logits) = self.prefill_reusing(ids)?;
+        let (cache, logits) = self.prefill_reusing(ids, req.cancel.as_ref())?;
         self.seq_for(req, cache, logits, on_text)
     }
 
@@ -660,7 +660,8 @@ impl LocalModel {
             }
         }
         let prompts: Vec<&[u32]> = ready.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let prefilled = self.prefill_reusing_many(&prompts);
+        let stop = all_cancelled(ready.iter().map(|&(i, _)| reqs[i].cancel.clone()).collect());
+        let prefilled = self.prefill_reusing_many(&prompts, &stop);
         for ((i, ids), pre) in ready.into_iter().zip(prefilled) {
             match pre.and_then(|(cache, logits)| self.seq_for(&reqs[i], cache, logits, None)) {
                 Ok(q) => {
@@ -739,7 +740,8 @@ impl LocalModel {
             }
         }
         let prompts: Vec<&[u32]> = ready.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let prefilled = self.prefill_reusing_many(&prompts);
+        let stop = all_cancelled(ready.iter().map(|&(i, _)| reqs[i].cancel.clone()).collect());
+        let prefilled = self.prefill_reusing_many(&prompts, &stop);
         let n = ready.len().max(1) as f64;
         let seconds = t0.elapsed().as_secs_f64() / n;
         for ((i, ids), pre) in ready.into_iter().zip(prefilled) {
@@ -792,6 +794,18 @@ impl LocalModel {
                 seconds: t0.elapsed().as_secs_f64(),
             },
         }
+    }
+}
+
+/// Whether every one of a batch's requests' `tokens` is cancelled (a batch's prefill stops only
+/// when none of its requests still wants an answer; a request without a token always does; each
+/// sequence's own token is checked again before every decoding step).
+fn all_cancelled(tokens: Vec<Option<mrrec_llm::Cancel>>) -> impl Fn() -> bool {
+    let tokens: Option<Vec<mrrec_llm::Cancel>> = tokens.into_iter().collect();
+    move || {
+        tokens
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && t.iter().all(mrrec_llm::Cancel::is_cancelled))
     }
 }
 
