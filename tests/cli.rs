@@ -233,6 +233,24 @@ fn a_missing_data_directory_says_how_to_point_at_real_data() {
         "{stderr}"
     );
     assert!(stderr.contains("Amazon-C4"), "{stderr}");
+    // The judge's flags are checked before anything is read.
+    for (flags, says) in [
+        (
+            &["--judge-adapter", "j.safetensors"][..],
+            "--judge-adapter is the judge's adapter: add --rerank N",
+        ),
+        (
+            &["--rerank", "5", "--assistant", "0"][..],
+            "--rerank adds a row to the assistant's table",
+        ),
+        (&["--rerank", "0"][..], "--rerank"),
+    ] {
+        let (ok, _, stderr) =
+            mrrec(&[&["demo", "--data", "/nonexistent/amazon"][..], flags].concat());
+        assert!(!ok);
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("not found"), "{flags:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -213,8 +213,26 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
         "free",
         "--adapter",
         strong_path.to_str().unwrap(),
+        "--rerank",
+        "5",
+        "--judge-adapter",
+        strong_path.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // With --rerank, hybrid's first 5 judged by the model with the judge's adapter: a row of its
+    // own, paired against hybrid alone, its cost reported.
+    assert!(
+        stdout.contains("| hybrid+rerank5 (simple_query) |"),
+        "{stdout}"
+    );
+    let judge = format!(
+        ", adapter {}, the first 5 of hybrid, weight 1): ",
+        strong_path.display()
+    );
+    assert!(
+        stdout.contains("Judge (smollm2-135m-instruct+lora-") && stdout.contains(&judge),
+        "{stdout}"
+    );
     let who = format!(
         "The assistant (smollm2-135m-instruct + adapter {}, free) on 1 seeded queries",
         strong_path.display()
@@ -226,14 +244,21 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
             "{row}\n{stdout}"
         );
     }
-    let llm = |run: &str| -> String {
+    let settings = |run: &str| -> serde_json::Value {
         let spec: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(demo.join(run).join("run.json")).unwrap(),
         )
         .unwrap();
-        spec["settings"]["llm"].as_str().unwrap().to_string()
+        spec["settings"].clone()
     };
+    let llm = |run: &str| -> String { settings(run)["llm"].as_str().unwrap().to_string() };
     assert!(llm("mrrec-assistant-1").contains("+lora-"));
+    let judged = settings("hybrid-rerank5-assistant-1");
+    assert!(
+        judged["judge"].as_str().unwrap().contains("+lora-"),
+        "{judged}"
+    );
+    assert_eq!(judged["rerank"]["depth"], 5, "{judged}");
     assert!(!llm("llm-rewrite-assistant-1").contains("lora"));
 }
 

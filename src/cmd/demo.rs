@@ -54,6 +54,16 @@ pub(crate) struct DemoArgs {
     /// Training queries the global memory's aspects are read from (the first N).
     #[arg(long, default_value_t = 32)]
     pub(crate) global_queries: usize,
+    /// With `--rerank N`: one more row beside the assistant's, hybrid's first N items judged
+    /// yes/no by the assistant's model (`--judge-adapter`: with a judge adapter from `mrrec train
+    /// --judge`), paired against hybrid alone.
+    #[command(flatten)]
+    pub(crate) rerank: RerankArgs,
+    /// With `--rerank`: a LoRA adapter for the judge (e.g. the 0.5B distilled from the 1.5B's
+    /// judgements, README "The judge"); the assistant and the memory stay on the plain model
+    /// unless `--adapter` says otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) judge_adapter: Option<PathBuf>,
 }
 
 pub(crate) fn run(a: DemoArgs) -> Result<()> {
@@ -68,7 +78,16 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
         memory_model,
         levels,
         global_queries,
+        rerank,
+        judge_adapter,
     } = a;
+    let rerank = rerank.params()?;
+    if judge_adapter.is_some() && rerank.is_none() {
+        anyhow::bail!("--judge-adapter is the judge's adapter: add --rerank N");
+    }
+    if rerank.is_some() && assistant == 0 {
+        anyhow::bail!("--rerank adds a row to the assistant's table: it needs --assistant N > 0");
+    }
     let splits = splits(&split);
     let split = split_names(&split);
     data.check_dir()?;
@@ -136,6 +155,7 @@ pub(crate) fn run(a: DemoArgs) -> Result<()> {
             model: &model,
             mode,
             adapter: adapter.as_deref(),
+            judge: rerank.map(|p| (p, judge_adapter.as_deref())),
         };
         demo_assistant(&ws, &splits, assistant, &who, &memory, &out)?;
     }
@@ -151,6 +171,8 @@ struct DemoAssistant<'a> {
     model: &'a str,
     mode: LoopMode,
     adapter: Option<&'a Path>,
+    /// The judge's stage behind hybrid, and its adapter.
+    judge: Option<(mrrec_agent::rerank::RerankParams, Option<&'a Path>)>,
 }
 
 impl DemoAssistant<'_> {
@@ -279,15 +301,46 @@ fn demo_assistant(
             report.summary(memory.model)
         );
     }
-    let mut rows = Vec::new();
-    for method in ["dense", "hybrid", "llm-rewrite", "mrrec"] {
-        let dir = out.join(format!("{method}-assistant-{n}"));
+    // The judge: the plain model unless it has an adapter of its own.
+    let judge_ctx = match who.judge {
+        Some((_, Some(a))) => Some(who.args(LoopMode::Guided, Some(a)).context(ws)?),
+        _ => None,
+    };
+    let judge = who
+        .judge
+        .map(|(p, _)| (p, judge_ctx.as_ref().unwrap_or(&ctx)));
+    let mut runs: Vec<(&str, String, Option<&LlmContext>, Stages)> = Vec::new();
+    for method in ["dense", "hybrid", "llm-rewrite"] {
         // The LLM methods borrow the model and the store; dense and hybrid need neither.
-        let c = match method {
-            "mrrec" => Some(answering),
-            "llm-rewrite" => Some(&ctx),
-            _ => None,
+        let c = (method == "llm-rewrite").then_some(&ctx);
+        runs.push((
+            method,
+            format!("{method}-assistant-{n}"),
+            c,
+            Stages::default(),
+        ));
+    }
+    if let Some((p, c)) = judge {
+        let stages = Stages {
+            rerank: Some(p),
+            ..Default::default()
         };
+        runs.push((
+            "hybrid",
+            format!("hybrid-rerank{}-assistant-{n}", p.depth),
+            Some(c),
+            stages,
+        ));
+    }
+    runs.push((
+        "mrrec",
+        format!("mrrec-assistant-{n}"),
+        Some(answering),
+        Stages::default(),
+    ));
+    let mut rows = Vec::new();
+    for (method, name, c, stages) in runs {
+        let dir = out.join(name);
         let m = restarting(&dir, || {
             let job = EvalJob {
                 method,
@@ -296,7 +349,7 @@ fn demo_assistant(
                 limit: Some(n),
                 seed: 42,
                 out: &dir,
-                stages: Default::default(),
+                stages,
             };
             eval_one(ws, c, job)
         })
@@ -316,6 +369,26 @@ fn demo_assistant(
     for (dir, _) in &rows[..rows.len() - 1] {
         let (_, table) = mrrec_eval::compare_runs(mrrec_dir, dir, 2000, 42)?;
         print!("\n{table}");
+    }
+    if let Some((p, c)) = judge {
+        // What the judge adds to the ranking it re-orders.
+        let (judged_dir, judged) = &rows[3];
+        let (_, table) = mrrec_eval::compare_runs(judged_dir, &rows[1].0, 2000, 42)?;
+        print!("\n{table}");
+        let u = &judged.usage;
+        println!(
+            "Judge ({}{}, the first {} of hybrid, weight {}): {} tokens in, {:.0}s ({:.1} s/query)",
+            mrrec_llm::ChatModel::id(&c.model),
+            who.judge
+                .and_then(|(_, a)| a)
+                .map(|a| format!(", adapter {}", a.display()))
+                .unwrap_or_default(),
+            p.depth,
+            p.weight,
+            u.prompt_tokens,
+            u.llm_seconds,
+            u.llm_seconds / judged.n.max(1) as f64,
+        );
     }
     let u = &mrrec_run.usage;
     println!(
