@@ -43,6 +43,9 @@ enum Command {
     Report(cmd::data::ReportArgs),
     /// Compare two finished runs on their shared queries (paired bootstrap).
     Compare(cmd::data::CompareArgs),
+    /// A finished re-ranked run (`eval --rerank N`) at other fusion weights, from the judge's
+    /// scores in its trace: no model asked; `--out` writes it as a run folder.
+    Reweigh(cmd::data::ReweighArgs),
     /// Chat with a model from the terminal (streams tokens).
     Chat(cmd::recommend::ChatArgs),
     /// Build, inspect and erase users' local memory.
@@ -150,6 +153,7 @@ fn main() -> Result<()> {
         Command::Recommend(a) => cmd::recommend::run(a),
         Command::Report(a) => cmd::data::report(a),
         Command::Compare(a) => cmd::data::compare(a),
+        Command::Reweigh(a) => cmd::data::reweigh(a),
         Command::Chat(a) => cmd::recommend::chat(a),
         Command::Memory { action } => cmd::memory::memory(action),
         Command::ServeLlm(a) => cmd::serve::serve_llm(a),

@@ -473,6 +473,132 @@ fn recommend_runs_any_method_behind_the_judge_and_without_past_items() {
 /// `OPENAI_API_KEY` when `MRREC_LLM_API_KEY` is unset (both read once, by the binary); the echo
 /// model with a server URL from the environment is an error naming both, never a silent switch.
 #[test]
+fn a_reranked_run_reweighed_equals_the_run_made_at_that_weight() {
+    let data = mini();
+    let dir = tempfile::tempdir().unwrap();
+    let eval = |name: &str, weight: &str| -> std::path::PathBuf {
+        let out = dir.path().join(name);
+        let (ok, _, err) = mrrec(&[
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--max-items",
+            "300",
+            "--method",
+            "hybrid",
+            "--rerank",
+            "5",
+            "--rerank-weight",
+            weight,
+            "--limit",
+            "4",
+            "--model",
+            "smollm2-135m-instruct",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let at_1 = eval("w1", "1");
+    let at_4 = eval("w4", "4");
+    type Ranked = Vec<(String, Option<u64>, Vec<String>)>;
+    let ranks = |run: &std::path::Path| -> Ranked {
+        std::fs::read_to_string(run.join("per_query.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["qid"].as_str().unwrap().to_string(),
+                    v["rank"].as_u64(),
+                    serde_json::from_value(v["top10"].clone()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    // The weight moves the judged items (else this test would prove nothing).
+    assert_ne!(ranks(&at_1), ranks(&at_4));
+    // The run at weight 1, fused again at 4 without a model, is the run made at 4.
+    let again = dir.path().join("w1-as-4");
+    let (ok, stdout, err) = mrrec(&[
+        "reweigh",
+        at_1.to_str().unwrap(),
+        "--weight",
+        "4",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("| hybrid+rerank5 w 4 (simple_query) |"),
+        "{stdout}"
+    );
+    assert_eq!(ranks(&again), ranks(&at_4));
+    let metrics = |run: &std::path::Path| -> serde_json::Value {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap())
+                .unwrap();
+        m["metrics"].clone()
+    };
+    assert_eq!(metrics(&again), metrics(&at_4));
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("run.json")).unwrap()).unwrap();
+    assert_eq!(spec["settings"]["rerank"]["weight"], 4.0);
+    assert!(spec["provenance"]["reweighed_from"].is_string());
+    // `compare` reads it as any run.
+    let (ok, table, err) = mrrec(&[
+        "compare",
+        again.to_str().unwrap(),
+        at_4.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(table.contains("| N@100 |"), "{table}");
+    // Several weights print one row each; refusals name the reason.
+    let (ok, stdout, err) = mrrec(&["reweigh", at_1.to_str().unwrap(), "--weight", "0,1,2"]);
+    assert!(ok, "{err}");
+    for w in ["w 0 ", "w 1 ", "w 2 "] {
+        assert!(stdout.contains(w), "{w}: {stdout}");
+    }
+    for (args, says) in [
+        (
+            vec!["--weight", "1,2", "--out", "x"],
+            "--out writes one run: give one --weight",
+        ),
+        (vec!["--weight=-1"], "--weight -1"),
+        (
+            vec!["--weight", "2", "--out", at_4.to_str().unwrap()],
+            "already holds a run",
+        ),
+    ] {
+        let (ok, _, err) = mrrec(&[&["reweigh", at_1.to_str().unwrap()][..], &args[..]].concat());
+        assert!(!ok);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A run without a judge is refused, naming it.
+    let plain = dir.path().join("plain");
+    let (ok, _, err) = mrrec(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--method",
+        "hybrid",
+        "--limit",
+        "4",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = mrrec(&["reweigh", plain.to_str().unwrap(), "--weight", "2"]);
+    assert!(!ok);
+    assert!(err.contains("its last stage is not a judge"), "{err}");
+}
+
+#[test]
 fn a_server_gets_the_model_named_and_the_key_from_the_environment() {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

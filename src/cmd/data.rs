@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use mrrec_data::QueryField;
 
@@ -141,6 +141,78 @@ pub(crate) struct CompareArgs {
         default_value = "../shared/data/amazon23-mini"
     )]
     pub(crate) data: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct ReweighArgs {
+    /// A finished run with a re-ranking stage (`eval --rerank N`).
+    pub(crate) run: PathBuf,
+    /// The judge's weight(s) in the fusion to compute (comma-separated; the method's is 1).
+    #[arg(long = "weight", value_delimiter = ',', required = true)]
+    pub(crate) weights: Vec<f32>,
+    /// Write the run at this (single) weight as a run folder, for `compare` and `report`.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+/// `mrrec reweigh`: a finished re-ranked run's metrics at other fusion weights, from the judge's
+/// scores kept in its per-query trace (no model is asked).
+pub(crate) fn reweigh(a: ReweighArgs) -> Result<()> {
+    let ReweighArgs { run, weights, out } = a;
+    if out.is_some() && weights.len() != 1 {
+        bail!("--out writes one run: give one --weight");
+    }
+    for &w in &weights {
+        let p = mrrec_agent::rerank::RerankParams {
+            weight: w,
+            ..Default::default()
+        };
+        p.check()
+            .map_err(|(_, why)| anyhow::anyhow!("--weight {w}: {why}"))?;
+    }
+    let (m, outcomes) =
+        mrrec_eval::load_run(&run).with_context(|| format!("reading the run {}", run.display()))?;
+    if !m.spec.settings["rerank"].is_object() {
+        bail!(
+            "{}: its last stage is not a judge (settings: {}); reweigh reads runs of `eval --rerank N` without a stage after it",
+            run.display(),
+            m.spec.settings
+        );
+    }
+    let mut rows = Vec::new();
+    for &w in &weights {
+        let again: Vec<mrrec_eval::QueryOutcome> = outcomes
+            .iter()
+            .map(|o| mrrec_agent::rerank::reweigh(o, w))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", run.display()))?;
+        let mut spec = m.spec.clone();
+        spec.settings["rerank"]["weight"] = serde_json::json!(w);
+        spec.provenance
+            .insert("reweighed_from".into(), run.display().to_string());
+        let mut metrics = mrrec_eval::summarise(&spec, &again, m.skipped);
+        metrics.method_seconds = m.method_seconds;
+        if let Some(dir) = &out {
+            mrrec_eval::save_run(dir, &metrics, &again)
+                .with_context(|| format!("writing {}", dir.display()))?;
+        }
+        rows.push((
+            format!("{} w {w} ({})", m.spec.method, m.spec.query_field),
+            metrics,
+        ));
+    }
+    let refs: Vec<(String, &mrrec_eval::RunMetrics)> =
+        rows.iter().map(|(n, m)| (n.clone(), m)).collect();
+    println!(
+        "{} ({} queries) re-fused at each weight from its judge's scores:\n",
+        run.display(),
+        m.n
+    );
+    print!("{}", mrrec_eval::markdown_table(&refs, true));
+    if let Some(dir) = out {
+        println!("\nwrote {}", dir.display());
+    }
+    Ok(())
 }
 
 pub(crate) fn search(a: SearchArgs) -> Result<()> {

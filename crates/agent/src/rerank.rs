@@ -190,6 +190,61 @@ pub fn fuse_judged(ranking: &[u32], scores: &[f32], weight: f32) -> Vec<u32> {
     out
 }
 
+/// A finished run's query as if its judged items had been fused with `weight`: the judge's
+/// scores kept in its trace (`trace.rerank`: the judged ids in the method's order and their
+/// scores) are fused again ([`fuse_judged`]), the target's rank and the first ten recomputed, and
+/// the weight recorded in the trace; a target below the judged items keeps its rank. No model
+/// is asked. An error names the query when its trace has no judged items or does not fit its
+/// ranking (the judge was not the run's last stage).
+pub fn reweigh(
+    o: &mrrec_eval::QueryOutcome,
+    weight: f32,
+) -> std::result::Result<mrrec_eval::QueryOutcome, String> {
+    let bad = |why: &str| format!("query {}: {why}", o.qid);
+    let stage = o
+        .trace
+        .as_ref()
+        .and_then(|t| t.get("rerank"))
+        .ok_or_else(|| bad("no judged items in its trace (a run without --rerank?)"))?;
+    let items: Vec<String> = serde_json::from_value(stage["items"].clone())
+        .map_err(|e| bad(&format!("trace.rerank.items: {e}")))?;
+    let scores: Vec<f32> = serde_json::from_value(stage["scores"].clone())
+        .map_err(|e| bad(&format!("trace.rerank.scores: {e}")))?;
+    if items.len() != scores.len() {
+        return Err(bad(&format!(
+            "{} judged items, {} scores",
+            items.len(),
+            scores.len()
+        )));
+    }
+    let n = items.len();
+    let head = n.min(o.top10.len());
+    // The judged items are the ranking's first n, in some order: its first ten start with them.
+    if o.top10[..head].iter().any(|i| !items.contains(i))
+        || o.rank.is_some_and(|r| r <= n) != items.contains(&o.target)
+    {
+        return Err(bad(
+            "its ranking does not start with its judged items (another stage ran after the judge?)",
+        ));
+    }
+    let order = fuse_judged(&(0..n as u32).collect::<Vec<u32>>(), &scores, weight);
+    let fused: Vec<&String> = order.iter().map(|&k| &items[k as usize]).collect();
+    let mut out = o.clone();
+    if let Some(p) = fused.iter().position(|&i| *i == o.target) {
+        out.rank = Some(p + 1);
+    }
+    out.top10 = fused
+        .iter()
+        .take(head)
+        .map(|i| (*i).clone())
+        .chain(o.top10[head..].iter().cloned())
+        .collect();
+    if let Some(t) = out.trace.as_mut().and_then(|t| t.get_mut("rerank")) {
+        t["weight"] = serde_json::json!(weight);
+    }
+    Ok(out)
+}
+
 /// A ranking after the re-ranking stage ([`judge_ranking`]).
 pub struct Judged {
     /// The whole ranking, its first `ids.len()` items re-ordered.
@@ -359,5 +414,94 @@ impl Method for RerankMethod<'_> {
                     .map_err(crate::methods::method_error)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A query of a run that judged `items` (in the method's order) with `scores` and fused them
+    /// with `weight`; `below` follow them in the ranking.
+    fn judged(
+        target: &str,
+        items: &[&str],
+        scores: &[f32],
+        weight: f32,
+        below: &[&str],
+    ) -> mrrec_eval::QueryOutcome {
+        let all: Vec<String> = items.iter().chain(below).map(|s| s.to_string()).collect();
+        let order = fuse_judged(&(0..all.len() as u32).collect::<Vec<u32>>(), scores, weight);
+        let ranking: Vec<&String> = order.iter().map(|&k| &all[k as usize]).collect();
+        mrrec_eval::QueryOutcome {
+            qid: "q1".into(),
+            user_id: "u".into(),
+            category: None,
+            target: target.into(),
+            rank: ranking.iter().position(|i| *i == target).map(|p| p + 1),
+            top10: ranking.iter().take(10).map(|i| (*i).clone()).collect(),
+            usage: Default::default(),
+            trace: Some(
+                serde_json::json!({"rerank": {"depth": items.len(), "items": items, "scores": scores}}),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_run_reweighed_is_the_run_fused_at_that_weight() {
+        let items = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"];
+        let scores = [
+            0.1, -2.0, 3.0, 0.5, 2.5, -1.0, 0.0, 1.0, 4.0, -3.0, 0.2, 2.0,
+        ];
+        let below = ["m", "n"];
+        for target in ["a", "c", "i", "j", "m", "z"] {
+            let at_1 = judged(target, &items, &scores, 1.0, &below);
+            // At its own weight nothing moves; at another it equals a run made at that weight.
+            let same = reweigh(&at_1, 1.0).unwrap();
+            assert_eq!(
+                (same.rank, &same.top10),
+                (at_1.rank, &at_1.top10),
+                "{target}"
+            );
+            for w in [0.0, 0.5, 2.0, 8.0] {
+                let want = judged(target, &items, &scores, w, &below);
+                let got = reweigh(&at_1, w).unwrap();
+                assert_eq!(
+                    (got.rank, &got.top10),
+                    (want.rank, &want.top10),
+                    "{target} at {w}"
+                );
+                assert_eq!(
+                    got.trace.as_ref().unwrap()["rerank"]["weight"],
+                    serde_json::json!(w)
+                );
+            }
+        }
+        // Weight 0 is the method's own order.
+        let zero = reweigh(&judged("c", &items, &scores, 1.0, &below), 0.0).unwrap();
+        assert_eq!(zero.rank, Some(3));
+        assert_eq!(zero.top10, items[..10]);
+    }
+
+    #[test]
+    fn a_query_without_judged_items_or_with_a_later_stage_is_refused_by_name() {
+        let mut o = judged("a", &["a", "b", "c"], &[0.0, 1.0, 2.0], 1.0, &["d"]);
+        o.trace = None;
+        assert!(reweigh(&o, 1.0)
+            .unwrap_err()
+            .contains("query q1: no judged items"));
+        // A stage after the judge dropped a judged item from the first places.
+        let mut o = judged("a", &["a", "b", "c"], &[0.0, 1.0, 2.0], 1.0, &["d"]);
+        o.top10.retain(|i| i != "b");
+        assert!(reweigh(&o, 2.0)
+            .unwrap_err()
+            .contains("another stage ran after the judge"));
+        let mut o = judged("a", &["a", "b", "c"], &[0.0, 1.0], 1.0, &[]);
+        o.trace =
+            Some(serde_json::json!({"rerank": {"items": ["a", "b", "c"], "scores": [0.0, 1.0]}}));
+        assert!(reweigh(&o, 2.0)
+            .unwrap_err()
+            .contains("3 judged items, 2 scores"));
     }
 }

@@ -12,8 +12,8 @@ pub use report::{
     recall_curve_svg, report_runs, trace_rates, TraceRates, HISTORY_BUCKETS,
 };
 pub use run::{
-    load_run, run_eval, select_queries, summarise, Method, MethodAnswer, MethodError, QueryOutcome,
-    RunMetrics, RunSpec, Usage,
+    load_run, run_eval, save_run, select_queries, summarise, Method, MethodAnswer, MethodError,
+    QueryOutcome, RunMetrics, RunSpec, Usage,
 };
 pub use stats::{bootstrap, paired, Estimate, PairedComparison};
 

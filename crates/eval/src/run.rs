@@ -437,6 +437,31 @@ fn write_outputs(out: &Path, m: &RunMetrics, outcomes: &[QueryOutcome]) -> Resul
     )
 }
 
+/// Writes a whole run computed elsewhere (e.g. a finished run's judged items fused again at
+/// another weight) as a run folder `eval` and `compare` read: `run.json`, `per_query.jsonl`,
+/// `metrics.json`, `table.md`, `recall.svg`. Refuses a folder that already holds a run.
+pub fn save_run(out: &Path, m: &RunMetrics, outcomes: &[QueryOutcome]) -> Result<()> {
+    let run_path = out.join(RUN_FILE);
+    if run_path.exists() {
+        return Err(EvalError::BadRun {
+            path: run_path,
+            message: "this folder already holds a run; choose another --out or delete it".into(),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    write_atomic(
+        &run_path,
+        &serde_json::to_vec_pretty(&m.spec).unwrap_or_default(),
+    )?;
+    let mut buf = Vec::new();
+    for o in outcomes {
+        buf.extend(serde_json::to_vec(o).unwrap_or_default());
+        buf.push(b'\n');
+    }
+    write_atomic(&out.join(PER_QUERY), &buf)?;
+    write_outputs(out, m, outcomes)
+}
+
 /// A finished run read back from its folder: its metrics and per-query outcomes.
 pub fn load_run(dir: &Path) -> Result<(RunMetrics, Vec<QueryOutcome>)> {
     let mp: PathBuf = dir.join(METRICS);
