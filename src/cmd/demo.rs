@@ -60,8 +60,8 @@ pub(crate) struct DemoArgs {
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
     /// With `--rerank`: a LoRA adapter for the judge (e.g. the 0.5B distilled from the 1.5B's
-    /// judgements, README "The judge"); the assistant and the memory stay on the plain model
-    /// unless `--adapter` says otherwise.
+    /// judgements by `mrrec train --judge --judge-listwise`, see the README); the assistant and
+    /// the memory stay on the plain model unless `--adapter` says otherwise.
     #[arg(long, value_name = "FILE")]
     pub(crate) judge_adapter: Option<PathBuf>,
 }
@@ -320,6 +320,7 @@ fn demo_assistant(
             Stages::default(),
         ));
     }
+    let judged_at = runs.len();
     if let Some((p, c)) = judge {
         let stages = Stages {
             rerank: Some(p),
@@ -372,8 +373,9 @@ fn demo_assistant(
     }
     if let Some((p, c)) = judge {
         // What the judge adds to the ranking it re-orders.
-        let (judged_dir, judged) = &rows[3];
-        let (_, table) = mrrec_eval::compare_runs(judged_dir, &rows[1].0, 2000, 42)?;
+        let (judged_dir, judged) = &rows[judged_at];
+        let hybrid_dir = &rows[1].0;
+        let (_, table) = mrrec_eval::compare_runs(judged_dir, hybrid_dir, 2000, 42)?;
         print!("\n{table}");
         let u = &judged.usage;
         println!(
