@@ -97,6 +97,7 @@ try {
     await page.selectOption("#method", "hybrid");
     await page.check("#rerank");
     await page.fill("#depth", "5");
+    await page.fill("#weight", "0.5");
     await page.click("#ask");
     await page.waitForFunction(() => document.querySelector("#timing").textContent.includes("judge"), null, { timeout: 60000 });
     await page.screenshot({ path: `${out}/4-judged.png`, fullPage: true });
@@ -110,6 +111,8 @@ try {
       fail(`the judge re-ordered other items than hybrid's first five: ${ids} vs ${hybrid}`);
     if (JSON.stringify(ids.slice(5)) !== JSON.stringify(hybrid.slice(5))) fail("items past the depth moved");
     if ((await page.textContent("#error")).length !== 0) fail(`judged: ${await page.textContent("#error")}`);
+    const timing = await page.textContent("#timing");
+    if (!timing.includes("(weight 0.5)")) fail(`the judge's weight was not sent or not shown: ${timing}`);
   }
   if (errors.length) fail(`page errors: ${errors}`);
   console.log(JSON.stringify({ items: items.length, calls: calls.length, memories: mems.length, profile, hybrid: hybrid.length, judged }));
