@@ -502,6 +502,29 @@ fn a_reranked_run_reweighed_equals_the_run_made_at_that_weight() {
     };
     let at_1 = eval("w1", "1");
     let at_4 = eval("w4", "4");
+    // eval points at reweigh.
+    let (ok, stdout, err) = mrrec(&[
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-items",
+        "300",
+        "--method",
+        "hybrid",
+        "--rerank",
+        "5",
+        "--limit",
+        "4",
+        "--model",
+        "smollm2-135m-instruct",
+        "--out",
+        at_1.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains(&format!("mrrec reweigh {} --weight", at_1.display())),
+        "{stdout}"
+    );
     type Ranked = Vec<(String, Option<u64>, Vec<String>)>;
     let ranks = |run: &std::path::Path| -> Ranked {
         std::fs::read_to_string(run.join("per_query.jsonl"))

@@ -402,5 +402,12 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
         );
     }
     println!("\nwrote {}", a.out.display());
+    // The judge's scores are in the trace: other weights need no model (unless a stage follows).
+    if stages.rerank.is_some() && !stages.exclude_seen {
+        println!(
+            "other fusion weights of this run without a model: mrrec reweigh {} --weight 0.5,2",
+            a.out.display()
+        );
+    }
     Ok(())
 }
