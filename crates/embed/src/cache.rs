@@ -43,6 +43,14 @@ impl EmbeddingCache {
                 message: e.to_string(),
             })?;
         }
+        // One opener at a time sets the journal mode and the schema: switching a new file to WAL
+        // while another process does the same can fail at once with "database is locked" (an
+        // upgrade SQLite refuses instead of waiting; seen with parallel tests on a cold cache).
+        let _init =
+            mrrec_models::artefact::lock_beside(path).map_err(|e| EmbedError::BadModelFile {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;
@@ -234,5 +242,37 @@ impl<E: TextEmbedder> TextEmbedder for CachedEmbedder<E> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<Vec<f32>>> {
         self.embed_with_progress(texts, progress)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Many processes opening one new cache at once (parallel test processes on a cold
+    /// `$MRREC_HOME`) all get it: the journal mode and the schema are set up one at a time.
+    #[test]
+    fn a_new_cache_opened_by_many_at_once_opens_for_all() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cache").join("embeddings.sqlite");
+            let opened: Vec<Result<EmbeddingCache>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..12)
+                    .map(|_| s.spawn(|| EmbeddingCache::open(&path)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (i, c) in opened.iter().enumerate() {
+                assert!(
+                    c.is_ok(),
+                    "round {round}, opener {i}: {:?}",
+                    c.as_ref().err()
+                );
+            }
+            let c = opened.into_iter().next().unwrap().unwrap();
+            c.put_many("m", &[("a", &[1.0, 2.0][..])]).unwrap();
+            assert_eq!(c.get("m", "a").unwrap(), Some(vec![1.0, 2.0]));
+        }
     }
 }
