@@ -469,16 +469,14 @@ fn recommend_runs_any_method_behind_the_judge_and_without_past_items() {
     }
 }
 
-/// The model named on the command line is the model asked of a server, and the key comes from
-/// `OPENAI_API_KEY` when `MRREC_LLM_API_KEY` is unset (both read once, by the binary); the echo
-/// model with a server URL from the environment is an error naming both, never a silent switch.
 #[test]
 fn a_reranked_run_reweighed_equals_the_run_made_at_that_weight() {
     let data = mini();
     let dir = tempfile::tempdir().unwrap();
-    let eval = |name: &str, weight: &str| -> std::path::PathBuf {
+    // `eval` of hybrid on 4 queries into `name`, with `extra` flags; its folder and stdout.
+    let eval = |name: &str, extra: &[&str]| -> (std::path::PathBuf, String) {
         let out = dir.path().join(name);
-        let (ok, _, err) = mrrec(&[
+        let mut args = vec![
             "eval",
             "--data",
             data.to_str().unwrap(),
@@ -486,41 +484,29 @@ fn a_reranked_run_reweighed_equals_the_run_made_at_that_weight() {
             "300",
             "--method",
             "hybrid",
+            "--limit",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = mrrec(&args);
+        assert!(ok, "{err}");
+        (out, stdout)
+    };
+    let judged = |weight| {
+        [
             "--rerank",
             "5",
             "--rerank-weight",
             weight,
-            "--limit",
-            "4",
             "--model",
             "smollm2-135m-instruct",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(ok, "{err}");
-        out
+        ]
     };
-    let at_1 = eval("w1", "1");
-    let at_4 = eval("w4", "4");
+    let (at_1, stdout) = eval("w1", &judged("1"));
+    let (at_4, _) = eval("w4", &judged("4"));
     // eval points at reweigh.
-    let (ok, stdout, err) = mrrec(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--max-items",
-        "300",
-        "--method",
-        "hybrid",
-        "--rerank",
-        "5",
-        "--limit",
-        "4",
-        "--model",
-        "smollm2-135m-instruct",
-        "--out",
-        at_1.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
     assert!(
         stdout.contains(&format!("mrrec reweigh {} --weight", at_1.display())),
         "{stdout}"
@@ -601,26 +587,15 @@ fn a_reranked_run_reweighed_equals_the_run_made_at_that_weight() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
     // A run without a judge is refused, naming it.
-    let plain = dir.path().join("plain");
-    let (ok, _, err) = mrrec(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--max-items",
-        "300",
-        "--method",
-        "hybrid",
-        "--limit",
-        "4",
-        "--out",
-        plain.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    let (plain, _) = eval("plain", &[]);
     let (ok, _, err) = mrrec(&["reweigh", plain.to_str().unwrap(), "--weight", "2"]);
     assert!(!ok);
     assert!(err.contains("its last stage is not a judge"), "{err}");
 }
 
+/// The model named on the command line is the model asked of a server, and the key comes from
+/// `OPENAI_API_KEY` when `MRREC_LLM_API_KEY` is unset (both read once, by the binary); the echo
+/// model with a server URL from the environment is an error naming both, never a silent switch.
 #[test]
 fn a_server_gets_the_model_named_and_the_key_from_the_environment() {
     use std::io::{Read, Write};

@@ -46,11 +46,7 @@ impl EmbeddingCache {
         // One opener at a time sets the journal mode and the schema: switching a new file to WAL
         // while another process does the same can fail at once with "database is locked" (an
         // upgrade SQLite refuses instead of waiting; seen with parallel tests on a cold cache).
-        let _init =
-            mrrec_models::artefact::lock_beside(path).map_err(|e| EmbedError::BadModelFile {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let _init = mrrec_models::artefact::lock_beside(path)?;
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(err)?;

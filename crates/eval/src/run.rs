@@ -279,12 +279,7 @@ pub fn run_eval(
     let mut seen = HashSet::new();
     done.retain(|o| seen.insert(o.qid.clone()));
     // Rewrite without cut or foreign lines before appending.
-    let mut buf = Vec::new();
-    for o in &done {
-        buf.extend(serde_json::to_vec(o).unwrap_or_default());
-        buf.push(b'\n');
-    }
-    write_atomic(&pq_path, &buf)?;
+    write_outcomes(&pq_path, &done)?;
     let todo: Vec<&LabeledQuery> = selected
         .iter()
         .copied()
@@ -453,13 +448,18 @@ pub fn save_run(out: &Path, m: &RunMetrics, outcomes: &[QueryOutcome]) -> Result
         &run_path,
         &serde_json::to_vec_pretty(&m.spec).unwrap_or_default(),
     )?;
+    write_outcomes(&out.join(PER_QUERY), outcomes)?;
+    write_outputs(out, m, outcomes)
+}
+
+/// `outcomes` as `per_query.jsonl` (one JSON line each), replacing the file in one step.
+fn write_outcomes(path: &Path, outcomes: &[QueryOutcome]) -> Result<()> {
     let mut buf = Vec::new();
     for o in outcomes {
         buf.extend(serde_json::to_vec(o).unwrap_or_default());
         buf.push(b'\n');
     }
-    write_atomic(&out.join(PER_QUERY), &buf)?;
-    write_outputs(out, m, outcomes)
+    write_atomic(path, &buf)
 }
 
 /// A finished run read back from its folder: its metrics and per-query outcomes.

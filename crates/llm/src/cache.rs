@@ -50,10 +50,7 @@ impl ResponseCache {
         }
         // One opener at a time sets the journal mode and the schema (see the embedding cache:
         // a new file switched to WAL by two processes at once can fail with "database is locked").
-        let _init = mrrec_models::artefact::lock_beside(path).map_err(|e| LlmError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let _init = mrrec_models::artefact::lock_beside(path)?;
         let mut conn = Connection::open(path).map_err(|e| cache_err(path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| cache_err(path, e))?;
