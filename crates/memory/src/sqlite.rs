@@ -49,13 +49,12 @@ impl SqliteStore {
         // One opener at a time sets the journal mode and the schema: switching a new file to WAL
         // while another process does the same can fail at once with "database is locked" (an
         // upgrade SQLite refuses instead of waiting, so the busy timeout does not cover it).
-        let init = mrrec_models::artefact::lock_beside(path).map_err(|e| err(&e))?;
+        let _init = mrrec_models::artefact::lock_beside(path).map_err(|e| err(&e))?;
         let conn = Connection::open(path).map_err(|e| err(&e))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| err(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
         add_writer_columns(&conn).map_err(|e| err(&e))?;
-        drop(init);
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
