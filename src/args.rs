@@ -10,16 +10,15 @@ use mrrec_data::{QueryField, Split};
 
 use crate::cmd::eval::ws_data_name;
 
+/// The local model commands use unless told otherwise.
+pub(crate) const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+
 #[derive(Args, Clone)]
 pub(crate) struct LlmArgs {
     /// Local model: a registry id (`mrrec models list`) or the path of a qwen2 / llama GGUF
     /// file; with --llm-url, the server's model name. In `memory` commands, the model that
     /// writes patterns, profiles and aspects; elsewhere, the assistant's.
-    #[arg(
-        long,
-        env = "MRREC_LLM_MODEL",
-        default_value = "qwen2.5-coder-0.5b-instruct"
-    )]
+    #[arg(long, env = "MRREC_LLM_MODEL", default_value = DEFAULT_MODEL)]
     pub(crate) model: String,
     /// An OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI) instead of a local model.
     #[arg(long, env = "MRREC_LLM_BASE_URL")]

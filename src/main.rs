@@ -74,6 +74,11 @@ enum Command {
     /// Expert iteration in one command: rounds of rollouts with the current adapter, selection
     /// of the samples that beat its greedy answers, and fine-tuning from it; resumable.
     Iterate(cmd::train::IterateCmd),
+    /// The re-ranking judge distilled from a stronger model in one command: the teacher writes
+    /// more `train` requests (`derive-queries`) and scores each one's hybrid top N, the student
+    /// learns those scores as lists (`train --judge --judge-listwise`); the adapter is
+    /// `OUT/adapter.safetensors` (`--rerank N --adapter` uses it). Resumable.
+    DistilJudge(cmd::judge::DistilJudgeCmd),
     /// Manage the service's API keys (stored hashed).
     Keys {
         #[command(subcommand)]
@@ -162,6 +167,7 @@ fn main() -> Result<()> {
         Command::Rollouts(a) => cmd::train::rollouts(a),
         Command::DeriveQueries(a) => cmd::train::derive_queries(a),
         Command::Iterate(a) => cmd::train::iterate(a),
+        Command::DistilJudge(a) => cmd::judge::run(a),
         Command::Keys { action } => cmd::serve::keys(action),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -698,3 +698,157 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         );
     }
 }
+
+/// `mrrec distil-judge` in one command with the real tiny model as teacher and student: it
+/// derives requests (past a half-written data set a killed run left), keeps the teacher's
+/// scores of each list, trains the listwise judge and copies its adapter, which `recommend
+/// --rerank` then uses; a rerun keeps what was done, one with more steps trains on, and one
+/// with other settings is refused naming them.
+#[test]
+fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let out = dir.path().join("distil");
+    // What a derivation killed while writing its data set leaves.
+    std::fs::create_dir_all(out.join("data.partial")).unwrap();
+    std::fs::write(out.join("data.partial/queries.csv"), "half a file").unwrap();
+    let distil = |steps: &str, depth: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+            .args([
+                "distil-judge",
+                "--model",
+                "smollm2-135m-instruct",
+                "--max-items",
+                "300",
+            ])
+            .arg("--data")
+            .arg(common::mini())
+            .arg("--out")
+            .arg(&out)
+            .args(["--teacher", "smollm2-135m-instruct"])
+            .args(["--per-user", "1", "--users", "3", "--depth", depth])
+            .args(["--train-limit", "2", "--steps", steps])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, stdout, stderr) = distil("2", "4");
+    assert!(ok, "{stderr}");
+    assert!(!out.join("data.partial").exists());
+    // Step 1: derive-queries by the teacher into OUT/data (3 users, one purchase each).
+    assert!(stderr.contains("targets: 3 train users"), "{stderr}");
+    assert!(stdout.contains("derived ("), "{stdout}");
+    // derive-queries' own next steps are this command's: not printed.
+    assert!(!stdout.contains("next: mrrec memory build"), "{stdout}");
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
+    assert_eq!(recipe["teacher"], "smollm2-135m-instruct");
+    assert_eq!(recipe["depth"], 4);
+    // Step 2: the listwise judge learnt the teacher's scores of each list of 4, two steps.
+    let run = out.join("train");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("train.json")).unwrap()).unwrap();
+    let judge = &cfg["sft"]["judge"];
+    assert_eq!(judge["stage"]["depth"], 4, "{cfg}");
+    assert_eq!(judge["negatives"], 3, "{cfg}");
+    assert_eq!(judge["listwise"], true, "{cfg}");
+    assert!(
+        judge["teacher"]
+            .as_str()
+            .unwrap()
+            .starts_with("smollm2-135m-instruct"),
+        "{cfg}"
+    );
+    let kept = std::fs::read_to_string(run.join("judge-teacher.jsonl")).unwrap();
+    assert_eq!(kept.lines().count(), 2, "{kept}");
+    assert_eq!(steps_logged(&run), vec![1, 2]);
+    let adapter = out.join("adapter.safetensors");
+    let bytes = std::fs::read(&adapter).unwrap();
+    assert_eq!(
+        bytes,
+        std::fs::read(run.join("adapter.safetensors")).unwrap()
+    );
+    let ad = mrrec_llm_local::model::LoraAdapter::load(&adapter).unwrap();
+    assert!(ad.metadata["mrrec.sft"].contains("\"judge\""));
+    let f = adapter.to_str().unwrap();
+    assert!(
+        stdout.contains(&format!(
+            "mrrec eval --model smollm2-135m-instruct --method hybrid --rerank 4 --rerank-weight 0.5 --adapter {f}"
+        )),
+        "{stdout}"
+    );
+    // A rerun keeps the data set, the scores and the steps: the same adapter.
+    let (ok, _, stderr) = distil("2", "4");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("(kept)"), "{stderr}");
+    assert!(!stderr.contains("targets:"), "{stderr}");
+    assert_eq!(steps_logged(&run), vec![1, 2]);
+    assert!(same_adapter(&std::fs::read(&adapter).unwrap(), &bytes));
+    // More steps train on from the last checkpoint.
+    let (ok, _, stderr) = distil("3", "4");
+    assert!(ok, "{stderr}");
+    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    assert!(!same_adapter(&std::fs::read(&adapter).unwrap(), &bytes));
+    // Other settings: refused, naming what differs, nothing touched.
+    let (ok, _, stderr) = distil("3", "5");
+    assert!(!ok);
+    assert!(stderr.contains("depth: 4 then, 5 now"), "{stderr}");
+    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    // The adapter judges hybrid's first 4 for a user.
+    let user = common::users()[0].clone();
+    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args([
+            "recommend",
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-items",
+            "300",
+        ])
+        .arg("--data")
+        .arg(common::mini())
+        .arg("--store")
+        .arg(&store)
+        .args([
+            "--user",
+            &user,
+            "a gift for a friend who cooks",
+            "--method",
+            "hybrid",
+        ])
+        .args([
+            "--rerank",
+            "4",
+            "--rerank-weight",
+            "0.5",
+            "--adapter",
+            f,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let judged = answer["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["judge"].is_number())
+        .count();
+    assert_eq!(judged, 4, "{text}");
+}
+
+/// Whether two safetensors files hold the same tensors and metadata (their JSON headers compared
+/// as JSON: the writer's key order is not fixed).
+fn same_adapter(a: &[u8], b: &[u8]) -> bool {
+    let split = |f: &[u8]| {
+        let n = u64::from_le_bytes(f[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&f[8..8 + n]).unwrap();
+        (header, f[8 + n..].to_vec())
+    };
+    split(a) == split(b)
+}

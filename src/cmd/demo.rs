@@ -28,7 +28,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 40)]
     pub(crate) assistant: usize,
     /// Local model the assistant uses (registry id or GGUF path).
-    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    #[arg(long, default_value = crate::args::DEFAULT_MODEL)]
     pub(crate) model: String,
     /// How the assistant's loop is driven (`free`: the model runs the paper's loop itself, as
     /// an adapter distilled from the controller does).

@@ -5,6 +5,7 @@ pub(crate) mod bench;
 pub(crate) mod data;
 pub(crate) mod demo;
 pub(crate) mod eval;
+pub(crate) mod judge;
 pub(crate) mod memory;
 pub(crate) mod recommend;
 pub(crate) mod serve;

@@ -43,7 +43,7 @@ pub(crate) struct ChatArgs {
     #[arg(
         long,
         env = "MRREC_LLM_MODEL",
-        default_value = "qwen2.5-coder-0.5b-instruct"
+        default_value = crate::args::DEFAULT_MODEL
     )]
     pub(crate) model: String,
     /// An OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of the local model.

@@ -334,10 +334,17 @@ fn train_cmd(
     };
     let mut report = mrrec_agent::memory::BuildReport::default();
     b.build_records(&users, &mut report)?;
+    // A judge that reads the request alone needs no built memory: no warning then.
+    let reads_memory = judge
+        .as_ref()
+        .is_none_or(|j| j.data.stage.memory != mrrec_agent::rerank::JudgeMemory::None);
     for (qs, split) in [
         (&train_q, mrrec_data::Split::Train),
         (&val_q, mrrec_data::Split::Val),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| reads_memory)
+    {
         let users: Vec<&str> = qs.iter().map(|q| q.query().user_id.as_str()).collect();
         let cov = mrrec_agent::memory::coverage(
             &ws.dataset.histories,
@@ -1243,6 +1250,9 @@ pub(crate) struct DeriveQueriesCmd {
     /// not repeat (the product's title, the review) and writes it again.
     #[arg(long, default_value_t = 1)]
     pub(crate) repairs: usize,
+    /// Run as a step of another command (`distil-judge`), which says what comes next itself.
+    #[arg(skip)]
+    pub(crate) as_step: bool,
 }
 
 /// `mrrec derive-queries`: more `train` requests from the `train` users' earlier purchases (or
@@ -1323,6 +1333,9 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         started.elapsed().as_secs_f64(),
         mrrec_agent::prompts::DERIVE_PROMPT_VERSION
     );
+    if a.as_step {
+        return Ok(());
+    }
     let out = a.out.display();
     let then = if a.split == mrrec_data::Split::Train {
         format!("mrrec train --data {out} ...  |  mrrec rollouts --data {out} ...")

@@ -1,0 +1,274 @@
+//! `mrrec distil-judge`: the re-ranking stage's judge distilled from a stronger model in one
+//! command — more `train` requests written by the teacher (`derive-queries`), the teacher's
+//! scores of each request's hybrid top N, and the student's LoRA adapter trained on them as
+//! lists (`train --judge --judge-listwise --judge-teacher`), with the settings of the best judge
+//! measured so far (BENCHMARKS.md, session 33) as defaults. Resumable: rerun the same command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+
+use crate::args::DataArgs;
+use crate::cmd::train::{derive_queries, DeriveQueriesCmd, TrainCmd};
+
+#[derive(Args)]
+pub(crate) struct DistilJudgeCmd {
+    /// The source data: its `train` users' purchases become the derived requests, and its
+    /// `train` rows are learnt too (`--max-items` slices the catalogue for training only).
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// The student: the local model the adapter is for (a registry id or a GGUF path).
+    #[arg(long, env = "MRREC_LLM_MODEL", default_value = crate::args::DEFAULT_MODEL)]
+    pub(crate) model: String,
+    /// The teacher: writes the derived requests and scores every judged item (a registry id or
+    /// a GGUF path; with --teacher-url, the server's model name).
+    #[arg(long, default_value = "qwen2.5-coder-1.5b-instruct")]
+    pub(crate) teacher: String,
+    /// The teacher is served by this OpenAI-compatible server (it must return `top_logprobs`).
+    #[arg(long)]
+    pub(crate) teacher_url: Option<String>,
+    /// The run's folder: recipe.json, data/ (the derived data set), train/ (the training run,
+    /// with the teacher's scores in train/judge-teacher.jsonl), adapter.safetensors.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Derived requests per `train` user, the latest purchases first (`derive-queries
+    /// --per-user`); 0 learns the data's own `train` rows only.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) per_user: usize,
+    /// Derive from the first N `train` users only (sorted by id).
+    #[arg(long)]
+    pub(crate) users: Option<usize>,
+    /// Optimiser steps (4 requests each); a rerun with more trains on from where it stopped.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) steps: usize,
+    /// Items judged per request: the stage's depth (`--rerank N` where the adapter is used).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) depth: usize,
+    /// Learn a seeded subset of this many `train` requests.
+    #[arg(long)]
+    pub(crate) train_limit: Option<usize>,
+    /// Seed of the subset and the order the requests are learnt in.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+}
+
+/// A command's arguments parsed as its command line would be: the defaults and checks of the
+/// command itself, not a copy of them.
+#[derive(Parser)]
+#[command(no_binary_name = true)]
+struct Parsed<T: Args> {
+    #[command(flatten)]
+    inner: T,
+}
+
+fn parse<T: Args>(what: &str, args: &[String]) -> Result<T> {
+    Parsed::<T>::try_parse_from(args)
+        .map(|p| p.inner)
+        .with_context(|| format!("the {what} step's arguments {args:?}"))
+}
+
+fn os(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The settings a folder was started with: a rerun must repeat them (all but `--steps`, which
+/// a rerun may raise to train on from the last checkpoint, and the data's parsing options).
+fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
+    serde_json::json!({
+        "data": os(&a.data.data),
+        "queries": a.data.queries.as_deref().map(os),
+        "model": a.model,
+        "teacher": a.teacher,
+        "teacher_url": a.teacher_url,
+        "per_user": a.per_user,
+        "users": a.users,
+        "depth": a.depth,
+        "train_limit": a.train_limit,
+        "seed": a.seed,
+    })
+}
+
+/// Writes `OUT/recipe.json`, or checks a rerun repeats it (naming what differs).
+fn check_recipe(out: &Path, now: &serde_json::Value) -> Result<()> {
+    let path = out.join("recipe.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let was: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a distil-judge recipe", path.display()))?;
+            let differ: Vec<String> = now
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| was.get(k.as_str()) != Some(v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {} then, {v} now",
+                        was.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect();
+            if !differ.is_empty() {
+                bail!(
+                    "{} was started with other settings ({}): rerun with those to resume, or give a new --out",
+                    out.display(),
+                    differ.join("; ")
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = serde_json::to_string_pretty(now)?;
+            std::fs::write(&path, text + "\n")
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `mrrec distil-judge`: derive → teacher scores → listwise training → `OUT/adapter.safetensors`.
+pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
+    anyhow::ensure!(
+        a.depth >= 2,
+        "--depth {}: a list needs 2 items at least",
+        a.depth
+    );
+    anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
+    if a.per_user == 0 && a.users.is_some() {
+        bail!("--users says whose purchases are derived, but --per-user 0 derives none: drop one");
+    }
+    a.data.check_dir()?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    check_recipe(&a.out, &recipe(&a))?;
+    let started = std::time::Instant::now();
+    // 1. The derived data set, written beside and renamed when whole (a killed derivation leaves
+    //    no half data set; its LLM answers are cached, so the rerun is quick up to where it was).
+    let data = if a.per_user == 0 {
+        a.data.clone()
+    } else {
+        let dir = a.out.join("data");
+        if dir.join("queries.csv").exists() {
+            eprintln!("step 1/2: the derived requests of {} (kept)", dir.display());
+        } else {
+            let partial = a.out.join("data.partial");
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial)
+                    .with_context(|| format!("removing {}", partial.display()))?;
+            }
+            eprintln!(
+                "step 1/2: {} writes up to {} requests per `train` user (derive-queries)",
+                a.teacher, a.per_user
+            );
+            let mut args = vec![
+                "--out".to_string(),
+                os(&partial),
+                "--per-user".into(),
+                a.per_user.to_string(),
+            ];
+            if let Some(n) = a.users {
+                args.extend(["--users".into(), n.to_string()]);
+            }
+            let mut d: DeriveQueriesCmd = parse("derive", &args)?;
+            // The derived directory links the whole item file; a slice applies to training.
+            d.data = DataArgs {
+                max_items: None,
+                ..a.data.clone()
+            };
+            d.llm.model = a.teacher.clone();
+            d.llm.llm_url = a.teacher_url.clone();
+            d.as_step = true;
+            derive_queries(d)?;
+            std::fs::rename(&partial, &dir)
+                .with_context(|| format!("renaming {} to {}", partial.display(), dir.display()))?;
+        }
+        DataArgs {
+            data: dir,
+            queries: None,
+            ..a.data.clone()
+        }
+    };
+    // 2. The student learns the teacher's scores of each request's hybrid top N as one list
+    //    (the teacher's scores are kept in train/judge-teacher.jsonl; a rerun resumes).
+    let run_dir = a.out.join("train");
+    eprintln!(
+        "step 2/2: {} learns {}'s scores of each request's hybrid top {} ({} steps; run {})",
+        a.model,
+        a.teacher,
+        a.depth,
+        a.steps,
+        run_dir.display()
+    );
+    let mut args: Vec<String> = [
+        "--out",
+        &os(&run_dir),
+        "--judge",
+        "--judge-listwise",
+        "--judge-teacher",
+        &a.teacher,
+        "--rerank",
+        &a.depth.to_string(),
+        "--rerank-memory",
+        "none",
+        "--judge-negatives",
+        &(a.depth - 1).to_string(),
+        "--steps",
+        &a.steps.to_string(),
+        "--queries-per-step",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-rank",
+        "8",
+        "--lora-layers",
+        "4",
+        "--lora-targets",
+        "q,k,v,o",
+        "--kl",
+        "0",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+        "--seed",
+        &a.seed.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(url) = &a.teacher_url {
+        args.extend(["--judge-teacher-url".into(), url.clone()]);
+    }
+    if let Some(n) = a.train_limit {
+        args.extend(["--train-limit".into(), n.to_string()]);
+    }
+    let mut t: TrainCmd = parse("training", &args)?;
+    t.data = data;
+    t.assistant.llm.model = a.model.clone();
+    t.assistant.llm.llm_url = None;
+    crate::cmd::train::run(t)?;
+    let trained = run_dir.join("adapter.safetensors");
+    let adapter = a.out.join("adapter.safetensors");
+    std::fs::copy(&trained, &adapter)
+        .with_context(|| format!("copying {} to {}", trained.display(), adapter.display()))?;
+    println!(
+        "{}: the judge adapter of {} distilled from {} ({:.0}s)",
+        adapter.display(),
+        a.model,
+        a.teacher,
+        started.elapsed().as_secs_f64()
+    );
+    let f = os(&adapter);
+    // The adapter fits its own model: name it unless it is the default.
+    let m = if a.model == crate::args::DEFAULT_MODEL {
+        String::new()
+    } else {
+        format!(" --model {}", a.model)
+    };
+    println!(
+        "use it: mrrec eval{m} --method hybrid --rerank {d} --rerank-weight 0.5 --adapter {f} ...\n        \
+         mrrec recommend{m} --user U \"request\" --method hybrid --rerank {d} --rerank-weight 0.5 --adapter {f}\n        \
+         mrrec demo{m} --rerank {d} --rerank-weight 0.5 --judge-adapter {f}\n        \
+         mrrec serve{m} --adapter {f}   (requests: \"method\": \"hybrid\", \"rerank\": {{\"depth\": {d}, \"weight\": 0.5}})",
+        d = a.depth
+    );
+    Ok(())
+}
