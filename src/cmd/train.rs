@@ -128,7 +128,9 @@ pub(crate) struct TrainCmd {
     /// With --judge: distil a teacher judge — each item's label is this model's P(`Yes`) as the
     /// stage's judge (a registry id or GGUF path; with --judge-teacher-url, the server's model
     /// name) instead of the query's own target/negative label. Its scores are kept in
-    /// OUT/judge-teacher.jsonl (a resumed run reuses them).
+    /// OUT/judge-teacher.jsonl, found again by the question asked (request, category, memory),
+    /// not the query's id: a resumed run, a second student given the file, or a data set derived
+    /// again reuses them.
     #[arg(long, value_name = "MODEL")]
     pub(crate) judge_teacher: Option<String>,
     /// With --judge-teacher: the teacher is served by this OpenAI-compatible server (it must

@@ -55,18 +55,52 @@ pub struct Teacher<'a> {
 struct TeacherLine {
     teacher: String,
     qid: String,
+    /// [`question_key`] of what the teacher read besides the items (absent in lines written
+    /// before it was recorded: those are found by `qid` alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    question: Option<String>,
     items: Vec<String>,
     scores: Vec<f32>,
 }
 
-/// The scores kept at `path` by `teacher`, per query and item (other teachers' lines are
+/// What a teacher's score of an item depends on besides the item — the request, its category
+/// and the memory the judge reads — as a sha256 hex digest. Kept scores are found by it, not by
+/// the query's id: a derived data set written again numbers its requests anew (`d-45` may name
+/// another request), and the same request under another id is the same question.
+fn question_key(request: &str, category: Option<&str>, memory: Option<&str>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [Some(request), category, memory] {
+        match part {
+            Some(t) => {
+                h.update([1u8]);
+                h.update((t.len() as u64).to_le_bytes());
+                h.update(t.as_bytes());
+            }
+            None => h.update([0u8]),
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Kept scores per question (`q:` + [`question_key`]; `id:` + query id for lines without one)
+/// and item.
+type Kept = HashMap<String, HashMap<String, f32>>;
+
+/// The kept scores of every item of `items` for this question (or, from lines without a
+/// question, this query id), or `None` when one is missing.
+fn kept_for(kept: &Kept, question: &str, qid: &str, items: &[String]) -> Option<Vec<f32>> {
+    let all = |k: &HashMap<String, f32>| items.iter().map(|i| k.get(i).copied()).collect();
+    kept.get(&format!("q:{question}"))
+        .and_then(all)
+        .or_else(|| kept.get(&format!("id:{qid}")).and_then(all))
+}
+
+/// The scores kept at `path` by `teacher`, per question and item (other teachers' lines are
 /// ignored; a line that does not parse is an error naming it). An item's score does not depend
 /// on the other items judged with it, so a run with other negatives reuses what it can.
-fn kept_scores(
-    path: &std::path::Path,
-    teacher: &str,
-) -> Result<HashMap<String, HashMap<String, f32>>> {
-    let mut out: HashMap<String, HashMap<String, f32>> = HashMap::new();
+fn kept_scores(path: &std::path::Path, teacher: &str) -> Result<Kept> {
+    let mut out: Kept = HashMap::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -93,7 +127,11 @@ fn kept_scores(
             )));
         }
         if l.teacher == teacher {
-            out.entry(l.qid)
+            let key = match l.question {
+                Some(q) => format!("q:{q}"),
+                None => format!("id:{}", l.qid),
+            };
+            out.entry(key)
                 .or_default()
                 .extend(l.items.into_iter().zip(l.scores));
         }
@@ -181,9 +219,8 @@ pub fn judge_examples(
                             .map_or(String::new(), |it| it.id.clone())
                     })
                     .collect();
-                let known: Option<Vec<f32>> = kept
-                    .get(&query.qid)
-                    .and_then(|k| ids.iter().map(|i| k.get(i).copied()).collect());
+                let question = question_key(request, query.category.as_deref(), memory.as_deref());
+                let known = kept_for(&kept, &question, &query.qid, &ids);
                 let scores = match known {
                     Some(s) => {
                         reused += 1;
@@ -209,6 +246,7 @@ pub fn judge_examples(
                             let line = serde_json::to_string(&TeacherLine {
                                 teacher: id.clone(),
                                 qid: query.qid.clone(),
+                                question: Some(question),
                                 items: ids,
                                 scores: scores.clone(),
                             })?;
@@ -311,4 +349,78 @@ pub fn judge_examples(
         source,
         listwise: data.listwise,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn line(qid: &str, question: Option<&str>, items: &[&str], scores: &[f32]) -> String {
+        serde_json::to_string(&TeacherLine {
+            teacher: "t".into(),
+            qid: qid.into(),
+            question: question.map(String::from),
+            items: items.iter().map(|s| s.to_string()).collect(),
+            scores: scores.to_vec(),
+        })
+        .unwrap()
+    }
+
+    /// Kept teacher scores are found by the question the teacher read, whatever the query's id
+    /// is now (a derived data set written again renumbers its requests), never by an id that now
+    /// names another question; lines from before questions were recorded are found by id.
+    #[test]
+    fn kept_scores_are_found_by_question_not_by_query_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("judge-teacher.jsonl");
+        let asked = question_key("a kettle for tea", Some("Home"), None);
+        let other = question_key("a kettle for soup", Some("Home"), None);
+        assert_eq!(asked.len(), 64);
+        assert_ne!(asked, other);
+        // Every part counts, and where one part ends.
+        assert_ne!(asked, question_key("a kettle for tea", None, None));
+        assert_ne!(
+            question_key("a", Some("bc"), None),
+            question_key("ab", Some("c"), None)
+        );
+        assert_ne!(
+            asked,
+            question_key("a kettle for tea", Some("Home"), Some(""))
+        );
+        let text = [
+            line("d-1", Some(&asked), &["A", "B"], &[0.5, -1.0]),
+            // Another teacher's line for the same question: ignored.
+            serde_json::to_string(&TeacherLine {
+                teacher: "u".into(),
+                qid: "d-1".into(),
+                question: Some(asked.clone()),
+                items: vec!["C".into()],
+                scores: vec![9.0],
+            })
+            .unwrap(),
+            line("d-2", None, &["A", "B"], &[2.0, 3.0]),
+        ]
+        .join("\n");
+        std::fs::write(&path, text).unwrap();
+        let kept = kept_scores(&path, "t").unwrap();
+        let ab = ["A".to_string(), "B".to_string()];
+        // The same question under a new id (renumbered): found.
+        assert_eq!(kept_for(&kept, &asked, "d-7", &ab), Some(vec![0.5, -1.0]));
+        // The old id now naming another question: not found, though every item is there.
+        assert_eq!(kept_for(&kept, &other, "d-1", &ab), None);
+        // A line without a question: found by its id.
+        assert_eq!(kept_for(&kept, &other, "d-2", &ab), Some(vec![2.0, 3.0]));
+        // An item never scored: the question is asked again.
+        let abc = ["A".to_string(), "B".to_string(), "C".to_string()];
+        assert_eq!(kept_for(&kept, &asked, "d-1", &abc), None);
+        // A line that does not parse is an error naming the file and line.
+        std::fs::write(
+            &path,
+            format!("{}\nnot json\n", line("d-1", None, &["A"], &[1.0])),
+        )
+        .unwrap();
+        let e = kept_scores(&path, "t").unwrap_err().to_string();
+        assert!(e.contains("judge-teacher.jsonl line 2"), "{e}");
+    }
 }
