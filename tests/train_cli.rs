@@ -13,8 +13,8 @@ fn train_command(out: &std::path::Path, store: &std::path::Path) -> Command {
     tiny_command("train", out, store)
 }
 
-/// `mrrec SUB` with the tiny model on 300 items of the mini data, into `out` with `store`.
-fn tiny_command(sub: &str, out: &std::path::Path, store: &std::path::Path) -> Command {
+/// `mrrec SUB` with the tiny model on 300 items of the mini data.
+fn tiny(sub: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
     c.args([
         sub,
@@ -24,11 +24,14 @@ fn tiny_command(sub: &str, out: &std::path::Path, store: &std::path::Path) -> Co
         "300",
     ])
     .arg("--data")
-    .arg(common::mini())
-    .arg("--store")
-    .arg(store)
-    .arg("--out")
-    .arg(out);
+    .arg(common::mini());
+    c
+}
+
+/// `mrrec SUB` with the tiny model on 300 items of the mini data, into `out` with `store`.
+fn tiny_command(sub: &str, out: &std::path::Path, store: &std::path::Path) -> Command {
+    let mut c = tiny(sub);
+    c.arg("--store").arg(store).arg("--out").arg(out);
     c
 }
 
@@ -144,20 +147,11 @@ fn train_resumes_and_its_adapter_serves_recommendations() {
     assert_eq!(ad.rank, 8);
     let user = common::users()[0].clone();
     let recommend = |adapter: Option<&std::path::Path>| -> serde_json::Value {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
-        c.args([
-            "recommend",
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-            "--json",
-        ])
-        .arg("--data")
-        .arg(common::mini())
-        .arg("--store")
-        .arg(&store)
-        .args(["--user", &user, "a gift for a child"]);
+        let mut c = tiny("recommend");
+        c.arg("--json")
+            .arg("--store")
+            .arg(&store)
+            .args(["--user", &user, "a gift for a child"]);
         if let Some(a) = adapter {
             c.arg("--adapter").arg(a);
         }
@@ -713,16 +707,7 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     std::fs::create_dir_all(out.join("data.partial")).unwrap();
     std::fs::write(out.join("data.partial/queries.csv"), "half a file").unwrap();
     let distil = |steps: &str, depth: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-            .args([
-                "distil-judge",
-                "--model",
-                "smollm2-135m-instruct",
-                "--max-items",
-                "300",
-            ])
-            .arg("--data")
-            .arg(common::mini())
+        let o = tiny("distil-judge")
             .arg("--out")
             .arg(&out)
             .args(["--teacher", "smollm2-135m-instruct"])
@@ -800,16 +785,7 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     assert_eq!(steps_logged(&run), vec![1, 2, 3]);
     // The adapter judges hybrid's first 4 for a user.
     let user = common::users()[0].clone();
-    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
-        .args([
-            "recommend",
-            "--model",
-            "smollm2-135m-instruct",
-            "--max-items",
-            "300",
-        ])
-        .arg("--data")
-        .arg(common::mini())
+    let o = tiny("recommend")
         .arg("--store")
         .arg(&store)
         .args([

@@ -69,18 +69,9 @@ struct TeacherLine {
 /// another request), and the same request under another id is the same question.
 fn question_key(request: &str, category: Option<&str>, memory: Option<&str>) -> String {
     use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for part in [Some(request), category, memory] {
-        match part {
-            Some(t) => {
-                h.update([1u8]);
-                h.update((t.len() as u64).to_le_bytes());
-                h.update(t.as_bytes());
-            }
-            None => h.update([0u8]),
-        }
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    // The parts as one JSON array: where each ends and which are absent is unambiguous.
+    let parts = serde_json::json!([request, category, memory]).to_string();
+    hex::encode(sha2::Sha256::digest(parts.as_bytes()))
 }
 
 /// Kept scores per question (`q:` + [`question_key`]; `id:` + query id for lines without one)
