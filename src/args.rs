@@ -69,6 +69,11 @@ pub(crate) struct EvalArgs {
     /// Evaluate a seeded subset of this many queries.
     #[arg(long)]
     pub(crate) limit: Option<usize>,
+    /// Only the `train` queries of the users of fold I of K (by a fixed hash of the user id):
+    /// the check of a model trained on data that held that fold out (`derive-queries
+    /// --hold-out I/K`, `distil-judge --hold-out I/K`). `mrrec compare` joins the folds' runs.
+    #[arg(long, value_name = "I/K")]
+    pub(crate) fold: Option<mrrec_data::Fold>,
     /// Seed of the subset and the bootstrap.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,

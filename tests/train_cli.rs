@@ -817,3 +817,141 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
         .count();
     assert_eq!(judged, 4, "{text}");
 }
+
+/// Cross-validation of the recipe inside `train`: `distil-judge --hold-out 1/2` derives from
+/// and trains on the other fold's users only, the adapter is checked with `eval --split train
+/// --fold 1/2`, and `compare` joins the folds' runs into one paired comparison.
+#[test]
+fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("mem.sqlite");
+    let out = dir.path().join("fold1");
+    let fold = |i| mrrec_data::Fold { index: i, of: 2 };
+    let o = tiny("distil-judge")
+        .arg("--out")
+        .arg(&out)
+        .args(["--teacher", "smollm2-135m-instruct"])
+        .args(["--per-user", "1", "--users", "3", "--depth", "4"])
+        .args(["--train-limit", "2", "--steps", "1", "--hold-out", "1/2"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    );
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("users of fold 1/2 held out)"), "{stderr}");
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
+    assert_eq!(recipe["hold_out"], "1/2");
+    // No request, history or snapshot of a fold-1 user reached the data it learnt from.
+    let ds =
+        mrrec_data::Dataset::load(&out.join("data"), None, &mrrec_data::LoadOptions::default())
+            .unwrap();
+    assert!(ds.queries.len() > 3);
+    for q in ds.queries.all() {
+        assert!(!fold(1).holds(&q.query().user_id), "{}", q.query().user_id);
+    }
+    let reviews = std::fs::read_to_string(out.join("data/reviews.jsonl")).unwrap();
+    for line in reviews.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(!fold(1).holds(r["user_id"].as_str().unwrap()), "{line}");
+    }
+    // It says how to check it, on the fold it never saw (not how to ship it).
+    let adapter = out.join("adapter.safetensors");
+    let f = adapter.to_str().unwrap();
+    assert!(
+        stdout.contains("--split train --fold 1/2 --method hybrid --rerank 4 --rerank-weight 0.5")
+            && stdout.contains(f),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("mrrec serve"), "{stdout}");
+    // The check: fold 1 with the adapter, fold 2 (here the plain method), and the whole.
+    let eval = |name: &str, extra: &[&str]| {
+        let run = dir.path().join(name);
+        let o = tiny("eval")
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(&run)
+            .args(["--split", "train", "--method", "hybrid"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            run,
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, f1, err) = eval(
+        "f1",
+        &[
+            "--limit",
+            "4",
+            "--fold",
+            "1/2",
+            "--rerank",
+            "4",
+            "--rerank-weight",
+            "0.5",
+            "--adapter",
+            f,
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, f2, err) = eval("f2", &["--limit", "4", "--fold", "2/2"]);
+    assert!(ok, "{err}");
+    let users = |run: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(run.join("per_query.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["user_id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    assert_eq!(users(&f1).len(), 4);
+    assert!(users(&f1).iter().all(|u| fold(1).holds(u)));
+    assert!(users(&f2).iter().all(|u| fold(2).holds(u)));
+    // A fold is part of the run: fold 2 does not resume into fold 1's folder.
+    let (ok, _, err) = eval("f1", &["--limit", "4", "--fold", "2/2"]);
+    assert!(!ok && err.contains("different run"), "{err}");
+    // A fold of `val` is refused: it is read whole.
+    let o = tiny("eval")
+        .arg("--out")
+        .arg(dir.path().join("v"))
+        .args(["--split", "val", "--method", "bm25", "--fold", "1/2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cross-validation inside `train`"),
+        "{err}"
+    );
+    // The folds joined against the whole `train` set: paired on the 8 queries of both folds.
+    let (ok, whole, err) = eval("whole", &[]);
+    assert!(ok, "{err}");
+    let joined = format!("{},{}", f1.display(), f2.display());
+    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .args([
+            "compare",
+            &joined,
+            whole.to_str().unwrap(),
+            "--rounds",
+            "100",
+        ])
+        .arg("--data")
+        .arg(common::mini())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("2 folds joined"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("| N@100 |") && l.contains("| 8 |")),
+        "{text}"
+    );
+}

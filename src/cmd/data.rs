@@ -123,10 +123,11 @@ pub(crate) struct ReportArgs {
 
 #[derive(Args)]
 pub(crate) struct CompareArgs {
-    /// Run folder A.
-    pub(crate) a: PathBuf,
-    /// Run folder B.
-    pub(crate) b: PathBuf,
+    /// Run folder A — or the folds of a cross-validation joined with commas
+    /// (`runs/f1,runs/f2`: runs of `eval --fold 1/2` and `--fold 2/2`), read as one run.
+    pub(crate) a: RunFolders,
+    /// Run folder B (or folds joined with commas, as A).
+    pub(crate) b: RunFolders,
     /// Bootstrap resamples.
     #[arg(long, default_value_t = 2000)]
     pub(crate) rounds: usize,
@@ -266,6 +267,30 @@ pub(crate) fn report(a: ReportArgs) -> Result<()> {
     Ok(())
 }
 
+/// One side of `compare`: a run folder, or several joined with commas.
+#[derive(Clone, Debug)]
+pub(crate) struct RunFolders(Vec<PathBuf>);
+
+impl std::str::FromStr for RunFolders {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let dirs: Vec<PathBuf> = s.split(',').map(PathBuf::from).collect();
+        if dirs.iter().any(|d| d.as_os_str().is_empty()) {
+            return Err(format!(
+                "{s:?}: an empty run folder (folds are joined as DIR,DIR)"
+            ));
+        }
+        Ok(RunFolders(dirs))
+    }
+}
+
+impl RunFolders {
+    fn paths(&self) -> Vec<&Path> {
+        self.0.iter().map(PathBuf::as_path).collect()
+    }
+}
+
 pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     let CompareArgs {
         a,
@@ -274,7 +299,8 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         seed,
         data,
     } = a;
-    let (_, table) = mrrec_eval::compare_runs(&a, &b, rounds, seed)?;
+    let (a, b) = (a.paths(), b.paths());
+    let (_, table) = mrrec_eval::compare_run_sets(&a, &b, rounds, seed)?;
     print!("{table}");
     // Memory should matter most for users with long histories: the same comparison per bucket.
     let opts = mrrec_data::LoadOptions::default();

@@ -106,6 +106,8 @@ pub(crate) struct EvalJob<'a> {
     pub(crate) splits: &'a [Split],
     /// A seeded subset of this many queries.
     pub(crate) limit: Option<usize>,
+    /// Only the queries of this fold's users.
+    pub(crate) fold: Option<mrrec_data::Fold>,
     pub(crate) seed: u64,
     pub(crate) out: &'a Path,
     /// What runs with the method (a re-ranking stage needs the LLM context).
@@ -212,6 +214,7 @@ pub(crate) fn eval_one(
         field,
         splits,
         limit,
+        fold,
         seed,
         out,
         stages,
@@ -222,12 +225,21 @@ pub(crate) fn eval_one(
         batch,
         prompts,
     } = pipeline(ws, method, ctx, stages)?;
-    let queries = ws
+    let mut queries = ws
         .dataset
         .queries
         .for_purpose(&Purpose::Evaluate(splits.to_vec()))?;
+    if let Some(f) = &fold {
+        if splits != [Split::Train] {
+            bail!("--fold {f} picks `train` users for cross-validation inside `train`; evaluate {} whole (add --split train to check a fold)", split_label(splits));
+        }
+        queries.retain(|q| f.holds(&q.query().user_id));
+    }
     if queries.is_empty() {
-        bail!("no queries of split(s) {splits:?} in the query file");
+        match fold {
+            Some(f) => bail!("no `train` query of a user of fold {f} in the query file"),
+            None => bail!("no queries of split(s) {splits:?} in the query file"),
+        }
     }
     let mut provenance = std::collections::BTreeMap::new();
     provenance.insert("git_commit".into(), git_commit());
@@ -243,6 +255,10 @@ pub(crate) fn eval_one(
         ),
     );
     provenance.insert("prompt_version".into(), prompts);
+    // The fold is part of the run's identity: a folder of fold 1 never resumes as fold 2.
+    if let Some(f) = &fold {
+        provenance.insert("fold".into(), f.to_string());
+    }
     // Greedy answers of models with k-quant matrices (candle multiplies those, and its batched
     // product differs in the last bits from its one-row product) can change with the batch, so
     // the batch a run was made with is recorded.
@@ -383,6 +399,7 @@ pub(crate) fn run(a: EvalArgs) -> Result<()> {
             field,
             splits: &splits,
             limit: a.limit,
+            fold: a.fold,
             seed: a.seed,
             out: &a.out,
             stages,

@@ -51,6 +51,11 @@ pub(crate) struct DistilJudgeCmd {
     /// Seed of the subset and the order the requests are learnt in.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
+    /// Leave out the `train` users of fold I of K (`derive-queries --hold-out`): the adapter
+    /// never learns from them, and is checked on their `train` queries (`eval --split train
+    /// --fold I/K`) — cross-validation of a recipe inside `train`, so `val` is read once.
+    #[arg(long, value_name = "I/K")]
+    pub(crate) hold_out: Option<mrrec_data::Fold>,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -75,7 +80,7 @@ fn os(p: &Path) -> String {
 /// The settings a folder was started with: a rerun must repeat them (all but `--steps`, which
 /// a rerun may raise to train on from the last checkpoint, and the data's parsing options).
 fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
-    serde_json::json!({
+    let mut r = serde_json::json!({
         "data": os(&a.data.data),
         "queries": a.data.queries.as_deref().map(os),
         "model": a.model,
@@ -86,7 +91,12 @@ fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
         "depth": a.depth,
         "train_limit": a.train_limit,
         "seed": a.seed,
-    })
+    });
+    // Written only when set, so folders started before it existed still resume.
+    if let Some(f) = &a.hold_out {
+        r["hold_out"] = serde_json::json!(f.to_string());
+    }
+    r
 }
 
 /// Writes `OUT/recipe.json`, or checks a rerun repeats it (naming what differs).
@@ -137,6 +147,9 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     if a.per_user == 0 && a.users.is_some() {
         bail!("--users says whose purchases are derived, but --per-user 0 derives none: drop one");
     }
+    if a.per_user == 0 && a.hold_out.is_some() {
+        bail!("--hold-out leaves a fold out of the derived data set, but --per-user 0 trains on the data's own rows: give --per-user 1 or more");
+    }
     a.data.check_dir()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     check_recipe(&a.out, &recipe(&a))?;
@@ -167,6 +180,9 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
             ];
             if let Some(n) = a.users {
                 args.extend(["--users".into(), n.to_string()]);
+            }
+            if let Some(f) = &a.hold_out {
+                args.extend(["--hold-out".into(), f.to_string()]);
             }
             let mut d: DeriveQueriesCmd = parse("derive", &args)?;
             // The derived directory links the whole item file; a slice applies to training.
@@ -263,6 +279,17 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     } else {
         format!(" --model {}", a.model)
     };
+    if let Some(fold) = &a.hold_out {
+        // A fold's adapter is a check of the recipe, not the judge to ship.
+        let data = os(&a.data.data);
+        println!(
+            "check it on the fold it never saw: mrrec eval{m} --data {data} --split train --fold {fold} --method hybrid --rerank {d} --rerank-weight 0.5 --adapter {f} --out RUN-{i}
+                     then, with every fold's run: mrrec compare RUN-1,RUN-2,... BASELINE --data {data}  (BASELINE: the same eval on --split train without --fold and --adapter, or another recipe's folds)",
+            d = a.depth,
+            i = fold.index
+        );
+        return Ok(());
+    }
     println!(
         "use it: mrrec eval{m} --method hybrid --rerank {d} --rerank-weight 0.5 --adapter {f} ...\n        \
          mrrec recommend{m} --user U \"request\" --method hybrid --rerank {d} --rerank-weight 0.5 --adapter {f}\n        \

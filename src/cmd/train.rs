@@ -1252,6 +1252,12 @@ pub(crate) struct DeriveQueriesCmd {
     /// not repeat (the product's title, the review) and writes it again.
     #[arg(long, default_value_t = 1)]
     pub(crate) repairs: usize,
+    /// Leave out the `train` users of fold I of K (`1/2`: the first half, by a fixed hash of
+    /// the user id): their rows, histories and purchases. A model trained on the result is
+    /// checked on that fold's `train` queries (`mrrec eval --split train --fold I/K`), so a
+    /// recipe is chosen by cross-validation inside `train` and `val` is read once.
+    #[arg(long, value_name = "I/K")]
+    pub(crate) hold_out: Option<mrrec_data::Fold>,
     /// Run as a step of another command (`distil-judge`), which says what comes next itself.
     #[arg(skip)]
     pub(crate) as_step: bool,
@@ -1262,11 +1268,16 @@ pub(crate) struct DeriveQueriesCmd {
 /// then (see `mrrec_data::derive`), written as a new data directory that `memory build`,
 /// `rollouts`, `train` and `iterate` (or, for `val`, `eval` and `compare`) read like any other.
 pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
-    use mrrec_data::derive::{derive_targets, source_rows, write_dataset, DeriveOptions};
+    use mrrec_data::derive::{derive_targets, kept_rows, write_dataset, DeriveOptions};
     anyhow::ensure!(
         a.data.max_items.is_none(),
         "derive-queries writes a data directory that links the whole item file, so --max-items does not apply here: pass it to the commands that read {}",
         a.out.display()
+    );
+    anyhow::ensure!(
+        a.hold_out.is_none() || a.split == mrrec_data::Split::Train,
+        "--hold-out leaves a fold of `train` users out of training data; a `{}` set is never trained on: drop --hold-out",
+        a.split
     );
     a.data.check_dir()?;
     let ds = mrrec_data::Dataset::load(
@@ -1287,6 +1298,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         min_rating: a.min_rating,
         max_users: a.users,
         split: a.split,
+        hold_out: a.hold_out,
     };
     let (targets, report) = derive_targets(&ds, &opts)?;
     eprintln!("targets: {report}");
@@ -1310,7 +1322,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         true,
     );
     let pairs: Vec<_> = written.into_iter().map(|(i, q)| (&targets[i], q)).collect();
-    write_dataset(&a.out, &items, &ds, a.split, &pairs)?;
+    write_dataset(&a.out, &items, &ds, &opts, &pairs)?;
     let counts = |m: &std::collections::BTreeMap<String, usize>| {
         let v: Vec<String> = m.iter().map(|(why, n)| format!("{n} {why}")).collect();
         if v.is_empty() {
@@ -1322,7 +1334,7 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
     println!(
         "{}: {} {} queries of the source + {} derived ({} of them after a repair turn), each asked by its own snapshot user (first answers refused: {}; refused in the end: {}); LLM {}: {} tokens in, {} out, {:.0}s ({:.0}s in all); prompt {}",
         a.out.display(),
-        source_rows(&ds, a.split)?.len(),
+        kept_rows(&ds, &opts)?.len(),
         a.split,
         pairs.len(),
         wr.repaired,

@@ -44,6 +44,10 @@ pub struct DeriveOptions {
     /// Whose purchases: the `train` users' (training requests, the default) or the `val` or
     /// `test` users' (a larger evaluation set, never trainable). `aspect` is refused.
     pub split: Split,
+    /// Leave out the users of this fold (their rows, histories and purchases): a data set to
+    /// train on whose model is then checked on that fold's `train` queries
+    /// (cross-validation inside `train`, see [`crate::Fold`]).
+    pub hold_out: Option<crate::Fold>,
 }
 
 impl Default for DeriveOptions {
@@ -54,6 +58,7 @@ impl Default for DeriveOptions {
             min_rating: 4.0,
             max_users: None,
             split: Split::Train,
+            hold_out: None,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct DeriveReport {
     pub targets: usize,
     /// Reviews passed over, by reason.
     pub skipped: BTreeMap<&'static str, usize>,
+    /// The fold left out and how many of the split's users it held.
+    pub held_out: Option<(crate::Fold, usize)>,
 }
 
 impl std::fmt::Display for DeriveReport {
@@ -97,6 +104,9 @@ impl std::fmt::Display for DeriveReport {
             "{} {split} users, {} reviews: {} targets",
             self.users, self.reviews, self.targets
         )?;
+        if let Some((fold, n)) = &self.held_out {
+            write!(f, " ({n} users of fold {fold} held out)")?;
+        }
         for (why, n) in &self.skipped {
             write!(f, ", {n} {why}")?;
         }
@@ -131,13 +141,23 @@ pub fn source_rows(ds: &Dataset, split: Split) -> Result<Vec<&LabeledQuery>> {
     Ok(rows)
 }
 
-/// Picks the targets of `ds` (see the module docs), users of `opts.split` in id order, each
-/// user's latest targets first. Errors when the query file has no `split` column.
+/// [`source_rows`] of `opts.split` without the users of `opts.hold_out`.
+pub fn kept_rows<'a>(ds: &'a Dataset, opts: &DeriveOptions) -> Result<Vec<&'a LabeledQuery>> {
+    let mut rows = source_rows(ds, opts.split)?;
+    if let Some(f) = &opts.hold_out {
+        rows.retain(|q| !f.holds(&q.query().user_id));
+    }
+    Ok(rows)
+}
+
+/// Picks the targets of `ds` (see the module docs), users of `opts.split` in id order (without
+/// those of `opts.hold_out`), each user's latest targets first. Errors when the query file has
+/// no `split` column.
 pub fn derive_targets(
     ds: &Dataset,
     opts: &DeriveOptions,
 ) -> Result<(Vec<DerivedTarget>, DeriveReport)> {
-    let rows = source_rows(ds, opts.split)?;
+    let rows = kept_rows(ds, opts)?;
     let scenario = scenarios(ds)?;
     // Outside training, the targets of `aspect` rows are passed over: global memory was built
     // from the requests written from them.
@@ -166,9 +186,21 @@ pub fn derive_targets(
         .into_iter()
         .take(opts.max_users.unwrap_or(usize::MAX))
         .collect();
+    let held_out = opts.hold_out.map(|f| {
+        let mut all: Vec<&str> = source_rows(ds, opts.split)
+            .unwrap_or_default()
+            .iter()
+            .map(|q| q.query().user_id.as_str())
+            .filter(|u| f.holds(u))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        (f, all.len())
+    });
     let mut report = DeriveReport {
         users: users.len(),
         split: Some(opts.split),
+        held_out,
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -260,17 +292,19 @@ pub struct DerivedQuery {
 }
 
 /// Writes `dir` as a data directory (see the module docs): `meta.jsonl` linked to the source's
-/// item file `items`, `reviews.jsonl` and `queries.csv` — the source's rows of `split` and the
-/// derived ones, every row `split` (the split the targets were derived for). `written` pairs
+/// item file `items`, `reviews.jsonl` and `queries.csv` — the source's rows of `opts.split`
+/// (without the users of `opts.hold_out`) and the derived ones, every row `opts.split` (the
+/// split the targets were derived for). `written` pairs
 /// each target with its request; derived rows get the ids `d-1`, `d-2`, … in that order.
 /// Refuses a directory that already holds a query or review file.
 pub fn write_dataset(
     dir: &Path,
     items: &Path,
     ds: &Dataset,
-    split: Split,
+    opts: &DeriveOptions,
     written: &[(&DerivedTarget, DerivedQuery)],
 ) -> Result<()> {
+    let split = opts.split;
     let items = std::fs::canonicalize(items).map_err(|e| DataError::io(items, e))?;
     let meta = if items.extension().is_some_and(|e| e == "gz") {
         "meta.jsonl.gz"
@@ -288,7 +322,7 @@ pub fn write_dataset(
             });
         }
     }
-    let rows = source_rows(ds, split)?;
+    let rows = kept_rows(ds, opts)?;
     link_or_copy(&items, &dir.join(meta))?;
     let label = split.to_string();
     // Reviews: every source user's history as the source has it, then each snapshot's.

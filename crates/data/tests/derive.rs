@@ -84,7 +84,11 @@ fn write_derived(
         })
         .collect();
     let out = dir.join(name);
-    write_dataset(&out, &dir.join("meta.jsonl"), ds, split, &written)?;
+    let opts = DeriveOptions {
+        split,
+        ..Default::default()
+    };
+    write_dataset(&out, &dir.join("meta.jsonl"), ds, &opts, &written)?;
     Ok(out)
 }
 
@@ -98,6 +102,7 @@ fn targets_are_train_users_earlier_good_purchases_with_history_before_them() {
         min_rating: 4.0,
         max_users: None,
         split: Split::Train,
+        hold_out: None,
     };
     let (targets, report) = derive_targets(&ds, &opts).unwrap();
     // Latest first: I9 (55), I4 (50); I5 is his query's target, I1@40 repeats an earlier item,
@@ -363,5 +368,97 @@ fn on_the_mini_set_only_the_chosen_splits_users_give_targets() {
         assert!(val.contains(t.user_id.as_str()) && !train.contains(t.user_id.as_str()));
         assert!(!aspects.contains(&(t.user_id.as_str(), t.review.parent_asin.as_str())));
         assert!(t.history.iter().all(|r| r.timestamp < t.review.timestamp));
+    }
+}
+
+/// Cross-validation inside `train`: a fold held out leaves its users' rows, histories and
+/// purchases out of the derived data set, and the two halves' targets are the whole's.
+#[test]
+fn a_held_out_fold_leaves_its_users_out_of_the_derived_data_set() {
+    let dir = tempfile::tempdir().unwrap();
+    toy(dir.path());
+    // Twelve more train users, each with four 5★ reviews and a query after them.
+    let users: Vec<String> = (0..12).map(|i| format!("user{i:02}")).collect();
+    let mut reviews = std::fs::read_to_string(dir.path().join("reviews.jsonl")).unwrap();
+    let mut queries = std::fs::read_to_string(dir.path().join("queries.csv")).unwrap();
+    for (n, u) in users.iter().enumerate() {
+        for (k, item) in ["I1", "I2", "I3", "I4"].iter().enumerate() {
+            reviews.push('\n');
+            reviews.push_str(&review(u, item, 5, 10 * (k as i64 + 1)));
+        }
+        queries.push_str(&format!(
+            "u{n},I want one,I5,{u},5,good,one please,Toys_and_Games,70,train\n"
+        ));
+    }
+    write(dir.path(), "reviews.jsonl", &reviews);
+    write(dir.path(), "queries.csv", &queries);
+    let ds = Dataset::load(dir.path(), None, &LoadOptions::default()).unwrap();
+    let fold = |i| mrrec_data::Fold { index: i, of: 2 };
+    let opts = |hold_out| DeriveOptions {
+        per_user: 1,
+        hold_out,
+        ..Default::default()
+    };
+    let (whole, _) = derive_targets(&ds, &opts(None)).unwrap();
+    let (one, report) = derive_targets(&ds, &opts(Some(fold(1)))).unwrap();
+    let (two, _) = derive_targets(&ds, &opts(Some(fold(2)))).unwrap();
+    // Every target of a held-out run is of a user outside the fold; the halves make the whole.
+    assert!(one.iter().all(|t| !fold(1).holds(&t.user_id)));
+    assert!(two.iter().all(|t| !fold(2).holds(&t.user_id)));
+    assert!(!one.is_empty() && !two.is_empty());
+    let mut joined: Vec<String> = one.iter().chain(&two).map(|t| t.snapshot.clone()).collect();
+    let mut all: Vec<String> = whole.iter().map(|t| t.snapshot.clone()).collect();
+    joined.sort();
+    all.sort();
+    assert_eq!(joined, all);
+    let held = users
+        .iter()
+        .chain([&"tom".to_string()])
+        .filter(|u| fold(1).holds(u))
+        .count();
+    assert!(held > 0);
+    assert_eq!(report.held_out, Some((fold(1), held)));
+    assert!(
+        report
+            .to_string()
+            .contains(&format!("({held} users of fold 1/2 held out)")),
+        "{report}"
+    );
+    // The written data set holds no row, history or snapshot of a fold-1 user.
+    let written: Vec<_> = one
+        .iter()
+        .map(|t| {
+            (
+                t,
+                DerivedQuery {
+                    query: "I need one".into(),
+                    simple_query: "One?".into(),
+                },
+            )
+        })
+        .collect();
+    let out = dir.path().join("held-out");
+    write_dataset(
+        &out,
+        &dir.path().join("meta.jsonl"),
+        &ds,
+        &opts(Some(fold(1))),
+        &written,
+    )
+    .unwrap();
+    let d = Dataset::load(&out, None, &LoadOptions::default()).unwrap();
+    let rows = d.queries.for_purpose(&Purpose::Training).unwrap();
+    assert_eq!(rows.len(), (13 - held) + one.len());
+    for q in rows {
+        assert!(!fold(1).holds(&q.query().user_id), "{}", q.query().user_id);
+    }
+    for u in users.iter().filter(|u| fold(1).holds(u)) {
+        assert!(d.histories.of(u).is_empty(), "{u}");
+    }
+    // No snapshot user of the held-out fold appears in the histories either.
+    let text = std::fs::read_to_string(out.join("reviews.jsonl")).unwrap();
+    for line in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(!fold(1).holds(r["user_id"].as_str().unwrap()), "{line}");
     }
 }

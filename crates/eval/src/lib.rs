@@ -8,8 +8,9 @@ pub mod stats;
 
 pub use metrics::{ndcg_at, rank_of, recall_at, reciprocal_rank, Metric};
 pub use report::{
-    bar_chart_svg, category_table, compare_runs, compare_runs_by, history_bucket, markdown_table,
-    recall_curve_svg, report_runs, trace_rates, TraceRates, HISTORY_BUCKETS,
+    bar_chart_svg, category_table, compare_run_sets, compare_runs, compare_runs_by, history_bucket,
+    load_runs, markdown_table, recall_curve_svg, report_runs, trace_rates, TraceRates,
+    HISTORY_BUCKETS,
 };
 pub use run::{
     load_run, run_eval, save_run, select_queries, summarise, Method, MethodAnswer, MethodError,

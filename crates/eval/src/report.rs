@@ -80,6 +80,67 @@ fn labels(runs: &[(&Path, &str)]) -> Vec<String> {
         .collect()
 }
 
+/// One side of a comparison read back: a run folder, or the folds of a cross-validation (runs
+/// made with `eval --fold I/K`, each of a model that never learnt from its fold) joined into one
+/// run of their queries. Folds must be distinct folds of the same K and share no query; the
+/// metrics returned are the first folder's (its method names the side).
+pub fn load_runs(dirs: &[&Path]) -> Result<(RunMetrics, Vec<crate::QueryOutcome>)> {
+    let bad = |path: &Path, message: String| crate::EvalError::BadRun {
+        path: path.to_path_buf(),
+        message,
+    };
+    let Some((first, rest)) = dirs.split_first() else {
+        return Err(bad(Path::new(""), "no run folder given".into()));
+    };
+    let (m, mut outcomes) = load_run(first)?;
+    if rest.is_empty() {
+        return Ok((m, outcomes));
+    }
+    let fold = |dir: &Path, m: &RunMetrics| -> Result<mrrec_data::Fold> {
+        m.spec
+            .provenance
+            .get("fold")
+            .and_then(|f| f.parse::<mrrec_data::Fold>().ok())
+            .ok_or_else(|| {
+                bad(
+                    dir,
+                    "not a fold's run (made without `eval --fold I/K`): only the folds of a cross-validation are joined".into(),
+                )
+            })
+    };
+    let mut seen: HashMap<String, &Path> =
+        outcomes.iter().map(|o| (o.qid.clone(), *first)).collect();
+    let mut folds = vec![(fold(first, &m)?, *first)];
+    for dir in rest {
+        let (mi, oi) = load_run(dir)?;
+        let f = fold(dir, &mi)?;
+        if let Some((g, other)) = folds
+            .iter()
+            .find(|(g, _)| g.of != f.of || g.index == f.index)
+        {
+            return Err(bad(
+                dir,
+                format!("fold {f} does not join fold {g} of {}: the folds must be distinct folds of the same K", other.display()),
+            ));
+        }
+        for o in &oi {
+            if let Some(other) = seen.insert(o.qid.clone(), dir) {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "query {} is also in {}: folds share no query",
+                        o.qid,
+                        other.display()
+                    ),
+                ));
+            }
+        }
+        folds.push((f, dir));
+        outcomes.extend(oi);
+    }
+    Ok((m, outcomes))
+}
+
 /// Compares two finished runs on the queries they share, for each of the paper's metrics.
 pub fn compare_runs(
     a: &Path,
@@ -87,10 +148,30 @@ pub fn compare_runs(
     rounds: usize,
     seed: u64,
 ) -> Result<(Vec<(Metric, PairedComparison)>, String)> {
-    let (ma, oa) = load_run(a)?;
-    let (mb, ob) = load_run(b)?;
+    compare_run_sets(&[a], &[b], rounds, seed)
+}
+
+/// [`compare_runs`] of two sides each given as [`load_runs`] reads them (a run, or the folds of
+/// a cross-validation joined).
+pub fn compare_run_sets(
+    a: &[&Path],
+    b: &[&Path],
+    rounds: usize,
+    seed: u64,
+) -> Result<(Vec<(Metric, PairedComparison)>, String)> {
+    let (ma, oa) = load_runs(a)?;
+    let (mb, ob) = load_runs(b)?;
     let mut rows = Vec::new();
-    let names = labels(&[(a, ma.spec.method.as_str()), (b, mb.spec.method.as_str())]);
+    let empty = Path::new("");
+    let mut names = labels(&[
+        (a.first().copied().unwrap_or(empty), ma.spec.method.as_str()),
+        (b.first().copied().unwrap_or(empty), mb.spec.method.as_str()),
+    ]);
+    for (name, dirs) in names.iter_mut().zip([a, b]) {
+        if dirs.len() > 1 {
+            name.push_str(&format!(", {} folds joined", dirs.len()));
+        }
+    }
     let mut s = format!(
         "A = {} ({}), B = {} ({})\n\n| metric | A | B | A − B [95% CI] | p | queries | A > B / A < B |\n|---|---|---|---|---|---|---|\n",
         names[0], ma.spec.query_field, names[1], mb.spec.query_field
@@ -151,16 +232,16 @@ pub fn history_bucket(n: usize) -> &'static str {
 /// in `groups`, the paired N@100 and MRR differences (bootstrap over that group's users) of the
 /// queries both runs answered. `group_of` names a query's group (`None`: left out).
 pub fn compare_runs_by(
-    a: &Path,
-    b: &Path,
+    a: &[&Path],
+    b: &[&Path],
     rounds: usize,
     seed: u64,
     title: &str,
     groups: &[&str],
     group_of: &dyn Fn(&crate::QueryOutcome) -> Option<String>,
 ) -> Result<String> {
-    let (_, oa) = load_run(a)?;
-    let (_, ob) = load_run(b)?;
+    let (_, oa) = load_runs(a)?;
+    let (_, ob) = load_runs(b)?;
     let mut s = format!(
         "| {title} | queries | N@100 A | N@100 B | A − B [95% CI] | p | MRR A − B [95% CI] | p |\n|---|---|---|---|---|---|---|---|\n"
     );

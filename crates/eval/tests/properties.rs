@@ -211,8 +211,8 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
     );
     // … per group too: every query in one group, none in the other.
     let by = compare_runs_by(
-        dir.path(),
-        dir.path(),
+        &[dir.path()],
+        &[dir.path()],
         200,
         1,
         "group",
@@ -259,4 +259,65 @@ fn limit_picks_a_seeded_subset_in_file_order() {
     s.seed = 99;
     let (c, _) = select_queries(all, &s);
     assert_ne!(ids(&a), ids(&c));
+}
+
+#[test]
+fn the_folds_of_a_cross_validation_are_compared_as_one_run_and_mismatched_folds_are_refused() {
+    let (cat, qs) = fixture();
+    let all = qs
+        .for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
+        .unwrap();
+    let run = |dir: &std::path::Path, fold: Option<&str>, keep: &dyn Fn(&str) -> bool| {
+        let mut s = spec();
+        if let Some(f) = fold {
+            s.provenance.insert("fold".into(), f.into());
+        }
+        let picked: Vec<_> = all
+            .iter()
+            .copied()
+            .filter(|q| keep(&q.query().user_id))
+            .collect();
+        let m = Scripted {
+            calls: 0.into(),
+            fail_after: None,
+        };
+        run_eval(&m, picked, &cat, &s, dir, 4, &mut |_, _| {}).unwrap();
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n);
+    let fold = |i: u32| mrrec_data::Fold { index: i, of: 2 };
+    run(&d("f1"), Some("1/2"), &|u| fold(1).holds(u));
+    run(&d("f2"), Some("2/2"), &|u| fold(2).holds(u));
+    run(&d("all"), None, &|_| true);
+    let (f1, f2, whole) = (d("f1"), d("f2"), d("all"));
+    let n = |p: &std::path::Path| load_run(p).unwrap().1.len();
+    assert!(n(&f1) > 0 && n(&f2) > 0, "both folds hold queries");
+    assert_eq!(n(&f1) + n(&f2), 20);
+    // The two folds joined are the whole run's 20 queries, ranked alike: no difference.
+    let (rows, text) =
+        compare_run_sets(&[f1.as_path(), f2.as_path()], &[whole.as_path()], 200, 1).unwrap();
+    assert!(
+        rows.iter().all(|(_, c)| c.n == 20 && c.diff.mean == 0.0),
+        "{text}"
+    );
+    assert!(text.contains("2 folds joined"), "{text}");
+    let (joined, outcomes) = load_runs(&[f1.as_path(), f2.as_path()]).unwrap();
+    assert_eq!(joined.spec.provenance["fold"], "1/2");
+    assert_eq!(outcomes.len(), 20);
+    // One fold alone is compared on its own queries.
+    let (rows, _) = compare_run_sets(&[f1.as_path()], &[whole.as_path()], 200, 1).unwrap();
+    assert_eq!(rows[0].1.n, n(&f1));
+    // The same fold twice, a run that is no fold, a fold of another K: refused, naming the folder.
+    let err = |dirs: &[&std::path::Path]| load_runs(dirs).unwrap_err().to_string();
+    let e = err(&[f1.as_path(), f1.as_path()]);
+    assert!(e.contains("distinct folds") && e.contains("f1"), "{e}");
+    let e = err(&[f1.as_path(), whole.as_path()]);
+    assert!(e.contains("not a fold's run") && e.contains("all"), "{e}");
+    run(&d("k3"), Some("2/3"), &|u| fold(2).holds(u));
+    let e = err(&[f1.as_path(), d("k3").as_path()]);
+    assert!(e.contains("fold 2/3 does not join fold 1/2"), "{e}");
+    // Folds that share a query (a fold label written by hand on the wrong run) are refused.
+    run(&d("f2-all"), Some("2/2"), &|_| true);
+    let e = err(&[f1.as_path(), d("f2-all").as_path()]);
+    assert!(e.contains("folds share no query"), "{e}");
 }
