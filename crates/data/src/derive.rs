@@ -143,11 +143,15 @@ pub fn source_rows(ds: &Dataset, split: Split) -> Result<Vec<&LabeledQuery>> {
 
 /// [`source_rows`] of `opts.split` without the users of `opts.hold_out`.
 pub fn kept_rows<'a>(ds: &'a Dataset, opts: &DeriveOptions) -> Result<Vec<&'a LabeledQuery>> {
-    let mut rows = source_rows(ds, opts.split)?;
-    if let Some(f) = &opts.hold_out {
-        rows.retain(|q| !f.holds(&q.query().user_id));
-    }
-    Ok(rows)
+    Ok(kept_and_held_out(ds, opts)?.0)
+}
+
+/// [`source_rows`] of `opts.split` parted into the rows kept and those of `opts.hold_out`'s users.
+type Parted<'a> = (Vec<&'a LabeledQuery>, Vec<&'a LabeledQuery>);
+fn kept_and_held_out<'a>(ds: &'a Dataset, opts: &DeriveOptions) -> Result<Parted<'a>> {
+    Ok(source_rows(ds, opts.split)?
+        .into_iter()
+        .partition(|q| !opts.hold_out.is_some_and(|f| f.holds(&q.query().user_id))))
 }
 
 /// Picks the targets of `ds` (see the module docs), users of `opts.split` in id order (without
@@ -157,7 +161,7 @@ pub fn derive_targets(
     ds: &Dataset,
     opts: &DeriveOptions,
 ) -> Result<(Vec<DerivedTarget>, DeriveReport)> {
-    let rows = kept_rows(ds, opts)?;
+    let (rows, held) = kept_and_held_out(ds, opts)?;
     let scenario = scenarios(ds)?;
     // Outside training, the targets of `aspect` rows are passed over: global memory was built
     // from the requests written from them.
@@ -187,15 +191,8 @@ pub fn derive_targets(
         .take(opts.max_users.unwrap_or(usize::MAX))
         .collect();
     let held_out = opts.hold_out.map(|f| {
-        let mut all: Vec<&str> = source_rows(ds, opts.split)
-            .unwrap_or_default()
-            .iter()
-            .map(|q| q.query().user_id.as_str())
-            .filter(|u| f.holds(u))
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        (f, all.len())
+        let users: HashSet<&str> = held.iter().map(|q| q.query().user_id.as_str()).collect();
+        (f, users.len())
     });
     let mut report = DeriveReport {
         users: users.len(),

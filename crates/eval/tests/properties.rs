@@ -101,6 +101,12 @@ fn fixture() -> (Catalogue, QuerySet) {
     (cat, QuerySet::from_rows(rows))
 }
 
+/// The fixture's rows an evaluation of `val` reads.
+fn val_rows(qs: &QuerySet) -> Vec<&mrrec_data::LabeledQuery> {
+    qs.for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
+        .unwrap()
+}
+
 fn spec() -> RunSpec {
     RunSpec {
         method: "scripted".into(),
@@ -119,10 +125,7 @@ fn spec() -> RunSpec {
 fn a_run_scores_exactly_and_resumes_after_a_failure() {
     let (cat, qs) = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let queries = || {
-        qs.for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
-            .unwrap()
-    };
+    let queries = || val_rows(&qs);
     // First attempt dies after 8 queries (batches of 4).
     let failing = Scripted {
         calls: 0.into(),
@@ -241,9 +244,7 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
 #[test]
 fn limit_picks_a_seeded_subset_in_file_order() {
     let (_, qs) = fixture();
-    let all = qs
-        .for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
-        .unwrap();
+    let all = val_rows(&qs);
     let mut s = spec();
     s.limit = Some(5);
     let (a, _) = select_queries(all.clone(), &s);
@@ -264,9 +265,7 @@ fn limit_picks_a_seeded_subset_in_file_order() {
 #[test]
 fn the_folds_of_a_cross_validation_are_compared_as_one_run_and_mismatched_folds_are_refused() {
     let (cat, qs) = fixture();
-    let all = qs
-        .for_purpose(&mrrec_data::Purpose::Evaluate(vec![Split::Val]))
-        .unwrap();
+    let all = val_rows(&qs);
     let run = |dir: &std::path::Path, fold: Option<&str>, keep: &dyn Fn(&str) -> bool| {
         let mut s = spec();
         if let Some(f) = fold {
