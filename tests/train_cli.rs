@@ -15,6 +15,11 @@ fn train_command(out: &std::path::Path, store: &std::path::Path) -> Command {
 
 /// `mrrec SUB` with the tiny model on 300 items of the mini data.
 fn tiny(sub: &str) -> Command {
+    tiny_on(sub, &common::mini())
+}
+
+/// `mrrec SUB` with the tiny model on 300 items of `data`.
+fn tiny_on(sub: &str, data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mrrec"));
     c.args([
         sub,
@@ -24,7 +29,7 @@ fn tiny(sub: &str) -> Command {
         "300",
     ])
     .arg("--data")
-    .arg(common::mini());
+    .arg(data);
     c
 }
 
@@ -472,6 +477,12 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         err.contains("teacher: 2 queries scored (0 kept from before)"),
         "{err}"
     );
+    // The student and, asked, the teacher (the same base model) were loaded.
+    assert_eq!(
+        err.matches("loading smollm2-135m-instruct…").count(),
+        2,
+        "{err}"
+    );
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(student.join("train.json")).unwrap())
             .unwrap();
@@ -566,48 +577,72 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         ],
     );
     assert!(!ok && err.contains("sft differ"), "{err}");
-    // The teacher's scores are kept per item: a run judging fewer of the same items asks it for
-    // nothing.
-    let fewer = dir.path().join("fewer");
-    std::fs::create_dir_all(&fewer).unwrap();
-    std::fs::copy(
-        student.join("judge-teacher.jsonl"),
-        fewer.join("judge-teacher.jsonl"),
-    )
-    .unwrap();
-    let o = train_command(&fewer, &store)
-        .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
-        .args([
-            "--rerank",
-            "5",
-            "--judge-negatives",
-            "1",
-            "--lora-layers",
-            "2",
-        ])
-        .args([
-            "--val-every",
-            "0",
-            "--val-queries",
-            "0",
-            "--kl",
-            "0",
-            "--steps",
-            "1",
-        ])
-        .args([
-            "--judge-teacher",
-            "smollm2-135m-instruct",
-            "--judge-teacher-adapter",
-        ])
-        .arg(&adapter)
-        .output()
+    // One step of a student on `data` from the student's kept teacher scores (the trained judge
+    // as the teacher, as above), `negatives` a list.
+    let from_kept = |data: &std::path::Path, out: &std::path::Path, negatives: &str| {
+        std::fs::create_dir_all(out).unwrap();
+        std::fs::copy(
+            student.join("judge-teacher.jsonl"),
+            out.join("judge-teacher.jsonl"),
+        )
         .unwrap();
-    let (ok, err) = (o.status.success(), String::from_utf8_lossy(&o.stderr));
-    assert!(
-        ok && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
-        "{err}"
-    );
+        let o = tiny_on("train", data)
+            .arg("--store")
+            .arg(&store)
+            .arg("--out")
+            .arg(out)
+            .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
+            .args(["--rerank", "5", "--judge-negatives", negatives])
+            .args([
+                "--lora-layers",
+                "2",
+                "--val-every",
+                "0",
+                "--val-queries",
+                "0",
+            ])
+            .args(["--kl", "0", "--steps", "1"])
+            .args(["--judge-teacher", "smollm2-135m-instruct"])
+            .arg("--judge-teacher-adapter")
+            .arg(&adapter)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            o.status.success()
+                && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
+            "{err}"
+        );
+        err
+    };
+    // The teacher's scores are kept per item: a run judging fewer of the same items asks it for
+    // nothing — and a teacher whose every score is kept is never loaded: only the student is.
+    let err = from_kept(&common::mini(), &dir.path().join("fewer"), "1");
+    let loads = |err: &str| err.matches("loading smollm2-135m-instruct…").count();
+    assert_eq!(loads(&err), 1, "{err}");
+    // The negatives are drawn by the question asked, not by the query's id: the same `train`
+    // requests under other ids (a data set derived again numbers its requests anew) are the
+    // same lists — 2 of the 4 or more other items of each top 5 — so every score is kept.
+    let renamed = dir.path().join("renamed-data");
+    std::fs::create_dir_all(&renamed).unwrap();
+    for f in ["meta.jsonl", "reviews.jsonl"] {
+        std::os::unix::fs::symlink(common::mini().join(f), renamed.join(f)).unwrap();
+    }
+    let mut r = csv::Reader::from_path(common::mini().join("queries.csv")).unwrap();
+    let mut w = csv::Writer::from_path(renamed.join("queries.csv")).unwrap();
+    w.write_record(r.headers().unwrap()).unwrap();
+    for row in r.records() {
+        let mut row: Vec<String> = row.unwrap().iter().map(String::from).collect();
+        row[0] = format!("renamed-{}", row[0]);
+        w.write_record(&row).unwrap();
+    }
+    w.flush().unwrap();
+    let again = dir.path().join("renamed");
+    let err = from_kept(&renamed, &again, "2");
+    assert_eq!(loads(&err), 1, "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sft"]["judge"]["negatives_by"], "question", "{cfg}");
     // Listwise from the targets alone: each query's items are one list whose label is its
     // target; the loss (a KL divergence, ≥ 0) falls and the judge prefers the targets.
     let listwise = dir.path().join("listwise");

@@ -108,9 +108,10 @@ pub(crate) struct SearchArgs {
 
 #[derive(Args)]
 pub(crate) struct ReportArgs {
-    /// Run folders.
+    /// Run folders (each may be the folds of a cross-validation joined with commas, as in
+    /// `compare`: a row of their queries).
     #[arg(required = true)]
-    pub(crate) runs: Vec<PathBuf>,
+    pub(crate) runs: Vec<RunFolders>,
     /// Write report.md and the charts here (default: print the Markdown).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
@@ -247,8 +248,9 @@ pub(crate) fn report(a: ReportArgs) -> Result<()> {
         rounds,
         seed,
     } = a;
-    let dirs: Vec<&Path> = runs.iter().map(PathBuf::as_path).collect();
-    let (md, charts) = mrrec_eval::report_runs(&dirs, rounds, seed)?;
+    let sides: Vec<Vec<&Path>> = runs.iter().map(RunFolders::paths).collect();
+    let sides: Vec<&[&Path]> = sides.iter().map(Vec::as_slice).collect();
+    let (md, charts) = mrrec_eval::report_runs(&sides, rounds, seed)?;
     match out {
         Some(dir) => {
             std::fs::create_dir_all(&dir)?;

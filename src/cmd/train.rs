@@ -242,6 +242,7 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
             stage,
             negatives: a.judge_negatives,
             seed: a.train.seed,
+            negatives_by: mrrec_train::judge::NegativesSeed::Question,
             teacher: None,
             listwise: a.judge_listwise,
         },
@@ -369,7 +370,9 @@ fn train_cmd(
         (_, Some(JudgeJob { data, teacher })) => {
             let teacher = teacher
                 .map(|t| {
-                    mrrec_agent::backend::cached_chat_model_with_adapter(
+                    // Loaded only when a list's scores are not kept (a resumed or repeated
+                    // distillation may need none).
+                    mrrec_agent::backend::lazy_chat_model_with_adapter(
                         &t.model,
                         t.url.as_deref(),
                         server_options()?,

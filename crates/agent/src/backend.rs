@@ -72,11 +72,51 @@ pub fn local_with_adapter(
         let ad = mrrec_llm_local::model::LoraAdapter::load(path)
             .with_context(|| format!("reading the adapter {}", path.display()))?;
         m.transformer().set_lora(Some(std::sync::Arc::new(ad)));
-        let hash = crate::workspace::files_sha256(&[path])?;
-        let base = mrrec_llm::ChatModel::id(&m).to_string();
-        m.set_id(format!("{base}+lora-{}", &hash[..12]));
+        let id = adapter_id(mrrec_llm::ChatModel::id(&m), path)?;
+        m.set_id(id);
     }
     Ok(m)
+}
+
+/// The id of model `base` with the adapter at `path`: the adapter's content hash joins it.
+fn adapter_id(base: &str, path: &std::path::Path) -> Result<String> {
+    let hash = crate::workspace::files_sha256(&[path])?;
+    Ok(format!("{base}+lora-{}", &hash[..12]))
+}
+
+/// [`cached_chat_model_with_adapter`], but a local model's weights are read only when it is
+/// first asked something: its id (what caches and kept results are found by) is known without
+/// them. A command that may find every answer it needs already kept — a resumed distillation's
+/// teacher — then never loads the model. A server or the echo model is made as usual (they cost
+/// nothing to make).
+pub fn lazy_chat_model_with_adapter(
+    model: &str,
+    base_url: Option<&str>,
+    server: &ServerOptions,
+    adapter: Option<&std::path::Path>,
+) -> Result<CachedChatModel<Box<dyn ChatModel>>> {
+    if base_url.is_some() || mrrec_llm::EchoModel::from_id(model).is_some() {
+        return cached_chat_model_with_adapter(model, base_url, server, adapter);
+    }
+    let (base, _) = mrrec_llm_local::LocalModel::resolve(model)?;
+    let id = match adapter {
+        Some(a) => adapter_id(&base, a).with_context(|| format!("the adapter {}", a.display()))?,
+        None => base,
+    };
+    let (model, adapter) = (model.to_string(), adapter.map(std::path::Path::to_path_buf));
+    let lazy = mrrec_llm::LazyChatModel::new(
+        id,
+        Box::new(move || {
+            local_with_adapter(&model, adapter.as_deref())
+                .map(|m| Box::new(m) as Box<dyn ChatModel>)
+                .map_err(|e| mrrec_llm::LlmError::Engine(format!("loading {model}: {e:#}")))
+        }),
+    );
+    Ok(CachedChatModel::open(
+        Box::new(lazy) as Box<dyn ChatModel>,
+        &llm_cache_path(),
+        CachePolicy::All,
+    )?)
 }
 
 /// [`chat_model`] with an adapter, behind the shared response cache (a server takes no adapter).

@@ -80,10 +80,17 @@ fn labels(runs: &[(&Path, &str)]) -> Vec<String> {
         .collect()
 }
 
+/// How many folds a side read by [`load_runs`] joined (`None`: one run).
+fn joined_folds(m: &RunMetrics) -> Option<usize> {
+    let f = m.spec.provenance.get("fold")?;
+    f.contains('+').then(|| f.split('+').count())
+}
+
 /// One side of a comparison read back: a run folder, or the folds of a cross-validation (runs
 /// made with `eval --fold I/K`, each of a model that never learnt from its fold) joined into one
-/// run of their queries. Folds must be distinct folds of the same K and share no query; the
-/// metrics returned are the first folder's (its method names the side).
+/// run of their queries. Folds must be distinct folds of the same K and share no query. The
+/// metrics returned are the joined queries' (the first folder's spec names the side, its `fold`
+/// provenance the folds joined, e.g. `1/2+2/2`; costs and skips summed).
 pub fn load_runs(dirs: &[&Path]) -> Result<(RunMetrics, Vec<crate::QueryOutcome>)> {
     let bad = |path: &Path, message: String| crate::EvalError::BadRun {
         path: path.to_path_buf(),
@@ -111,6 +118,7 @@ pub fn load_runs(dirs: &[&Path]) -> Result<(RunMetrics, Vec<crate::QueryOutcome>
     let mut seen: HashMap<String, &Path> =
         outcomes.iter().map(|o| (o.qid.clone(), *first)).collect();
     let mut folds = vec![(fold(first, &m)?, *first)];
+    let (mut seconds, mut skipped) = (m.method_seconds, m.skipped);
     for dir in rest {
         let (mi, oi) = load_run(dir)?;
         let f = fold(dir, &mi)?;
@@ -137,8 +145,15 @@ pub fn load_runs(dirs: &[&Path]) -> Result<(RunMetrics, Vec<crate::QueryOutcome>
         }
         folds.push((f, dir));
         outcomes.extend(oi);
+        seconds += mi.method_seconds;
+        skipped += mi.skipped;
     }
-    Ok((m, outcomes))
+    let mut spec = m.spec.clone();
+    let joined: Vec<String> = folds.iter().map(|(f, _)| f.to_string()).collect();
+    spec.provenance.insert("fold".into(), joined.join("+"));
+    let mut joined = crate::run::summarise(&spec, &outcomes, skipped);
+    joined.method_seconds = seconds;
+    Ok((joined, outcomes))
 }
 
 /// Compares two finished runs on the queries they share, for each of the paper's metrics.
@@ -167,9 +182,9 @@ pub fn compare_run_sets(
         (a.first().copied().unwrap_or(empty), ma.spec.method.as_str()),
         (b.first().copied().unwrap_or(empty), mb.spec.method.as_str()),
     ]);
-    for (name, dirs) in names.iter_mut().zip([a, b]) {
-        if dirs.len() > 1 {
-            name.push_str(&format!(", {} folds joined", dirs.len()));
+    for (name, m) in names.iter_mut().zip([&ma, &mb]) {
+        if let Some(folds) = joined_folds(m) {
+            name.push_str(&format!(", {folds} folds joined"));
         }
     }
     let mut s = format!(
@@ -495,14 +510,17 @@ pub fn trace_rates(outcomes: &[crate::run::QueryOutcome]) -> Option<TraceRates> 
 /// bootstrap on the shared queries), and per-category N@100 and the cost columns follow.
 /// Returns the Markdown and one SVG bar chart of N@100 per group.
 pub fn report_runs(
-    dirs: &[&Path],
+    sides: &[&[&Path]],
     rounds: usize,
     seed: u64,
 ) -> Result<(String, Vec<(String, String)>)> {
     let mut runs = Vec::new();
-    for d in dirs {
-        let (m, o) = load_run(d)?;
-        runs.push((d.to_path_buf(), m, o));
+    for dirs in sides {
+        let (m, o) = load_runs(dirs)?;
+        let first = dirs
+            .first()
+            .map_or_else(Default::default, |d| d.to_path_buf());
+        runs.push((first, m, o));
     }
     let mut fields: Vec<String> = runs
         .iter()
@@ -524,12 +542,17 @@ pub fn report_runs(
             .filter(|r| r.1.spec.query_field.to_string() == field)
             .collect();
         let _ = writeln!(md, "## Query field `{field}`\n");
-        let names = labels(
+        let mut names = labels(
             &group
                 .iter()
                 .map(|r| (r.0.as_path(), r.1.spec.method.as_str()))
                 .collect::<Vec<_>>(),
         );
+        for (name, r) in names.iter_mut().zip(&group) {
+            if let Some(folds) = joined_folds(&r.1) {
+                name.push_str(&format!(", {folds} folds joined"));
+            }
+        }
         let name = |r: &(
             std::path::PathBuf,
             RunMetrics,

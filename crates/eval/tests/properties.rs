@@ -237,7 +237,7 @@ fn a_run_scores_exactly_and_resumes_after_a_failure() {
         .to_string_lossy()
         .to_string();
     assert!(text.contains(&format!("({folder})")), "{text}");
-    let (md, _) = mrrec_eval::report::report_runs(&[dir.path(), dir.path()], 50, 1).unwrap();
+    let (md, _) = mrrec_eval::report::report_runs(&[&[dir.path()], &[dir.path()]], 50, 1).unwrap();
     assert!(md.contains(&format!("({folder}) |")), "{md}");
 }
 
@@ -301,8 +301,23 @@ fn the_folds_of_a_cross_validation_are_compared_as_one_run_and_mismatched_folds_
     );
     assert!(text.contains("2 folds joined"), "{text}");
     let (joined, outcomes) = load_runs(&[f1.as_path(), f2.as_path()]).unwrap();
-    assert_eq!(joined.spec.provenance["fold"], "1/2");
+    assert_eq!(joined.spec.provenance["fold"], "1/2+2/2");
     assert_eq!(outcomes.len(), 20);
+    // Its numbers are the joined queries' — the whole run's — not the first fold's.
+    let (all_m, _) = load_run(&whole).unwrap();
+    assert_eq!(joined.n, 20);
+    for (k, e) in &all_m.metrics {
+        assert!((joined.metrics[k].mean - e.mean).abs() < 1e-12, "{k}");
+    }
+    // `report` takes the joined folds as one row beside the whole run.
+    let (md, _) = mrrec_eval::report::report_runs(
+        &[&[f1.as_path(), f2.as_path()], &[whole.as_path()]],
+        50,
+        1,
+    )
+    .unwrap();
+    assert!(md.contains("(f1), 2 folds joined |"), "{md}");
+    assert!(md.contains("| 20 |") || md.contains(" 20 "), "{md}");
     // One fold alone is compared on its own queries.
     let (rows, _) = compare_run_sets(&[f1.as_path()], &[whole.as_path()], 200, 1).unwrap();
     assert_eq!(rows[0].1.n, n(&f1));

@@ -128,7 +128,17 @@ pub fn ensure_q8_0_in(path: &Path, dir: &Path) -> Result<PathBuf> {
     if !content.tensor_infos.values().any(|t| slow(t.ggml_dtype)) {
         return Ok(path.to_path_buf());
     }
-    tracing::info!("converting {} to Q8_0 (once)", path.display());
-    requantize_gguf(path, &dst)?;
+    // Seconds to a minute or two of work a user would otherwise wait through in silence.
+    eprintln!(
+        "converting {} to Q8_0 (once, into {})…",
+        path.display(),
+        dst.display()
+    );
+    let t0 = std::time::Instant::now();
+    let n = requantize_gguf(path, &dst)?;
+    eprintln!(
+        "converted {n} tensors in {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(dst)
 }

@@ -41,6 +41,13 @@ fn a_gguf_file_by_path_answers_as_the_registered_model_under_its_sha256() {
     // A second open finds the remembered hash and the converted file.
     let again = LocalModel::open(copy.to_str().unwrap()).unwrap();
     assert_eq!(mrrec_llm::ChatModel::id(&again), id);
+    // The id is known without loading the weights (a lazily loaded model is named by it), for a
+    // file and for a registered model alike.
+    assert_eq!(LocalModel::resolve(copy.to_str().unwrap()).unwrap().0, id);
+    assert_eq!(
+        LocalModel::resolve("smollm2-135m-instruct").unwrap().0,
+        mrrec_llm::ChatModel::id(&registered)
+    );
 
     // Truncated: named as such, with the sizes.
     let bytes = std::fs::read(&source).unwrap();

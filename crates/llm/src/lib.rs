@@ -8,6 +8,7 @@
 mod cache;
 mod cancel;
 mod echo;
+mod lazy;
 mod openai;
 pub mod parse;
 mod schema;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use cache::{CachePolicy, CachedChatModel, ResponseCache};
 pub use cancel::{check as check_cancel, Cancel, CancelOnDrop, Cancellable};
 pub use echo::EchoModel;
+pub use lazy::{LazyChatModel, Loader};
 pub use openai::{OpenAiConfig, OpenAiModel};
 pub use schema::{validate, Constraint};
 

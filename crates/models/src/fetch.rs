@@ -66,9 +66,13 @@ impl ModelPaths {
     }
 }
 
-/// Makes sure model `id` is in the cache (fetching it if needed) with default options.
+/// Makes sure model `id` is in the cache (fetching it if needed) with default options. A fetch
+/// reports each step on stderr (a model of 22 wheels takes minutes: never in silence); a model
+/// already cached prints nothing.
 pub fn ensure(id: &str) -> Result<ModelPaths> {
-    fetch_model(&find(id)?, &FetchOptions::default(), &mut |_| {})
+    fetch_model(&find(id)?, &FetchOptions::default(), &mut |m| {
+        eprintln!("{m}")
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {

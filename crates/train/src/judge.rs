@@ -28,6 +28,10 @@ pub struct JudgeData {
     pub negatives: usize,
     /// Seed of the negatives' choice.
     pub seed: u64,
+    /// What seeds each query's choice besides [`JudgeData::seed`]. Always written, so a run
+    /// begun before it existed (seeded by the query's id) is not resumed on other lists.
+    #[serde(default)]
+    pub negatives_by: NegativesSeed,
     /// The teacher judge whose scores are the labels (its model id), `None`: the query's own.
     /// [`judge_examples`] sets it from the teacher it is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,6 +42,22 @@ pub struct JudgeData {
     /// Written only when set, so earlier runs keep their identity.
     #[serde(default, skip_serializing_if = "crate::trajectories::is_false")]
     pub listwise: bool,
+}
+
+/// What seeds a query's choice of negatives, with [`JudgeData::seed`]. It matters only when
+/// the request's top `depth` holds more non-targets than `negatives` (its target outside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NegativesSeed {
+    /// The query's id (runs written before the question was used): a data set written again
+    /// numbers its requests anew, so the same request drew other negatives under another id,
+    /// and its teacher scores were asked again.
+    #[default]
+    QueryId,
+    /// The question asked ([`question_key`]: request, category, memory): the same request draws
+    /// the same negatives under any id — in a data set derived again, or in a cross-validation
+    /// fold's data set — so its teacher scores are reused and its list is the same list.
+    Question,
 }
 
 /// A judge whose scores become the labels.
@@ -191,12 +211,17 @@ pub fn judge_examples(
             .collect();
         in_top += usize::from(top.contains(&target));
         let mut others: Vec<u32> = top.into_iter().filter(|&i| i != target).collect();
+        let memory = data.stage.memory.read(&shop, store, tenant, query)?;
+        let question = question_key(request, query.category.as_deref(), memory.as_deref());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(crate::trajectories::query_seed(
-            data.seed, &query.qid,
+            data.seed,
+            match data.negatives_by {
+                NegativesSeed::QueryId => &query.qid,
+                NegativesSeed::Question => &question,
+            },
         ));
         others.shuffle(&mut rng);
         others.truncate(data.negatives);
-        let memory = data.stage.memory.read(&shop, store, tenant, query)?;
         let items: Vec<u32> = std::iter::once(target).chain(others).collect();
         let text = |i: u32| ws.catalogue().get(i).map_or("", |it| it.text.as_str());
         // Soft labels: the teacher's P(`Yes`) of each item, asked as the stage asks.
@@ -210,7 +235,6 @@ pub fn judge_examples(
                             .map_or(String::new(), |it| it.id.clone())
                     })
                     .collect();
-                let question = question_key(request, query.category.as_deref(), memory.as_deref());
                 let known = kept_for(&kept, &question, &query.qid, &ids);
                 let scores = match known {
                     Some(s) => {
@@ -237,7 +261,7 @@ pub fn judge_examples(
                             let line = serde_json::to_string(&TeacherLine {
                                 teacher: id.clone(),
                                 qid: query.qid.clone(),
-                                question: Some(question),
+                                question: Some(question.clone()),
                                 items: ids,
                                 scores: scores.clone(),
                             })?;

@@ -114,11 +114,20 @@ fn files_dir() -> PathBuf {
 impl LocalModel {
     /// A registered model by id, or a qwen2 / llama GGUF file by path (see [`names_a_file`]).
     pub fn open(model: &str) -> Result<Self> {
+        let (id, path) = Self::resolve(model)?;
+        Self::load(&id, &path)
+    }
+
+    /// What [`LocalModel::open`] loads, without reading its weights: the id the model will have
+    /// (it keys caches and names kept results) and the file loaded — fetched, checked, hashed
+    /// and converted once, as opening does. A caller that may need no answer from the model
+    /// learns its id here and loads it only when asked ([`mrrec_llm::LazyChatModel`]).
+    pub fn resolve(model: &str) -> Result<(String, PathBuf)> {
         if names_a_file(model) || (Path::new(model).is_file() && mrrec_models::find(model).is_err())
         {
-            Self::from_file(Path::new(model))
+            Self::resolve_file(Path::new(model))
         } else {
-            Self::from_registry(model)
+            Self::resolve_registry(model)
         }
     }
 
@@ -127,14 +136,20 @@ impl LocalModel {
     /// quantisations. Its id is `gguf-sha256:<the file's sha256>` (plus the conversion's tag when
     /// converted), so caches and provenance name the content, not the path.
     pub fn from_file(path: &Path) -> Result<Self> {
+        let (id, q8) = Self::resolve_file(path)?;
+        Self::load(&id, &q8)
+    }
+
+    /// What [`LocalModel::from_file`] loads: its id and the (converted) file.
+    fn resolve_file(path: &Path) -> Result<(String, PathBuf)> {
         check_gguf(path)?;
         let sha = file_sha256(path)?;
         let q8 = crate::convert::ensure_q8_0_in(path, &files_dir().join(&sha[..16]))?;
         let id = format!("{FILE_ID_PREFIX}{sha}");
         if q8 != path {
-            Self::load(&format!("{id}+{}", crate::convert::CONVERSION_TAG), &q8)
+            Ok((format!("{id}+{}", crate::convert::CONVERSION_TAG), q8))
         } else {
-            Self::load(&id, &q8)
+            Ok((id, q8))
         }
     }
 }

@@ -186,14 +186,21 @@ impl LocalModel {
 
     /// Fetches a registered model (converting slow quantisations to Q8_0 once) and loads it.
     pub fn from_registry(id: &str) -> Result<Self> {
+        let (id, q8) = Self::resolve_registry(id)?;
+        Self::load(&id, &q8)
+    }
+
+    /// What [`LocalModel::from_registry`] loads, without loading it: the model's id and its file
+    /// (fetched and converted once, as loading does).
+    pub(crate) fn resolve_registry(id: &str) -> Result<(String, std::path::PathBuf)> {
         let source = Self::source_file(id)?;
         let q8 = crate::ensure_q8_0(&source)?;
         // A file whose k-quants were converted is another model than the one earlier versions
         // ran (they kept those tensors): its answers get their own cache keys.
         if crate::convert::k_quant_tensors(&source)? > 0 {
-            Self::load(&format!("{id}+{}", crate::convert::CONVERSION_TAG), &q8)
+            Ok((format!("{id}+{}", crate::convert::CONVERSION_TAG), q8))
         } else {
-            Self::load(id, &q8)
+            Ok((id.to_string(), q8))
         }
     }
 
