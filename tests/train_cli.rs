@@ -576,7 +576,11 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
             "smollm2-135m-instruct",
         ],
     );
-    assert!(!ok && err.contains("sft differ"), "{err}");
+    // The refusal names the setting that differs, down to its leaf.
+    assert!(
+        !ok && err.contains("sft differ: sft.judge.teacher: \"smollm2-135m-instruct+lora-"),
+        "{err}"
+    );
     // One step of a student on `data` from the student's kept teacher scores (the trained judge
     // as the teacher, as above), `negatives` a list.
     let from_kept = |data: &std::path::Path, out: &std::path::Path, negatives: &str| {

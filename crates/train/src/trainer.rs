@@ -31,6 +31,40 @@ use mrrec_agent::assistant::{Assistant, AssistantConfig};
 use mrrec_agent::rewards::RewardWeights;
 use mrrec_agent::Workspace;
 
+/// The leaves where `was` and `now` differ, as `path: WAS then, NOW now` (`absent` where a side
+/// lacks the key): what a refused resume names.
+fn json_differences(
+    path: &str,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (was, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => json_differences(&sub, x, y, out),
+                    (x, y) => {
+                        let show = |v: Option<&Value>| v.map_or("absent".into(), Value::to_string);
+                        out.push(format!("{sub}: {} then, {} now", show(x), show(y)));
+                    }
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} then, {b} now")),
+        _ => {}
+    }
+}
+
 /// Settings of a run (saved in `train.json`; a resumed run must match).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -364,10 +398,18 @@ impl Trainer<'_> {
                     .into_iter()
                     .filter(|k| old.get(k) != cfg_json.get(k))
                     .collect();
+                let mut what = Vec::new();
+                json_differences("", &old, &cfg_json, &mut what);
+                let shown = what.len().min(4);
+                let more = match what.len() - shown {
+                    0 => String::new(),
+                    n => format!("; {n} more"),
+                };
                 return Err(TrainError::Invalid(format!(
-                    "{} holds a run with other settings ({} differ); use another --out or the same settings",
+                    "{} holds a run with other settings ({} differ: {}{more}); use another --out or the same settings",
                     cfg_path.display(),
-                    differ.join(", ")
+                    differ.join(", "),
+                    what[..shown].join("; ")
                 )));
             }
         } else {
@@ -873,6 +915,25 @@ pub fn write_plot(log: &Path, svg: &Path) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_refused_resume_names_each_differing_leaf_and_what_is_absent() {
+        let was =
+            json!({"sft": {"judge": {"seed": 42, "negatives": 19}, "calls": 3}, "model": "m"});
+        let now = json!({"sft": {"judge": {"seed": 42, "negatives": 9, "negatives_by": "question"}, "calls": 3}, "model": "m"});
+        let mut d = Vec::new();
+        json_differences("", &was, &now, &mut d);
+        assert_eq!(
+            d,
+            vec![
+                "sft.judge.negatives: 19 then, 9 now",
+                "sft.judge.negatives_by: absent then, \"question\" now"
+            ]
+        );
+        let mut none = Vec::new();
+        json_differences("", &was, &was, &mut none);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn segments_are_grouped_by_their_shared_beginning_within_a_budget() {
