@@ -1016,6 +1016,22 @@ fn derived_queries_are_train_rows_asked_by_snapshots_that_never_saw_the_target()
         "{stdout}"
     );
     assert!(stdout.contains("tokens in"), "{stdout}");
+    // The same derivation into another folder: every answer replays from the LLM cache, so the
+    // model is never loaded, and the data set written is the same, byte for byte.
+    let again = dir.path().join("again");
+    let (ok, _, replayed) = derive_into(&again, &["--users", "8", "--per-user", "1"]);
+    assert!(ok, "{replayed}");
+    assert!(
+        !replayed.contains("loading smollm2-135m-instruct"),
+        "{replayed}"
+    );
+    for f in ["queries.csv", "reviews.jsonl"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap(),
+            "{f}"
+        );
+    }
     let source = splits();
     let (h, rows) = read_rows(&out);
     let col = |n: &str| h.iter().position(|c| c == n).unwrap();

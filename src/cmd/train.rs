@@ -1310,10 +1310,12 @@ pub(crate) fn derive_queries(a: DeriveQueriesCmd) -> Result<()> {
         "no review of a `{}` user qualifies ({report}); lower --min-history or --min-rating",
         a.split
     );
-    let llm = mrrec_agent::backend::cached_chat_model(
+    // Loaded by the first answer not in the LLM cache (a rerun after a kill replays them all).
+    let llm = mrrec_agent::backend::lazy_chat_model_with_adapter(
         &a.llm.model,
         a.llm.llm_url.as_deref(),
         server_options()?,
+        None,
     )?;
     let started = std::time::Instant::now();
     let (written, wr) = mrrec_agent::memory::write_derived_queries(

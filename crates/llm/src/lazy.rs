@@ -74,6 +74,10 @@ impl ChatModel for LazyChatModel {
     }
 
     fn chat_batch(&self, reqs: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        // An empty batch (a cache in front answered everything) asks nothing: no load.
+        if reqs.is_empty() {
+            return Vec::new();
+        }
         match self.get() {
             Ok(m) => m.chat_batch(reqs),
             Err(e) => reqs.iter().map(|_| Err(e.clone_message())).collect(),
@@ -87,6 +91,9 @@ impl ChatModel for LazyChatModel {
     }
 
     fn score_choices(&self, reqs: &[ChatRequest], choices: &[&str]) -> Vec<Result<ChoiceScores>> {
+        if reqs.is_empty() {
+            return Vec::new();
+        }
         match self.get() {
             Ok(m) => m.score_choices(reqs, choices),
             Err(e) => reqs.iter().map(|_| Err(e.clone_message())).collect(),
@@ -130,10 +137,11 @@ mod tests {
         let m = counted("echo", loads.clone());
         assert_eq!(m.id(), "echo");
         m.ready().unwrap();
+        assert!(m.chat_batch(&[]).is_empty() && m.score_choices(&[], &["Yes"]).is_empty());
         assert_eq!(
             loads.load(Ordering::SeqCst),
             0,
-            "naming and probing load nothing"
+            "naming, probing and empty batches load nothing"
         );
         assert!(!m.is_loaded());
         let req = ask("hello");
