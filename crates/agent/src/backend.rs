@@ -67,7 +67,14 @@ pub fn local_with_adapter(
     adapter: Option<&std::path::Path>,
 ) -> Result<mrrec_llm_local::LocalModel> {
     eprintln!("loading {model}…");
-    let mut m = mrrec_llm_local::LocalModel::open(model)?;
+    with_adapter(mrrec_llm_local::LocalModel::open(model)?, adapter)
+}
+
+/// `m` with the adapter at `adapter` applied and named (see [`local_with_adapter`]).
+fn with_adapter(
+    mut m: mrrec_llm_local::LocalModel,
+    adapter: Option<&std::path::Path>,
+) -> Result<mrrec_llm_local::LocalModel> {
     if let Some(path) = adapter {
         let ad = mrrec_llm_local::model::LoraAdapter::load(path)
             .with_context(|| format!("reading the adapter {}", path.display()))?;
@@ -98,16 +105,20 @@ pub fn lazy_chat_model_with_adapter(
     if base_url.is_some() || mrrec_llm::EchoModel::from_id(model).is_some() {
         return cached_chat_model_with_adapter(model, base_url, server, adapter);
     }
-    let (base, _) = mrrec_llm_local::LocalModel::resolve(model)?;
+    // Resolved once: the loader reads the file named here (fetched, converted and hashed now).
+    let (base, file) = mrrec_llm_local::LocalModel::resolve(model)?;
     let id = match adapter {
         Some(a) => adapter_id(&base, a).with_context(|| format!("the adapter {}", a.display()))?,
-        None => base,
+        None => base.clone(),
     };
     let (model, adapter) = (model.to_string(), adapter.map(std::path::Path::to_path_buf));
     let lazy = mrrec_llm::LazyChatModel::new(
         id,
         Box::new(move || {
-            local_with_adapter(&model, adapter.as_deref())
+            eprintln!("loading {model}…");
+            mrrec_llm_local::LocalModel::load(&base, &file)
+                .map_err(crate::error::AgentError::from)
+                .and_then(|m| with_adapter(m, adapter.as_deref()))
                 .map(|m| Box::new(m) as Box<dyn ChatModel>)
                 .map_err(|e| mrrec_llm::LlmError::Engine(format!("loading {model}: {e:#}")))
         }),

@@ -394,12 +394,14 @@ impl Trainer<'_> {
                 }
             }
             if old != cfg_json {
-                let differ: Vec<&str> = ["train", "assistant", "model", "lora", "sft"]
-                    .into_iter()
-                    .filter(|k| old.get(k) != cfg_json.get(k))
-                    .collect();
                 let mut what = Vec::new();
                 json_differences("", &old, &cfg_json, &mut what);
+                // The sections that differ: each leaf's first key (the leaves come sorted).
+                let mut differ: Vec<&str> = what
+                    .iter()
+                    .filter_map(|w| w.split([':', '.']).next())
+                    .collect();
+                differ.dedup();
                 let shown = what.len().min(4);
                 let more = match what.len() - shown {
                     0 => String::new(),
