@@ -583,45 +583,47 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     );
     // One step of a student on `data` from the student's kept teacher scores (the trained judge
     // as the teacher, as above), `negatives` a list.
-    let from_kept = |data: &std::path::Path, out: &std::path::Path, negatives: &str| {
-        std::fs::create_dir_all(out).unwrap();
-        std::fs::copy(
-            student.join("judge-teacher.jsonl"),
-            out.join("judge-teacher.jsonl"),
-        )
-        .unwrap();
-        let o = tiny_on("train", data)
-            .arg("--store")
-            .arg(&store)
-            .arg("--out")
-            .arg(out)
-            .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
-            .args(["--rerank", "5", "--judge-negatives", negatives])
-            .args([
-                "--lora-layers",
-                "2",
-                "--val-every",
-                "0",
-                "--val-queries",
-                "0",
-            ])
-            .args(["--kl", "0", "--steps", "1"])
-            .args(["--judge-teacher", "smollm2-135m-instruct"])
-            .arg("--judge-teacher-adapter")
-            .arg(&adapter)
-            .output()
+    let from_kept =
+        |data: &std::path::Path, out: &std::path::Path, negatives: &str, extra: &[&str]| {
+            std::fs::create_dir_all(out).unwrap();
+            std::fs::copy(
+                student.join("judge-teacher.jsonl"),
+                out.join("judge-teacher.jsonl"),
+            )
             .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(
-            o.status.success()
-                && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
-            "{err}"
-        );
-        err
-    };
+            let o = tiny_on("train", data)
+                .arg("--store")
+                .arg(&store)
+                .arg("--out")
+                .arg(out)
+                .args(["--judge", "--train-limit", "2", "--queries-per-step", "2"])
+                .args(["--rerank", "5", "--judge-negatives", negatives])
+                .args([
+                    "--lora-layers",
+                    "2",
+                    "--val-every",
+                    "0",
+                    "--val-queries",
+                    "0",
+                ])
+                .args(["--kl", "0", "--steps", "1"])
+                .args(["--judge-teacher", "smollm2-135m-instruct"])
+                .arg("--judge-teacher-adapter")
+                .arg(&adapter)
+                .args(extra)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            assert!(
+                o.status.success()
+                    && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
+                "{err}"
+            );
+            err
+        };
     // The teacher's scores are kept per item: a run judging fewer of the same items asks it for
     // nothing — and a teacher whose every score is kept is never loaded: only the student is.
-    let err = from_kept(&common::mini(), &dir.path().join("fewer"), "1");
+    let err = from_kept(&common::mini(), &dir.path().join("fewer"), "1", &[]);
     let loads = |err: &str| err.matches("loading smollm2-135m-instruct…").count();
     assert_eq!(loads(&err), 1, "{err}");
     // The negatives are drawn by the question asked, not by the query's id: the same `train`
@@ -642,11 +644,41 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     }
     w.flush().unwrap();
     let again = dir.path().join("renamed");
-    let err = from_kept(&renamed, &again, "2");
+    let err = from_kept(&renamed, &again, "2", &[]);
     assert_eq!(loads(&err), 1, "{err}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(again.join("train.json")).unwrap()).unwrap();
     assert_eq!(cfg["sft"]["judge"]["negatives_by"], "question", "{cfg}");
+    // The teacher's lists with the target mixed in (--judge-target-weight): recorded with the
+    // judge's settings (absent when 0, so earlier runs keep their identity), and learnt as
+    // other labels — the first step's loss is not the teacher-only list's.
+    let first_loss = |out: &std::path::Path| {
+        let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+        loss(&serde_json::from_str(log.lines().next().unwrap()).unwrap())
+    };
+    let lists = dir.path().join("lists");
+    from_kept(&common::mini(), &lists, "2", &["--judge-listwise"]);
+    let mixed = dir.path().join("mixed");
+    from_kept(
+        &common::mini(),
+        &mixed,
+        "2",
+        &["--judge-listwise", "--judge-target-weight", "0.5"],
+    );
+    let judge_cfg = |out: &std::path::Path| -> serde_json::Value {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap())
+                .unwrap();
+        cfg["sft"]["judge"].clone()
+    };
+    assert!(judge_cfg(&lists).get("target_weight").is_none());
+    assert_eq!(judge_cfg(&mixed)["target_weight"], 0.5);
+    assert!(
+        (first_loss(&mixed) - first_loss(&lists)).abs() > 1e-6,
+        "{} vs {}",
+        first_loss(&mixed),
+        first_loss(&lists)
+    );
     // Listwise from the targets alone: each query's items are one list whose label is its
     // target; the loss (a KL divergence, ≥ 0) falls and the judge prefers the targets.
     let listwise = dir.path().join("listwise");
@@ -703,6 +735,27 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         (&["--rerank", "5"][..], "add --judge"),
         (&["--judge-teacher", "x"][..], "add --judge"),
         (&["--judge-listwise"][..], "add --judge"),
+        (&["--judge-target-weight", "0.5"][..], "add --judge"),
+        (
+            &[
+                "--judge",
+                "--judge-listwise",
+                "--judge-target-weight",
+                "0.5",
+            ][..],
+            "needs --judge-teacher and --judge-listwise",
+        ),
+        (
+            &[
+                "--judge",
+                "--judge-listwise",
+                "--judge-teacher",
+                "x",
+                "--judge-target-weight",
+                "1.5",
+            ][..],
+            "a weight in [0, 1]",
+        ),
         (
             &["--judge", "--judge-teacher-url", "http://127.0.0.1:9"][..],
             "add --judge-teacher MODEL",
@@ -745,13 +798,14 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     // What a derivation killed while writing its data set leaves.
     std::fs::create_dir_all(out.join("data.partial")).unwrap();
     std::fs::write(out.join("data.partial/queries.csv"), "half a file").unwrap();
-    let distil = |steps: &str, depth: &str| {
+    let distil = |steps: &str, depth: &str, extra: &[&str]| {
         let o = tiny("distil-judge")
             .arg("--out")
             .arg(&out)
             .args(["--teacher", "smollm2-135m-instruct"])
             .args(["--per-user", "1", "--users", "3", "--depth", depth])
             .args(["--train-limit", "2", "--steps", steps])
+            .args(extra)
             .output()
             .unwrap();
         (
@@ -760,7 +814,7 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
             String::from_utf8_lossy(&o.stderr).to_string(),
         )
     };
-    let (ok, stdout, stderr) = distil("2", "4");
+    let (ok, stdout, stderr) = distil("2", "4", &[]);
     assert!(ok, "{stderr}");
     assert!(!out.join("data.partial").exists());
     // Step 1: derive-queries by the teacher into OUT/data (3 users, one purchase each).
@@ -806,21 +860,30 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
         "{stdout}"
     );
     // A rerun keeps the data set, the scores and the steps: the same adapter.
-    let (ok, _, stderr) = distil("2", "4");
+    let (ok, _, stderr) = distil("2", "4", &[]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("(kept)"), "{stderr}");
     assert!(!stderr.contains("targets:"), "{stderr}");
     assert_eq!(steps_logged(&run), vec![1, 2]);
     assert_eq!(std::fs::read(&adapter).unwrap(), bytes);
     // More steps train on from the last checkpoint.
-    let (ok, _, stderr) = distil("3", "4");
+    let (ok, _, stderr) = distil("3", "4", &[]);
     assert!(ok, "{stderr}");
     assert_eq!(steps_logged(&run), vec![1, 2, 3]);
     assert_ne!(std::fs::read(&adapter).unwrap(), bytes);
     // Other settings: refused, naming what differs, nothing touched.
-    let (ok, _, stderr) = distil("3", "5");
+    let (ok, _, stderr) = distil("3", "5", &[]);
     assert!(!ok);
     assert!(stderr.contains("depth: 4 then, 5 now"), "{stderr}");
+    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    // The target mixed into the teacher's lists is a setting of the recipe (absent when 0).
+    assert!(recipe.get("target_weight").is_none(), "{recipe}");
+    let (ok, _, stderr) = distil("3", "4", &["--target-weight", "0.3"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("target_weight: null then, 0.3 now"),
+        "{stderr}"
+    );
     assert_eq!(steps_logged(&run), vec![1, 2, 3]);
     // The adapter judges hybrid's first 4 for a user.
     let user = common::users()[0].clone();
@@ -872,6 +935,7 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
         .args(["--teacher", "smollm2-135m-instruct"])
         .args(["--per-user", "1", "--users", "3", "--depth", "4"])
         .args(["--train-limit", "2", "--steps", "1", "--hold-out", "1/2"])
+        .args(["--target-weight", "0.3"])
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -883,6 +947,12 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
     let recipe: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
     assert_eq!(recipe["hold_out"], "1/2");
+    // The target mixed into the teacher's lists reaches the training run.
+    assert_eq!(recipe["target_weight"], 0.3);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train/train.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["sft"]["judge"]["target_weight"], 0.3, "{cfg}");
     // No request, history or snapshot of a fold-1 user reached the data it learnt from.
     let ds =
         mrrec_data::Dataset::load(&out.join("data"), None, &mrrec_data::LoadOptions::default())

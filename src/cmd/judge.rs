@@ -56,6 +56,10 @@ pub(crate) struct DistilJudgeCmd {
     /// --fold I/K`) — cross-validation of a recipe inside `train`, so `val` is read once.
     #[arg(long, value_name = "I/K")]
     pub(crate) hold_out: Option<mrrec_data::Fold>,
+    /// Mix each request's own answer (the item bought) into the teacher's labels with this
+    /// weight α (`train --judge-target-weight`); 0: the teacher's scores alone.
+    #[arg(long, value_name = "ALPHA", default_value_t = 0.0)]
+    pub(crate) target_weight: f64,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -95,6 +99,9 @@ fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
     // Written only when set, so folders started before it existed still resume.
     if let Some(f) = &a.hold_out {
         r["hold_out"] = serde_json::json!(f.to_string());
+    }
+    if a.target_weight != 0.0 {
+        r["target_weight"] = serde_json::json!(a.target_weight);
     }
     r
 }
@@ -255,6 +262,9 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     }
     if let Some(n) = a.train_limit {
         args.extend(["--train-limit".into(), n.to_string()]);
+    }
+    if a.target_weight != 0.0 {
+        args.extend(["--judge-target-weight".into(), a.target_weight.to_string()]);
     }
     let mut t: TrainCmd = parse("training", &args)?;
     t.data = data;

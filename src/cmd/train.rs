@@ -147,6 +147,11 @@ pub(crate) struct TrainCmd {
     /// teacher 1 for the target and 0 for the others.
     #[arg(long)]
     pub(crate) judge_listwise: bool,
+    /// With --judge-listwise and --judge-teacher: mix the query's own answer into each list's
+    /// labels with this weight α — (1 − α)·the teacher's order + α·the target the shopper took —
+    /// so the student learns the true label beside its teacher's (0: the teacher's alone).
+    #[arg(long, value_name = "ALPHA", default_value_t = 0.0)]
+    pub(crate) judge_target_weight: f64,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
 }
@@ -213,6 +218,9 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
         if a.judge_listwise {
             bail!("--judge-listwise says how `--judge` learns its labels: add --judge");
         }
+        if a.judge_target_weight != 0.0 {
+            bail!("--judge-target-weight mixes the target into the labels of the judge `--judge` trains: add --judge");
+        }
         return Ok(None);
     }
     if a.train.sft.is_some() || a.train.sft_as_free || a.train.sft_anchor {
@@ -226,6 +234,15 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
     }
     if a.judge_negatives == 0 {
         bail!("--judge-negatives 0: the judge needs items to say No to");
+    }
+    if !(0.0..=1.0).contains(&a.judge_target_weight) {
+        bail!(
+            "--judge-target-weight {}: a weight in [0, 1] (0: the teacher's labels alone, 1: the target alone)",
+            a.judge_target_weight
+        );
+    }
+    if a.judge_target_weight > 0.0 && (a.judge_teacher.is_none() || !a.judge_listwise) {
+        bail!("--judge-target-weight mixes the target into a teacher's lists: it needs --judge-teacher and --judge-listwise (without a teacher the listwise labels are the target already)");
     }
     let stage = match a.rerank.params()? {
         Some(p) => p,
@@ -245,6 +262,7 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
             negatives_by: mrrec_train::judge::NegativesSeed::Question,
             teacher: None,
             listwise: a.judge_listwise,
+            target_weight: a.judge_target_weight,
         },
         teacher: a.judge_teacher.as_ref().map(|m| TeacherSpec {
             model: m.clone(),
@@ -1203,6 +1221,7 @@ fn sft_examples(
         examples,
         source,
         listwise: false,
+        target_weight: 0.0,
     })
 }
 

@@ -157,6 +157,31 @@ pub fn listwise_soft_loss(
     references: Option<&[Vec<f32>]>,
     kl: f64,
 ) -> Result<Tensor> {
+    listwise_mixed_loss(lps, p, None, references, kl)
+}
+
+/// [`listwise_soft_loss`] with the query's own answer mixed into the labels: with
+/// `target = Some((k, α))` the labels' list is `(1 − α)·softmax(t) + α·e_k` — the teacher's order
+/// with weight 1 − α and the item the shopper took (item `k`) with weight α — so the loss is
+/// `(1 − α)·KL(teacher ‖ judge) + α·(−log softmax(s)_k)` up to a constant (zero, with zero
+/// gradient, when the judge's softmax equals the mixture). Hinton et al.'s distillation with the
+/// true label beside the soft one: a student can then rank the target above where its teacher
+/// does. `α = 0` is [`listwise_soft_loss`].
+pub fn listwise_mixed_loss(
+    lps: &[Tensor],
+    p: &[f32],
+    target: Option<(usize, f64)>,
+    references: Option<&[Vec<f32>]>,
+    kl: f64,
+) -> Result<Tensor> {
+    if let Some((k, a)) = target {
+        if k >= p.len() || !(0.0..=1.0).contains(&a) {
+            return Err(TrainError::Shape(format!(
+                "the target's weight is in [0, 1] and its item one of the list's {}: item {k}, weight {a}",
+                p.len()
+            )));
+        }
+    }
     if lps.len() != p.len() || lps.len() < 2 {
         return Err(TrainError::Shape(format!(
             "a listwise loss needs two or more items with a label each: {} items, {} labels",
@@ -190,12 +215,15 @@ pub fn listwise_soft_loss(
         .collect();
     let mx = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z = t.iter().map(|x| (x - mx).exp()).sum::<f64>().ln() + mx;
-    let log_p: Vec<f64> = t.iter().map(|x| x - z).collect();
-    let entropy_term: f64 = log_p.iter().map(|l| l.exp() * l).sum();
-    let w = Tensor::new(
-        log_p.iter().map(|l| l.exp()).collect::<Vec<f64>>(),
-        lp.device(),
-    )?;
+    let mut pi: Vec<f64> = t.iter().map(|x| (x - z).exp()).collect();
+    if let Some((k, a)) = target {
+        for (i, x) in pi.iter_mut().enumerate() {
+            *x = (1.0 - a) * *x + if i == k { a } else { 0.0 };
+        }
+    }
+    // Σ π log π (0 · log 0 = 0): the constant that makes the loss a KL, zero at the optimum.
+    let entropy_term: f64 = pi.iter().filter(|&&x| x > 0.0).map(|&x| x * x.ln()).sum();
+    let w = Tensor::new(pi, lp.device())?;
     let mut loss = ((log_q * w)?.sum_all()? * -1.0)?
         .affine(1.0, entropy_term)?
         .to_dtype(lp.dtype())?;

@@ -42,6 +42,15 @@ pub struct JudgeData {
     /// Written only when set, so earlier runs keep their identity.
     #[serde(default, skip_serializing_if = "crate::trajectories::is_false")]
     pub listwise: bool,
+    /// With a teacher and [`JudgeData::listwise`]: the weight α of the query's own answer (its
+    /// target) mixed into each list's labels ([`crate::grpo::listwise_mixed_loss`]: the teacher's
+    /// order with 1 − α, the target with α). 0: the teacher's alone. Written only when set.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub target_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// What seeds a query's choice of negatives, with [`JudgeData::seed`]. It matters only when
@@ -363,6 +372,12 @@ pub fn judge_examples(
         examples,
         source,
         listwise: data.listwise,
+        // The target is each list's first item (its question comes first, above).
+        target_weight: if teacher.is_some() {
+            data.target_weight
+        } else {
+            0.0
+        },
     })
 }
 

@@ -15,8 +15,8 @@ pub mod trainer;
 pub mod trajectories;
 
 pub use grpo::{
-    group_advantages, grpo_loss, listwise_soft_loss, soft_label_loss, AdamW, AdamWParams,
-    GrpoParams, TokenBatch,
+    group_advantages, grpo_loss, listwise_mixed_loss, listwise_soft_loss, soft_label_loss, AdamW,
+    AdamWParams, GrpoParams, TokenBatch,
 };
 pub use policy::{LoraConfig, Lower, LowerCache, Policy, Scored, Shape};
 

@@ -248,6 +248,9 @@ pub struct Sft {
     /// Each example's soft-labelled segments are one list, learnt by
     /// [`crate::grpo::listwise_soft_loss`] (a judge's items of one query).
     pub listwise: bool,
+    /// With [`Sft::listwise`]: the weight of each list's first item — its query's target — mixed
+    /// into the soft labels ([`crate::grpo::listwise_mixed_loss`]); 0: the labels alone.
+    pub target_weight: f64,
 }
 
 impl Trainer<'_> {
@@ -617,9 +620,11 @@ impl Trainer<'_> {
                             })
                             .collect::<Result<Vec<f32>>>()?;
                         // The mean over the step's lists.
-                        let l = crate::grpo::listwise_soft_loss(
+                        let target_weight = self.sft.as_ref().map_or(0.0, |s| s.target_weight);
+                        let l = crate::grpo::listwise_mixed_loss(
                             &lps,
                             &labels,
+                            (target_weight > 0.0).then_some((0, target_weight)),
                             references.as_deref(),
                             self.train.grpo.kl,
                         )?

@@ -1040,6 +1040,94 @@ fn judge_losses_keep_their_gradient_where_yes_is_all_but_certain() {
     assert!((d_s - 0.6).abs() < 1e-3, "{d_s}");
 }
 
+/// The target mixed into a teacher's list: the loss is KL((1 − α)·softmax(t) + α·e_k ‖
+/// softmax(s)) — zero with zero gradient at that mixture, the teacher's loss at α = 0 — and at the
+/// teacher's own optimum it raises the target where the teacher ranks another item above it.
+#[test]
+fn a_listwise_loss_with_the_target_mixed_in_learns_the_mixture_of_teacher_and_target() {
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let softmax = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
+        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
+    };
+    // The teacher ranks item 1 above the target (item 0).
+    let labels = [0.4f32, 0.8, 0.3, 0.1];
+    let t: Vec<f64> = labels.iter().map(|&p| logit(p as f64)).collect();
+    let pt = softmax(&t);
+    let run = |s: &[f64], target: Option<(usize, f64)>| -> (f64, Vec<f64>) {
+        let vars: Vec<Var> = s
+            .iter()
+            .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
+            .collect();
+        let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let l = mrrec_train::listwise_mixed_loss(&lps, &labels, target, None, 0.0).unwrap();
+        let g = l.backward().unwrap();
+        let grads = vars
+            .iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
+            .collect();
+        (l.to_scalar::<f64>().unwrap(), grads)
+    };
+    let s = vec![0.3, -1.0, 2.0, 0.1];
+    // α = 0 (or no target) is the teacher's listwise loss.
+    let (plain, plain_g) = run(&s, None);
+    let (zero, zero_g) = run(&s, Some((0, 0.0)));
+    assert!((plain - zero).abs() < 1e-12);
+    assert!(plain_g
+        .iter()
+        .zip(&zero_g)
+        .all(|(a, b)| (a - b).abs() < 1e-12));
+    for a in [0.3, 0.5, 1.0] {
+        let pi: Vec<f64> = pt
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (1.0 - a) * p + if i == 0 { a } else { 0.0 })
+            .collect();
+        let (v, g) = run(&s, Some((0, a)));
+        let ps = softmax(&s);
+        let want: f64 = pi
+            .iter()
+            .zip(&ps)
+            .filter(|(p, _)| **p > 0.0)
+            .map(|(p, q)| p * (p / q).ln())
+            .sum();
+        assert!((v - want).abs() < 1e-9, "α {a}: {v} vs {want}");
+        for i in 0..s.len() {
+            let want = (ps[i] - pi[i]) / (1.0 - sigmoid(s[i]));
+            assert!(
+                (g[i] - want).abs() < 1e-6,
+                "α {a}, item {i}: {} vs {want}",
+                g[i]
+            );
+        }
+        // The mixture itself (any level) is the optimum.
+        if a < 1.0 {
+            let s_opt: Vec<f64> = pi.iter().map(|p| p.ln() - 1.5).collect();
+            let (v, g) = run(&s_opt, Some((0, a)));
+            assert!(v.abs() < 1e-9, "α {a}: {v}");
+            assert!(g.iter().all(|x| x.abs() < 1e-6), "α {a}: {g:?}");
+        }
+        // Where the student orders as the teacher does, the target is pushed up, the item the
+        // teacher put above it down.
+        let (_, g) = run(&t, Some((0, a)));
+        assert!(g[0] < 0.0 && g[1] > 0.0, "α {a}: {g:?}");
+    }
+    // Refused: a target outside the list, a weight outside [0, 1].
+    let one = Tensor::new(&[-0.5f64], &Device::Cpu).unwrap();
+    let two = [one.clone(), one.clone()];
+    assert!(
+        mrrec_train::listwise_mixed_loss(&two, &[0.5, 0.5], Some((2, 0.5)), None, 0.0).is_err()
+    );
+    assert!(
+        mrrec_train::listwise_mixed_loss(&two, &[0.5, 0.5], Some((0, 1.5)), None, 0.0).is_err()
+    );
+    assert!(
+        mrrec_train::listwise_mixed_loss(&two, &[0.5, 0.5], Some((0, -0.1)), None, 0.0).is_err()
+    );
+}
+
 #[test]
 fn a_listwise_judge_loss_is_the_kl_of_the_lists_softmaxes_and_ignores_the_level() {
     let logit = |p: f64| (p / (1.0 - p)).ln();
