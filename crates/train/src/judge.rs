@@ -45,12 +45,8 @@ pub struct JudgeData {
     /// With a teacher and [`JudgeData::listwise`]: the weight α of the query's own answer (its
     /// target) mixed into each list's labels ([`crate::grpo::listwise_mixed_loss`]: the teacher's
     /// order with 1 − α, the target with α). 0: the teacher's alone. Written only when set.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::trajectories::is_zero")]
     pub target_weight: f64,
-}
-
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
 }
 
 /// What seeds a query's choice of negatives, with [`JudgeData::seed`]. It matters only when
@@ -372,12 +368,9 @@ pub fn judge_examples(
         examples,
         source,
         listwise: data.listwise,
-        // The target is each list's first item (its question comes first, above).
-        target_weight: if teacher.is_some() {
-            data.target_weight
-        } else {
-            0.0
-        },
+        // The target is each list's first item (its question comes first, above); without a
+        // teacher the labels are the target already, and mixing it in changes nothing.
+        target_weight: data.target_weight,
     })
 }
 

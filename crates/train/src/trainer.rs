@@ -579,6 +579,7 @@ impl Trainer<'_> {
                 // A list (a listwise judge's query) is one pass whatever its length: its loss
                 // couples its items.
                 let listwise = self.sft.as_ref().is_some_and(|s| s.listwise);
+                let target_weight = self.sft.as_ref().map_or(0.0, |s| s.target_weight);
                 let runs = if listwise {
                     runs_of(&example_of)
                 } else {
@@ -620,7 +621,6 @@ impl Trainer<'_> {
                             })
                             .collect::<Result<Vec<f32>>>()?;
                         // The mean over the step's lists.
-                        let target_weight = self.sft.as_ref().map_or(0.0, |s| s.target_weight);
                         let l = crate::grpo::listwise_mixed_loss(
                             &lps,
                             &labels,

@@ -99,8 +99,9 @@ fn paper_ranking() -> String {
     mrrec_agent::assistant::PAPER_RANKING.into()
 }
 
-pub(crate) fn is_zero(n: &usize) -> bool {
-    *n == 0
+/// A number at zero (serde's `skip_serializing_if`: a setting written only when set).
+pub(crate) fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 pub(crate) fn is_false(b: &bool) -> bool {

@@ -972,17 +972,43 @@ fn a_soft_label_is_learnt_as_the_two_way_cross_entropy_and_is_still_where_the_mo
 /// wherever the judge's scores are the labels' shifted by a constant (only the order and
 /// spacing within a query are learnt, not the level), a hard list pulls the target up and the
 /// others down, and malformed lists are refused.
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn softmax(v: &[f64]) -> Vec<f64> {
+    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
+    v.iter().map(|x| (x - m).exp() / z).collect()
+}
+
+/// A listwise loss where the judge's log-odds are `s` (each item's log q with q = sigmoid(s)):
+/// its value and its gradient with respect to each item's log q.
+fn listwise_at(s: &[f64], loss: impl Fn(&[Tensor]) -> Tensor) -> (f64, Vec<f64>) {
+    let vars: Vec<Var> = s
+        .iter()
+        .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
+        .collect();
+    let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let l = loss(&lps);
+    let g = l.backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
+        .collect();
+    (l.to_scalar::<f64>().unwrap(), grads)
+}
+
 /// Where the judge all but surely answers Yes (log-odds 17 to 60: q rounds to 1 in f32, and
 /// log(1 − q) computed as such is −∞), both judge losses still see each item's log-odds and
 /// keep their gradient: a hard list whose every item is saturated (session 31's run died there,
 /// every item scored alike with no gradient) is still ordered.
 #[test]
 fn judge_losses_keep_their_gradient_where_yes_is_all_but_certain() {
-    let softmax = |v: &[f64]| {
-        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
-        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
-    };
     // log q = −log(1 + e^−s), in f32 as the training graph holds it.
     let lp = |s: f64| -((-s).exp()).ln_1p();
     let s = [20.0f64, 35.0, 60.0];
@@ -1045,30 +1071,14 @@ fn judge_losses_keep_their_gradient_where_yes_is_all_but_certain() {
 /// teacher's own optimum it raises the target where the teacher ranks another item above it.
 #[test]
 fn a_listwise_loss_with_the_target_mixed_in_learns_the_mixture_of_teacher_and_target() {
-    let logit = |p: f64| (p / (1.0 - p)).ln();
-    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let softmax = |v: &[f64]| {
-        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
-        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
-    };
     // The teacher ranks item 1 above the target (item 0).
     let labels = [0.4f32, 0.8, 0.3, 0.1];
     let t: Vec<f64> = labels.iter().map(|&p| logit(p as f64)).collect();
     let pt = softmax(&t);
-    let run = |s: &[f64], target: Option<(usize, f64)>| -> (f64, Vec<f64>) {
-        let vars: Vec<Var> = s
-            .iter()
-            .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
-            .collect();
-        let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let l = mrrec_train::listwise_mixed_loss(&lps, &labels, target, None, 0.0).unwrap();
-        let g = l.backward().unwrap();
-        let grads = vars
-            .iter()
-            .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
-            .collect();
-        (l.to_scalar::<f64>().unwrap(), grads)
+    let run = |s: &[f64], target: Option<(usize, f64)>| {
+        listwise_at(s, |lps| {
+            mrrec_train::listwise_mixed_loss(lps, &labels, target, None, 0.0).unwrap()
+        })
     };
     let s = vec![0.3, -1.0, 2.0, 0.1];
     // α = 0 (or no target) is the teacher's listwise loss.
@@ -1130,30 +1140,13 @@ fn a_listwise_loss_with_the_target_mixed_in_learns_the_mixture_of_teacher_and_ta
 
 #[test]
 fn a_listwise_judge_loss_is_the_kl_of_the_lists_softmaxes_and_ignores_the_level() {
-    let logit = |p: f64| (p / (1.0 - p)).ln();
-    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let softmax = |v: &[f64]| {
-        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = v.iter().map(|x| (x - m).exp()).sum();
-        v.iter().map(|x| (x - m).exp() / z).collect::<Vec<f64>>()
-    };
     let labels = [0.7f32, 0.2, 0.45, 0.05];
     let t: Vec<f64> = labels.iter().map(|&p| logit(p as f64)).collect();
     let pt = softmax(&t);
-    let run = |s: &[f64]| -> (f64, Vec<f64>) {
-        // Each item's log q with q = sigmoid(s): the judge's log-odds are s.
-        let vars: Vec<Var> = s
-            .iter()
-            .map(|&x| Var::new(&[sigmoid(x).ln()], &Device::Cpu).unwrap())
-            .collect();
-        let lps: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let l = mrrec_train::listwise_soft_loss(&lps, &labels, None, 0.0).unwrap();
-        let g = l.backward().unwrap();
-        let grads = vars
-            .iter()
-            .map(|v| g.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0])
-            .collect();
-        (l.to_scalar::<f64>().unwrap(), grads)
+    let run = |s: &[f64]| {
+        listwise_at(s, |lps| {
+            mrrec_train::listwise_soft_loss(lps, &labels, None, 0.0).unwrap()
+        })
     };
     for s in [
         vec![0.3, -1.0, 2.0, 0.1],
