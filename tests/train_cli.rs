@@ -582,16 +582,11 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         "{err}"
     );
     // One step of a student on `data` from the student's kept teacher scores (the trained judge
-    // as the teacher, as above), `negatives` a list.
-    let from_kept =
+    // as the teacher, as above), given as another run's file (`--judge-teacher-scores`),
+    // `negatives` a list.
+    let one_step =
         |data: &std::path::Path, out: &std::path::Path, negatives: &str, extra: &[&str]| {
-            std::fs::create_dir_all(out).unwrap();
-            std::fs::copy(
-                student.join("judge-teacher.jsonl"),
-                out.join("judge-teacher.jsonl"),
-            )
-            .unwrap();
-            let o = tiny_on("train", data)
+            tiny_on("train", data)
                 .arg("--store")
                 .arg(&store)
                 .arg("--out")
@@ -612,13 +607,26 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
                 .arg(&adapter)
                 .args(extra)
                 .output()
-                .unwrap();
+                .unwrap()
+        };
+    let kept_file = student.join("judge-teacher.jsonl");
+    let from_kept =
+        |data: &std::path::Path, out: &std::path::Path, negatives: &str, extra: &[&str]| {
+            let extra = [
+                &["--judge-teacher-scores", kept_file.to_str().unwrap()],
+                extra,
+            ]
+            .concat();
+            let o = one_step(data, out, negatives, &extra);
             let err = String::from_utf8_lossy(&o.stderr).to_string();
             assert!(
                 o.status.success()
                     && err.contains("teacher: 2 queries scored (2 kept from before), 0 tokens in"),
                 "{err}"
             );
+            // The lists it learnt are copied into its own file: the run holds what it learnt.
+            let own = std::fs::read_to_string(out.join("judge-teacher.jsonl")).unwrap();
+            assert_eq!(own.lines().count(), 2, "{own}");
             err
         };
     // The teacher's scores are kept per item: a run judging fewer of the same items asks it for
@@ -679,6 +687,24 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         first_loss(&mixed),
         first_loss(&lists)
     );
+    // Another run's file named on purpose and not there: an error naming it, not a teacher
+    // asked again.
+    let missing = dir.path().join("no-such-run/judge-teacher.jsonl");
+    let o = one_step(
+        &common::mini(),
+        &dir.path().join("missing"),
+        "2",
+        &["--judge-teacher-scores", missing.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(&format!(
+                "the teacher's kept scores {}: no such file",
+                missing.display()
+            )),
+        "{err}"
+    );
     // Listwise from the targets alone: each query's items are one list whose label is its
     // target; the loss (a KL divergence, ≥ 0) falls and the judge prefers the targets.
     let listwise = dir.path().join("listwise");
@@ -736,6 +762,10 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         (&["--judge-teacher", "x"][..], "add --judge"),
         (&["--judge-listwise"][..], "add --judge"),
         (&["--judge-target-weight", "0.5"][..], "add --judge"),
+        (
+            &["--judge", "--judge-teacher-scores", "kept.jsonl"][..],
+            "--judge-teacher-scores reuses a teacher's kept scores: add --judge-teacher MODEL",
+        ),
         (
             &[
                 "--judge",
@@ -929,15 +959,19 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
     let store = dir.path().join("mem.sqlite");
     let out = dir.path().join("fold1");
     let fold = |i| mrrec_data::Fold { index: i, of: 2 };
-    let o = tiny("distil-judge")
-        .arg("--out")
-        .arg(&out)
-        .args(["--teacher", "smollm2-135m-instruct"])
-        .args(["--per-user", "1", "--users", "3", "--depth", "4"])
-        .args(["--train-limit", "2", "--steps", "1", "--hold-out", "1/2"])
-        .args(["--target-weight", "0.3"])
-        .output()
-        .unwrap();
+    // The recipe on fold 1's complement, small.
+    let fold1 = |out: &std::path::Path, extra: &[&str]| {
+        tiny("distil-judge")
+            .arg("--out")
+            .arg(out)
+            .args(["--teacher", "smollm2-135m-instruct"])
+            .args(["--per-user", "1", "--users", "3", "--depth", "4"])
+            .args(["--train-limit", "2", "--steps", "1", "--hold-out", "1/2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = fold1(&out, &["--target-weight", "0.3"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&o.stdout).to_string(),
         String::from_utf8_lossy(&o.stderr).to_string(),
@@ -953,6 +987,19 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
         serde_json::from_str(&std::fs::read_to_string(out.join("train/train.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["sft"]["judge"]["target_weight"], 0.3, "{cfg}");
+    // The same fold's recipe without the target, given that run's teacher scores: the teacher
+    // is asked nothing, and the file given is not part of the recipe.
+    let plain = dir.path().join("fold1-plain");
+    let kept = out.join("train/judge-teacher.jsonl");
+    let o = fold1(&plain, &["--teacher-scores", kept.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("queries scored (2 kept from before), 0 tokens in"),
+        "{err}"
+    );
+    let recipe: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("recipe.json")).unwrap()).unwrap();
+    assert!(recipe.get("teacher_scores").is_none(), "{recipe}");
     // No request, history or snapshot of a fold-1 user reached the data it learnt from.
     let ds =
         mrrec_data::Dataset::load(&out.join("data"), None, &mrrec_data::LoadOptions::default())

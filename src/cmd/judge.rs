@@ -60,6 +60,12 @@ pub(crate) struct DistilJudgeCmd {
     /// weight α (`train --judge-target-weight`); 0: the teacher's scores alone.
     #[arg(long, value_name = "ALPHA", default_value_t = 0.0)]
     pub(crate) target_weight: f64,
+    /// Reuse the teacher's scores kept by another run (its train/judge-teacher.jsonl;
+    /// repeatable; `train --judge-teacher-scores`): e.g. the same fold's run with another
+    /// α, or every fold's file for the whole-data adapter — the teacher is asked only for
+    /// lists found in none. Not part of the recipe: the scores are the same teacher's.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) teacher_scores: Vec<PathBuf>,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -265,6 +271,9 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     }
     if a.target_weight != 0.0 {
         args.extend(["--judge-target-weight".into(), a.target_weight.to_string()]);
+    }
+    for f in &a.teacher_scores {
+        args.extend(["--judge-teacher-scores".into(), os(f)]);
     }
     let mut t: TrainCmd = parse("training", &args)?;
     t.data = data;

@@ -141,6 +141,12 @@ pub(crate) struct TrainCmd {
     /// trained before).
     #[arg(long, value_name = "FILE")]
     pub(crate) judge_teacher_adapter: Option<PathBuf>,
+    /// With --judge-teacher: also reuse the same teacher's scores kept by another run (its
+    /// judge-teacher.jsonl; repeatable) — e.g. the other folds' of a cross-validation, or a
+    /// second student's. Lists found there are not asked again and are copied into this run's
+    /// own OUT/judge-teacher.jsonl; other teachers' lines are ignored.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) judge_teacher_scores: Vec<PathBuf>,
     /// With --judge: learn each query's judged items as one list — the order (and spacing) of
     /// the labels' scores within the query, KL(softmax(labels) ‖ softmax(judge scores)) —
     /// instead of each item's label on its own. Labels: the teacher's P(`Yes`), or without a
@@ -190,6 +196,8 @@ pub(crate) struct TeacherSpec {
     model: String,
     url: Option<String>,
     adapter: Option<PathBuf>,
+    /// `--judge-teacher-scores`: other runs' kept scores.
+    also: Vec<PathBuf>,
 }
 
 /// What `--judge` learns: the examples' settings and, distilling, the teacher.
@@ -204,6 +212,9 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
         && (a.judge_teacher_url.is_some() || a.judge_teacher_adapter.is_some())
     {
         bail!("--judge-teacher-url and --judge-teacher-adapter say where the teacher is: add --judge-teacher MODEL");
+    }
+    if a.judge_teacher.is_none() && !a.judge_teacher_scores.is_empty() {
+        bail!("--judge-teacher-scores reuses a teacher's kept scores: add --judge-teacher MODEL (the teacher that wrote them)");
     }
     if a.judge_teacher_url.is_some() && a.judge_teacher_adapter.is_some() {
         bail!("--judge-teacher-adapter applies to a local teacher; a server (--judge-teacher-url) serves its own weights: drop one");
@@ -268,6 +279,7 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
             model: m.clone(),
             url: a.judge_teacher_url.clone(),
             adapter: a.judge_teacher_adapter.clone(),
+            also: a.judge_teacher_scores.clone(),
         }),
     }))
 }
@@ -386,6 +398,7 @@ fn train_cmd(
     let judging = judge.is_some();
     let sft = match (&args.sft, judge) {
         (_, Some(JudgeJob { data, teacher })) => {
+            let also = teacher.as_ref().map(|t| t.also.clone()).unwrap_or_default();
             let teacher = teacher
                 .map(|t| {
                     // Loaded only when a list's scores are not kept (a resumed or repeated
@@ -404,6 +417,7 @@ fn train_cmd(
             let teacher = teacher.as_ref().map(|m| mrrec_train::judge::Teacher {
                 model: m,
                 scores: Some(args.out.join("judge-teacher.jsonl")),
+                also: also.clone(),
             });
             Some(mrrec_train::judge::judge_examples(
                 &ws,

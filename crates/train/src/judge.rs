@@ -73,6 +73,9 @@ pub struct Teacher<'a> {
     /// Where its scores are kept (a line per query, appended as they are computed), so that a
     /// resumed run or a second student reuses them instead of asking again.
     pub scores: Option<PathBuf>,
+    /// Other runs' kept scores, read only (each must exist): a list found there is not asked
+    /// again, and is copied into `scores`, so this run's own file holds every list it learnt.
+    pub also: Vec<PathBuf>,
 }
 
 /// One query's teacher scores as kept on disk.
@@ -198,6 +201,25 @@ pub fn judge_examples(
         ) => kept_scores(p, id)?,
         _ => HashMap::new(),
     };
+    // Another run's file is named on purpose: one that is not there is an error, not nothing.
+    let mut elsewhere: Kept = HashMap::new();
+    if let (Some(t), Some(id)) = (teacher, &teacher_id) {
+        for p in &t.also {
+            if !p.is_file() {
+                return Err(TrainError::Invalid(format!(
+                    "the teacher's kept scores {}: no such file",
+                    p.display()
+                )));
+            }
+            // Lines without a question are found by query id, which names the same request only
+            // within its own run's data: those are not read from another run.
+            for (question, items) in kept_scores(p, id)? {
+                if question.starts_with("q:") {
+                    elsewhere.entry(question).or_default().extend(items);
+                }
+            }
+        }
+    }
     let mut examples = Vec::with_capacity(queries.len());
     let (mut skipped, mut in_top, mut calls, mut reused) = (0usize, 0usize, 0usize, 0usize);
     let mut usage = mrrec_llm::Usage::default();
@@ -240,47 +262,47 @@ pub fn judge_examples(
                             .map_or(String::new(), |it| it.id.clone())
                     })
                     .collect();
-                let known = kept_for(&kept, &question, &query.qid, &ids);
-                let scores = match known {
-                    Some(s) => {
-                        reused += 1;
-                        s
-                    }
-                    None => {
-                        let texts: Vec<&str> = items.iter().map(|&i| text(i)).collect();
-                        let (scores, u) = judge(
-                            t.model,
-                            request,
-                            query.category.as_deref(),
-                            memory.as_deref(),
-                            &texts,
-                        )
+                let keep = |scores: &[f32]| -> Result<()> {
+                    let Some(p) = &t.scores else { return Ok(()) };
+                    let line = serde_json::to_string(&TeacherLine {
+                        teacher: id.clone(),
+                        qid: query.qid.clone(),
+                        question: Some(question.clone()),
+                        items: ids.clone(),
+                        scores: scores.to_vec(),
+                    })?;
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
                         .map_err(|e| {
-                            TrainError::Invalid(format!(
-                                "the teacher {id} on query {}: {e}",
-                                query.qid
-                            ))
+                            TrainError::Invalid(format!("writing {}: {e}", p.display()))
                         })?;
-                        usage.add(&u);
-                        if let Some(p) = &t.scores {
-                            let line = serde_json::to_string(&TeacherLine {
-                                teacher: id.clone(),
-                                qid: query.qid.clone(),
-                                question: Some(question.clone()),
-                                items: ids,
-                                scores: scores.clone(),
-                            })?;
-                            let mut f = std::fs::OpenOptions::new()
-                                .create(true)
-                                .append(true)
-                                .open(p)
-                                .map_err(|e| {
-                                    TrainError::Invalid(format!("writing {}: {e}", p.display()))
-                                })?;
-                            writeln!(f, "{line}")?;
-                        }
-                        scores
-                    }
+                    writeln!(f, "{line}")?;
+                    Ok(())
+                };
+                let scores = if let Some(s) = kept_for(&kept, &question, &query.qid, &ids) {
+                    reused += 1;
+                    s
+                } else if let Some(s) = kept_for(&elsewhere, &question, &query.qid, &ids) {
+                    reused += 1;
+                    keep(&s)?;
+                    s
+                } else {
+                    let texts: Vec<&str> = items.iter().map(|&i| text(i)).collect();
+                    let (scores, u) = judge(
+                        t.model,
+                        request,
+                        query.category.as_deref(),
+                        memory.as_deref(),
+                        &texts,
+                    )
+                    .map_err(|e| {
+                        TrainError::Invalid(format!("the teacher {id} on query {}: {e}", query.qid))
+                    })?;
+                    usage.add(&u);
+                    keep(&scores)?;
+                    scores
                 };
                 if (qi + 1) % 10 == 0 || qi + 1 == queries.len() {
                     eprintln!(
