@@ -1110,4 +1110,50 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
             .any(|l| l.starts_with("| N@100 |") && l.contains("| 8 |")),
         "{text}"
     );
+    assert!(!text.contains("Per origin"), "{text}");
+    // On a derived data set `compare` also splits the data's own requests from the derived
+    // ones (asked by snapshot users), each paired.
+    let derived = out.join("data");
+    let on_derived = |method: &str| {
+        let run = dir.path().join(format!("derived-{method}"));
+        let o = tiny_on("eval", &derived)
+            .arg("--store")
+            .arg(dir.path().join("derived.sqlite"))
+            .arg("--out")
+            .arg(&run)
+            .args(["--split", "train", "--method", method])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run
+    };
+    let (bm25, hybrid) = (on_derived("bm25"), on_derived("hybrid"));
+    let o = Command::new(env!("CARGO_BIN_EXE_mrrec"))
+        .arg("compare")
+        .args([&hybrid, &bm25])
+        .args(["--rounds", "100"])
+        .arg("--data")
+        .arg(&derived)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ds =
+        mrrec_data::Dataset::load(&derived, None, &mrrec_data::LoadOptions::default()).unwrap();
+    let (mut own, mut snapshots) = (0, 0);
+    for q in ds.queries.all() {
+        match mrrec_data::derive::snapshot_of(&q.query().user_id) {
+            Some(_) => snapshots += 1,
+            None => own += 1,
+        }
+    }
+    assert!(own > 0 && snapshots > 0, "{own} {snapshots}");
+    let row = |name: &str, n: usize| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("| {name} | {n} |")))
+    };
+    assert!(
+        text.contains("Per origin") && row("own", own) && row("derived", snapshots),
+        "{text}"
+    );
 }

@@ -293,6 +293,9 @@ impl RunFolders {
     }
 }
 
+/// The two kinds of request `compare` tells apart in a derived data set.
+const ORIGINS: [&str; 2] = ["own", "derived"];
+
 pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     let CompareArgs {
         a,
@@ -323,6 +326,29 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
                 "\nPer history length (the asking user's reviews in {}):\n\n{by}",
                 data.display()
             );
+            // Requests derived from a purchase (`derive-queries`) are written by a model from the
+            // item itself; a method may gain on one kind and not the other.
+            let derived = |user: &str| mrrec_data::derive::snapshot_of(user).is_some();
+            let users: Vec<&str> = ds
+                .queries
+                .all()
+                .iter()
+                .map(|q| q.query().user_id.as_str())
+                .collect();
+            if users.iter().any(|u| derived(u)) && users.iter().any(|u| !derived(u)) {
+                let by = mrrec_eval::compare_runs_by(
+                    &a,
+                    &b,
+                    rounds,
+                    seed,
+                    "requests",
+                    &ORIGINS,
+                    &|q| Some(ORIGINS[usize::from(derived(&q.user_id))].to_string()),
+                )?;
+                print!(
+                    "\nPer origin (the data's own requests; those `derive-queries` wrote from a purchase, asked by its snapshot user `USER@TIME`):\n\n{by}"
+                );
+            }
         }
         Err(e) => println!("\n(no per-history-length table: {e})"),
     }

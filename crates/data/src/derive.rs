@@ -119,6 +119,19 @@ pub fn snapshot_id(user: &str, timestamp: i64) -> String {
     format!("{user}@{timestamp}")
 }
 
+/// The user a snapshot id names (`{user}@{digits}`, [`snapshot_id`]), or `None` for any other
+/// id — a request the data set holds as written rather than one derived from a purchase.
+pub fn snapshot_of(id: &str) -> Option<&str> {
+    match id.rsplit_once('@') {
+        Some((u, ts))
+            if !u.is_empty() && !ts.is_empty() && ts.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            Some(u)
+        }
+        _ => None,
+    }
+}
+
 /// The source rows whose users a derivation for `split` reads (and that the written directory
 /// keeps): `train` rows through [`Purpose::Training`], `val`/`test` rows through
 /// [`Purpose::Evaluate`]; `aspect` is refused, and so is a query file without a `split` column.

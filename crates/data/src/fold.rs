@@ -28,14 +28,7 @@ impl Fold {
 
 /// The fold (1 to `of`) of `user`: the user a snapshot id names, hashed.
 pub fn fold_of(user: &str, of: u32) -> u32 {
-    let base = match user.rsplit_once('@') {
-        Some((u, ts))
-            if !u.is_empty() && !ts.is_empty() && ts.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            u
-        }
-        _ => user,
-    };
+    let base = crate::derive::snapshot_of(user).unwrap_or(user);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in base.bytes() {
         h ^= u64::from(b);
@@ -71,6 +64,19 @@ impl FromStr for Fold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_id_names_its_user_and_other_ids_name_none() {
+        use crate::derive::{snapshot_id, snapshot_of};
+        assert_eq!(
+            snapshot_of(&snapshot_id("AB12", 1674000046253)),
+            Some("AB12")
+        );
+        assert_eq!(snapshot_of("me@example@12"), Some("me@example"));
+        for id in ["AB12", "a@", "@12", "a@12x", "me@example.com", ""] {
+            assert_eq!(snapshot_of(id), None, "{id}");
+        }
+    }
 
     #[test]
     fn folds_parse_and_refuse_what_is_not_one() {
