@@ -329,13 +329,9 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
             // Requests derived from a purchase (`derive-queries`) are written by a model from the
             // item itself; a method may gain on one kind and not the other.
             let derived = |user: &str| mrrec_data::derive::snapshot_of(user).is_some();
-            let users: Vec<&str> = ds
-                .queries
-                .all()
-                .iter()
-                .map(|q| q.query().user_id.as_str())
-                .collect();
-            if users.iter().any(|u| derived(u)) && users.iter().any(|u| !derived(u)) {
+            let queries = ds.queries.all();
+            let of_kind = |d: bool| queries.iter().any(|q| derived(&q.query().user_id) == d);
+            if of_kind(true) && of_kind(false) {
                 let by = mrrec_eval::compare_runs_by(
                     &a,
                     &b,

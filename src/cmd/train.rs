@@ -398,26 +398,29 @@ fn train_cmd(
     let judging = judge.is_some();
     let sft = match (&args.sft, judge) {
         (_, Some(JudgeJob { data, teacher })) => {
-            let also = teacher.as_ref().map(|t| t.also.clone()).unwrap_or_default();
-            let teacher = teacher
-                .map(|t| {
-                    // Loaded only when a list's scores are not kept (a resumed or repeated
-                    // distillation may need none).
-                    mrrec_agent::backend::lazy_chat_model_with_adapter(
-                        &t.model,
-                        t.url.as_deref(),
-                        server_options()?,
-                        t.adapter.as_deref(),
-                    )
-                    .with_context(|| format!("the teacher judge {}", t.model))
-                })
-                .transpose()?;
+            let (teacher, also) = match teacher {
+                // Loaded only when a list's scores are not kept (a resumed or repeated
+                // distillation may need none).
+                Some(t) => (
+                    Some(
+                        mrrec_agent::backend::lazy_chat_model_with_adapter(
+                            &t.model,
+                            t.url.as_deref(),
+                            server_options()?,
+                            t.adapter.as_deref(),
+                        )
+                        .with_context(|| format!("the teacher judge {}", t.model))?,
+                    ),
+                    t.also,
+                ),
+                None => (None, Vec::new()),
+            };
             std::fs::create_dir_all(&args.out)
                 .with_context(|| format!("creating {}", args.out.display()))?;
             let teacher = teacher.as_ref().map(|m| mrrec_train::judge::Teacher {
                 model: m,
                 scores: Some(args.out.join("judge-teacher.jsonl")),
-                also: also.clone(),
+                also,
             });
             Some(mrrec_train::judge::judge_examples(
                 &ws,
