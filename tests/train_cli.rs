@@ -762,6 +762,11 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         (&["--judge-teacher", "x"][..], "add --judge"),
         (&["--judge-listwise"][..], "add --judge"),
         (&["--judge-target-weight", "0.5"][..], "add --judge"),
+        (&["--judge-own-repeat", "2"][..], "add --judge"),
+        (
+            &["--judge", "--judge-own-repeat", "0"][..],
+            "--judge-own-repeat 0: each list is learnt at least once",
+        ),
         (
             &["--judge", "--judge-teacher-scores", "kept.jsonl"][..],
             "--judge-teacher-scores reuses a teacher's kept scores: add --judge-teacher MODEL",
@@ -987,11 +992,20 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
         serde_json::from_str(&std::fs::read_to_string(out.join("train/train.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["sft"]["judge"]["target_weight"], 0.3, "{cfg}");
-    // The same fold's recipe without the target, given that run's teacher scores: the teacher
-    // is asked nothing, and the file given is not part of the recipe.
+    // The same fold's recipe without the target and with the real requests' lists learnt 3
+    // times an epoch, given that run's teacher scores: the teacher is asked nothing, and the
+    // file given is not part of the recipe.
     let plain = dir.path().join("fold1-plain");
     let kept = out.join("train/judge-teacher.jsonl");
-    let o = fold1(&plain, &["--teacher-scores", kept.to_str().unwrap()]);
+    let o = fold1(
+        &plain,
+        &[
+            "--teacher-scores",
+            kept.to_str().unwrap(),
+            "--own-repeat",
+            "3",
+        ],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success() && err.contains("queries scored (2 kept from before), 0 tokens in"),
@@ -1000,6 +1014,27 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
     let recipe: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(plain.join("recipe.json")).unwrap()).unwrap();
     assert!(recipe.get("teacher_scores").is_none(), "{recipe}");
+    assert_eq!(recipe["own_repeat"], 3, "{recipe}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("train/train.json")).unwrap())
+            .unwrap();
+    let sft = &cfg["sft"];
+    assert_eq!(sft["judge"]["own_repeat"], 3, "{cfg}");
+    // Its 2 lists, each of an own request 3 times: what an epoch holds.
+    let own = sft["own_lists"].as_u64().unwrap();
+    assert!(own <= 2 && sft["queries"] == 2, "{sft}");
+    assert_eq!(sft["kept"].as_u64().unwrap(), 2 + 2 * own, "{sft}");
+    assert!(
+        err.contains(&format!(
+            "{own} of 2 lists are the data's own requests, each learnt 3 times an epoch"
+        )),
+        "{err}"
+    );
+    // Repeating nothing is not written: the first run's recipe has no such key.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train/train.json")).unwrap())
+            .unwrap();
+    assert!(cfg["sft"]["judge"].get("own_repeat").is_none(), "{cfg}");
     // No request, history or snapshot of a fold-1 user reached the data it learnt from.
     let ds =
         mrrec_data::Dataset::load(&out.join("data"), None, &mrrec_data::LoadOptions::default())

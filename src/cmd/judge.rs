@@ -60,6 +60,10 @@ pub(crate) struct DistilJudgeCmd {
     /// weight α (`train --judge-target-weight`); 0: the teacher's scores alone.
     #[arg(long, value_name = "ALPHA", default_value_t = 0.0)]
     pub(crate) target_weight: f64,
+    /// Learn each list of the source data's own requests K times an epoch and the derived
+    /// ones once (`train --judge-own-repeat`); 1: every list once.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub(crate) own_repeat: usize,
     /// Reuse the teacher's scores kept by another run (its train/judge-teacher.jsonl;
     /// repeatable; `train --judge-teacher-scores`): e.g. the same fold's run with another
     /// α, or every fold's file for the whole-data adapter — the teacher is asked only for
@@ -108,6 +112,9 @@ fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
     }
     if a.target_weight != 0.0 {
         r["target_weight"] = serde_json::json!(a.target_weight);
+    }
+    if a.own_repeat != 1 {
+        r["own_repeat"] = serde_json::json!(a.own_repeat);
     }
     r
 }
@@ -271,6 +278,9 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     }
     if a.target_weight != 0.0 {
         args.extend(["--judge-target-weight".into(), a.target_weight.to_string()]);
+    }
+    if a.own_repeat != 1 {
+        args.extend(["--judge-own-repeat".into(), a.own_repeat.to_string()]);
     }
     for f in &a.teacher_scores {
         args.extend(["--judge-teacher-scores".into(), os(f)]);

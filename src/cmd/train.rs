@@ -158,6 +158,11 @@ pub(crate) struct TrainCmd {
     /// so the student learns the true label beside its teacher's (0: the teacher's alone).
     #[arg(long, value_name = "ALPHA", default_value_t = 0.0)]
     pub(crate) judge_target_weight: f64,
+    /// With --judge: learn each list of the data's own requests K times an epoch, the ones
+    /// `derive-queries` wrote from a purchase (asked by a snapshot user) once — a judge's gain
+    /// shows on real requests (BENCHMARKS, session 38). 1: every list once.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub(crate) judge_own_repeat: usize,
     #[command(flatten)]
     pub(crate) rerank: RerankArgs,
 }
@@ -232,6 +237,9 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
         if a.judge_target_weight != 0.0 {
             bail!("--judge-target-weight mixes the target into the labels of the judge `--judge` trains: add --judge");
         }
+        if a.judge_own_repeat != 1 {
+            bail!("--judge-own-repeat says how often `--judge` learns each real request's list: add --judge");
+        }
         return Ok(None);
     }
     if a.train.sft.is_some() || a.train.sft_as_free || a.train.sft_anchor {
@@ -245,6 +253,9 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
     }
     if a.judge_negatives == 0 {
         bail!("--judge-negatives 0: the judge needs items to say No to");
+    }
+    if a.judge_own_repeat == 0 {
+        bail!("--judge-own-repeat 0: each list is learnt at least once (1: every list once)");
     }
     if !(0.0..=1.0).contains(&a.judge_target_weight) {
         bail!(
@@ -274,6 +285,7 @@ fn judge_data(a: &TrainCmd) -> Result<Option<JudgeJob>> {
             teacher: None,
             listwise: a.judge_listwise,
             target_weight: a.judge_target_weight,
+            own_repeat: a.judge_own_repeat,
         },
         teacher: a.judge_teacher.as_ref().map(|m| TeacherSpec {
             model: m.clone(),

@@ -47,6 +47,31 @@ pub struct JudgeData {
     /// order with 1 − α, the target with α). 0: the teacher's alone. Written only when set.
     #[serde(default, skip_serializing_if = "crate::trajectories::is_zero")]
     pub target_weight: f64,
+    /// Each list of the data's own requests — not written by `derive-queries` from a purchase
+    /// (its user is not a snapshot, [`mrrec_data::derive::snapshot_of`]) — is learnt this many
+    /// times per epoch, the derived ones once: a judge's gain shows on real requests, whose
+    /// words are further from the catalogue's than a model's (BENCHMARKS, session 38). 1 (or 0):
+    /// every list once. Written only when above 1.
+    #[serde(default, skip_serializing_if = "at_most_once")]
+    pub own_repeat: usize,
+}
+
+/// [`JudgeData::own_repeat`] learns every list once.
+fn at_most_once(n: &usize) -> bool {
+    *n <= 1
+}
+
+/// The examples in order, each of an own request (`true`) `repeat` times in a row, the others
+/// once. The trainer's seeded shuffle spreads the copies over the epoch.
+fn with_own_repeated(examples: Vec<(SftExample, bool)>, repeat: usize) -> Vec<SftExample> {
+    let mut out = Vec::with_capacity(examples.len());
+    for (e, own) in examples {
+        for _ in 1..if own { repeat } else { 1 } {
+            out.push(e.clone());
+        }
+        out.push(e);
+    }
+    out
 }
 
 /// What seeds a query's choice of negatives, with [`JudgeData::seed`]. It matters only when
@@ -349,12 +374,16 @@ pub fn judge_examples(
             });
         }
         calls += segments.len();
-        examples.push(SftExample {
-            qid: query.qid.clone(),
-            segments,
-            rewards: Default::default(),
-            soft,
-        });
+        let own = mrrec_data::derive::snapshot_of(&query.user_id).is_none();
+        examples.push((
+            SftExample {
+                qid: query.qid.clone(),
+                segments,
+                rewards: Default::default(),
+                soft,
+            },
+            own,
+        ));
     }
     let mut source = serde_json::json!({
         "judge": data,
@@ -368,12 +397,12 @@ pub fn judge_examples(
     if teacher.is_some() {
         let labels: Vec<f32> = examples
             .iter()
-            .flat_map(|e| e.soft.iter().flatten().copied())
+            .flat_map(|(e, _)| e.soft.iter().flatten().copied())
             .collect();
         let mean = labels.iter().sum::<f32>() / labels.len().max(1) as f32;
         let targets: Vec<f32> = examples
             .iter()
-            .filter_map(|e| e.soft.as_ref()?.first().copied())
+            .filter_map(|(e, _)| e.soft.as_ref()?.first().copied())
             .collect();
         source["teacher_mean_yes"] = serde_json::json!(mean);
         source["teacher_mean_yes_target"] =
@@ -386,6 +415,18 @@ pub fn judge_examples(
             source["teacher_mean_yes_target"].as_f64().unwrap_or(0.0)
         );
     }
+    // Repeated lists are learnt more often, not counted again: `kept` is what an epoch holds.
+    if data.own_repeat > 1 {
+        let own = examples.iter().filter(|(_, own)| *own).count();
+        source["own_lists"] = serde_json::json!(own);
+        source["kept"] = serde_json::json!(examples.len() + own * (data.own_repeat - 1));
+        eprintln!(
+            "{own} of {} lists are the data's own requests, each learnt {} times an epoch",
+            examples.len(),
+            data.own_repeat
+        );
+    }
+    let examples = with_own_repeated(examples, data.own_repeat);
     Ok(Sft {
         examples,
         source,
@@ -410,6 +451,43 @@ mod tests {
             scores: scores.to_vec(),
         })
         .unwrap()
+    }
+
+    /// Own requests' lists are repeated in place, derived ones kept once; 0 and 1 repeat nothing.
+    #[test]
+    fn own_lists_are_repeated_and_derived_ones_kept_once() {
+        let ex = |qid: &str| SftExample {
+            qid: qid.into(),
+            segments: Vec::new(),
+            rewards: Default::default(),
+            soft: None,
+        };
+        let all = || vec![(ex("a"), true), (ex("d-1"), false), (ex("b"), true)];
+        let qids = |v: Vec<SftExample>| v.into_iter().map(|e| e.qid).collect::<Vec<_>>();
+        assert_eq!(
+            qids(with_own_repeated(all(), 3)),
+            ["a", "a", "a", "d-1", "b", "b", "b"]
+        );
+        for once in [0, 1] {
+            assert_eq!(qids(with_own_repeated(all(), once)), ["a", "d-1", "b"]);
+        }
+        // Not written when it repeats nothing: earlier runs' recipes stay what they were.
+        let mut d = JudgeData {
+            stage: RerankParams::default(),
+            negatives: 3,
+            seed: 1,
+            negatives_by: NegativesSeed::Question,
+            teacher: None,
+            listwise: true,
+            target_weight: 0.0,
+            own_repeat: 1,
+        };
+        assert!(serde_json::to_value(&d)
+            .unwrap()
+            .get("own_repeat")
+            .is_none());
+        d.own_repeat = 2;
+        assert_eq!(serde_json::to_value(&d).unwrap()["own_repeat"], 2);
     }
 
     /// Kept teacher scores are found by the question the teacher read, whatever the query's id
