@@ -381,6 +381,29 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     }
     let loss = |s: &serde_json::Value| s["loss"].as_f64().unwrap();
     assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
+    // Every step is an epoch of the same 2 lists: after the first, their frozen layers' states
+    // are remembered, not computed — and the adapter is the same bytes as a run that computes
+    // them every time.
+    let reused: Vec<f64> = steps
+        .iter()
+        .map(|s| s["lower_reused"].as_f64().unwrap())
+        .collect();
+    assert_eq!(reused, [0.0, 1.0, 1.0, 1.0, 1.0, 1.0], "{log}");
+    let plain = dir.path().join("judge-no-memo");
+    let (ok, err) = judge(
+        &plain,
+        &["--steps", "6", "--lr", "1e-2", "--frozen-memo-gb", "0"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::read(plain.join("adapter.safetensors")).unwrap()
+            == std::fs::read(out.join("adapter.safetensors")).unwrap()
+    );
+    let log0 = std::fs::read_to_string(plain.join("log.jsonl")).unwrap();
+    assert!(
+        log0.lines().all(|l| l.contains("\"lower_reused\":0.0")),
+        "{log0}"
+    );
     // What it learnt from is recorded in train.json and in the adapter.
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
@@ -763,6 +786,10 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
         (&["--judge-listwise"][..], "add --judge"),
         (&["--judge-target-weight", "0.5"][..], "add --judge"),
         (&["--judge-own-repeat", "2"][..], "add --judge"),
+        (
+            &["--judge", "--frozen-memo-gb=-1"][..],
+            "--frozen-memo-gb -1: a size in GiB",
+        ),
         (
             &["--judge", "--judge-own-repeat", "0"][..],
             "--judge-own-repeat 0: each list is learnt at least once",

@@ -31,6 +31,11 @@ pub(crate) struct TrainArgs {
     /// (exact) instead of the inference model's prompt prefill (faster; the default).
     #[arg(long)]
     pub(crate) exact_lower: bool,
+    /// Fine-tuning (--sft, --judge): remember the frozen layers' states of the examples up to
+    /// this many GiB, so that every epoch after the first runs only the adapted layers (the
+    /// same adapter as without; 0: compute them every time).
+    #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+    pub(crate) frozen_memo_gb: f64,
     /// Rollout temperature.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) temperature: f64,
@@ -310,6 +315,12 @@ fn train_cmd(
     judge: Option<JudgeJob>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
     use mrrec_llm_local::model::Proj;
+    if !(args.frozen_memo_gb >= 0.0 && args.frozen_memo_gb.is_finite()) {
+        bail!(
+            "--frozen-memo-gb {}: a size in GiB, 0 or more (0: remember nothing)",
+            args.frozen_memo_gb
+        );
+    }
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }
@@ -492,6 +503,7 @@ fn train_cmd(
             greedy_calls,
             exact_lower: args.exact_lower,
             batched_rollouts: !args.sequential_rollouts,
+            frozen_memo_bytes: (args.frozen_memo_gb.max(0.0) * (1u64 << 30) as f64) as usize,
             ..Default::default()
         },
         out: args.out.clone(),

@@ -251,14 +251,25 @@ pub fn judge_step(model: &str, items: usize) -> Result<Value> {
             allowed: &allowed,
         })
         .collect();
-    // Together: the frozen layers from the dense copy (exact), then from prompt prefill.
+    // Together: the frozen layers from the dense copy (exact), from prompt prefill, and
+    // remembered from an earlier epoch (the trainer's default when fine-tuning: a
+    // [`mrrec_train::FrozenMemo`] filled by an untimed pass over the same request first).
     let mut together = serde_json::Map::new();
-    for name in ["exact", "prefill"] {
+    let mut memo = mrrec_train::FrozenMemo::new(usize::MAX);
+    for name in ["exact", "prefill", "remembered"] {
         let mut cache = mrrec_train::LowerCache::new(4);
-        let lower = if name == "exact" {
-            mrrec_train::Lower::Exact(Some(&mut cache))
-        } else {
-            mrrec_train::Lower::Inference(local.transformer())
+        if name == "remembered" {
+            policy.token_logprobs_shared(
+                &scored,
+                false,
+                64,
+                mrrec_train::Lower::Remembered(local.transformer(), &mut memo),
+            )?;
+        }
+        let lower = match name {
+            "exact" => mrrec_train::Lower::Exact(Some(&mut cache)),
+            "prefill" => mrrec_train::Lower::Inference(local.transformer()),
+            _ => mrrec_train::Lower::Remembered(local.transformer(), &mut memo),
         };
         let t1 = Instant::now();
         let (lps, _) = policy.token_logprobs_shared(&scored, false, 64, lower)?;
@@ -293,9 +304,15 @@ pub fn judge_step(model: &str, items: usize) -> Result<Value> {
             }),
         );
     }
+    let secs = |name: &str| together[name]["seconds"].as_f64().unwrap_or(f64::NAN);
+    let remembered_vs_prefill = secs("remembered") / secs("prefill");
+    eprintln!(
+        "judge step {model}: remembered frozen layers vs prefilled: {remembered_vs_prefill:.2}x the time"
+    );
     Ok(json!({
         "model": model, "requests": items, "tokens": tokens,
         "alone_s": secs_alone, "alone_forward_s": fwd_alone,
+        "ratio_remembered_vs_prefill": remembered_vs_prefill,
         "together": together,
         "peak_rss": status_bytes("VmHWM:"),
     }))

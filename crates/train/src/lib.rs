@@ -18,7 +18,7 @@ pub use grpo::{
     group_advantages, grpo_loss, listwise_mixed_loss, listwise_soft_loss, soft_label_loss, AdamW,
     AdamWParams, GrpoParams, TokenBatch,
 };
-pub use policy::{LoraConfig, Lower, LowerCache, Policy, Scored, Shape};
+pub use policy::{FrozenMemo, LoraConfig, Lower, LowerCache, Policy, Scored, Shape};
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]

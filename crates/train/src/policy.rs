@@ -675,6 +675,14 @@ impl Policy {
                 .map(|s| self.lower(s.tokens, first, cache.as_deref_mut()))
                 .collect::<Result<Vec<_>>>()?,
             Lower::Inference(model) => self.lower_by(model, seqs, first)?,
+            Lower::Remembered(model, memo) => match memo.get(seqs, first) {
+                Some(xs) => xs,
+                None => {
+                    let xs = self.lower_by(model, seqs, first)?;
+                    memo.put(seqs, first, &xs);
+                    xs
+                }
+            },
         };
         let pass = |lora: bool| -> Result<Vec<Tensor>> {
             if shared == 0 || seqs.len() == 1 {
@@ -980,6 +988,91 @@ pub enum Lower<'a> {
     /// (quantised kernels: ~3× faster than the dense f32 layers on Qwen 0.5B, and the very
     /// states generation and scoring start the adapted layers from).
     Inference(&'a mrrec_llm_local::model::Transformer),
+    /// As [`Lower::Inference`], remembering each group's states in a [`FrozenMemo`]: a group
+    /// of sequences scored before is not prefilled again.
+    Remembered(&'a mrrec_llm_local::model::Transformer, &'a mut FrozenMemo),
+}
+
+/// A group's frozen-layer states: the layer they enter, every sequence's tokens, the states.
+type Remembered = (usize, Vec<Vec<u32>>, Vec<Tensor>);
+
+/// The frozen layers' residual streams of groups of sequences scored before
+/// ([`Lower::Remembered`]), up to a budget of bytes. Fine-tuning learns the same examples
+/// every epoch (a judge's lists) and nothing below the adapter changes, so from the second
+/// epoch on only the adapted layers run. Exact: a group is found by all of its sequences'
+/// tokens and the layer, and its states are the ones the same prefill of the same group gave.
+pub struct FrozenMemo {
+    /// Per hash of (layer, every sequence's tokens): the groups with that hash, their tokens
+    /// kept to tell a collision from a hit.
+    groups: std::collections::HashMap<u64, Vec<Remembered>>,
+    budget: usize,
+    used: usize,
+    /// Tokens whose frozen-layer state was remembered.
+    pub hits_tokens: u64,
+    /// Tokens asked for.
+    pub total_tokens: u64,
+}
+
+impl FrozenMemo {
+    /// An empty memo holding at most `budget` bytes of states (0: remembers nothing). Groups
+    /// are kept first come; once it is full, later ones are computed every time.
+    pub fn new(budget: usize) -> Self {
+        FrozenMemo {
+            groups: std::collections::HashMap::new(),
+            budget,
+            used: 0,
+            hits_tokens: 0,
+            total_tokens: 0,
+        }
+    }
+
+    /// Bytes of states held.
+    pub fn bytes(&self) -> usize {
+        self.used
+    }
+
+    fn key(seqs: &[Scored<'_>], upto: usize) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        upto.hash(&mut h);
+        for s in seqs {
+            s.tokens.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn get(&mut self, seqs: &[Scored<'_>], upto: usize) -> Option<Vec<Tensor>> {
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        self.total_tokens += n as u64;
+        let found = self
+            .groups
+            .get(&Self::key(seqs, upto))?
+            .iter()
+            .find(|(layer, tokens, _)| {
+                *layer == upto
+                    && tokens.len() == seqs.len()
+                    && tokens.iter().zip(seqs).all(|(t, s)| t[..] == *s.tokens)
+            })
+            .map(|(_, _, xs)| xs.clone())?;
+        self.hits_tokens += n as u64;
+        Some(found)
+    }
+
+    fn put(&mut self, seqs: &[Scored<'_>], upto: usize, xs: &[Tensor]) {
+        let bytes: usize = xs
+            .iter()
+            .map(|x| x.elem_count() * x.dtype().size_in_bytes())
+            .sum();
+        if self.used + bytes > self.budget {
+            return;
+        }
+        self.used += bytes;
+        self.groups.entry(Self::key(seqs, upto)).or_default().push((
+            upto,
+            seqs.iter().map(|s| s.tokens.to_vec()).collect(),
+            xs.to_vec(),
+        ));
+    }
 }
 
 /// One sequence to score ([`Policy::token_logprobs_shared`]): its tokens, the first scored

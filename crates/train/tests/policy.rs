@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use mrrec_llm_local::model::Proj;
 use mrrec_train::softmax::{causal_softmax, composed_causal_softmax};
 use mrrec_train::{
-    group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, GrpoParams, LoraConfig,
-    Lower, LowerCache, Policy, Scored, Shape, TokenBatch,
+    group_advantages, grpo_loss, soft_label_loss, AdamW, AdamWParams, FrozenMemo, GrpoParams,
+    LoraConfig, Lower, LowerCache, Policy, Scored, Shape, TokenBatch,
 };
 use rand::SeedableRng;
 
@@ -242,6 +242,54 @@ fn the_inference_models_frozen_layers_feed_the_adapter_as_the_dense_ones_do() {
     {
         assert!((a - b).abs() < 1e-3, "alone {a} vs in a batch {b}");
     }
+    // Remembered: the first time computed as the prefill does, the second time found (every
+    // token) and the same bits; another group (a part of it) is not found; a budget too small
+    // holds nothing and computes every time.
+    let mut memo = FrozenMemo::new(1 << 30);
+    for round in 1..=2u64 {
+        let (got, _) = p
+            .token_logprobs_shared(
+                &scored,
+                false,
+                64,
+                Lower::Remembered(m.transformer(), &mut memo),
+            )
+            .unwrap();
+        for (a, f) in got.iter().zip(&fast) {
+            assert_eq!(a.to_vec1::<f32>().unwrap(), f.to_vec1::<f32>().unwrap());
+        }
+        assert_eq!(
+            memo.hits_tokens * 2,
+            memo.total_tokens * (round - 1),
+            "round {round}"
+        );
+    }
+    assert!(memo.bytes() > 0);
+    let (total, hits) = (memo.total_tokens, memo.hits_tokens);
+    let (part, _) = p
+        .token_logprobs_shared(
+            &scored[1..2],
+            false,
+            64,
+            Lower::Remembered(m.transformer(), &mut memo),
+        )
+        .unwrap();
+    assert_eq!(
+        part[0].to_vec1::<f32>().unwrap(),
+        alone[0].to_vec1::<f32>().unwrap()
+    );
+    assert!(memo.total_tokens > total && memo.hits_tokens == hits);
+    let mut none = FrozenMemo::new(1);
+    for _ in 0..2 {
+        p.token_logprobs_shared(
+            &scored,
+            false,
+            64,
+            Lower::Remembered(m.transformer(), &mut none),
+        )
+        .unwrap();
+    }
+    assert_eq!((none.bytes(), none.hits_tokens), (0, 0));
     // A cache filled below a layer only serves that: prefill from it is refused, not wrong.
     let t = m.transformer();
     let mut c = t.new_cache();
