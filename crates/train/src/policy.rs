@@ -411,7 +411,8 @@ impl Policy {
         }
     }
 
-    /// Causal attention of the rows `offset..offset + t` (q, k, v: (t, width)) over `past`
+    /// Causal attention of the rows `offset..offset + t` (k, v: (t, width); q: (m, width), the
+    /// last m ≤ t of them, whose outputs alone are computed) over `past`
     /// keys and values of positions `0..offset` (rotated, (kv heads, offset, head dim)) and
     /// their own, each row seeing the positions up to its own ([`crate::softmax::causal_softmax`],
     /// which keeps 2 rather than 6 attention-sized tensors in the graph). Returns the output
@@ -423,12 +424,15 @@ impl Policy {
         v: &Tensor,
         past: Option<&(Tensor, Tensor)>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
-        let (t, _) = q.dims2()?;
+        let (m, _) = q.dims2()?;
+        let (t, _) = k.dims2()?;
         let offset = past.map_or(Ok(0), |(k, _)| k.dim(1))?;
         let (nh, nkv, hd) = (self.shape.heads, self.shape.kv_heads, self.shape.head_dim());
+        // The queries may be the last m of the t rows (the causal softmax's rows are the last
+        // of its columns either way).
         let q = self.rope(
-            &q.reshape((t, nh, hd))?.transpose(0, 1)?.contiguous()?,
-            offset,
+            &q.reshape((m, nh, hd))?.transpose(0, 1)?.contiguous()?,
+            offset + t - m,
         )?;
         let k = self.rope(
             &k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?,
@@ -457,7 +461,7 @@ impl Policy {
             crate::softmax::composed_causal_softmax
         };
         let att = softmax(&q.matmul(&ke.t()?)?, 1.0 / (hd as f64).sqrt())?;
-        let y = att.matmul(&ve)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let y = att.matmul(&ve)?.transpose(0, 1)?.reshape((m, nh * hd))?;
         Ok((y, (k, v)))
     }
 
@@ -478,20 +482,32 @@ impl Policy {
         Ok(())
     }
 
+    /// Layer `li` on the residual stream `x` (t rows after `past`'s): the output of its last
+    /// `rows` rows (all when `None`) and the keys and values of all of them, past included.
     fn layer(
         &self,
         li: usize,
         x: Tensor,
         past: Option<&(Tensor, Tensor)>,
         lora: bool,
+        rows: Option<usize>,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let l = &self.layers[li];
+        let t = x.dim(0)?;
+        let m = rows.map_or(t, |r| r.clamp(1, t));
         let h = self.rms(&x, &l.attn_norm)?;
-        let q = self.proj(li, Proj::Q, l, &h, lora)?;
+        let last = |a: &Tensor| {
+            if m < t {
+                a.narrow(0, t - m, m)
+            } else {
+                Ok(a.clone())
+            }
+        };
+        let q = self.proj(li, Proj::Q, l, &last(&h)?, lora)?;
         let k = self.proj(li, Proj::K, l, &h, lora)?;
         let v = self.proj(li, Proj::V, l, &h, lora)?;
         let (y, kv) = self.attention(&q, &k, &v, past)?;
-        let x = (self.proj(li, Proj::O, l, &y, lora)? + x)?;
+        let x = (self.proj(li, Proj::O, l, &y, lora)? + last(&x)?)?;
         let h = self.rms(&x, &l.ffn_norm)?;
         let g = self.proj(li, Proj::Gate, l, &h, lora)?.silu()?;
         let u = self.proj(li, Proj::Up, l, &h, lora)?;
@@ -521,7 +537,7 @@ impl Policy {
                 }
                 None => None,
             };
-            let (y, kv) = self.layer(li, x, past.as_ref(), false)?;
+            let (y, kv) = self.layer(li, x, past.as_ref(), false, None)?;
             x = y;
             kvs.push(kv);
         }
@@ -544,23 +560,27 @@ impl Policy {
 
     /// Layers from `from` up and the final norm, on the residual stream `x`.
     fn upper(&self, x: Tensor, from: usize, lora: bool) -> Result<Tensor> {
-        let (x, _) = self.upper_layers(x, from, lora, None)?;
+        let (x, _) = self.upper_layers(x, from, lora, None, None)?;
         Ok(self.rms(&x, &self.norm)?)
     }
 
     /// Layers from `from` up (no final norm) on the residual stream `x` of the positions after
     /// `past`'s (per layer from `from`: keys and values of the positions before), returning
     /// the stream and each layer's keys and values, past included.
+    /// With `last_rows`, the top layer computes only the output of the last that many rows
+    /// (the positions a loss reads; every row's keys and values below it are still needed).
     fn upper_layers(
         &self,
         mut x: Tensor,
         from: usize,
         lora: bool,
         past: Option<&[(Tensor, Tensor)]>,
+        last_rows: Option<usize>,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let mut kvs = Vec::with_capacity(self.shape.layers.saturating_sub(from));
         for li in from..self.shape.layers {
-            let (y, kv) = self.layer(li, x, past.and_then(|p| p.get(li - from)), lora)?;
+            let rows = last_rows.filter(|_| li + 1 == self.shape.layers);
+            let (y, kv) = self.layer(li, x, past.and_then(|p| p.get(li - from)), lora, rows)?;
             x = y;
             kvs.push(kv);
         }
@@ -696,14 +716,18 @@ impl Policy {
                     .collect();
             }
             let (_, past) =
-                self.upper_layers(lowers[0].narrow(0, 0, shared)?, first, lora, None)?;
+                self.upper_layers(lowers[0].narrow(0, 0, shared)?, first, lora, None, None)?;
             seqs.iter()
                 .zip(&lowers)
                 .map(|(s, x)| {
-                    let rest = x.narrow(0, shared, s.tokens.len() - shared)?;
-                    let (h, _) = self.upper_layers(rest, first, lora, Some(&past))?;
+                    // The scored tokens s.from.. are read from the rows before each, s.from − 1
+                    // up to the second-to-last: the last row feeds nothing (causal), and the top
+                    // layer computes only the rows read (a judge's item: one).
+                    let read = s.tokens.len() - s.from;
+                    let rest = x.narrow(0, shared, s.tokens.len() - 1 - shared)?;
+                    let (h, _) = self.upper_layers(rest, first, lora, Some(&past), Some(read))?;
                     let h = self.rms(&h, &self.norm)?;
-                    self.logprobs_of(&h, &s.tokens[shared..], s.from - shared, s.allowed, chunk)
+                    self.logprobs_of(&h, &s.tokens[s.from - 1..], 1, s.allowed, chunk)
                 })
                 .collect()
         };
