@@ -392,7 +392,6 @@ pub fn judge_examples(
         "skipped": skipped,
         "target_in_top": in_top,
         "calls": calls,
-        "kept": examples.len(),
     });
     if teacher.is_some() {
         let labels: Vec<f32> = examples
@@ -415,11 +414,11 @@ pub fn judge_examples(
             source["teacher_mean_yes_target"].as_f64().unwrap_or(0.0)
         );
     }
-    // Repeated lists are learnt more often, not counted again: `kept` is what an epoch holds.
+    // Repeated lists are learnt more often: `queries` counts each once, `kept` is what an
+    // epoch holds.
     if data.own_repeat > 1 {
         let own = examples.iter().filter(|(_, own)| *own).count();
         source["own_lists"] = serde_json::json!(own);
-        source["kept"] = serde_json::json!(examples.len() + own * (data.own_repeat - 1));
         eprintln!(
             "{own} of {} lists are the data's own requests, each learnt {} times an epoch",
             examples.len(),
@@ -427,6 +426,7 @@ pub fn judge_examples(
         );
     }
     let examples = with_own_repeated(examples, data.own_repeat);
+    source["kept"] = serde_json::json!(examples.len());
     Ok(Sft {
         examples,
         source,

@@ -1017,8 +1017,8 @@ pub enum Lower<'a> {
     Remembered(&'a mrrec_llm_local::model::Transformer, &'a mut FrozenMemo),
 }
 
-/// A group's frozen-layer states: the layer they enter, every sequence's tokens, the states.
-type Remembered = (usize, Vec<Vec<u32>>, Vec<Tensor>);
+/// A group of sequences below a layer: the layer they enter and every sequence's tokens.
+type GroupKey = (usize, Vec<Vec<u32>>);
 
 /// The frozen layers' residual streams of groups of sequences scored before
 /// ([`Lower::Remembered`]), up to a budget of bytes. Fine-tuning learns the same examples
@@ -1026,9 +1026,7 @@ type Remembered = (usize, Vec<Vec<u32>>, Vec<Tensor>);
 /// epoch on only the adapted layers run. Exact: a group is found by all of its sequences'
 /// tokens and the layer, and its states are the ones the same prefill of the same group gave.
 pub struct FrozenMemo {
-    /// Per hash of (layer, every sequence's tokens): the groups with that hash, their tokens
-    /// kept to tell a collision from a hit.
-    groups: std::collections::HashMap<u64, Vec<Remembered>>,
+    groups: std::collections::HashMap<GroupKey, Vec<Tensor>>,
     budget: usize,
     used: usize,
     /// Tokens whose frozen-layer state was remembered.
@@ -1055,29 +1053,14 @@ impl FrozenMemo {
         self.used
     }
 
-    fn key(seqs: &[Scored<'_>], upto: usize) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        upto.hash(&mut h);
-        for s in seqs {
-            s.tokens.hash(&mut h);
-        }
-        h.finish()
+    fn key(seqs: &[Scored<'_>], upto: usize) -> GroupKey {
+        (upto, seqs.iter().map(|s| s.tokens.to_vec()).collect())
     }
 
     fn get(&mut self, seqs: &[Scored<'_>], upto: usize) -> Option<Vec<Tensor>> {
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         self.total_tokens += n as u64;
-        let found = self
-            .groups
-            .get(&Self::key(seqs, upto))?
-            .iter()
-            .find(|(layer, tokens, _)| {
-                *layer == upto
-                    && tokens.len() == seqs.len()
-                    && tokens.iter().zip(seqs).all(|(t, s)| t[..] == *s.tokens)
-            })
-            .map(|(_, _, xs)| xs.clone())?;
+        let found = self.groups.get(&Self::key(seqs, upto))?.clone();
         self.hits_tokens += n as u64;
         Some(found)
     }
@@ -1091,11 +1074,7 @@ impl FrozenMemo {
             return;
         }
         self.used += bytes;
-        self.groups.entry(Self::key(seqs, upto)).or_default().push((
-            upto,
-            seqs.iter().map(|s| s.tokens.to_vec()).collect(),
-            xs.to_vec(),
-        ));
+        self.groups.insert(Self::key(seqs, upto), xs.to_vec());
     }
 }
 
