@@ -896,6 +896,8 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     assert_eq!(judge["stage"]["depth"], 4, "{cfg}");
     assert_eq!(judge["negatives"], 3, "{cfg}");
     assert_eq!(judge["listwise"], true, "{cfg}");
+    // The item bought is mixed into the teacher's lists with weight .3 unless told otherwise.
+    assert_eq!(judge["target_weight"], 0.3, "{cfg}");
     assert!(
         judge["teacher"]
             .as_str()
@@ -938,12 +940,14 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     assert!(!ok);
     assert!(stderr.contains("depth: 4 then, 5 now"), "{stderr}");
     assert_eq!(steps_logged(&run), vec![1, 2, 3]);
-    // The target mixed into the teacher's lists is a setting of the recipe (absent when 0).
-    assert!(recipe.get("target_weight").is_none(), "{recipe}");
-    let (ok, _, stderr) = distil("3", "4", &["--target-weight", "0.3"]);
+    // The target mixed into the teacher's lists is a setting of the recipe (.3 by default): a
+    // rerun without it is refused too, told the flag that repeats it.
+    assert_eq!(recipe["target_weight"], 0.3, "{recipe}");
+    let (ok, _, stderr) = distil("3", "4", &["--target-weight", "0"]);
     assert!(!ok);
     assert!(
-        stderr.contains("target_weight: null then, 0.3 now"),
+        stderr
+            .contains("target_weight: 0.3 then, 0 now): rerun with --target-weight 0.3 to resume"),
         "{stderr}"
     );
     assert_eq!(steps_logged(&run), vec![1, 2, 3]);
@@ -1031,6 +1035,8 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
             kept.to_str().unwrap(),
             "--own-repeat",
             "3",
+            "--target-weight",
+            "0",
         ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1042,6 +1048,7 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
         serde_json::from_str(&std::fs::read_to_string(plain.join("recipe.json")).unwrap()).unwrap();
     assert!(recipe.get("teacher_scores").is_none(), "{recipe}");
     assert_eq!(recipe["own_repeat"], 3, "{recipe}");
+    assert!(recipe.get("target_weight").is_none(), "{recipe}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(plain.join("train/train.json")).unwrap())
             .unwrap();
