@@ -1064,11 +1064,11 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
         )),
         "{err}"
     );
-    // Repeating nothing is not written: the first run's recipe has no such key.
+    // The real requests' lists are learnt twice by default.
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("train/train.json")).unwrap())
             .unwrap();
-    assert!(cfg["sft"]["judge"].get("own_repeat").is_none(), "{cfg}");
+    assert_eq!(cfg["sft"]["judge"]["own_repeat"], 2, "{cfg}");
     // No request, history or snapshot of a fold-1 user reached the data it learnt from.
     let ds =
         mrrec_data::Dataset::load(&out.join("data"), None, &mrrec_data::LoadOptions::default())
