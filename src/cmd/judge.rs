@@ -118,17 +118,20 @@ fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
     if let Some(f) = &a.hold_out {
         r["hold_out"] = serde_json::json!(f.to_string());
     }
-    if a.target_weight != 0.0 {
-        r["target_weight"] = serde_json::json!(a.target_weight);
-    }
-    if a.own_repeat != 1 {
-        r["own_repeat"] = serde_json::json!(a.own_repeat);
+    let later = [
+        ("target_weight", serde_json::json!(a.target_weight)),
+        ("own_repeat", serde_json::json!(a.own_repeat)),
+    ];
+    for (k, v) in later {
+        if !same(&v, &setting(&serde_json::Value::Null, k)) {
+            r[k] = v;
+        }
     }
     r
 }
 
-/// Settings written only when they differ from what a recipe meant before they existed, and
-/// that value: a folder whose recipe lacks one was started with it.
+/// Settings added to the recipe later, and what a recipe without one meant: written only when
+/// they differ from it, so a folder started before a setting existed still resumes.
 const WRITTEN_WHEN_SET: [(&str, u64); 2] = [("target_weight", 0), ("own_repeat", 1)];
 
 /// A recipe's setting, an unwritten one read as what it meant then (`null`: not given).
@@ -139,6 +142,14 @@ fn setting(r: &serde_json::Value, k: &str) -> serde_json::Value {
             .iter()
             .find(|(name, _)| *name == k)
             .map_or(serde_json::Value::Null, |(_, v)| serde_json::json!(v)),
+    }
+}
+
+/// Two settings' values equal, a number whichever way it was written (1 and 1.0).
+fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -170,11 +181,7 @@ fn recipe_differences(was: &serde_json::Value, now: &serde_json::Value) -> Vec<(
     keys.into_iter()
         .filter_map(|k| {
             let (then, at) = (setting(was, k), setting(now, k));
-            let same = match (then.as_f64(), at.as_f64()) {
-                (Some(x), Some(y)) => x == y,
-                _ => then == at,
-            };
-            (!same).then(|| (format!("{k}: {then} then, {at} now"), flag(k, &then)))
+            (!same(&then, &at)).then(|| (format!("{k}: {then} then, {at} now"), flag(k, &then)))
         })
         .collect()
 }
@@ -386,64 +393,69 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn said(was: serde_json::Value, now: serde_json::Value) -> Vec<(String, String)> {
-        recipe_differences(&was, &now)
-    }
-
     #[test]
     fn a_rerun_is_refused_for_any_setting_either_recipe_names_with_the_flags_that_repeat_the_first()
     {
         let base = json!({"data": "d", "depth": 20, "hold_out": "1/2", "teacher_url": null});
-        assert!(said(base.clone(), base.clone()).is_empty());
-        // A setting only the rerun gives, only the first gave, or given differently.
-        let mut now = base.clone();
-        now["depth"] = json!(10);
-        assert_eq!(
-            said(base.clone(), now),
-            vec![("depth: 20 then, 10 now".into(), "--depth 20".into())]
-        );
-        let mut now = base.clone();
-        now.as_object_mut().unwrap().remove("hold_out");
-        assert_eq!(
-            said(base.clone(), now.clone()),
-            vec![(
-                "hold_out: \"1/2\" then, null now".into(),
-                "--hold-out 1/2".into()
-            )]
-        );
-        assert_eq!(
-            said(now, base.clone()),
-            vec![(
-                "hold_out: null then, \"1/2\" now".into(),
-                "without --hold-out".into()
-            )]
-        );
-        // An unwritten α or repetition is what it meant before it existed: 0 and 1.
-        let mut mixed = base.clone();
-        mixed["target_weight"] = json!(0.3);
-        assert_eq!(
-            said(base.clone(), mixed.clone()),
-            vec![(
-                "target_weight: 0 then, 0.3 now".into(),
-                "--target-weight 0".into()
-            )]
-        );
-        assert_eq!(
-            said(mixed, base.clone()),
-            vec![(
-                "target_weight: 0.3 then, 0 now".into(),
-                "--target-weight 0.3".into()
-            )]
-        );
-        let mut once = base.clone();
-        once["own_repeat"] = json!(1);
-        once["target_weight"] = json!(0.0);
-        assert!(said(base.clone(), once).is_empty());
-        let mut twice = base.clone();
-        twice["own_repeat"] = json!(2);
-        assert_eq!(
-            said(twice, base),
-            vec![("own_repeat: 2 then, 1 now".into(), "--own-repeat 2".into())]
-        );
+        let with = |k: &str, v: Option<serde_json::Value>| {
+            let mut r = base.clone();
+            match v {
+                Some(v) => r[k] = v,
+                None => drop(r.as_object_mut().unwrap().remove(k)),
+            }
+            r
+        };
+        let mixed = with("target_weight", Some(json!(0.3)));
+        let cases = [
+            (base.clone(), base.clone(), None),
+            // A setting given differently, only by the first run, or only by the rerun.
+            (
+                base.clone(),
+                with("depth", Some(json!(10))),
+                Some(("depth: 20 then, 10 now", "--depth 20")),
+            ),
+            (
+                base.clone(),
+                with("hold_out", None),
+                Some(("hold_out: \"1/2\" then, null now", "--hold-out 1/2")),
+            ),
+            (
+                with("hold_out", None),
+                base.clone(),
+                Some(("hold_out: null then, \"1/2\" now", "without --hold-out")),
+            ),
+            // An unwritten α or repetition is what it meant before it existed: 0 and 1.
+            (
+                base.clone(),
+                mixed.clone(),
+                Some(("target_weight: 0 then, 0.3 now", "--target-weight 0")),
+            ),
+            (
+                mixed,
+                base.clone(),
+                Some(("target_weight: 0.3 then, 0 now", "--target-weight 0.3")),
+            ),
+            (
+                base.clone(),
+                json!({"data": "d", "depth": 20, "hold_out": "1/2", "teacher_url": null, "own_repeat": 1, "target_weight": 0.0}),
+                None,
+            ),
+            (
+                with("own_repeat", Some(json!(2))),
+                base.clone(),
+                Some(("own_repeat: 2 then, 1 now", "--own-repeat 2")),
+            ),
+        ];
+        for (was, now, want) in cases {
+            let want: Vec<(String, String)> = want
+                .into_iter()
+                .map(|(w, f)| (w.into(), f.into()))
+                .collect();
+            assert_eq!(
+                recipe_differences(&was, &now),
+                want,
+                "{was} then, {now} now"
+            );
+        }
     }
 }
