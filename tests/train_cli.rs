@@ -986,6 +986,47 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     assert_eq!(judged, 4, "{text}");
 }
 
+/// Settings distil-judge cannot train with are refused before anything is derived or asked of
+/// the teacher (the training step would refuse them only after ~45 minutes of both), the out
+/// folder not even created.
+#[test]
+fn distil_judge_refuses_a_setting_it_cannot_train_with_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("distil");
+    for (extra, want) in [
+        (
+            &["--lora-targets", "q,mlp"][..],
+            "unknown LoRA target \"mlp\" (q,k,v,o,gate,up,down)",
+        ),
+        (
+            &["--lora-layers", "0"][..],
+            "an adapter needs rank 1 and one layer at least",
+        ),
+        (
+            &["--lora-rank", "0"][..],
+            "an adapter needs rank 1 and one layer at least",
+        ),
+        (&["--depth", "1"][..], "a list needs 2 items at least"),
+        (
+            &["--per-user", "0", "--users", "3"][..],
+            "--per-user 0 derives none: drop one",
+        ),
+    ] {
+        let o = tiny("distil-judge")
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{extra:?}: {err}"
+        );
+        assert!(!out.exists(), "{extra:?}");
+    }
+}
+
 /// Cross-validation of the recipe inside `train`: `distil-judge --hold-out 1/2` derives from
 /// and trains on the other fold's users only, the adapter is checked with `eval --split train
 /// --fold 1/2`, and `compare` joins the folds' runs into one paired comparison.
@@ -1037,6 +1078,10 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
             "3",
             "--target-weight",
             "0",
+            "--lora-layers",
+            "2",
+            "--lora-targets",
+            "q, v",
         ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1049,9 +1094,19 @@ fn distil_judge_holds_a_fold_out_and_the_folds_runs_compare_as_one() {
     assert!(recipe.get("teacher_scores").is_none(), "{recipe}");
     assert_eq!(recipe["own_repeat"], 3, "{recipe}");
     assert!(recipe.get("target_weight").is_none(), "{recipe}");
+    // The adapter's size is the recipe's too, the targets as one list however spaced; the
+    // rank left at its default is not written.
+    assert_eq!(recipe["lora_layers"], 2, "{recipe}");
+    assert_eq!(recipe["lora_targets"], "q,v", "{recipe}");
+    assert!(recipe.get("lora_rank").is_none(), "{recipe}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(plain.join("train/train.json")).unwrap())
             .unwrap();
+    let lora = cfg["lora"].as_str().unwrap();
+    assert!(
+        lora.contains("rank: 8") && lora.contains("targets: [Q, V]") && lora.contains("layers: 2"),
+        "{lora}"
+    );
     let sft = &cfg["sft"];
     assert_eq!(sft["judge"]["own_repeat"], 3, "{cfg}");
     // Its 2 lists, each of an own request 3 times: what an epoch holds.

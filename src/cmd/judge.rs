@@ -78,6 +78,18 @@ pub(crate) struct DistilJudgeCmd {
     /// lists found in none. Not part of the recipe: the scores are the same teacher's.
     #[arg(long, value_name = "FILE")]
     pub(crate) teacher_scores: Vec<PathBuf>,
+    /// The adapter's size: LoRA rank (`train --lora-rank`).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) lora_rank: usize,
+    /// The adapter's size: the top this-many layers adapted (`train --lora-layers`; the frozen
+    /// layers below are computed once per request and remembered, so more adapted layers cost
+    /// more per step).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) lora_layers: usize,
+    /// The adapter's size: projections adapted in each of those layers (q,k,v,o,gate,up,down;
+    /// `train --lora-targets`).
+    #[arg(long, default_value = "q,k,v,o")]
+    pub(crate) lora_targets: String,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -121,28 +133,43 @@ fn recipe(a: &DistilJudgeCmd) -> serde_json::Value {
     let later = [
         ("target_weight", serde_json::json!(a.target_weight)),
         ("own_repeat", serde_json::json!(a.own_repeat)),
+        ("lora_rank", serde_json::json!(a.lora_rank)),
+        ("lora_layers", serde_json::json!(a.lora_layers)),
+        (
+            "lora_targets",
+            serde_json::json!(targets_written(&a.lora_targets)),
+        ),
     ];
     for (k, v) in later {
-        if !same(&v, &setting(&serde_json::Value::Null, k)) {
+        if !same(&v, &unwritten(k)) {
             r[k] = v;
         }
     }
     r
 }
 
-/// Settings added to the recipe later, and what a recipe without one meant: written only when
-/// they differ from it, so a folder started before a setting existed still resumes.
-const WRITTEN_WHEN_SET: [(&str, u64); 2] = [("target_weight", 0), ("own_repeat", 1)];
+/// `--lora-targets` as the recipe keeps it: "q, v" and "q,v" are the same adapter.
+fn targets_written(list: &str) -> String {
+    list.split(',').map(str::trim).collect::<Vec<_>>().join(",")
+}
 
-/// A recipe's setting, an unwritten one read as what it meant then (`null`: not given).
-fn setting(r: &serde_json::Value, k: &str) -> serde_json::Value {
-    match r.get(k) {
-        Some(v) => v.clone(),
-        None => WRITTEN_WHEN_SET
-            .iter()
-            .find(|(name, _)| *name == k)
-            .map_or(serde_json::Value::Null, |(_, v)| serde_json::json!(v)),
+/// Settings added to the recipe later, and what a recipe without one meant: written only when
+/// they differ from it, so a folder started before a setting existed still resumes (`null`:
+/// a setting that was always written, or not given).
+fn unwritten(k: &str) -> serde_json::Value {
+    match k {
+        "target_weight" => serde_json::json!(0),
+        "own_repeat" => serde_json::json!(1),
+        "lora_rank" => serde_json::json!(8),
+        "lora_layers" => serde_json::json!(4),
+        "lora_targets" => serde_json::json!("q,k,v,o"),
+        _ => serde_json::Value::Null,
     }
+}
+
+/// A recipe's setting, an unwritten one read as what it meant then.
+fn setting(r: &serde_json::Value, k: &str) -> serde_json::Value {
+    r.get(k).cloned().unwrap_or_else(|| unwritten(k))
 }
 
 /// Two settings' values equal, a number whichever way it was written (1 and 1.0).
@@ -223,6 +250,14 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
         a.depth
     );
     anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
+    anyhow::ensure!(
+        a.lora_rank >= 1 && a.lora_layers >= 1,
+        "--lora-rank {} --lora-layers {}: an adapter needs rank 1 and one layer at least",
+        a.lora_rank,
+        a.lora_layers
+    );
+    // Checked before the derivation and the teacher, not after them at the training step.
+    crate::cmd::train::lora_targets(&a.lora_targets)?;
     if a.per_user == 0 && a.users.is_some() {
         bail!("--users says whose purchases are derived, but --per-user 0 derives none: drop one");
     }
@@ -313,11 +348,11 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
         "--lr",
         "1e-3",
         "--lora-rank",
-        "8",
+        &a.lora_rank.to_string(),
         "--lora-layers",
-        "4",
+        &a.lora_layers.to_string(),
         "--lora-targets",
-        "q,k,v,o",
+        &targets_written(&a.lora_targets),
         "--kl",
         "0",
         "--val-every",
@@ -444,6 +479,26 @@ mod tests {
                 with("own_repeat", Some(json!(2))),
                 base.clone(),
                 Some(("own_repeat: 2 then, 1 now", "--own-repeat 2")),
+            ),
+            // The adapter's size: unwritten is the size before it was a flag (rank 8, the top 4
+            // layers' q,k,v,o).
+            (
+                base.clone(),
+                json!({"data": "d", "depth": 20, "hold_out": "1/2", "teacher_url": null, "lora_rank": 8, "lora_layers": 4, "lora_targets": "q,k,v,o"}),
+                None,
+            ),
+            (
+                with("lora_layers", Some(json!(8))),
+                base.clone(),
+                Some(("lora_layers: 8 then, 4 now", "--lora-layers 8")),
+            ),
+            (
+                base.clone(),
+                with("lora_targets", Some(json!("q,k,v,o,gate,up,down"))),
+                Some((
+                    "lora_targets: \"q,k,v,o\" then, \"q,k,v,o,gate,up,down\" now",
+                    "--lora-targets q,k,v,o",
+                )),
             ),
         ];
         for (was, now, want) in cases {

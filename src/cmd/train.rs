@@ -180,6 +180,25 @@ fn check_anchor(train: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--lora-targets`: the projections adapted, comma-separated (q,k,v,o,gate,up,down).
+pub(crate) fn lora_targets(list: &str) -> Result<Vec<mrrec_llm_local::model::Proj>> {
+    use mrrec_llm_local::model::Proj;
+    list.split(',')
+        .map(|t| match t.trim() {
+            "q" => Ok(Proj::Q),
+            "k" => Ok(Proj::K),
+            "v" => Ok(Proj::V),
+            "o" => Ok(Proj::O),
+            "gate" => Ok(Proj::Gate),
+            "up" => Ok(Proj::Up),
+            "down" => Ok(Proj::Down),
+            o => Err(anyhow::anyhow!(
+                "unknown LoRA target {o:?} (q,k,v,o,gate,up,down)"
+            )),
+        })
+        .collect()
+}
+
 pub(crate) fn run(a: TrainCmd) -> Result<()> {
     if (a.train.sft_as_free || a.train.sft_anchor) && a.train.sft.is_none() {
         bail!("--sft-as-free and --sft-anchor say how to learn a rollouts file: give it with --sft FILE");
@@ -314,7 +333,6 @@ fn train_cmd(
     allow_nothing: bool,
     judge: Option<JudgeJob>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
-    use mrrec_llm_local::model::Proj;
     if !(args.frozen_memo_gb >= 0.0 && args.frozen_memo_gb.is_finite()) {
         bail!(
             "--frozen-memo-gb {}: a size in GiB, 0 or more (0: remember nothing)",
@@ -325,22 +343,7 @@ fn train_cmd(
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }
     data.ensure_train_rows("`mrrec train`")?;
-    let targets = args
-        .lora_targets
-        .split(',')
-        .map(|t| match t.trim() {
-            "q" => Ok(Proj::Q),
-            "k" => Ok(Proj::K),
-            "v" => Ok(Proj::V),
-            "o" => Ok(Proj::O),
-            "gate" => Ok(Proj::Gate),
-            "up" => Ok(Proj::Up),
-            "down" => Ok(Proj::Down),
-            o => Err(anyhow::anyhow!(
-                "unknown LoRA target {o:?} (q,k,v,o,gate,up,down)"
-            )),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let targets = lora_targets(&args.lora_targets)?;
     let weights = reward_weights(&args.reward_weights, &args.rec_cutoffs)?;
     let cfg = assistant.config()?;
     let greedy_calls = greedy_calls(sample, &cfg)?;
