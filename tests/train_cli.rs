@@ -930,27 +930,37 @@ fn distil_judge_derives_scores_trains_and_resumes_in_one_command() {
     assert!(!stderr.contains("targets:"), "{stderr}");
     assert_eq!(steps_logged(&run), vec![1, 2]);
     assert_eq!(std::fs::read(&adapter).unwrap(), bytes);
-    // More steps train on from the last checkpoint.
-    let (ok, _, stderr) = distil("3", "4", &[]);
+    // More steps train on from the last checkpoint. Each step is an epoch of the 2 lists: the
+    // second step reused the first's frozen layers; a run told to remember nothing (not a
+    // setting of the recipe: the same adapter) computes them at its second step too.
+    let reused = |step: usize| {
+        let log = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+        let s: serde_json::Value =
+            serde_json::from_str(log.lines().nth(step - 1).unwrap()).unwrap();
+        s["lower_reused"].as_f64().unwrap()
+    };
+    assert_eq!(reused(2), 1.0);
+    let (ok, _, stderr) = distil("4", "4", &["--frozen-memo-gb", "0"]);
     assert!(ok, "{stderr}");
-    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    assert_eq!(steps_logged(&run), vec![1, 2, 3, 4]);
+    assert_eq!((reused(3), reused(4)), (0.0, 0.0));
     assert_ne!(std::fs::read(&adapter).unwrap(), bytes);
     // Other settings: refused, naming what differs, nothing touched.
-    let (ok, _, stderr) = distil("3", "5", &[]);
+    let (ok, _, stderr) = distil("4", "5", &[]);
     assert!(!ok);
     assert!(stderr.contains("depth: 4 then, 5 now"), "{stderr}");
-    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    assert_eq!(steps_logged(&run), vec![1, 2, 3, 4]);
     // The target mixed into the teacher's lists is a setting of the recipe (.3 by default): a
     // rerun without it is refused too, told the flag that repeats it.
     assert_eq!(recipe["target_weight"], 0.3, "{recipe}");
-    let (ok, _, stderr) = distil("3", "4", &["--target-weight", "0"]);
+    let (ok, _, stderr) = distil("4", "4", &["--target-weight", "0"]);
     assert!(!ok);
     assert!(
         stderr
             .contains("target_weight: 0.3 then, 0 now): rerun with --target-weight 0.3 to resume"),
         "{stderr}"
     );
-    assert_eq!(steps_logged(&run), vec![1, 2, 3]);
+    assert_eq!(steps_logged(&run), vec![1, 2, 3, 4]);
     // The adapter judges hybrid's first 4 for a user.
     let user = common::users()[0].clone();
     let o = tiny("recommend")
@@ -1005,6 +1015,10 @@ fn distil_judge_refuses_a_setting_it_cannot_train_with_before_any_work() {
         (
             &["--lora-rank", "0"][..],
             "an adapter needs rank 1 and one layer at least",
+        ),
+        (
+            &["--frozen-memo-gb=-1"][..],
+            "--frozen-memo-gb -1: a size in GiB",
         ),
         (&["--depth", "1"][..], "a list needs 2 items at least"),
         (

@@ -90,6 +90,11 @@ pub(crate) struct DistilJudgeCmd {
     /// `train --lora-targets`).
     #[arg(long, default_value = "q,k,v,o")]
     pub(crate) lora_targets: String,
+    /// Remember the frozen layers' states of the lists up to this many GiB, so that epochs
+    /// after the first run only the adapted layers (`train --frozen-memo-gb`; 0 on a machine
+    /// short of memory). Not part of the recipe: the same adapter either way.
+    #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+    pub(crate) frozen_memo_gb: f64,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -258,6 +263,7 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     );
     // Checked before the derivation and the teacher, not after them at the training step.
     crate::cmd::train::lora_targets(&a.lora_targets)?;
+    crate::cmd::train::check_frozen_memo(a.frozen_memo_gb)?;
     if a.per_user == 0 && a.users.is_some() {
         bail!("--users says whose purchases are derived, but --per-user 0 derives none: drop one");
     }
@@ -361,6 +367,8 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
         "0",
         "--seed",
         &a.seed.to_string(),
+        "--frozen-memo-gb",
+        &a.frozen_memo_gb.to_string(),
     ]
     .map(String::from)
     .to_vec();

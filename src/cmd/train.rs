@@ -180,6 +180,14 @@ fn check_anchor(train: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--frozen-memo-gb`: a size in GiB, 0 or more.
+pub(crate) fn check_frozen_memo(gb: f64) -> Result<()> {
+    if !(gb >= 0.0 && gb.is_finite()) {
+        bail!("--frozen-memo-gb {gb}: a size in GiB, 0 or more (0: remember nothing)");
+    }
+    Ok(())
+}
+
 /// `--lora-targets`: the projections adapted, comma-separated (q,k,v,o,gate,up,down).
 pub(crate) fn lora_targets(list: &str) -> Result<Vec<mrrec_llm_local::model::Proj>> {
     use mrrec_llm_local::model::Proj;
@@ -333,12 +341,7 @@ fn train_cmd(
     allow_nothing: bool,
     judge: Option<JudgeJob>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
-    if !(args.frozen_memo_gb >= 0.0 && args.frozen_memo_gb.is_finite()) {
-        bail!(
-            "--frozen-memo-gb {}: a size in GiB, 0 or more (0: remember nothing)",
-            args.frozen_memo_gb
-        );
-    }
+    check_frozen_memo(args.frozen_memo_gb)?;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }
