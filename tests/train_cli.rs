@@ -791,6 +791,10 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
             "--frozen-memo-gb -1: a size in GiB",
         ),
         (
+            &["--judge", "--lora-rank", "0"][..],
+            "an adapter needs rank 1 and one layer at least",
+        ),
+        (
             &["--judge", "--judge-own-repeat", "0"][..],
             "--judge-own-repeat 0: each list is learnt at least once",
         ),
@@ -1021,6 +1025,10 @@ fn distil_judge_refuses_a_setting_it_cannot_train_with_before_any_work() {
             "--frozen-memo-gb -1: a size in GiB",
         ),
         (&["--depth", "1"][..], "a list needs 2 items at least"),
+        (
+            &["--target-weight", "1.5"][..],
+            "--judge-target-weight 1.5: a weight in [0, 1]",
+        ),
         (
             &["--per-user", "0", "--users", "3"][..],
             "--per-user 0 derives none: drop one",

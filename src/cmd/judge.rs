@@ -247,6 +247,65 @@ fn check_recipe(out: &Path, now: &serde_json::Value) -> Result<()> {
     }
 }
 
+/// The training step's command line, parsed as `mrrec train` parses it (its data set is the
+/// derived one, set once it exists).
+fn training_cmd(a: &DistilJudgeCmd, run_dir: &Path) -> Result<TrainCmd> {
+    let mut args: Vec<String> = [
+        "--out",
+        &os(run_dir),
+        "--judge",
+        "--judge-listwise",
+        "--judge-teacher",
+        &a.teacher,
+        "--rerank",
+        &a.depth.to_string(),
+        "--rerank-memory",
+        "none",
+        "--judge-negatives",
+        &(a.depth - 1).to_string(),
+        "--steps",
+        &a.steps.to_string(),
+        "--queries-per-step",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-rank",
+        &a.lora_rank.to_string(),
+        "--lora-layers",
+        &a.lora_layers.to_string(),
+        "--lora-targets",
+        &targets_written(&a.lora_targets),
+        "--kl",
+        "0",
+        "--val-every",
+        "0",
+        "--val-queries",
+        "0",
+        "--seed",
+        &a.seed.to_string(),
+        // One word each, so a negative value reaches the step's own check as a value.
+        &format!("--frozen-memo-gb={}", a.frozen_memo_gb),
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(url) = &a.teacher_url {
+        args.extend(["--judge-teacher-url".into(), url.clone()]);
+    }
+    if let Some(n) = a.train_limit {
+        args.extend(["--train-limit".into(), n.to_string()]);
+    }
+    if a.target_weight != 0.0 {
+        args.push(format!("--judge-target-weight={}", a.target_weight));
+    }
+    if a.own_repeat != 1 {
+        args.extend(["--judge-own-repeat".into(), a.own_repeat.to_string()]);
+    }
+    for f in &a.teacher_scores {
+        args.extend(["--judge-teacher-scores".into(), os(f)]);
+    }
+    parse("training", &args)
+}
+
 /// `mrrec distil-judge`: derive → teacher scores → listwise training → `OUT/adapter.safetensors`.
 pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     anyhow::ensure!(
@@ -255,15 +314,11 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
         a.depth
     );
     anyhow::ensure!(a.steps >= 1, "--steps must be at least 1");
-    anyhow::ensure!(
-        a.lora_rank >= 1 && a.lora_layers >= 1,
-        "--lora-rank {} --lora-layers {}: an adapter needs rank 1 and one layer at least",
-        a.lora_rank,
-        a.lora_layers
-    );
-    // Checked before the derivation and the teacher, not after them at the training step.
-    crate::cmd::train::lora_targets(&a.lora_targets)?;
-    crate::cmd::train::check_frozen_memo(a.frozen_memo_gb)?;
+    // The training step's command is checked before the derivation and the teacher, not
+    // after them.
+    let run_dir = a.out.join("train");
+    let mut t = training_cmd(&a, &run_dir)?;
+    crate::cmd::train::checked(&t)?;
     if a.per_user == 0 && a.users.is_some() {
         bail!("--users says whose purchases are derived, but --per-user 0 derives none: drop one");
     }
@@ -325,7 +380,6 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
     };
     // 2. The student learns the teacher's scores of each request's hybrid top N as one list
     //    (the teacher's scores are kept in train/judge-teacher.jsonl; a rerun resumes).
-    let run_dir = a.out.join("train");
     eprintln!(
         "step 2/2: {} learns {}'s scores of each request's hybrid top {} ({} steps; run {})",
         a.model,
@@ -334,60 +388,6 @@ pub(crate) fn run(a: DistilJudgeCmd) -> Result<()> {
         a.steps,
         run_dir.display()
     );
-    let mut args: Vec<String> = [
-        "--out",
-        &os(&run_dir),
-        "--judge",
-        "--judge-listwise",
-        "--judge-teacher",
-        &a.teacher,
-        "--rerank",
-        &a.depth.to_string(),
-        "--rerank-memory",
-        "none",
-        "--judge-negatives",
-        &(a.depth - 1).to_string(),
-        "--steps",
-        &a.steps.to_string(),
-        "--queries-per-step",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lora-rank",
-        &a.lora_rank.to_string(),
-        "--lora-layers",
-        &a.lora_layers.to_string(),
-        "--lora-targets",
-        &targets_written(&a.lora_targets),
-        "--kl",
-        "0",
-        "--val-every",
-        "0",
-        "--val-queries",
-        "0",
-        "--seed",
-        &a.seed.to_string(),
-        "--frozen-memo-gb",
-        &a.frozen_memo_gb.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    if let Some(url) = &a.teacher_url {
-        args.extend(["--judge-teacher-url".into(), url.clone()]);
-    }
-    if let Some(n) = a.train_limit {
-        args.extend(["--train-limit".into(), n.to_string()]);
-    }
-    if a.target_weight != 0.0 {
-        args.extend(["--judge-target-weight".into(), a.target_weight.to_string()]);
-    }
-    if a.own_repeat != 1 {
-        args.extend(["--judge-own-repeat".into(), a.own_repeat.to_string()]);
-    }
-    for f in &a.teacher_scores {
-        args.extend(["--judge-teacher-scores".into(), os(f)]);
-    }
-    let mut t: TrainCmd = parse("training", &args)?;
     t.data = data;
     t.assistant.llm.model = a.model.clone();
     t.assistant.llm.llm_url = None;

@@ -180,18 +180,22 @@ fn check_anchor(train: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--frozen-memo-gb`: a size in GiB, 0 or more.
-pub(crate) fn check_frozen_memo(gb: f64) -> Result<()> {
+/// The adapter's settings checked (`--lora-rank`, `--lora-layers`, `--frozen-memo-gb`) and
+/// `--lora-targets` read: the projections adapted, comma-separated (q,k,v,o,gate,up,down).
+pub(crate) fn adapter_settings(args: &TrainArgs) -> Result<Vec<mrrec_llm_local::model::Proj>> {
+    use mrrec_llm_local::model::Proj;
+    let gb = args.frozen_memo_gb;
     if !(gb >= 0.0 && gb.is_finite()) {
         bail!("--frozen-memo-gb {gb}: a size in GiB, 0 or more (0: remember nothing)");
     }
-    Ok(())
-}
-
-/// `--lora-targets`: the projections adapted, comma-separated (q,k,v,o,gate,up,down).
-pub(crate) fn lora_targets(list: &str) -> Result<Vec<mrrec_llm_local::model::Proj>> {
-    use mrrec_llm_local::model::Proj;
-    list.split(',')
+    anyhow::ensure!(
+        args.lora_rank >= 1 && args.lora_layers >= 1,
+        "--lora-rank {} --lora-layers {}: an adapter needs rank 1 and one layer at least",
+        args.lora_rank,
+        args.lora_layers
+    );
+    args.lora_targets
+        .split(',')
         .map(|t| match t.trim() {
             "q" => Ok(Proj::Q),
             "k" => Ok(Proj::K),
@@ -207,7 +211,9 @@ pub(crate) fn lora_targets(list: &str) -> Result<Vec<mrrec_llm_local::model::Pro
         .collect()
 }
 
-pub(crate) fn run(a: TrainCmd) -> Result<()> {
+/// The command's settings checked without reading anything (what `--judge` learns when given):
+/// `distil-judge` runs it before the derivation and the teacher its training step follows.
+pub(crate) fn checked(a: &TrainCmd) -> Result<Option<JudgeJob>> {
     if (a.train.sft_as_free || a.train.sft_anchor) && a.train.sft.is_none() {
         bail!("--sft-as-free and --sft-anchor say how to learn a rollouts file: give it with --sft FILE");
     }
@@ -215,7 +221,12 @@ pub(crate) fn run(a: TrainCmd) -> Result<()> {
     if a.train.sft.is_some() && a.sample == SampleCalls::Answer {
         bail!("--sample answer says what GRPO's rollouts sample; fine-tuning learns what its rollouts file sampled (`mrrec rollouts --sample`): drop --sample");
     }
-    let judge = judge_data(&a)?;
+    adapter_settings(&a.train)?;
+    judge_data(a)
+}
+
+pub(crate) fn run(a: TrainCmd) -> Result<()> {
+    let judge = checked(&a)?;
     train_cmd(
         a.data,
         a.assistant,
@@ -341,12 +352,11 @@ fn train_cmd(
     allow_nothing: bool,
     judge: Option<JudgeJob>,
 ) -> Result<Option<(mrrec_train::trainer::TrainState, usize, usize)>> {
-    check_frozen_memo(args.frozen_memo_gb)?;
+    let targets = adapter_settings(&args)?;
     if assistant.llm.llm_url.is_some() {
         bail!("`mrrec train` trains a local model's adapter; for a server-side model use the /tools/memory_retrieve and /reward endpoints with your trainer (see ARCHITECTURE.md)");
     }
     data.ensure_train_rows("`mrrec train`")?;
-    let targets = lora_targets(&args.lora_targets)?;
     let weights = reward_weights(&args.reward_weights, &args.rec_cutoffs)?;
     let cfg = assistant.config()?;
     let greedy_calls = greedy_calls(sample, &cfg)?;
