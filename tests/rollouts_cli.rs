@@ -947,6 +947,27 @@ fn expert_iteration_distils_the_controller_then_iterates_on_the_free_loop() {
     assert_eq!(source["kept"], 1, "{source}");
 }
 
+/// An adapter `iterate` could not fine-tune is refused before round 1 samples anything (each
+/// round's fine-tuning checks it too, but only after its sampling).
+#[test]
+fn expert_iteration_refuses_an_adapter_it_cannot_train_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("m.sqlite");
+    for (extra, says) in [
+        (&["--lora-rank", "0"][..], "an adapter needs rank 1 and one layer at least"),
+        (&["--lora-targets", "q,x"][..], "unknown LoRA target \"x\""),
+        (&["--frozen-memo-gb=-1"][..], "--frozen-memo-gb -1: a size in GiB"),
+    ] {
+        let out = dir.path().join("iter");
+        let mut rest = iterate_args(&[]);
+        rest.extend(extra.iter().map(std::ffi::OsStr::new));
+        let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
+        assert!(!ok && stderr.contains(says), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("round 1/"), "{extra:?} sampled first: {stderr}");
+        assert!(!out.exists(), "{extra:?} created {}", out.display());
+    }
+}
+
 /// Distilled text spells the tokenizer's added tokens with ordinary ones: Qwen's `<tool_call>`
 /// tags (added tokens whose rarely trained rows a small model fails to produce) come out as
 /// ordinary tokens that decode to the same text, and a chat-template token inside a turn's text

@@ -872,6 +872,8 @@ pub(crate) fn iterate(a: IterateCmd) -> Result<()> {
         bail!("`mrrec iterate` starts from --init-adapter (--adapter is for answering)");
     }
     check_anchor(&a.train)?;
+    // Each round's fine-tuning checks these too, but only after the round's sampling.
+    adapter_settings(&a.train)?;
     if a.train.sft_as_free && a.sample == SampleCalls::Answer {
         bail!("--sample answer samples the guided loop's profile, but --sft-as-free's later rounds sample the free loop: drop one of them");
     }
