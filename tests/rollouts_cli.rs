@@ -954,16 +954,25 @@ fn expert_iteration_refuses_an_adapter_it_cannot_train_before_sampling() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("m.sqlite");
     for (extra, says) in [
-        (&["--lora-rank", "0"][..], "an adapter needs rank 1 and one layer at least"),
+        (
+            &["--lora-rank", "0"][..],
+            "an adapter needs rank 1 and one layer at least",
+        ),
         (&["--lora-targets", "q,x"][..], "unknown LoRA target \"x\""),
-        (&["--frozen-memo-gb=-1"][..], "--frozen-memo-gb -1: a size in GiB"),
+        (
+            &["--frozen-memo-gb=-1"][..],
+            "--frozen-memo-gb -1: a size in GiB",
+        ),
     ] {
         let out = dir.path().join("iter");
         let mut rest = iterate_args(&[]);
         rest.extend(extra.iter().map(std::ffi::OsStr::new));
         let (ok, _, stderr) = tiny("iterate", &store, &out, &rest);
         assert!(!ok && stderr.contains(says), "{extra:?}: {stderr}");
-        assert!(!stderr.contains("round 1/"), "{extra:?} sampled first: {stderr}");
+        assert!(
+            !stderr.contains("round 1/"),
+            "{extra:?} sampled first: {stderr}"
+        );
         assert!(!out.exists(), "{extra:?} created {}", out.display());
     }
 }
