@@ -383,7 +383,7 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
     // Every step is an epoch of the same 2 lists: after the first, their frozen layers' states
     // are remembered, not computed — and the adapter is the same bytes as a run that computes
-    // them every time.
+    // them every time (and learns the step's two queries at once, on two threads).
     let reused: Vec<f64> = steps
         .iter()
         .map(|s| s["lower_reused"].as_f64().unwrap())
@@ -392,7 +392,16 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     let plain = dir.path().join("judge-no-memo");
     let (ok, err) = judge(
         &plain,
-        &["--steps", "6", "--lr", "1e-2", "--frozen-memo-gb", "0"],
+        &[
+            "--steps",
+            "6",
+            "--lr",
+            "1e-2",
+            "--frozen-memo-gb",
+            "0",
+            "--parallel-runs",
+            "2",
+        ],
     );
     assert!(ok, "{err}");
     assert!(
@@ -749,6 +758,37 @@ fn a_judge_learns_yes_for_train_targets_reranks_from_eval_teaches_a_student_and_
     assert_eq!(steps[0]["calls"], 6);
     assert!(steps.iter().all(|s| loss(s) >= -1e-6), "{log}");
     assert!(loss(&steps[5]) < loss(&steps[0]), "{log}");
+    // A step's lists learnt at once (by default as many as the threads) or one after another:
+    // the same adapter, byte for byte, and the same losses.
+    for parallel in ["1", "3"] {
+        let other = dir.path().join(format!("listwise-{parallel}"));
+        let (ok, err) = judge(
+            &other,
+            &[
+                "--steps",
+                "6",
+                "--lr",
+                "1e-2",
+                "--judge-listwise",
+                "--parallel-runs",
+                parallel,
+            ],
+        );
+        assert!(ok, "{err}");
+        assert!(
+            std::fs::read(other.join("adapter.safetensors")).unwrap()
+                == std::fs::read(listwise.join("adapter.safetensors")).unwrap(),
+            "--parallel-runs {parallel}"
+        );
+        let losses = |out: &std::path::Path| -> Vec<f64> {
+            std::fs::read_to_string(out.join("log.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| loss(&serde_json::from_str(l).unwrap()))
+                .collect()
+        };
+        assert_eq!(losses(&other), losses(&listwise));
+    }
     let ranked = rerank(
         "listwise",
         &[

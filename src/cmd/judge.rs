@@ -95,6 +95,11 @@ pub(crate) struct DistilJudgeCmd {
     /// short of memory). Not part of the recipe: the same adapter either way.
     #[arg(long, value_name = "GIB", default_value_t = 4.0)]
     pub(crate) frozen_memo_gb: f64,
+    /// A step's lists learnt at once, one per thread (`train --parallel-runs`; unset: as many
+    /// as the threads, `RAYON_NUM_THREADS`). Not part of the recipe: the same adapter either
+    /// way; each list at once keeps its graph in memory meanwhile (~1 GB on Qwen 0.5B).
+    #[arg(long, value_name = "N")]
+    pub(crate) parallel_runs: Option<usize>,
 }
 
 /// A command's arguments parsed as its command line would be: the defaults and checks of the
@@ -302,6 +307,9 @@ fn training_cmd(a: &DistilJudgeCmd, run_dir: &Path) -> Result<TrainCmd> {
     }
     for f in &a.teacher_scores {
         args.extend(["--judge-teacher-scores".into(), os(f)]);
+    }
+    if let Some(n) = a.parallel_runs {
+        args.extend(["--parallel-runs".into(), n.to_string()]);
     }
     parse("training", &args)
 }

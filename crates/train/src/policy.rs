@@ -676,9 +676,60 @@ impl Policy {
         chunk: usize,
         lower: Lower<'_>,
     ) -> Result<ScoredMany> {
-        let Some(head) = seqs.first() else {
+        let lowers = self.lowers(seqs, lower)?;
+        self.token_logprobs_above(seqs, &lowers, reference, chunk)
+    }
+
+    /// The residual stream entering the first adapted layer of every sequence of `seqs`
+    /// (detached: nothing below the adapter learns), from `lower` — the first half of
+    /// [`Policy::token_logprobs_shared`]; [`Policy::token_logprobs_above`] is the second.
+    pub fn lowers(&self, seqs: &[Scored<'_>], lower: Lower<'_>) -> Result<Vec<Tensor>> {
+        for s in seqs {
+            self.check_from(s.tokens, s.from)?;
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.first_adapted();
+        match lower {
+            Lower::Exact(mut cache) => seqs
+                .iter()
+                .map(|s| self.lower(s.tokens, first, cache.as_deref_mut()))
+                .collect::<Result<Vec<_>>>(),
+            Lower::Inference(model) => self.lower_by(model, seqs, first),
+            Lower::Remembered(model, memo) => match memo.get(seqs, first) {
+                Some(xs) => Ok(xs),
+                None => {
+                    let xs = self.lower_by(model, seqs, first)?;
+                    memo.put(seqs, first, &xs);
+                    Ok(xs)
+                }
+            },
+        }
+    }
+
+    /// [`Policy::token_logprobs_shared`] from the frozen layers' states of `seqs` as
+    /// [`Policy::lowers`] gives them: only the adapted layers run, and nothing mutable is
+    /// touched (no cache, memo or inference model), so several groups can run at once on
+    /// other threads (`TrainConfig::parallel_runs`) — the same values as one after another.
+    pub fn token_logprobs_above(
+        &self,
+        seqs: &[Scored<'_>],
+        lowers: &[Tensor],
+        reference: bool,
+        chunk: usize,
+    ) -> Result<ScoredMany> {
+        if seqs.is_empty() {
             return Ok((Vec::new(), reference.then(Vec::new)));
-        };
+        }
+        if lowers.len() != seqs.len() {
+            return Err(TrainError::Model(format!(
+                "{} frozen-layer states for {} sequences",
+                lowers.len(),
+                seqs.len()
+            )));
+        }
+        let head = &seqs[0];
         for s in seqs {
             self.check_from(s.tokens, s.from)?;
         }
@@ -689,26 +740,11 @@ impl Policy {
             .min()
             .unwrap_or(0);
         let first = self.first_adapted();
-        let lowers = match lower {
-            Lower::Exact(mut cache) => seqs
-                .iter()
-                .map(|s| self.lower(s.tokens, first, cache.as_deref_mut()))
-                .collect::<Result<Vec<_>>>()?,
-            Lower::Inference(model) => self.lower_by(model, seqs, first)?,
-            Lower::Remembered(model, memo) => match memo.get(seqs, first) {
-                Some(xs) => xs,
-                None => {
-                    let xs = self.lower_by(model, seqs, first)?;
-                    memo.put(seqs, first, &xs);
-                    xs
-                }
-            },
-        };
         let pass = |lora: bool| -> Result<Vec<Tensor>> {
             if shared == 0 || seqs.len() == 1 {
                 return seqs
                     .iter()
-                    .zip(&lowers)
+                    .zip(lowers)
                     .map(|(s, x)| {
                         let h = self.upper(x.clone(), first, lora)?;
                         self.logprobs_of(&h, s.tokens, s.from, s.allowed, chunk)
@@ -718,7 +754,7 @@ impl Policy {
             let (_, past) =
                 self.upper_layers(lowers[0].narrow(0, 0, shared)?, first, lora, None, None)?;
             seqs.iter()
-                .zip(&lowers)
+                .zip(lowers)
                 .map(|(s, x)| {
                     // The scored tokens s.from.. are read from the rows before each, s.from − 1
                     // up to the second-to-last: the last row feeds nothing (causal), and the top
