@@ -97,7 +97,7 @@ pub(crate) struct DistilJudgeCmd {
     pub(crate) frozen_memo_gb: f64,
     /// A step's lists learnt at once, one per thread (`train --parallel-runs`; unset: as many
     /// as the threads, `RAYON_NUM_THREADS`). Not part of the recipe: the same adapter either
-    /// way; each list at once keeps its graph in memory meanwhile (~1 GB on Qwen 0.5B).
+    /// way; each list at once keeps its graph in memory meanwhile (~1.2 GB on Qwen 0.5B).
     #[arg(long, value_name = "N")]
     pub(crate) parallel_runs: Option<usize>,
 }

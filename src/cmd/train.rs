@@ -38,7 +38,7 @@ pub(crate) struct TrainArgs {
     pub(crate) frozen_memo_gb: f64,
     /// Fine-tuning: lists (or groups) of a step whose adapted layers' forward and backward
     /// passes run at once, one per thread — the same adapter as one after another, each
-    /// keeping its graph in memory meanwhile (a judge's list of 20 items ~1 GB on Qwen 0.5B).
+    /// keeping its graph in memory meanwhile (a judge's list of 20 items ~1.2 GB on Qwen 0.5B).
     /// Unset: a listwise judge's lists as many as the threads (`RAYON_NUM_THREADS`),
     /// anything else one at a time.
     #[arg(long, value_name = "N")]

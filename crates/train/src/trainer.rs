@@ -118,7 +118,7 @@ pub struct TrainConfig {
     /// forward and backward passes run at once on the rayon pool, each run's frozen layers
     /// computed first; their gradients are summed in the runs' order, so the adapter is the
     /// same as with 1 (one run after another). Each run at once keeps its graph alive: a
-    /// judge's list of 20 items ~1 GB on Qwen 0.5B, a GRPO group's several. Not part of a
+    /// judge's list of 20 items ~1.2 GB on Qwen 0.5B, a GRPO group's several. Not part of a
     /// run's identity.
     #[serde(skip, default = "one")]
     pub parallel_runs: usize,
