@@ -306,22 +306,29 @@ impl AdamW {
         })
     }
 
-    /// Gradients of `loss` for every variable (zeros where it does not depend on one), summed
-    /// into `acc` when accumulating over micro-batches.
-    pub fn grads(&self, loss: &Tensor, acc: Option<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    /// Gradients of `loss` for every variable (zeros where it does not depend on one).
+    pub fn grads(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
         let g = loss.backward()?;
-        let mut out = Vec::with_capacity(self.vars.len());
-        for (i, (_, v)) in self.vars.iter().enumerate() {
-            let gi = match g.get(v.as_tensor()) {
-                Some(t) => t.clone(),
-                None => v.as_tensor().zeros_like()?,
-            };
-            out.push(match &acc {
-                Some(a) => (&a[i] + gi)?,
-                None => gi,
-            });
+        self.vars
+            .iter()
+            .map(|(_, v)| match g.get(v.as_tensor()) {
+                Some(t) => Ok(t.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+
+    /// `g` summed into `acc` (accumulating micro-batches' gradients, in the order they are
+    /// added: the same sum whatever thread computed each).
+    pub fn add_grads(acc: Option<Vec<Tensor>>, g: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match acc {
+            None => Ok(g),
+            Some(a) => Ok(a
+                .iter()
+                .zip(&g)
+                .map(|(a, g)| a + g)
+                .collect::<candle_core::Result<Vec<_>>>()?),
         }
-        Ok(out)
     }
 
     /// One update with `grads` (as from [`AdamW::grads`]); returns the gradient norm before

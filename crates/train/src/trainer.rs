@@ -713,7 +713,7 @@ impl Trainer<'_> {
                     let forward = t1.elapsed().as_secs_f64();
                     let t2 = Instant::now();
                     let grads = match group_loss {
-                        Some(l) => Some(opt_ref.grads(&l, None)?),
+                        Some(l) => Some(opt_ref.grads(&l)?),
                         None => None,
                     };
                     Ok(RunOut {
@@ -773,14 +773,7 @@ impl Trainer<'_> {
                             total_loss += v;
                         }
                         if let Some(g) = out.grads {
-                            acc = Some(match acc {
-                                None => g,
-                                Some(a) => a
-                                    .iter()
-                                    .zip(&g)
-                                    .map(|(a, g)| a + g)
-                                    .collect::<candle_core::Result<Vec<_>>>()?,
-                            });
+                            acc = Some(crate::AdamW::add_grads(acc, g)?);
                         }
                         fwd += out.seconds[0];
                         bwd += out.seconds[1];

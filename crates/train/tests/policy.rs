@@ -852,7 +852,7 @@ fn toy_step_for(
         });
     }
     let (loss, _) = grpo_loss(&news, &batch, &GrpoParams { clip: 0.2, kl: 0.0 }).unwrap();
-    let grads = opt.grads(&loss, None).unwrap();
+    let grads = opt.grads(&loss).unwrap();
     opt.step(&grads).unwrap();
     mean
 }
